@@ -1,0 +1,59 @@
+"""sonamu-tasks: durable workflows for Python on PostgreSQL."""
+
+from __future__ import annotations
+
+from .config import Config, TasksConfig, WorkerOptions, define_config
+from .definition import WorkflowDefinition, workflow
+from .duration import Duration, parse_duration
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidDuration,
+    InvalidInput,
+    NonRetryableError,
+    ResultTimeout,
+    RunNotFound,
+    SerializationError,
+    SonamuTasksError,
+    StepNameConflict,
+    WorkflowDefinitionError,
+    WorkflowFailed,
+    WorkflowNotRegistered,
+)
+from .handle import RunHandle
+from .manager import WorkflowManager
+from .retry import RetryDecision, RetryPolicy
+from .status import RunStatus, StepStatus
+from .step import Step, StepWrapper
+
+__all__ = [
+    "BackendUnavailable",
+    "Config",
+    "ConfigError",
+    "Duration",
+    "InvalidDuration",
+    "InvalidInput",
+    "NonRetryableError",
+    "ResultTimeout",
+    "RetryDecision",
+    "RetryPolicy",
+    "RunHandle",
+    "RunNotFound",
+    "RunStatus",
+    "SerializationError",
+    "SonamuTasksError",
+    "Step",
+    "StepNameConflict",
+    "StepStatus",
+    "StepWrapper",
+    "TasksConfig",
+    "WorkerOptions",
+    "WorkflowDefinition",
+    "WorkflowDefinitionError",
+    "WorkflowFailed",
+    "WorkflowManager",
+    "WorkflowNotRegistered",
+    "define_config",
+    "parse_duration",
+    "workflow",
+]

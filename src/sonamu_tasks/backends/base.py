@@ -1,0 +1,186 @@
+"""The one seam between the engine and storage.
+
+Every method is one transaction with one meaning. Writes made on behalf of a claimed run carry its
+`lease_token` and touch nothing (raising LeaseLost) once another worker has taken the run over: that is
+the fencing every backend must provide. Transient failures (connection lost, server restarting) raise
+BackendUnavailable; every method is safe to call again after one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from ..status import RunStatus, StepStatus
+
+
+class LeaseLost(BaseException):
+    """The run was taken over by another worker (or canceled): this worker must stop touching it.
+
+    A BaseException so that a workflow's `except Exception` cannot swallow it.
+    """
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    id: str
+    workflow_name: str
+    version: str
+    input: Any
+    attempts: int
+    recoveries: int
+    lease_token: str
+    claimed_at: datetime
+    first_claim: bool
+    deadline_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    name: str
+    kind: str
+    status: StepStatus
+    output: Any = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+    wake_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    workflow_name: str
+    version: str
+    status: RunStatus
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    attempts: int
+    recoveries: int
+    available_at: datetime
+    worker_id: str | None
+    idempotency_key: str | None
+    deadline_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    steps: tuple[StepRecord, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    id: str
+    host: str
+    pid: int
+    workflows: list[tuple[str, str]]
+    concurrency: int
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+@dataclass(frozen=True)
+class NewRun:
+    id: str
+    workflow_name: str
+    version: str
+    input_json: str
+    idempotency_key: str | None = None
+    start_at: datetime | None = None
+    start_delay: timedelta | None = None
+    deadline_at: datetime | None = None
+    deadline_delay: timedelta | None = None
+
+
+class Notifications(Protocol):
+    """What a backend tells the engine as it happens (PostgreSQL LISTEN/NOTIFY)."""
+
+    def run_available(self, workflow_name: str) -> None: ...
+    def run_finished(self, run_id: str) -> None: ...
+    def reconnected(self) -> None: ...
+
+
+class Backend(Protocol):
+    pushes_notifications: bool
+    """True when `listen` delivers events from other processes; otherwise waiters poll."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations (safe with many processes at once); return the names applied."""
+        ...
+
+    async def listen(self, notifications: Notifications) -> None:
+        """Deliver events until cancelled, reconnecting by itself."""
+        ...
+
+    # runs
+    async def create_run(self, run: NewRun) -> tuple[str, bool]:
+        """Insert a pending run; for a repeated idempotency key return the existing id and False."""
+        ...
+
+    async def claim_runs(
+        self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]: ...
+    async def seconds_until_due(self, workflows: Sequence[tuple[str, str]]) -> float | None:
+        """Seconds until the next claimable run of these workflows is due (<= 0: now), None if none."""
+        ...
+
+    async def heartbeat(
+        self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta
+    ) -> set[str]:
+        """Extend the leases of (run id, lease token) pairs; return the tokens still held."""
+        ...
+
+    async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
+        """Give runs back as pending, claimable at once (graceful shutdown)."""
+        ...
+
+    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None: ...
+
+    # what a claimed run writes (fenced by its lease token)
+    async def load_steps(self, run_id: str) -> dict[str, StepRecord]: ...
+    async def save_step(
+        self,
+        run_id: str,
+        lease_token: str,
+        name: str,
+        output_json: str,
+        started_at: datetime,
+        finished_at: datetime,
+    ) -> None: ...
+    async def sleep_run(
+        self,
+        run_id: str,
+        lease_token: str,
+        name: str,
+        started_at: datetime,
+        duration: timedelta | None,
+        wake_at: datetime | None,
+    ) -> datetime:
+        """Park the run until `wake_at` (or now + `duration`); return the wake time."""
+        ...
+
+    async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None: ...
+    async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None: ...
+    async def fail_attempt(
+        self,
+        run_id: str,
+        lease_token: str,
+        error: dict[str, Any],
+        step: tuple[str, datetime] | None,
+        retry_delay: timedelta | None,
+    ) -> None:
+        """Record a failed attempt: back to pending after `retry_delay`, or `failed` when it is None."""
+        ...
+
+    # workers
+    async def register_worker(self, worker: WorkerRecord) -> None: ...
+    async def remove_worker(self, worker_id: str) -> None: ...
+
+
+NotificationCallback = Callable[[str], None]

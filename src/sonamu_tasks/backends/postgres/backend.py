@@ -1,0 +1,325 @@
+"""PostgresBackend: the Backend protocol on PostgreSQL through psycopg 3."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from ...errors import BackendUnavailable, ConfigError
+from ...status import RunStatus, StepStatus
+from ..base import ClaimedRun, LeaseLost, NewRun, Notifications, RunRecord, StepRecord, WorkerRecord
+from .queries import QUERIES, migrations
+
+logger = logging.getLogger("sonamu_tasks.postgres")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Errors after which the same call can simply be made again: the connection or the server went away,
+# or PostgreSQL chose this transaction as a victim.
+_TRANSIENT = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+)
+
+
+def _transient(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except _TRANSIENT as error:
+            raise BackendUnavailable(f"PostgreSQL unavailable during {method.__name__}: {error}") from error
+
+    return wrapper
+
+
+class PostgresBackend:
+    pushes_notifications = True
+
+    def __init__(self, url: str, *, schema: str = "sonamu_tasks", pool_size: int = 10) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ConfigError(f"schema {schema!r} must be a lowercase SQL identifier (letters, digits, _)")
+        self.url = url
+        self.schema = schema
+        self.channel = f"sonamu_tasks:{schema}"
+        self._connect_kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "options": f"-c search_path={schema}",
+            "application_name": "sonamu_tasks",
+        }
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(2, pool_size),
+            kwargs=self._connect_kwargs,
+            open=False,
+            timeout=30,
+            reconnect_timeout=0,  # never give up: the server may come back (guarantee 7)
+            name=f"sonamu_tasks:{schema}",
+        )
+
+    # lifecycle
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @_transient
+    async def migrate(self) -> list[str]:
+        applied: list[str] = []
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            async with conn.transaction():
+                # Every process migrates at start-up; the lock makes all but one wait, then find nothing to do.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [self.channel])
+                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+                await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS migrations ("
+                    " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                cursor = await conn.execute("SELECT name FROM migrations")
+                done = {row[0] for row in await cursor.fetchall()}
+                for name, text in migrations():
+                    if name in done:
+                        continue
+                    await conn.execute(text.encode())  # bytes: a migration is a script, not a query
+                    await conn.execute("INSERT INTO migrations (name) VALUES (%s)", [name])
+                    applied.append(name)
+        for name in applied:
+            logger.info("applied migration %s to schema %s", name, self.schema)
+        return applied
+
+    async def listen(self, notifications: Notifications) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    delay = 0.1
+                    notifications.reconnected()  # events may have been missed while we were away
+                    while True:
+                        async for notify in conn.notifies(timeout=5.0):
+                            _dispatch(notify.payload, notifications)
+                        # No event for a while: prove the connection is alive, or reconnect.
+                        await conn.execute("SELECT 1")
+            except _TRANSIENT as error:
+                logger.warning("LISTEN connection lost (%s); reconnecting in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # runs
+
+    @_transient
+    async def create_run(self, run: NewRun) -> tuple[str, bool]:
+        params = {
+            "id": run.id,
+            "workflow_name": run.workflow_name,
+            "version": run.version,
+            "input": run.input_json,
+            "idempotency_key": run.idempotency_key,
+            "start_at": run.start_at,
+            "start_delay": run.start_delay,
+            "deadline_at": run.deadline_at,
+            "deadline_delay": run.deadline_delay,
+        }
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(QUERIES["create_run"], params)).fetchone()
+            if row is not None:
+                return row[0], True
+            existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
+        if existing is None:  # the colliding run was deleted in between: try once more
+            return await self.create_run(run)
+        return existing[0], False
+
+    @_transient
+    async def claim_runs(
+        self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        if limit <= 0 or not workflows:
+            return []
+        params = {
+            "worker_id": worker_id,
+            "names": [name for name, _ in workflows],
+            "versions": [version for _, version in workflows],
+            "limit": limit,
+            "lease": lease,
+        }
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["claim_runs"], params)).fetchall()
+        return [ClaimedRun(*row) for row in rows]
+
+    @_transient
+    async def seconds_until_due(self, workflows: Sequence[tuple[str, str]]) -> float | None:
+        if not workflows:
+            return None
+        params = {"names": [n for n, _ in workflows], "versions": [v for _, v in workflows]}
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(QUERIES["seconds_until_due"], params)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    @_transient
+    async def heartbeat(self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta) -> set[str]:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["touch_worker"], {"worker_id": worker_id})
+            if not held:
+                return set()
+            params = {"ids": [i for i, _ in held], "tokens": [t for _, t in held], "lease": lease}
+            rows = await (await conn.execute(QUERIES["heartbeat_runs"], params)).fetchall()
+        return {row[0] for row in rows}
+
+    @_transient
+    async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
+        if not held:
+            return
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                QUERIES["release_runs"], {"ids": [i for i, _ in held], "tokens": [t for _, t in held]}
+            )
+
+    @_transient
+    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None:
+        async with self._pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            row = await (await cursor.execute(QUERIES["get_run"], {"run_id": run_id})).fetchone()
+            if row is None:
+                return None
+            steps = await self._load_steps(conn, run_id) if with_steps else {}
+        row["status"] = RunStatus(row["status"])
+        return RunRecord(**row, steps=tuple(steps.values()))
+
+    # fenced writes of a claimed run
+
+    @_transient
+    async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
+        async with self._pool.connection() as conn:
+            return await self._load_steps(conn, run_id)
+
+    @_transient
+    async def save_step(
+        self,
+        run_id: str,
+        lease_token: str,
+        name: str,
+        output_json: str,
+        started_at: datetime,
+        finished_at: datetime,
+    ) -> None:
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "name": name,
+            "output": output_json,
+            "started_at": started_at,
+            "finished_at": finished_at,
+        }
+        await self._fenced("save_step", params)
+
+    @_transient
+    async def sleep_run(
+        self,
+        run_id: str,
+        lease_token: str,
+        name: str,
+        started_at: datetime,
+        duration: timedelta | None,
+        wake_at: datetime | None,
+    ) -> datetime:
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "name": name,
+            "started_at": started_at,
+            "duration": duration,
+            "wake_at": wake_at,
+        }
+        row = await self._fenced("sleep_run", params)
+        return row[0]  # type: ignore[no-any-return]
+
+    @_transient
+    async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None:
+        await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
+
+    @_transient
+    async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
+        await self._fenced("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json})
+
+    @_transient
+    async def fail_attempt(
+        self,
+        run_id: str,
+        lease_token: str,
+        error: dict[str, Any],
+        step: tuple[str, datetime] | None,
+        retry_delay: timedelta | None,
+    ) -> None:
+        error_json = json.dumps(error)
+        params = {"run_id": run_id, "lease_token": lease_token, "error": error_json, "delay": retry_delay}
+        query = QUERIES["fail_run" if retry_delay is None else "retry_run"]
+        async with self._pool.connection() as conn, conn.transaction():
+            if await (await conn.execute(query, params)).fetchone() is None:
+                raise LeaseLost(run_id)
+            if step is not None:
+                step_params = {"run_id": run_id, "name": step[0], "started_at": step[1], "error": error_json}
+                await conn.execute(QUERIES["record_step_failure"], step_params)
+
+    # workers
+
+    @_transient
+    async def register_worker(self, worker: WorkerRecord) -> None:
+        params = {
+            "id": worker.id,
+            "host": worker.host,
+            "pid": worker.pid,
+            "workflows": json.dumps([list(key) for key in worker.workflows]),
+            "concurrency": worker.concurrency,
+        }
+        async with self._pool.connection() as conn:
+            await conn.execute(QUERIES["register_worker"], params)
+
+    @_transient
+    async def remove_worker(self, worker_id: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(QUERIES["remove_worker"], {"worker_id": worker_id})
+
+    # helpers
+
+    async def _fenced(self, query: str, params: dict[str, Any]) -> tuple[Any, ...]:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(QUERIES[query], params)).fetchone()
+        if row is None:
+            raise LeaseLost(str(params["run_id"]))
+        return row
+
+    async def _load_steps(self, conn: psycopg.AsyncConnection[Any], run_id: str) -> dict[str, StepRecord]:
+        cursor = conn.cursor(row_factory=dict_row)
+        rows = await (await cursor.execute(QUERIES["load_steps"], {"run_id": run_id})).fetchall()
+        steps = {}
+        for row in rows:
+            row["status"] = StepStatus(row["status"])
+            steps[row["name"]] = StepRecord(**row)
+        return steps
+
+
+def _dispatch(payload: str, notifications: Notifications) -> None:
+    kind, _, value = payload.partition(":")
+    if kind == "a":
+        notifications.run_available(value)
+    elif kind == "f":
+        notifications.run_finished(value)

@@ -1,0 +1,154 @@
+-- Every query the PostgreSQL backend runs, by name. Parameters are always bound, never formatted in.
+-- Tables are unqualified: each connection's search_path is the configured schema.
+
+-- create_run --
+-- Insert a pending run; a repeated id or idempotency key inserts nothing.
+INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at)
+VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, %(idempotency_key)s,
+        COALESCE(%(start_at)s::timestamptz, now() + COALESCE(%(start_delay)s::interval, interval '0')),
+        COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval))
+ON CONFLICT DO NOTHING
+RETURNING id::text
+
+-- find_run_by_key --
+-- The run a repeated create_run collided with.
+SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(id)s
+
+-- claim_runs --
+-- Take up to `limit` due runs of the given workflows; a run still "running" here had its lease expire.
+WITH due AS (
+    SELECT id, status AS previous_status, started_at IS NULL AS first_claim
+    FROM runs
+    WHERE status IN ('pending', 'running', 'sleeping')
+      AND available_at <= now()
+      AND (workflow_name, version) IN (SELECT * FROM unnest(%(names)s::text[], %(versions)s::text[]))
+    ORDER BY available_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE runs AS r
+SET status = 'running',
+    lease_token = gen_random_uuid(),
+    worker_id = %(worker_id)s,
+    available_at = now() + %(lease)s::interval,
+    started_at = COALESCE(r.started_at, now()),
+    recoveries = r.recoveries + CASE WHEN due.previous_status = 'running' THEN 1 ELSE 0 END,
+    updated_at = now()
+FROM due
+WHERE r.id = due.id
+RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries, r.lease_token::text,
+          now() AS claimed_at, due.first_claim, r.deadline_at
+
+-- seconds_until_due --
+-- How long until the next claimable run of these workflows is due.
+SELECT EXTRACT(EPOCH FROM min(available_at) - now())::float8
+FROM runs
+WHERE status IN ('pending', 'running', 'sleeping')
+  AND (workflow_name, version) IN (SELECT * FROM unnest(%(names)s::text[], %(versions)s::text[]))
+
+-- heartbeat_runs --
+-- Extend the leases this worker still holds; a missing token means the run was taken from it.
+UPDATE runs
+SET available_at = now() + %(lease)s::interval, updated_at = now()
+WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
+  AND status = 'running'
+RETURNING lease_token::text
+
+-- touch_worker --
+UPDATE workers SET heartbeat_at = now() WHERE id = %(worker_id)s
+
+-- release_runs --
+-- Hand runs back at once (graceful shutdown); the status trigger wakes the other workers.
+UPDATE runs
+SET status = 'pending', available_at = now(), lease_token = NULL, worker_id = NULL, updated_at = now()
+WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
+  AND status = 'running'
+
+-- get_run --
+SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+FROM runs WHERE id = %(run_id)s
+
+-- load_steps --
+SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at
+FROM steps WHERE run_id = %(run_id)s
+ORDER BY started_at, name
+
+-- save_step --
+-- Checkpoint a step's result, only while this claim still owns the run (the row lock orders it
+-- against a take-over).
+WITH owned AS (
+    SELECT id FROM runs
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    FOR NO KEY UPDATE
+)
+INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
+SELECT id, %(name)s, 'call', 'completed', %(output)s::jsonb, 1, %(started_at)s::timestamptz, %(finished_at)s::timestamptz FROM owned
+ON CONFLICT (run_id, name) DO UPDATE
+SET status = 'completed', output = EXCLUDED.output, error = NULL, attempts = s.attempts + 1,
+    started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
+RETURNING 1
+
+-- sleep_run --
+-- Park the run until its wake time and record the sleep, in one statement.
+WITH parked AS (
+    UPDATE runs
+    SET status = 'sleeping', available_at = COALESCE(%(wake_at)s::timestamptz, now() + %(duration)s::interval),
+        lease_token = NULL, worker_id = NULL, updated_at = now()
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    RETURNING id, available_at
+)
+INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at)
+SELECT id, %(name)s, 'sleep', 'sleeping', available_at, 1, %(started_at)s::timestamptz FROM parked
+ON CONFLICT (run_id, name) DO UPDATE SET wake_at = EXCLUDED.wake_at, status = 'sleeping'
+RETURNING wake_at
+
+-- complete_sleep --
+WITH owned AS (
+    SELECT id FROM runs
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    FOR NO KEY UPDATE
+)
+UPDATE steps SET status = 'completed', finished_at = now()
+FROM owned
+WHERE steps.run_id = owned.id AND steps.name = %(name)s
+RETURNING 1
+
+-- complete_run --
+UPDATE runs
+SET status = 'completed', output = %(output)s::jsonb, error = NULL, lease_token = NULL,
+    finished_at = now(), updated_at = now()
+WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+RETURNING 1
+
+-- retry_run --
+-- A failed attempt that will be retried: pending again after the delay.
+UPDATE runs
+SET status = 'pending', attempts = attempts + 1, error = %(error)s::jsonb,
+    available_at = now() + %(delay)s::interval, lease_token = NULL, worker_id = NULL, updated_at = now()
+WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+RETURNING 1
+
+-- fail_run --
+UPDATE runs
+SET status = 'failed', attempts = attempts + 1, error = %(error)s::jsonb, lease_token = NULL,
+    finished_at = now(), updated_at = now()
+WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+RETURNING 1
+
+-- record_step_failure --
+-- Runs in the same transaction as retry_run/fail_run, after it has checked the lease.
+INSERT INTO steps AS s (run_id, name, kind, status, error, attempts, started_at, finished_at)
+VALUES (%(run_id)s, %(name)s, 'call', 'failed', %(error)s::jsonb, 1, %(started_at)s::timestamptz, now())
+ON CONFLICT (run_id, name) DO UPDATE
+SET status = 'failed', error = EXCLUDED.error, attempts = s.attempts + 1,
+    started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
+
+-- register_worker --
+INSERT INTO workers (id, host, pid, workflows, concurrency)
+VALUES (%(id)s, %(host)s, %(pid)s, %(workflows)s::jsonb, %(concurrency)s)
+ON CONFLICT (id) DO UPDATE
+SET workflows = EXCLUDED.workflows, concurrency = EXCLUDED.concurrency, heartbeat_at = now()
+
+-- remove_worker --
+DELETE FROM workers WHERE id = %(worker_id)s

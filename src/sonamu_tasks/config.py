@@ -1,0 +1,118 @@
+"""Configuration: `define_config(...)`, the Python form of the seed's `sonamu.config.ts`.
+
+The dict form of API.md and typed dataclasses are interchangeable: `define_config` turns the dicts into
+`TasksConfig` / `WorkerOptions`, and unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+DATABASE_URL_ENV = "SONAMU_TASKS_DATABASE_URL"
+DEFAULT_SQLITE_PATH = "sonamu_tasks.db"
+
+ContextProvider = Callable[[dict[str, Any]], Any]
+
+
+def _default_concurrency() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass
+class WorkerOptions:
+    concurrency: int = field(default_factory=_default_concurrency)
+    """Runs executed at once by one worker (sleeping runs hold no slot)."""
+    use_pub_sub: bool = True
+    """Wake on PostgreSQL NOTIFY; polling stays as the safety net."""
+    listen_delay: float = 500
+    """Milliseconds between a notification and the claim it triggers (the seed's default; 0 allowed)."""
+    lease_ms: float = 30_000
+    """How long a claimed run stays owned without a heartbeat; heartbeats every third of it."""
+    poll_interval_ms: float = 5_000
+    """The longest a worker waits before looking for due runs when nothing woke it."""
+    shutdown_grace_ms: float = 10_000
+    """On shutdown, how long running steps may take to finish before their runs are handed back."""
+    max_recoveries: int = 100
+    """Take-overs after a lost lease before a run is failed (it keeps killing its workers)."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"worker_options.concurrency must be at least 1, got {self.concurrency}")
+        if self.lease_ms < 100:
+            raise ConfigError(f"worker_options.lease_ms must be at least 100, got {self.lease_ms}")
+        for name in ("listen_delay", "poll_interval_ms", "shutdown_grace_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"worker_options.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_recoveries < 1:
+            raise ConfigError(f"worker_options.max_recoveries must be at least 1, got {self.max_recoveries}")
+
+
+@dataclass
+class TasksConfig:
+    enable_worker: bool = True
+    worker_options: WorkerOptions = field(default_factory=WorkerOptions)
+    context_provider: ContextProvider | None = None
+
+
+@dataclass
+class Config:
+    database_url: str | None = None
+    """PostgreSQL URL (`postgresql://...`) or `sqlite:///path`; None: the embedded SQLite file."""
+    schema: str = "sonamu_tasks"
+    """PostgreSQL schema holding the engine's tables."""
+    timezone: str = "UTC"
+    workflows: Sequence[str] = ()
+    """Packages the syncer scans for `*_workflow.py` / `workflow.py` modules."""
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+
+    def resolved_database_url(self) -> str:
+        """The URL in force: the environment overrides the file; the embedded SQLite file by default."""
+        return os.environ.get(DATABASE_URL_ENV) or self.database_url or f"sqlite:///{DEFAULT_SQLITE_PATH}"
+
+
+def define_config(
+    *,
+    database_url: str | None = None,
+    schema: str = "sonamu_tasks",
+    timezone: str = "UTC",
+    workflows: Sequence[str] = (),
+    tasks: TasksConfig | Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a Config from keyword arguments; `tasks` may be a dict as in the seed."""
+    if isinstance(workflows, str):
+        workflows = [workflows]
+    return Config(
+        database_url=database_url,
+        schema=schema,
+        timezone=timezone,
+        workflows=tuple(workflows),
+        tasks=_tasks_config(tasks),
+    )
+
+
+def _tasks_config(value: TasksConfig | Mapping[str, Any] | None) -> TasksConfig:
+    if value is None:
+        return TasksConfig()
+    if isinstance(value, TasksConfig):
+        return value
+    options = dict(value)
+    worker_options = options.pop("worker_options", None)
+    _reject_unknown("tasks", options, TasksConfig)
+    if worker_options is not None and not isinstance(worker_options, WorkerOptions):
+        worker_options = dict(worker_options)
+        _reject_unknown("tasks.worker_options", worker_options, WorkerOptions)
+        worker_options = WorkerOptions(**worker_options)
+    return TasksConfig(**options, worker_options=worker_options or WorkerOptions())
+
+
+def _reject_unknown(where: str, given: Mapping[str, Any], kind: type) -> None:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"unknown {where} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -1,0 +1,196 @@
+"""`workflow()`: turn an `async def` into a versioned, registrable workflow definition."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from .errors import InvalidInput, WorkflowDefinitionError
+from .retry import DEFAULT_RETRY_POLICY, RetryPolicy
+
+if TYPE_CHECKING:
+    from .handle import RunHandle
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+INJECTABLE_PARAMETERS = ("input", "step", "logger", "version", "context")
+"""The names a workflow function may declare; each receives what its name says."""
+
+
+class WorkflowDefinition(Generic[P, R]):
+    """A workflow: its function, name, version, input schema, schedules and retry policy.
+
+    Calling it calls the plain function (handy in unit tests); `await definition.run(input)` starts a
+    durable run through the WorkflowManager that is running in this process.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        name: str,
+        version: str,
+        schema: Any = None,
+        schedules: Iterable[Any] = (),
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.version = version
+        self.schema = schema
+        self.schedules = tuple(schedules)
+        self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
+        self.parameters = _injected_parameters(fn, name)
+        functools.update_wrapper(self, fn)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<workflow {self.name!r} version {self.version!r}>"
+
+    async def run(self, input: Any = None, **options: Any) -> RunHandle:
+        """Start a run through the active WorkflowManager; see `WorkflowManager.run` for `options`."""
+        from .manager import active_manager
+
+        return await active_manager().run(self, input, **options)
+
+    def validate_input(self, value: Any) -> Any:
+        """Return the input as the workflow will see it, or raise InvalidInput naming the fields."""
+        if self.schema is None:
+            return value
+        try:
+            return _validator(self.schema)(value)
+        except InvalidInput:
+            raise
+        except Exception as error:
+            raise InvalidInput(self.name, _describe_validation_error(error)) from error
+
+
+@overload
+def workflow(
+    fn: Callable[P, Awaitable[R]],
+    *,
+    version: str,
+    name: str | None = None,
+    schema: Any = None,
+    schedules: Iterable[Any] = (),
+    retry_policy: RetryPolicy | None = None,
+) -> WorkflowDefinition[P, R]: ...
+
+
+@overload
+def workflow(
+    fn: None = None,
+    *,
+    version: str,
+    name: str | None = None,
+    schema: Any = None,
+    schedules: Iterable[Any] = (),
+    retry_policy: RetryPolicy | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]: ...
+
+
+def workflow(
+    fn: Callable[P, Awaitable[R]] | None = None,
+    *,
+    version: str | None = None,
+    name: str | None = None,
+    schema: Any = None,
+    schedules: Iterable[Any] = (),
+    retry_policy: RetryPolicy | None = None,
+) -> WorkflowDefinition[P, R] | Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]:
+    """Declare a workflow: `@workflow(version="1")` above an `async def`, or `workflow(fn, version="1")`."""
+    if version is None or (isinstance(version, str) and not version.strip()):
+        target = f" {getattr(fn, '__name__', '')!r}" if fn is not None else ""
+        raise WorkflowDefinitionError(
+            f"workflow{target} needs a version: write @workflow(version=\"1\") "
+            "(runs remember the version they started with)"
+        )
+    if not isinstance(version, str | int):
+        raise WorkflowDefinitionError(f"workflow version must be a string, got {type(version).__name__}")
+    if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+        raise WorkflowDefinitionError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
+
+    def decorate(function: Callable[P, Awaitable[R]]) -> WorkflowDefinition[P, R]:
+        if not inspect.iscoroutinefunction(function):
+            raise WorkflowDefinitionError(
+                f"workflow {getattr(function, '__name__', function)!r} must be an async def function"
+            )
+        return WorkflowDefinition(
+            function,
+            name=name or underscore_case(function.__name__),
+            version=str(version),
+            schema=schema,
+            schedules=schedules,
+            retry_policy=retry_policy,
+        )
+
+    return decorate if fn is None else decorate(fn)
+
+
+def underscore_case(name: str) -> str:
+    """`sendInvoice` -> `send_invoice`, `HTTPFetch` -> `http_fetch`, `load-order` stays as it is."""
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return name.lower()
+
+
+def _injected_parameters(fn: Callable[..., Any], workflow_name: str) -> tuple[str, ...]:
+    parameters = inspect.signature(fn).parameters.values()
+    names = []
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise WorkflowDefinitionError(
+                f"workflow {workflow_name!r}: *args/**kwargs are not supported; "
+                f"name the parameters you need among {', '.join(INJECTABLE_PARAMETERS)}"
+            )
+        if parameter.name not in INJECTABLE_PARAMETERS:
+            raise WorkflowDefinitionError(
+                f"workflow {workflow_name!r} has an unknown parameter {parameter.name!r}; "
+                f"a workflow function may take {', '.join(INJECTABLE_PARAMETERS)}"
+            )
+        if parameter.kind is parameter.POSITIONAL_ONLY:
+            raise WorkflowDefinitionError(
+                f"workflow {workflow_name!r}: parameter {parameter.name!r} must not be positional-only "
+                "(parameters are passed by name)"
+            )
+        names.append(parameter.name)
+    return tuple(names)
+
+
+def _validator(schema: Any) -> Callable[[Any], Any]:
+    validate_python = getattr(schema, "validate_python", None)  # a pydantic TypeAdapter
+    if callable(validate_python):
+        return validate_python  # type: ignore[no-any-return]
+    model_validate = getattr(schema, "model_validate", None)  # a pydantic model class
+    if isinstance(schema, type) and callable(model_validate):
+        return model_validate  # type: ignore[no-any-return]
+    if callable(schema):
+        return schema  # type: ignore[no-any-return]
+    raise WorkflowDefinitionError(
+        f"schema must be a pydantic model, a pydantic TypeAdapter or a callable, got {type(schema).__name__}"
+    )
+
+
+def _describe_validation_error(error: Exception) -> list[str]:
+    errors = getattr(error, "errors", None)
+    if callable(errors):  # pydantic.ValidationError: one line per field
+        try:
+            problems = []
+            for item in errors():
+                location = ".".join(str(part) for part in item.get("loc", ())) or "(input)"
+                problems.append(f"{location}: {item.get('msg', 'invalid')}")
+            if problems:
+                return problems
+        except Exception:  # not a pydantic error after all; fall through to its message
+            pass
+    return [f"{type(error).__name__}: {error}"]

@@ -1,0 +1,82 @@
+"""Every error sonamu-tasks raises, in one place.
+
+Each message says what failed, for which workflow, run or step, and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SonamuTasksError(Exception):
+    """Base class of every error raised by sonamu-tasks."""
+
+
+class WorkflowDefinitionError(SonamuTasksError, TypeError):
+    """A `workflow()` declaration is wrong (missing version, unknown parameter, not async ...)."""
+
+
+class InvalidDuration(SonamuTasksError, ValueError):
+    """A duration is not a DurationString, timedelta or number of seconds."""
+
+
+class ConfigError(SonamuTasksError, ValueError):
+    """The configuration is incomplete or contradicts itself."""
+
+
+class NonRetryableError(SonamuTasksError):
+    """Raise it (or a subclass) from a step to fail the run at once, whatever the retry policy says."""
+
+
+class InvalidInput(NonRetryableError, ValueError):
+    """A workflow's input failed its schema. Raised by `run()`; nothing was stored."""
+
+    def __init__(self, workflow: str, problems: list[str]) -> None:
+        self.workflow = workflow
+        self.problems = problems
+        super().__init__(f"invalid input for workflow {workflow!r}: " + "; ".join(problems))
+
+
+class SerializationError(NonRetryableError, TypeError):
+    """A value crossing a checkpoint (input, step result, output) cannot be stored as JSON."""
+
+
+class StepNameConflict(NonRetryableError, ValueError):
+    """Two steps of one run used the same name."""
+
+
+class WorkflowNotRegistered(SonamuTasksError, LookupError):
+    """No workflow with this name (and version) is known to this process."""
+
+
+class RunNotFound(SonamuTasksError, LookupError):
+    """No run has this id."""
+
+
+class BackendUnavailable(SonamuTasksError):
+    """The database could not be reached or the transaction was interrupted; safe to retry."""
+
+
+class WorkflowFailed(SonamuTasksError):
+    """Raised by `RunHandle.result()` when the run ended `failed` (or `canceled`).
+
+    `error` is the stored error: a dict with `type`, `message`, `traceback` and, when a step raised, `step`.
+    """
+
+    def __init__(self, run_id: str, workflow: str, status: str, error: dict[str, Any] | None) -> None:
+        self.run_id = run_id
+        self.workflow = workflow
+        self.status = status
+        self.error = error or {}
+        where = f" in step {self.error['step']!r}" if self.error.get("step") else ""
+        what = f"{self.error.get('type', 'Error')}: {self.error.get('message', '')}" if error else status
+        super().__init__(f"run {run_id} of workflow {workflow!r} {status}{where}: {what}")
+
+
+class ResultTimeout(SonamuTasksError, TimeoutError):
+    """`RunHandle.result(timeout=...)` ran out of time; the run goes on."""
+
+    def __init__(self, run_id: str, status: str, timeout: float) -> None:
+        self.run_id = run_id
+        self.status = status
+        super().__init__(f"run {run_id} did not finish within {timeout:g}s (it is {status}; it goes on)")

@@ -1,0 +1,258 @@
+"""One attempt of one claimed run: replay checkpoints, execute new steps, record the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import time
+import typing
+from collections.abc import Callable
+from concurrent.futures import Executor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from . import serde
+from .backends.base import Backend, ClaimedRun, LeaseLost, StepRecord
+from .definition import WorkflowDefinition
+from .duration import Duration, parse_duration
+from .errors import NonRetryableError, StepNameConflict
+from .log import RunLogger
+from .reconnect import until_available
+from .retry import RetryDecision
+from .status import StepStatus
+from .step import StepWrapper
+
+logger = logging.getLogger("sonamu_tasks.executor")
+
+
+class Suspended(BaseException):
+    """The run parked itself (durable sleep); unwinds the workflow function. Not an error."""
+
+
+class Released(BaseException):
+    """The worker is shutting down: the run is handed back at this step boundary. Not an error."""
+
+
+class RecoveryLimitExceeded(NonRetryableError):
+    pass
+
+
+class DeadlineExceeded(NonRetryableError):
+    pass
+
+
+class AttemptHooks(typing.Protocol):
+    """What the worker offers an attempt."""
+
+    threads: Executor
+    max_recoveries: int
+    context_provider: Callable[[dict[str, Any]], Any] | None
+
+    def draining(self) -> bool: ...
+    def wake_in(self, seconds: float) -> None: ...
+    def finished(self, run_id: str) -> None: ...
+
+
+class Attempt:
+    def __init__(
+        self, backend: Backend, definition: WorkflowDefinition[Any, Any], claimed: ClaimedRun, hooks: AttemptHooks
+    ) -> None:
+        self.backend = backend
+        self.definition = definition
+        self.claimed = claimed
+        self.hooks = hooks
+        self.logger = RunLogger(claimed.id, definition.name, definition.version)
+        self.steps: dict[str, StepRecord] = {}
+        self._seen: set[str] = set()
+        self._failed_step: tuple[str, datetime, BaseException] | None = None
+        self._claimed_monotonic = time.monotonic()
+
+    # the workflow, start to outcome
+
+    async def execute(self) -> None:
+        run = self.claimed
+        try:
+            if run.recoveries > self.hooks.max_recoveries:
+                raise RecoveryLimitExceeded(
+                    f"run {run.id} was taken over {run.recoveries} times after its worker stopped "
+                    f"heartbeating (limit {self.hooks.max_recoveries}); it probably kills its workers "
+                    "(out of memory, a crash in native code); fix the cause, then retry it"
+                )
+            if run.deadline_at is not None and run.deadline_at <= run.claimed_at:
+                raise DeadlineExceeded(f"deadline exceeded: run {run.id} was due by {run.deadline_at.isoformat()}")
+            if not run.first_claim:
+                self.steps = await until_available(lambda: self.backend.load_steps(run.id), what="load checkpoints")
+            output = await self._call_workflow()
+            encoded = serde.dumps(output, what=f"the output of workflow {self.definition.name!r}")
+            await until_available(
+                lambda: self.backend.complete_run(run.id, run.lease_token, encoded), what="complete run"
+            )
+            self.hooks.finished(run.id)
+        except Suspended:
+            pass
+        except Released:
+            held = [(run.id, run.lease_token)]
+            await until_available(lambda: self.backend.release_runs(held), what="hand back run", give_up_after_s=5)
+            self.logger.info("handed back at a step boundary: this worker is shutting down")
+        except LeaseLost:
+            self.logger.warning("lease lost: another worker owns this run now; this attempt stops")
+        except Exception as error:
+            try:
+                await self._record_failure(error)
+            except LeaseLost:
+                self.logger.warning("lease lost before the failure could be recorded; the new owner decides")
+
+    async def _call_workflow(self) -> Any:
+        arguments: dict[str, Any] = {}
+        for parameter in self.definition.parameters:
+            if parameter == "input":
+                arguments["input"] = self.definition.validate_input(self.claimed.input)
+            elif parameter == "step":
+                arguments["step"] = StepWrapper(self)
+            elif parameter == "logger":
+                arguments["logger"] = self.logger
+            elif parameter == "version":
+                arguments["version"] = self.definition.version
+            elif parameter == "context":
+                arguments["context"] = await self._context()
+        return await self.definition.fn(**arguments)
+
+    async def _context(self) -> Any:
+        default = {
+            "run_id": self.claimed.id,
+            "workflow": self.definition.name,
+            "version": self.definition.version,
+            "attempt": self.claimed.attempts + 1,
+        }
+        provider = self.hooks.context_provider
+        if provider is None:
+            return default
+        context = provider(default)
+        return await context if inspect.isawaitable(context) else context
+
+    async def _record_failure(self, error: Exception) -> None:
+        run = self.claimed
+        step = None
+        if self._failed_step is not None and self._failed_step[2] is error:
+            step = (self._failed_step[0], self._failed_step[1])
+        attempt = run.attempts + 1
+        stored = serde.encode_error(error, step=step[0] if step else None)
+        try:
+            decision = self.definition.retry_policy.decide(error, attempt)
+        except Exception as policy_error:
+            stored["message"] += f" (and the retry policy itself raised {policy_error!r}, so no retry)"
+            decision = RetryDecision(should_retry=False)
+        delay = timedelta(milliseconds=decision.delay_ms)
+        if decision.should_retry and run.deadline_at is not None and self._db_now() + delay >= run.deadline_at:
+            stored["message"] = f"deadline exceeded before the next attempt; last error: {stored['message']}"
+            decision = RetryDecision(should_retry=False)
+        retry_delay = delay if decision.should_retry else None
+        await until_available(
+            lambda: self.backend.fail_attempt(run.id, run.lease_token, stored, step, retry_delay),
+            what="record failure",
+        )
+        where = f" in step {step[0]!r}" if step else ""
+        if retry_delay is not None:
+            self.logger.warning(
+                "attempt %d failed%s: %s; retrying in %.3fs", attempt, where, error, retry_delay.total_seconds()
+            )
+            self.hooks.wake_in(retry_delay.total_seconds())
+        else:
+            self.logger.error("run failed after %d attempt(s)%s: %r", attempt, where, error)
+            self.hooks.finished(run.id)
+
+    # what the StepWrapper calls
+
+    async def run_step(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._claim_name(name)
+        annotation = _return_annotation(fn)
+        record = self.steps.get(name)
+        if record is not None and record.status is StepStatus.COMPLETED:
+            if record.kind != "call":
+                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a sleep before")
+            return serde.decode(record.output, annotation)
+        if self.hooks.draining():
+            raise Released
+        started = datetime.now(UTC)
+        self.logger.step = name
+        try:
+            result = await self._invoke(fn, args, kwargs)
+            encoded = serde.dumps(
+                result, what=f"the result of step {name!r} of workflow {self.definition.name!r}"
+            )
+        except Exception as error:
+            self._failed_step = (name, started, error)
+            raise
+        finally:
+            self.logger.step = None
+        run = self.claimed
+        finished = datetime.now(UTC)
+        await until_available(
+            lambda: self.backend.save_step(run.id, run.lease_token, name, encoded, started, finished),
+            what=f"checkpoint step {name!r}",
+        )
+        stored = serde.loads(encoded)
+        self.steps[name] = StepRecord(name, "call", StepStatus.COMPLETED, stored, None, 1, None, started, finished)
+        return serde.decode(stored, annotation)
+
+    async def sleep(self, name: str, duration: Duration) -> None:
+        delta = parse_duration(duration, what=f"step.sleep({name!r}) in workflow {self.definition.name!r}")
+        self._claim_name(name)
+        run = self.claimed
+        record = self.steps.get(name)
+        wake_at = None
+        if record is not None:
+            if record.status is StepStatus.COMPLETED:
+                return
+            if record.wake_at is not None and record.wake_at <= self._db_now():
+                await until_available(
+                    lambda: self.backend.complete_sleep(run.id, run.lease_token, name), what="wake up"
+                )
+                return
+            wake_at = record.wake_at  # woken early (resumed, say): sleep on until the original time
+        started = datetime.now(UTC)
+        stored_wake = await until_available(
+            lambda: self.backend.sleep_run(run.id, run.lease_token, name, started, delta, wake_at),
+            what=f"sleep {name!r}",
+        )
+        self.logger.info("sleeping until %s", stored_wake.isoformat())
+        self.hooks.wake_in(max(0.0, (stored_wake - self._db_now()).total_seconds()))
+        raise Suspended
+
+    # helpers
+
+    def _claim_name(self, name: str) -> None:
+        if name in self._seen:
+            raise StepNameConflict(
+                f"workflow {self.definition.name!r} used the step name {name!r} twice in one run; "
+                "step names must be unique within a run (add an index or id to the name in loops)"
+            )
+        self._seen.add(name)
+
+    def _db_now(self) -> datetime:
+        """The database's clock, read at claim time and advanced locally."""
+        return self.claimed.claimed_at + timedelta(seconds=time.monotonic() - self._claimed_monotonic)
+
+    async def _invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _is_async(fn):
+            return await fn(*args, **kwargs)
+        # Sync steps run in the worker's thread pool so they never block the event loop.
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        result = await loop.run_in_executor(self.hooks.threads, context.run, functools.partial(fn, *args, **kwargs))
+        return await result if inspect.isawaitable(result) else result
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None))
+
+
+def _return_annotation(fn: Callable[..., Any]) -> Any:
+    try:
+        return typing.get_type_hints(fn).get("return")
+    except Exception:  # unresolvable forward references: hand back plain JSON
+        return None

@@ -1,0 +1,38 @@
+"""RunHandle: what `run()` returns, to watch and wait for one run."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import RunRecord
+from .status import RunStatus
+
+if TYPE_CHECKING:
+    from .manager import WorkflowManager
+
+
+class RunHandle:
+    def __init__(self, manager: WorkflowManager, run_id: str, workflow_name: str, *, created: bool = True) -> None:
+        self._manager = manager
+        self.id = run_id
+        self.workflow_name = workflow_name
+        self.created = created
+        """False when `run()` found an existing run for the idempotency key."""
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.workflow_name} {self.id}>"
+
+    async def status(self) -> RunStatus:
+        return (await self.info()).status
+
+    async def info(self, *, with_steps: bool = False) -> RunRecord:
+        """The stored run: status, input, output, error, attempts, timestamps (and steps)."""
+        return await self._manager.get_run(self.id, with_steps=with_steps)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to finish and return its output.
+
+        Raises WorkflowFailed (with the stored error) if it failed or was canceled, and ResultTimeout
+        if `timeout` seconds pass first. Woken by the database's notification, not by polling.
+        """
+        return await self._manager.wait_for_result(self.id, timeout=timeout)

@@ -1,0 +1,281 @@
+"""WorkflowManager: migrations, the registry, the worker, starting runs and waiting for them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from . import serde
+from .backends.base import Backend, NewRun, RunRecord
+from .backends.factory import backend_for
+from .config import Config, define_config
+from .definition import WorkflowDefinition
+from .duration import Duration, parse_duration
+from .errors import ResultTimeout, RunNotFound, SonamuTasksError, WorkflowFailed, WorkflowNotRegistered
+from .handle import RunHandle
+from .ids import new_run_id
+from .reconnect import until_available
+from .registry import Registry
+from .status import RunStatus
+from .worker import Worker
+
+logger = logging.getLogger("sonamu_tasks.manager")
+
+_active: list[WorkflowManager] = []
+
+WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
+"""What `run()` accepts: `{"name": ..., "version": ...}`, a definition, or a registered name."""
+
+
+def active_manager() -> WorkflowManager:
+    """The most recently started WorkflowManager of this process (for `definition.run(...)`)."""
+    if not _active:
+        raise SonamuTasksError("no WorkflowManager is running; use `async with WorkflowManager(config)` first")
+    return _active[-1]
+
+
+class WorkflowManager:
+    """The engine in one object. Use it as an async context manager:
+
+        async with WorkflowManager(config, workflows=[send_invoice]) as manager:
+            handle = await manager.run(send_invoice, {"order_id": 7})
+            print(await handle.result(timeout=60))
+    """
+
+    def __init__(
+        self,
+        config: Config | Mapping[str, Any] | None = None,
+        *,
+        workflows: Iterable[WorkflowDefinition[Any, Any]] = (),
+        backend: Backend | None = None,
+    ) -> None:
+        if config is None:
+            config = define_config()
+        elif isinstance(config, Mapping):
+            config = define_config(**config)
+        self.config = config
+        self.registry = Registry()
+        for definition in workflows:
+            self.registry.register(definition)
+        self.backend = backend or backend_for(config)
+        self.worker: Worker | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._started = False
+
+    # lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Migrate the database, listen for events, and start the worker when `enable_worker` is on."""
+        if self._started:
+            return
+        await self.backend.open()
+        try:
+            await until_available(self.backend.migrate, what="migrate", give_up_after_s=30)
+        except BaseException:
+            await self.backend.close()
+            raise
+        if self.backend.pushes_notifications:
+            self._listener = asyncio.create_task(self.backend.listen(self), name="sonamu-listen")
+        tasks = self.config.tasks
+        if tasks.enable_worker:
+            self.worker = Worker(
+                self.backend,
+                self.registry,
+                tasks.worker_options,
+                context_provider=tasks.context_provider,
+                on_finished=self.run_finished,
+            )
+            await self.worker.start()
+        self._started = True
+        _active.append(self)
+
+    async def stop(self) -> None:
+        """Graceful: the worker stops claiming, lets running steps finish, and hands back the rest."""
+        if not self._started:
+            return
+        self._started = False
+        if self in _active:
+            _active.remove(self)
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self.backend.close()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully (what `sonamu-tasks worker` does)."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            logger.info("signal received: shutting down")
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            await self.stop()
+
+    # registration
+
+    def register(self, *definitions: WorkflowDefinition[Any, Any]) -> None:
+        for definition in definitions:
+            self.registry.register(definition)
+
+    async def synchronize(self, definitions: Iterable[WorkflowDefinition[Any, Any]] | None = None) -> None:
+        """Replace the registered workflows (after a code change) and tell the worker."""
+        if definitions is not None:
+            self.registry.replace_all(definitions)
+        if self.worker is not None:
+            await self.worker.registry_changed()
+
+    # runs
+
+    async def run(
+        self,
+        workflow: WorkflowSpec,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        start_at: datetime | Duration | None = None,
+        deadline: datetime | Duration | None = None,
+    ) -> RunHandle:
+        """Start a run. The input is validated here when the workflow is known to this process.
+
+        `idempotency_key`: a repeated key returns the existing run. `start_at`: a datetime or a duration
+        (a delayed start). `deadline`: a datetime or duration after which the run fails with
+        "deadline exceeded" instead of being claimed or retried.
+        """
+        name, version = self._resolve(workflow)
+        definition = self.registry.find(name, version)
+        if definition is None and isinstance(workflow, WorkflowDefinition):
+            definition = workflow
+        if definition is not None:
+            input = definition.validate_input(input)
+        new_run = NewRun(
+            id=new_run_id(),
+            workflow_name=name,
+            version=version,
+            input_json=serde.dumps(input, what=f"the input of workflow {name!r}"),
+            idempotency_key=idempotency_key,
+            start_at=start_at if isinstance(start_at, datetime) else None,
+            start_delay=None if start_at is None or isinstance(start_at, datetime) else parse_duration(
+                start_at, what="start_at"),
+            deadline_at=deadline if isinstance(deadline, datetime) else None,
+            deadline_delay=None if deadline is None or isinstance(deadline, datetime) else parse_duration(
+                deadline, what="deadline"),
+        )
+        for moment, what in ((new_run.start_at, "start_at"), (new_run.deadline_at, "deadline")):
+            if moment is not None and moment.tzinfo is None:
+                raise ValueError(f"{what} must be a timezone-aware datetime, got {moment!r}")
+        run_id, created = await until_available(
+            lambda: self.backend.create_run(new_run), what="start run", give_up_after_s=30
+        )
+        if created and start_at is None and self.worker is not None and definition is not None:
+            self.worker.wake()  # this process can run it: no need to wait for the notification
+        return RunHandle(self, run_id, name, created=created)
+
+    def handle(self, run_id: str, workflow_name: str = "") -> RunHandle:
+        """A handle for a run started elsewhere."""
+        return RunHandle(self, run_id, workflow_name)
+
+    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord:
+        record = await until_available(
+            lambda: self.backend.get_run(run_id, with_steps=with_steps), what="read run", give_up_after_s=30
+        )
+        if record is None:
+            raise RunNotFound(f"no run with id {run_id}")
+        return record
+
+    async def wait_for_result(self, run_id: str, *, timeout: float | None = None) -> Any:
+        record = await self.wait_until_finished(run_id, timeout=timeout)
+        if record.status is RunStatus.COMPLETED:
+            return record.output
+        raise WorkflowFailed(record.id, record.workflow_name, record.status.value, record.error)
+
+    async def wait_until_finished(self, run_id: str, *, timeout: float | None = None) -> RunRecord:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        # A notification is the wake-up; the re-read interval only covers one lost while reconnecting.
+        recheck = 5.0 if self.backend.pushes_notifications and self._listener is not None else 0.05
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        try:
+            while True:
+                event.clear()
+                record = await self.get_run(run_id)
+                if record.status.finished:
+                    return record
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise ResultTimeout(run_id, record.status.value, timeout or 0)
+                wait = recheck if remaining is None else min(recheck, remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), wait)
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[run_id]
+
+    # Notifications (from the backend's listener, or this process's worker)
+
+    def run_available(self, workflow_name: str) -> None:
+        if self.worker is not None:
+            self.worker.notify_available()
+
+    def run_finished(self, run_id: str) -> None:
+        for event in self._waiters.get(run_id, ()):
+            event.set()
+
+    def reconnected(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    # helpers
+
+    def _resolve(self, workflow: WorkflowSpec) -> tuple[str, str]:
+        if isinstance(workflow, WorkflowDefinition):
+            return workflow.key
+        if isinstance(workflow, str):
+            workflow = {"name": workflow}
+        if not isinstance(workflow, Mapping) or not isinstance(workflow.get("name"), str):
+            raise TypeError(f"run() needs a workflow definition or {{'name': ..., 'version': ...}}, got {workflow!r}")
+        name = workflow["name"]
+        version = workflow.get("version")
+        if version is None:
+            versions = [v for n, v in self.registry.keys() if n == name]
+            if len(versions) != 1:
+                raise WorkflowNotRegistered(
+                    f"run({name!r}) needs a version: " + (
+                        f"registered versions here are {', '.join(versions)}" if versions
+                        else "the workflow is not registered in this process, so say which version to run"
+                    )
+                )
+            version = versions[0]
+        return name, str(version)
+
+

@@ -1,0 +1,41 @@
+"""The statuses of a run and the transitions between them.
+
+    from        to          who
+    ---------   ---------   -----------------------------------------------------------
+    (new)       pending     run(): starts now or at `start_at`
+    pending     running     a worker claims it (sets a lease)
+    running     running     another worker claims it after the lease expired (a take-over)
+    running     sleeping    step.sleep(): parked until its wake time, holds no slot
+    sleeping    running     a worker claims it at its wake time
+    running     pending     a failed attempt that will be retried, or a graceful shutdown release
+    running     completed   the workflow function returned
+    running     failed      the last attempt failed, or the error cannot be retried
+    unfinished  canceled    cancel
+    unfinished  paused      pause; `paused -> pending` on resume
+
+Every write by a worker is guarded by `status = 'running' AND lease_token = <its claim>`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SLEEPING = "sleeping"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)
+
+
+class StepStatus(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SLEEPING = "sleeping"

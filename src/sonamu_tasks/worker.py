@@ -1,0 +1,227 @@
+"""The worker: claims due runs into `concurrency` slots, keeps their leases alive, shuts down gently.
+
+Wake-ups come from three places: a notification (after `listen_delay`), a local timer for the runs this
+worker parked or scheduled for retry, and the time until the next due run read from the database,
+capped by `poll_interval_ms` as the safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .backends.base import Backend, ClaimedRun, WorkerRecord
+from .config import WorkerOptions
+from .errors import BackendUnavailable
+from .executor import Attempt
+from .reconnect import until_available
+from .registry import Registry
+
+logger = logging.getLogger("sonamu_tasks.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        options: WorkerOptions,
+        *,
+        context_provider: Callable[[dict[str, Any]], Any] | None = None,
+        on_finished: Callable[[str], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.registry = registry
+        self.options = options
+        self.context_provider = context_provider
+        self.max_recoveries = options.max_recoveries
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.threads = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="sonamu-step")
+        self._lease = timedelta(milliseconds=options.lease_ms)
+        self._on_finished = on_finished
+        self._active: dict[str, tuple[asyncio.Task[None], ClaimedRun]] = {}  # by lease token
+        self._wake = asyncio.Event()
+        self._more_due = False
+        self._stopping = False
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    @property
+    def active_runs(self) -> list[str]:
+        return [claimed.id for _, claimed in self._active.values()]
+
+    async def start(self) -> None:
+        await until_available(lambda: self.backend.register_worker(self._record()), what="register worker")
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="sonamu-claim"),
+            asyncio.create_task(self._heartbeat_loop(), name="sonamu-heartbeat"),
+        ]
+        logger.info(
+            "worker %s started: concurrency %d, workflows %s",
+            self.id,
+            self.options.concurrency,
+            ", ".join(f"{n}@{v}" for n, v in self.registry.keys()) or "(none)",
+        )
+
+    async def registry_changed(self) -> None:
+        """Publish the new set of workflows (after synchronize) and look for their runs."""
+        await until_available(lambda: self.backend.register_worker(self._record()), what="register worker")
+        self.wake()
+
+    # wake-ups
+
+    def wake(self) -> None:
+        self._more_due = True
+        self._wake.set()
+
+    def notify_available(self) -> None:
+        """A notification said a run became claimable; claim after `listen_delay`."""
+        if not self.options.use_pub_sub:
+            return
+        if self.options.listen_delay <= 0:
+            self.wake()
+        else:
+            self.wake_in(self.options.listen_delay / 1000)
+
+    def wake_in(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.wake()
+
+        handle = loop.call_later(max(0.0, seconds), fire)
+        self._timers.add(handle)
+
+    # AttemptHooks
+
+    def draining(self) -> bool:
+        return self._draining
+
+    def finished(self, run_id: str) -> None:
+        if self._on_finished is not None:
+            self._on_finished(run_id)
+
+    # loops
+
+    async def _claim_loop(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            self._wake.clear()
+            timeout = self.options.poll_interval_ms / 1000
+            free = self.options.concurrency - len(self._active)
+            if free > 0:
+                workflows = self.registry.keys()
+                try:
+                    claimed = await self.backend.claim_runs(self.id, workflows, free, self._lease)
+                    self._more_due = len(claimed) == free
+                    if not self._more_due:
+                        due = await self.backend.seconds_until_due(workflows)
+                        if due is not None:
+                            # Due but not claimed means another worker holds it locked: look again soon.
+                            timeout = min(timeout, max(due, 0.02))
+                    backoff = 0.05
+                except BackendUnavailable as error:
+                    logger.warning("claim failed (%s); retrying in %.2fs", error, backoff)
+                    claimed, timeout = [], backoff
+                    backoff = min(backoff * 2, 5.0)
+                for run in claimed:
+                    self._start(run)
+                if self._more_due and len(self._active) < self.options.concurrency:
+                    continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _start(self, claimed: ClaimedRun) -> None:
+        definition = self.registry.find(claimed.workflow_name, claimed.version)
+        if definition is None:  # unregistered by a reload between claim and start: hand it back
+            asyncio.create_task(self.backend.release_runs([(claimed.id, claimed.lease_token)]))
+            return
+        task = asyncio.create_task(Attempt(self.backend, definition, claimed, self).execute(), name=claimed.id)
+        self._active[claimed.lease_token] = (task, claimed)
+        task.add_done_callback(lambda _: self._slot_freed(claimed.lease_token))
+
+    def _slot_freed(self, lease_token: str) -> None:
+        self._active.pop(lease_token, None)
+        if self._more_due and not self._stopping:
+            self._wake.set()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.options.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            held = [(claimed.id, token) for token, (_, claimed) in self._active.items()]
+            try:
+                still_held = await self.backend.heartbeat(self.id, held, self._lease)
+            except BackendUnavailable as error:
+                logger.warning("heartbeat failed (%s)", error)
+                continue
+            for run_id, token in held:
+                entry = self._active.get(token)
+                if token not in still_held and entry is not None and not entry[0].done():
+                    # Another worker took it over (we stalled past the lease): stop wasting work on it.
+                    logger.warning("lost the lease of run %s; stopping its attempt", run_id)
+                    entry[0].cancel()
+
+    # shutdown
+
+    async def stop(self) -> None:
+        """Stop claiming, let running steps finish within the grace period, hand back what remains."""
+        self._stopping = self._draining = True
+        self._wake.set()
+        for timer in self._timers:
+            timer.cancel()
+        claim_loop, heartbeat_loop = self._tasks or (None, None)
+        if claim_loop is not None:
+            await claim_loop
+        running = [task for task, _ in self._active.values()]
+        if running:
+            logger.info("waiting up to %.1fs for %d running step(s)", self.options.shutdown_grace_ms / 1000,
+                        len(running))
+            await asyncio.wait(running, timeout=self.options.shutdown_grace_ms / 1000)
+        leftover = [(claimed.id, token, task) for token, (task, claimed) in self._active.items()]
+        for _, _, task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.gather(*(task for _, _, task in leftover), return_exceptions=True)
+            held = [(run_id, token) for run_id, token, _ in leftover]
+            try:
+                await until_available(lambda: self.backend.release_runs(held), what="release runs",
+                                      give_up_after_s=5)
+                logger.info("handed back %d run(s) still in a step after the grace period", len(held))
+            except BackendUnavailable:
+                logger.warning("could not hand back %d run(s); they are taken over when their leases expire",
+                               len(held))
+        if heartbeat_loop is not None:
+            heartbeat_loop.cancel()
+            await asyncio.gather(heartbeat_loop, return_exceptions=True)
+        try:
+            await until_available(lambda: self.backend.remove_worker(self.id), what="deregister worker",
+                                  give_up_after_s=2)
+        except BackendUnavailable:
+            pass
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        logger.info("worker %s stopped", self.id)
+
+    def _record(self) -> WorkerRecord:
+        now = datetime.now(UTC)
+        return WorkerRecord(
+            id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            workflows=self.registry.keys(),
+            concurrency=self.options.concurrency,
+            started_at=now,
+            heartbeat_at=now,
+        )
