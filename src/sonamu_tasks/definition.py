@@ -112,13 +112,15 @@ def workflow(
     if version is None or (isinstance(version, str) and not version.strip()):
         target = f" {getattr(fn, '__name__', '')!r}" if fn is not None else ""
         raise WorkflowDefinitionError(
-            f"workflow{target} needs a version: write @workflow(version=\"1\") "
+            f'workflow{target} needs a version: write @workflow(version="1") '
             "(runs remember the version they started with)"
         )
     if not isinstance(version, str | int):
         raise WorkflowDefinitionError(f"workflow version must be a string, got {type(version).__name__}")
     if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
-        raise WorkflowDefinitionError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
+        raise WorkflowDefinitionError(
+            f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
+        )
 
     def decorate(function: Callable[P, Awaitable[R]]) -> WorkflowDefinition[P, R]:
         if not inspect.iscoroutinefunction(function):

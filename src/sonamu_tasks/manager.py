@@ -36,16 +36,18 @@ WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
 def active_manager() -> WorkflowManager:
     """The most recently started WorkflowManager of this process (for `definition.run(...)`)."""
     if not _active:
-        raise SonamuTasksError("no WorkflowManager is running; use `async with WorkflowManager(config)` first")
+        raise SonamuTasksError(
+            "no WorkflowManager is running; use `async with WorkflowManager(config)` first"
+        )
     return _active[-1]
 
 
 class WorkflowManager:
     """The engine in one object. Use it as an async context manager:
 
-        async with WorkflowManager(config, workflows=[send_invoice]) as manager:
-            handle = await manager.run(send_invoice, {"order_id": 7})
-            print(await handle.result(timeout=60))
+    async with WorkflowManager(config, workflows=[send_invoice]) as manager:
+        handle = await manager.run(send_invoice, {"order_id": 7})
+        print(await handle.result(timeout=60))
     """
 
     def __init__(
@@ -178,11 +180,13 @@ class WorkflowManager:
             input_json=serde.dumps(input, what=f"the input of workflow {name!r}"),
             idempotency_key=idempotency_key,
             start_at=start_at if isinstance(start_at, datetime) else None,
-            start_delay=None if start_at is None or isinstance(start_at, datetime) else parse_duration(
-                start_at, what="start_at"),
+            start_delay=None
+            if start_at is None or isinstance(start_at, datetime)
+            else parse_duration(start_at, what="start_at"),
             deadline_at=deadline if isinstance(deadline, datetime) else None,
-            deadline_delay=None if deadline is None or isinstance(deadline, datetime) else parse_duration(
-                deadline, what="deadline"),
+            deadline_delay=None
+            if deadline is None or isinstance(deadline, datetime)
+            else parse_duration(deadline, what="deadline"),
         )
         for moment, what in ((new_run.start_at, "start_at"), (new_run.deadline_at, "deadline")):
             if moment is not None and moment.tzinfo is None:
@@ -263,19 +267,21 @@ class WorkflowManager:
         if isinstance(workflow, str):
             workflow = {"name": workflow}
         if not isinstance(workflow, Mapping) or not isinstance(workflow.get("name"), str):
-            raise TypeError(f"run() needs a workflow definition or {{'name': ..., 'version': ...}}, got {workflow!r}")
+            raise TypeError(
+                f"run() needs a workflow definition or {{'name': ..., 'version': ...}}, got {workflow!r}"
+            )
         name = workflow["name"]
         version = workflow.get("version")
         if version is None:
             versions = [v for n, v in self.registry.keys() if n == name]
             if len(versions) != 1:
                 raise WorkflowNotRegistered(
-                    f"run({name!r}) needs a version: " + (
-                        f"registered versions here are {', '.join(versions)}" if versions
+                    f"run({name!r}) needs a version: "
+                    + (
+                        f"registered versions here are {', '.join(versions)}"
+                        if versions
                         else "the workflow is not registered in this process, so say which version to run"
                     )
                 )
             version = versions[0]
         return name, str(version)
-
-

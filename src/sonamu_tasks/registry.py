@@ -19,8 +19,10 @@ class Registry:
                 f"expected a workflow made by workflow(), got {type(definition).__name__}"
             )
         existing = self._definitions.get(definition.key)
-        if existing is not None and existing.fn is not definition.fn and existing.fn.__qualname__ != (
-            definition.fn.__qualname__
+        if (
+            existing is not None
+            and existing.fn is not definition.fn
+            and existing.fn.__qualname__ != (definition.fn.__qualname__)
         ):
             raise WorkflowDefinitionError(
                 f"two different functions claim workflow {definition.name!r} version {definition.version!r}: "
@@ -40,7 +42,9 @@ class Registry:
         definition = self._definitions.get((name, version))
         if definition is None:
             known = sorted(v for (n, v) in self._definitions if n == name)
-            hint = f"registered versions: {', '.join(known)}" if known else "no version of it is registered here"
+            hint = (
+                f"registered versions: {', '.join(known)}" if known else "no version of it is registered here"
+            )
             raise WorkflowNotRegistered(f"workflow {name!r} version {version!r} is not registered; {hint}")
         return definition
 

@@ -42,7 +42,7 @@ class StepWrapper:
         return Step(self._attempt, step_name, fn)
 
     def get(self, obj: Any, method_name: str, name: str | None = None) -> Step[Any]:
-        """Wrap `obj.method_name` (a class or an instance); the step is named after the method unless `name`."""
+        """Wrap `obj.method_name` (class or instance); the step is named after the method unless `name`."""
         method = _bound_method(obj, method_name)
         return Step(self._attempt, _step_name(name or underscore_case(method_name)), method)
 

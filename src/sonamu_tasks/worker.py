@@ -8,12 +8,13 @@ capped by `poll_interval_ms` as the safety net.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,7 +44,9 @@ class Worker:
         self.context_provider = context_provider
         self.max_recoveries = options.max_recoveries
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.threads = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="sonamu-step")
+        self.threads: Executor = ThreadPoolExecutor(
+            max_workers=options.concurrency, thread_name_prefix="sonamu-step"
+        )
         self._lease = timedelta(milliseconds=options.lease_ms)
         self._on_finished = on_finished
         self._active: dict[str, tuple[asyncio.Task[None], ClaimedRun]] = {}  # by lease token
@@ -53,6 +56,7 @@ class Worker:
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
+        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def active_runs(self) -> list[str]:
@@ -138,17 +142,19 @@ class Worker:
                     self._start(run)
                 if self._more_due and len(self._active) < self.options.concurrency:
                     continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _start(self, claimed: ClaimedRun) -> None:
         definition = self.registry.find(claimed.workflow_name, claimed.version)
         if definition is None:  # unregistered by a reload between claim and start: hand it back
-            asyncio.create_task(self.backend.release_runs([(claimed.id, claimed.lease_token)]))
+            release = asyncio.create_task(self.backend.release_runs([(claimed.id, claimed.lease_token)]))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
             return
-        task = asyncio.create_task(Attempt(self.backend, definition, claimed, self).execute(), name=claimed.id)
+        task = asyncio.create_task(
+            Attempt(self.backend, definition, claimed, self).execute(), name=claimed.id
+        )
         self._active[claimed.lease_token] = (task, claimed)
         task.add_done_callback(lambda _: self._slot_freed(claimed.lease_token))
 
@@ -187,8 +193,11 @@ class Worker:
             await claim_loop
         running = [task for task, _ in self._active.values()]
         if running:
-            logger.info("waiting up to %.1fs for %d running step(s)", self.options.shutdown_grace_ms / 1000,
-                        len(running))
+            logger.info(
+                "waiting up to %.1fs for %d running step(s)",
+                self.options.shutdown_grace_ms / 1000,
+                len(running),
+            )
             await asyncio.wait(running, timeout=self.options.shutdown_grace_ms / 1000)
         leftover = [(claimed.id, token, task) for token, (task, claimed) in self._active.items()]
         for _, _, task in leftover:
@@ -197,20 +206,21 @@ class Worker:
             await asyncio.gather(*(task for _, _, task in leftover), return_exceptions=True)
             held = [(run_id, token) for run_id, token, _ in leftover]
             try:
-                await until_available(lambda: self.backend.release_runs(held), what="release runs",
-                                      give_up_after_s=5)
+                await until_available(
+                    lambda: self.backend.release_runs(held), what="release runs", give_up_after_s=5
+                )
                 logger.info("handed back %d run(s) still in a step after the grace period", len(held))
             except BackendUnavailable:
-                logger.warning("could not hand back %d run(s); they are taken over when their leases expire",
-                               len(held))
+                logger.warning(
+                    "could not hand back %d run(s); they are taken over when their leases expire", len(held)
+                )
         if heartbeat_loop is not None:
             heartbeat_loop.cancel()
             await asyncio.gather(heartbeat_loop, return_exceptions=True)
-        try:
-            await until_available(lambda: self.backend.remove_worker(self.id), what="deregister worker",
-                                  give_up_after_s=2)
-        except BackendUnavailable:
-            pass
+        with contextlib.suppress(BackendUnavailable):
+            await until_available(
+                lambda: self.backend.remove_worker(self.id), what="deregister worker", give_up_after_s=2
+            )
         self.threads.shutdown(wait=False, cancel_futures=True)
         logger.info("worker %s stopped", self.id)
 

@@ -130,9 +130,7 @@ class Backend(Protocol):
         """Seconds until the next claimable run of these workflows is due (<= 0: now), None if none."""
         ...
 
-    async def heartbeat(
-        self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta
-    ) -> set[str]:
+    async def heartbeat(self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta) -> set[str]:
         """Extend the leases of (run id, lease token) pairs; return the tokens still held."""
         ...
 

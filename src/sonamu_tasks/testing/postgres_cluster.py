@@ -34,7 +34,9 @@ def find_postgres_bin() -> Path:
     if on_path and shutil.which("initdb"):
         return Path(on_path).resolve().parent
     candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name.split(".")[0]), reverse=True
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name.split(".")[0]),
+        reverse=True,
     )
     for candidate in candidates:
         if (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
@@ -87,7 +89,9 @@ class PostgresCluster:
         if not self._initialized:
             self._init()
         options = " ".join(f"-c {key}={value}" for key, value in self.settings.items())
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: `fast` (clients disconnected cleanly) or `immediate` (like a crash)."""
@@ -119,7 +123,9 @@ class PostgresCluster:
         result = subprocess.run(command, capture_output=True, text=True, cwd=self.directory)
         if check and result.returncode != 0:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr or result.stdout}\n{log}")
+            raise RuntimeError(
+                f"{program} failed ({result.returncode}): {result.stderr or result.stdout}\n{log}"
+            )
         return result
 
     def wait_until_ready(self, timeout: float = 30) -> None:

@@ -7,7 +7,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,7 +37,7 @@ _TRANSIENT = (
 )
 
 
-def _transient(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
@@ -84,24 +84,24 @@ class PostgresBackend:
     @_transient
     async def migrate(self) -> list[str]:
         applied: list[str] = []
-        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
-            async with conn.transaction():
-                # Every process migrates at start-up; the lock makes all but one wait, then find nothing to do.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [self.channel])
-                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-                await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS migrations ("
-                    " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                cursor = await conn.execute("SELECT name FROM migrations")
-                done = {row[0] for row in await cursor.fetchall()}
-                for name, text in migrations():
-                    if name in done:
-                        continue
-                    await conn.execute(text.encode())  # bytes: a migration is a script, not a query
-                    await conn.execute("INSERT INTO migrations (name) VALUES (%s)", [name])
-                    applied.append(name)
+        connect = psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        async with await connect as conn, conn.transaction():
+            # Every process migrates at start-up: the lock makes all but one wait, then find it done.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [self.channel])
+            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cursor = await conn.execute("SELECT name FROM migrations")
+            done = {row[0] for row in await cursor.fetchall()}
+            for name, text in migrations():
+                if name in done:
+                    continue
+                await conn.execute(text.encode())  # bytes: a migration is a script, not a query
+                await conn.execute("INSERT INTO migrations (name) VALUES (%s)", [name])
+                applied.append(name)
         for name in applied:
             logger.info("applied migration %s to schema %s", name, self.schema)
         return applied
@@ -258,7 +258,9 @@ class PostgresBackend:
 
     @_transient
     async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
-        await self._fenced("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json})
+        await self._fenced(
+            "complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json}
+        )
 
     @_transient
     async def fail_attempt(
