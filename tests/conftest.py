@@ -1,0 +1,102 @@
+"""Fixtures: a real PostgreSQL for the whole session, a fresh schema per test, managers to run workflows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from sonamu_tasks import Config, WorkflowManager, define_config
+from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled
+
+BACKENDS = ["postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    url = os.environ.get("SONAMU_TASKS_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    try:
+        cluster = PostgresCluster(fsync=False)
+    except PostgresNotInstalled as error:
+        pytest.exit(str(error), returncode=3)
+    with cluster:
+        yield cluster.url
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend_name: str, postgres_url: str, tmp_path: Any) -> str:
+    if backend_name == "postgres":
+        return postgres_url
+    return f"sqlite:///{tmp_path / 'sonamu_tasks.db'}"
+
+
+@pytest.fixture
+def schema(backend_name: str, postgres_url: str) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    if backend_name == "postgres":
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture
+def make_config(database_url: str, schema: str) -> ConfigFactory:
+    """A config on this test's database and schema; keyword arguments are worker options."""
+
+    def make(*, enable_worker: bool = True, context_provider: Any = None, **worker_options: Any) -> Config:
+        options = {"listen_delay": 0, "lease_ms": 2000, "poll_interval_ms": 1000, **worker_options}
+        options.setdefault("concurrency", 4)
+        return define_config(
+            database_url=database_url,
+            schema=schema,
+            tasks={"enable_worker": enable_worker, "worker_options": options, "context_provider": context_provider},
+        )
+
+    return make
+
+
+@pytest.fixture
+async def manager_for(make_config: ConfigFactory) -> AsyncIterator[Callable[..., Any]]:
+    """`await manager_for(workflows, **worker_options)` -> a started WorkflowManager, stopped afterwards."""
+    started: list[WorkflowManager] = []
+
+    async def start(workflows: list[Any] = [], **options: Any) -> WorkflowManager:  # noqa: B006
+        manager = WorkflowManager(make_config(**options), workflows=workflows)
+        await manager.start()
+        started.append(manager)
+        return manager
+
+    yield start
+    for manager in reversed(started):
+        await manager.stop()
+
+
+async def wait_until(condition: Callable[[], Any], *, timeout: float = 15, what: str = "condition") -> Any:
+    """Poll `condition` (sync or async) until it is truthy; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,523 @@
+"""The behaviour suite: what users rely on, run against every storage backend (see BACKENDS)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pydantic
+import pytest
+
+from sonamu_tasks import (
+    InvalidInput,
+    ResultTimeout,
+    RetryDecision,
+    RetryPolicy,
+    RunStatus,
+    StepStatus,
+    WorkflowFailed,
+    WorkflowManager,
+    workflow,
+)
+from sonamu_tasks.backends.base import LeaseLost, NewRun
+from sonamu_tasks.ids import new_run_id
+
+from .conftest import wait_until
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_interval_ms=50, backoff_coefficient=1)
+
+
+class Calls:
+    """Counts how often each step function really ran (replays do not call it)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def hit(self, name: str) -> int:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return self.counts[name]
+
+
+async def test_workflow_runs_its_steps_in_order_and_returns_output(manager_for: Any) -> None:
+    order: list[str] = []
+
+    async def load(order_id: int) -> dict[str, Any]:
+        order.append("load")
+        return {"id": order_id, "total": 30}
+
+    def render(loaded: dict[str, Any]) -> str:  # sync: runs in the thread pool
+        order.append("render")
+        return f"invoice-{loaded['id']}"
+
+    @workflow(version="1")
+    async def send_invoice(input: Any, step: Any) -> Any:
+        loaded = await step.define("load-order", load).run(input["order_id"])
+        pdf = await step.define("render", render).run(loaded)
+        return {"sent": True, "pdf": pdf}
+
+    manager = await manager_for([send_invoice])
+    handle = await manager.run(send_invoice, {"order_id": 7})
+    assert await handle.result(timeout=15) == {"sent": True, "pdf": "invoice-7"}
+    assert order == ["load", "render"]
+    run = await handle.info(with_steps=True)
+    assert run.status is RunStatus.COMPLETED
+    assert [(s.name, s.status, s.output) for s in run.steps] == [
+        ("load-order", StepStatus.COMPLETED, {"id": 7, "total": 30}),
+        ("render", StepStatus.COMPLETED, "invoice-7"),
+    ]
+
+
+async def test_completed_steps_are_not_rerun_when_a_later_step_is_retried(manager_for: Any) -> None:
+    calls = Calls()
+
+    async def first() -> str:
+        calls.hit("first")
+        return "one"
+
+    async def second(previous: str) -> str:
+        if calls.hit("second") < 3:
+            raise ConnectionError("flaky service")
+        return previous + "+two"
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def flaky(step: Any) -> Any:
+        one = await step.define("first", first).run()
+        return await step.define("second", second).run(one)
+
+    manager = await manager_for([flaky])
+    handle = await manager.run(flaky)
+    assert await handle.result(timeout=15) == "one+two"
+    assert calls.counts == {"first": 1, "second": 3}
+    run = await handle.info(with_steps=True)
+    assert run.attempts == 2  # failed attempts only
+    steps = {s.name: s for s in run.steps}
+    assert steps["second"].attempts == 3 and steps["first"].attempts == 1
+
+
+async def test_run_fails_with_stored_error_after_last_attempt(manager_for: Any) -> None:
+    calls = Calls()
+
+    def always_broken() -> None:
+        calls.hit("broken")
+        raise ValueError("the printer is on fire")
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=2, initial_interval_ms=10))
+    async def doomed(step: Any) -> None:
+        await step.define("print", always_broken).run()
+
+    manager = await manager_for([doomed])
+    handle = await manager.run(doomed)
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=15)
+    assert failure.value.error["type"] == "ValueError"
+    assert failure.value.error["message"] == "the printer is on fire"
+    assert failure.value.error["step"] == "print"
+    assert "always_broken" in failure.value.error["traceback"]
+    assert "print" in str(failure.value) and "the printer is on fire" in str(failure.value)
+    assert calls.counts == {"broken": 2}
+    run = await handle.info(with_steps=True)
+    assert run.status is RunStatus.FAILED and run.attempts == 2
+    assert run.steps[0].status is StepStatus.FAILED and run.steps[0].error is not None
+
+
+async def test_dynamic_retry_policy_decides_per_error(manager_for: Any) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def decide(error: BaseException, attempt: int) -> RetryDecision:
+        seen.append((str(error), attempt))
+        return RetryDecision(should_retry=str(error) != "FATAL", delay_ms=10)
+
+    calls = Calls()
+
+    def fails_then_fatal() -> None:
+        raise RuntimeError("transient" if calls.hit("step") == 1 else "FATAL")
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=10, should_retry=decide))
+    async def picky(step: Any) -> None:
+        await step.define("work", fails_then_fatal).run()
+
+    manager = await manager_for([picky])
+    handle = await manager.run(picky)
+    with pytest.raises(WorkflowFailed, match="FATAL"):
+        await handle.result(timeout=15)
+    assert seen == [("transient", 1), ("FATAL", 2)]
+
+
+async def test_durable_sleep_parks_the_run_and_frees_its_slot(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def napper(step: Any) -> str:
+        await step.sleep("nap", "1500ms")
+        return "rested"
+
+    @workflow(version="1")
+    async def quick(step: Any) -> str:
+        return str(await step.define("q", lambda: "quick").run())
+
+    manager = await manager_for([napper, quick], concurrency=1)
+    sleeper = await manager.run(napper)
+    await wait_until(lambda: _status_is(sleeper, RunStatus.SLEEPING), what="the run to sleep")
+    # With one slot, another run still completes while the first sleeps: the sleeper holds no slot.
+    assert await (await manager.run(quick)).result(timeout=5) == "quick"
+    assert await sleeper.status() is RunStatus.SLEEPING
+    assert await sleeper.result(timeout=15) == "rested"
+    steps = (await sleeper.info(with_steps=True)).steps
+    assert steps[0].kind == "sleep" and steps[0].status is StepStatus.COMPLETED
+
+
+async def test_sleep_survives_a_restart_of_the_only_worker(make_config: Any) -> None:
+    calls = Calls()
+
+    async def before() -> int:
+        return calls.hit("before")
+
+    @workflow(version="1")
+    async def long_nap(step: Any) -> int:
+        await step.define("before", before).run()
+        await step.sleep("nap", timedelta(seconds=1))
+        return calls.hit("after")
+
+    async with WorkflowManager(make_config(), workflows=[long_nap]) as first:
+        handle = await first.run(long_nap)
+        await wait_until(lambda: _status_is(handle, RunStatus.SLEEPING), what="the run to sleep")
+    async with WorkflowManager(make_config(), workflows=[long_nap]) as second:
+        assert await second.handle(handle.id).result(timeout=15) == 1
+    assert calls.counts == {"before": 1, "after": 1}
+
+
+async def test_sync_steps_run_off_the_event_loop(manager_for: Any) -> None:
+    loop_thread = threading.get_ident()
+    ran_in: list[int] = []
+
+    def blocking() -> str:
+        ran_in.append(threading.get_ident())
+        return "done"
+
+    @workflow(version="1")
+    async def uses_thread(step: Any) -> str:
+        return str(await step.define("blocking", blocking).run())
+
+    manager = await manager_for([uses_thread])
+    assert await (await manager.run(uses_thread)).result(timeout=15) == "done"
+    assert ran_in and ran_in[0] != loop_thread
+
+
+async def test_step_get_wraps_methods_and_names_them_in_underscore_case(manager_for: Any) -> None:
+    class InvoiceService:
+        def renderPdf(self, order: int) -> str:  # noqa: N802 - the point is the renaming
+            return f"pdf-{order}"
+
+        @staticmethod
+        def deliver(pdf: str) -> str:
+            return f"sent {pdf}"
+
+    @workflow(version="1")
+    async def invoice(step: Any) -> Any:
+        pdf = await step.get(InvoiceService, "renderPdf").run(3)
+        return await step.get(InvoiceService(), "deliver", name="email").run(pdf)
+
+    manager = await manager_for([invoice])
+    handle = await manager.run(invoice)
+    assert await handle.result(timeout=15) == "sent pdf-3"
+    assert [s.name for s in (await handle.info(with_steps=True)).steps] == ["render_pdf", "email"]
+
+
+async def test_workflow_receives_logger_version_and_context(manager_for: Any, caplog: Any) -> None:
+    @workflow(version="7")
+    async def introspective(logger: Any, version: str, context: Any, input: Any) -> Any:
+        logger.info("hello from the workflow")
+        return {"version": version, "context": context, "input": input}
+
+    manager = await manager_for([introspective], context_provider=lambda default: {**default, "db": "fake-db"})
+    with caplog.at_level("INFO", logger="sonamu_tasks.workflow"):
+        handle = await manager.run(introspective, [1, 2])
+        result = await handle.result(timeout=15)
+    assert result["version"] == "7" and result["input"] == [1, 2]
+    assert result["context"]["db"] == "fake-db" and result["context"]["run_id"] == handle.id
+    record = next(r for r in caplog.records if "hello from the workflow" in r.getMessage())
+    assert record.run_id == handle.id and record.workflow == "introspective"  # type: ignore[attr-defined]
+
+
+async def test_idempotency_key_returns_the_existing_run(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def once(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([once])
+    first = await manager.run(once, {"n": 1}, idempotency_key="order-7")
+    second = await manager.run(once, {"n": 2}, idempotency_key="order-7")
+    assert first.id == second.id and first.created and not second.created
+    assert await second.result(timeout=15) == {"n": 1}
+
+
+class Order(pydantic.BaseModel):
+    order_id: int
+    email: str
+
+
+@dataclasses.dataclass
+class Receipt:
+    order_id: int
+    amount: float
+
+
+async def test_schema_refuses_bad_input_at_run_naming_the_field_and_stores_nothing(manager_for: Any) -> None:
+    received: list[Any] = []
+
+    @workflow(version="1", schema=Order)
+    async def typed(input: Order) -> int:
+        received.append(input)
+        return input.order_id
+
+    manager = await manager_for([typed])
+    with pytest.raises(InvalidInput) as refused:
+        await manager.run(typed, {"order_id": "not a number", "email": "a@b.c"}, idempotency_key="k1")
+    assert "order_id" in str(refused.value) and "typed" in str(refused.value)
+    # Nothing was stored: the same idempotency key starts a new run.
+    handle = await manager.run(typed, {"order_id": "12", "email": "a@b.c"}, idempotency_key="k1")
+    assert handle.created
+    assert await handle.result(timeout=15) == 12
+    assert isinstance(received[0], Order)
+
+
+async def test_type_adapter_and_callable_schemas(manager_for: Any) -> None:
+    def positive(value: Any) -> int:
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError("amount must be a positive integer")
+        return value
+
+    @workflow(version="1", schema=pydantic.TypeAdapter(list[int]))
+    async def adapted(input: list[int]) -> int:
+        return sum(input)
+
+    @workflow(version="1", schema=positive)
+    async def checked(input: int) -> int:
+        return input
+
+    manager = await manager_for([adapted, checked])
+    assert await (await manager.run(adapted, ["1", 2])).result(timeout=15) == 3
+    with pytest.raises(InvalidInput, match="0: Input should be a valid integer"):
+        await manager.run(adapted, ["x"])
+    with pytest.raises(InvalidInput, match="amount must be a positive integer"):
+        await manager.run(checked, -1)
+
+
+async def test_models_and_dataclasses_cross_checkpoints_the_same_on_replay(manager_for: Any) -> None:
+    calls = Calls()
+    seen: list[Any] = []
+
+    async def make_receipt() -> Receipt:
+        calls.hit("receipt")
+        return Receipt(order_id=5, amount=9.5)
+
+    async def load_order() -> Order:
+        return Order(order_id=5, email="x@y.z")
+
+    def flaky() -> None:
+        if calls.hit("flaky") == 1:
+            raise ConnectionError("try again")
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def typed_steps(step: Any) -> Any:
+        receipt = await step.define("receipt", make_receipt).run()
+        order = await step.define("order", load_order).run()
+        seen.append((receipt, order))
+        await step.define("flaky", flaky).run()
+        return {"receipt": receipt, "order": order}
+
+    manager = await manager_for([typed_steps])
+    result = await (await manager.run(typed_steps)).result(timeout=15)
+    assert result == {"receipt": {"order_id": 5, "amount": 9.5}, "order": {"order_id": 5, "email": "x@y.z"}}
+    assert calls.counts["receipt"] == 1
+    # First execution and the replay after the retry saw equal, typed values.
+    assert seen[0] == seen[1] and isinstance(seen[1][0], Receipt) and isinstance(seen[1][1], Order)
+
+
+async def test_unstorable_step_result_fails_the_run_naming_the_step_and_keeps_checkpoints(
+    manager_for: Any,
+) -> None:
+    calls = Calls()
+
+    async def fine() -> str:
+        calls.hit("fine")
+        return "kept"
+
+    async def returns_a_set() -> set[int]:
+        calls.hit("bad")
+        return {1, 2}
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def unstorable(step: Any) -> None:
+        await step.define("fine", fine).run()
+        await step.define("bad-result", returns_a_set).run()
+
+    manager = await manager_for([unstorable])
+    handle = await manager.run(unstorable)
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=15)
+    assert failure.value.error["step"] == "bad-result"
+    assert "cannot be stored as JSON" in failure.value.error["message"]
+    assert "unstorable" in failure.value.error["message"]
+    assert calls.counts == {"fine": 1, "bad": 1}  # not retried: it would fail the same way
+    steps = {s.name: s for s in (await handle.info(with_steps=True)).steps}
+    assert steps["fine"].status is StepStatus.COMPLETED and steps["fine"].output == "kept"
+
+
+async def test_unstorable_input_is_refused_at_run(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def anything(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([anything])
+    with pytest.raises(TypeError, match="input of workflow 'anything' cannot be stored as JSON"):
+        await manager.run(anything, {"when": datetime.now(UTC)})
+
+
+async def test_a_step_name_used_twice_fails_the_run_clearly(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def repeats(step: Any) -> None:
+        for _ in range(2):
+            await step.define("same", lambda: 1).run()
+
+    manager = await manager_for([repeats])
+    with pytest.raises(WorkflowFailed, match="used the step name 'same' twice"):
+        await (await manager.run(repeats)).result(timeout=15)
+
+
+async def test_a_process_without_the_code_starts_runs_for_a_worker_that_has_it(manager_for: Any) -> None:
+    @workflow(version="2")
+    async def remote(input: Any) -> Any:
+        return {"echo": input}
+
+    web = await manager_for([], enable_worker=False)  # a web server: no worker, no workflow code
+    handle = await web.run({"name": "remote", "version": "2"}, {"x": 1})
+    unknown_version = await web.run({"name": "remote", "version": "3"}, {"x": 2})
+    await manager_for([remote])  # the worker fleet
+    assert await handle.result(timeout=15) == {"echo": {"x": 1}}
+    # No live worker knows version 3: it waits, visibly, and is not failed.
+    with pytest.raises(ResultTimeout, match="pending"):
+        await unknown_version.result(timeout=0.5)
+    assert (await unknown_version.info()).attempts == 0
+
+
+async def test_concurrency_bounds_the_runs_executing_at_once(manager_for: Any) -> None:
+    running = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+
+    @workflow(version="1")
+    async def holder(step: Any) -> None:
+        await step.define("hold", hold).run()
+
+    manager = await manager_for([holder], concurrency=2)
+    handles = [await manager.run(holder) for _ in range(5)]
+    await wait_until(lambda: running == 2, what="two runs to hold their slots")
+    statuses = [await h.status() for h in handles]
+    assert statuses.count(RunStatus.RUNNING) == 2 and statuses.count(RunStatus.PENDING) == 3
+    release.set()
+    for handle in handles:
+        await handle.result(timeout=15)
+    assert peak == 2
+
+
+async def test_start_at_delays_the_first_claim(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def later() -> str:
+        return "on time"
+
+    manager = await manager_for([later])
+    handle = await manager.run(later, start_at="1s")
+    await asyncio.sleep(0.3)  # well inside the delay: must not have started
+    assert await handle.status() is RunStatus.PENDING
+    assert await handle.result(timeout=15) == "on time"
+    run = await handle.info()
+    assert run.started_at is not None and run.started_at - run.created_at >= timedelta(seconds=0.9)
+
+
+async def test_deadline_fails_a_run_instead_of_starting_it_late(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def too_late() -> str:
+        return "ran"
+
+    web = await manager_for([], enable_worker=False)
+    handle = await web.run({"name": "too_late", "version": "1"}, deadline=timedelta(milliseconds=200))
+    await asyncio.sleep(0.4)  # the deadline passes before any worker exists
+    await manager_for([too_late])
+    with pytest.raises(WorkflowFailed, match="deadline exceeded"):
+        await handle.result(timeout=15)
+
+
+async def test_result_timeout_leaves_the_run_going(manager_for: Any) -> None:
+    gate = asyncio.Event()
+
+    @workflow(version="1")
+    async def slow(step: Any) -> str:
+        await step.define("wait", gate.wait).run()
+        return "finished"
+
+    manager = await manager_for([slow])
+    handle = await manager.run(slow)
+    with pytest.raises(ResultTimeout, match="it goes on"):
+        await handle.result(timeout=0.2)
+    gate.set()
+    assert await handle.result(timeout=15) == "finished"
+
+
+async def test_definition_run_uses_the_active_manager(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def shortcut(input: Any) -> Any:
+        return input * 2
+
+    await manager_for([shortcut])
+    assert await (await shortcut.run(21)).result(timeout=15) == 42
+
+
+async def test_many_managers_migrating_at_once_agree(make_config: Any) -> None:
+    managers = [WorkflowManager(make_config(enable_worker=False)) for _ in range(4)]
+    await asyncio.gather(*(m.start() for m in managers))
+    try:
+        for manager in managers:
+            assert manager.backend is not None
+        handle = await managers[0].run({"name": "x", "version": "1"})
+        assert (await managers[3].handle(handle.id).info()).status is RunStatus.PENDING
+    finally:
+        await asyncio.gather(*(m.stop() for m in managers))
+
+
+async def test_a_stale_lease_cannot_write_checkpoints_or_the_outcome(manager_for: Any) -> None:
+    """Fencing at the storage seam: once another worker re-claims, the old token writes nothing."""
+    manager = await manager_for([], enable_worker=False)
+    backend = manager.backend
+    run_id, _ = await backend.create_run(NewRun(new_run_id(), "fenced", "1", "null"))
+    (old,) = await backend.claim_runs("worker-a", [("fenced", "1")], 1, timedelta(milliseconds=100))
+    await asyncio.sleep(0.2)  # the lease expires
+    (new,) = await backend.claim_runs("worker-b", [("fenced", "1")], 1, timedelta(seconds=30))
+    assert new.id == run_id and new.recoveries == 1 and new.lease_token != old.lease_token
+    now = datetime.now(UTC)
+    with pytest.raises(LeaseLost):
+        await backend.save_step(run_id, old.lease_token, "s", '"stale"', now, now)
+    with pytest.raises(LeaseLost):
+        await backend.complete_run(run_id, old.lease_token, '"stale"')
+    with pytest.raises(LeaseLost):
+        await backend.fail_attempt(run_id, old.lease_token, {"type": "X", "message": "stale"}, None, None)
+    with pytest.raises(LeaseLost):
+        await backend.sleep_run(run_id, old.lease_token, "nap", now, timedelta(seconds=1), None)
+    assert await backend.heartbeat("worker-a", [(run_id, old.lease_token)], timedelta(seconds=1)) == set()
+    await backend.save_step(run_id, new.lease_token, "s", '"fresh"', now, now)
+    await backend.complete_run(run_id, new.lease_token, '"done"')
+    run = await backend.get_run(run_id, with_steps=True)
+    assert run is not None and run.status is RunStatus.COMPLETED and run.output == "done"
+    assert run.steps[0].output == "fresh"
+
+
+async def _status_is(handle: Any, status: RunStatus) -> bool:
+    return bool(await handle.status() is status)
