@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +24,7 @@ from .errors import BackendUnavailable
 from .executor import Attempt
 from .reconnect import until_available
 from .registry import Registry
+from .threads import StepThreads
 
 logger = logging.getLogger("sonamu_tasks.worker")
 
@@ -44,9 +45,7 @@ class Worker:
         self.context_provider = context_provider
         self.max_recoveries = options.max_recoveries
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.threads: Executor = ThreadPoolExecutor(
-            max_workers=options.concurrency, thread_name_prefix="sonamu-step"
-        )
+        self.threads: Executor = StepThreads(options.concurrency)
         self._lease = timedelta(milliseconds=options.lease_ms)
         self._on_finished = on_finished
         self._active: dict[str, tuple[asyncio.Task[None], ClaimedRun]] = {}  # by lease token

@@ -1,0 +1,48 @@
+"""Workflows run by real worker processes in the crash, fencing and shutdown tests.
+
+Every step appends a line to `<dir>/audit.log` (with the pid that ran it), so a test can count how often
+each step really executed. Step "two" blocks until the file `<dir>/release` exists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sonamu_tasks import RetryPolicy, workflow
+
+
+def audit(directory: str, line: str) -> None:
+    with open(Path(directory) / "audit.log", "a") as log:
+        log.write(f"{line} {os.getpid()}\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def step_one(directory: str) -> str:
+    audit(directory, "one")
+    return "one"
+
+
+def step_two(directory: str) -> int:
+    audit(directory, "two-start")
+    while not (Path(directory) / "release").exists():
+        time.sleep(0.02)
+    audit(directory, "two-done")
+    return os.getpid()
+
+
+def step_three(directory: str) -> str:
+    audit(directory, "three")
+    return "three"
+
+
+@workflow(version="1", retry_policy=RetryPolicy(max_attempts=3, initial_interval_ms=100))
+async def three_steps(input: Any, step: Any) -> dict[str, Any]:
+    directory = input["dir"]
+    await step.define("one", step_one).run(directory)
+    two = await step.define("two", step_two).run(directory)
+    await step.define("three", step_three).run(directory)
+    return {"two_ran_in": two, "finished_in": os.getpid()}

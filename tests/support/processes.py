@@ -1,0 +1,43 @@
+"""Start and watch real worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class WorkerProcess:
+    def __init__(self, url: str, schema: str, log_dir: Path, name: str, **settings: float) -> None:
+        self.log_path = log_dir / f"{name}.log"
+        env = {**os.environ, "SONAMU_TEST_URL": url, "SONAMU_TEST_SCHEMA": schema, "PYTHONPATH": str(ROOT)}
+        for key, value in settings.items():
+            env[f"SONAMU_TEST_{key.upper()}"] = str(value)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.worker_process"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.pid = self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+def audit_lines(directory: Path) -> list[tuple[str, int]]:
+    path = directory / "audit.log"
+    if not path.exists():
+        return []
+    return [(line.split()[0], int(line.split()[1])) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,35 @@
+"""A real worker process: `python -m tests.support.worker_process`, configured by environment variables."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from sonamu_tasks import WorkflowManager, define_config
+from tests.support.process_workflows import three_steps
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+    )
+    config = define_config(
+        database_url=os.environ["SONAMU_TEST_URL"],
+        schema=os.environ["SONAMU_TEST_SCHEMA"],
+        tasks={
+            "worker_options": {
+                "concurrency": 2,
+                "listen_delay": 0,
+                "lease_ms": float(os.environ.get("SONAMU_TEST_LEASE_MS", "1000")),
+                "poll_interval_ms": 500,
+                "shutdown_grace_ms": float(os.environ.get("SONAMU_TEST_GRACE_MS", "10000")),
+            }
+        },
+    )
+    asyncio.run(WorkflowManager(config, workflows=[three_steps]).serve())
+
+
+if __name__ == "__main__":
+    main()
