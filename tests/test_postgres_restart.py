@@ -1,0 +1,84 @@
+"""Guarantee 7: PostgreSQL restarting under a busy worker is survived; nothing is failed because of it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sonamu_tasks import RunStatus, WorkflowManager, define_config, workflow
+from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled
+
+from .conftest import wait_until
+
+executions: dict[str, int] = {}
+
+
+async def slow_step(key: str) -> str:
+    executions[key] = executions.get(key, 0) + 1
+    await asyncio.sleep(0.05)
+    return key
+
+
+@workflow(version="1")
+async def many_steps(input: Any, step: Any) -> int:
+    for index in range(input["steps"]):
+        await step.define(f"step-{index}", slow_step).run(f"{input['tag']}-{index}")
+    return int(input["steps"])
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[PostgresCluster]:
+    """A cluster of this test's own: restarting the shared one would disturb the other tests.
+
+    Durable commits (the shared test cluster turns them off for speed): an immediate stop is a crash, and a
+    checkpoint acknowledged by an asynchronous commit may be lost in one.
+    """
+    try:
+        cluster = PostgresCluster(fsync=True)
+    except PostgresNotInstalled as error:
+        if os.environ.get("SONAMU_TASKS_TEST_DATABASE_URL"):
+            pytest.skip(f"restarting a server needs local PostgreSQL binaries: {error}")
+        raise
+    with cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_runs_finish_across_a_postgres_restart(own_cluster: PostgresCluster, mode: str) -> None:
+    def config(enable_worker: bool) -> Any:
+        return define_config(
+            database_url=own_cluster.url,
+            schema=f"restart_{mode}",
+            tasks={
+                "enable_worker": enable_worker,
+                # A long poll interval: after the restart, new runs are found only if LISTEN came back.
+                "worker_options": {"concurrency": 4, "listen_delay": 0, "lease_ms": 10_000, "poll_interval_ms": 60_000},
+            },
+        )
+
+    async with (
+        WorkflowManager(config(True), workflows=[many_steps]) as worker,
+        WorkflowManager(config(False)) as client,
+    ):
+        handles = [await client.run(many_steps, {"steps": 30, "tag": f"{mode}{i}"}) for i in range(4)]
+        await wait_until(lambda: len([k for k in executions if k.startswith(mode)]) >= 8, what="steps to run")
+
+        await asyncio.to_thread(own_cluster.restart, mode)
+
+        results = [await h.result(timeout=60) for h in handles]
+        assert results == [30, 30, 30, 30]
+        for handle in handles:
+            run = await handle.info()
+            assert run.status is RunStatus.COMPLETED and run.attempts == 0
+        # Every step of every run executed exactly once: no checkpoint was lost to the restart.
+        mine = {k: v for k, v in executions.items() if k.startswith(mode)}
+        assert len(mine) == 120 and set(mine.values()) == {1}
+
+        # Started after the restart from another process: the worker hears of it through NOTIFY.
+        after = await client.run(many_steps, {"steps": 1, "tag": f"{mode}-after"})
+        assert await after.result(timeout=20) == 1
+        assert worker.worker is not None
