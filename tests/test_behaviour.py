@@ -206,7 +206,7 @@ async def test_sync_steps_run_off_the_event_loop(manager_for: Any) -> None:
 
 async def test_step_get_wraps_methods_and_names_them_in_underscore_case(manager_for: Any) -> None:
     class InvoiceService:
-        def renderPdf(self, order: int) -> str:  # noqa: N802 - the point is the renaming
+        def renderPdf(self, order: int) -> str:
             return f"pdf-{order}"
 
         @staticmethod
@@ -230,7 +230,9 @@ async def test_workflow_receives_logger_version_and_context(manager_for: Any, ca
         logger.info("hello from the workflow")
         return {"version": version, "context": context, "input": input}
 
-    manager = await manager_for([introspective], context_provider=lambda default: {**default, "db": "fake-db"})
+    manager = await manager_for(
+        [introspective], context_provider=lambda default: {**default, "db": "fake-db"}
+    )
     with caplog.at_level("INFO", logger="sonamu_tasks.workflow"):
         handle = await manager.run(introspective, [1, 2])
         result = await handle.result(timeout=15)

@@ -31,7 +31,7 @@ def test_version_is_required_with_a_message_that_says_how() -> None:
 
 def test_name_defaults_to_underscore_case_and_both_forms_work() -> None:
     @workflow(version="1")
-    async def sendInvoice(input: Any) -> None: ...  # noqa: N802
+    async def sendInvoice(input: Any) -> None: ...
 
     async def cleanup(step: Any) -> None: ...
 
@@ -55,7 +55,7 @@ async def test_the_definition_stays_callable_as_the_plain_function() -> None:
 
 
 def test_unknown_parameter_names_are_refused_at_definition() -> None:
-    with pytest.raises(WorkflowDefinitionError, match="unknown parameter 'payload'.*input, step, logger"):
+    with pytest.raises(WorkflowDefinitionError, match=r"unknown parameter 'payload'.*input, step, logger"):
 
         @workflow(version="1")
         async def bad(payload: Any) -> None: ...
@@ -70,7 +70,15 @@ def test_workflow_functions_must_be_async() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("5s", 5), ("30m", 1800), ("2h", 7200), ("7d", 604800), ("1w", 604800), ("1y", 31536000)],
+    [
+        ("500ms", 0.5),
+        ("5s", 5),
+        ("30m", 1800),
+        ("2h", 7200),
+        ("7d", 604800),
+        ("1w", 604800),
+        ("1y", 31536000),
+    ],
 )
 def test_duration_strings(text: str, seconds: float) -> None:
     assert parse_duration(text) == timedelta(seconds=seconds)
@@ -85,7 +93,9 @@ def test_durations_accept_timedelta_and_seconds_and_refuse_nonsense() -> None:
 
 
 def test_static_retry_policy_backs_off_exponentially_up_to_the_maximum() -> None:
-    policy = RetryPolicy(max_attempts=5, initial_interval_ms=1000, backoff_coefficient=2, maximum_interval_ms=3000)
+    policy = RetryPolicy(
+        max_attempts=5, initial_interval_ms=1000, backoff_coefficient=2, maximum_interval_ms=3000
+    )
     decisions = [policy.decide(RuntimeError(), attempt) for attempt in range(1, 6)]
     assert [d.delay_ms for d in decisions[:4]] == [1000, 2000, 3000, 3000]
     assert [d.should_retry for d in decisions] == [True, True, True, True, False]
@@ -103,7 +113,7 @@ def test_dynamic_policy_is_still_bounded_by_max_attempts() -> None:
 
 
 def test_values_that_are_not_json_are_refused_with_the_place_named() -> None:
-    with pytest.raises(SerializationError, match="the result of step 'x'.*object"):
+    with pytest.raises(SerializationError, match=r"the result of step 'x'.*object"):
         dumps(object(), what="the result of step 'x'")
     with pytest.raises(SerializationError, match="Out of range float"):
         dumps(float("nan"), what="a value")
@@ -112,7 +122,9 @@ def test_values_that_are_not_json_are_refused_with_the_place_named() -> None:
 def test_config_rejects_unknown_options_by_name() -> None:
     with pytest.raises(ConfigError, match="concurency"):
         define_config(tasks={"worker_options": {"concurency": 4}})
-    config = define_config(tasks={"enable_worker": False, "worker_options": {"concurrency": 3, "listen_delay": 0}})
+    config = define_config(
+        tasks={"enable_worker": False, "worker_options": {"concurrency": 3, "listen_delay": 0}}
+    )
     assert config.tasks.worker_options.concurrency == 3 and config.tasks.enable_worker is False
 
 

@@ -56,7 +56,12 @@ async def test_runs_finish_across_a_postgres_restart(own_cluster: PostgresCluste
             tasks={
                 "enable_worker": enable_worker,
                 # A long poll interval: after the restart, new runs are found only if LISTEN came back.
-                "worker_options": {"concurrency": 4, "listen_delay": 0, "lease_ms": 10_000, "poll_interval_ms": 60_000},
+                "worker_options": {
+                    "concurrency": 4,
+                    "listen_delay": 0,
+                    "lease_ms": 10_000,
+                    "poll_interval_ms": 60_000,
+                },
             },
         )
 

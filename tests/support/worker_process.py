@@ -13,7 +13,9 @@ from tests.support.process_workflows import three_steps
 
 def main() -> None:
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
     config = define_config(
         database_url=os.environ["SONAMU_TEST_URL"],
