@@ -230,9 +230,7 @@ async def test_workflow_receives_logger_version_and_context(manager_for: Any, ca
         logger.info("hello from the workflow")
         return {"version": version, "context": context, "input": input}
 
-    manager = await manager_for(
-        [introspective], context_provider=lambda default: {**default, "db": "fake-db"}
-    )
+    manager = await manager_for([introspective], context_provider=lambda default: {**default, "db": "fake-db"})
     with caplog.at_level("INFO", logger="sonamu_tasks.workflow"):
         handle = await manager.run(introspective, [1, 2])
         result = await handle.result(timeout=15)

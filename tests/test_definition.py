@@ -93,9 +93,7 @@ def test_durations_accept_timedelta_and_seconds_and_refuse_nonsense() -> None:
 
 
 def test_static_retry_policy_backs_off_exponentially_up_to_the_maximum() -> None:
-    policy = RetryPolicy(
-        max_attempts=5, initial_interval_ms=1000, backoff_coefficient=2, maximum_interval_ms=3000
-    )
+    policy = RetryPolicy(max_attempts=5, initial_interval_ms=1000, backoff_coefficient=2, maximum_interval_ms=3000)
     decisions = [policy.decide(RuntimeError(), attempt) for attempt in range(1, 6)]
     assert [d.delay_ms for d in decisions[:4]] == [1000, 2000, 3000, 3000]
     assert [d.should_retry for d in decisions] == [True, True, True, True, False]
@@ -122,9 +120,7 @@ def test_values_that_are_not_json_are_refused_with_the_place_named() -> None:
 def test_config_rejects_unknown_options_by_name() -> None:
     with pytest.raises(ConfigError, match="concurency"):
         define_config(tasks={"worker_options": {"concurency": 4}})
-    config = define_config(
-        tasks={"enable_worker": False, "worker_options": {"concurrency": 3, "listen_delay": 0}}
-    )
+    config = define_config(tasks={"enable_worker": False, "worker_options": {"concurrency": 3, "listen_delay": 0}})
     assert config.tasks.worker_options.concurrency == 3 and config.tasks.enable_worker is False
 
 

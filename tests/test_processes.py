@@ -67,9 +67,7 @@ async def test_completed_steps_are_not_rerun_after_a_worker_is_killed_mid_step(
     assert run.status is RunStatus.COMPLETED and run.recoveries == 1 and run.attempts == 0
 
 
-async def test_a_paused_worker_cannot_overwrite_the_take_over(
-    client: Any, start_worker: Any, tmp_path: Path
-) -> None:
+async def test_a_paused_worker_cannot_overwrite_the_take_over(client: Any, start_worker: Any, tmp_path: Path) -> None:
     stalled = start_worker("stalled", lease_ms=600)
     handle = await client.run(WORKFLOW, {"dir": str(tmp_path)})
     await wait_until(lambda: steps_started(tmp_path, "two-start"), what="step two to start")
@@ -82,9 +80,7 @@ async def test_a_paused_worker_cannot_overwrite_the_take_over(
     assert result == {"two_ran_in": rescuer.pid, "finished_in": rescuer.pid}
 
     os.kill(stalled.pid, signal.SIGCONT)  # it wakes up, finishes step two, and tries to write
-    await wait_until(
-        lambda: "lease" in stalled.log() and "lost" in stalled.log(), what="the stale worker to notice"
-    )
+    await wait_until(lambda: "lease" in stalled.log() and "lost" in stalled.log(), what="the stale worker to notice")
     run = await handle.info(with_steps=True)
     assert run.status is RunStatus.COMPLETED
     assert run.output == {"two_ran_in": rescuer.pid, "finished_in": rescuer.pid}

@@ -115,6 +115,4 @@ def _reject_unknown(where: str, given: Mapping[str, Any], kind: type) -> None:
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(given) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown {where} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
+        raise ConfigError(f"unknown {where} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from .errors import InvalidInput, WorkflowDefinitionError
 from .retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from .schedule import Schedule
 
 if TYPE_CHECKING:
     from .handle import RunHandle
@@ -35,14 +36,14 @@ class WorkflowDefinition(Generic[P, R]):
         name: str,
         version: str,
         schema: Any = None,
-        schedules: Iterable[Any] = (),
+        schedules: Iterable[Schedule | Mapping[str, Any] | str] = (),
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
         self.version = version
         self.schema = schema
-        self.schedules = tuple(schedules)
+        self.schedules = tuple(_schedule(item, name) for item in schedules)
         self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self.parameters = _injected_parameters(fn, name)
         functools.update_wrapper(self, fn)
@@ -118,9 +119,7 @@ def workflow(
     if not isinstance(version, str | int):
         raise WorkflowDefinitionError(f"workflow version must be a string, got {type(version).__name__}")
     if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
-        raise WorkflowDefinitionError(
-            f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}"
-        )
+        raise WorkflowDefinitionError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
 
     def decorate(function: Callable[P, Awaitable[R]]) -> WorkflowDefinition[P, R]:
         if not inspect.iscoroutinefunction(function):
@@ -167,6 +166,18 @@ def _injected_parameters(fn: Callable[..., Any], workflow_name: str) -> tuple[st
             )
         names.append(parameter.name)
     return tuple(names)
+
+
+def _schedule(item: Schedule | Mapping[str, Any] | str, workflow_name: str) -> Schedule:
+    if isinstance(item, Schedule):
+        return item
+    if isinstance(item, str):
+        return Schedule(item)
+    if isinstance(item, Mapping):
+        return Schedule(**item)  # the seed's {"expression", "name", "input"} form
+    raise WorkflowDefinitionError(
+        f"workflow {workflow_name!r}: a schedule must be a Schedule, a dict or a cron string, got {item!r}"
+    )
 
 
 def _validator(schema: Any) -> Callable[[Any], Any]:

@@ -40,9 +40,7 @@ def parse_duration(value: Duration, *, what: str = "duration") -> timedelta:
             )
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
-        raise InvalidDuration(
-            f"{what}: expected a DurationString, timedelta or seconds, got {type(value).__name__}"
-        )
+        raise InvalidDuration(f"{what}: expected a DurationString, timedelta or seconds, got {type(value).__name__}")
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidDuration(f"{what}: {value!r} must be a finite, non-negative duration")
     return timedelta(seconds=seconds)

@@ -86,13 +86,9 @@ class Attempt:
                     "(out of memory, a crash in native code); fix the cause, then retry it"
                 )
             if run.deadline_at is not None and run.deadline_at <= run.claimed_at:
-                raise DeadlineExceeded(
-                    f"deadline exceeded: run {run.id} was due by {run.deadline_at.isoformat()}"
-                )
+                raise DeadlineExceeded(f"deadline exceeded: run {run.id} was due by {run.deadline_at.isoformat()}")
             if not run.first_claim:
-                self.steps = await until_available(
-                    lambda: self.backend.load_steps(run.id), what="load checkpoints"
-                )
+                self.steps = await until_available(lambda: self.backend.load_steps(run.id), what="load checkpoints")
             output = await self._call_workflow()
             encoded = serde.dumps(output, what=f"the output of workflow {self.definition.name!r}")
             await until_available(
@@ -103,9 +99,7 @@ class Attempt:
             pass
         except Released:
             held = [(run.id, run.lease_token)]
-            await until_available(
-                lambda: self.backend.release_runs(held), what="hand back run", give_up_after_s=5
-            )
+            await until_available(lambda: self.backend.release_runs(held), what="hand back run", give_up_after_s=5)
             self.logger.info("handed back at a step boundary: this worker is shutting down")
         except LeaseLost:
             self.logger.warning("lease lost: another worker owns this run now; this attempt stops")
@@ -156,11 +150,7 @@ class Attempt:
             stored["message"] += f" (and the retry policy itself raised {policy_error!r}, so no retry)"
             decision = RetryDecision(should_retry=False)
         delay = timedelta(milliseconds=decision.delay_ms)
-        if (
-            decision.should_retry
-            and run.deadline_at is not None
-            and self._db_now() + delay >= run.deadline_at
-        ):
+        if decision.should_retry and run.deadline_at is not None and self._db_now() + delay >= run.deadline_at:
             stored["message"] = f"deadline exceeded before the next attempt; last error: {stored['message']}"
             decision = RetryDecision(should_retry=False)
         retry_delay = delay if decision.should_retry else None
@@ -184,17 +174,13 @@ class Attempt:
 
     # what the StepWrapper calls
 
-    async def run_step(
-        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
+    async def run_step(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._claim_name(name)
         annotation = _return_annotation(fn)
         record = self.steps.get(name)
         if record is not None and record.status is StepStatus.COMPLETED:
             if record.kind != "call":
-                raise StepNameConflict(
-                    f"step {name!r} of workflow {self.definition.name!r} was a sleep before"
-                )
+                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a sleep before")
             return serde.decode(record.output, annotation)
         if self.hooks.draining():
             raise Released
@@ -202,9 +188,7 @@ class Attempt:
         self.logger.step = name
         try:
             result = await self._invoke(fn, args, kwargs)
-            encoded = serde.dumps(
-                result, what=f"the result of step {name!r} of workflow {self.definition.name!r}"
-            )
+            encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
         except Exception as error:
             self._failed_step = (name, started, error)
             raise
@@ -217,9 +201,7 @@ class Attempt:
             what=f"checkpoint step {name!r}",
         )
         stored = serde.loads(encoded)
-        self.steps[name] = StepRecord(
-            name, "call", StepStatus.COMPLETED, stored, None, 1, None, started, finished
-        )
+        self.steps[name] = StepRecord(name, "call", StepStatus.COMPLETED, stored, None, 1, None, started, finished)
         return serde.decode(stored, annotation)
 
     async def sleep(self, name: str, duration: Duration) -> None:
@@ -266,9 +248,7 @@ class Attempt:
         # Sync steps run in the worker's thread pool so they never block the event loop.
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        result = await loop.run_in_executor(
-            self.hooks.threads, context.run, functools.partial(fn, *args, **kwargs)
-        )
+        result = await loop.run_in_executor(self.hooks.threads, context.run, functools.partial(fn, *args, **kwargs))
         return await result if inspect.isawaitable(result) else result
 
 

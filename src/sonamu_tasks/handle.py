@@ -12,9 +12,7 @@ if TYPE_CHECKING:
 
 
 class RunHandle:
-    def __init__(
-        self, manager: WorkflowManager, run_id: str, workflow_name: str, *, created: bool = True
-    ) -> None:
+    def __init__(self, manager: WorkflowManager, run_id: str, workflow_name: str, *, created: bool = True) -> None:
         self._manager = manager
         self.id = run_id
         self.workflow_name = workflow_name

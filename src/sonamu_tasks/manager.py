@@ -9,19 +9,21 @@ import signal
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeGuard
 
 from . import serde
-from .backends.base import Backend, NewRun, RunRecord
+from .backends.base import Backend, NewRun, RunRecord, ScheduleStore
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
+from .discovery import DiscoveryError, discover
 from .duration import Duration, parse_duration
 from .errors import ResultTimeout, RunNotFound, SonamuTasksError, WorkflowFailed, WorkflowNotRegistered
 from .handle import RunHandle
 from .ids import new_run_id
 from .reconnect import until_available
 from .registry import Registry
+from .scheduler import Scheduler
 from .status import RunStatus
 from .worker import Worker
 
@@ -36,10 +38,12 @@ WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
 def active_manager() -> WorkflowManager:
     """The most recently started WorkflowManager of this process (for `definition.run(...)`)."""
     if not _active:
-        raise SonamuTasksError(
-            "no WorkflowManager is running; use `async with WorkflowManager(config)` first"
-        )
+        raise SonamuTasksError("no WorkflowManager is running; use `async with WorkflowManager(config)` first")
     return _active[-1]
+
+
+def _stores_schedules(backend: Backend) -> TypeGuard[ScheduleStore]:
+    return all(callable(getattr(backend, name, None)) for name in ("sync_schedules", "list_schedules", "fire_schedule"))
 
 
 class WorkflowManager:
@@ -63,10 +67,13 @@ class WorkflowManager:
             config = define_config(**config)
         self.config = config
         self.registry = Registry()
-        for definition in workflows:
+        self._explicit = list(workflows)
+        for definition in self._explicit:
             self.registry.register(definition)
         self.backend = backend or backend_for(config)
         self.worker: Worker | None = None
+        self.scheduler: Scheduler | None = None
+        self.discovery_errors: list[DiscoveryError] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._started = False
@@ -83,9 +90,12 @@ class WorkflowManager:
         await self.stop()
 
     async def start(self) -> None:
-        """Migrate the database, listen for events, and start the worker when `enable_worker` is on."""
+        """Migrate the database, collect the workflows of the configured packages, listen for events, and
+        start the worker and the cron scheduler when `enable_worker` is on."""
         if self._started:
             return
+        if self.config.workflows:
+            self._collect(reload=False)
         await self.backend.open()
         try:
             await until_available(self.backend.migrate, what="migrate", give_up_after_s=30)
@@ -104,6 +114,10 @@ class WorkflowManager:
                 on_finished=self.run_finished,
             )
             await self.worker.start()
+            if _stores_schedules(self.backend):
+                self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone)
+                await until_available(self.scheduler.synchronize, what="synchronize schedules")
+                self.scheduler.start()
         self._started = True
         _active.append(self)
 
@@ -114,6 +128,9 @@ class WorkflowManager:
         self._started = False
         if self in _active:
             _active.remove(self)
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None
@@ -144,11 +161,24 @@ class WorkflowManager:
             self.registry.register(definition)
 
     async def synchronize(self, definitions: Iterable[WorkflowDefinition[Any, Any]] | None = None) -> None:
-        """Replace the registered workflows (after a code change) and tell the worker."""
-        if definitions is not None:
+        """Re-register after a code change (the seed's HMR) and keep schedules in step with the code.
+
+        Without `definitions`, the configured packages are imported afresh (plus the workflows given to
+        the constructor). Runs in flight keep the code they started with; new attempts use the new code.
+        """
+        if definitions is None:
+            self._collect(reload=True)
+        else:
             self.registry.replace_all(definitions)
         if self.worker is not None:
             await self.worker.registry_changed()
+        if self.scheduler is not None:
+            await until_available(self.scheduler.synchronize, what="synchronize schedules")
+
+    def _collect(self, *, reload: bool) -> None:
+        found = discover(self.config.workflows, reload=reload)
+        self.discovery_errors = found.errors
+        self.registry.replace_all([*self._explicit, *found.definitions])
 
     # runs
 
@@ -267,9 +297,7 @@ class WorkflowManager:
         if isinstance(workflow, str):
             workflow = {"name": workflow}
         if not isinstance(workflow, Mapping) or not isinstance(workflow.get("name"), str):
-            raise TypeError(
-                f"run() needs a workflow definition or {{'name': ..., 'version': ...}}, got {workflow!r}"
-            )
+            raise TypeError(f"run() needs a workflow definition or {{'name': ..., 'version': ...}}, got {workflow!r}")
         name = workflow["name"]
         version = workflow.get("version")
         if version is None:

@@ -16,9 +16,7 @@ FIRST_DELAY_S = 0.05
 MAX_DELAY_S = 5.0
 
 
-async def until_available(
-    call: Callable[[], Awaitable[T]], *, what: str, give_up_after_s: float | None = None
-) -> T:
+async def until_available(call: Callable[[], Awaitable[T]], *, what: str, give_up_after_s: float | None = None) -> T:
     """Call `call` until the backend answers; BackendUnavailable is retried with exponential backoff.
 
     Every backend method is safe to repeat, so a call whose answer was lost can be made again.

@@ -15,9 +15,7 @@ class Registry:
 
     def register(self, definition: WorkflowDefinition[Any, Any]) -> None:
         if not isinstance(definition, WorkflowDefinition):
-            raise WorkflowDefinitionError(
-                f"expected a workflow made by workflow(), got {type(definition).__name__}"
-            )
+            raise WorkflowDefinitionError(f"expected a workflow made by workflow(), got {type(definition).__name__}")
         existing = self._definitions.get(definition.key)
         if (
             existing is not None
@@ -42,9 +40,7 @@ class Registry:
         definition = self._definitions.get((name, version))
         if definition is None:
             known = sorted(v for (n, v) in self._definitions if n == name)
-            hint = (
-                f"registered versions: {', '.join(known)}" if known else "no version of it is registered here"
-            )
+            hint = f"registered versions: {', '.join(known)}" if known else "no version of it is registered here"
             raise WorkflowNotRegistered(f"workflow {name!r} version {version!r} is not registered; {hint}")
         return definition
 

@@ -151,9 +151,7 @@ class Worker:
             self._releases.add(release)
             release.add_done_callback(self._releases.discard)
             return
-        task = asyncio.create_task(
-            Attempt(self.backend, definition, claimed, self).execute(), name=claimed.id
-        )
+        task = asyncio.create_task(Attempt(self.backend, definition, claimed, self).execute(), name=claimed.id)
         self._active[claimed.lease_token] = (task, claimed)
         task.add_done_callback(lambda _: self._slot_freed(claimed.lease_token))
 
@@ -205,14 +203,10 @@ class Worker:
             await asyncio.gather(*(task for _, _, task in leftover), return_exceptions=True)
             held = [(run_id, token) for run_id, token, _ in leftover]
             try:
-                await until_available(
-                    lambda: self.backend.release_runs(held), what="release runs", give_up_after_s=5
-                )
+                await until_available(lambda: self.backend.release_runs(held), what="release runs", give_up_after_s=5)
                 logger.info("handed back %d run(s) still in a step after the grace period", len(held))
             except BackendUnavailable:
-                logger.warning(
-                    "could not hand back %d run(s); they are taken over when their leases expire", len(held)
-                )
+                logger.warning("could not hand back %d run(s); they are taken over when their leases expire", len(held))
         if heartbeat_loop is not None:
             heartbeat_loop.cancel()
             await asyncio.gather(heartbeat_loop, return_exceptions=True)

@@ -182,3 +182,33 @@ class Backend(Protocol):
 
 
 NotificationCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    name: str
+    workflow_name: str
+    version: str
+    expression: str
+    timezone: str
+    input: Any
+    next_fire_at: datetime
+    last_fire_at: datetime | None = None
+    last_run_id: str | None = None
+
+
+class ScheduleStore(Protocol):
+    """Storage of cron schedules (implemented by every backend beside Backend)."""
+
+    async def sync_schedules(self, schedules: Sequence[ScheduleRecord], workflows: Sequence[str]) -> None:
+        """Upsert `schedules`; delete the other schedules of `workflows` (removed from the code)."""
+        ...
+
+    async def list_schedules(self) -> list[ScheduleRecord]: ...
+
+    async def fire_schedule(
+        self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
+    ) -> bool:
+        """Advance the schedule from `expected` and start `run`, in one transaction; False if another
+        worker fired it first (nothing is written then)."""
+        ...

@@ -18,9 +18,7 @@ def backend_for(config: Config) -> Backend:
         try:
             from .sqlite import SqliteBackend  # type: ignore[import-not-found,unused-ignore]
         except ImportError as error:
-            raise ConfigError(
-                "the SQLite backend is not available in this build; use a PostgreSQL URL"
-            ) from error
+            raise ConfigError("the SQLite backend is not available in this build; use a PostgreSQL URL") from error
         return SqliteBackend.from_url(url)  # type: ignore[no-any-return,unused-ignore]
     raise ConfigError(
         f"database_url {url!r} is neither postgresql://... nor sqlite:///path; "

@@ -89,9 +89,7 @@ class PostgresCluster:
         if not self._initialized:
             self._init()
         options = " ".join(f"-c {key}={value}" for key, value in self.settings.items())
-        self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
-        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: `fast` (clients disconnected cleanly) or `immediate` (like a crash)."""
@@ -123,9 +121,7 @@ class PostgresCluster:
         result = subprocess.run(command, capture_output=True, text=True, cwd=self.directory)
         if check and result.returncode != 0:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(
-                f"{program} failed ({result.returncode}): {result.stderr or result.stdout}\n{log}"
-            )
+            raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr or result.stdout}\n{log}")
         return result
 
     def wait_until_ready(self, timeout: float = 30) -> None:

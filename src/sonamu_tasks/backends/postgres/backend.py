@@ -18,7 +18,16 @@ from psycopg.rows import dict_row
 
 from ...errors import BackendUnavailable, ConfigError
 from ...status import RunStatus, StepStatus
-from ..base import ClaimedRun, LeaseLost, NewRun, Notifications, RunRecord, StepRecord, WorkerRecord
+from ..base import (
+    ClaimedRun,
+    LeaseLost,
+    NewRun,
+    Notifications,
+    RunRecord,
+    ScheduleRecord,
+    StepRecord,
+    WorkerRecord,
+)
 from .queries import QUERIES, migrations
 
 logger = logging.getLogger("sonamu_tasks.postgres")
@@ -128,17 +137,7 @@ class PostgresBackend:
 
     @_transient
     async def create_run(self, run: NewRun) -> tuple[str, bool]:
-        params = {
-            "id": run.id,
-            "workflow_name": run.workflow_name,
-            "version": run.version,
-            "input": run.input_json,
-            "idempotency_key": run.idempotency_key,
-            "start_at": run.start_at,
-            "start_delay": run.start_delay,
-            "deadline_at": run.deadline_at,
-            "deadline_delay": run.deadline_delay,
-        }
+        params = _new_run_params(run)
         async with self._pool.connection() as conn:
             row = await (await conn.execute(QUERIES["create_run"], params)).fetchone()
             if row is not None:
@@ -147,6 +146,52 @@ class PostgresBackend:
         if existing is None:  # the colliding run was deleted in between: try once more
             return await self.create_run(run)
         return existing[0], False
+
+    # schedules
+
+    @_transient
+    async def sync_schedules(self, schedules: Sequence[ScheduleRecord], workflows: Sequence[str]) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            for schedule in schedules:
+                await conn.execute(
+                    QUERIES["upsert_schedule"],
+                    {
+                        "name": schedule.name,
+                        "workflow_name": schedule.workflow_name,
+                        "version": schedule.version,
+                        "expression": schedule.expression,
+                        "timezone": schedule.timezone,
+                        "input": json.dumps(schedule.input),
+                        "next_fire_at": schedule.next_fire_at,
+                    },
+                )
+            keep = [schedule.name for schedule in schedules]
+            await conn.execute(QUERIES["delete_stale_schedules"], {"workflows": list(workflows), "keep": keep})
+
+    @_transient
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["list_schedules"])).fetchall()
+        return [ScheduleRecord(*row) for row in rows]
+
+    @_transient
+    async def fire_schedule(
+        self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
+    ) -> bool:
+        params = {
+            "name": name,
+            "expected": expected,
+            "fire_at": fire_at,
+            "next_fire_at": next_fire_at,
+            "run_id": run.id if run else None,
+        }
+        async with self._pool.connection() as conn, conn.transaction():
+            if await (await conn.execute(QUERIES["advance_schedule"], params)).fetchone() is None:
+                return False
+            if run is not None:
+                # The run's idempotency key (schedule and fire time) is the second, unique guard.
+                await conn.execute(QUERIES["create_run"], _new_run_params(run))
+        return True
 
     @_transient
     async def claim_runs(
@@ -189,9 +234,7 @@ class PostgresBackend:
         if not held:
             return
         async with self._pool.connection() as conn:
-            await conn.execute(
-                QUERIES["release_runs"], {"ids": [i for i, _ in held], "tokens": [t for _, t in held]}
-            )
+            await conn.execute(QUERIES["release_runs"], {"ids": [i for i, _ in held], "tokens": [t for _, t in held]})
 
     @_transient
     async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None:
@@ -258,9 +301,7 @@ class PostgresBackend:
 
     @_transient
     async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
-        await self._fenced(
-            "complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json}
-        )
+        await self._fenced("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json})
 
     @_transient
     async def fail_attempt(
@@ -325,3 +366,17 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
         notifications.run_available(value)
     elif kind == "f":
         notifications.run_finished(value)
+
+
+def _new_run_params(run: NewRun) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workflow_name": run.workflow_name,
+        "version": run.version,
+        "input": run.input_json,
+        "idempotency_key": run.idempotency_key,
+        "start_at": run.start_at,
+        "start_delay": run.start_delay,
+        "deadline_at": run.deadline_at,
+        "deadline_delay": run.deadline_delay,
+    }

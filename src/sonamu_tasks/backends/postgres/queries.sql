@@ -152,3 +152,34 @@ SET workflows = EXCLUDED.workflows, concurrency = EXCLUDED.concurrency, heartbea
 
 -- remove_worker --
 DELETE FROM workers WHERE id = %(worker_id)s
+
+-- upsert_schedule --
+-- A changed expression or timezone restarts the schedule from the new next fire; an unchanged one keeps
+-- its place, so a restart at the fire moment skips nothing.
+INSERT INTO schedules AS s (name, workflow_name, version, expression, timezone, input, next_fire_at)
+VALUES (%(name)s, %(workflow_name)s, %(version)s, %(expression)s, %(timezone)s, %(input)s::jsonb,
+        %(next_fire_at)s::timestamptz)
+ON CONFLICT (name) DO UPDATE
+SET workflow_name = EXCLUDED.workflow_name, version = EXCLUDED.version, input = EXCLUDED.input,
+    expression = EXCLUDED.expression, timezone = EXCLUDED.timezone,
+    next_fire_at = CASE WHEN (s.expression, s.timezone) = (EXCLUDED.expression, EXCLUDED.timezone)
+                        THEN s.next_fire_at ELSE EXCLUDED.next_fire_at END,
+    updated_at = now()
+
+-- delete_stale_schedules --
+-- Schedules of these workflows that the code no longer declares.
+DELETE FROM schedules
+WHERE workflow_name = ANY(%(workflows)s::text[]) AND NOT (name = ANY(%(keep)s::text[]))
+
+-- list_schedules --
+SELECT name, workflow_name, version, expression, timezone, input, next_fire_at, last_fire_at,
+       last_run_id::text
+FROM schedules ORDER BY name
+
+-- advance_schedule --
+-- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it.
+UPDATE schedules
+SET next_fire_at = %(next_fire_at)s::timestamptz, last_fire_at = %(fire_at)s::timestamptz,
+    last_run_id = %(run_id)s::uuid, updated_at = now()
+WHERE name = %(name)s AND next_fire_at = %(expected)s::timestamptz
+RETURNING name

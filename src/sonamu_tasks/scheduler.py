@@ -1,0 +1,152 @@
+"""Cron firing. Every worker runs a Scheduler; the database decides which one fires each time.
+
+Exactly once per fire time: a fire advances the schedule's `next_fire_at` by compare-and-set from the
+value the worker read, and the run it starts carries the idempotency key `schedule:{name}@{fire time}`,
+both in one transaction. Workers racing for the same fire: one wins, the others write nothing.
+
+Missed fires (every worker was down): when a worker comes back it fires once, for the latest missed
+fire time, then continues from the next future one. No burst of catch-up runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from . import serde
+from .backends.base import NewRun, ScheduleRecord, ScheduleStore
+from .errors import BackendUnavailable, InvalidInput, SerializationError
+from .ids import new_run_id
+from .registry import Registry
+from .schedule import Schedule, latest_fire_at_or_before, next_fire_after, zone
+
+logger = logging.getLogger("sonamu_tasks.scheduler")
+
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: ScheduleStore,
+        registry: Registry,
+        timezone: str,
+        *,
+        clock: Clock = system_clock,
+        max_sleep_s: float = 5.0,
+    ) -> None:
+        zone(timezone)  # a wrong name is a configuration error now, not at the first fire
+        self.store = store
+        self.registry = registry
+        self.timezone = timezone
+        self.clock = clock
+        self.max_sleep_s = max_sleep_s
+        self._owned_workflows: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def synchronize(self) -> None:
+        """Store the schedules the registered workflows declare; drop those the code no longer has."""
+        now = self.clock()
+        records = []
+        for definition in self.registry:
+            for schedule in definition.schedules:
+                static_input = None if callable(schedule.input) else schedule.input
+                serde.dumps(static_input, what=f"the input of schedule {schedule.name_for(definition.name)!r}")
+                records.append(
+                    ScheduleRecord(
+                        name=schedule.name_for(definition.name),
+                        workflow_name=definition.name,
+                        version=definition.version,
+                        expression=schedule.expression,
+                        timezone=self.timezone,
+                        input=static_input,
+                        next_fire_at=next_fire_after(schedule.expression, self.timezone, now),
+                    )
+                )
+        workflows = {definition.name for definition in self.registry}
+        # Workflows this process registered before a reload count too: their removal removes their schedules.
+        scope = sorted(workflows | self._owned_workflows)
+        await self.store.sync_schedules(records, scope)
+        self._owned_workflows = workflows
+        self._wake.set()
+
+    async def tick(self) -> float | None:
+        """Fire every due schedule this process can run; return seconds until the next fire."""
+        now = self.clock()
+        soonest: datetime | None = None
+        for record in await self.store.list_schedules():
+            if self.registry.find(record.workflow_name, record.version) is None:
+                continue  # another worker's schedule: it fires it
+            if record.next_fire_at <= now:
+                await self._fire(record, now)
+                record_next = next_fire_after(record.expression, record.timezone, now)
+            else:
+                record_next = record.next_fire_at
+            soonest = record_next if soonest is None else min(soonest, record_next)
+        return None if soonest is None else (soonest - now).total_seconds()
+
+    async def _fire(self, record: ScheduleRecord, now: datetime) -> None:
+        fire_at = max(record.next_fire_at, latest_fire_at_or_before(record.expression, record.timezone, now))
+        next_fire_at = next_fire_after(record.expression, record.timezone, now)
+        definition = self.registry.get(record.workflow_name, record.version)
+        run = None
+        try:
+            schedule = _find(definition.schedules, record.name, definition.name)
+            value = schedule.evaluate_input() if schedule is not None else record.input
+            value = definition.validate_input(value)
+            run = NewRun(
+                id=new_run_id(),
+                workflow_name=record.workflow_name,
+                version=record.version,
+                input_json=serde.dumps(value, what=f"the input of schedule {record.name!r}"),
+                idempotency_key=f"schedule:{record.name}@{fire_at.isoformat()}",
+            )
+        except (InvalidInput, SerializationError) as error:
+            logger.error("schedule %s: skipping the fire at %s: %s", record.name, fire_at.isoformat(), error)
+        except Exception as error:  # the user's input callable raised
+            logger.exception("schedule %s: its input callable raised %r; skipping this fire", record.name, error)
+        fired = await self.store.fire_schedule(record.name, record.next_fire_at, fire_at, next_fire_at, run)
+        if fired and run is not None:
+            missed = "" if fire_at == record.next_fire_at else f" (missed fires since {record.next_fire_at})"
+            logger.info("schedule %s fired for %s%s: run %s", record.name, fire_at.isoformat(), missed, run.id)
+
+    # the loop every worker runs
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="sonamu-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                wait = await self.tick()
+            except BackendUnavailable as error:
+                logger.warning("schedules unavailable (%s); retrying", error)
+                wait = 1.0
+            except Exception:
+                logger.exception("scheduler tick failed; retrying")
+                wait = 1.0
+            wait = self.max_sleep_s if wait is None else min(max(wait, 0.0), self.max_sleep_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+
+def _find(schedules: tuple[Schedule, ...], name: str, workflow_name: str) -> Schedule | None:
+    for schedule in schedules:
+        if schedule.name_for(workflow_name) == name:
+            return schedule
+    return None
