@@ -23,6 +23,7 @@ from .errors import (
 from .handle import RunHandle
 from .manager import WorkflowManager
 from .retry import RetryDecision, RetryPolicy
+from .schedule import Schedule
 from .status import RunStatus, StepStatus
 from .step import Step, StepWrapper
 
@@ -40,6 +41,7 @@ __all__ = [
     "RunHandle",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
     "SerializationError",
     "SonamuTasksError",
     "Step",

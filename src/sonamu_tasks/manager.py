@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeGuard
 
@@ -42,6 +43,19 @@ def active_manager() -> WorkflowManager:
     return _active[-1]
 
 
+async def until_signal() -> None:
+    """Return when the process receives SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
 def _stores_schedules(backend: Backend) -> TypeGuard[ScheduleStore]:
     return all(callable(getattr(backend, name, None)) for name in ("sync_schedules", "list_schedules", "fire_schedule"))
 
@@ -74,6 +88,7 @@ class WorkflowManager:
         self.worker: Worker | None = None
         self.scheduler: Scheduler | None = None
         self.discovery_errors: list[DiscoveryError] = []
+        self.watched_paths: list[Path] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._started = False
@@ -141,18 +156,9 @@ class WorkflowManager:
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully (what `sonamu-tasks worker` does)."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        try:
-            await self.start()
-            await stop.wait()
+        async with self:
+            await until_signal()
             logger.info("signal received: shutting down")
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
-            await self.stop()
 
     # registration
 
@@ -178,6 +184,7 @@ class WorkflowManager:
     def _collect(self, *, reload: bool) -> None:
         found = discover(self.config.workflows, reload=reload)
         self.discovery_errors = found.errors
+        self.watched_paths = found.watched_paths
         self.registry.replace_all([*self._explicit, *found.definitions])
 
     # runs
