@@ -7,13 +7,14 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeGuard
 
 from . import serde
-from .backends.base import Backend, NewRun, RunRecord, ScheduleStore
+from .backends.base import Backend, NewRun, RunQuery, RunRecord, ScheduleStore
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
@@ -34,6 +35,12 @@ _active: list[WorkflowManager] = []
 
 WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
 """What `run()` accepts: `{"name": ..., "version": ...}`, a definition, or a registered name."""
+
+
+@dataclass(frozen=True)
+class RunPage:
+    items: list[RunRecord]
+    next_cursor: str | None
 
 
 def active_manager() -> WorkflowManager:
@@ -246,6 +253,27 @@ class WorkflowManager:
         if record is None:
             raise RunNotFound(f"no run with id {run_id}")
         return record
+
+    async def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Runs, newest first. Pass `page.next_cursor` as `cursor` for the next page (None: last page)."""
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be between 1 and 1000, got {limit}")
+        statuses = None
+        if status is not None:
+            statuses = tuple(RunStatus(s).value for s in ([status] if isinstance(status, str) else status))
+        query = RunQuery(workflow, statuses, cursor, created_after, created_before, limit + 1)
+        records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
+        items = records[:limit]
+        return RunPage(items, items[-1].id if len(records) > limit else None)
 
     async def wait_for_result(self, run_id: str, *, timeout: float | None = None) -> Any:
         record = await self.wait_until_finished(run_id, timeout=timeout)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sonamu_tasks import RetryPolicy, workflow
+from sonamu_tasks import RetryPolicy, Schedule, workflow
 
 
 def audit(directory: str, line: str) -> None:
@@ -46,3 +46,8 @@ async def three_steps(input: Any, step: Any) -> dict[str, Any]:
     two = await step.define("two", step_two).run(directory)
     await step.define("three", step_three).run(directory)
     return {"two_ran_in": two, "finished_in": os.getpid()}
+
+
+@workflow(version="1", schedules=[Schedule("* * * * * *", name="every-second")])
+async def ticker(input: Any) -> Any:
+    return input

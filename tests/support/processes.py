@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class WorkerProcess:
-    def __init__(self, url: str, schema: str, log_dir: Path, name: str, **settings: float) -> None:
+    def __init__(self, url: str, schema: str, log_dir: Path, name: str, **settings: float | str) -> None:
         self.log_path = log_dir / f"{name}.log"
         env = {**os.environ, "SONAMU_TEST_URL": url, "SONAMU_TEST_SCHEMA": schema, "PYTHONPATH": str(ROOT)}
         for key, value in settings.items():

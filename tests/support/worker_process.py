@@ -8,7 +8,7 @@ import os
 import sys
 
 from sonamu_tasks import WorkflowManager, define_config
-from tests.support.process_workflows import three_steps
+from tests.support import process_workflows
 
 
 def main() -> None:
@@ -30,7 +30,9 @@ def main() -> None:
             }
         },
     )
-    asyncio.run(WorkflowManager(config, workflows=[three_steps]).serve())
+    names = os.environ.get("SONAMU_TEST_WORKFLOWS", "three_steps").split(",")
+    workflows = [getattr(process_workflows, name) for name in names]
+    asyncio.run(WorkflowManager(config, workflows=workflows).serve())
 
 
 if __name__ == "__main__":

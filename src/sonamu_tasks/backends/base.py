@@ -96,6 +96,17 @@ class NewRun:
     deadline_delay: timedelta | None = None
 
 
+@dataclass(frozen=True)
+class RunQuery:
+    workflow: str | None = None
+    statuses: tuple[str, ...] | None = None
+    before_id: str | None = None
+    """Keyset cursor: only runs older than this id."""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    limit: int = 50
+
+
 class Notifications(Protocol):
     """What a backend tells the engine as it happens (PostgreSQL LISTEN/NOTIFY)."""
 
@@ -139,6 +150,9 @@ class Backend(Protocol):
         ...
 
     async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None: ...
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        """Runs matching `query`, newest first (by id), at most `query.limit`."""
+        ...
 
     # what a claimed run writes (fenced by its lease token)
     async def load_steps(self, run_id: str) -> dict[str, StepRecord]: ...

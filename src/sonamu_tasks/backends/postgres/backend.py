@@ -23,6 +23,7 @@ from ..base import (
     LeaseLost,
     NewRun,
     Notifications,
+    RunQuery,
     RunRecord,
     ScheduleRecord,
     StepRecord,
@@ -246,6 +247,25 @@ class PostgresBackend:
             steps = await self._load_steps(conn, run_id) if with_steps else {}
         row["status"] = RunStatus(row["status"])
         return RunRecord(**row, steps=tuple(steps.values()))
+
+    @_transient
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        params = {
+            "workflow": query.workflow,
+            "statuses": list(query.statuses) if query.statuses is not None else None,
+            "before_id": query.before_id,
+            "created_after": query.created_after,
+            "created_before": query.created_before,
+            "limit": query.limit,
+        }
+        async with self._pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            rows = await (await cursor.execute(QUERIES["list_runs"], params)).fetchall()
+        records = []
+        for row in rows:
+            row["status"] = RunStatus(row["status"])
+            records.append(RunRecord(**row))
+        return records
 
     # fenced writes of a claimed run
 

@@ -183,3 +183,16 @@ SET next_fire_at = %(next_fire_at)s::timestamptz, last_fire_at = %(fire_at)s::ti
     last_run_id = %(run_id)s::uuid, updated_at = now()
 WHERE name = %(name)s AND next_fire_at = %(expected)s::timestamptz
 RETURNING name
+
+-- list_runs --
+-- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs.
+SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+FROM runs
+WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
+  AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
+  AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
+  AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
+  AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
+ORDER BY id DESC
+LIMIT %(limit)s
