@@ -86,8 +86,13 @@ async def _watch(manager: WorkflowManager) -> None:
     if not paths:
         click.echo("dev: no workflow packages configured (workflows=[...]); nothing to watch", err=True)
         return
-    click.echo(f"dev: watching {', '.join(str(p) for p in paths)}", err=True)
-    async for changes in awatch(*paths, watch_filter=PythonFilter()):
+    watching = False
+    async for changes in awatch(*paths, watch_filter=PythonFilter(), yield_on_timeout=True, rust_timeout=500):
+        if not watching:  # the first (empty) yield: the watcher is in place
+            click.echo(f"dev: watching {', '.join(str(p) for p in paths)}", err=True)
+            watching = True
+        if not changes:
+            continue
         names = sorted({change[1] for change in changes})
         click.echo(f"dev: changed {', '.join(names)}; re-synchronizing", err=True)
         try:

@@ -6,7 +6,9 @@ A module that fails to import is reported (file and error) and skipped; the othe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import logging
 import sys
 import traceback
@@ -87,6 +89,10 @@ def _workflow_modules(package: str, found: Discovered) -> list[tuple[str, Path]]
 def _import(module_name: str, path: Path, *, reload: bool, found: Discovered) -> Any:
     try:
         if reload and module_name in sys.modules:
+            # The bytecode cache is keyed by mtime in whole seconds and size: an edit within the same second
+            # that keeps the size would load the stale bytecode. Drop it.
+            with contextlib.suppress(OSError, NotImplementedError):
+                Path(importlib.util.cache_from_source(str(path))).unlink()
             return importlib.reload(sys.modules[module_name])
         return importlib.import_module(module_name)
     except Exception as error:
