@@ -13,6 +13,7 @@ import pytest
 
 from sonamu_tasks import (
     InvalidInput,
+    NonRetryableError,
     ResultTimeout,
     RetryDecision,
     RetryPolicy,
@@ -521,3 +522,25 @@ async def test_a_stale_lease_cannot_write_checkpoints_or_the_outcome(manager_for
 
 async def _status_is(handle: Any, status: RunStatus) -> bool:
     return bool(await handle.status() is status)
+
+
+async def test_synchronous_code_starts_a_run_and_waits_for_its_result(manager_for: Any, make_config: Any) -> None:
+    @workflow(version="1")
+    async def from_a_view(input: Any) -> Any:
+        if input == "boom":
+            raise NonRetryableError("refused")
+        return {"ok": input}
+
+    from sonamu_tasks import SyncClient
+
+    await manager_for([from_a_view])  # the worker fleet
+
+    def view() -> tuple[Any, str]:
+        with SyncClient(make_config()) as client:  # what a Flask/Django process holds
+            ok = client.run({"name": "from_a_view", "version": "1"}, 5).result(timeout=15)
+            failing = client.run({"name": "from_a_view", "version": "1"}, "boom")
+            with pytest.raises(WorkflowFailed, match="refused"):
+                failing.result(timeout=15)
+            return ok, failing.status().value
+
+    assert await asyncio.to_thread(view) == ({"ok": 5}, "failed")

@@ -21,11 +21,12 @@ from .errors import (
     WorkflowNotRegistered,
 )
 from .handle import RunHandle
-from .manager import WorkflowManager
+from .manager import RunPage, WorkflowManager
 from .retry import RetryDecision, RetryPolicy
 from .schedule import Schedule
 from .status import RunStatus, StepStatus
 from .step import Step, StepWrapper
+from .sync_client import SyncClient, SyncRunHandle
 
 __all__ = [
     "BackendUnavailable",
@@ -40,6 +41,7 @@ __all__ = [
     "RetryPolicy",
     "RunHandle",
     "RunNotFound",
+    "RunPage",
     "RunStatus",
     "Schedule",
     "SerializationError",
@@ -48,6 +50,8 @@ __all__ = [
     "StepNameConflict",
     "StepStatus",
     "StepWrapper",
+    "SyncClient",
+    "SyncRunHandle",
     "TasksConfig",
     "WorkerOptions",
     "WorkflowDefinition",
