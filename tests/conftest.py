@@ -14,7 +14,7 @@ import pytest
 from sonamu_tasks import Config, WorkflowManager, define_config
 from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled
 
-BACKENDS = ["postgres"]
+BACKENDS = ["postgres", "sqlite"]
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +65,11 @@ def make_config(database_url: str, schema: str) -> ConfigFactory:
         return define_config(
             database_url=database_url,
             schema=schema,
-            tasks={"enable_worker": enable_worker, "worker_options": options, "context_provider": context_provider},
+            tasks={
+                "enable_worker": enable_worker,
+                "worker_options": options,
+                "context_provider": context_provider,
+            },
         )
 
     return make

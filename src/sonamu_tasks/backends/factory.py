@@ -16,10 +16,10 @@ def backend_for(config: Config) -> Backend:
         return PostgresBackend(url, schema=config.schema, pool_size=pool_size)
     if url.startswith("sqlite://"):
         try:
-            from .sqlite import SqliteBackend  # type: ignore[import-not-found,unused-ignore]
+            from .sqlite import SqliteBackend
         except ImportError as error:
             raise ConfigError("the SQLite backend is not available in this build; use a PostgreSQL URL") from error
-        return SqliteBackend.from_url(url)  # type: ignore[no-any-return,unused-ignore]
+        return SqliteBackend.from_url(url)
     raise ConfigError(
         f"database_url {url!r} is neither postgresql://... nor sqlite:///path; "
         "set database_url in the config or SONAMU_TASKS_DATABASE_URL"

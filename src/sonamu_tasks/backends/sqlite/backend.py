@@ -1,0 +1,381 @@
+"""SqliteBackend: the Backend protocol on one SQLite file, shared by the worker processes of one machine.
+
+Every method is one transaction on the backend's own thread (see `database.py`). Fencing needs no row
+locks: a write transaction holds the file's only write lock from its first read, so checking the lease
+token and writing cannot be split by a take-over. SQLite cannot push events to other processes, so
+`pushes_notifications` is False: workers poll (`poll_interval_ms`) and wake each other within a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from ...errors import ConfigError
+from ..base import (
+    ClaimedRun,
+    LeaseLost,
+    NewRun,
+    Notifications,
+    RunQuery,
+    RunRecord,
+    ScheduleRecord,
+    StepRecord,
+    WorkerRecord,
+)
+from ..sql_files import package_migrations, package_queries
+from . import records
+from .database import Database
+from .records import duration_micros, micros, pairs
+
+logger = logging.getLogger("sonamu_tasks.sqlite")
+
+_PACKAGE = __name__.rpartition(".")[0]
+QUERIES = package_queries(_PACKAGE)
+MIGRATIONS = package_migrations(_PACKAGE)
+
+# Long enough to queue behind any healthy writer (transactions take milliseconds); past it the call
+# raises BackendUnavailable and the engine retries it with backoff.
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+
+
+class SqliteBackend:
+    pushes_notifications = False
+
+    def __init__(self, path: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self.path = path if path == ":memory:" else os.path.abspath(path)
+        self._db = Database(self.path, busy_timeout_s=busy_timeout_s)
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteBackend:
+        """`sqlite:///relative/path.db` (from the working directory) or `sqlite:////absolute/path.db`."""
+        path = url.removeprefix("sqlite:///")
+        if path == url or not path or "?" in path:
+            raise ConfigError(
+                f"database_url {url!r} is not a SQLite URL: write sqlite:///relative/path.db or "
+                "sqlite:////absolute/path.db (no host, no query)"
+            )
+        return cls(path)
+
+    # lifecycle
+
+    async def open(self) -> None:
+        """Nothing to do yet: the connection opens at the first call, so a busy file is retried like any call."""
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def migrate(self) -> list[str]:
+        def apply(conn: sqlite3.Connection, now: int) -> list[str]:
+            # Under BEGIN IMMEDIATE: every other process migrating at once waits, then finds it done.
+            conn.execute(QUERIES["create_migrations_table"])
+            done = {row["name"] for row in conn.execute(QUERIES["applied_migrations"])}
+            applied = []
+            for name, text in MIGRATIONS:
+                if name not in done:
+                    for statement in _statements(text):
+                        conn.execute(statement)
+                    conn.execute(QUERIES["record_migration"], {"name": name, "now": now})
+                    applied.append(name)
+            return applied
+
+        applied = await self._db.write(apply)
+        for name in applied:
+            logger.info("applied migration %s to %s", name, self.path)
+        return applied
+
+    async def listen(self, notifications: Notifications) -> None:
+        """Nothing to listen to: other processes are found by polling. Waits until cancelled."""
+        await asyncio.Event().wait()
+
+    # runs
+
+    async def create_run(self, run: NewRun) -> tuple[str, bool]:
+        def insert(conn: sqlite3.Connection, now: int) -> tuple[str, bool]:
+            params = {**_new_run_params(run), "now": now}
+            row = _first(conn, "create_run", params)
+            if row is not None:
+                return row["id"], True
+            # The same transaction holds the write lock: the colliding run cannot vanish in between.
+            existing = _first(conn, "find_run_by_key", params)
+            return (existing["id"] if existing is not None else run.id), False
+
+        return await self._db.write(insert)
+
+    async def claim_runs(
+        self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        if limit <= 0 or not workflows:
+            return []
+
+        def claim(conn: sqlite3.Connection, now: int) -> list[ClaimedRun]:
+            due_params = {"now": now, "workflows": pairs(workflows), "limit": limit}
+            due = conn.execute(QUERIES["due_runs"], due_params).fetchall()
+            claimed = []
+            for run in due:
+                params = {
+                    "id": run["id"],
+                    "lease_token": str(uuid.uuid4()),
+                    "worker_id": worker_id,
+                    "lease": duration_micros(lease),
+                    "lease_expired": run["lease_expired"],
+                    "now": now,
+                }
+                row = _first(conn, "claim_run", params)
+                if row is not None:
+                    claimed.append(records.claimed_run(row, claimed_at=now, first_claim=bool(run["first_claim"])))
+            return claimed
+
+        return await self._db.write(claim)
+
+    async def seconds_until_due(self, workflows: Sequence[tuple[str, str]]) -> float | None:
+        if not workflows:
+            return None
+
+        def next_due(conn: sqlite3.Connection, now: int) -> float | None:
+            due_at = conn.execute(QUERIES["next_due_at"], {"workflows": pairs(workflows)}).fetchone()[0]
+            return None if due_at is None else (due_at - now) / 1_000_000
+
+        return await self._db.read(next_due)
+
+    async def heartbeat(self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta) -> set[str]:
+        def extend(conn: sqlite3.Connection, now: int) -> set[str]:
+            conn.execute(QUERIES["touch_worker"], {"worker_id": worker_id, "now": now})
+            if not held:
+                return set()
+            params = {"held": pairs(held), "lease": duration_micros(lease), "now": now}
+            return {row["lease_token"] for row in conn.execute(QUERIES["heartbeat_runs"], params).fetchall()}
+
+        return await self._db.write(extend)
+
+    async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
+        if not held:
+            return
+        await self._db.write(lambda conn, now: conn.execute(QUERIES["release_runs"], {"held": pairs(held), "now": now}))
+
+    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None:
+        def read(conn: sqlite3.Connection, now: int) -> RunRecord | None:
+            row = conn.execute(QUERIES["get_run"], {"run_id": run_id}).fetchone()
+            if row is None:
+                return None
+            steps = _load_steps(conn, run_id) if with_steps else {}
+            return records.run_record(row, list(steps.values()))
+
+        return await self._db.read(read)
+
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        params = {
+            "workflow": query.workflow,
+            "statuses": None if query.statuses is None else json.dumps(list(query.statuses)),
+            # Canonical text, as the ids are stored: then text order is the UUIDs' order.
+            "before_id": None if query.before_id is None else str(uuid.UUID(query.before_id)),
+            "created_after": micros(query.created_after),
+            "created_before": micros(query.created_before),
+            "limit": query.limit,
+        }
+
+        def read(conn: sqlite3.Connection, now: int) -> list[RunRecord]:
+            return [records.run_record(row, ()) for row in conn.execute(QUERIES["list_runs"], params)]
+
+        return await self._db.read(read)
+
+    # fenced writes of a claimed run
+
+    async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
+        return await self._db.read(lambda conn, now: _load_steps(conn, run_id))
+
+    async def save_step(
+        self,
+        run_id: str,
+        lease_token: str,
+        name: str,
+        output_json: str,
+        started_at: datetime,
+        finished_at: datetime,
+    ) -> None:
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "name": name,
+            "output": output_json,
+            "started_at": micros(started_at),
+            "finished_at": micros(finished_at),
+        }
+        await self._fenced("save_step", params)
+
+    async def sleep_run(
+        self,
+        run_id: str,
+        lease_token: str,
+        name: str,
+        started_at: datetime,
+        duration: timedelta | None,
+        wake_at: datetime | None,
+    ) -> datetime:
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "name": name,
+            "started_at": micros(started_at),
+            "duration": duration_micros(duration),
+            "wake_at": micros(wake_at),
+        }
+
+        def park(conn: sqlite3.Connection, now: int) -> int | None:
+            row = _first(conn, "park_run", {**params, "now": now})
+            if row is None:
+                return None
+            conn.execute(QUERIES["record_sleep"], {**params, "wake_at": row["available_at"]})
+            return int(row["available_at"])
+
+        stored = await self._db.write(park)
+        if stored is None:
+            raise LeaseLost(run_id)
+        return records.moment(stored)
+
+    async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None:
+        await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
+
+    async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
+        await self._fenced("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json})
+
+    async def fail_attempt(
+        self,
+        run_id: str,
+        lease_token: str,
+        error: dict[str, Any],
+        step: tuple[str, datetime] | None,
+        retry_delay: timedelta | None,
+    ) -> None:
+        error_json = json.dumps(error)
+        delay = duration_micros(retry_delay)
+        params = {"run_id": run_id, "lease_token": lease_token, "error": error_json, "delay": delay}
+        query = "fail_run" if retry_delay is None else "retry_run"
+
+        def record(conn: sqlite3.Connection, now: int) -> bool:
+            if _first(conn, query, {**params, "now": now}) is None:
+                return False
+            if step is not None:
+                step_params = {**params, "name": step[0], "started_at": micros(step[1]), "now": now}
+                conn.execute(QUERIES["record_step_failure"], step_params)
+            return True
+
+        if not await self._db.write(record):
+            raise LeaseLost(run_id)
+
+    # workers
+
+    async def register_worker(self, worker: WorkerRecord) -> None:
+        params = {
+            "id": worker.id,
+            "host": worker.host,
+            "pid": worker.pid,
+            "workflows": pairs(worker.workflows),
+            "concurrency": worker.concurrency,
+        }
+        await self._db.write(lambda conn, now: conn.execute(QUERIES["register_worker"], {**params, "now": now}))
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._db.write(lambda conn, now: conn.execute(QUERIES["remove_worker"], {"worker_id": worker_id}))
+
+    # schedules
+
+    async def sync_schedules(self, schedules: Sequence[ScheduleRecord], workflows: Sequence[str]) -> None:
+        def sync(conn: sqlite3.Connection, now: int) -> None:
+            for schedule in schedules:
+                params = {
+                    "name": schedule.name,
+                    "workflow_name": schedule.workflow_name,
+                    "version": schedule.version,
+                    "expression": schedule.expression,
+                    "timezone": schedule.timezone,
+                    "input": json.dumps(schedule.input),
+                    "next_fire_at": micros(schedule.next_fire_at),
+                    "now": now,
+                }
+                conn.execute(QUERIES["upsert_schedule"], params)
+            stale = {"workflows": json.dumps(list(workflows)), "keep": json.dumps([s.name for s in schedules])}
+            conn.execute(QUERIES["delete_stale_schedules"], stale)
+
+        await self._db.write(sync)
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        def read(conn: sqlite3.Connection, now: int) -> list[ScheduleRecord]:
+            return [records.schedule_record(row) for row in conn.execute(QUERIES["list_schedules"])]
+
+        return await self._db.read(read)
+
+    async def fire_schedule(
+        self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
+    ) -> bool:
+        params = {
+            "name": name,
+            "expected": micros(expected),
+            "fire_at": micros(fire_at),
+            "next_fire_at": micros(next_fire_at),
+            "run_id": run.id if run else None,
+        }
+
+        def fire(conn: sqlite3.Connection, now: int) -> bool:
+            if _first(conn, "advance_schedule", {**params, "now": now}) is None:
+                return False
+            if run is not None:
+                # The run's idempotency key (schedule and fire time) is the second, unique guard.
+                conn.execute(QUERIES["create_run"], {**_new_run_params(run), "now": now}).fetchall()
+            return True
+
+        return await self._db.write(fire)
+
+    # helpers
+
+    async def _fenced(self, query: str, params: dict[str, Any]) -> None:
+        """One write that touches the run only while `params["lease_token"]` still owns it."""
+        if await self._db.write(lambda conn, now: _first(conn, query, {**params, "now": now})) is None:
+            raise LeaseLost(str(params["run_id"]))
+
+
+def _first(conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> sqlite3.Row | None:
+    # fetchall, not fetchone: a RETURNING statement is finished only once all its rows are read.
+    rows = conn.execute(QUERIES[query], params).fetchall()
+    return rows[0] if rows else None
+
+
+def _load_steps(conn: sqlite3.Connection, run_id: str) -> dict[str, StepRecord]:
+    rows = conn.execute(QUERIES["load_steps"], {"run_id": run_id}).fetchall()
+    return {row["name"]: records.step_record(row) for row in rows}
+
+
+def _statements(script: str) -> list[str]:
+    """A migration script as single statements, so that they run inside the caller's transaction
+    (sqlite3's executescript would commit it first)."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if any(line.strip() and not line.lstrip().startswith("--") for line in pending.splitlines()):
+        raise ValueError(f"a migration statement does not end with ';': {pending.strip()[:200]!r}")
+    return statements
+
+
+def _new_run_params(run: NewRun) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workflow_name": run.workflow_name,
+        "version": run.version,
+        "input": run.input_json,
+        "idempotency_key": run.idempotency_key,
+        "start_at": micros(run.start_at),
+        "start_delay": duration_micros(run.start_delay),
+        "deadline_at": micros(run.deadline_at),
+        "deadline_delay": duration_micros(run.deadline_delay),
+    }

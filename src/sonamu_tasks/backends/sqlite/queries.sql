@@ -1,0 +1,205 @@
+-- Every query the SQLite backend runs, by name. Parameters are always bound, never formatted in.
+-- Times and durations are integer microseconds (see migrations/0001_initial.sql); `:now` is the one
+-- clock reading of the transaction. Writes run inside BEGIN IMMEDIATE: the file's single write lock
+-- orders them, which is what FOR UPDATE row locks do on PostgreSQL. Lists arrive as JSON arrays
+-- (SQLite has no array parameters) and are unpacked with json_each.
+
+-- create_migrations_table --
+CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)
+
+-- applied_migrations --
+SELECT name FROM migrations
+
+-- record_migration --
+INSERT INTO migrations (name, applied_at) VALUES (:name, :now)
+
+-- create_run --
+-- Insert a pending run; a repeated id or idempotency key inserts nothing.
+INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
+                  created_at, updated_at)
+VALUES (:id, :workflow_name, :version, 'pending', :input, :idempotency_key,
+        COALESCE(:start_at, :now + COALESCE(:start_delay, 0)),
+        COALESCE(:deadline_at, :now + :deadline_delay),
+        :now, :now)
+ON CONFLICT DO NOTHING
+RETURNING id
+
+-- find_run_by_key --
+-- The run a repeated create_run collided with.
+SELECT id FROM runs WHERE idempotency_key = :idempotency_key OR id = :id
+
+-- due_runs --
+-- The runs a claim takes, oldest due first; a run still "running" here had its lease expire.
+SELECT id, status = 'running' AS lease_expired, started_at IS NULL AS first_claim
+FROM runs
+WHERE status IN ('pending', 'running', 'sleeping')
+  AND available_at <= :now
+  AND (workflow_name, version) IN (
+      SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
+ORDER BY available_at
+LIMIT :limit
+
+-- claim_run --
+-- Lease one due run to this worker under a fresh fencing token; a take-over counts as a recovery.
+UPDATE runs
+SET status = 'running',
+    lease_token = :lease_token,
+    worker_id = :worker_id,
+    available_at = :now + :lease,
+    started_at = COALESCE(started_at, :now),
+    recoveries = recoveries + :lease_expired,
+    updated_at = :now
+WHERE id = :id
+RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at
+
+-- next_due_at --
+-- When the next claimable run of these workflows is due.
+SELECT min(available_at)
+FROM runs
+WHERE status IN ('pending', 'running', 'sleeping')
+  AND (workflow_name, version) IN (
+      SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
+
+-- heartbeat_runs --
+-- Extend the leases this worker still holds; a missing token means the run was taken from it.
+UPDATE runs
+SET available_at = :now + :lease, updated_at = :now
+WHERE (id, lease_token) IN (
+      SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:held))
+  AND status = 'running'
+RETURNING lease_token
+
+-- touch_worker --
+UPDATE workers SET heartbeat_at = :now WHERE id = :worker_id
+
+-- release_runs --
+-- Hand runs back, claimable at once (graceful shutdown).
+UPDATE runs
+SET status = 'pending', available_at = :now, lease_token = NULL, worker_id = NULL, updated_at = :now
+WHERE (id, lease_token) IN (
+      SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:held))
+  AND status = 'running'
+
+-- get_run --
+SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+FROM runs WHERE id = :run_id
+
+-- load_steps --
+SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at
+FROM steps WHERE run_id = :run_id
+ORDER BY started_at, name
+
+-- save_step --
+-- Checkpoint a step's result, only while this claim still owns the run.
+INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
+SELECT id, :name, 'call', 'completed', :output, 1, :started_at, :finished_at
+FROM runs
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+ON CONFLICT (run_id, name) DO UPDATE
+SET status = 'completed', output = excluded.output, error = NULL, attempts = s.attempts + 1,
+    started_at = excluded.started_at, finished_at = excluded.finished_at
+RETURNING 1
+
+-- park_run --
+-- Sleep: the run leaves its worker (no slot, no lease) until its wake time.
+UPDATE runs
+SET status = 'sleeping', available_at = COALESCE(:wake_at, :now + :duration),
+    lease_token = NULL, worker_id = NULL, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+RETURNING available_at
+
+-- record_sleep --
+-- Runs in the same transaction as park_run, after it has checked the lease.
+INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at)
+VALUES (:run_id, :name, 'sleep', 'sleeping', :wake_at, 1, :started_at)
+ON CONFLICT (run_id, name) DO UPDATE SET wake_at = excluded.wake_at, status = 'sleeping'
+
+-- complete_sleep --
+UPDATE steps SET status = 'completed', finished_at = :now
+WHERE run_id = :run_id AND name = :name
+  AND EXISTS (SELECT 1 FROM runs WHERE id = :run_id AND lease_token = :lease_token AND status = 'running')
+RETURNING 1
+
+-- complete_run --
+UPDATE runs
+SET status = 'completed', output = :output, error = NULL, lease_token = NULL,
+    finished_at = :now, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+RETURNING 1
+
+-- retry_run --
+-- A failed attempt that will be retried: pending again after the delay.
+UPDATE runs
+SET status = 'pending', attempts = attempts + 1, error = :error,
+    available_at = :now + :delay, lease_token = NULL, worker_id = NULL, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+RETURNING 1
+
+-- fail_run --
+UPDATE runs
+SET status = 'failed', attempts = attempts + 1, error = :error, lease_token = NULL,
+    finished_at = :now, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+RETURNING 1
+
+-- record_step_failure --
+-- Runs in the same transaction as retry_run/fail_run, after it has checked the lease.
+INSERT INTO steps AS s (run_id, name, kind, status, error, attempts, started_at, finished_at)
+VALUES (:run_id, :name, 'call', 'failed', :error, 1, :started_at, :now)
+ON CONFLICT (run_id, name) DO UPDATE
+SET status = 'failed', error = excluded.error, attempts = s.attempts + 1,
+    started_at = excluded.started_at, finished_at = excluded.finished_at
+
+-- register_worker --
+INSERT INTO workers (id, host, pid, workflows, concurrency, started_at, heartbeat_at)
+VALUES (:id, :host, :pid, :workflows, :concurrency, :now, :now)
+ON CONFLICT (id) DO UPDATE
+SET workflows = excluded.workflows, concurrency = excluded.concurrency, heartbeat_at = :now
+
+-- remove_worker --
+DELETE FROM workers WHERE id = :worker_id
+
+-- upsert_schedule --
+-- A changed expression or timezone restarts the schedule from the new next fire; an unchanged one keeps
+-- its place, so a restart at the fire moment skips nothing.
+INSERT INTO schedules AS s (name, workflow_name, version, expression, timezone, input, next_fire_at,
+                            created_at, updated_at)
+VALUES (:name, :workflow_name, :version, :expression, :timezone, :input, :next_fire_at, :now, :now)
+ON CONFLICT (name) DO UPDATE
+SET workflow_name = excluded.workflow_name, version = excluded.version, input = excluded.input,
+    expression = excluded.expression, timezone = excluded.timezone,
+    next_fire_at = CASE WHEN (s.expression, s.timezone) = (excluded.expression, excluded.timezone)
+                        THEN s.next_fire_at ELSE excluded.next_fire_at END,
+    updated_at = :now
+
+-- delete_stale_schedules --
+-- Schedules of these workflows that the code no longer declares.
+DELETE FROM schedules
+WHERE workflow_name IN (SELECT value FROM json_each(:workflows))
+  AND name NOT IN (SELECT value FROM json_each(:keep))
+
+-- list_schedules --
+SELECT name, workflow_name, version, expression, timezone, input, next_fire_at, last_fire_at, last_run_id
+FROM schedules ORDER BY name
+
+-- advance_schedule --
+-- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it.
+UPDATE schedules
+SET next_fire_at = :next_fire_at, last_fire_at = :fire_at, last_run_id = :run_id, updated_at = :now
+WHERE name = :name AND next_fire_at = :expected
+RETURNING name
+
+-- list_runs --
+-- Newest first; keyset pagination on the time-ordered id (canonical lowercase text sorts as the UUID
+-- does), so page N costs what page 1 costs.
+SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+FROM runs
+WHERE (:workflow IS NULL OR workflow_name = :workflow)
+  AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
+  AND (:before_id IS NULL OR id < :before_id)
+  AND (:created_after IS NULL OR created_at >= :created_after)
+  AND (:created_before IS NULL OR created_at < :created_before)
+ORDER BY id DESC
+LIMIT :limit

@@ -1,0 +1,108 @@
+"""Between SQLite's columns and the backend's records: integer microseconds, JSON text, plain rows."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ...status import RunStatus, StepStatus
+from ..base import ClaimedRun, RunRecord, ScheduleRecord, StepRecord
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def micros(moment: datetime | None) -> int | None:
+    """A timezone-aware datetime as microseconds since the epoch (exact: no float in between)."""
+    return None if moment is None else (moment - _EPOCH) // _MICROSECOND
+
+
+def duration_micros(duration: timedelta | None) -> int | None:
+    return None if duration is None else duration // _MICROSECOND
+
+
+def moment(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def optional_moment(value: int | None) -> datetime | None:
+    return None if value is None else moment(value)
+
+
+def decoded(text: str | None) -> Any:
+    """A stored JSON column: NULL (never written) reads as None, as JSON null does."""
+    return None if text is None else json.loads(text)
+
+
+def pairs(items: Iterable[tuple[str, str]]) -> str:
+    """(a, b) pairs as the JSON array of arrays the queries unpack with json_each."""
+    return json.dumps([list(item) for item in items])
+
+
+def claimed_run(row: sqlite3.Row, *, claimed_at: int, first_claim: bool) -> ClaimedRun:
+    return ClaimedRun(
+        id=row["id"],
+        workflow_name=row["workflow_name"],
+        version=row["version"],
+        input=decoded(row["input"]),
+        attempts=row["attempts"],
+        recoveries=row["recoveries"],
+        lease_token=row["lease_token"],
+        claimed_at=moment(claimed_at),
+        first_claim=first_claim,
+        deadline_at=optional_moment(row["deadline_at"]),
+    )
+
+
+def run_record(row: sqlite3.Row, steps: Sequence[StepRecord]) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        workflow_name=row["workflow_name"],
+        version=row["version"],
+        status=RunStatus(row["status"]),
+        input=decoded(row["input"]),
+        output=decoded(row["output"]),
+        error=decoded(row["error"]),
+        attempts=row["attempts"],
+        recoveries=row["recoveries"],
+        available_at=moment(row["available_at"]),
+        worker_id=row["worker_id"],
+        idempotency_key=row["idempotency_key"],
+        deadline_at=optional_moment(row["deadline_at"]),
+        created_at=moment(row["created_at"]),
+        started_at=optional_moment(row["started_at"]),
+        finished_at=optional_moment(row["finished_at"]),
+        updated_at=moment(row["updated_at"]),
+        steps=tuple(steps),
+    )
+
+
+def step_record(row: sqlite3.Row) -> StepRecord:
+    return StepRecord(
+        name=row["name"],
+        kind=row["kind"],
+        status=StepStatus(row["status"]),
+        output=decoded(row["output"]),
+        error=decoded(row["error"]),
+        attempts=row["attempts"],
+        wake_at=optional_moment(row["wake_at"]),
+        started_at=optional_moment(row["started_at"]),
+        finished_at=optional_moment(row["finished_at"]),
+    )
+
+
+def schedule_record(row: sqlite3.Row) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=row["name"],
+        workflow_name=row["workflow_name"],
+        version=row["version"],
+        expression=row["expression"],
+        timezone=row["timezone"],
+        input=decoded(row["input"]),
+        next_fire_at=moment(row["next_fire_at"]),
+        last_fire_at=optional_moment(row["last_fire_at"]),
+        last_run_id=row["last_run_id"],
+    )
