@@ -259,7 +259,13 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 
 def _return_annotation(fn: Callable[..., Any]) -> Any:
+    # Bound methods are new objects at every access: cache on the function underneath.
+    return _declared_return(getattr(fn, "__func__", fn))
+
+
+@functools.lru_cache(maxsize=1024)
+def _declared_return(fn: Callable[..., Any]) -> Any:
     try:
         return typing.get_type_hints(fn).get("return")
-    except Exception:  # unresolvable forward references: hand back plain JSON
+    except Exception:  # unresolvable forward references, or not a function: hand back plain JSON
         return None

@@ -29,6 +29,7 @@ from ..base import (
     StepRecord,
     WorkerRecord,
 )
+from .group_commit import GroupCommit
 from .queries import QUERIES, migrations
 
 logger = logging.getLogger("sonamu_tasks.postgres")
@@ -82,6 +83,8 @@ class PostgresBackend:
             reconnect_timeout=0,  # never give up: the server may come back (guarantee 7)
             name=f"sonamu_tasks:{schema}",
         )
+        self._checkpoints: GroupCommit[tuple[str, str, str, str, datetime, datetime]] = GroupCommit(self._save_steps)
+        self._outcomes: GroupCommit[tuple[str, str, str]] = GroupCommit(self._complete_runs)
 
     # lifecycle
 
@@ -274,7 +277,6 @@ class PostgresBackend:
         async with self._pool.connection() as conn:
             return await self._load_steps(conn, run_id)
 
-    @_transient
     async def save_step(
         self,
         run_id: str,
@@ -284,15 +286,25 @@ class PostgresBackend:
         started_at: datetime,
         finished_at: datetime,
     ) -> None:
+        if not await self._checkpoints.submit(
+            run_id, (run_id, lease_token, name, output_json, started_at, finished_at)
+        ):
+            raise LeaseLost(run_id)
+
+    @_transient
+    async def _save_steps(self, batch: list[tuple[str, str, str, str, datetime, datetime]]) -> set[str]:
+        columns = list(zip(*batch, strict=True))
         params = {
-            "run_id": run_id,
-            "lease_token": lease_token,
-            "name": name,
-            "output": output_json,
-            "started_at": started_at,
-            "finished_at": finished_at,
+            "run_ids": list(columns[0]),
+            "tokens": list(columns[1]),
+            "names": list(columns[2]),
+            "outputs": list(columns[3]),
+            "started": list(columns[4]),
+            "finished": list(columns[5]),
         }
-        await self._fenced("save_step", params)
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["save_steps"], params)).fetchall()
+        return {row[0] for row in rows}
 
     @_transient
     async def sleep_run(
@@ -319,9 +331,17 @@ class PostgresBackend:
     async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None:
         await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
 
-    @_transient
     async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
-        await self._fenced("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json})
+        if not await self._outcomes.submit(run_id, (run_id, lease_token, output_json)):
+            raise LeaseLost(run_id)
+
+    @_transient
+    async def _complete_runs(self, batch: list[tuple[str, str, str]]) -> set[str]:
+        columns = list(zip(*batch, strict=True))
+        params = {"run_ids": list(columns[0]), "tokens": list(columns[1]), "outputs": list(columns[2])}
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["complete_runs"], params)).fetchall()
+        return {row[0] for row in rows}
 
     @_transient
     async def fail_attempt(

@@ -74,20 +74,27 @@ SELECT name, kind, status, output, error, attempts, wake_at, started_at, finishe
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY started_at, name
 
--- save_step --
--- Checkpoint a step's result, only while this claim still owns the run (the row lock orders it
--- against a take-over).
-WITH owned AS (
-    SELECT id FROM runs
-    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
-    FOR NO KEY UPDATE
+-- save_steps --
+-- Checkpoint several runs' step results in one transaction (group commit). Each row is written only
+-- while its claim still owns the run; the row lock orders it against a take-over. Returns the runs written.
+WITH batch AS (
+    SELECT *
+    FROM unnest(%(run_ids)s::uuid[], %(tokens)s::uuid[], %(names)s::text[], %(outputs)s::jsonb[],
+                %(started)s::timestamptz[], %(finished)s::timestamptz[])
+         AS b(run_id, lease_token, name, output, started_at, finished_at)
+), owned AS (
+    SELECT b.*
+    FROM batch b JOIN runs r ON r.id = b.run_id
+    WHERE r.lease_token = b.lease_token AND r.status = 'running'
+    ORDER BY r.id
+    FOR NO KEY UPDATE OF r
 )
 INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
-SELECT id, %(name)s, 'call', 'completed', %(output)s::jsonb, 1, %(started_at)s::timestamptz, %(finished_at)s::timestamptz FROM owned
+SELECT run_id, name, 'call', 'completed', output, 1, started_at, finished_at FROM owned
 ON CONFLICT (run_id, name) DO UPDATE
 SET status = 'completed', output = EXCLUDED.output, error = NULL, attempts = s.attempts + 1,
     started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
-RETURNING 1
+RETURNING run_id::text
 
 -- sleep_run --
 -- Park the run until its wake time and record the sleep, in one statement.
@@ -114,12 +121,14 @@ FROM owned
 WHERE steps.run_id = owned.id AND steps.name = %(name)s
 RETURNING 1
 
--- complete_run --
-UPDATE runs
-SET status = 'completed', output = %(output)s::jsonb, error = NULL, lease_token = NULL,
-    finished_at = now(), updated_at = now()
-WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
-RETURNING 1
+-- complete_runs --
+-- Store the outputs of several runs in one transaction (group commit), each fenced by its claim.
+UPDATE runs AS r
+SET status = 'completed', output = b.output, error = NULL, lease_token = NULL, finished_at = now(),
+    updated_at = now()
+FROM unnest(%(run_ids)s::uuid[], %(tokens)s::uuid[], %(outputs)s::jsonb[]) AS b(run_id, lease_token, output)
+WHERE r.id = b.run_id AND r.lease_token = b.lease_token AND r.status = 'running'
+RETURNING r.id::text
 
 -- retry_run --
 -- A failed attempt that will be retried: pending again after the delay.

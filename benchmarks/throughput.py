@@ -1,0 +1,63 @@
+"""Throughput: W workflows of S trivial steps, processed by 1 and by 2 worker processes.
+
+    python -m benchmarks.throughput [--workflows 5000] [--steps 3] [--concurrency 16,32,64] [--sqlite]
+
+Runs are enqueued first; the clock runs from the workers' start to the last completion. Prints
+workflows/s and checkpoints/s (step checkpoints stored per second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from benchmarks.bench_common import arguments, database, report, start_workers, stop_workers
+from sonamu_tasks import RunStatus, WorkflowManager, define_config
+
+
+async def one_round(url: str, workflows: int, steps: int, processes: int, concurrency: int) -> float:
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    config = define_config(database_url=url, schema=schema, tasks={"enable_worker": False})
+    async with WorkflowManager(config) as client:
+        spec = {"name": "steps", "version": "1"}
+        for start in range(0, workflows, 500):
+            batch = range(start, min(start + 500, workflows))
+            await asyncio.gather(*(client.run(spec, {"steps": steps}) for _ in batch))
+        began = time.perf_counter()
+        workers = start_workers(url, schema, processes, concurrency=concurrency)
+        try:
+            while True:
+                page = await client.list_runs(status=[RunStatus.PENDING, RunStatus.RUNNING], limit=1)
+                if not page.items:
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - began
+        finally:
+            stop_workers(workers)
+        done = await client.list_runs(status="completed", limit=1)
+        assert done.items, "no run completed"
+    return elapsed
+
+
+async def main() -> None:
+    parser = arguments(__doc__ or "")
+    parser.add_argument("--workflows", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--concurrency", default="16,64")
+    parser.add_argument("--processes", default="1,2")
+    args = parser.parse_args()
+    backend = "sqlite" if args.sqlite else "postgres"
+    with tempfile.TemporaryDirectory() as tmp, database(args, Path(tmp)) as url:
+        for processes in [int(p) for p in args.processes.split(",")]:
+            for concurrency in [int(c) for c in args.concurrency.split(",")]:
+                elapsed = await one_round(url, args.workflows, args.steps, processes, concurrency)
+                labels = {"backend": backend, "processes": processes, "concurrency": concurrency, "S": args.steps}
+                report("throughput.workflows_per_s", args.workflows / elapsed, "workflows/s", **labels)
+                report("throughput.checkpoints_per_s", args.workflows * args.steps / elapsed, "checkpoints/s", **labels)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
