@@ -140,8 +140,8 @@ class SqliteBackend:
             return None
 
         def next_due(conn: sqlite3.Connection, now: int) -> float | None:
-            due_at = conn.execute(QUERIES["next_due_at"], {"workflows": pairs(workflows)}).fetchone()[0]
-            return None if due_at is None else (due_at - now) / 1_000_000
+            row = conn.execute(QUERIES["next_due_at"], {"workflows": pairs(workflows)}).fetchone()
+            return None if row is None else (row["available_at"] - now) / 1_000_000
 
         return await self._db.read(next_due)
 

@@ -30,8 +30,10 @@ SELECT id FROM runs WHERE idempotency_key = :idempotency_key OR id = :id
 
 -- due_runs --
 -- The runs a claim takes, oldest due first; a run still "running" here had its lease expire.
+-- INDEXED BY: walk the due end of the claim index and stop at the limit, whatever the planner guesses
+-- from a table it has no statistics of.
 SELECT id, status = 'running' AS lease_expired, started_at IS NULL AS first_claim
-FROM runs
+FROM runs INDEXED BY runs_claimable
 WHERE status IN ('pending', 'running', 'sleeping')
   AND available_at <= :now
   AND (workflow_name, version) IN (
@@ -53,12 +55,14 @@ WHERE id = :id
 RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at
 
 -- next_due_at --
--- When the next claimable run of these workflows is due.
-SELECT min(available_at)
-FROM runs
+-- When the next claimable run of these workflows is due: the first match along the claim index.
+SELECT available_at
+FROM runs INDEXED BY runs_claimable
 WHERE status IN ('pending', 'running', 'sleeping')
   AND (workflow_name, version) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
+ORDER BY available_at
+LIMIT 1
 
 -- heartbeat_runs --
 -- Extend the leases this worker still holds; a missing token means the run was taken from it.
@@ -192,13 +196,14 @@ RETURNING name
 
 -- list_runs --
 -- Newest first; keyset pagination on the time-ordered id (canonical lowercase text sorts as the UUID
--- does), so page N costs what page 1 costs.
+-- does), so page N costs what page 1 costs. Without a cursor the bound is 'g', which sorts after every
+-- id (hex digits and dashes): a plain range the primary key serves, where "IS NULL OR" would scan.
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
 FROM runs
 WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
-  AND (:before_id IS NULL OR id < :before_id)
+  AND id < COALESCE(:before_id, 'g')
   AND (:created_after IS NULL OR created_at >= :created_after)
   AND (:created_before IS NULL OR created_at < :created_before)
 ORDER BY id DESC

@@ -1,0 +1,163 @@
+"""What only the SQLite backend has to promise: its URLs, exact UTC times in integer columns, a busy file
+reported as unavailable without blocking the event loop, and worker processes sharing one file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from sonamu_tasks.backends.base import NewRun, RunQuery
+from sonamu_tasks.backends.sqlite import SqliteBackend
+from sonamu_tasks.errors import BackendUnavailable, ConfigError
+from sonamu_tasks.ids import new_run_id
+from sonamu_tasks.status import RunStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[SqliteBackend]:
+    backend = SqliteBackend(str(tmp_path / "tasks.db"))
+    await backend.migrate()
+    yield backend
+    await backend.close()
+
+
+def test_urls_name_a_path_relative_to_the_working_directory_or_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert SqliteBackend.from_url("sqlite:///data/tasks.db").path == str(tmp_path / "data" / "tasks.db")
+    assert SqliteBackend.from_url("sqlite:////var/lib/tasks.db").path == "/var/lib/tasks.db"
+    for wrong in ("sqlite://", "sqlite:///", "sqlite://host/tasks.db", "sqlite:///tasks.db?mode=ro"):
+        with pytest.raises(ConfigError, match="no host, no query"):
+            SqliteBackend.from_url(wrong)
+
+
+async def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    backend = SqliteBackend(str(tmp_path / "missing" / "tasks.db"))
+    with pytest.raises(ConfigError, match="does its directory exist"):
+        await backend.migrate()
+    await backend.close()
+
+
+async def test_migrations_apply_once(backend: SqliteBackend) -> None:
+    assert await backend.migrate() == []
+    assert backend.pushes_notifications is False
+
+
+async def test_times_are_utc_and_exact_to_the_microsecond(backend: SqliteBackend) -> None:
+    seoul = timezone(timedelta(hours=9))
+    start_at = datetime(2030, 5, 17, 9, 30, 15, 123457, tzinfo=seoul)
+    new_run = NewRun(new_run_id(), "later", "1", '{"a": [1, null]}', start_at=start_at)
+    run_id, created = await backend.create_run(new_run)
+    run = await backend.get_run(run_id)
+    assert created and run is not None
+    assert run.available_at == start_at and run.available_at.utcoffset() == timedelta(0)
+    assert run.created_at.tzinfo is not None and abs(run.created_at - datetime.now(UTC)) < timedelta(seconds=5)
+    assert run.input == {"a": [1, None]} and run.output is None and run.error is None
+    assert run.status is RunStatus.PENDING and run.deadline_at is None and run.started_at is None
+    assert await backend.seconds_until_due([("later", "1")]) == pytest.approx(
+        (start_at - datetime.now(UTC)).total_seconds(), abs=5
+    )
+
+
+async def test_list_runs_pages_newest_first(backend: SqliteBackend) -> None:
+    ids = [(await backend.create_run(NewRun(new_run_id(), "listed", "1", "null")))[0] for _ in range(5)]
+    first = await backend.list_runs(RunQuery(workflow="listed", limit=3))
+    second = await backend.list_runs(RunQuery(workflow="listed", before_id=first[-1].id.upper(), limit=3))
+    assert [r.id for r in first + second] == sorted(ids, reverse=True)  # ids made in one millisecond: any order
+    assert await backend.list_runs(RunQuery(statuses=("completed",))) == []
+
+
+async def test_a_file_locked_by_another_process_is_unavailable_without_blocking_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    backend = SqliteBackend(str(path), busy_timeout_s=0.5)
+    await backend.migrate()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer that does not let go
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        with pytest.raises(BackendUnavailable, match="busy"):
+            await backend.create_run(NewRun(new_run_id(), "w", "1", "null"))
+        assert ticks >= 20  # the loop kept running while the backend's thread waited for the lock
+        holder.execute("ROLLBACK")
+        _, created = await backend.create_run(NewRun(new_run_id(), "w", "1", "null"))
+        assert created
+    finally:
+        ticker.cancel()
+        holder.close()
+        await backend.close()
+
+
+# Each process migrates the fresh file at the same moment, then claims and completes runs until none is due.
+CLAIMER = textwrap.dedent(
+    """
+    import asyncio, json, sys, time
+    from datetime import timedelta
+    from pathlib import Path
+    from sonamu_tasks.backends.sqlite import SqliteBackend
+
+    async def main(path, name, go):
+        backend = SqliteBackend(path)
+        await backend.migrate()
+        while not Path(go).exists():
+            time.sleep(0.005)
+        mine = []
+        while claimed := await backend.claim_runs(name, [("race", "1")], 3, timedelta(seconds=60)):
+            for run in claimed:
+                await backend.complete_run(run.id, run.lease_token, json.dumps(name))
+                mine.append(run.id)
+        await backend.close()
+        print(json.dumps(mine))
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+async def test_processes_sharing_one_file_claim_and_complete_each_run_once(tmp_path: Path) -> None:
+    path, go = str(tmp_path / "shared.db"), str(tmp_path / "go")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    claimers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, path, f"worker-{i}", go], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for i in range(4)
+    ]
+    try:
+        backend = SqliteBackend(path)
+        await backend.migrate()
+        ids = {(await backend.create_run(NewRun(new_run_id(), "race", "1", "null")))[0] for _ in range(200)}
+        Path(go).touch()
+        outputs = [await asyncio.to_thread(claimer.communicate, timeout=60) for claimer in claimers]
+        assert [claimer.returncode for claimer in claimers] == [0, 0, 0, 0]
+        claimed = [run_id for stdout, _ in outputs for run_id in json.loads(stdout)]
+        assert sorted(claimed) == sorted(ids)  # every run once: none lost, none claimed twice
+        for run_id in ids:
+            run = await backend.get_run(run_id)
+            assert run is not None and run.status is RunStatus.COMPLETED and run.recoveries == 0
+        await backend.close()
+    finally:
+        for claimer in claimers:
+            if claimer.poll() is None:
+                claimer.kill()
+                claimer.wait()
