@@ -544,3 +544,25 @@ async def test_synchronous_code_starts_a_run_and_waits_for_its_result(manager_fo
             return ok, failing.status().value
 
     assert await asyncio.to_thread(view) == ({"ok": 5}, "failed")
+
+
+async def test_lines_logged_between_steps_are_not_repeated_by_replays(manager_for: Any, caplog: Any) -> None:
+    calls = Calls()
+
+    def flaky() -> None:
+        if calls.hit("flaky") < 3:
+            raise ConnectionError("again")
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def chatty(step: Any, logger: Any) -> None:
+        await step.define("first", lambda: 1).run()
+        logger.info("between the steps")
+        await step.define("flaky", flaky).run()
+        logger.info("after the flaky step")
+
+    manager = await manager_for([chatty])
+    with caplog.at_level("INFO", logger="sonamu_tasks.workflow"):
+        await (await manager.run(chatty)).result(timeout=15)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("between the steps" in m for m in messages) == 1  # three attempts, logged once
+    assert sum("after the flaky step" in m for m in messages) == 1

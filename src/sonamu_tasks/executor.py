@@ -69,6 +69,10 @@ class Attempt:
         self.claimed = claimed
         self.hooks = hooks
         self.logger = RunLogger(claimed.id, definition.name, definition.version)
+        self.workflow_logger = RunLogger(
+            claimed.id, definition.name, definition.version, replaying=lambda: self._replays_left > 0
+        )
+        self._replays_left = 0
         self.steps: dict[str, StepRecord] = {}
         self._seen: set[str] = set()
         self._failed_step: tuple[str, datetime, BaseException] | None = None
@@ -89,6 +93,8 @@ class Attempt:
                 raise DeadlineExceeded(f"deadline exceeded: run {run.id} was due by {run.deadline_at.isoformat()}")
             if not run.first_claim:
                 self.steps = await until_available(lambda: self.backend.load_steps(run.id), what="load checkpoints")
+                # The code up to every recorded step (a failed one included) ran before: replay it quietly.
+                self._replays_left = len(self.steps)
             output = await self._call_workflow()
             encoded = serde.dumps(output, what=f"the output of workflow {self.definition.name!r}")
             await until_available(
@@ -117,7 +123,7 @@ class Attempt:
             elif parameter == "step":
                 arguments["step"] = StepWrapper(self)
             elif parameter == "logger":
-                arguments["logger"] = self.logger
+                arguments["logger"] = self.workflow_logger
             elif parameter == "version":
                 arguments["version"] = self.definition.version
             elif parameter == "context":
@@ -178,6 +184,8 @@ class Attempt:
         self._claim_name(name)
         annotation = _return_annotation(fn)
         record = self.steps.get(name)
+        if record is not None:
+            self._replays_left -= 1
         if record is not None and record.status is StepStatus.COMPLETED:
             if record.kind != "call":
                 raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a sleep before")
@@ -185,7 +193,7 @@ class Attempt:
         if self.hooks.draining():
             raise Released
         started = datetime.now(UTC)
-        self.logger.step = name
+        self.logger.step = self.workflow_logger.step = name
         try:
             result = await self._invoke(fn, args, kwargs)
             encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
@@ -193,7 +201,7 @@ class Attempt:
             self._failed_step = (name, started, error)
             raise
         finally:
-            self.logger.step = None
+            self.logger.step = self.workflow_logger.step = None
         run = self.claimed
         finished = datetime.now(UTC)
         await until_available(
@@ -211,6 +219,7 @@ class Attempt:
         record = self.steps.get(name)
         wake_at = None
         if record is not None:
+            self._replays_left -= 1
             if record.status is StepStatus.COMPLETED:
                 return
             if record.wake_at is not None and record.wake_at <= self._db_now():

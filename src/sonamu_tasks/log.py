@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 WORKFLOW_LOGGER = logging.getLogger("sonamu_tasks.workflow")
 
 
 class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def __init__(self, run_id: str, workflow: str, version: str) -> None:
+    """`replaying`, when given, silences the logger while the run replays completed steps, so a line the
+    workflow logs between two steps appears once, not once per attempt."""
+
+    def __init__(
+        self, run_id: str, workflow: str, version: str, *, replaying: Callable[[], bool] | None = None
+    ) -> None:
         super().__init__(WORKFLOW_LOGGER, {"run_id": run_id, "workflow": workflow, "version": version})
         self.step: str | None = None
+        self._replaying = replaying
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self._replaying is not None and self._replaying():
+            return
+        super().log(level, msg, *args, **kwargs)
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         extra = dict(self.extra or {})
