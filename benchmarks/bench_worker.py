@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 
-from benchmarks.bench_workflows import steps
+from benchmarks.bench_workflows import ALL
 from sonamu_tasks import WorkflowManager, define_config
 
 
@@ -19,11 +19,11 @@ def main() -> None:
             "worker_options": {
                 "concurrency": int(os.environ.get("BENCH_CONCURRENCY", "16")),
                 "listen_delay": float(os.environ.get("BENCH_LISTEN_DELAY", "0")),
-                "poll_interval_ms": 1000,
+                "poll_interval_ms": int(os.environ.get("BENCH_POLL_INTERVAL_MS", "1000")),
             }
         },
     )
-    asyncio.run(WorkflowManager(config, workflows=[steps]).serve())
+    asyncio.run(WorkflowManager(config, workflows=ALL).serve())
 
 
 if __name__ == "__main__":

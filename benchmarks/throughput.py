@@ -11,29 +11,33 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from benchmarks.bench_common import arguments, database, report, start_workers, stop_workers
-from sonamu_tasks import RunStatus, WorkflowManager, define_config
+from benchmarks.bench_common import (
+    arguments,
+    client_config,
+    database,
+    enqueue,
+    new_schema,
+    report,
+    start_workers,
+    stop_workers,
+    wait_until_finished,
+)
+from sonamu_tasks import WorkflowManager
 
 
-async def one_round(url: str, workflows: int, steps: int, processes: int, concurrency: int) -> float:
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    config = define_config(database_url=url, schema=schema, tasks={"enable_worker": False})
-    async with WorkflowManager(config) as client:
-        spec = {"name": "steps", "version": "1"}
-        for start in range(0, workflows, 500):
-            batch = range(start, min(start + 500, workflows))
-            await asyncio.gather(*(client.run(spec, {"steps": steps}) for _ in batch))
+async def one_round(
+    url: str, workflows: int, steps: int, processes: int, concurrency: int, timeout_s: float = 600
+) -> float:
+    """Seconds from the workers' start until `workflows` enqueued runs of `steps` steps are all finished."""
+    schema = new_schema()
+    async with WorkflowManager(client_config(url, schema)) as client:
+        await enqueue(client, {"name": "steps", "version": "1"}, {"steps": steps}, workflows)
         began = time.perf_counter()
         workers = start_workers(url, schema, processes, concurrency=concurrency)
         try:
-            while True:
-                page = await client.list_runs(status=[RunStatus.PENDING, RunStatus.RUNNING], limit=1)
-                if not page.items:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_until_finished(client, timeout_s)
             elapsed = time.perf_counter() - began
         finally:
             stop_workers(workers)
