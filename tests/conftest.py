@@ -60,7 +60,7 @@ def make_config(database_url: str, schema: str) -> ConfigFactory:
     """A config on this test's database and schema; keyword arguments are worker options."""
 
     def make(*, enable_worker: bool = True, context_provider: Any = None, **worker_options: Any) -> Config:
-        options = {"listen_delay": 0, "lease_ms": 2000, "poll_interval_ms": 1000, **worker_options}
+        options = {"listen_delay": 0, "lease_ms": 2000, **worker_options}
         options.setdefault("concurrency", 4)
         return define_config(
             database_url=database_url,

@@ -512,7 +512,7 @@ async def test_a_stale_lease_cannot_write_checkpoints_or_the_outcome(manager_for
         await backend.fail_attempt(run_id, old.lease_token, {"type": "X", "message": "stale"}, None, None)
     with pytest.raises(LeaseLost):
         await backend.sleep_run(run_id, old.lease_token, "nap", now, timedelta(seconds=1), None)
-    assert await backend.heartbeat("worker-a", [(run_id, old.lease_token)], timedelta(seconds=1)) == set()
+    assert await backend.heartbeat("worker-a", [(run_id, old.lease_token)], timedelta(seconds=1)) == {}
     await backend.save_step(run_id, new.lease_token, "s", '"fresh"', now, now)
     await backend.complete_run(run_id, new.lease_token, '"done"')
     run = await backend.get_run(run_id, with_steps=True)
@@ -566,3 +566,142 @@ async def test_lines_logged_between_steps_are_not_repeated_by_replays(manager_fo
     messages = [r.getMessage() for r in caplog.records]
     assert sum("between the steps" in m for m in messages) == 1  # three attempts, logged once
     assert sum("after the flaky step" in m for m in messages) == 1
+
+
+async def test_cancel_stops_a_pending_run_at_once(manager_for: Any) -> None:
+    client = await manager_for([], enable_worker=False)
+    handle = await client.run({"name": "nobody_runs_this", "version": "1"})
+    assert await handle.cancel() is RunStatus.CANCELED
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=5)
+    assert failure.value.status == "canceled"
+    assert await handle.cancel() is RunStatus.CANCELED  # again: nothing changes
+
+
+async def test_cancel_from_another_process_stops_a_running_run_at_its_next_step(manager_for: Any) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    calls = Calls()
+
+    async def slow() -> str:
+        calls.hit("slow")
+        started.set()
+        await release.wait()
+        return "slow done"
+
+    async def never() -> None:
+        calls.hit("never")
+
+    @workflow(version="1")
+    async def cancellable(step: Any) -> None:
+        await step.define("slow", slow).run()
+        await step.define("never", never).run()
+
+    worker = await manager_for([cancellable])
+    client = await manager_for([], enable_worker=False)  # the request travels through the database
+    handle = await client.run({"name": "cancellable", "version": "1"})
+    await asyncio.wait_for(started.wait(), 15)
+    assert await client.cancel(handle.id) is RunStatus.RUNNING  # asked; it is inside a step
+    await wait_until(lambda: _request_reached(worker, handle.id), what="the worker to hear of the cancel")
+    release.set()
+    with pytest.raises(WorkflowFailed, match="canceled"):
+        await handle.result(timeout=15)
+    run = await handle.info(with_steps=True)
+    assert run.status is RunStatus.CANCELED and [s.name for s in run.steps] == ["slow"]
+    assert calls.counts == {"slow": 1}
+
+
+async def test_pause_keeps_checkpoints_and_resume_continues(manager_for: Any) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    calls = Calls()
+
+    async def first() -> None:
+        calls.hit("first")
+        started.set()
+        await release.wait()
+
+    async def second() -> str:
+        calls.hit("second")
+        return "finished"
+
+    @workflow(version="1")
+    async def pausable(step: Any) -> str:
+        await step.define("first", first).run()
+        return str(await step.define("second", second).run())
+
+    manager = await manager_for([pausable])
+    handle = await manager.run(pausable)
+    await asyncio.wait_for(started.wait(), 15)
+    await handle.pause()
+    release.set()
+    await wait_until(lambda: _status_is(handle, RunStatus.PAUSED), what="the pause at the step boundary")
+    assert calls.counts == {"first": 1}
+    await asyncio.sleep(0.3)  # paused: nothing claims it
+    assert await handle.status() is RunStatus.PAUSED
+    assert await handle.resume() is RunStatus.PENDING
+    assert await handle.result(timeout=15) == "finished"
+    assert calls.counts == {"first": 1, "second": 1}
+
+
+async def test_a_paused_sleeper_keeps_its_wake_time(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def dozer(step: Any) -> str:
+        await step.sleep("doze", "1500ms")
+        return "awake"
+
+    manager = await manager_for([dozer])
+    handle = await manager.run(dozer)
+    await wait_until(lambda: _status_is(handle, RunStatus.SLEEPING), what="the sleep")
+    assert await handle.pause() is RunStatus.PAUSED
+    assert await handle.resume() is RunStatus.PENDING  # claimed at once, then parks until its own wake time
+    await wait_until(lambda: _status_is(handle, RunStatus.SLEEPING), what="the sleep to resume")
+    assert await handle.result(timeout=15) == "awake"
+    run = await handle.info()
+    assert run.finished_at is not None and run.started_at is not None
+    assert run.finished_at - run.created_at >= timedelta(seconds=1.4)
+
+
+async def test_retry_restarts_a_failed_run_from_its_failed_step(manager_for: Any) -> None:
+    calls = Calls()
+    broken = True
+
+    def prepare() -> str:
+        calls.hit("prepare")
+        return "prepared"
+
+    def deliver(value: str) -> str:
+        calls.hit("deliver")
+        if broken:
+            raise ConnectionError("courier down")
+        return value + " and delivered"
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=2, initial_interval_ms=10))
+    async def delivery(step: Any) -> str:
+        value = await step.define("prepare", prepare).run()
+        return str(await step.define("deliver", deliver).run(value))
+
+    manager = await manager_for([delivery])
+    handle = await manager.run(delivery)
+    with pytest.raises(WorkflowFailed, match="courier down"):
+        await handle.result(timeout=15)
+    broken = False
+    assert await handle.retry() is RunStatus.PENDING
+    assert await handle.result(timeout=15) == "prepared and delivered"
+    assert calls.counts == {"prepare": 1, "deliver": 3}
+    assert (await handle.info()).attempts == 0
+
+
+async def test_workers_are_listed_with_their_workflows(manager_for: Any) -> None:
+    @workflow(version="3")
+    async def listed() -> None: ...
+
+    manager = await manager_for([listed])
+    workers = await manager.list_workers()
+    assert [w.workflows for w in workers] == [[("listed", "3")]]
+    assert manager.worker is not None and workers[0].id == manager.worker.id
+
+
+async def _request_reached(manager: WorkflowManager, run_id: str) -> bool:
+    worker = manager.worker
+    return worker is not None and any(
+        attempt.claimed.id == run_id and attempt._stop_requested for _, attempt in worker._active.values()
+    )

@@ -34,8 +34,9 @@ class WorkerOptions:
     """Milliseconds between a notification and the claim it triggers (the seed's default; 0 allowed)."""
     lease_ms: float = 30_000
     """How long a claimed run stays owned without a heartbeat; heartbeats every third of it."""
-    poll_interval_ms: float = 5_000
-    """The longest a worker waits before looking for due runs when nothing woke it."""
+    poll_interval_ms: float | None = None
+    """The longest a worker waits before looking for due runs when nothing woke it. Default: 5000 where
+    the database pushes notifications (PostgreSQL), 250 where other processes can only be polled (SQLite)."""
     shutdown_grace_ms: float = 10_000
     """On shutdown, how long running steps may take to finish before their runs are handed back."""
     max_recoveries: int = 100
@@ -47,7 +48,7 @@ class WorkerOptions:
         if self.lease_ms < 100:
             raise ConfigError(f"worker_options.lease_ms must be at least 100, got {self.lease_ms}")
         for name in ("listen_delay", "poll_interval_ms", "shutdown_grace_ms"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"worker_options.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_recoveries < 1:
             raise ConfigError(f"worker_options.max_recoveries must be at least 1, got {self.max_recoveries}")

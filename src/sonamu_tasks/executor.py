@@ -36,6 +36,13 @@ class Released(BaseException):
     """The worker is shutting down: the run is handed back at this step boundary. Not an error."""
 
 
+class Stopped(BaseException):
+    """A cancel or pause was honoured at this step boundary. Not an error."""
+
+
+CANCELED_ERROR = {"type": "Canceled", "message": "canceled on request"}
+
+
 class RecoveryLimitExceeded(NonRetryableError):
     pass
 
@@ -73,10 +80,15 @@ class Attempt:
             claimed.id, definition.name, definition.version, replaying=lambda: self._replays_left > 0
         )
         self._replays_left = 0
+        self._stop_requested = claimed.requested_action is not None
         self.steps: dict[str, StepRecord] = {}
         self._seen: set[str] = set()
         self._failed_step: tuple[str, datetime, BaseException] | None = None
         self._claimed_monotonic = time.monotonic()
+
+    def request_stop(self) -> None:
+        """A cancel or pause was asked for: honour it at the next step boundary."""
+        self._stop_requested = True
 
     # the workflow, start to outcome
 
@@ -91,6 +103,8 @@ class Attempt:
                 )
             if run.deadline_at is not None and run.deadline_at <= run.claimed_at:
                 raise DeadlineExceeded(f"deadline exceeded: run {run.id} was due by {run.deadline_at.isoformat()}")
+            if self._stop_requested:  # asked while its previous worker held it
+                await self._honour_request()
             if not run.first_claim:
                 self.steps = await until_available(lambda: self.backend.load_steps(run.id), what="load checkpoints")
                 # The code up to every recorded step (a failed one included) ran before: replay it quietly.
@@ -101,7 +115,7 @@ class Attempt:
                 lambda: self.backend.complete_run(run.id, run.lease_token, encoded), what="complete run"
             )
             self.hooks.finished(run.id)
-        except Suspended:
+        except (Suspended, Stopped):
             pass
         except Released:
             held = [(run.id, run.lease_token)]
@@ -190,8 +204,7 @@ class Attempt:
             if record.kind != "call":
                 raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a sleep before")
             return serde.decode(record.output, annotation)
-        if self.hooks.draining():
-            raise Released
+        await self._boundary()
         started = datetime.now(UTC)
         self.logger.step = self.workflow_logger.step = name
         try:
@@ -228,6 +241,8 @@ class Attempt:
                 )
                 return
             wake_at = record.wake_at  # woken early (resumed, say): sleep on until the original time
+        if self._stop_requested:
+            await self._honour_request()
         started = datetime.now(UTC)
         stored_wake = await until_available(
             lambda: self.backend.sleep_run(run.id, run.lease_token, name, started, delta, wake_at),
@@ -238,6 +253,29 @@ class Attempt:
         raise Suspended
 
     # helpers
+
+    async def _boundary(self) -> None:
+        """Between two steps: where a shutdown hands the run back and a cancel or pause takes effect."""
+        if self._stop_requested:
+            await self._honour_request()
+        if self.hooks.draining():
+            raise Released
+
+    async def _honour_request(self) -> None:
+        run = self.claimed
+        self._stop_requested = False
+        try:
+            status = await until_available(
+                lambda: self.backend.settle_request(run.id, run.lease_token, dict(CANCELED_ERROR)), what="stop run"
+            )
+        except LeaseLost:
+            # The request was withdrawn (resumed) before we got here. Had the lease gone instead, the next
+            # write would say so.
+            return
+        self.logger.info("%s on request", status)
+        if status.finished:
+            self.hooks.finished(run.id)
+        raise Stopped
 
     def _claim_name(self, name: str) -> None:
         if name in self._seen:

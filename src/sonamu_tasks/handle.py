@@ -36,3 +36,17 @@ class RunHandle:
         if `timeout` seconds pass first. Woken by the database's notification, not by polling.
         """
         return await self._manager.wait_for_result(self.id, timeout=timeout)
+
+    async def cancel(self) -> RunStatus:
+        """Cancel: at once unless running; a running run stops at its next step boundary."""
+        return await self._manager.cancel(self.id)
+
+    async def pause(self) -> RunStatus:
+        return await self._manager.pause(self.id)
+
+    async def resume(self) -> RunStatus:
+        return await self._manager.resume(self.id)
+
+    async def retry(self) -> RunStatus:
+        """Start a failed or canceled run again from its failed step."""
+        return await self._manager.retry(self.id)

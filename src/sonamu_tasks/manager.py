@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,19 +13,21 @@ from types import TracebackType
 from typing import Any, Self, TypeGuard
 
 from . import serde
-from .backends.base import Backend, NewRun, RunQuery, RunRecord, ScheduleStore
+from .backends.base import Backend, NewRun, RunQuery, RunRecord, ScheduleStore, WorkerRecord
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration, parse_duration
 from .errors import ResultTimeout, RunNotFound, SonamuTasksError, WorkflowFailed, WorkflowNotRegistered
+from .executor import CANCELED_ERROR
 from .handle import RunHandle
 from .ids import new_run_id
 from .reconnect import until_available
 from .registry import Registry
 from .scheduler import Scheduler
 from .status import RunStatus
+from .waiting import cancel_and_wait, wait_for_event
 from .worker import Worker
 
 logger = logging.getLogger("sonamu_tasks.manager")
@@ -157,8 +158,7 @@ class WorkflowManager:
             await self.worker.stop()
             self.worker = None
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            await cancel_and_wait(self._listener)
         await self.backend.close()
 
     async def serve(self) -> None:
@@ -254,6 +254,39 @@ class WorkflowManager:
             raise RunNotFound(f"no run with id {run_id}")
         return record
 
+    # steering
+
+    async def cancel(self, run_id: str) -> RunStatus:
+        """Cancel a run: at once if it is pending, sleeping or paused; at its next step boundary if running
+        (its worker hears of it by notification). Returns the status after (a finished run is left as is)."""
+        return await self._steer(run_id, lambda: self.backend.cancel_run(run_id, dict(CANCELED_ERROR)))
+
+    async def pause(self, run_id: str) -> RunStatus:
+        """Pause a run: it keeps its checkpoints and is not claimed until resumed."""
+        return await self._steer(run_id, lambda: self.backend.pause_run(run_id))
+
+    async def resume(self, run_id: str) -> RunStatus:
+        return await self._steer(run_id, lambda: self.backend.resume_run(run_id))
+
+    async def retry(self, run_id: str) -> RunStatus:
+        """Start a failed or canceled run again from its failed step, keeping its checkpoints, with a fresh
+        retry budget (and no deadline)."""
+        return await self._steer(run_id, lambda: self.backend.restart_run(run_id))
+
+    async def _steer(self, run_id: str, call: Callable[[], Awaitable[RunStatus | None]]) -> RunStatus:
+        status = await until_available(call, what="steer run", give_up_after_s=30)
+        if status is None:
+            raise RunNotFound(f"no run with id {run_id}")
+        if self.worker is not None:
+            self.worker.run_requested(run_id)  # held here: no need to wait for the notification
+            if status is RunStatus.PENDING:
+                self.worker.wake()
+        return status
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        """Workers that registered, with their workflows and last heartbeat (a stale one is likely dead)."""
+        return await until_available(self.backend.list_workers, what="list workers", give_up_after_s=30)
+
     async def list_runs(
         self,
         *,
@@ -298,8 +331,7 @@ class WorkflowManager:
                 if remaining is not None and remaining <= 0:
                     raise ResultTimeout(run_id, record.status.value, timeout or 0)
                 wait = recheck if remaining is None else min(recheck, remaining)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), wait)
+                await wait_for_event(event, wait)
         finally:
             waiters = self._waiters.get(run_id)
             if waiters is not None:
@@ -316,6 +348,10 @@ class WorkflowManager:
     def run_finished(self, run_id: str) -> None:
         for event in self._waiters.get(run_id, ()):
             event.set()
+
+    def run_requested(self, run_id: str) -> None:
+        if self.worker is not None:
+            self.worker.run_requested(run_id)
 
     def reconnected(self) -> None:
         if self.worker is not None:

@@ -11,7 +11,6 @@ fire time, then continues from the next future one. No burst of catch-up runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from .errors import BackendUnavailable, InvalidInput, SerializationError
 from .ids import new_run_id
 from .registry import Registry
 from .schedule import Schedule, latest_fire_at_or_before, next_fire_after, zone
+from .waiting import cancel_and_wait, wait_for_event
 
 logger = logging.getLogger("sonamu_tasks.scheduler")
 
@@ -51,6 +51,7 @@ class Scheduler:
         self._owned_workflows: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def synchronize(self) -> None:
         """Store the schedules the registered workflows declare; drop those the code no longer has."""
@@ -124,13 +125,17 @@ class Scheduler:
         self._task = asyncio.create_task(self._loop(), name="sonamu-scheduler")
 
     async def stop(self) -> None:
+        # A flag, not only a cancel: a cancel that lands inside a database call can be absorbed there.
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            done, _ = await asyncio.wait([self._task], timeout=5)
+            if not done:
+                await cancel_and_wait(self._task)
             self._task = None
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 wait = await self.tick()
@@ -141,8 +146,7 @@ class Scheduler:
                 logger.exception("scheduler tick failed; retrying")
                 wait = 1.0
             wait = self.max_sleep_s if wait is None else min(max(wait, 0.0), self.max_sleep_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await wait_for_event(self._wake, wait)
 
 
 def _find(schedules: tuple[Schedule, ...], name: str, workflow_name: str) -> Schedule | None:

@@ -20,13 +20,18 @@ from typing import Any
 
 from .backends.base import Backend, ClaimedRun, WorkerRecord
 from .config import WorkerOptions
+from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
 from .executor import Attempt
 from .reconnect import until_available
 from .registry import Registry
 from .threads import StepThreads
+from .waiting import cancel_and_wait, wait_for_event
 
 logger = logging.getLogger("sonamu_tasks.worker")
+
+PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the safety net
+POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is how runs are found
 
 
 class Worker:
@@ -47,19 +52,22 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.threads: Executor = StepThreads(options.concurrency)
         self._lease = timedelta(milliseconds=options.lease_ms)
+        poll_ms = options.poll_interval_ms
+        if poll_ms is None:
+            poll_ms = PUSHED_POLL_MS if backend.pushes_notifications else POLLED_POLL_MS
+        self._poll_s = poll_ms / 1000
         self._on_finished = on_finished
-        self._active: dict[str, tuple[asyncio.Task[None], ClaimedRun]] = {}  # by lease token
+        self._active: dict[str, tuple[asyncio.Task[None], Attempt]] = {}  # by lease token
         self._wake = asyncio.Event()
         self._more_due = False
         self._stopping = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
-        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def active_runs(self) -> list[str]:
-        return [claimed.id for _, claimed in self._active.values()]
+        return [attempt.claimed.id for _, attempt in self._active.values()]
 
     async def start(self) -> None:
         await until_available(lambda: self.backend.register_worker(self._record()), what="register worker")
@@ -105,6 +113,12 @@ class Worker:
         handle = loop.call_later(max(0.0, seconds), fire)
         self._timers.add(handle)
 
+    def run_requested(self, run_id: str) -> None:
+        """A cancel or pause was asked for a run: the attempt holding it stops at its next step boundary."""
+        for _, attempt in self._active.values():
+            if attempt.claimed.id == run_id:
+                attempt.request_stop()
+
     # AttemptHooks
 
     def draining(self) -> bool:
@@ -120,10 +134,12 @@ class Worker:
         backoff = 0.05
         while not self._stopping:
             self._wake.clear()
-            timeout = self.options.poll_interval_ms / 1000
+            timeout = self._poll_s
             free = self.options.concurrency - len(self._active)
             if free > 0:
-                workflows = self.registry.keys()
+                # A snapshot: a synchronize() while the claim is in flight must not orphan what it claims.
+                definitions = {definition.key: definition for definition in self.registry}
+                workflows = sorted(definitions)
                 try:
                     claimed = await self.backend.claim_runs(self.id, workflows, free, self._lease)
                     self._more_due = len(claimed) == free
@@ -137,22 +153,20 @@ class Worker:
                     logger.warning("claim failed (%s); retrying in %.2fs", error, backoff)
                     claimed, timeout = [], backoff
                     backoff = min(backoff * 2, 5.0)
+                except Exception:
+                    logger.exception("claim failed unexpectedly; retrying in %.2fs", backoff)
+                    claimed, timeout = [], backoff
+                    backoff = min(backoff * 2, 5.0)
                 for run in claimed:
-                    self._start(run)
+                    self._start(run, definitions[(run.workflow_name, run.version)])
                 if self._more_due and len(self._active) < self.options.concurrency:
                     continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_for_event(self._wake, timeout)
 
-    def _start(self, claimed: ClaimedRun) -> None:
-        definition = self.registry.find(claimed.workflow_name, claimed.version)
-        if definition is None:  # unregistered by a reload between claim and start: hand it back
-            release = asyncio.create_task(self.backend.release_runs([(claimed.id, claimed.lease_token)]))
-            self._releases.add(release)
-            release.add_done_callback(self._releases.discard)
-            return
-        task = asyncio.create_task(Attempt(self.backend, definition, claimed, self).execute(), name=claimed.id)
-        self._active[claimed.lease_token] = (task, claimed)
+    def _start(self, claimed: ClaimedRun, definition: WorkflowDefinition[Any, Any]) -> None:
+        attempt = Attempt(self.backend, definition, claimed, self)
+        task = asyncio.create_task(attempt.execute(), name=claimed.id)
+        self._active[claimed.lease_token] = (task, attempt)
         task.add_done_callback(lambda _: self._slot_freed(claimed.lease_token))
 
     def _slot_freed(self, lease_token: str) -> None:
@@ -164,14 +178,19 @@ class Worker:
         interval = self.options.lease_ms / 3000
         while True:
             await asyncio.sleep(interval)
-            held = [(claimed.id, token) for token, (_, claimed) in self._active.items()]
+            held = [(attempt.claimed.id, token) for token, (_, attempt) in self._active.items()]
             try:
                 still_held = await self.backend.heartbeat(self.id, held, self._lease)
             except BackendUnavailable as error:
                 logger.warning("heartbeat failed (%s)", error)
                 continue
+            except Exception:
+                logger.exception("heartbeat failed unexpectedly")
+                continue
             for run_id, token in held:
                 entry = self._active.get(token)
+                if entry is not None and still_held.get(token):
+                    entry[1].request_stop()  # a cancel or pause whose notification did not reach us
                 if token not in still_held and entry is not None and not entry[0].done():
                     # Another worker took it over (we stalled past the lease): stop wasting work on it.
                     logger.warning("lost the lease of run %s; stopping its attempt", run_id)
@@ -196,7 +215,7 @@ class Worker:
                 len(running),
             )
             await asyncio.wait(running, timeout=self.options.shutdown_grace_ms / 1000)
-        leftover = [(claimed.id, token, task) for token, (task, claimed) in self._active.items()]
+        leftover = [(attempt.claimed.id, token, task) for token, (task, attempt) in self._active.items()]
         for _, _, task in leftover:
             task.cancel()
         if leftover:
@@ -208,8 +227,7 @@ class Worker:
             except BackendUnavailable:
                 logger.warning("could not hand back %d run(s); they are taken over when their leases expire", len(held))
         if heartbeat_loop is not None:
-            heartbeat_loop.cancel()
-            await asyncio.gather(heartbeat_loop, return_exceptions=True)
+            await cancel_and_wait(heartbeat_loop)
         with contextlib.suppress(BackendUnavailable):
             await until_available(
                 lambda: self.backend.remove_worker(self.id), what="deregister worker", give_up_after_s=2

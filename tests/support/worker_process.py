@@ -25,7 +25,6 @@ def main() -> None:
                 "concurrency": 2,
                 "listen_delay": 0,
                 "lease_ms": float(os.environ.get("SONAMU_TEST_LEASE_MS", "1000")),
-                "poll_interval_ms": 500,
                 "shutdown_grace_ms": float(os.environ.get("SONAMU_TEST_GRACE_MS", "10000")),
             }
         },

@@ -35,6 +35,8 @@ class ClaimedRun:
     claimed_at: datetime
     first_claim: bool
     deadline_at: datetime | None
+    requested_action: str | None = None
+    """"cancel" or "pause" asked for while it was running (its previous worker died before honouring it)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class RunRecord:
     finished_at: datetime | None
     updated_at: datetime
     steps: tuple[StepRecord, ...] = field(default=())
+    requested_action: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,10 @@ class Notifications(Protocol):
 
     def run_available(self, workflow_name: str) -> None: ...
     def run_finished(self, run_id: str) -> None: ...
+    def run_requested(self, run_id: str) -> None:
+        """A cancel or pause was asked for this running run."""
+        ...
+
     def reconnected(self) -> None: ...
 
 
@@ -141,8 +148,11 @@ class Backend(Protocol):
         """Seconds until the next claimable run of these workflows is due (<= 0: now), None if none."""
         ...
 
-    async def heartbeat(self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta) -> set[str]:
-        """Extend the leases of (run id, lease token) pairs; return the tokens still held."""
+    async def heartbeat(
+        self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta
+    ) -> dict[str, str | None]:
+        """Extend the leases of (run id, lease token) pairs; return the tokens still held, each with the
+        action ("cancel", "pause") requested for its run, if any."""
         ...
 
     async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
@@ -152,6 +162,21 @@ class Backend(Protocol):
     async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None: ...
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
         """Runs matching `query`, newest first (by id), at most `query.limit`."""
+        ...
+
+    # steering runs from outside (each returns the status after, None when the run does not exist)
+    async def cancel_run(self, run_id: str, error: dict[str, Any]) -> RunStatus | None:
+        """Cancel now if not running; ask the running worker to stop at its next step boundary otherwise."""
+        ...
+
+    async def pause_run(self, run_id: str) -> RunStatus | None: ...
+    async def resume_run(self, run_id: str) -> RunStatus | None: ...
+    async def restart_run(self, run_id: str) -> RunStatus | None:
+        """Start a failed or canceled run again from its failed step, keeping its checkpoints."""
+        ...
+
+    async def settle_request(self, run_id: str, lease_token: str, error: dict[str, Any]) -> RunStatus:
+        """Honour the requested cancel or pause of a claimed run (fenced): the status it ends in."""
         ...
 
     # what a claimed run writes (fenced by its lease token)
@@ -193,6 +218,7 @@ class Backend(Protocol):
     # workers
     async def register_worker(self, worker: WorkerRecord) -> None: ...
     async def remove_worker(self, worker_id: str) -> None: ...
+    async def list_workers(self) -> list[WorkerRecord]: ...
 
 
 NotificationCallback = Callable[[str], None]

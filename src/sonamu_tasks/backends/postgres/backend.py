@@ -224,14 +224,47 @@ class PostgresBackend:
         return None if row is None or row[0] is None else float(row[0])
 
     @_transient
-    async def heartbeat(self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta) -> set[str]:
+    async def heartbeat(
+        self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta
+    ) -> dict[str, str | None]:
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(QUERIES["touch_worker"], {"worker_id": worker_id})
             if not held:
-                return set()
+                return {}
             params = {"ids": [i for i, _ in held], "tokens": [t for _, t in held], "lease": lease}
             rows = await (await conn.execute(QUERIES["heartbeat_runs"], params)).fetchall()
-        return {row[0] for row in rows}
+        return {row[0]: row[1] for row in rows}
+
+    # steering runs from outside
+
+    @_transient
+    async def cancel_run(self, run_id: str, error: dict[str, Any]) -> RunStatus | None:
+        return await self._steer("cancel_run", {"run_id": run_id, "error": json.dumps(error)})
+
+    @_transient
+    async def pause_run(self, run_id: str) -> RunStatus | None:
+        return await self._steer("pause_run", {"run_id": run_id})
+
+    @_transient
+    async def resume_run(self, run_id: str) -> RunStatus | None:
+        return await self._steer("resume_run", {"run_id": run_id})
+
+    @_transient
+    async def restart_run(self, run_id: str) -> RunStatus | None:
+        return await self._steer("restart_run", {"run_id": run_id})
+
+    @_transient
+    async def settle_request(self, run_id: str, lease_token: str, error: dict[str, Any]) -> RunStatus:
+        params = {"run_id": run_id, "lease_token": lease_token, "error": json.dumps(error)}
+        return RunStatus((await self._fenced("settle_request", params))[0])
+
+    async def _steer(self, query: str, params: dict[str, Any]) -> RunStatus | None:
+        """Apply a steering update; when it does not apply, report the status the run has."""
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(QUERIES[query], params)).fetchone()
+            if row is None:
+                row = await (await conn.execute(QUERIES["run_status"], params)).fetchone()
+        return None if row is None else RunStatus(row[0])
 
     @_transient
     async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
@@ -377,6 +410,15 @@ class PostgresBackend:
             await conn.execute(QUERIES["register_worker"], params)
 
     @_transient
+    async def list_workers(self) -> list[WorkerRecord]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["list_workers"])).fetchall()
+        return [
+            WorkerRecord(id, host, pid, [(n, v) for n, v in workflows], concurrency, started_at, heartbeat_at)
+            for id, host, pid, workflows, concurrency, started_at, heartbeat_at in rows
+        ]
+
+    @_transient
     async def remove_worker(self, worker_id: str) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(QUERIES["remove_worker"], {"worker_id": worker_id})
@@ -406,6 +448,8 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
         notifications.run_available(value)
     elif kind == "f":
         notifications.run_finished(value)
+    elif kind == "r":
+        notifications.run_requested(value)
 
 
 def _new_run_params(run: NewRun) -> dict[str, Any]:

@@ -37,7 +37,7 @@ SET status = 'running',
 FROM due
 WHERE r.id = due.id
 RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries, r.lease_token::text,
-          now() AS claimed_at, due.first_claim, r.deadline_at
+          now() AS claimed_at, due.first_claim, r.deadline_at, r.requested_action
 
 -- seconds_until_due --
 -- How long until the next claimable run of these workflows is due.
@@ -52,7 +52,7 @@ UPDATE runs
 SET available_at = now() + %(lease)s::interval, updated_at = now()
 WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
   AND status = 'running'
-RETURNING lease_token::text
+RETURNING lease_token::text, requested_action
 
 -- touch_worker --
 UPDATE workers SET heartbeat_at = now() WHERE id = %(worker_id)s
@@ -66,7 +66,8 @@ WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uu
 
 -- get_run --
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
-       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
+       requested_action
 FROM runs WHERE id = %(run_id)s
 
 -- load_steps --
@@ -196,12 +197,74 @@ RETURNING name
 -- list_runs --
 -- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs.
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
-       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
+       requested_action
 FROM runs
 WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
   AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
-ORDER BY id DESC
+ORDER BY runs.id DESC
 LIMIT %(limit)s
+
+-- cancel_run --
+-- Not running: canceled at once. Running: asked to stop at its next step boundary.
+UPDATE runs
+SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
+    requested_action = CASE WHEN status = 'running' THEN 'cancel' END,
+    error = CASE WHEN status = 'running' THEN error ELSE %(error)s::jsonb END,
+    finished_at = CASE WHEN status = 'running' THEN NULL ELSE now() END,
+    lease_token = CASE WHEN status = 'running' THEN lease_token END,
+    worker_id = CASE WHEN status = 'running' THEN worker_id END,
+    updated_at = now()
+WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'paused')
+RETURNING status
+
+-- pause_run --
+-- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary.
+UPDATE runs
+SET status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
+    requested_action = CASE WHEN status = 'running' THEN 'pause' END,
+    updated_at = now()
+WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping')
+  AND requested_action IS DISTINCT FROM 'cancel'
+RETURNING status
+
+-- resume_run --
+-- A paused run is claimable at once (a sleep re-parks until its own wake time); a pause not yet honoured
+-- is withdrawn.
+UPDATE runs
+SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
+    available_at = CASE WHEN status = 'paused' THEN now() ELSE available_at END,
+    requested_action = NULL,
+    updated_at = now()
+WHERE id = %(run_id)s AND (status = 'paused' OR (status = 'running' AND requested_action = 'pause'))
+RETURNING status
+
+-- restart_run --
+-- A manual retry: a failed or canceled run starts again from its failed step, with its checkpoints and a
+-- fresh retry budget.
+UPDATE runs
+SET status = 'pending', available_at = now(), attempts = 0, recoveries = 0, error = NULL,
+    finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = now()
+WHERE id = %(run_id)s AND status IN ('failed', 'canceled')
+RETURNING status
+
+-- run_status --
+SELECT status FROM runs WHERE id = %(run_id)s
+
+-- settle_request --
+-- The worker honours a cancel or pause at a step boundary; fenced like every write of a claimed run.
+UPDATE runs
+SET status = CASE WHEN requested_action = 'cancel' THEN 'canceled' ELSE 'paused' END,
+    error = CASE WHEN requested_action = 'cancel' THEN %(error)s::jsonb ELSE error END,
+    finished_at = CASE WHEN requested_action = 'cancel' THEN now() END,
+    requested_action = NULL, lease_token = NULL, worker_id = NULL, updated_at = now()
+WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+  AND requested_action IS NOT NULL
+RETURNING status
+
+-- list_workers --
+SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
+FROM workers ORDER BY started_at

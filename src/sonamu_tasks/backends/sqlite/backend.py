@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ...errors import ConfigError
+from ...status import RunStatus
 from ..base import (
     ClaimedRun,
     LeaseLost,
@@ -145,13 +146,16 @@ class SqliteBackend:
 
         return await self._db.read(next_due)
 
-    async def heartbeat(self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta) -> set[str]:
-        def extend(conn: sqlite3.Connection, now: int) -> set[str]:
+    async def heartbeat(
+        self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta
+    ) -> dict[str, str | None]:
+        def extend(conn: sqlite3.Connection, now: int) -> dict[str, str | None]:
             conn.execute(QUERIES["touch_worker"], {"worker_id": worker_id, "now": now})
             if not held:
-                return set()
+                return {}
             params = {"held": pairs(held), "lease": duration_micros(lease), "now": now}
-            return {row["lease_token"] for row in conn.execute(QUERIES["heartbeat_runs"], params).fetchall()}
+            rows = conn.execute(QUERIES["heartbeat_runs"], params).fetchall()
+            return {row["lease_token"]: row["requested_action"] for row in rows}
 
         return await self._db.write(extend)
 
@@ -281,6 +285,42 @@ class SqliteBackend:
             "concurrency": worker.concurrency,
         }
         await self._db.write(lambda conn, now: conn.execute(QUERIES["register_worker"], {**params, "now": now}))
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        def read(conn: sqlite3.Connection, now: int) -> list[WorkerRecord]:
+            return [records.worker_record(row) for row in conn.execute(QUERIES["list_workers"])]
+
+        return await self._db.read(read)
+
+    # steering runs from outside
+
+    async def cancel_run(self, run_id: str, error: dict[str, Any]) -> RunStatus | None:
+        return await self._steer("cancel_run", {"run_id": run_id, "error": json.dumps(error)})
+
+    async def pause_run(self, run_id: str) -> RunStatus | None:
+        return await self._steer("pause_run", {"run_id": run_id})
+
+    async def resume_run(self, run_id: str) -> RunStatus | None:
+        return await self._steer("resume_run", {"run_id": run_id})
+
+    async def restart_run(self, run_id: str) -> RunStatus | None:
+        return await self._steer("restart_run", {"run_id": run_id})
+
+    async def settle_request(self, run_id: str, lease_token: str, error: dict[str, Any]) -> RunStatus:
+        params = {"run_id": run_id, "lease_token": lease_token, "error": json.dumps(error)}
+        row = await self._db.write(lambda conn, now: _first(conn, "settle_request", {**params, "now": now}))
+        if row is None:
+            raise LeaseLost(run_id)
+        return RunStatus(row["status"])
+
+    async def _steer(self, query: str, params: dict[str, Any]) -> RunStatus | None:
+        """Apply a steering update; when it does not apply, report the status the run has."""
+
+        def steer(conn: sqlite3.Connection, now: int) -> RunStatus | None:
+            row = _first(conn, query, {**params, "now": now}) or _first(conn, "run_status", params)
+            return None if row is None else RunStatus(row["status"])
+
+        return await self._db.write(steer)
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._db.write(lambda conn, now: conn.execute(QUERIES["remove_worker"], {"worker_id": worker_id}))

@@ -52,7 +52,7 @@ SET status = 'running',
     recoveries = recoveries + :lease_expired,
     updated_at = :now
 WHERE id = :id
-RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at
+RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action
 
 -- next_due_at --
 -- When the next claimable run of these workflows is due: the first match along the claim index.
@@ -71,7 +71,7 @@ SET available_at = :now + :lease, updated_at = :now
 WHERE (id, lease_token) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:held))
   AND status = 'running'
-RETURNING lease_token
+RETURNING lease_token, requested_action
 
 -- touch_worker --
 UPDATE workers SET heartbeat_at = :now WHERE id = :worker_id
@@ -86,7 +86,8 @@ WHERE (id, lease_token) IN (
 
 -- get_run --
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
-       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
+       requested_action
 FROM runs WHERE id = :run_id
 
 -- load_steps --
@@ -199,7 +200,8 @@ RETURNING name
 -- does), so page N costs what page 1 costs. Without a cursor the bound is 'g', which sorts after every
 -- id (hex digits and dashes): a plain range the primary key serves, where "IS NULL OR" would scan.
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
-       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at
+       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
+       requested_action
 FROM runs
 WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
@@ -208,3 +210,64 @@ WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:created_before IS NULL OR created_at < :created_before)
 ORDER BY id DESC
 LIMIT :limit
+
+-- cancel_run --
+-- Not running: canceled at once. Running: asked to stop at its next step boundary.
+UPDATE runs
+SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
+    requested_action = CASE WHEN status = 'running' THEN 'cancel' END,
+    error = CASE WHEN status = 'running' THEN error ELSE :error END,
+    finished_at = CASE WHEN status = 'running' THEN NULL ELSE :now END,
+    lease_token = CASE WHEN status = 'running' THEN lease_token END,
+    worker_id = CASE WHEN status = 'running' THEN worker_id END,
+    updated_at = :now
+WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'paused')
+RETURNING status
+
+-- pause_run --
+-- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary.
+UPDATE runs
+SET status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
+    requested_action = CASE WHEN status = 'running' THEN 'pause' END,
+    updated_at = :now
+WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping')
+  AND requested_action IS NOT 'cancel'
+RETURNING status
+
+-- resume_run --
+-- A paused run is claimable at once (a sleep re-parks until its own wake time); a pause not yet honoured
+-- is withdrawn.
+UPDATE runs
+SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
+    available_at = CASE WHEN status = 'paused' THEN :now ELSE available_at END,
+    requested_action = NULL,
+    updated_at = :now
+WHERE id = :run_id AND (status = 'paused' OR (status = 'running' AND requested_action = 'pause'))
+RETURNING status
+
+-- restart_run --
+-- A manual retry: a failed or canceled run starts again from its failed step, with its checkpoints and a
+-- fresh retry budget.
+UPDATE runs
+SET status = 'pending', available_at = :now, attempts = 0, recoveries = 0, error = NULL,
+    finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = :now
+WHERE id = :run_id AND status IN ('failed', 'canceled')
+RETURNING status
+
+-- run_status --
+SELECT status FROM runs WHERE id = :run_id
+
+-- settle_request --
+-- The worker honours a cancel or pause at a step boundary; fenced like every write of a claimed run.
+UPDATE runs
+SET status = CASE WHEN requested_action = 'cancel' THEN 'canceled' ELSE 'paused' END,
+    error = CASE WHEN requested_action = 'cancel' THEN :error ELSE error END,
+    finished_at = CASE WHEN requested_action = 'cancel' THEN :now END,
+    requested_action = NULL, lease_token = NULL, worker_id = NULL, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+  AND requested_action IS NOT NULL
+RETURNING status
+
+-- list_workers --
+SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
+FROM workers ORDER BY started_at

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ...status import RunStatus, StepStatus
-from ..base import ClaimedRun, RunRecord, ScheduleRecord, StepRecord
+from ..base import ClaimedRun, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -54,6 +54,7 @@ def claimed_run(row: sqlite3.Row, *, claimed_at: int, first_claim: bool) -> Clai
         claimed_at=moment(claimed_at),
         first_claim=first_claim,
         deadline_at=optional_moment(row["deadline_at"]),
+        requested_action=row["requested_action"],
     )
 
 
@@ -77,6 +78,7 @@ def run_record(row: sqlite3.Row, steps: Sequence[StepRecord]) -> RunRecord:
         finished_at=optional_moment(row["finished_at"]),
         updated_at=moment(row["updated_at"]),
         steps=tuple(steps),
+        requested_action=row["requested_action"],
     )
 
 
@@ -105,4 +107,16 @@ def schedule_record(row: sqlite3.Row) -> ScheduleRecord:
         next_fire_at=moment(row["next_fire_at"]),
         last_fire_at=optional_moment(row["last_fire_at"]),
         last_run_id=row["last_run_id"],
+    )
+
+
+def worker_record(row: sqlite3.Row) -> WorkerRecord:
+    return WorkerRecord(
+        id=row["id"],
+        host=row["host"],
+        pid=row["pid"],
+        workflows=[(name, version) for name, version in decoded(row["workflows"])],
+        concurrency=row["concurrency"],
+        started_at=moment(row["started_at"]),
+        heartbeat_at=moment(row["heartbeat_at"]),
     )
