@@ -156,3 +156,42 @@ async def test_dev_mode_re_registers_a_changed_workflow_file(app_env: dict[str, 
         assert done.returncode == 0 and json.loads(done.stdout.split("\n", 1)[1]) == "2"
     finally:
         assert dev.stop() == 0
+
+
+async def test_runs_show_cancel_retry_and_workers(app_env: dict[str, str], tmp_path: Path) -> None:
+    worker = Daemon(app_env, "worker", SHOP, tmp_path / "worker.log")
+    try:
+        await wait_until(lambda: "workflows: confirm_order@1" in worker.log(), what="worker start")
+        done = cli(app_env, "run", "confirm_order", "--version", "1", "--input", '{"order_id": 3}', "--wait")
+        run_id = done.stdout.split("\n", 1)[0]
+        later = cli(app_env, "run", "confirm_order", "--version", "1", "--input", '{"order_id": 4}', "--start-at", "1h")
+        later_id = later.stdout.strip()
+
+        listed = json.loads(cli(app_env, "runs", "--workflow", "confirm_order", "--json").stdout)
+        assert [item["id"] for item in listed["items"]] == [later_id, run_id]  # newest first
+        assert [item["status"] for item in listed["items"]] == ["pending", "completed"]
+        page = json.loads(cli(app_env, "runs", "--limit", "1", "--json").stdout)
+        assert len(page["items"]) == 1 and page["next_cursor"]
+        rest = json.loads(cli(app_env, "runs", "--limit", "1", "--cursor", page["next_cursor"], "--json").stdout)
+        assert rest["items"][0]["id"] != page["items"][0]["id"]
+        assert "completed" in cli(app_env, "runs", "--status", "completed").stdout
+
+        shown = cli(app_env, "show", run_id)
+        assert shown.returncode == 0, shown.stderr
+        for text in ("find_order", "total", "settle", "sleep", '"total": 10500'):
+            assert text in shown.stdout
+        detail = json.loads(cli(app_env, "show", run_id, "--json").stdout)
+        assert [s["name"] for s in detail["steps"]] == ["find_order", "total", "settle"]
+
+        assert cli(app_env, "pause", later_id).stdout.split() == [later_id, "paused"]
+        assert cli(app_env, "resume", later_id).stdout.split() == [later_id, "pending"]
+        assert cli(app_env, "cancel", later_id).stdout.split() == [later_id, "canceled"]
+        assert cli(app_env, "retry", later_id).stdout.split() == [later_id, "pending"]  # and now it runs
+        missing = cli(app_env, "cancel", "01a21290-0000-7000-8000-000000000000")
+        assert missing.returncode == 1 and "no run with id" in missing.stderr
+
+        (listed_worker,) = json.loads(cli(app_env, "workers", "--json").stdout)
+        assert listed_worker["workflows"] == ["confirm_order@1", "daily_report@1"]
+        assert listed_worker["pid"] == worker.process.pid
+    finally:
+        assert worker.stop() == 0

@@ -6,17 +6,22 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import click
 
+from .backends.base import RunRecord, StepRecord, WorkerRecord
 from .config import Config
 from .config_loader import load_config
+from .duration import parse_duration
 from .errors import ConfigError, SonamuTasksError, WorkflowFailed
-from .manager import WorkflowManager, until_signal
+from .manager import RunPage, WorkflowManager, until_signal
 from .schedule import zone
+from .status import RunStatus
+
+T = TypeVar("T")
 
 
 @click.group()
@@ -235,6 +240,265 @@ def run_command(
     except SonamuTasksError as error:
         raise click.ClickException(str(error)) from error
     sys.exit(code)
+
+
+@main.command()
+@click.option("--workflow", help="Only runs of this workflow.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in RunStatus]),
+    help="Only runs in this status (repeatable).",
+)
+@click.option("--since", help="Only runs created in the last DURATION (1h, 7d) or after an ISO datetime.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--cursor", help="The next_cursor printed by the previous page.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def runs(
+    context: click.Context,
+    workflow: str | None,
+    statuses: tuple[str, ...],
+    since: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+) -> None:
+    """List runs, newest first (one page; --cursor for the next)."""
+    config = _config(context, enable_worker=False)
+    created_after = _since(since)
+
+    async def fetch() -> RunPage:
+        async with WorkflowManager(config) as manager:
+            return await manager.list_runs(
+                workflow=workflow, status=statuses or None, created_after=created_after, limit=limit, cursor=cursor
+            )
+
+    page = _steering(fetch())
+    if as_json:
+        payload = {"items": [_run_summary(run) for run in page.items], "next_cursor": page.next_cursor}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    headers = ["ID", "WORKFLOW", "STATUS", "ATTEMPTS", "CREATED", "DURATION"]
+    rows = [
+        [
+            run.id,
+            f"{run.workflow_name}@{run.version}",
+            _status_text(run),
+            run.attempts,
+            _time(run.created_at),
+            _duration(run.started_at, run.finished_at),
+        ]
+        for run in page.items
+    ]
+    click.echo(format_table(headers, rows) if rows else "no runs")
+    if page.next_cursor:
+        click.echo(f"more: --cursor {page.next_cursor}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def show(context: click.Context, run_id: str, as_json: bool) -> None:
+    """A run: input, output or error (with traceback), and every step."""
+    config = _config(context, enable_worker=False)
+
+    async def fetch() -> RunRecord:
+        async with WorkflowManager(config) as manager:
+            return await manager.get_run(run_id, with_steps=True)
+
+    run = _steering(fetch())
+    if as_json:
+        detail = {
+            **_run_summary(run),
+            "input": run.input,
+            "output": run.output,
+            "error": run.error,
+            "steps": [_step_summary(step) for step in run.steps],
+        }
+        click.echo(json.dumps(detail, indent=2, default=str))
+        return
+    click.echo(f"run       {run.id}")
+    click.echo(f"workflow  {run.workflow_name} version {run.version}")
+    click.echo(f"status    {_status_text(run)}   attempts {run.attempts}   recoveries {run.recoveries}")
+    click.echo(
+        f"created   {_time(run.created_at)}   started {_time(run.started_at)}   finished {_time(run.finished_at)}"
+    )
+    if run.status.value in ("pending", "sleeping"):
+        click.echo(f"next      {_time(run.available_at)}")
+    click.echo(f"input     {_preview(run.input, 200)}")
+    if run.status is RunStatus.COMPLETED:
+        click.echo(f"output    {_preview(run.output, 2000)}")
+    if run.error:
+        click.echo(
+            f"error     {run.error.get('type')}: {run.error.get('message')}"
+            + (f" (step {run.error['step']})" if run.error.get("step") else "")
+        )
+    rows = [
+        [
+            step.name,
+            step.kind,
+            step.status.value,
+            step.attempts,
+            _duration(step.started_at, step.finished_at),
+            _time(step.wake_at)
+            if step.kind == "sleep"
+            else _preview(step.output if step.error is None else step.error.get("message"), 60),
+        ]
+        for step in run.steps
+    ]
+    click.echo("")
+    click.echo(
+        format_table(["STEP", "KIND", "STATUS", "ATTEMPTS", "DURATION", "OUTPUT / WAKE / ERROR"], rows)
+        if rows
+        else "no steps yet"
+    )
+    if run.error and run.error.get("traceback"):
+        click.echo("\n" + run.error["traceback"].rstrip())
+
+
+def _steer_command(name: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @click.argument("run_id")
+    @click.pass_context
+    def command(context: click.Context, run_id: str) -> None:
+        config = _config(context, enable_worker=False)
+
+        async def act() -> RunStatus:
+            async with WorkflowManager(config) as manager:
+                return await getattr(manager, name)(run_id)  # type: ignore[no-any-return]
+
+        click.echo(f"{run_id} {_steering(act()).value}")
+
+
+_steer_command("cancel", "Cancel a run: at once, or at its next step boundary if running.")
+_steer_command("pause", "Pause a run: it keeps its checkpoints and is not claimed until resumed.")
+_steer_command("resume", "Resume a paused run.")
+_steer_command("retry", "Start a failed or canceled run again from its failed step.")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def workers(context: click.Context, as_json: bool) -> None:
+    """Workers that registered: host, pid, workflows, heartbeat age."""
+    config = _config(context, enable_worker=False)
+
+    async def fetch() -> list[WorkerRecord]:
+        async with WorkflowManager(config) as manager:
+            return await manager.list_workers()
+
+    found = _steering(fetch())
+    now = datetime.now(UTC)
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": w.id,
+                        "host": w.host,
+                        "pid": w.pid,
+                        "concurrency": w.concurrency,
+                        "workflows": [f"{n}@{v}" for n, v in w.workflows],
+                        "started_at": w.started_at.isoformat(),
+                        "heartbeat_age_s": round((now - w.heartbeat_at).total_seconds(), 3),
+                    }
+                    for w in found
+                ],
+                indent=2,
+            )
+        )
+        return
+    rows = [
+        [
+            w.id,
+            w.host,
+            w.pid,
+            w.concurrency,
+            ", ".join(f"{n}@{v}" for n, v in w.workflows),
+            f"{(now - w.heartbeat_at).total_seconds():.1f}s",
+        ]
+        for w in found
+    ]
+    click.echo(
+        format_table(["ID", "HOST", "PID", "SLOTS", "WORKFLOWS", "HEARTBEAT AGE"], rows) if rows else "no workers"
+    )
+
+
+def _steering(coroutine: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coroutine)
+    except SonamuTasksError as error:
+        raise click.ClickException(str(error)) from error
+
+
+def _run_summary(run: RunRecord) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workflow": run.workflow_name,
+        "version": run.version,
+        "status": run.status.value,
+        "requested_action": run.requested_action,
+        "attempts": run.attempts,
+        "recoveries": run.recoveries,
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "available_at": _iso(run.available_at),
+    }
+
+
+def _step_summary(step: StepRecord) -> dict[str, Any]:
+    return {
+        "name": step.name,
+        "kind": step.kind,
+        "status": step.status.value,
+        "attempts": step.attempts,
+        "started_at": _iso(step.started_at),
+        "finished_at": _iso(step.finished_at),
+        "wake_at": _iso(step.wake_at),
+        "output": step.output,
+        "error": step.error,
+    }
+
+
+def _status_text(run: RunRecord) -> str:
+    return run.status.value + (f" ({run.requested_action} requested)" if run.requested_action else "")
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _time(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    seconds = (end - start).total_seconds()
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
+
+
+def _preview(value: Any, width: int) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            return datetime.now(UTC) - parse_duration(text, what="--since")
+        except SonamuTasksError as error:
+            raise click.BadParameter(str(error), param_hint="--since") from error
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -63,7 +63,7 @@ class Worker:
         self._stopping = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._timer: asyncio.TimerHandle | None = None  # only the earliest wake: the claim loop finds the rest
 
     @property
     def active_runs(self) -> list[str]:
@@ -103,15 +103,20 @@ class Worker:
             self.wake_in(self.options.listen_delay / 1000)
 
     def wake_in(self, seconds: float) -> None:
+        """Look for due runs in `seconds` (a retry or wake-up this worker scheduled). One timer, for the
+        earliest: after it fires, the claim loop asks the database when the next run is due, so 10,000
+        sleeping runs cost no timers."""
         loop = asyncio.get_running_loop()
-        handle: asyncio.TimerHandle
+        when = loop.time() + max(0.0, seconds)
+        if self._timer is not None and not self._timer.cancelled() and self._timer.when() <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._timer_fired)
 
-        def fire() -> None:
-            self._timers.discard(handle)
-            self.wake()
-
-        handle = loop.call_later(max(0.0, seconds), fire)
-        self._timers.add(handle)
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.wake()
 
     def run_requested(self, run_id: str) -> None:
         """A cancel or pause was asked for a run: the attempt holding it stops at its next step boundary."""
@@ -202,8 +207,8 @@ class Worker:
         """Stop claiming, let running steps finish within the grace period, hand back what remains."""
         self._stopping = self._draining = True
         self._wake.set()
-        for timer in self._timers:
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         claim_loop, heartbeat_loop = self._tasks or (None, None)
         if claim_loop is not None:
             await claim_loop
