@@ -235,11 +235,25 @@ class WorkflowManager:
         for moment, what in ((new_run.start_at, "start_at"), (new_run.deadline_at, "deadline")):
             if moment is not None and moment.tzinfo is None:
                 raise ValueError(f"{what} must be a timezone-aware datetime, got {moment!r}")
+        worker = self.worker
+        local = self.registry.find(name, version)
+        if worker is not None and local is not None and start_at is None and worker.reserve_slot():
+            # This process runs it: insert it already claimed, and start it now.
+            claimed = None
+            try:
+                run_id, claimed = await until_available(
+                    lambda: self.backend.create_claimed_run(new_run, worker.id, worker.lease),
+                    what="start run",
+                    give_up_after_s=30,
+                )
+            finally:
+                worker.release_slot(claimed, local)
+            return RunHandle(self, run_id, name, created=claimed is not None)
         run_id, created = await until_available(
             lambda: self.backend.create_run(new_run), what="start run", give_up_after_s=30
         )
-        if created and start_at is None and self.worker is not None and definition is not None:
-            self.worker.wake()  # this process can run it: no need to wait for the notification
+        if created and worker is not None and local is not None:
+            worker.wake()  # all slots busy (or a delayed start): look again when one frees up
         return RunHandle(self, run_id, name, created=created)
 
     def handle(self, run_id: str, workflow_name: str = "") -> RunHandle:

@@ -63,6 +63,7 @@ class Worker:
         self._stopping = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._reserved = 0  # slots promised to runs this process is inserting already claimed
         self._timer: asyncio.TimerHandle | None = None  # only the earliest wake: the claim loop finds the rest
 
     @property
@@ -118,6 +119,25 @@ class Worker:
         self._timer = None
         self.wake()
 
+    # runs started in this process, claimed as they are inserted
+
+    def reserve_slot(self) -> bool:
+        """Promise a slot to a run this process is about to insert already claimed; False when full."""
+        if self._stopping or len(self._active) + self._reserved >= self.options.concurrency:
+            return False
+        self._reserved += 1
+        return True
+
+    def release_slot(self, claimed: ClaimedRun | None, definition: WorkflowDefinition[Any, Any]) -> None:
+        """Redeem a reserved slot: start the run claimed at insertion (None: it was not inserted)."""
+        self._reserved -= 1
+        if claimed is not None:
+            self._start(claimed, definition)
+
+    @property
+    def lease(self) -> timedelta:
+        return self._lease
+
     def run_requested(self, run_id: str) -> None:
         """A cancel or pause was asked for a run: the attempt holding it stops at its next step boundary."""
         for _, attempt in self._active.values():
@@ -140,7 +160,7 @@ class Worker:
         while not self._stopping:
             self._wake.clear()
             timeout = self._poll_s
-            free = self.options.concurrency - len(self._active)
+            free = self.options.concurrency - len(self._active) - self._reserved
             if free > 0:
                 # A snapshot: a synchronize() while the claim is in flight must not orphan what it claims.
                 definitions = {definition.key: definition for definition in self.registry}

@@ -141,6 +141,11 @@ class Backend(Protocol):
         """Insert a pending run; for a repeated idempotency key return the existing id and False."""
         ...
 
+    async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
+        """Insert a run already claimed by `worker_id`, so the process that starts it runs it at once (no
+        notification, no claim round trip). For a repeated id or idempotency key: (existing id, None)."""
+        ...
+
     async def claim_runs(
         self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
     ) -> list[ClaimedRun]: ...

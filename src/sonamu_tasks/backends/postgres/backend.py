@@ -151,6 +151,16 @@ class PostgresBackend:
             return await self.create_run(run)
         return existing[0], False
 
+    @_transient
+    async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
+        params = {**_new_run_params(run), "worker_id": worker_id, "lease": lease}
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(QUERIES["create_claimed_run"], params)).fetchone()
+            if row is not None:
+                return row[0], ClaimedRun(*row)
+            existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
+        return (existing[0] if existing is not None else run.id), None
+
     # schedules
 
     @_transient

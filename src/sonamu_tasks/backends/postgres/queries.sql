@@ -10,6 +10,18 @@ VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, %(i
 ON CONFLICT DO NOTHING
 RETURNING id::text
 
+-- create_claimed_run --
+-- Insert a run claimed at once by the worker of the process that starts it: one commit instead of an
+-- insert, a notification and a claim. A repeated id or idempotency key inserts nothing.
+INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
+                  lease_token, worker_id, started_at)
+VALUES (%(id)s, %(workflow_name)s, %(version)s, 'running', %(input)s::jsonb, %(idempotency_key)s,
+        now() + %(lease)s::interval, COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
+        gen_random_uuid(), %(worker_id)s, now())
+ON CONFLICT DO NOTHING
+RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_token::text, now() AS claimed_at,
+          true AS first_claim, deadline_at, requested_action
+
 -- find_run_by_key --
 -- The run a repeated create_run collided with.
 SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(id)s

@@ -110,6 +110,23 @@ class SqliteBackend:
 
         return await self._db.write(insert)
 
+    async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
+        def insert(conn: sqlite3.Connection, now: int) -> tuple[str, ClaimedRun | None]:
+            params = {
+                **_new_run_params(run),
+                "now": now,
+                "worker_id": worker_id,
+                "lease": duration_micros(lease),
+                "lease_token": str(uuid.uuid4()),
+            }
+            row = _first(conn, "create_claimed_run", params)
+            if row is not None:
+                return row["id"], records.claimed_run(row, claimed_at=now, first_claim=True)
+            existing = _first(conn, "find_run_by_key", params)
+            return (existing["id"] if existing is not None else run.id), None
+
+        return await self._db.write(insert)
+
     async def claim_runs(
         self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
     ) -> list[ClaimedRun]:

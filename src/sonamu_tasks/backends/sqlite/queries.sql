@@ -24,6 +24,16 @@ VALUES (:id, :workflow_name, :version, 'pending', :input, :idempotency_key,
 ON CONFLICT DO NOTHING
 RETURNING id
 
+-- create_claimed_run --
+-- Insert a run claimed at once by the worker of the process that starts it: one transaction instead of an
+-- insert and a claim. A repeated id or idempotency key inserts nothing.
+INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
+                  lease_token, worker_id, started_at, created_at, updated_at)
+VALUES (:id, :workflow_name, :version, 'running', :input, :idempotency_key, :now + :lease,
+        COALESCE(:deadline_at, :now + :deadline_delay), :lease_token, :worker_id, :now, :now, :now)
+ON CONFLICT DO NOTHING
+RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action
+
 -- find_run_by_key --
 -- The run a repeated create_run collided with.
 SELECT id FROM runs WHERE idempotency_key = :idempotency_key OR id = :id
