@@ -60,7 +60,6 @@ class AttemptHooks(typing.Protocol):
 
     def draining(self) -> bool: ...
     def wake_in(self, seconds: float) -> None: ...
-    def finished(self, run_id: str) -> None: ...
 
 
 class Attempt:
@@ -114,7 +113,6 @@ class Attempt:
             await until_available(
                 lambda: self.backend.complete_run(run.id, run.lease_token, encoded), what="complete run"
             )
-            self.hooks.finished(run.id)
         except (Suspended, Stopped):
             pass
         except Released:
@@ -190,7 +188,6 @@ class Attempt:
             self.hooks.wake_in(retry_delay.total_seconds())
         else:
             self.logger.error("run failed after %d attempt(s)%s: %r", attempt, where, error)
-            self.hooks.finished(run.id)
 
     # what the StepWrapper calls
 
@@ -273,8 +270,6 @@ class Attempt:
             # write would say so.
             return
         self.logger.info("%s on request", status)
-        if status.finished:
-            self.hooks.finished(run.id)
         raise Stopped
 
     def _claim_name(self, name: str) -> None:

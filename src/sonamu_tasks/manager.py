@@ -335,12 +335,18 @@ class WorkflowManager:
         recheck = 5.0 if self.backend.pushes_notifications and self._listener is not None else 0.05
         event = asyncio.Event()
         self._waiters.setdefault(run_id, set()).add(event)
+        watching = False
         try:
             while True:
                 event.clear()
                 record = await self.get_run(run_id)
                 if record.status.finished:
                     return record
+                if not watching and not self._runs_here(run_id):
+                    # Ask for the "finished" notification, then read again: it may have finished meanwhile.
+                    await until_available(lambda: self.backend.watch_run(run_id), what="watch run", give_up_after_s=30)
+                    watching = True
+                    continue
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     raise ResultTimeout(run_id, record.status.value, timeout or 0)
@@ -352,6 +358,10 @@ class WorkflowManager:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[run_id]
+
+    def _runs_here(self, run_id: str) -> bool:
+        """True when this process's worker is executing the run: it wakes the waiter itself."""
+        return self.worker is not None and run_id in self.worker.active_runs
 
     # Notifications (from the backend's listener, or this process's worker)
 

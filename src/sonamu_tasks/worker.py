@@ -150,6 +150,7 @@ class Worker:
         return self._draining
 
     def finished(self, run_id: str) -> None:
+        """A run left this worker: wake the waiters of this process."""
         if self._on_finished is not None:
             self._on_finished(run_id)
 
@@ -190,14 +191,19 @@ class Worker:
 
     def _start(self, claimed: ClaimedRun, definition: WorkflowDefinition[Any, Any]) -> None:
         attempt = Attempt(self.backend, definition, claimed, self)
-        task = asyncio.create_task(attempt.execute(), name=claimed.id)
+        task = asyncio.create_task(self._run(attempt), name=claimed.id)
         self._active[claimed.lease_token] = (task, attempt)
-        task.add_done_callback(lambda _: self._slot_freed(claimed.lease_token))
 
-    def _slot_freed(self, lease_token: str) -> None:
-        self._active.pop(lease_token, None)
-        if self._more_due and not self._stopping:
-            self._wake.set()
+    async def _run(self, attempt: Attempt) -> None:
+        try:
+            await attempt.execute()
+        finally:
+            # The slot is free and the run has left this worker (finished, parked, handed back, or taken):
+            # waiters in this process re-read it now.
+            self._active.pop(attempt.claimed.lease_token, None)
+            if self._more_due and not self._stopping:
+                self._wake.set()
+            self.finished(attempt.claimed.id)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.options.lease_ms / 3000

@@ -295,6 +295,11 @@ class PostgresBackend:
         return RunRecord(**row, steps=tuple(steps.values()))
 
     @_transient
+    async def watch_run(self, run_id: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(QUERIES["watch_run"], {"run_id": run_id})
+
+    @_transient
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
         params = {
             "workflow": query.workflow,

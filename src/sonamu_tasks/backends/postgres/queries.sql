@@ -280,3 +280,8 @@ RETURNING status
 -- list_workers --
 SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
+
+-- watch_run --
+-- A result() waiter in another process asks for the "finished" notification of this run.
+UPDATE runs SET notify_finish = true
+WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')

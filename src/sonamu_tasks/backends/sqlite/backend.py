@@ -191,6 +191,9 @@ class SqliteBackend:
 
         return await self._db.read(read)
 
+    async def watch_run(self, run_id: str) -> None:
+        """Nothing to ask for: SQLite sends no notifications, waiters re-read."""
+
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
         params = {
             "workflow": query.workflow,
