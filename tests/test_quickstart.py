@@ -1,0 +1,31 @@
+"""The README's first command: the quick start runs end to end on the embedded default, twice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+
+
+def test_quickstart_runs_on_the_embedded_default(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SONAMU_TASKS_DATABASE_URL"}
+
+    def run() -> str:
+        done = subprocess.run(
+            [sys.executable, str(QUICKSTART)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = run()
+    assert "database: sqlite:///sonamu_tasks.db" in first
+    assert "completed after 1 failed attempt(s)" in first
+    assert "step charge-card   completed  attempts=2" in first
+    assert "result: {'payment'" in first and "sent'}" in first
+    assert (tmp_path / "sonamu_tasks.db").exists()
+    # The idempotency key finds the finished run: the same result, no new run.
+    second = run()
+    assert second.split("result: ")[1] == first.split("result: ")[1]
