@@ -168,6 +168,9 @@ class Worker:
                 workflows = sorted(definitions)
                 try:
                     claimed = await self.backend.claim_runs(self.id, workflows, free, self._lease)
+                    # Start them before anything else: the next due time can be asked while they run.
+                    for run in claimed:
+                        self._start(run, definitions[(run.workflow_name, run.version)])
                     self._more_due = len(claimed) == free
                     if not self._more_due:
                         due = await self.backend.seconds_until_due(workflows)
@@ -177,14 +180,12 @@ class Worker:
                     backoff = 0.05
                 except BackendUnavailable as error:
                     logger.warning("claim failed (%s); retrying in %.2fs", error, backoff)
-                    claimed, timeout = [], backoff
+                    timeout = backoff
                     backoff = min(backoff * 2, 5.0)
                 except Exception:
                     logger.exception("claim failed unexpectedly; retrying in %.2fs", backoff)
-                    claimed, timeout = [], backoff
+                    timeout = backoff
                     backoff = min(backoff * 2, 5.0)
-                for run in claimed:
-                    self._start(run, definitions[(run.workflow_name, run.version)])
                 if self._more_due and len(self._active) < self.options.concurrency:
                     continue
             await wait_for_event(self._wake, timeout)
