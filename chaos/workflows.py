@@ -1,0 +1,111 @@
+"""Workflows run by the chaos workers.
+
+Every call step first appends one row (scenario, run_id, step, pid, at = clock_timestamp()) to the audit
+table `public.chaos_audit`, in its own autocommitted statement, before doing its work. So each row is one
+*start of an execution* of that step, and re-executions are countable against the step's checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import psycopg
+from pydantic import BaseModel
+
+from sonamu_tasks import RetryPolicy, Schedule, workflow
+
+AUDIT_DDL = (
+    "CREATE TABLE IF NOT EXISTS public.chaos_audit ("
+    " scenario text NOT NULL, run_id uuid NOT NULL, step text NOT NULL, pid integer NOT NULL,"
+    " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+)
+
+_conn: psycopg.AsyncConnection[Any] | None = None
+_lock: asyncio.Lock | None = None
+
+# Retries absorb a step whose audit insert failed because PostgreSQL was restarting.
+RETRY = RetryPolicy(max_attempts=30, initial_interval_ms=100)
+
+
+async def audit(run_id: str, step: str) -> None:
+    global _conn, _lock
+    if _lock is None:
+        _lock = asyncio.Lock()
+    async with _lock:
+        try:
+            if _conn is None or _conn.closed:
+                _conn = await psycopg.AsyncConnection.connect(
+                    os.environ["CHAOS_URL"], autocommit=True, application_name="chaos_audit"
+                )
+            await _conn.execute(
+                "INSERT INTO public.chaos_audit (scenario, run_id, step, pid) VALUES (%s, %s, %s, %s)",
+                [os.environ["CHAOS_SCHEMA"], run_id, step, os.getpid()],
+            )
+        except Exception:
+            if _conn is not None:
+                await _conn.close()
+            _conn = None
+            raise
+
+
+async def work(run_id: str, step: str, work_ms: float) -> str:
+    await audit(run_id, step)
+    await asyncio.sleep(work_ms / 1000)
+    return step
+
+
+@workflow(version="1", retry_policy=RETRY)
+async def chain(input: Any, step: Any, context: Any) -> int:
+    """`steps` call steps of `work_ms` each."""
+    for index in range(int(input["steps"])):
+        await step.define(f"s{index}", work).run(context["run_id"], f"s{index}", float(input.get("work_ms", 0)))
+    return int(input["steps"])
+
+
+@workflow(version="1", retry_policy=RETRY)
+async def sleeper(input: Any, step: Any, context: Any) -> str:
+    await step.define("before", work).run(context["run_id"], "before", 0)
+    await step.sleep("nap", f"{int(input['sleep_ms'])}ms")
+    await step.define("after", work).run(context["run_id"], "after", 0)
+    return "awake"
+
+
+@workflow(version="1", schedules=[Schedule("* * * * * *", name="every-second")])
+async def ticker(input: Any) -> Any:
+    return input
+
+
+def not_json() -> Any:
+    return object()
+
+
+@workflow(version="1")
+async def returns_not_json(input: Any, step: Any) -> Any:
+    return await step.define("bad-output-step", not_json).run()
+
+
+class Order(BaseModel):
+    quantity: int
+    sku: str
+
+
+@workflow(version="1", schema=Order)
+async def typed(input: Any) -> Any:
+    return input
+
+
+NASTY = "x'; DROP TABLE runs; --"
+
+
+async def nasty_step(run_id: str) -> str:
+    await audit(run_id, NASTY)
+    return NASTY
+
+
+async def _nasty(input: Any, step: Any, context: Any) -> str:
+    return str(await step.define(NASTY, nasty_step).run(context["run_id"]))
+
+
+nasty = workflow(_nasty, version="1\"'", name=NASTY)
