@@ -427,6 +427,32 @@ def workers(context: click.Context, as_json: bool) -> None:
     )
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--token", envvar="SONAMU_TASKS_DASHBOARD_TOKEN", help="Required to listen beyond loopback.")
+@click.pass_context
+def dashboard(context: click.Context, host: str, port: int, token: str | None) -> None:
+    """Serve the web dashboard (runs, a run's step timeline, cancel and retry, workers, schedules)."""
+    if not _loopback(host) and not token:
+        raise click.ClickException(
+            f"listening on {host} exposes your runs: pass --token (or SONAMU_TASKS_DASHBOARD_TOKEN)"
+        )
+    try:
+        import uvicorn
+    except ImportError as error:
+        raise click.ClickException("the dashboard needs uvicorn: pip install 'sonamu-tasks[dashboard]'") from error
+    from .dashboard import Dashboard
+
+    app = Dashboard(_config(context, enable_worker=False), token=token)
+    click.echo(f"dashboard: http://{host}:{port}/" + (f"?token={token}" if token else ""), err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _steering(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coroutine)
