@@ -149,3 +149,12 @@ async def test_a_token_is_required_when_set(make_config: Any) -> None:
 
 async def _status_is(handle: Any, status: RunStatus) -> bool:
     return bool(await handle.status() is status)
+
+
+def test_the_command_refuses_to_listen_beyond_loopback_without_a_token() -> None:
+    from click.testing import CliRunner
+
+    from sonamu_tasks.cli import main
+
+    result = CliRunner().invoke(main, ["dashboard", "--host", "0.0.0.0"], env={"SONAMU_TASKS_DASHBOARD_TOKEN": ""})
+    assert result.exit_code == 1 and "pass --token" in result.output
