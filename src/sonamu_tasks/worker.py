@@ -208,6 +208,9 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.options.lease_ms / 3000
+        if not self.backend.pushes_notifications:
+            # No notification brings a cancel or pause here: the heartbeat does, so it comes at least every second.
+            interval = min(interval, 1.0)
         while True:
             await asyncio.sleep(interval)
             held = [(attempt.claimed.id, token) for token, (_, attempt) in self._active.items()]
