@@ -408,7 +408,7 @@ async def sleep_restart(ctx: Context, summary: Summary) -> None:
     schema = ctx.schema_for("sleep")
     await ensure_schema(ctx, schema)
     count = 40 if ctx.short else 200
-    workers = [ctx.worker(schema, f"w{i}") for i in range(2)]
+    workers = [ctx.worker(schema, f"w{i}", workflows_="sleeper") for i in range(2)]
     ids = await start_runs(ctx, schema, workflows.sleeper, [{"sleep_ms": 3000} for _ in range(count)])
 
     async def all_sleeping() -> bool:

@@ -1,0 +1,34 @@
+"""The chaos runner's short version passes: nothing lost, no step re-executed after its checkpoint, no cron doubled."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sonamu_tasks.testing import PostgresNotInstalled
+from sonamu_tasks.testing.postgres_cluster import find_postgres_bin
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ["worker_kills", "postgres_restart", "connections_killed", "lease_loss", "cron", "sleep_restart", "bad_input"]
+
+
+def test_chaos_short_run_loses_and_doubles_nothing() -> None:
+    try:
+        find_postgres_bin()
+    except PostgresNotInstalled as error:
+        pytest.skip(str(error))
+    # Every wait inside the runner has its own deadline; this timeout is only the last safety net.
+    done = subprocess.run(
+        [sys.executable, "-m", "chaos", "--short"], cwd=ROOT, capture_output=True, text=True, timeout=360
+    )
+    output = done.stdout
+    assert done.returncode == 0, output + done.stderr[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("scenario=")]
+    assert [re.search(r"scenario=(\S+)", line).group(1) for line in lines] == SCENARIOS, output  # type: ignore[union-attr]
+    for line in lines:
+        for field in ("lost", "steps_reexecuted_after_checkpoint", "duplicate_cron_runs"):
+            assert f" {field}=0 " in line, line
