@@ -13,7 +13,15 @@ from sonamu_tasks.testing import PostgresNotInstalled
 from sonamu_tasks.testing.postgres_cluster import find_postgres_bin
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ["worker_kills", "postgres_restart", "connections_killed", "lease_loss", "cron", "sleep_restart", "bad_input"]
+SCENARIOS = [
+    "worker_kills",
+    "postgres_restart",
+    "connections_killed",
+    "lease_loss",
+    "cron",
+    "sleep_restart",
+    "bad_input",
+]
 
 
 def test_chaos_short_run_loses_and_doubles_nothing() -> None:
