@@ -244,11 +244,11 @@ WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping')
 RETURNING status
 
 -- resume_run --
--- A paused run is claimable at once (a sleep re-parks until its own wake time); a pause not yet honoured
--- is withdrawn.
+-- A paused run is claimable again at its own time (now, or a later start, retry or wake time it had); a
+-- pause not yet honoured is withdrawn.
 UPDATE runs
 SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
-    available_at = CASE WHEN status = 'paused' THEN now() ELSE available_at END,
+    available_at = CASE WHEN status = 'paused' THEN GREATEST(available_at, now()) ELSE available_at END,
     requested_action = NULL,
     updated_at = now()
 WHERE id = %(run_id)s AND (status = 'paused' OR (status = 'running' AND requested_action = 'pause'))
@@ -272,7 +272,7 @@ UPDATE runs
 SET status = CASE WHEN requested_action = 'cancel' THEN 'canceled' ELSE 'paused' END,
     error = CASE WHEN requested_action = 'cancel' THEN %(error)s::jsonb ELSE error END,
     finished_at = CASE WHEN requested_action = 'cancel' THEN now() END,
-    requested_action = NULL, lease_token = NULL, worker_id = NULL, updated_at = now()
+    requested_action = NULL, lease_token = NULL, worker_id = NULL, available_at = now(), updated_at = now()
 WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
   AND requested_action IS NOT NULL
 RETURNING status
