@@ -163,3 +163,19 @@ async def test_several_worker_processes_fire_each_second_once(
 
 async def _at_least(fetch: Any, count: int) -> bool:
     return len(await fetch()) >= count
+
+
+async def test_a_late_tick_skips_no_fire_time(manager_for: Any) -> None:
+    @workflow(version="1", schedules=[Schedule("* * * * * *", name="every-second")])
+    async def busy(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([busy], enable_worker=False)
+    clock = FakeClock(utc(2026, 5, 1, 0, 0, 0, 500_000))
+    scheduler = Scheduler(manager.backend, manager.registry, "UTC", clock=clock)
+    await scheduler.synchronize()
+    clock.now = utc(2026, 5, 1, 0, 0, 3, 700_000)  # the machine was busy: the tick comes 2.7 s late
+    waits = [await scheduler.tick() for _ in range(4)]
+    keys = sorted(run.idempotency_key or "" for run in (await manager.list_runs(workflow="busy")).items)
+    assert keys == [f"schedule:every-second@2026-05-01T00:00:0{s}+00:00" for s in (1, 2, 3)]
+    assert waits[-1] == pytest.approx(0.3)  # then on time for 00:00:04

@@ -4,8 +4,9 @@ Exactly once per fire time: a fire advances the schedule's `next_fire_at` by com
 value the worker read, and the run it starts carries the idempotency key `schedule:{name}@{fire time}`,
 both in one transaction. Workers racing for the same fire: one wins, the others write nothing.
 
-Missed fires (every worker was down): when a worker comes back it fires once, for the latest missed
-fire time, then continues from the next future one. No burst of catch-up runs.
+Late and missed fires: a fire at most CATCH_UP_GRACE (10 s) late is still made, so a slow tick on a busy
+machine skips nothing. Fires missed by more (every worker was down) collapse into one run for the latest
+missed time; the schedule then continues from the next future one. No burst of catch-up runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from . import serde
 from .backends.base import NewRun, ScheduleRecord, ScheduleStore
@@ -26,6 +27,9 @@ from .waiting import cancel_and_wait, wait_for_event
 logger = logging.getLogger("sonamu_tasks.scheduler")
 
 Clock = Callable[[], datetime]
+
+CATCH_UP_GRACE = timedelta(seconds=10)
+"""A fire at most this late is still made; fires missed by more collapse into one run for the latest."""
 
 
 def system_clock() -> datetime:
@@ -87,16 +91,22 @@ class Scheduler:
             if self.registry.find(record.workflow_name, record.version) is None:
                 continue  # another worker's schedule: it fires it
             if record.next_fire_at <= now:
-                await self._fire(record, now)
-                record_next = next_fire_after(record.expression, record.timezone, now)
+                record_next = await self._fire(record, now)
             else:
                 record_next = record.next_fire_at
             soonest = record_next if soonest is None else min(soonest, record_next)
         return None if soonest is None else (soonest - now).total_seconds()
 
-    async def _fire(self, record: ScheduleRecord, now: datetime) -> None:
-        fire_at = max(record.next_fire_at, latest_fire_at_or_before(record.expression, record.timezone, now))
-        next_fire_at = next_fire_after(record.expression, record.timezone, now)
+    async def _fire(self, record: ScheduleRecord, now: datetime) -> datetime:
+        """Fire the due time; return the schedule's next fire time."""
+        if now - record.next_fire_at <= CATCH_UP_GRACE:
+            # A tick a little late (a busy machine) skips nothing: fire this time, the next comes right after.
+            fire_at = record.next_fire_at
+            next_fire_at = next_fire_after(record.expression, record.timezone, fire_at)
+        else:
+            # Every worker was away: one run for the latest missed time, then on from the future.
+            fire_at = latest_fire_at_or_before(record.expression, record.timezone, now)
+            next_fire_at = next_fire_after(record.expression, record.timezone, now)
         definition = self.registry.get(record.workflow_name, record.version)
         run = None
         try:
@@ -118,6 +128,7 @@ class Scheduler:
         if fired and run is not None:
             missed = "" if fire_at == record.next_fire_at else f" (missed fires since {record.next_fire_at})"
             logger.info("schedule %s fired for %s%s: run %s", record.name, fire_at.isoformat(), missed, run.id)
+        return next_fire_at
 
     # the loop every worker runs
 
