@@ -24,6 +24,7 @@ SCENARIOS = [
 ]
 
 
+@pytest.mark.timeout(420)  # the runner's own deadlines come first; pytest's default 120 s would cut it short
 def test_chaos_short_run_loses_and_doubles_nothing() -> None:
     try:
         find_postgres_bin()
