@@ -511,6 +511,52 @@ async def bad_input(ctx: Context, summary: Summary) -> None:
         summary.problems.append(f"{summary.failed - 1} unexpected failed runs")
 
 
+async def hostile_neighbours(ctx: Context, summary: Summary) -> None:
+    """A session idle in transaction holding an old snapshot, and 300 idle connections, during a load."""
+    count = 150 if ctx.short else 600
+
+    held: list[int] = []
+
+    async def load(label: str) -> tuple[list[str], str, float]:
+        schema = ctx.schema_for(f"neighbours_{label}")
+        await ensure_schema(ctx, schema)
+        for i in range(2):
+            ctx.worker(schema, f"{label}{i}", lease_ms=2000)
+        began = time.monotonic()
+        ids = await start_runs(ctx, schema, workflows.chain, [{"steps": 3, "work_ms": 5} for _ in range(count)])
+        await all_final(ctx, schema, count, 180)
+        elapsed = time.monotonic() - began
+        held.append(ctx.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sonamu_tasks'")[0][0])
+        ctx.stop_workers()
+        return ids, schema, elapsed
+
+    _, _, calm = await load("calm")
+    neighbours: list[psycopg.Connection[Any]] = []
+    try:
+        # The old snapshot: vacuum cannot clean behind it, so dead rows of the runs table pile up.
+        old = psycopg.connect(ctx.cluster.url, connect_timeout=10)
+        neighbours.append(old)
+        old.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        old.execute("SELECT count(*) FROM pg_class")
+        for _ in range(300):
+            neighbours.append(psycopg.connect(ctx.cluster.url, autocommit=True, connect_timeout=10))
+        ids, schema, disturbed = await load("hostile")
+        state = ctx.query("SELECT state FROM pg_stat_activity WHERE pid = %s", [old.info.backend_pid])
+    finally:
+        for conn in neighbours:
+            conn.close()
+    tally(ctx, summary, schema, ids, None)
+    summary.details.append(f"idle connections held: 300; old snapshot session: {state[0][0] if state else '?'}")
+    summary.details.append(
+        f"runs started one by one and finished: {count / calm:.0f} runs/s undisturbed, {count / disturbed:.0f} runs/s with the neighbours "
+        f"({calm / disturbed:.0%})"
+    )
+    # Two workers, concurrency 4: pools of at most 8 each, plus LISTEN: the neighbours do not make it grow.
+    summary.details.append(f"engine connections open at the end of the load: calm {held[0]}, hostile {held[1]}")
+    if summary.failed:
+        summary.problems.append(f"{summary.failed} runs failed")
+
+
 SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "worker_kills": worker_kills,
     "postgres_restart": postgres_restart,
@@ -519,6 +565,7 @@ SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "cron": cron,
     "sleep_restart": sleep_restart,
     "bad_input": bad_input,
+    "hostile_neighbours": hostile_neighbours,
 }
 
 

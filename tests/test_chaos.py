@@ -21,6 +21,7 @@ SCENARIOS = [
     "cron",
     "sleep_restart",
     "bad_input",
+    "hostile_neighbours",
 ]
 
 
