@@ -15,6 +15,7 @@ import click
 from .backends.base import RunRecord, StepRecord, WorkerRecord
 from .config import Config
 from .config_loader import load_config
+from .display import duration_text, preview
 from .duration import parse_duration
 from .errors import ConfigError, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, WorkflowManager, until_signal
@@ -143,7 +144,7 @@ def schedules(context: click.Context, as_json: bool) -> None:
     async def collect() -> list[dict[str, Any]]:
         async with WorkflowManager(config) as manager:
             store = manager.backend
-            records = await store.list_schedules()  # type: ignore[attr-defined]
+            records = await store.list_schedules()
             rows = []
             for record in records:
                 last = await store.get_run(record.last_run_id) if record.last_run_id else None
@@ -288,7 +289,7 @@ def runs(
             _status_text(run),
             run.attempts,
             _time(run.created_at),
-            _duration(run.started_at, run.finished_at),
+            duration_text(run.started_at, run.finished_at),
         ]
         for run in page.items
     ]
@@ -328,9 +329,9 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     )
     if run.status.value in ("pending", "sleeping"):
         click.echo(f"next      {_time(run.available_at)}")
-    click.echo(f"input     {_preview(run.input, 200)}")
+    click.echo(f"input     {preview(run.input, 200)}")
     if run.status is RunStatus.COMPLETED:
-        click.echo(f"output    {_preview(run.output, 2000)}")
+        click.echo(f"output    {preview(run.output, 2000)}")
     if run.error:
         click.echo(
             f"error     {run.error.get('type')}: {run.error.get('message')}"
@@ -342,10 +343,10 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
             step.kind,
             step.status.value,
             step.attempts,
-            _duration(step.started_at, step.finished_at),
+            duration_text(step.started_at, step.finished_at),
             _time(step.wake_at)
             if step.kind == "sleep"
-            else _preview(step.output if step.error is None else step.error.get("message"), 60),
+            else preview(step.output if step.error is None else step.error.get("message"), 60),
         ]
         for step in run.steps
     ]
@@ -500,18 +501,6 @@ def _iso(moment: datetime | None) -> str | None:
 
 def _time(moment: datetime | None) -> str:
     return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _duration(start: datetime | None, end: datetime | None) -> str:
-    if start is None or end is None:
-        return "-"
-    seconds = (end - start).total_seconds()
-    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
-
-
-def _preview(value: Any, width: int) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _since(text: str | None) -> datetime | None:

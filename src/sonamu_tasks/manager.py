@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeGuard
+from typing import Any, Self
 
 from . import serde
-from .backends.base import Backend, NewRun, RunQuery, RunRecord, ScheduleStore, WorkerRecord
+from .backends.base import Backend, NewRun, RunQuery, RunRecord, WorkerRecord
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
@@ -62,10 +62,6 @@ async def until_signal() -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-
-
-def _stores_schedules(backend: Backend) -> TypeGuard[ScheduleStore]:
-    return all(callable(getattr(backend, name, None)) for name in ("sync_schedules", "list_schedules", "fire_schedule"))
 
 
 class WorkflowManager:
@@ -137,10 +133,9 @@ class WorkflowManager:
                 on_finished=self.run_finished,
             )
             await self.worker.start()
-            if _stores_schedules(self.backend):
-                self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone)
-                await until_available(self.scheduler.synchronize, what="synchronize schedules")
-                self.scheduler.start()
+            self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone)
+            await until_available(self.scheduler.synchronize, what="synchronize schedules")
+            self.scheduler.start()
         self._started = True
         _active.append(self)
 

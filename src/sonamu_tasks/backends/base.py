@@ -122,7 +122,37 @@ class Notifications(Protocol):
     def reconnected(self) -> None: ...
 
 
-class Backend(Protocol):
+@dataclass(frozen=True)
+class ScheduleRecord:
+    name: str
+    workflow_name: str
+    version: str
+    expression: str
+    timezone: str
+    input: Any
+    next_fire_at: datetime
+    last_fire_at: datetime | None = None
+    last_run_id: str | None = None
+
+
+class ScheduleStore(Protocol):
+    """Storage of cron schedules: the part of Backend the scheduler needs."""
+
+    async def sync_schedules(self, schedules: Sequence[ScheduleRecord], workflows: Sequence[str]) -> None:
+        """Upsert `schedules`; delete the other schedules of `workflows` (removed from the code)."""
+        ...
+
+    async def list_schedules(self) -> list[ScheduleRecord]: ...
+
+    async def fire_schedule(
+        self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
+    ) -> bool:
+        """Advance the schedule from `expected` and start `run`, in one transaction; False if another
+        worker fired it first (nothing is written then)."""
+        ...
+
+
+class Backend(ScheduleStore, Protocol):
     pushes_notifications: bool
     """True when `listen` delivers events from other processes; otherwise waiters poll."""
 
@@ -231,33 +261,3 @@ class Backend(Protocol):
 
 
 NotificationCallback = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class ScheduleRecord:
-    name: str
-    workflow_name: str
-    version: str
-    expression: str
-    timezone: str
-    input: Any
-    next_fire_at: datetime
-    last_fire_at: datetime | None = None
-    last_run_id: str | None = None
-
-
-class ScheduleStore(Protocol):
-    """Storage of cron schedules (implemented by every backend beside Backend)."""
-
-    async def sync_schedules(self, schedules: Sequence[ScheduleRecord], workflows: Sequence[str]) -> None:
-        """Upsert `schedules`; delete the other schedules of `workflows` (removed from the code)."""
-        ...
-
-    async def list_schedules(self) -> list[ScheduleRecord]: ...
-
-    async def fire_schedule(
-        self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
-    ) -> bool:
-        """Advance the schedule from `expected` and start `run`, in one transaction; False if another
-        worker fired it first (nothing is written then)."""
-        ...

@@ -124,7 +124,7 @@ class Dashboard:
             body = pages.workers_table(await self.manager.list_workers())
             return 200, "text/html", body if partial else pages.page("Workers", body), None
         if method == "GET" and path == "/schedules":
-            schedules = await self.manager.backend.list_schedules()  # type: ignore[attr-defined]
+            schedules = await self.manager.backend.list_schedules()
             body = pages.schedules_table(schedules)
             return 200, "text/html", body if partial else pages.page("Schedules", body, refresh_ms=5000), None
         return 404, "text/plain", "not found", None

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ..backends.base import RunRecord, ScheduleRecord, WorkerRecord
+from ..display import duration_text, preview
 from ..status import RunStatus
 from .timeline import timeline_svg
 
@@ -60,7 +61,7 @@ def runs_table(runs: Sequence[RunRecord], next_cursor: str | None, query: dict[s
         f"<tr data-run='{run.id}'><td><a href='/runs/{run.id}'>{run.id}</a></td>"
         f"<td>{escape(run.workflow_name)}@{escape(run.version)}</td>"
         f"<td class='status {run.status.value}'>{run.status.value}</td><td>{run.attempts}</td>"
-        f"<td>{_time(run.created_at)}</td><td>{_duration(run.started_at, run.finished_at)}</td></tr>"
+        f"<td>{_time(run.created_at)}</td><td>{duration_text(run.started_at, run.finished_at)}</td></tr>"
         for run in runs
     )
     more = ""
@@ -88,8 +89,8 @@ def run_detail(run: RunRecord, csrf: str) -> str:
         )
     steps = "".join(
         f"<tr><td>{escape(step.name)}</td><td>{step.kind}</td><td class='status {step.status.value}'>"
-        f"{step.status.value}</td><td>{step.attempts}</td><td>{_duration(step.started_at, step.finished_at)}</td>"
-        f"<td>{escape(_preview(step.output if step.error is None else step.error.get('message')))}</td></tr>"
+        f"{step.status.value}</td><td>{step.attempts}</td><td>{duration_text(step.started_at, step.finished_at)}</td>"
+        f"<td>{escape(preview(step.output if step.error is None else step.error.get('message'), 80))}</td></tr>"
         for step in run.steps
     )
     output = f"<h3>Output</h3><pre>{escape(_json(run.output))}</pre>" if run.status is RunStatus.COMPLETED else ""
@@ -145,17 +146,5 @@ def _json(value: Any) -> str:
     return json.dumps(value, indent=2, default=str)
 
 
-def _preview(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:79] + "…"
-
-
 def _time(moment: datetime | None) -> str:
     return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _duration(start: datetime | None, end: datetime | None) -> str:
-    if start is None or end is None:
-        return "-"
-    seconds = (end - start).total_seconds()
-    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
