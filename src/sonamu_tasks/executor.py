@@ -75,9 +75,9 @@ class Attempt:
         self.claimed = claimed
         self.hooks = hooks
         self.logger = RunLogger(claimed.id, definition.name, definition.version)
-        self.workflow_logger = RunLogger(
-            claimed.id, definition.name, definition.version, replaying=lambda: self._replays_left > 0
-        )
+        # Quiet while replaying. A flag, not a callback into the attempt: no reference cycle, so a finished
+        # attempt is freed at once instead of by the cyclic garbage collector.
+        self.workflow_logger = RunLogger(claimed.id, definition.name, definition.version)
         self._replays_left = 0
         self._stop_requested = claimed.requested_action is not None
         self.steps: dict[str, StepRecord] = {}
@@ -108,6 +108,7 @@ class Attempt:
                 self.steps = await until_available(lambda: self.backend.load_steps(run.id), what="load checkpoints")
                 # The code up to every recorded step (a failed one included) ran before: replay it quietly.
                 self._replays_left = len(self.steps)
+                self.workflow_logger.quiet = self._replays_left > 0
             output = await self._call_workflow()
             encoded = serde.dumps(output, what=f"the output of workflow {self.definition.name!r}")
             await until_available(
@@ -196,7 +197,7 @@ class Attempt:
         annotation = _return_annotation(fn)
         record = self.steps.get(name)
         if record is not None:
-            self._replays_left -= 1
+            self._replayed()
         if record is not None and record.status is StepStatus.COMPLETED:
             if record.kind != "call":
                 raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a sleep before")
@@ -229,7 +230,7 @@ class Attempt:
         record = self.steps.get(name)
         wake_at = None
         if record is not None:
-            self._replays_left -= 1
+            self._replayed()
             if record.status is StepStatus.COMPLETED:
                 return
             if record.wake_at is not None and record.wake_at <= self._db_now():
@@ -271,6 +272,10 @@ class Attempt:
             return
         self.logger.info("%s on request", status)
         raise Stopped
+
+    def _replayed(self) -> None:
+        self._replays_left -= 1
+        self.workflow_logger.quiet = self._replays_left > 0
 
     def _claim_name(self, name: str) -> None:
         if name in self._seen:

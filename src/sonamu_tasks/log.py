@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 WORKFLOW_LOGGER = logging.getLogger("sonamu_tasks.workflow")
 
 
 class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """`replaying`, when given, silences the logger while the run replays completed steps, so a line the
-    workflow logs between two steps appears once, not once per attempt."""
+    """`quiet` is set by the attempt while the run replays completed steps, so a line the workflow logs
+    between two steps appears once, not once per attempt."""
 
-    def __init__(
-        self, run_id: str, workflow: str, version: str, *, replaying: Callable[[], bool] | None = None
-    ) -> None:
+    def __init__(self, run_id: str, workflow: str, version: str) -> None:
         super().__init__(WORKFLOW_LOGGER, {"run_id": run_id, "workflow": workflow, "version": version})
         self.step: str | None = None
-        self._replaying = replaying
+        self.quiet = False
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if self._replaying is not None and self._replaying():
+        if self.quiet:
             return
         super().log(level, msg, *args, **kwargs)
 

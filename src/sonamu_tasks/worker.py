@@ -31,7 +31,8 @@ from .waiting import cancel_and_wait, wait_for_event
 logger = logging.getLogger("sonamu_tasks.worker")
 
 PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the safety net
-POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is how runs are found
+POLLED_POLL_MS = 250
+CLAIM_CHUNK = 1_000_000  # no notifications across processes (SQLite): polling is how runs are found
 
 
 class Worker:
@@ -166,12 +167,13 @@ class Worker:
                 # A snapshot: a synchronize() while the claim is in flight must not orphan what it claims.
                 definitions = {definition.key: definition for definition in self.registry}
                 workflows = sorted(definitions)
+                limit = min(free, CLAIM_CHUNK)
                 try:
-                    claimed = await self.backend.claim_runs(self.id, workflows, free, self._lease)
+                    claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease)
                     # Start them before anything else: the next due time can be asked while they run.
                     for run in claimed:
                         self._start(run, definitions[(run.workflow_name, run.version)])
-                    self._more_due = len(claimed) == free
+                    self._more_due = len(claimed) == limit
                     if not self._more_due:
                         due = await self.backend.seconds_until_due(workflows)
                         if due is not None:

@@ -341,18 +341,15 @@ class PostgresBackend:
 
     @_transient
     async def _save_steps(self, batch: list[tuple[str, str, str, str, datetime, datetime]]) -> set[str]:
-        columns = list(zip(*batch, strict=True))
-        params = {
-            "run_ids": list(columns[0]),
-            "tokens": list(columns[1]),
-            "names": list(columns[2]),
-            "outputs": list(columns[3]),
-            "started": list(columns[4]),
-            "finished": list(columns[5]),
-        }
+        # The outputs are JSON text already: the batch is assembled around them, not re-encoded.
+        rows = ",".join(
+            f'{{"run_id":"{run_id}","lease_token":"{token}","name":{json.dumps(name)},"output":{output},'
+            f'"started_at":"{started.isoformat()}","finished_at":"{finished.isoformat()}"}}'
+            for run_id, token, name, output, started, finished in batch
+        )
         async with self._pool.connection() as conn:
-            rows = await (await conn.execute(QUERIES["save_steps"], params)).fetchall()
-        return {row[0] for row in rows}
+            written = await (await conn.execute(QUERIES["save_steps"], {"batch": f"[{rows}]"})).fetchall()
+        return {row[0] for row in written}
 
     @_transient
     async def sleep_run(
@@ -385,11 +382,12 @@ class PostgresBackend:
 
     @_transient
     async def _complete_runs(self, batch: list[tuple[str, str, str]]) -> set[str]:
-        columns = list(zip(*batch, strict=True))
-        params = {"run_ids": list(columns[0]), "tokens": list(columns[1]), "outputs": list(columns[2])}
+        rows = ",".join(
+            f'{{"run_id":"{run_id}","lease_token":"{token}","output":{output}}}' for run_id, token, output in batch
+        )
         async with self._pool.connection() as conn:
-            rows = await (await conn.execute(QUERIES["complete_runs"], params)).fetchall()
-        return {row[0] for row in rows}
+            written = await (await conn.execute(QUERIES["complete_runs"], {"batch": f"[{rows}]"})).fetchall()
+        return {row[0] for row in written}
 
     @_transient
     async def fail_attempt(

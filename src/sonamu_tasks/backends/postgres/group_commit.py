@@ -1,7 +1,8 @@
 """Group commit: writes from concurrent runs share one transaction, one round trip and one WAL flush.
 
-While one batch is being committed, the writes that arrive queue up and go together in the next. A lone
-write goes at once: batching costs no latency on an idle worker.
+Up to `in_flight` batches are committed at once, on separate connections: while PostgreSQL commits one,
+the worker's event loop goes on running steps and the writes they produce form the next, so the two
+overlap instead of taking turns. A lone write goes at once: batching costs no latency on an idle worker.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ Flush = Callable[[list[Item]], Awaitable[set[str]]]
 
 
 class GroupCommit(Generic[Item]):
-    def __init__(self, flush: Flush[Item], *, max_batch: int = 256) -> None:
+    def __init__(self, flush: Flush[Item], *, max_batch: int = 256, in_flight: int = 2) -> None:
         self._flush = flush
         self._max_batch = max_batch
+        self._in_flight = in_flight
         self._queue: list[tuple[str, Item, asyncio.Future[bool]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._drains: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: str, item: Item) -> bool:
         """Write `item` with the next batch; False if its fence rejected it. Flush errors are raised."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append((key, item, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
+        if len(self._drains) < self._in_flight:
+            task = asyncio.create_task(self._drain())
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
         return await future
 
     async def _drain(self) -> None:

@@ -27,16 +27,24 @@ RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_t
 SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(id)s
 
 -- claim_runs --
--- Take up to `limit` due runs of the given workflows; a run still "running" here had its lease expire.
+-- Take up to `limit` due runs of the given workflows, oldest first; a run still "running" here had its
+-- lease expire. Each workflow's queue is read in order from runs_claim_queue and the scan stops at
+-- `limit`: the cost does not grow with the backlog. SKIP LOCKED lets concurrent claims pass each other.
 WITH due AS (
-    SELECT id, status AS previous_status, started_at IS NULL AS first_claim
-    FROM runs
-    WHERE status IN ('pending', 'running', 'sleeping')
-      AND available_at <= now()
-      AND (workflow_name, version) IN (SELECT * FROM unnest(%(names)s::text[], %(versions)s::text[]))
-    ORDER BY available_at
+    SELECT q.id, q.status AS previous_status, q.started_at IS NULL AS first_claim
+    FROM unnest(%(names)s::text[], %(versions)s::text[]) AS w(name, version)
+    CROSS JOIN LATERAL (
+        SELECT id, status, started_at, available_at
+        FROM runs
+        WHERE workflow_name = w.name AND version = w.version
+          AND status IN ('pending', 'running', 'sleeping')
+          AND available_at <= now()
+        ORDER BY available_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS q
+    ORDER BY q.available_at
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE runs AS r
 SET status = 'running',
@@ -52,11 +60,16 @@ RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recover
           now() AS claimed_at, due.first_claim, r.deadline_at, r.requested_action
 
 -- seconds_until_due --
--- How long until the next claimable run of these workflows is due.
-SELECT EXTRACT(EPOCH FROM min(available_at) - now())::float8
-FROM runs
-WHERE status IN ('pending', 'running', 'sleeping')
-  AND (workflow_name, version) IN (SELECT * FROM unnest(%(names)s::text[], %(versions)s::text[]))
+-- How long until the next claimable run of these workflows is due: the head of each workflow's queue.
+SELECT EXTRACT(EPOCH FROM min(head.available_at) - now())::float8
+FROM unnest(%(names)s::text[], %(versions)s::text[]) AS w(name, version)
+CROSS JOIN LATERAL (
+    SELECT available_at
+    FROM runs
+    WHERE workflow_name = w.name AND version = w.version AND status IN ('pending', 'running', 'sleeping')
+    ORDER BY available_at
+    LIMIT 1
+) AS head
 
 -- heartbeat_runs --
 -- Extend the leases this worker still holds; a missing token means the run was taken from it.
@@ -88,13 +101,13 @@ FROM steps WHERE run_id = %(run_id)s
 ORDER BY started_at, name
 
 -- save_steps --
--- Checkpoint several runs' step results in one transaction (group commit). Each row is written only
+-- Checkpoint several runs' step results in one transaction (group commit). The batch is one JSON array
+-- (one parameter, encoded by the json module in C rather than array by array). Each row is written only
 -- while its claim still owns the run; the row lock orders it against a take-over. Returns the runs written.
 WITH batch AS (
     SELECT *
-    FROM unnest(%(run_ids)s::uuid[], %(tokens)s::uuid[], %(names)s::text[], %(outputs)s::jsonb[],
-                %(started)s::timestamptz[], %(finished)s::timestamptz[])
-         AS b(run_id, lease_token, name, output, started_at, finished_at)
+    FROM json_to_recordset(%(batch)s::json)
+         AS b(run_id uuid, lease_token uuid, name text, output jsonb, started_at timestamptz, finished_at timestamptz)
 ), owned AS (
     SELECT b.*
     FROM batch b JOIN runs r ON r.id = b.run_id
@@ -135,11 +148,12 @@ WHERE steps.run_id = owned.id AND steps.name = %(name)s
 RETURNING 1
 
 -- complete_runs --
--- Store the outputs of several runs in one transaction (group commit), each fenced by its claim.
+-- Store the outputs of several runs in one transaction (group commit; the batch is one JSON array), each
+-- fenced by its claim.
 UPDATE runs AS r
 SET status = 'completed', output = b.output, error = NULL, lease_token = NULL, finished_at = now(),
     updated_at = now()
-FROM unnest(%(run_ids)s::uuid[], %(tokens)s::uuid[], %(outputs)s::jsonb[]) AS b(run_id, lease_token, output)
+FROM json_to_recordset(%(batch)s::json) AS b(run_id uuid, lease_token uuid, output jsonb)
 WHERE r.id = b.run_id AND r.lease_token = b.lease_token AND r.status = 'running'
 RETURNING r.id::text
 
