@@ -31,8 +31,7 @@ from .waiting import cancel_and_wait, wait_for_event
 logger = logging.getLogger("sonamu_tasks.worker")
 
 PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the safety net
-POLLED_POLL_MS = 250
-CLAIM_CHUNK = 1_000_000  # no notifications across processes (SQLite): polling is how runs are found
+POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is how runs are found
 
 
 class Worker:
@@ -159,6 +158,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         backoff = 0.05
+        locked_retry = 0.001
         while not self._stopping:
             self._wake.clear()
             timeout = self._poll_s
@@ -167,7 +167,10 @@ class Worker:
                 # A snapshot: a synchronize() while the claim is in flight must not orphan what it claims.
                 definitions = {definition.key: definition for definition in self.registry}
                 workflows = sorted(definitions)
-                limit = min(free, CLAIM_CHUNK)
+                # At most half the slots per claim: runs claimed together move in lockstep (their steps and
+                # checkpoints batch together), and two cohorts let PostgreSQL commit one while the event loop
+                # runs the other, instead of each waiting for the other in turn.
+                limit = min(free, max(1, self.options.concurrency // 2))
                 try:
                     claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease)
                     # Start them before anything else: the next due time can be asked while they run.
@@ -176,9 +179,16 @@ class Worker:
                     self._more_due = len(claimed) == limit
                     if not self._more_due:
                         due = await self.backend.seconds_until_due(workflows)
-                        if due is not None:
-                            # Due but not claimed means another worker holds it locked: look again soon.
-                            timeout = min(timeout, max(due, 0.02))
+                        if due is not None and due <= 0 and not claimed:
+                            # Due but not claimed: a row lock made the claim skip it (another worker's claim,
+                            # a result() asking to be notified, a cancel). Such locks last about one commit:
+                            # look again after 1 ms, then 2, 4 ... up to 50 ms while it stays locked.
+                            timeout = min(timeout, locked_retry)
+                            locked_retry = min(locked_retry * 2, 0.05)
+                        elif due is not None:
+                            timeout = min(timeout, max(due, 0.001))
+                        if claimed:
+                            locked_retry = 0.001
                     backoff = 0.05
                 except BackendUnavailable as error:
                     logger.warning("claim failed (%s); retrying in %.2fs", error, backoff)
