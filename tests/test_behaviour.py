@@ -71,6 +71,29 @@ async def test_workflow_runs_its_steps_in_order_and_returns_output(manager_for: 
     ]
 
 
+async def test_result_and_steps_see_the_stored_json_wherever_the_run_finished(manager_for: Any) -> None:
+    """A step and result() return what was stored (a tuple comes back a list), whether the run completed in
+    the caller's process (whose worker hands the output over) or is read back from the database."""
+    seen: list[Any] = []
+
+    async def pair() -> Any:
+        return (1, "two")
+
+    @workflow(version="1")
+    async def shapes(step: Any) -> Any:
+        value = await step.define("pair", pair).run()
+        seen.append(value)
+        return {"pair": value, "tuple": (3, None), "nested": {"b": 1.5, "a": [True]}}
+
+    manager = await manager_for([shapes])
+    handle = await manager.run(shapes)
+    expected = {"pair": [1, "two"], "tuple": [3, None], "nested": {"b": 1.5, "a": [True]}}
+    assert await handle.result(timeout=15) == expected
+    assert seen == [[1, "two"]]
+    assert (await manager.wait_until_finished(handle.id, timeout=5)).output == expected
+    assert await manager.handle(handle.id).result(timeout=5) == expected
+
+
 async def test_completed_steps_are_not_rerun_when_a_later_step_is_retried(manager_for: Any) -> None:
     calls = Calls()
 

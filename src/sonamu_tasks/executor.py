@@ -84,6 +84,8 @@ class Attempt:
         self._seen: set[str] = set()
         self._failed_step: tuple[str, datetime, BaseException] | None = None
         self._claimed_monotonic = time.monotonic()
+        self.output_json: str | None = None
+        """The stored output, once this attempt completed the run."""
 
     def request_stop(self) -> None:
         """A cancel or pause was asked for: honour it at the next step boundary."""
@@ -114,6 +116,7 @@ class Attempt:
             await until_available(
                 lambda: self.backend.complete_run(run.id, run.lease_token, encoded), what="complete run"
             )
+            self.output_json = encoded
         except (Suspended, Stopped):
             pass
         except Released:
@@ -219,8 +222,9 @@ class Attempt:
             lambda: self.backend.save_step(run.id, run.lease_token, name, encoded, started, finished),
             what=f"checkpoint step {name!r}",
         )
-        stored = serde.loads(encoded)
-        self.steps[name] = StepRecord(name, "call", StepStatus.COMPLETED, stored, None, 1, None, started, finished)
+        # The workflow gets what a replay would read back: the value after a JSON round trip (a tuple comes
+        # back a list). Scalars come back as they went.
+        stored = result if type(result) in _JSON_SCALARS else serde.loads(encoded)
         return serde.decode(stored, annotation)
 
     async def sleep(self, name: str, duration: Duration) -> None:
@@ -297,6 +301,9 @@ class Attempt:
         context = contextvars.copy_context()
         result = await loop.run_in_executor(self.hooks.threads, context.run, functools.partial(fn, *args, **kwargs))
         return await result if inspect.isawaitable(result) else result
+
+
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

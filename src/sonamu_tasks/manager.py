@@ -94,6 +94,8 @@ class WorkflowManager:
         self.discovery_errors: list[DiscoveryError] = []
         self.watched_paths: list[Path] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        # Outputs of runs this process's worker just completed, kept only while a result() here waits for them.
+        self._completed_here: dict[str, str] = {}
         self._listener: asyncio.Task[None] | None = None
         self._started = False
 
@@ -130,7 +132,7 @@ class WorkflowManager:
                 self.registry,
                 tasks.worker_options,
                 context_provider=tasks.context_provider,
-                on_finished=self.run_finished,
+                on_finished=self._finished_here,
             )
             await self.worker.start()
             self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone)
@@ -318,12 +320,19 @@ class WorkflowManager:
         return RunPage(items, items[-1].id if len(records) > limit else None)
 
     async def wait_for_result(self, run_id: str, *, timeout: float | None = None) -> Any:
-        record = await self.wait_until_finished(run_id, timeout=timeout)
-        if record.status is RunStatus.COMPLETED:
-            return record.output
-        raise WorkflowFailed(record.id, record.workflow_name, record.status.value, record.error)
+        outcome = await self._wait(run_id, timeout)
+        if isinstance(outcome, str):  # completed by this process's worker: its output, without a read
+            return serde.loads(outcome)
+        if outcome.status is RunStatus.COMPLETED:
+            return outcome.output
+        raise WorkflowFailed(outcome.id, outcome.workflow_name, outcome.status.value, outcome.error)
 
     async def wait_until_finished(self, run_id: str, *, timeout: float | None = None) -> RunRecord:
+        outcome = await self._wait(run_id, timeout)
+        return await self.get_run(run_id) if isinstance(outcome, str) else outcome
+
+    async def _wait(self, run_id: str, timeout: float | None) -> RunRecord | str:
+        """The finished run's record, or its output JSON when this process's worker just completed it."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # A notification is the wake-up; the re-read interval only covers one lost while reconnecting.
@@ -334,6 +343,9 @@ class WorkflowManager:
         try:
             while True:
                 event.clear()
+                output = self._completed_here.get(run_id)
+                if output is not None:
+                    return output
                 record = await self.get_run(run_id)
                 if record.status.finished:
                     return record
@@ -353,6 +365,7 @@ class WorkflowManager:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[run_id]
+                    self._completed_here.pop(run_id, None)
 
     def _runs_here(self, run_id: str) -> bool:
         """True when this process's worker is executing the run: it wakes the waiter itself."""
@@ -367,6 +380,12 @@ class WorkflowManager:
     def run_finished(self, run_id: str) -> None:
         for event in self._waiters.get(run_id, ()):
             event.set()
+
+    def _finished_here(self, run_id: str, output_json: str | None) -> None:
+        """This process's worker let go of a run; `output_json` is set when it completed it."""
+        if output_json is not None and run_id in self._waiters:
+            self._completed_here[run_id] = output_json
+        self.run_finished(run_id)
 
     def run_requested(self, run_id: str) -> None:
         if self.worker is not None:

@@ -42,7 +42,7 @@ class Worker:
         options: WorkerOptions,
         *,
         context_provider: Callable[[dict[str, Any]], Any] | None = None,
-        on_finished: Callable[[str], None] | None = None,
+        on_finished: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.backend = backend
         self.registry = registry
@@ -149,10 +149,10 @@ class Worker:
     def draining(self) -> bool:
         return self._draining
 
-    def finished(self, run_id: str) -> None:
-        """A run left this worker: wake the waiters of this process."""
+    def finished(self, run_id: str, output_json: str | None) -> None:
+        """A run left this worker (with its stored output if it completed): wake the waiters of this process."""
         if self._on_finished is not None:
-            self._on_finished(run_id)
+            self._on_finished(run_id, output_json)
 
     # loops
 
@@ -216,7 +216,7 @@ class Worker:
             self._active.pop(attempt.claimed.lease_token, None)
             if self._more_due and not self._stopping:
                 self._wake.set()
-            self.finished(attempt.claimed.id)
+            self.finished(attempt.claimed.id, attempt.output_json)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.options.lease_ms / 3000
