@@ -29,7 +29,7 @@ from ..base import (
     StepRecord,
     WorkerRecord,
 )
-from .group_commit import GroupCommit
+from ..group_commit import GroupCommit
 from .queries import QUERIES, migrations
 
 logger = logging.getLogger("sonamu_tasks.postgres")

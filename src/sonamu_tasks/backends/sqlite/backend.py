@@ -31,6 +31,7 @@ from ..base import (
     StepRecord,
     WorkerRecord,
 )
+from ..group_commit import GroupCommit
 from ..sql_files import package_migrations, package_queries
 from . import records
 from .database import Database
@@ -53,6 +54,8 @@ class SqliteBackend:
     def __init__(self, path: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = path if path == ":memory:" else os.path.abspath(path)
         self._db = Database(self.path, busy_timeout_s=busy_timeout_s)
+        # Checkpoints and completions of concurrent runs share one write transaction and one fsync.
+        self._fenced_writes: GroupCommit[tuple[str, dict[str, Any]]] = GroupCommit(self._write_fenced, in_flight=1)
 
     @classmethod
     def from_url(cls, url: str) -> SqliteBackend:
@@ -232,7 +235,8 @@ class SqliteBackend:
             "started_at": micros(started_at),
             "finished_at": micros(finished_at),
         }
-        await self._fenced("save_step", params)
+        if not await self._fenced_writes.submit(run_id, ("save_step", params)):
+            raise LeaseLost(run_id)
 
     async def sleep_run(
         self,
@@ -268,7 +272,9 @@ class SqliteBackend:
         await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
 
     async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
-        await self._fenced("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json})
+        params = {"run_id": run_id, "lease_token": lease_token, "output": output_json}
+        if not await self._fenced_writes.submit(run_id, ("complete_run", params)):
+            raise LeaseLost(run_id)
 
     async def fail_attempt(
         self,
@@ -394,6 +400,18 @@ class SqliteBackend:
         return await self._db.write(fire)
 
     # helpers
+
+    async def _write_fenced(self, batch: list[tuple[str, dict[str, Any]]]) -> set[str]:
+        """Several runs' fenced writes in one transaction; returns the runs whose claim still held."""
+
+        def write(conn: sqlite3.Connection, now: int) -> set[str]:
+            return {
+                str(params["run_id"])
+                for query, params in batch
+                if _first(conn, query, {**params, "now": now}) is not None
+            }
+
+        return await self._db.write(write)
 
     async def _fenced(self, query: str, params: dict[str, Any]) -> None:
         """One write that touches the run only while `params["lease_token"]` still owns it."""

@@ -23,29 +23,40 @@ class GroupCommit(Generic[Item]):
         self._max_batch = max_batch
         self._in_flight = in_flight
         self._queue: list[tuple[str, Item, asyncio.Future[bool]]] = []
-        self._drains: set[asyncio.Task[None]] = set()
+        self._draining = 0  # drains running; counted down by the drain itself, never by a done-callback
+        self._drains: set[asyncio.Task[None]] = set()  # strong references, so no drain is collected mid-way
 
     async def submit(self, key: str, item: Item) -> bool:
         """Write `item` with the next batch; False if its fence rejected it. Flush errors are raised."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append((key, item, future))
-        if len(self._drains) < self._in_flight:
+        if self._draining < self._in_flight:
+            self._draining += 1
             task = asyncio.create_task(self._drain())
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
         return await future
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            try:
-                written = await self._flush([item for _, item, _ in batch])
-            except Exception as error:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-            else:
-                for key, _, future in batch:
-                    if not future.done():
-                        future.set_result(key in written)
+        # The count goes down in the same step as the last look at the queue: an item queued after that look
+        # finds the slot free and starts a drain. (A done-callback would run a step later and strand it.)
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                try:
+                    written = await self._flush([item for _, item, _ in batch])
+                except Exception as error:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                except BaseException:  # cancelled: no submitter may wait forever
+                    for _, _, future in batch:
+                        future.cancel()
+                    raise
+                else:
+                    for key, _, future in batch:
+                        if not future.done():
+                            future.set_result(key in written)
+        finally:
+            self._draining -= 1
