@@ -1,6 +1,6 @@
 """The database's commit ceiling, and how close the engine gets to it.
 
-    python -m benchmarks.pg_limit [-T 10] [--clients 1,16] [--workflows 5000] [--concurrency 16] [--sqlite]
+    python -m benchmarks.pg_limit [-T 10] [--clients 1,16] [--workflows 5000] [--concurrency 128] [--sqlite]
 
 On the same kind of server the other benchmarks use (fsync on), pgbench commits tiny single-row INSERT
 transactions at each client count for -T seconds and prints commits/s. The workflow ceiling is that
@@ -89,7 +89,7 @@ async def main() -> None:
     parser.add_argument("-T", dest="seconds", type=int, default=10, help="seconds per client count")
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--workflows", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=128)
     args: argparse.Namespace = parser.parse_args()
     backend = backend_name(args)
     ceilings: dict[int, float] = {}
