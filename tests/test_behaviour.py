@@ -94,6 +94,47 @@ async def test_result_and_steps_see_the_stored_json_wherever_the_run_finished(ma
     assert await manager.handle(handle.id).result(timeout=5) == expected
 
 
+async def test_a_step_is_stored_before_anything_after_it_and_survives_a_failure_between_steps(
+    manager_for: Any,
+) -> None:
+    """A step's checkpoint may travel with the completion when the workflow returns right after it; in every
+    other case it is stored before the next step starts, and a failure in the workflow's own code between two
+    steps does not lose it (the retry replays it instead of calling it again)."""
+    calls = Calls()
+    stored_when_second_ran: list[tuple[str, StepStatus]] = []
+    holder: dict[str, WorkflowManager] = {}
+
+    async def first() -> str:
+        calls.hit("first")
+        return "one"
+
+    async def second(run_id: str) -> str:
+        calls.hit("second")
+        steps = await holder["manager"].backend.load_steps(run_id)
+        stored_when_second_ran.extend((name, record.status) for name, record in sorted(steps.items()))
+        return "two"
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def careful(step: Any, context: Any) -> Any:
+        one = await step.define("first", first).run()
+        if context["attempt"] == 1:
+            raise RuntimeError("the workflow's own code failed between two steps")
+        await asyncio.sleep(0.05)  # not a step: its checkpoint must not wait for the next one
+        two = await step.define("second", second).run(context["run_id"])
+        return [one, two]
+
+    manager = holder["manager"] = await manager_for([careful])
+    handle = await manager.run(careful)
+    assert await handle.result(timeout=15) == ["one", "two"]
+    assert calls.counts == {"first": 1, "second": 1}
+    assert stored_when_second_ran == [("first", StepStatus.COMPLETED)]
+    run = await handle.info(with_steps=True)
+    assert (run.attempts, [(s.name, s.status, s.output) for s in run.steps]) == (
+        1,
+        [("first", StepStatus.COMPLETED, "one"), ("second", StepStatus.COMPLETED, "two")],
+    )
+
+
 async def test_completed_steps_are_not_rerun_when_a_later_step_is_retried(manager_for: Any) -> None:
     calls = Calls()
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import serde
-from .backends.base import Backend, ClaimedRun, LeaseLost, StepRecord
+from .backends.base import Backend, Checkpoint, ClaimedRun, LeaseLost, StepRecord
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
 from .errors import NonRetryableError, StepNameConflict
@@ -86,6 +86,10 @@ class Attempt:
         self._claimed_monotonic = time.monotonic()
         self.output_json: str | None = None
         """The stored output, once this attempt completed the run."""
+        # The last step's checkpoint, written before anything else durable happens (the next step, a sleep,
+        # a failure, a stop) or together with the completion when the workflow returns right after it.
+        self._unsent: Checkpoint | None = None
+        self._sending: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         """A cancel or pause was asked for: honour it at the next step boundary."""
@@ -113,8 +117,10 @@ class Attempt:
                 self.workflow_logger.quiet = self._replays_left > 0
             output = await self._call_workflow()
             encoded = serde.dumps(output, what=f"the output of workflow {self.definition.name!r}")
+            last, self._unsent = self._unsent, None
+            await self._settle()
             await until_available(
-                lambda: self.backend.complete_run(run.id, run.lease_token, encoded), what="complete run"
+                lambda: self.backend.complete_run(run.id, run.lease_token, encoded, last), what="complete run"
             )
             self.output_json = encoded
         except (Suspended, Stopped):
@@ -160,6 +166,7 @@ class Attempt:
         return await context if inspect.isawaitable(context) else context
 
     async def _record_failure(self, error: Exception) -> None:
+        await self._settle()  # the steps that completed before the error stay completed
         run = self.claimed
         step = None
         if self._failed_step is not None and self._failed_step[2] is error:
@@ -205,6 +212,7 @@ class Attempt:
             if record.kind != "call":
                 raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a sleep before")
             return serde.decode(record.output, annotation)
+        await self._settle()  # the previous step's checkpoint is stored before this step starts
         await self._boundary()
         started = datetime.now(UTC)
         self.logger.step = self.workflow_logger.step = name
@@ -216,12 +224,12 @@ class Attempt:
             raise
         finally:
             self.logger.step = self.workflow_logger.step = None
-        run = self.claimed
-        finished = datetime.now(UTC)
-        await until_available(
-            lambda: self.backend.save_step(run.id, run.lease_token, name, encoded, started, finished),
-            what=f"checkpoint step {name!r}",
-        )
+        # The checkpoint is not awaited here: if the workflow returns right after this step, it is written
+        # with the completion, in one commit. Otherwise it is sent at once, from the event loop's next turn,
+        # and awaited before anything else durable happens (see _settle). Either way nothing after this
+        # step starts before it is stored.
+        self._unsent = Checkpoint(name, encoded, started, datetime.now(UTC))
+        asyncio.get_running_loop().call_soon(self._send_unsent)
         # The workflow gets what a replay would read back: the value after a JSON round trip (a tuple comes
         # back a list). Scalars come back as they went.
         stored = result if type(result) in _JSON_SCALARS else serde.loads(encoded)
@@ -233,6 +241,7 @@ class Attempt:
         run = self.claimed
         record = self.steps.get(name)
         wake_at = None
+        await self._settle()
         if record is not None:
             self._replayed()
             if record.status is StepStatus.COMPLETED:
@@ -255,6 +264,36 @@ class Attempt:
         raise Suspended
 
     # helpers
+
+    def _send_unsent(self) -> None:
+        """The workflow did not return right after its step: write the checkpoint now, in the background."""
+        checkpoint, self._unsent = self._unsent, None
+        if checkpoint is not None:
+            self._sending = asyncio.create_task(self._write_checkpoint(checkpoint))
+            self._sending.add_done_callback(_retrieve_error)
+
+    async def _settle(self) -> None:
+        """Wait until the last step's checkpoint is stored (LeaseLost if the claim was lost meanwhile)."""
+        checkpoint, self._unsent = self._unsent, None
+        if checkpoint is not None:
+            await self._write_checkpoint(checkpoint)
+        sending, self._sending = self._sending, None
+        if sending is not None:
+            await sending
+
+    async def _write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        run = self.claimed
+        await until_available(
+            lambda: self.backend.save_step(
+                run.id,
+                run.lease_token,
+                checkpoint.name,
+                checkpoint.output_json,
+                checkpoint.started_at,
+                checkpoint.finished_at,
+            ),
+            what=f"checkpoint step {checkpoint.name!r}",
+        )
 
     async def _boundary(self) -> None:
         """Between two steps: where a shutdown hands the run back and a cancel or pause takes effect."""
@@ -301,6 +340,12 @@ class Attempt:
         context = contextvars.copy_context()
         result = await loop.run_in_executor(self.hooks.threads, context.run, functools.partial(fn, *args, **kwargs))
         return await result if inspect.isawaitable(result) else result
+
+
+def _retrieve_error(task: asyncio.Task[None]) -> None:
+    # A checkpoint task whose attempt ended before awaiting it (cancelled): its error was seen, not lost.
+    if not task.cancelled():
+        task.exception()
 
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})

@@ -76,6 +76,16 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A step's result, to be stored."""
+
+    name: str
+    output_json: str
+    started_at: datetime
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
 class WorkerRecord:
     id: str
     host: str
@@ -242,7 +252,12 @@ class Backend(ScheduleStore, Protocol):
         ...
 
     async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None: ...
-    async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None: ...
+    async def complete_run(
+        self, run_id: str, lease_token: str, output_json: str, last_step: Checkpoint | None = None
+    ) -> None:
+        """Store the output; `last_step`, the checkpoint of a step the workflow returned right after, is
+        written in the same transaction (one commit for both)."""
+        ...
     async def fail_attempt(
         self,
         run_id: str,

@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from ...errors import BackendUnavailable, ConfigError
 from ...status import RunStatus, StepStatus
 from ..base import (
+    Checkpoint,
     ClaimedRun,
     LeaseLost,
     NewRun,
@@ -84,7 +85,7 @@ class PostgresBackend:
             name=f"sonamu_tasks:{schema}",
         )
         self._checkpoints: GroupCommit[tuple[str, str, str, str, datetime, datetime]] = GroupCommit(self._save_steps)
-        self._outcomes: GroupCommit[tuple[str, str, str]] = GroupCommit(self._complete_runs)
+        self._outcomes: GroupCommit[tuple[str, str, str, Checkpoint | None]] = GroupCommit(self._complete_runs)
 
     # lifecycle
 
@@ -376,14 +377,17 @@ class PostgresBackend:
     async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None:
         await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
 
-    async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
-        if not await self._outcomes.submit(run_id, (run_id, lease_token, output_json)):
+    async def complete_run(
+        self, run_id: str, lease_token: str, output_json: str, last_step: Checkpoint | None = None
+    ) -> None:
+        if not await self._outcomes.submit(run_id, (run_id, lease_token, output_json, last_step)):
             raise LeaseLost(run_id)
 
     @_transient
-    async def _complete_runs(self, batch: list[tuple[str, str, str]]) -> set[str]:
+    async def _complete_runs(self, batch: list[tuple[str, str, str, Checkpoint | None]]) -> set[str]:
         rows = ",".join(
-            f'{{"run_id":"{run_id}","lease_token":"{token}","output":{output}}}' for run_id, token, output in batch
+            f'{{"run_id":"{run_id}","lease_token":"{token}","output":{output}{_step_fields(step)}}}'
+            for run_id, token, output, step in batch
         )
         async with self._pool.connection() as conn:
             written = await (await conn.execute(QUERIES["complete_runs"], {"batch": f"[{rows}]"})).fetchall()
@@ -453,6 +457,15 @@ class PostgresBackend:
             row["status"] = StepStatus(row["status"])
             steps[row["name"]] = StepRecord(**row)
         return steps
+
+
+def _step_fields(step: Checkpoint | None) -> str:
+    if step is None:
+        return ""
+    return (
+        f',"step_name":{json.dumps(step.name)},"step_output":{step.output_json},'
+        f'"started_at":"{step.started_at.isoformat()}","finished_at":"{step.finished_at.isoformat()}"'
+    )
 
 
 def _dispatch(payload: str, notifications: Notifications) -> None:

@@ -149,12 +149,32 @@ RETURNING 1
 
 -- complete_runs --
 -- Store the outputs of several runs in one transaction (group commit; the batch is one JSON array), each
--- fenced by its claim.
+-- fenced by its claim. A run whose workflow returned right after a step brings that step's checkpoint
+-- along: both are written by this one statement, or neither.
+WITH batch AS (
+    SELECT *
+    FROM json_to_recordset(%(batch)s::json)
+         AS b(run_id uuid, lease_token uuid, output jsonb,
+              step_name text, step_output jsonb, started_at timestamptz, finished_at timestamptz)
+), owned AS (
+    SELECT b.*
+    FROM batch b JOIN runs r ON r.id = b.run_id
+    WHERE r.lease_token = b.lease_token AND r.status = 'running'
+    ORDER BY r.id
+    FOR NO KEY UPDATE OF r
+), last_steps AS (
+    INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
+    SELECT run_id, step_name, 'call', 'completed', step_output, 1, started_at, finished_at
+    FROM owned WHERE step_name IS NOT NULL
+    ON CONFLICT (run_id, name) DO UPDATE
+    SET status = 'completed', output = EXCLUDED.output, error = NULL, attempts = s.attempts + 1,
+        started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
+)
 UPDATE runs AS r
-SET status = 'completed', output = b.output, error = NULL, lease_token = NULL, finished_at = now(),
+SET status = 'completed', output = o.output, error = NULL, lease_token = NULL, finished_at = now(),
     updated_at = now()
-FROM json_to_recordset(%(batch)s::json) AS b(run_id uuid, lease_token uuid, output jsonb)
-WHERE r.id = b.run_id AND r.lease_token = b.lease_token AND r.status = 'running'
+FROM owned o
+WHERE r.id = o.run_id
 RETURNING r.id::text
 
 -- retry_run --

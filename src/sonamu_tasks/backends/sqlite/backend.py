@@ -21,6 +21,7 @@ from typing import Any
 from ...errors import ConfigError
 from ...status import RunStatus
 from ..base import (
+    Checkpoint,
     ClaimedRun,
     LeaseLost,
     NewRun,
@@ -55,7 +56,9 @@ class SqliteBackend:
         self.path = path if path == ":memory:" else os.path.abspath(path)
         self._db = Database(self.path, busy_timeout_s=busy_timeout_s)
         # Checkpoints and completions of concurrent runs share one write transaction and one fsync.
-        self._fenced_writes: GroupCommit[tuple[str, dict[str, Any]]] = GroupCommit(self._write_fenced, in_flight=1)
+        self._fenced_writes: GroupCommit[list[tuple[str, dict[str, Any]]]] = GroupCommit(
+            self._write_fenced, in_flight=1
+        )
 
     @classmethod
     def from_url(cls, url: str) -> SqliteBackend:
@@ -227,15 +230,8 @@ class SqliteBackend:
         started_at: datetime,
         finished_at: datetime,
     ) -> None:
-        params = {
-            "run_id": run_id,
-            "lease_token": lease_token,
-            "name": name,
-            "output": output_json,
-            "started_at": micros(started_at),
-            "finished_at": micros(finished_at),
-        }
-        if not await self._fenced_writes.submit(run_id, ("save_step", params)):
+        params = _checkpoint_params(run_id, lease_token, Checkpoint(name, output_json, started_at, finished_at))
+        if not await self._fenced_writes.submit(run_id, [("save_step", params)]):
             raise LeaseLost(run_id)
 
     async def sleep_run(
@@ -271,9 +267,12 @@ class SqliteBackend:
     async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None:
         await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
 
-    async def complete_run(self, run_id: str, lease_token: str, output_json: str) -> None:
-        params = {"run_id": run_id, "lease_token": lease_token, "output": output_json}
-        if not await self._fenced_writes.submit(run_id, ("complete_run", params)):
+    async def complete_run(
+        self, run_id: str, lease_token: str, output_json: str, last_step: Checkpoint | None = None
+    ) -> None:
+        writes = [] if last_step is None else [("save_step", _checkpoint_params(run_id, lease_token, last_step))]
+        writes.append(("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json}))
+        if not await self._fenced_writes.submit(run_id, writes):
             raise LeaseLost(run_id)
 
     async def fail_attempt(
@@ -401,15 +400,16 @@ class SqliteBackend:
 
     # helpers
 
-    async def _write_fenced(self, batch: list[tuple[str, dict[str, Any]]]) -> set[str]:
-        """Several runs' fenced writes in one transaction; returns the runs whose claim still held."""
+    async def _write_fenced(self, batch: list[list[tuple[str, dict[str, Any]]]]) -> set[str]:
+        """Several runs' fenced writes in one transaction; returns the runs whose claim still held. The
+        writes of one run go in order (a last checkpoint, then the completion) and stop at the first fenced."""
 
         def write(conn: sqlite3.Connection, now: int) -> set[str]:
-            return {
-                str(params["run_id"])
-                for query, params in batch
-                if _first(conn, query, {**params, "now": now}) is not None
-            }
+            written = set()
+            for writes in batch:
+                if all(_first(conn, query, {**params, "now": now}) is not None for query, params in writes):
+                    written.add(str(writes[0][1]["run_id"]))
+            return written
 
         return await self._db.write(write)
 
@@ -417,6 +417,17 @@ class SqliteBackend:
         """One write that touches the run only while `params["lease_token"]` still owns it."""
         if await self._db.write(lambda conn, now: _first(conn, query, {**params, "now": now})) is None:
             raise LeaseLost(str(params["run_id"]))
+
+
+def _checkpoint_params(run_id: str, lease_token: str, step: Checkpoint) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "lease_token": lease_token,
+        "name": step.name,
+        "output": step.output_json,
+        "started_at": micros(step.started_at),
+        "finished_at": micros(step.finished_at),
+    }
 
 
 def _first(conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> sqlite3.Row | None:
