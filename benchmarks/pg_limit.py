@@ -29,13 +29,14 @@ from benchmarks.bench_common import arguments, backend_name, database, report
 from benchmarks.throughput import one_round
 from sonamu_tasks.testing import find_postgres_bin
 
-# The commits one 3-step workflow costs on the worker side: its claim (an UPDATE), one checkpoint per
-# step (3 INSERTs into steps), its completion (an UPDATE) = 5. Not counted: the INSERT that enqueues it
-# (made by the caller, before the round's clock starts), the reads (seconds_until_due, list_runs; no WAL
-# flush) and heartbeats (one per worker every lease/3, not per run). The engine claims up to `concurrency`
-# runs per statement and group-commits concurrent checkpoints and completions, so several runs share one
-# commit: it can beat this one-commit-per-write ceiling, and a fraction above 1 is that batching at work.
-WRITES_PER_WORKFLOW = 5
+# The transactions one 3-step workflow needs on the worker side: its claim (an UPDATE), the checkpoints of
+# its first two steps (INSERTs into steps), and the last step's checkpoint with its completion (one
+# statement) = 4. Not counted: the INSERT that enqueues it (made by the caller, before the round's clock
+# starts), the reads (seconds_until_due, list_runs; no WAL flush) and heartbeats (one per worker every
+# lease/3, not per run). The engine claims many runs per statement and group-commits concurrent checkpoints
+# and completions, so several runs share one commit: it can beat this one-commit-per-write ceiling, and a
+# fraction above 1 is that batching at work.
+WRITES_PER_WORKFLOW = 4
 STEPS = 3
 
 TABLE = "bench_commit_limit"
