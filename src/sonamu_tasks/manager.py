@@ -346,6 +346,11 @@ class WorkflowManager:
                 output = self._completed_here.get(run_id)
                 if output is not None:
                     return output
+                if self._runs_here(run_id):
+                    # This process's worker holds it and sets the event when it lets go: no read until then.
+                    await wait_for_event(event, recheck if deadline is None else min(recheck, deadline - loop.time()))
+                    if deadline is None or loop.time() < deadline:
+                        continue
                 record = await self.get_run(run_id)
                 if record.status.finished:
                     return record
