@@ -84,8 +84,8 @@ class PostgresBackend:
             reconnect_timeout=0,  # never give up: the server may come back (guarantee 7)
             name=f"sonamu_tasks:{schema}",
         )
-        self._checkpoints: GroupCommit[tuple[str, str, str, str, datetime, datetime]] = GroupCommit(self._save_steps)
-        self._outcomes: GroupCommit[tuple[str, str, str, Checkpoint | None]] = GroupCommit(self._complete_runs)
+        # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoint, output JSON or None).
+        self._writes: GroupCommit[tuple[str, str, Checkpoint | None, str | None]] = GroupCommit(self._write_runs)
 
     # lifecycle
 
@@ -335,22 +335,9 @@ class PostgresBackend:
         started_at: datetime,
         finished_at: datetime,
     ) -> None:
-        if not await self._checkpoints.submit(
-            run_id, (run_id, lease_token, name, output_json, started_at, finished_at)
-        ):
+        step = Checkpoint(name, output_json, started_at, finished_at)
+        if not await self._writes.submit(run_id, (run_id, lease_token, step, None)):
             raise LeaseLost(run_id)
-
-    @_transient
-    async def _save_steps(self, batch: list[tuple[str, str, str, str, datetime, datetime]]) -> set[str]:
-        # The outputs are JSON text already: the batch is assembled around them, not re-encoded.
-        rows = ",".join(
-            f'{{"run_id":"{run_id}","lease_token":"{token}","name":{json.dumps(name)},"output":{output},'
-            f'"started_at":"{started.isoformat()}","finished_at":"{finished.isoformat()}"}}'
-            for run_id, token, name, output, started, finished in batch
-        )
-        async with self._pool.connection() as conn:
-            written = await (await conn.execute(QUERIES["save_steps"], {"batch": f"[{rows}]"})).fetchall()
-        return {row[0] for row in written}
 
     @_transient
     async def sleep_run(
@@ -380,17 +367,18 @@ class PostgresBackend:
     async def complete_run(
         self, run_id: str, lease_token: str, output_json: str, last_step: Checkpoint | None = None
     ) -> None:
-        if not await self._outcomes.submit(run_id, (run_id, lease_token, output_json, last_step)):
+        if not await self._writes.submit(run_id, (run_id, lease_token, last_step, output_json)):
             raise LeaseLost(run_id)
 
     @_transient
-    async def _complete_runs(self, batch: list[tuple[str, str, str, Checkpoint | None]]) -> set[str]:
+    async def _write_runs(self, batch: list[tuple[str, str, Checkpoint | None, str | None]]) -> set[str]:
+        # Step outputs and run outputs are JSON text already: the batch is assembled around them.
         rows = ",".join(
-            f'{{"run_id":"{run_id}","lease_token":"{token}","output":{output}{_step_fields(step)}}}'
-            for run_id, token, output, step in batch
+            f'{{"run_id":"{run_id}","lease_token":"{token}"{_step_fields(step)}{_output_fields(output)}}}'
+            for run_id, token, step, output in batch
         )
         async with self._pool.connection() as conn:
-            written = await (await conn.execute(QUERIES["complete_runs"], {"batch": f"[{rows}]"})).fetchall()
+            written = await (await conn.execute(QUERIES["write_runs"], {"batch": f"[{rows}]"})).fetchall()
         return {row[0] for row in written}
 
     @_transient
@@ -466,6 +454,10 @@ def _step_fields(step: Checkpoint | None) -> str:
         f',"step_name":{json.dumps(step.name)},"step_output":{step.output_json},'
         f'"started_at":"{step.started_at.isoformat()}","finished_at":"{step.finished_at.isoformat()}"'
     )
+
+
+def _output_fields(output: str | None) -> str:
+    return "" if output is None else f',"completes":true,"output":{output}'
 
 
 def _dispatch(payload: str, notifications: Notifications) -> None:

@@ -100,28 +100,6 @@ SELECT name, kind, status, output, error, attempts, wake_at, started_at, finishe
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY started_at, name
 
--- save_steps --
--- Checkpoint several runs' step results in one transaction (group commit). The batch is one JSON array
--- (one parameter, encoded by the json module in C rather than array by array). Each row is written only
--- while its claim still owns the run; the row lock orders it against a take-over. Returns the runs written.
-WITH batch AS (
-    SELECT *
-    FROM json_to_recordset(%(batch)s::json)
-         AS b(run_id uuid, lease_token uuid, name text, output jsonb, started_at timestamptz, finished_at timestamptz)
-), owned AS (
-    SELECT b.*
-    FROM batch b JOIN runs r ON r.id = b.run_id
-    WHERE r.lease_token = b.lease_token AND r.status = 'running'
-    ORDER BY r.id
-    FOR NO KEY UPDATE OF r
-)
-INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
-SELECT run_id, name, 'call', 'completed', output, 1, started_at, finished_at FROM owned
-ON CONFLICT (run_id, name) DO UPDATE
-SET status = 'completed', output = EXCLUDED.output, error = NULL, attempts = s.attempts + 1,
-    started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
-RETURNING run_id::text
-
 -- sleep_run --
 -- Park the run until its wake time and record the sleep, in one statement.
 WITH parked AS (
@@ -147,35 +125,38 @@ FROM owned
 WHERE steps.run_id = owned.id AND steps.name = %(name)s
 RETURNING 1
 
--- complete_runs --
--- Store the outputs of several runs in one transaction (group commit; the batch is one JSON array), each
--- fenced by its claim. A run whose workflow returned right after a step brings that step's checkpoint
--- along: both are written by this one statement, or neither.
+-- write_runs --
+-- The group commit: checkpoints and completions of several runs in one statement and one transaction. The
+-- batch is one JSON array (one parameter). Each item is written only while its claim still owns the run;
+-- the row lock orders it against a take-over. An item may carry a step's checkpoint, the run's output
+-- ("completes"), or both (the workflow returned right after that step: both are written, or neither).
+-- Returns the runs written.
 WITH batch AS (
     SELECT *
     FROM json_to_recordset(%(batch)s::json)
-         AS b(run_id uuid, lease_token uuid, output jsonb,
-              step_name text, step_output jsonb, started_at timestamptz, finished_at timestamptz)
+         AS b(run_id uuid, lease_token uuid, step_name text, step_output jsonb, started_at timestamptz,
+              finished_at timestamptz, completes boolean, output jsonb)
 ), owned AS (
     SELECT b.*
     FROM batch b JOIN runs r ON r.id = b.run_id
     WHERE r.lease_token = b.lease_token AND r.status = 'running'
     ORDER BY r.id
     FOR NO KEY UPDATE OF r
-), last_steps AS (
+), checkpoints AS (
     INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
     SELECT run_id, step_name, 'call', 'completed', step_output, 1, started_at, finished_at
     FROM owned WHERE step_name IS NOT NULL
     ON CONFLICT (run_id, name) DO UPDATE
     SET status = 'completed', output = EXCLUDED.output, error = NULL, attempts = s.attempts + 1,
         started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
+), completions AS (
+    UPDATE runs AS r
+    SET status = 'completed', output = o.output, error = NULL, lease_token = NULL, finished_at = now(),
+        updated_at = now()
+    FROM owned o
+    WHERE r.id = o.run_id AND o.completes
 )
-UPDATE runs AS r
-SET status = 'completed', output = o.output, error = NULL, lease_token = NULL, finished_at = now(),
-    updated_at = now()
-FROM owned o
-WHERE r.id = o.run_id
-RETURNING r.id::text
+SELECT run_id::text FROM owned
 
 -- retry_run --
 -- A failed attempt that will be retried: pending again after the delay.
