@@ -1,6 +1,7 @@
 """Throughput: W workflows of S trivial steps, processed by 1 and by 2 worker processes.
 
-    python -m benchmarks.throughput [--workflows 5000] [--steps 3] [--concurrency 16,128,256] [--processes 1,2] [--sqlite]
+    python -m benchmarks.throughput [--workflows 5000] [--steps 3] [--concurrency 16,128,256] [--processes 1,2]
+                                    [--sqlite]
 
 Runs are enqueued first; the clock runs from the workers' start to the last completion. Prints
 workflows/s and checkpoints/s (step checkpoints stored per second), then for each process count the best
