@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from . import serde
-from .backends.base import Backend, NewRun, RunQuery, RunRecord, WorkerRecord
+from .backends.base import Backend, NewRun, RunQuery, RunRecord, ScheduleRecord, WorkerRecord
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
@@ -293,6 +293,19 @@ class WorkflowManager:
             if status is RunStatus.PENDING:
                 self.worker.wake()
         return status
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations without starting anything else; return the names applied."""
+        await self.backend.open()
+        try:
+            return await until_available(self.backend.migrate, what="migrate", give_up_after_s=30)
+        finally:
+            if not self._started:
+                await self.backend.close()
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """The stored cron schedules, with their next and last fire times."""
+        return await until_available(self.backend.list_schedules, what="list schedules", give_up_after_s=30)
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Workers that registered, with their workflows and last heartbeat (a stale one is likely dead)."""
