@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -426,8 +425,8 @@ async def bad_input(ctx: Context, summary: Summary) -> None:
     checks: list[tuple[str, bool, str]] = []
 
     # 1. Malformed JSON through the CLI: a usage error, exit 2.
-    cli = shutil.which("sonamu-tasks")
-    command = [cli] if cli else [sys.executable, "-m", "sonamu_tasks.cli"]
+    # This interpreter's package, never whatever `sonamu-tasks` PATH finds (or no PATH entry at all).
+    command = [sys.executable, "-m", "sonamu_tasks"]
     env = {**os.environ, "SONAMU_TASKS_DATABASE_URL": ctx.cluster.url}
     done = subprocess.run(
         [*command, "run", "chain", "--version", "1", "--input", "{bad"],

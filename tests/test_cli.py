@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,11 +17,9 @@ import pytest
 from .conftest import wait_until
 
 SHOP = Path(__file__).resolve().parents[1] / "examples" / "shop"
-CLI = (
-    str(Path(sys.executable).parent / "sonamu-tasks")
-    if (Path(sys.executable).parent / "sonamu-tasks").exists()
-    else shutil.which("sonamu-tasks") or "sonamu-tasks"
-)
+# The package of this interpreter, as `python -m`: the same command as the `sonamu-tasks` script, without
+# depending on PATH or on which installed script it would find.
+CLI = [sys.executable, "-m", "sonamu_tasks"]
 
 
 @pytest.fixture
@@ -42,14 +39,14 @@ def app_env(backend_name: str, postgres_url: str, tmp_path: Path) -> Iterator[di
 
 
 def cli(env: dict[str, str], *args: str, cwd: Path = SHOP, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 class Daemon:
     def __init__(self, env: dict[str, str], command: str, cwd: Path, log: Path) -> None:
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([CLI, command], cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen([*CLI, command], cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
