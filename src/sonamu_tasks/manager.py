@@ -13,18 +13,18 @@ from types import TracebackType
 from typing import Any, Self
 
 from . import serde
-from .backends.base import Backend, NewRun, RunQuery, RunRecord, ScheduleRecord, WorkerRecord
+from .backends.base import Backend, RunQuery, RunRecord, ScheduleRecord, WorkerRecord
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
-from .duration import Duration, parse_duration
-from .errors import ResultTimeout, RunNotFound, SonamuTasksError, WorkflowFailed, WorkflowNotRegistered
+from .duration import Duration
+from .errors import ResultTimeout, RunNotFound, SonamuTasksError, WorkflowFailed
 from .executor import CANCELED_ERROR
 from .handle import RunHandle
-from .ids import new_run_id
 from .reconnect import until_available
 from .registry import Registry
+from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
 from .scheduler import Scheduler
 from .status import RunStatus
 from .waiting import cancel_and_wait, wait_for_event
@@ -33,9 +33,6 @@ from .worker import Worker
 logger = logging.getLogger("sonamu_tasks.manager")
 
 _active: list[WorkflowManager] = []
-
-WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
-"""What `run()` accepts: `{"name": ..., "version": ...}`, a definition, or a registered name."""
 
 
 @dataclass(frozen=True)
@@ -208,30 +205,9 @@ class WorkflowManager:
         (a delayed start). `deadline`: a datetime or duration after which the run fails with
         "deadline exceeded" instead of being claimed or retried.
         """
-        name, version = self._resolve(workflow)
-        definition = self.registry.find(name, version)
-        if definition is None and isinstance(workflow, WorkflowDefinition):
-            definition = workflow
-        if definition is not None:
-            input = definition.validate_input(input)
-        new_run = NewRun(
-            id=new_run_id(),
-            workflow_name=name,
-            version=version,
-            input_json=serde.dumps(input, what=f"the input of workflow {name!r}"),
-            idempotency_key=idempotency_key,
-            start_at=start_at if isinstance(start_at, datetime) else None,
-            start_delay=None
-            if start_at is None or isinstance(start_at, datetime)
-            else parse_duration(start_at, what="start_at"),
-            deadline_at=deadline if isinstance(deadline, datetime) else None,
-            deadline_delay=None
-            if deadline is None or isinstance(deadline, datetime)
-            else parse_duration(deadline, what="deadline"),
-        )
-        for moment, what in ((new_run.start_at, "start_at"), (new_run.deadline_at, "deadline")):
-            if moment is not None and moment.tzinfo is None:
-                raise ValueError(f"{what} must be a timezone-aware datetime, got {moment!r}")
+        name, version, definition = resolve(workflow, self.registry)
+        options = RunOptions(idempotency_key, start_at, deadline)
+        new_run = prepare_run(name, version, definition, input, options)
         worker = self.worker
         local = self.registry.find(name, version)
         if worker is not None and local is not None and start_at is None and worker.reserve_slot():
@@ -415,28 +391,3 @@ class WorkflowManager:
         for events in self._waiters.values():
             for event in events:
                 event.set()
-
-    # helpers
-
-    def _resolve(self, workflow: WorkflowSpec) -> tuple[str, str]:
-        if isinstance(workflow, WorkflowDefinition):
-            return workflow.key
-        if isinstance(workflow, str):
-            workflow = {"name": workflow}
-        if not isinstance(workflow, Mapping) or not isinstance(workflow.get("name"), str):
-            raise TypeError(f"run() needs a workflow definition or {{'name': ..., 'version': ...}}, got {workflow!r}")
-        name = workflow["name"]
-        version = workflow.get("version")
-        if version is None:
-            versions = [v for n, v in self.registry.keys() if n == name]
-            if len(versions) != 1:
-                raise WorkflowNotRegistered(
-                    f"run({name!r}) needs a version: "
-                    + (
-                        f"registered versions here are {', '.join(versions)}"
-                        if versions
-                        else "the workflow is not registered in this process, so say which version to run"
-                    )
-                )
-            version = versions[0]
-        return name, str(version)

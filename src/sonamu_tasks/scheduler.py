@@ -17,10 +17,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from . import serde
-from .backends.base import NewRun, ScheduleRecord, ScheduleStore
+from .backends.base import ScheduleRecord, ScheduleStore
 from .errors import BackendUnavailable, InvalidInput, SerializationError
-from .ids import new_run_id
 from .registry import Registry
+from .run_creation import RunOptions, prepare_run
 from .schedule import Schedule, latest_fire_at_or_before, next_fire_after, zone
 from .waiting import cancel_and_wait, wait_for_event
 
@@ -112,13 +112,13 @@ class Scheduler:
         try:
             schedule = _find(definition.schedules, record.name, definition.name)
             value = schedule.evaluate_input() if schedule is not None else record.input
-            value = definition.validate_input(value)
-            run = NewRun(
-                id=new_run_id(),
-                workflow_name=record.workflow_name,
-                version=record.version,
-                input_json=serde.dumps(value, what=f"the input of schedule {record.name!r}"),
-                idempotency_key=f"schedule:{record.name}@{fire_at.isoformat()}",
+            run = prepare_run(
+                record.workflow_name,
+                record.version,
+                definition,
+                value,
+                RunOptions(idempotency_key=f"schedule:{record.name}@{fire_at.isoformat()}"),
+                what=f"the input of schedule {record.name!r}",
             )
         except (InvalidInput, SerializationError) as error:
             logger.error("schedule %s: skipping the fire at %s: %s", record.name, fire_at.isoformat(), error)

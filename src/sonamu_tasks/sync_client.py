@@ -20,7 +20,8 @@ from typing import Any, Self, TypeVar
 
 from .backends.base import RunRecord
 from .config import Config, define_config
-from .manager import WorkflowManager, WorkflowSpec
+from .manager import WorkflowManager
+from .run_creation import WorkflowSpec
 from .status import RunStatus
 
 T = TypeVar("T")

@@ -9,11 +9,16 @@ BackendUnavailable; every method is safe to call again after one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from ..status import RunStatus, StepStatus
+# The records are public types of their own module; re-exported here for the backends.
+from ..records import RunRecord as RunRecord
+from ..records import ScheduleRecord as ScheduleRecord
+from ..records import StepRecord as StepRecord
+from ..records import WorkerRecord as WorkerRecord
+from ..status import RunStatus
 
 
 class LeaseLost(BaseException):
@@ -40,42 +45,6 @@ class ClaimedRun:
 
 
 @dataclass(frozen=True)
-class StepRecord:
-    name: str
-    kind: str
-    status: StepStatus
-    output: Any = None
-    error: dict[str, Any] | None = None
-    attempts: int = 0
-    wake_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    id: str
-    workflow_name: str
-    version: str
-    status: RunStatus
-    input: Any
-    output: Any
-    error: dict[str, Any] | None
-    attempts: int
-    recoveries: int
-    available_at: datetime
-    worker_id: str | None
-    idempotency_key: str | None
-    deadline_at: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-    steps: tuple[StepRecord, ...] = field(default=())
-    requested_action: str | None = None
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     """A step's result, to be stored."""
 
@@ -83,17 +52,6 @@ class Checkpoint:
     output_json: str
     started_at: datetime
     finished_at: datetime
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    id: str
-    host: str
-    pid: int
-    workflows: list[tuple[str, str]]
-    concurrency: int
-    started_at: datetime
-    heartbeat_at: datetime
 
 
 @dataclass(frozen=True)
@@ -107,6 +65,11 @@ class NewRun:
     start_delay: timedelta | None = None
     deadline_at: datetime | None = None
     deadline_delay: timedelta | None = None
+    parent_id: str | None = None
+    parent_step: str | None = None
+    """The parent's step that started this child (its id is derived from the two)."""
+    detached: bool = False
+    """A detached child is not canceled with its parent."""
 
 
 @dataclass(frozen=True)
@@ -130,19 +93,6 @@ class Notifications(Protocol):
         ...
 
     def reconnected(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class ScheduleRecord:
-    name: str
-    workflow_name: str
-    version: str
-    expression: str
-    timezone: str
-    input: Any
-    next_fire_at: datetime
-    last_fire_at: datetime | None = None
-    last_run_id: str | None = None
 
 
 class ScheduleStore(Protocol):

@@ -1,0 +1,73 @@
+"""The records sonamu-tasks hands out: a run, its steps, a worker, a schedule. Plain, frozen data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .status import RunStatus, StepStatus
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    name: str
+    kind: str
+    status: StepStatus
+    output: Any = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+    wake_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    workflow_name: str
+    version: str
+    status: RunStatus
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    attempts: int
+    recoveries: int
+    available_at: datetime
+    worker_id: str | None
+    idempotency_key: str | None
+    deadline_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    steps: tuple[StepRecord, ...] = field(default=())
+    requested_action: str | None = None
+    parent_id: str | None = None
+    """The run that started this one as a child (None for a top-level run)."""
+    parent_step: str | None = None
+    detached: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    id: str
+    host: str
+    pid: int
+    workflows: list[tuple[str, str]]
+    concurrency: int
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    name: str
+    workflow_name: str
+    version: str
+    expression: str
+    timezone: str
+    input: Any
+    next_fire_at: datetime
+    last_fire_at: datetime | None = None
+    last_run_id: str | None = None

@@ -1,0 +1,118 @@
+"""Making a run: validate the input, serialize it, and describe the row to insert.
+
+Every way a run comes to be goes through `prepare_run`: `WorkflowManager.run`, a cron fire, and a child
+started by a workflow step. So a run is validated and stored the same way wherever it starts, and the
+checks on names, keys and times live in one place.
+
+The input is validated here (a bad input is refused before anything is stored) and stored as given, not
+as validated: the worker validates the stored input again before each attempt, so the workflow receives
+exactly what the schema makes of the caller's value, once (an alias, a normalizing validator or a
+callable schema that reshapes the input all see the caller's value, never their own output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import serde
+from .backends.base import NewRun
+from .definition import WorkflowDefinition
+from .duration import Duration, parse_duration
+from .errors import WorkflowNotRegistered
+from .ids import new_run_id
+from .registry import Registry
+
+WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
+"""What `run()` accepts: `{"name": ..., "version": ...}`, a definition, or a registered name."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run options of `run()` (see `WorkflowManager.run`)."""
+
+    idempotency_key: str | None = None
+    start_at: datetime | Duration | None = None
+    deadline: datetime | Duration | None = None
+
+
+def resolve(workflow: WorkflowSpec, registry: Registry) -> tuple[str, str, WorkflowDefinition[Any, Any] | None]:
+    """(name, version, the definition when this process knows it) of what `run()` was given."""
+    if isinstance(workflow, WorkflowDefinition):
+        return workflow.name, workflow.version, registry.find(*workflow.key) or workflow
+    if isinstance(workflow, str):
+        workflow = {"name": workflow}
+    if not isinstance(workflow, Mapping) or not isinstance(workflow.get("name"), str):
+        raise TypeError(f"run() needs a workflow definition or {{'name': ..., 'version': ...}}, got {workflow!r}")
+    name = workflow["name"]
+    version = workflow.get("version")
+    if version is None:
+        versions = [v for n, v in registry.keys() if n == name]
+        if len(versions) != 1:
+            raise WorkflowNotRegistered(
+                f"run({name!r}) needs a version: "
+                + (
+                    f"registered versions here are {', '.join(versions)}"
+                    if versions
+                    else "the workflow is not registered in this process, so say which version to run"
+                )
+            )
+        version = versions[0]
+    return name, str(version), registry.find(name, str(version))
+
+
+def prepare_run(
+    name: str,
+    version: str,
+    definition: WorkflowDefinition[Any, Any] | None,
+    input: Any,
+    options: RunOptions = RunOptions(),
+    *,
+    run_id: str | None = None,
+    parent_id: str | None = None,
+    parent_step: str | None = None,
+    detached: bool = False,
+    what: str | None = None,
+) -> NewRun:
+    """Validate and serialize; raise (InvalidInput, SerializationError, ValueError ...) before anything is
+    stored. `what` names the input in errors (default: "the input of workflow NAME")."""
+    if definition is not None:
+        definition.validate_input(input)  # refuse a bad input now; the worker builds the value itself
+    start_at, deadline = options.start_at, options.deadline
+    for moment, field in ((start_at, "start_at"), (deadline, "deadline")):
+        if isinstance(moment, datetime) and moment.tzinfo is None:
+            raise ValueError(f"{field} must be a timezone-aware datetime, got {moment!r}")
+    return NewRun(
+        id=run_id or new_run_id(),
+        workflow_name=name,
+        version=version,
+        input_json=serde.dumps(input, what=what or f"the input of workflow {name!r}"),
+        idempotency_key=options.idempotency_key,
+        start_at=start_at if isinstance(start_at, datetime) else None,
+        start_delay=None
+        if start_at is None or isinstance(start_at, datetime)
+        else parse_duration(start_at, what="start_at"),
+        deadline_at=deadline if isinstance(deadline, datetime) else None,
+        deadline_delay=None
+        if deadline is None or isinstance(deadline, datetime)
+        else parse_duration(deadline, what="deadline"),
+        parent_id=parent_id,
+        parent_step=parent_step,
+        detached=detached,
+    )
+
+
+def child_run_id(parent_id: str, step_name: str) -> str:
+    """The id of the child a parent starts in step `step_name`: the same on every replay and take-over, so
+    starting it again finds it instead of making a second one. The parent's time prefix keeps ids sorting by
+    time (a child lists beside its parent); the rest is a hash of (parent, step)."""
+    parent = uuid.UUID(parent_id).int
+    digest = int.from_bytes(hashlib.sha256(f"{parent_id}/{step_name}".encode()).digest()[:10], "big")
+    value = (parent >> 80) << 80 | digest
+    value = (value & ~(0xF << 76)) | (0x8 << 76)  # version 8: custom (RFC 9562)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
