@@ -57,6 +57,28 @@ class BackendUnavailable(SonamuTasksError):
     """The database could not be reached or the transaction was interrupted; safe to retry."""
 
 
+class StorageError(NonRetryableError):
+    """The database refused a write for what it holds (a value or name it cannot store, a constraint), not
+    because it is unreachable: making the same call again would fail the same way, so it is not retried."""
+
+
+class ChildWorkflowFailed(NonRetryableError):
+    """Raised in a parent workflow by `child.result()` when the child run failed or was canceled.
+
+    `error` is the child's stored error (type, message, traceback, step); `status` is "failed" or "canceled".
+    A parent may catch it and go on; uncaught, it fails the parent at once (it is not retried: the child
+    already used its own retries).
+    """
+
+    def __init__(self, run_id: str, workflow: str, status: str, error: dict[str, Any] | None) -> None:
+        self.run_id = run_id
+        self.workflow = workflow
+        self.status = status
+        self.error = error or {}
+        what = f"{self.error.get('type', 'Error')}: {self.error.get('message', '')}" if error else status
+        super().__init__(f"child run {run_id} of workflow {workflow!r} {status}: {what}")
+
+
 class WorkflowFailed(SonamuTasksError):
     """Raised by `RunHandle.result()` when the run ended `failed` (or `canceled`).
 
