@@ -41,13 +41,19 @@ class WorkerOptions:
     """On shutdown, how long running steps may take to finish before their runs are handed back."""
     max_recoveries: int = 100
     """Take-overs after a lost lease before a run is failed (it keeps killing its workers)."""
+    blocked_loop_limit_ms: float = 300_000
+    """How long the worker's event loop may stay blocked (a workflow or async step running code that never
+    awaits) before this worker gives up its runs. Leases are extended from a thread of their own, so a blocked
+    loop keeps them; past this limit that thread stops extending them (and logs an error), and other workers
+    take the runs over once their leases expire. A loop that comes back later finds its writes refused and
+    drops those runs. Never less than `lease_ms` (a smaller value counts as `lease_ms`)."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigError(f"worker_options.concurrency must be at least 1, got {self.concurrency}")
         if self.lease_ms < 100:
             raise ConfigError(f"worker_options.lease_ms must be at least 100, got {self.lease_ms}")
-        for name in ("listen_delay", "poll_interval_ms", "shutdown_grace_ms"):
+        for name in ("listen_delay", "poll_interval_ms", "shutdown_grace_ms", "blocked_loop_limit_ms"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"worker_options.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_recoveries < 1:

@@ -3,6 +3,9 @@
 Wake-ups come from three places: a notification (after `listen_delay`), a local timer for the runs this
 worker parked or scheduled for retry, and the time until the next due run read from the database,
 capped by `poll_interval_ms` as the safety net.
+
+Leases are extended from the heartbeat thread (`heartbeat.py`), so a workflow that blocks the event loop
+does not lose them; only a worker whose backend was passed in as an object heartbeats from its loop.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .backends.base import Backend, ClaimedRun, WorkerRecord
+from .backends.factory import another_like
 from .config import WorkerOptions
 from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
 from .executor import Attempt
+from .heartbeat import HeartbeatThread, Held
 from .reconnect import until_available
 from .registry import Registry
 from .threads import StepThreads
@@ -65,6 +70,20 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._reserved = 0  # slots promised to runs this process is inserting already claimed
         self._timer: asyncio.TimerHandle | None = None  # only the earliest wake: the claim loop finds the rest
+        interval_s = options.lease_ms / 3000
+        if not backend.pushes_notifications:
+            # No notification brings a cancel or pause here: the heartbeat does, so it comes at least every second.
+            interval_s = min(interval_s, 1.0)
+        self._heartbeat_interval_s = interval_s
+        self._heartbeat = HeartbeatThread(
+            worker_id=self.id,
+            lease=self._lease,
+            interval_s=interval_s,
+            blocked_limit_s=options.blocked_loop_limit_ms / 1000,
+            # None for a backend passed in as an object: the loop heartbeats, the thread only watches.
+            open_backend=another_like(backend),
+            on_answer=self._heard,
+        )
 
     @property
     def active_runs(self) -> list[str]:
@@ -72,10 +91,10 @@ class Worker:
 
     async def start(self) -> None:
         await until_available(lambda: self.backend.register_worker(self._record()), what="register worker")
-        self._tasks = [
-            asyncio.create_task(self._claim_loop(), name="sonamu-claim"),
-            asyncio.create_task(self._heartbeat_loop(), name="sonamu-heartbeat"),
-        ]
+        self._heartbeat.start()
+        self._tasks = [asyncio.create_task(self._claim_loop(), name="sonamu-claim")]
+        if not self._heartbeat.keeps_leases:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="sonamu-heartbeat"))
         logger.info(
             "worker %s started: concurrency %d, workflows %s",
             self.id,
@@ -206,6 +225,7 @@ class Worker:
         attempt = Attempt(self.backend, definition, claimed, self)
         task = asyncio.create_task(self._run(attempt), name=claimed.id)
         self._active[claimed.lease_token] = (task, attempt)
+        self._heartbeat.publish(self._held())
 
     async def _run(self, attempt: Attempt) -> None:
         try:
@@ -214,18 +234,19 @@ class Worker:
             # The slot is free and the run has left this worker (finished, parked, handed back, or taken):
             # waiters in this process re-read it now.
             self._active.pop(attempt.claimed.lease_token, None)
+            self._heartbeat.publish(self._held())
             if self._more_due and not self._stopping:
                 self._wake.set()
             self.finished(attempt.claimed.id, attempt.output_json)
 
+    def _held(self) -> Held:
+        return tuple((attempt.claimed.id, token) for token, (_, attempt) in self._active.items())
+
     async def _heartbeat_loop(self) -> None:
-        interval = self.options.lease_ms / 3000
-        if not self.backend.pushes_notifications:
-            # No notification brings a cancel or pause here: the heartbeat does, so it comes at least every second.
-            interval = min(interval, 1.0)
+        """Heartbeats from the event loop: only for a backend the heartbeat thread cannot build again."""
         while True:
-            await asyncio.sleep(interval)
-            held = [(attempt.claimed.id, token) for token, (_, attempt) in self._active.items()]
+            await asyncio.sleep(self._heartbeat_interval_s)
+            held = self._held()
             try:
                 still_held = await self.backend.heartbeat(self.id, held, self._lease)
             except BackendUnavailable as error:
@@ -234,14 +255,18 @@ class Worker:
             except Exception:
                 logger.exception("heartbeat failed unexpectedly")
                 continue
-            for run_id, token in held:
-                entry = self._active.get(token)
-                if entry is not None and still_held.get(token):
-                    entry[1].request_stop()  # a cancel or pause whose notification did not reach us
-                if token not in still_held and entry is not None and not entry[0].done():
-                    # Another worker took it over (we stalled past the lease): stop wasting work on it.
-                    logger.warning("lost the lease of run %s; stopping its attempt", run_id)
-                    entry[0].cancel()
+            self._heard(held, still_held)
+
+    def _heard(self, held: Held, still_held: dict[str, str | None]) -> None:
+        """Act on a heartbeat's answer (on the loop; from the heartbeat thread it may come late, after a block)."""
+        for run_id, token in held:
+            entry = self._active.get(token)
+            if entry is not None and still_held.get(token):
+                entry[1].request_stop()  # a cancel or pause whose notification did not reach us
+            if token not in still_held and entry is not None and not entry[0].done():
+                # Another worker took it over (we stalled past the lease): stop wasting work on it.
+                logger.warning("lost the lease of run %s; stopping its attempt", run_id)
+                entry[0].cancel()
 
     # shutdown
 
@@ -251,9 +276,9 @@ class Worker:
         self._wake.set()
         if self._timer is not None:
             self._timer.cancel()
-        claim_loop, heartbeat_loop = self._tasks or (None, None)
-        if claim_loop is not None:
-            await claim_loop
+        claim_loop, heartbeat_loop = self._tasks[:1], self._tasks[1:]  # the heartbeat loop: only without the thread
+        for task in claim_loop:
+            await task
         running = [task for task, _ in self._active.values()]
         if running:
             logger.info(
@@ -273,8 +298,10 @@ class Worker:
                 logger.info("handed back %d run(s) still in a step after the grace period", len(held))
             except BackendUnavailable:
                 logger.warning("could not hand back %d run(s); they are taken over when their leases expire", len(held))
-        if heartbeat_loop is not None:
-            await cancel_and_wait(heartbeat_loop)
+        for task in heartbeat_loop:
+            await cancel_and_wait(task)
+        # After the hand-back: the leases of the runs still finishing their step are kept until then.
+        await self._heartbeat.stop()
         with contextlib.suppress(BackendUnavailable):
             await until_available(
                 lambda: self.backend.remove_worker(self.id), what="deregister worker", give_up_after_s=2

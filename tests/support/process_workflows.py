@@ -2,6 +2,9 @@
 
 Every step appends a line to `<dir>/audit.log` (with the pid that ran it), so a test can count how often
 each step really executed. Step "two" blocks until the file `<dir>/release` exists.
+
+`blocks_the_loop` has an async step that never awaits: it holds the worker's event loop for `seconds`, or
+until `<dir>/release` exists when no `seconds` are given.
 """
 
 from __future__ import annotations
@@ -46,6 +49,23 @@ async def three_steps(input: Any, step: Any) -> dict[str, Any]:
     two = await step.define("two", step_two).run(directory)
     await step.define("three", step_three).run(directory)
     return {"two_ran_in": two, "finished_in": os.getpid()}
+
+
+async def hold_the_loop(directory: str, seconds: float | None) -> int:
+    audit(directory, "block-start")
+    if seconds is not None:
+        time.sleep(seconds)  # no await: the event loop runs nothing else meanwhile
+    else:
+        while not (Path(directory) / "release").exists():
+            time.sleep(0.02)
+    audit(directory, "block-done")
+    return os.getpid()
+
+
+@workflow(version="1")
+async def blocks_the_loop(input: Any, step: Any) -> dict[str, Any]:
+    blocked_in = await step.define("block", hold_the_loop).run(input["dir"], input.get("seconds"))
+    return {"blocked_in": blocked_in, "finished_in": os.getpid()}
 
 
 @workflow(version="1", schedules=[Schedule("* * * * * *", name="every-second")])

@@ -17,17 +17,18 @@ def main() -> None:
         stream=sys.stderr,
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
+    worker_options = {
+        "concurrency": 2,
+        "listen_delay": 0,
+        "lease_ms": float(os.environ.get("SONAMU_TEST_LEASE_MS", "1000")),
+        "shutdown_grace_ms": float(os.environ.get("SONAMU_TEST_GRACE_MS", "10000")),
+    }
+    if "SONAMU_TEST_BLOCKED_LOOP_LIMIT_MS" in os.environ:
+        worker_options["blocked_loop_limit_ms"] = float(os.environ["SONAMU_TEST_BLOCKED_LOOP_LIMIT_MS"])
     config = define_config(
         database_url=os.environ["SONAMU_TEST_URL"],
         schema=os.environ["SONAMU_TEST_SCHEMA"],
-        tasks={
-            "worker_options": {
-                "concurrency": 2,
-                "listen_delay": 0,
-                "lease_ms": float(os.environ.get("SONAMU_TEST_LEASE_MS", "1000")),
-                "shutdown_grace_ms": float(os.environ.get("SONAMU_TEST_GRACE_MS", "10000")),
-            }
-        },
+        tasks={"worker_options": worker_options},
     )
     names = os.environ.get("SONAMU_TEST_WORKFLOWS", "three_steps").split(",")
     workflows = [getattr(process_workflows, name) for name in names]

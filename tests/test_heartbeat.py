@@ -1,0 +1,177 @@
+"""Leases do not depend on the event loop being free (issue 11, finding 5).
+
+A workflow that blocks its worker's event loop (CPU work or `time.sleep` in an `async def`) keeps its lease,
+because heartbeats come from a thread of their own; the blocked loop is logged; a loop blocked past
+`blocked_loop_limit_ms` gives its runs up to other workers. Real worker processes, short leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sonamu_tasks import RunStatus, WorkflowManager, workflow
+from sonamu_tasks.backends.base import Backend
+
+from .conftest import wait_until
+from .support.processes import WorkerProcess, audit_lines
+
+BLOCKS = {"name": "blocks_the_loop", "version": "1"}
+LEASE_MS = 1000
+
+
+@pytest.fixture
+def start_worker(database_url: str, schema: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(name: str, **settings: float | str) -> WorkerProcess:
+        worker = WorkerProcess(database_url, schema, tmp_path, name, workflows="blocks_the_loop", **settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+async def client(make_config: Any) -> Any:
+    """The test's own process: starts runs and reads them, executes nothing."""
+    async with WorkflowManager(make_config(enable_worker=False)) as manager:
+        yield manager
+
+
+def blocks_started(directory: Path) -> list[int]:
+    return [pid for name, pid in audit_lines(directory) if name == "block-start"]
+
+
+async def test_a_step_that_blocks_the_event_loop_past_the_lease_runs_exactly_once(
+    client: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    # Given two workers on one database, both looking for runs,
+    workers = {w.pid: w for w in (start_worker("first", lease_ms=LEASE_MS), start_worker("second", lease_ms=LEASE_MS))}
+    await wait_until(lambda: _count_workers(client, 2), what="both workers to register")
+
+    # when a step holds its worker's event loop for two and a half leases without awaiting,
+    handle = await client.run(BLOCKS, {"dir": str(tmp_path), "seconds": 2.5 * LEASE_MS / 1000})
+    result = await handle.result(timeout=30)
+
+    # then the other worker never took it over: the step started once and the run completed where it began,
+    assert blocks_started(tmp_path) == [result["blocked_in"]]
+    assert result["finished_in"] == result["blocked_in"]
+    run = await handle.info()
+    assert run.status is RunStatus.COMPLETED and run.recoveries == 0 and run.attempts == 0
+    # and the blocked worker said so, naming the run, and again when its loop came back.
+    blocked = workers[result["blocked_in"]]
+    await wait_until(lambda: "running again after being blocked for" in blocked.log(), what="the unblocked line")
+    warning = next(line for line in blocked.log().splitlines() if "blocked for" in line)
+    assert "WARNING" in warning and handle.id in warning
+    assert "past blocked_loop_limit_ms" not in blocked.log()
+    idle = next(w for pid, w in workers.items() if pid != result["blocked_in"])
+    assert handle.id not in idle.log()
+
+
+async def test_a_worker_whose_loop_stays_blocked_past_the_limit_gives_its_run_up(
+    client: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    # Given a worker whose loop may stay blocked no longer than a lease,
+    stuck = start_worker("stuck", lease_ms=LEASE_MS, blocked_loop_limit_ms=1)  # counts as the lease
+    handle = await client.run(BLOCKS, {"dir": str(tmp_path)})
+    # when a step blocks its loop until the test releases it,
+    await wait_until(lambda: blocks_started(tmp_path) == [stuck.pid], what="the step to block the loop")
+
+    # then it stops extending the lease, and another worker takes the run over;
+    rescuer = start_worker("rescuer", lease_ms=LEASE_MS)
+    await wait_until(lambda: rescuer.pid in blocks_started(tmp_path), timeout=30, what="the take-over")
+    error = next(line for line in stuck.log().splitlines() if "past blocked_loop_limit_ms" in line)
+    assert "ERROR" in error and handle.id in error
+
+    # when both steps are released, only the new owner's result is kept.
+    (tmp_path / "release").touch()
+    result = await handle.result(timeout=30)
+    assert result == {"blocked_in": rescuer.pid, "finished_in": rescuer.pid}
+    run = await handle.info()
+    assert run.status is RunStatus.COMPLETED and run.recoveries == 1
+    await wait_until(lambda: "lease lost" in stuck.log() or "lost the lease" in stuck.log(), what="the drop")
+    assert stuck.process.poll() is None  # a worker that gave its runs up goes on serving
+
+
+async def test_sigterm_stops_the_heartbeat_thread_and_the_process_exits(
+    client: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    leaving = start_worker("leaving", lease_ms=LEASE_MS, grace_ms=20_000)
+    handle = await client.run(BLOCKS, {"dir": str(tmp_path), "seconds": 0.2})
+    assert (await handle.result(timeout=30))["finished_in"] == leaving.pid
+
+    leaving.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.process.wait, 20) == 0
+    assert "stopped" in leaving.log() and "did not stop" not in leaving.log()
+
+
+# In this process: a backend passed in as an object, and a clean stop.
+
+SLEEPS: Counter[str] = Counter()
+
+
+async def _sleep_past_the_lease(run_key: str, seconds: float) -> str:
+    SLEEPS[run_key] += 1
+    await asyncio.sleep(seconds)
+    return run_key
+
+
+@workflow(version="1", name="outlives_its_lease")
+async def outlives_its_lease(input: Any, step: Any) -> str:
+    return str(await step.define("sleep", _sleep_past_the_lease).run(input["key"], input["seconds"]))
+
+
+def _backend_from_object(database_url: str, schema: str) -> Backend:
+    """A backend built by the caller, as `WorkflowManager(backend=...)` receives it: nothing to copy it from."""
+    if database_url.startswith("sqlite:///"):
+        from sonamu_tasks.backends.sqlite import SqliteBackend
+
+        return SqliteBackend.from_url(database_url)
+    from sonamu_tasks.backends.postgres import PostgresBackend
+
+    return PostgresBackend(database_url, schema=schema)
+
+
+async def test_a_backend_passed_as_an_object_is_heartbeated_from_the_event_loop(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    config = make_config(lease_ms=300)
+    async with WorkflowManager(
+        config, workflows=[outlives_its_lease], backend=_backend_from_object(database_url, schema)
+    ) as manager:
+        assert manager.worker is not None and not manager.worker._heartbeat.keeps_leases
+        handle = await manager.run(outlives_its_lease, {"key": f"object-{schema}", "seconds": 1.2})
+        assert await handle.result(timeout=20) == f"object-{schema}"
+        run = await handle.info()
+    # Four leases long, and neither taken back by its own worker's claim loop nor run again.
+    assert run.recoveries == 0 and SLEEPS[f"object-{schema}"] == 1
+    assert not _heartbeat_threads()
+
+
+async def test_the_heartbeat_thread_keeps_leases_and_ends_with_the_worker(make_config: Any, schema: str) -> None:
+    async with WorkflowManager(make_config(lease_ms=300), workflows=[outlives_its_lease]) as manager:
+        assert manager.worker is not None and manager.worker._heartbeat.keeps_leases
+        assert len(_heartbeat_threads()) == 1
+        handle = await manager.run(outlives_its_lease, {"key": f"thread-{schema}", "seconds": 1.2})
+        assert await handle.result(timeout=20) == f"thread-{schema}"
+        run = await handle.info()
+    assert run.recoveries == 0 and SLEEPS[f"thread-{schema}"] == 1
+    assert not _heartbeat_threads()
+
+
+def _heartbeat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("sonamu-heartbeat") and t.is_alive()]
+
+
+async def _count_workers(client: Any, expected: int) -> bool:
+    return len(await client.list_workers()) == expected
