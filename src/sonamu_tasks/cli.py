@@ -7,25 +7,82 @@ import json
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import click
 
-from .backends.base import RunRecord, StepRecord, WorkerRecord
+from . import arguments
 from .config import Config
 from .config_loader import load_config
 from .display import duration_text, preview
 from .duration import parse_duration
-from .errors import ConfigError, SonamuTasksError, WorkflowFailed
+from .errors import ConfigError, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, WorkflowManager, until_signal
+from .records import RunRecord, StepRecord, WorkerRecord
 from .schedule import zone
 from .status import RunStatus
 
 T = TypeVar("T")
+logger = logging.getLogger("sonamu_tasks.cli")
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every failure is one line on stderr and a non-zero exit, never a traceback: a usage error exits 2, any
+    other error 1. An error nobody anticipated keeps its traceback in the debug log (`-v`)."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as error:
+            raise _one_line(error) from error
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise _one_line(error) from error
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except SonamuTasksError as error:
+            raise click.ClickException(_flat(str(error))) from error
+        except Exception as error:
+            logger.debug("unexpected error", exc_info=True)
+            raise click.ClickException(
+                f"{type(error).__name__}: {_flat(str(error))} (run with -v for the traceback)"
+            ) from error
+
+
+class _UsageError(click.UsageError):
+    """A usage error on one line: the message and where to look, without click's usage block."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{hint}", file=file, err=file is None)
+
+
+def _one_line(error: click.UsageError) -> click.UsageError:
+    if isinstance(error, (_UsageError, getattr(click.exceptions, "NoArgsIsHelpError", ()))):
+        return error  # already one line, or the help text asked for by giving no arguments
+    return _UsageError(_flat(error.format_message()), error.ctx)
+
+
+def _flat(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _run_id(context: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A run id, checked before it reaches the database (PostgreSQL answers a malformed UUID with an error)."""
+    try:
+        return None if value is None else arguments.run_id(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@click.group(cls=_Commands)
 @click.option(
     "--config",
     "config_spec",
@@ -42,15 +99,25 @@ def main(context: click.Context, config_spec: str | None, verbose: bool) -> None
         stream=sys.stderr,
     )
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # we log reconnects ourselves
-    context.obj = config_spec
+    context.obj = _Options(config_spec, verbose)
 
 
-def _config(context: click.Context, *, enable_worker: bool) -> Config:
+@dataclass(frozen=True)
+class _Options:
+    config_spec: str | None
+    verbose: bool
+
+
+def _config(context: click.Context, *, enable_worker: bool, announce: bool = False) -> Config:
+    """The config; `announce` (or -v) names it and its database on stderr. The one-shot commands (run, runs,
+    show, cancel ...) stay quiet unless -v, so that a failure's stderr is its one error line."""
+    options: _Options = context.obj
     try:
-        config, origin = load_config(context.obj)
+        config, origin = load_config(options.config_spec)
     except ConfigError as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(f"config: {origin}; database: {_redact(config.resolved_database_url())}", err=True)
+        raise click.ClickException(_flat(str(error))) from error
+    if announce or options.verbose:
+        click.echo(f"config: {origin}; database: {_redact(config.resolved_database_url())}", err=True)
     config.tasks.enable_worker = enable_worker
     return config
 
@@ -59,7 +126,7 @@ def _config(context: click.Context, *, enable_worker: bool) -> Config:
 @click.pass_context
 def worker(context: click.Context) -> None:
     """Run a worker and the cron scheduler until SIGTERM/SIGINT (graceful shutdown)."""
-    config = _config(context, enable_worker=True)
+    config = _config(context, enable_worker=True, announce=True)
     asyncio.run(_serve(config, reload=False))
 
 
@@ -67,7 +134,7 @@ def worker(context: click.Context) -> None:
 @click.pass_context
 def dev(context: click.Context) -> None:
     """Like `worker`, and re-register workflows when their files change (runs in flight keep going)."""
-    config = _config(context, enable_worker=True)
+    config = _config(context, enable_worker=True, announce=True)
     asyncio.run(_serve(config, reload=True))
 
 
@@ -120,17 +187,9 @@ def _report_discovery(manager: WorkflowManager) -> None:
 @click.pass_context
 def migrate(context: click.Context) -> None:
     """Create or upgrade the database schema (safe to run from many processes at once)."""
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, announce=True)
 
-    async def run() -> list[str]:
-        manager = WorkflowManager(config)
-        await manager.backend.open()
-        try:
-            return await manager.backend.migrate()
-        finally:
-            await manager.backend.close()
-
-    applied = asyncio.run(run())
+    applied = _steering(WorkflowManager(config).migrate())
     click.echo(f"applied: {', '.join(applied)}" if applied else "already up to date")
 
 
@@ -143,11 +202,10 @@ def schedules(context: click.Context, as_json: bool) -> None:
 
     async def collect() -> list[dict[str, Any]]:
         async with WorkflowManager(config) as manager:
-            store = manager.backend
-            records = await store.list_schedules()
+            records = await manager.list_schedules()
             rows = []
             for record in records:
-                last = await store.get_run(record.last_run_id) if record.last_run_id else None
+                last = await _run_or_none(manager, record.last_run_id)
                 rows.append(
                     {
                         "name": record.name,
@@ -163,7 +221,7 @@ def schedules(context: click.Context, as_json: bool) -> None:
                 )
             return rows
 
-    rows = asyncio.run(collect())
+    rows = _steering(collect())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -193,7 +251,7 @@ def schedules(context: click.Context, as_json: bool) -> None:
 @click.option("--start-at", help="Delay as a duration (10m) or an ISO datetime with timezone.")
 @click.option("--deadline", help="Duration (1h) or ISO datetime after which the run fails instead of running.")
 @click.option("--wait", is_flag=True, help="Wait for the result; exit 1 if the run fails.")
-@click.option("--timeout", type=float, default=None, help="With --wait: seconds to wait.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="With --wait: seconds to wait.")
 @click.pass_context
 def run_command(
     context: click.Context,
@@ -211,17 +269,19 @@ def run_command(
         value = json.loads(input_json)
     except json.JSONDecodeError as error:
         raise click.BadParameter(f"not valid JSON: {error}", param_hint="--input") from error
+    start = _moment(start_at, "--start-at")
+    end = _moment(deadline, "--deadline")
     config = _config(context, enable_worker=False)
 
-    async def start() -> int:
+    async def start_run() -> int:
         async with WorkflowManager(config) as manager:
             spec = {"name": name, "version": version} if version else {"name": name}
             handle = await manager.run(
                 spec,
                 value,
                 idempotency_key=idempotency_key,
-                start_at=_moment(start_at),
-                deadline=_moment(deadline),
+                start_at=start,
+                deadline=end,
             )
             click.echo(handle.id)
             if not wait:
@@ -236,11 +296,7 @@ def run_command(
             click.echo(json.dumps(result, indent=2))
             return 0
 
-    try:
-        code = asyncio.run(start())
-    except SonamuTasksError as error:
-        raise click.ClickException(str(error)) from error
-    sys.exit(code)
+    sys.exit(_steering(start_run()))
 
 
 @main.command()
@@ -253,8 +309,8 @@ def run_command(
     help="Only runs in this status (repeatable).",
 )
 @click.option("--since", help="Only runs created in the last DURATION (1h, 7d) or after an ISO datetime.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--cursor", help="The next_cursor printed by the previous page.")
+@click.option("--limit", type=click.IntRange(1, arguments.MAX_LIMIT), default=20, show_default=True)
+@click.option("--cursor", callback=_run_id, help="The next_cursor printed by the previous page.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def runs(
@@ -299,7 +355,7 @@ def runs(
 
 
 @main.command()
-@click.argument("run_id")
+@click.argument("run_id", callback=_run_id)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def show(context: click.Context, run_id: str, as_json: bool) -> None:
@@ -362,7 +418,7 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
 
 def _steer_command(name: str, doc: str) -> None:
     @main.command(name=name, help=doc)
-    @click.argument("run_id")
+    @click.argument("run_id", callback=_run_id)
     @click.pass_context
     def command(context: click.Context, run_id: str) -> None:
         config = _config(context, enable_worker=False)
@@ -430,35 +486,45 @@ def workers(context: click.Context, as_json: bool) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
 @click.option("--token", envvar="SONAMU_TASKS_DASHBOARD_TOKEN", help="Required to listen beyond loopback.")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME[:PORT]",
+    help="Another Host name the dashboard is reached by (a proxy's, or the machine's with --host 0.0.0.0).",
+)
 @click.pass_context
-def dashboard(context: click.Context, host: str, port: int, token: str | None) -> None:
+def dashboard(context: click.Context, host: str, port: int, token: str | None, allowed_hosts: tuple[str, ...]) -> None:
     """Serve the web dashboard (runs, a run's step timeline, cancel and retry, workers, schedules)."""
-    if not _loopback(host) and not token:
-        raise click.ClickException(
-            f"listening on {host} exposes your runs: pass --token (or SONAMU_TASKS_DASHBOARD_TOKEN)"
-        )
     try:
         import uvicorn
+
+        from .dashboard import Dashboard, check_token
     except ImportError as error:
-        raise click.ClickException("the dashboard needs uvicorn: pip install 'sonamu-tasks[dashboard]'") from error
-    from .dashboard import Dashboard
-
-    app = Dashboard(_config(context, enable_worker=False), token=token)
-    click.echo(f"dashboard: http://{host}:{port}/" + (f"?token={token}" if token else ""), err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+        raise click.ClickException(
+            f"the dashboard needs {error.name}: pip install 'sonamu-tasks[dashboard]'"
+        ) from error
+    try:
+        check_token(token, host)  # before the config is loaded: the first thing a mistake should hit
+        config = _config(context, enable_worker=False, announce=True)
+        app = Dashboard(config, token=token, host=host, port=port, allowed_hosts=allowed_hosts)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+    # The address only: the token is never printed (terminals are logged and shared); whoever started the
+    # dashboard has it already.
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"dashboard: http://{shown}:{port}/" + (" (token required)" if token else ""), err=True)
+    # No access log: a browser's first visit may carry ?token= in its query string.
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
 def _steering(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coroutine)
     except SonamuTasksError as error:
-        raise click.ClickException(str(error)) from error
+        raise click.ClickException(_flat(str(error))) from error
 
 
 def _run_summary(run: RunRecord) -> dict[str, Any]:
@@ -528,13 +594,35 @@ def _local(moment: datetime, timezone: str) -> str:
     return moment.astimezone(zone(timezone)).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
-def _moment(text: str | None) -> Any:
+def _moment(text: str | None, option: str) -> datetime | timedelta | None:
+    """--start-at / --deadline: an ISO datetime with its timezone, or a duration (10m, 2h)."""
     if text is None:
         return None
     try:
-        return datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text)
     except ValueError:
-        return text  # a duration: run() parses it and names the option if it is wrong
+        try:
+            return parse_duration(text, what=option)
+        except SonamuTasksError:
+            raise click.BadParameter(
+                f"{text!r} is neither a duration (500ms, 10m, 2h, 7d) nor an ISO datetime with a timezone "
+                "(2026-01-31T09:00:00+09:00)",
+                param_hint=option,
+            ) from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(
+            f"{text!r} has no timezone; write it with one (2026-01-31T09:00:00+09:00 or ...Z)", param_hint=option
+        )
+    return moment
+
+
+async def _run_or_none(manager: WorkflowManager, run_id: str | None) -> RunRecord | None:
+    if run_id is None:
+        return None
+    try:
+        return await manager.get_run(run_id)
+    except RunNotFound:
+        return None
 
 
 def _redact(url: str) -> str:

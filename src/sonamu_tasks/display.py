@@ -17,5 +17,21 @@ def duration_text(start: datetime | None, end: datetime | None) -> str:
 
 def preview(value: Any, width: int) -> str:
     """A value as JSON, cut to `width` characters with an ellipsis."""
-    text = json.dumps(value, default=str)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    text, cut = json_excerpt(value, width)
+    return text[: width - 1] + "…" if cut else text
+
+
+def json_excerpt(value: Any, limit: int, *, indent: int | None = None) -> tuple[str, bool]:
+    """The first `limit` characters of `value` as JSON, and whether there was more.
+
+    Encoded piece by piece and stopped at the limit, so a 50 MB list of values is not serialized whole to
+    show a line of it (one huge string is still encoded in one piece, at C speed).
+    """
+    pieces: list[str] = []
+    size = 0
+    for piece in json.JSONEncoder(indent=indent, default=str).iterencode(value):
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            return "".join(pieces)[:limit], True
+    return "".join(pieces), False

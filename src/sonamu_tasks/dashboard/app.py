@@ -1,169 +1,242 @@
-"""Dashboard: an ASGI app (no framework) over a WorkflowManager that runs no worker.
+"""Dashboard: a Starlette app over a WorkflowManager that runs no worker.
 
     GET  /                    runs, newest first, filters (workflow, status), live refresh
     GET  /runs/{id}           a run: status, step timeline, steps, input, output or error; cancel / retry
     POST /runs/{id}/cancel    (and /retry) then back to the run page
     GET  /workers, /schedules
-    GET  /api/runs, /api/runs/{id}   the same as JSON
+    GET  /api/runs, /api/runs/{id}   the same as JSON (the run in full: a page cuts long values)
 
-With a token (required to listen beyond loopback), every request carries it: `Authorization: Bearer`, or
-`?token=` once (kept in a cookie). Forms carry a per-process CSRF value.
+Security (guards.py): answers only to the Host names it was started for, refuses cross-origin POSTs, sends
+a strict Content-Security-Policy, caps request bodies. With a token (required to listen beyond loopback),
+every request carries `Authorization: Bearer <token>` or the cookie set by opening it once with `?token=`.
+Forms carry a per-process CSRF value.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import json
-import re
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
-from http.cookies import SimpleCookie
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
+from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import arguments
 from ..config import Config
-from ..errors import RunNotFound, SonamuTasksError
-from ..manager import WorkflowManager
+from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
+from ..manager import RunPage, WorkflowManager
 from . import pages
+from .guards import (
+    BodyLimit,
+    HostAllowList,
+    HostRule,
+    OriginCheck,
+    SecurityHeaders,
+    TokenGate,
+    allowed_hosts,
+    is_loopback,
+    same_secret,
+)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-_RUN = re.compile(r"^/(api/)?runs/([0-9a-f-]{36})(?:/(cancel|retry))?$")
+T = TypeVar("T")
+MAX_BODY = 64 * 1024  # a form holds one short field; nothing the dashboard accepts comes near this
+_STATIC = {
+    "dashboard.css": ("text/css", files(__package__).joinpath("static/dashboard.css").read_text()),
+    "live.js": ("text/javascript", files(__package__).joinpath("static/live.js").read_text()),
+}
 
 
 class Dashboard:
-    def __init__(self, config: Config, *, token: str | None = None) -> None:
+    """The ASGI app. `host` and `port` are where it listens: they decide which Host headers it answers
+    (loopback names, and `host` itself unless it is a wildcard; `port=None` allows any port) and whether a
+    token is required (any `host` that is not loopback). `allowed_hosts` adds names it is reached by, such as
+    a proxy's or the machine's name when listening on 0.0.0.0 (`name` for any port, `name:port`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        token: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        allowed_hosts: Iterable[str] = (),
+    ) -> None:
+        check_token(token, host)
         config = dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, enable_worker=False))
         self.manager = WorkflowManager(config)
-        self.token = token
         self.csrf = secrets.token_urlsafe(16)
+        self.host_rules = _host_rules(host, port, allowed_hosts)
+        routes = [
+            Route("/", self.runs_page),
+            Route("/api/runs", self.runs_json),
+            Route("/runs/{run_id}", self.run_page),
+            Route("/api/runs/{run_id}", self.run_json),
+            Route("/runs/{run_id}/{action:str}", self.steer, methods=["POST"]),
+            Route("/workers", self.workers_page),
+            Route("/schedules", self.schedules_page),
+            Route("/static/{name}", self.static),
+        ]
+        self.app = Starlette(
+            routes=routes,
+            lifespan=self._lifespan,
+            exception_handlers={
+                HTTPException: _http_error,
+                RunNotFound: _not_found,
+                BackendUnavailable: _unavailable,
+                SonamuTasksError: _bad_request,
+            },
+        )
+        inner: ASGIApp = OriginCheck(self.app)
+        if token is not None:
+            inner = TokenGate(inner, token)
+        self._asgi = SecurityHeaders(HostAllowList(BodyLimit(inner, MAX_BODY), self.host_rules))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        elif scope["type"] == "http":
-            await self._http(scope, receive, send)
+        await self._asgi(scope, receive, send)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.manager.start()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.manager.stop()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
-        extra_headers: list[tuple[bytes, bytes]] = []
-        if self.token is not None:
-            if not self._authorized(headers, query):
-                await _respond(send, 401, "text/plain", "a token is required: ?token=...")
-                return
-            if query.get("token"):
-                extra_headers.append((b"set-cookie", f"sonamu_token={self.token}; HttpOnly; SameSite=Strict".encode()))
+    @asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.manager.start()
         try:
-            status, content_type, body, location = await self._route(scope, receive, headers, query)
-        except RunNotFound as error:
-            status, content_type, body, location = 404, "text/plain", str(error), None
-        except SonamuTasksError as error:
-            status, content_type, body, location = 400, "text/plain", str(error), None
-        if location:
-            extra_headers.append((b"location", location.encode()))
-        await _respond(send, status, content_type, body, extra_headers)
+            yield
+        finally:
+            await self.manager.stop()
 
-    async def _route(
-        self, scope: Scope, receive: Receive, headers: dict[str, str], query: dict[str, str]
-    ) -> tuple[int, str, str, str | None]:
-        method, path = scope["method"], scope["path"]
-        partial = headers.get("x-partial") == "1"
-        if method == "GET" and path in ("/", "/api/runs"):
-            page = await self.manager.list_runs(
-                workflow=query.get("workflow") or None,
-                status=query.get("status") or None,
-                limit=int(query.get("limit", "50")),
-                cursor=query.get("cursor") or None,
-            )
-            if path == "/api/runs":
-                items = [_jsonable(run) for run in page.items]
-                return 200, "application/json", json.dumps({"items": items, "next_cursor": page.next_cursor}), None
-            table = pages.runs_table(page.items, page.next_cursor, {k: v for k, v in query.items() if k != "cursor"})
-            if partial:
-                return 200, "text/html", table, None
-            filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""))
-            return (
-                200,
-                "text/html",
-                pages.page("Runs", table).replace("<div id='live'>", filters + "<div id='live'>"),
-                None,
-            )
-        match = _RUN.match(path)
-        if match:
-            api, run_id, action = match.groups()
-            if method == "POST" and action and not api:
-                form = parse_qs((await _body(receive)).decode())
-                if not hmac.compare_digest(form.get("csrf", [""])[0], self.csrf):
-                    return 403, "text/plain", "bad or missing form token; reload the page", None
-                await (self.manager.cancel(run_id) if action == "cancel" else self.manager.retry(run_id))
-                return 303, "text/plain", "", f"/runs/{run_id}"
-            if method == "GET" and not action:
-                run = await self.manager.get_run(run_id, with_steps=True)
-                if api:
-                    return 200, "application/json", json.dumps(_jsonable(run)), None
-                detail = pages.run_detail(run, self.csrf)
-                if partial:
-                    return 200, "text/html", detail, None
-                return 200, "text/html", pages.page(f"Run {run_id}", detail), None
-        if method == "GET" and path == "/workers":
-            body = pages.workers_table(await self.manager.list_workers())
-            return 200, "text/html", body if partial else pages.page("Workers", body), None
-        if method == "GET" and path == "/schedules":
-            schedules = await self.manager.backend.list_schedules()
-            body = pages.schedules_table(schedules)
-            return 200, "text/html", body if partial else pages.page("Schedules", body, refresh_ms=5000), None
-        return 404, "text/plain", "not found", None
+    # pages and JSON
 
-    def _authorized(self, headers: dict[str, str], query: dict[str, str]) -> bool:
-        assert self.token is not None
-        offered = [query.get("token", ""), headers.get("authorization", "").removeprefix("Bearer ")]
-        cookie = SimpleCookie(headers.get("cookie", ""))
-        if "sonamu_token" in cookie:
-            offered.append(cookie["sonamu_token"].value)
-        return any(hmac.compare_digest(value, self.token) for value in offered if value)
+    async def runs_page(self, request: Request) -> Response:
+        query = request.query_params
+        page = await self._runs(request)
+        shown = {key: value for key, value in query.items() if key != "cursor"}
+        table = pages.runs_table(page.items, page.next_cursor, shown)
+        if _partial(request):
+            return HTMLResponse(table)
+        filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""))
+        return HTMLResponse(pages.page("Runs", table, before=filters))
 
+    async def runs_json(self, request: Request) -> Response:
+        page = await self._runs(request)
+        items = [_jsonable(run) for run in page.items]
+        return _json({"items": items, "next_cursor": page.next_cursor})
 
-async def _body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
+    async def run_page(self, request: Request) -> Response:
+        run = await self.manager.get_run(_run_id(request), with_steps=True)
+        detail = pages.run_detail(run, self.csrf)
+        if _partial(request):
+            return HTMLResponse(detail)
+        refresh = None if run.status.finished else 1000  # a finished run changes only when someone acts on it
+        return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh))
+
+    async def run_json(self, request: Request) -> Response:
+        return _json(_jsonable(await self.manager.get_run(_run_id(request), with_steps=True)))
+
+    async def steer(self, request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in ("cancel", "retry"):
+            raise HTTPException(404, "not found")
+        run_id = _run_id(request)
+        try:
+            form = parse_qs((await request.body()).decode("utf-8"), errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the form is not UTF-8") from None
+        if not same_secret(form.get("csrf", [""])[0], self.csrf.encode()):
+            raise HTTPException(403, "bad or missing form token; reload the page")
+        await (self.manager.cancel(run_id) if action == "cancel" else self.manager.retry(run_id))
+        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+    async def workers_page(self, request: Request) -> Response:
+        body = pages.workers_table(await self.manager.list_workers())
+        return HTMLResponse(body if _partial(request) else pages.page("Workers", body))
+
+    async def schedules_page(self, request: Request) -> Response:
+        body = pages.schedules_table(await self.manager.list_schedules())
+        return HTMLResponse(body if _partial(request) else pages.page("Schedules", body, refresh_ms=5000))
+
+    async def static(self, request: Request) -> Response:
+        found = _STATIC.get(request.path_params["name"])
+        if found is None:
+            raise HTTPException(404, "not found")
+        media_type, text = found
+        return Response(text, media_type=media_type)
+
+    async def _runs(self, request: Request) -> RunPage:
+        query = request.query_params
+        workflow = _parameter(query, "workflow", arguments.plain_text)
+        status = _parameter(query, "status", lambda text: arguments.statuses([text]))
+        limit = _parameter(query, "limit", arguments.limit)
+        cursor = _parameter(query, "cursor", arguments.run_id)
+        return await self.manager.list_runs(workflow=workflow, status=status, limit=limit or 50, cursor=cursor)
 
 
-async def _respond(
-    send: Send, status: int, content_type: str, body: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    data = body.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", f"{content_type}; charset=utf-8".encode()),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
+def check_token(token: str | None, host: str) -> None:
+    """Refuse, at start-up, a token nobody should rely on, and no token where the network can reach it."""
+    if token is not None and not token.strip():
+        raise ConfigError("the dashboard token is empty or only spaces; give a real secret (openssl rand -hex 16)")
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise ConfigError("the dashboard token must be printable ASCII (it travels in an HTTP header)")
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"listening on {host} exposes your runs: pass --token (or SONAMU_TASKS_DASHBOARD_TOKEN)")
+
+
+def _host_rules(host: str, port: int | None, extra: Iterable[str]) -> tuple[HostRule, ...]:
+    try:
+        return allowed_hosts(host, port, extra)
+    except ValueError as error:
+        raise ConfigError(f"dashboard host: {error}") from error
+
+
+def _parameter(query: QueryParams, name: str, check: Callable[[str], T]) -> T | None:
+    """A query parameter through its check (absent or empty: None); a bad one is a 400 naming it."""
+    text = query.get(name)
+    if not text:
+        return None
+    try:
+        return check(text)
+    except ValueError as error:
+        raise HTTPException(400, f"{name}: {error}") from None
+
+
+def _run_id(request: Request) -> str:
+    try:
+        return arguments.run_id(request.path_params["run_id"])
+    except ValueError as error:
+        raise HTTPException(404, str(error)) from None
+
+
+def _partial(request: Request) -> bool:
+    return request.headers.get("x-partial") == "1"
+
+
+def _json(value: Any) -> Response:
+    return Response(json.dumps(value), media_type="application/json")
 
 
 def _jsonable(run: Any) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(run), default=str))
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    return PlainTextResponse(str(error.detail), status_code=error.status_code, headers=error.headers)
+
+
+async def _not_found(request: Request, error: Exception) -> Response:
+    return PlainTextResponse(str(error), status_code=404)
+
+
+async def _bad_request(request: Request, error: Exception) -> Response:
+    return PlainTextResponse(str(error), status_code=400)
+
+
+async def _unavailable(request: Request, error: Exception) -> Response:
+    return PlainTextResponse(f"the database is not answering: {error}", status_code=503)

@@ -1,45 +1,32 @@
-"""HTML of the dashboard's pages. Every value is escaped; pages refresh themselves while runs move."""
+"""HTML of the dashboard's pages. Every value is escaped, long ones are cut; no inline script or style (the
+Content-Security-Policy forbids them): the stylesheet and the live refresh are files under static/."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from ..backends.base import RunRecord, ScheduleRecord, WorkerRecord
-from ..display import duration_text, preview
+from ..records import RunRecord, ScheduleRecord, WorkerRecord
+from ..display import duration_text, json_excerpt, preview
 from ..status import RunStatus
 from .timeline import timeline_svg
 
-_STYLE = """
-body{font:14px system-ui,sans-serif;margin:0;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:10px 20px}header a{color:#fff;margin-right:18px;text-decoration:none}
-main{padding:16px 20px}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:5px 8px;
-border-bottom:1px solid #e3e6ee}th{background:#f5f6fa}.status{font-weight:600}.completed{color:#1a7f37}
-.failed,.canceled{color:#c62828}.running{color:#1565c0}.sleeping,.paused,.pending{color:#8a6d00}
-pre{background:#f5f6fa;padding:8px;overflow:auto;max-height:260px}.muted{color:#777}form.inline{display:inline}
-button{margin-right:8px;padding:4px 12px}.timeline .label,.timeline .axis{font-size:12px}
-.bar.completed{fill:#43a047}.bar.failed{fill:#e53935}.bar.sleep{fill:#90a4ae}.bar.sleeping{fill:#90a4ae}
-"""
-
-_REFRESH = """<script>
-setInterval(async () => {
-  const response = await fetch(location.href, {headers: {"X-Partial": "1"}});
-  if (response.ok) document.getElementById("live").innerHTML = await response.text();
-}, %d);
-</script>"""
+# Shown on a run's page per value (input, output, error, traceback); the whole value is at /api/runs/{id}.
+VALUE_LIMIT = 20_000
 
 
-def page(title: str, body: str, *, refresh_ms: int | None = 1000) -> str:
-    script = _REFRESH % refresh_ms if refresh_ms else ""
+def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = "") -> str:
+    """A whole page around `body`; /static/live.js refreshes `#live` every `refresh_ms` (None: never)."""
+    refresh = f" data-refresh-ms='{refresh_ms}'" if refresh_ms else ""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} · sonamu-tasks</title>"
-        f"<style>{_STYLE}</style></head><body><header><a href='/'>Runs</a><a href='/workers'>Workers</a>"
-        f"<a href='/schedules'>Schedules</a></header><main><h2>{escape(title)}</h2>"
-        f"<div id='live'>{body}</div></main>{script}</body></html>"
+        "<link rel='stylesheet' href='/static/dashboard.css'></head><body><header><a href='/'>Runs</a>"
+        "<a href='/workers'>Workers</a><a href='/schedules'>Schedules</a></header>"
+        f"<main><h2>{escape(title)}</h2>{before}<div id='live'{refresh}>{body}</div></main>"
+        "<script src='/static/live.js'></script></body></html>"
     )
 
 
@@ -74,6 +61,8 @@ def runs_table(runs: Sequence[RunRecord], next_cursor: str | None, query: dict[s
 
 
 def run_detail(run: RunRecord, csrf: str) -> str:
+    """A run's content. A finished run is marked `data-finished`: nothing on it changes by itself any more, so
+    the live refresh stops."""
     buttons = ""
     if not run.status.finished:
         buttons += _button(run.id, "cancel", "Cancel", csrf)
@@ -82,10 +71,10 @@ def run_detail(run: RunRecord, csrf: str) -> str:
     request = f" ({run.requested_action} requested)" if run.requested_action else ""
     error = ""
     if run.error:
-        where = f" in step {escape(str(run.error.get('step')))}" if run.error.get("step") else ""
+        where = f" in step {_short(run.error.get('step'), run.id)}" if run.error.get("step") else ""
         error = (
-            f"<h3>Error{where}</h3><p>{escape(str(run.error.get('type')))}: {escape(str(run.error.get('message')))}"
-            f"</p><pre>{escape(str(run.error.get('traceback', '')))}</pre>"
+            f"<h3>Error{where}</h3><p>{_short(run.error.get('type'), run.id)}: "
+            f"{_short(run.error.get('message'), run.id)}</p><pre>{_short(run.error.get('traceback', ''), run.id)}</pre>"
         )
     steps = "".join(
         f"<tr><td>{escape(step.name)}</td><td>{step.kind}</td><td class='status {step.status.value}'>"
@@ -93,15 +82,16 @@ def run_detail(run: RunRecord, csrf: str) -> str:
         f"<td>{escape(preview(step.output if step.error is None else step.error.get('message'), 80))}</td></tr>"
         for step in run.steps
     )
-    output = f"<h3>Output</h3><pre>{escape(_json(run.output))}</pre>" if run.status is RunStatus.COMPLETED else ""
+    output = f"<h3>Output</h3>{_value(run.output, run.id)}" if run.status is RunStatus.COMPLETED else ""
+    finished = " data-finished" if run.status.finished else ""
     return (
         f"<p>{escape(run.workflow_name)} version {escape(run.version)} · "
-        f"<span id='run-status' class='status {run.status.value}'>{run.status.value}</span>{request} · "
+        f"<span id='run-status' class='status {run.status.value}'{finished}>{run.status.value}</span>{request} · "
         f"attempts {run.attempts} · recoveries {run.recoveries} · created {_time(run.created_at)}</p>"
         f"<p>{buttons}</p><h3>Timeline</h3>{timeline_svg(run)}"
         "<h3>Steps</h3><table><thead><tr><th>step</th><th>kind</th><th>status</th><th>attempts</th>"
         f"<th>duration</th><th>output / error</th></tr></thead><tbody>{steps}</tbody></table>"
-        f"<h3>Input</h3><pre>{escape(_json(run.input))}</pre>{output}{error}"
+        f"<h3>Input</h3>{_value(run.input, run.id)}{output}{error}"
     )
 
 
@@ -142,8 +132,25 @@ def _run_link(run_id: str | None) -> str:
     return f"<a href='/runs/{run_id}'>{run_id}</a>" if run_id else "-"
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, default=str)
+def _value(value: Any, run_id: str) -> str:
+    """`value` as indented JSON in a <pre>, at most VALUE_LIMIT characters of it."""
+    text, cut = json_excerpt(value, VALUE_LIMIT, indent=2)
+    return f"<pre>{escape(text)}</pre>{_more(run_id) if cut else ''}"
+
+
+def _short(value: Any, run_id: str) -> str:
+    """Text of an error field, escaped, at most VALUE_LIMIT characters."""
+    text = str(value)
+    if len(text) <= VALUE_LIMIT:
+        return escape(text)
+    return escape(text[:VALUE_LIMIT]) + _more(run_id)
+
+
+def _more(run_id: str) -> str:
+    return (
+        f"<p class='truncated'>cut at {VALUE_LIMIT:,} characters; "
+        f"<a href='/api/runs/{run_id}'>the whole run as JSON</a></p>"
+    )
 
 
 def _time(moment: datetime | None) -> str:

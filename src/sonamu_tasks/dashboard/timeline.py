@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from html import escape
 
-from ..backends.base import RunRecord, StepRecord
+from ..records import RunRecord, StepRecord
 
 _ROW = 26
 _LABEL = 160

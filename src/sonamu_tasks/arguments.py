@@ -1,0 +1,58 @@
+"""Checks of values a person typed (command-line arguments, dashboard query parameters) before they reach the
+database, so that a typo is an error naming the value instead of a database error or a traceback.
+
+Each check raises ValueError with a message fit for a user; the CLI turns it into a usage error, the
+dashboard into a 400 or 404.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .status import RunStatus
+
+_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+MAX_LIMIT = 1000
+
+
+def run_id(text: str) -> str:
+    """A run id in its canonical form (lowercase UUID with dashes), as the backends store it."""
+    if not _RUN_ID.fullmatch(text):
+        raise ValueError(f"{_shown(text)} is not a run id (a UUID like 0190b7e2-5c3a-7d1e-8f00-1234567890ab)")
+    return text.lower()
+
+
+def plain_text(text: str) -> str:
+    """Text for a filter or a name: PostgreSQL refuses NUL in text, so it is refused here first."""
+    if "\x00" in text:
+        raise ValueError(f"{_shown(text)} contains a NUL character")
+    return text
+
+
+def limit(text: str) -> int:
+    """A page size between 1 and MAX_LIMIT."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{_shown(text)} is not a whole number") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise ValueError(f"{value} is out of range; give 1 to {MAX_LIMIT}")
+    return value
+
+
+def statuses(texts: Iterable[str]) -> tuple[RunStatus, ...]:
+    """Run statuses by name; an unknown one names the known ones."""
+    found = []
+    for text in texts:
+        try:
+            found.append(RunStatus(text))
+        except ValueError:
+            known = ", ".join(s.value for s in RunStatus)
+            raise ValueError(f"{_shown(text)} is not a status; one of {known}") from None
+    return tuple(found)
+
+
+def _shown(text: str) -> str:
+    """The value as Python writes it (control characters escaped), cut short."""
+    return repr(text if len(text) <= 60 else text[:57] + "...")
