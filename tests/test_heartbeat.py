@@ -52,6 +52,14 @@ def blocks_started(directory: Path) -> list[int]:
     return [pid for name, pid in audit_lines(directory) if name == "block-start"]
 
 
+def line_with(log: str, text: str) -> str:
+    """The first line of a worker's log containing `text`."""
+    for line in log.splitlines():
+        if text in line:
+            return line
+    raise AssertionError(f"no line with {text!r} in the worker's log:\n{log}")
+
+
 async def test_a_step_that_blocks_the_event_loop_past_the_lease_runs_exactly_once(
     client: Any, start_worker: Any, tmp_path: Path
 ) -> None:
@@ -71,7 +79,7 @@ async def test_a_step_that_blocks_the_event_loop_past_the_lease_runs_exactly_onc
     # and the blocked worker said so, naming the run, and again when its loop came back.
     blocked = workers[result["blocked_in"]]
     await wait_until(lambda: "running again after being blocked for" in blocked.log(), what="the unblocked line")
-    warning = next(line for line in blocked.log().splitlines() if "blocked for" in line)
+    warning = line_with(blocked.log(), "blocked for")
     assert "WARNING" in warning and handle.id in warning
     assert "past blocked_loop_limit_ms" not in blocked.log()
     idle = next(w for pid, w in workers.items() if pid != result["blocked_in"])
@@ -90,7 +98,7 @@ async def test_a_worker_whose_loop_stays_blocked_past_the_limit_gives_its_run_up
     # then it stops extending the lease, and another worker takes the run over;
     rescuer = start_worker("rescuer", lease_ms=LEASE_MS)
     await wait_until(lambda: rescuer.pid in blocks_started(tmp_path), timeout=30, what="the take-over")
-    error = next(line for line in stuck.log().splitlines() if "past blocked_loop_limit_ms" in line)
+    error = line_with(stuck.log(), "past blocked_loop_limit_ms")
     assert "ERROR" in error and handle.id in error
 
     # when both steps are released, only the new owner's result is kept.

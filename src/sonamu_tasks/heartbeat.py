@@ -71,6 +71,7 @@ class HeartbeatThread:
         self._thread = threading.Thread(target=self._main, name=f"sonamu-heartbeat:{worker_id}", daemon=True)
         # Only the thread touches these.
         self._blocked_since: float | None = None  # the last stamp before the loop stopped stamping
+        self._blocked_runs: Held = ()  # the runs on the worker when the episode was noticed
         self._gave_up = False
 
     @property
@@ -146,23 +147,26 @@ class HeartbeatThread:
         if self._blocked_since is None:
             if now - stamped_at >= BLOCKED_WARNING_S:
                 self._blocked_since = stamped_at
+                self._blocked_runs = self._held
                 logger.warning(
                     "event loop of worker %s blocked for %.1fs, running %s: a workflow or async step runs code "
                     "that does not await (CPU work, time.sleep, blocking I/O); %s",
                     self.worker_id,
                     now - stamped_at,
-                    _runs(self._held),
-                    "its leases are kept from the heartbeat thread"
+                    _runs(self._blocked_runs),
+                    f"the heartbeat thread keeps its leases for up to {self._blocked_limit_s:.0f}s "
+                    "(blocked_loop_limit_ms)"
                     if self.keeps_leases
                     else "no heartbeat is sent meanwhile, so other workers may take its runs over",
                 )
             return
         if stamped_at != self._blocked_since:
+            # The stamp that ended the episode tells how long it lasted (to within one stamp interval).
             logger.warning(
                 "event loop of worker %s is running again after being blocked for %.1fs, running %s",
                 self.worker_id,
                 stamped_at - self._blocked_since,
-                _runs(self._held),
+                _runs(self._blocked_runs),
             )
             if self._gave_up:
                 logger.warning(
@@ -176,8 +180,9 @@ class HeartbeatThread:
         if not self._gave_up and self.keeps_leases and now - stamped_at >= self._blocked_limit_s:
             self._gave_up = True
             logger.error(
-                "event loop of worker %s blocked for %.0fs, past blocked_loop_limit_ms (%.0fs): no longer "
-                "extending the leases of %s, so that other workers take them over when the leases expire (%.1fs)",
+                "event loop of worker %s blocked for %.1fs, past blocked_loop_limit_ms (%.1fs): no longer "
+                "extending the leases of %s, so that other workers take them over when the leases expire (%.1fs); "
+                "restart this worker if its loop does not come back",
                 self.worker_id,
                 now - stamped_at,
                 self._blocked_limit_s,
