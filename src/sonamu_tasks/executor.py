@@ -1,9 +1,17 @@
-"""One attempt of one claimed run: replay checkpoints, execute new steps, record the outcome."""
+"""One attempt of one claimed run: replay checkpoints, execute new steps, record the outcome.
+
+Steps may run concurrently (`asyncio.gather`, `step.map`): each completed step gets its own checkpoint, sent
+at once and stored before anything durable that follows (the next step to start, a park, a failure, a stop),
+or written with the completion when the workflow returns right after it. A durable wait (a sleep, a child's
+result) blocks its branch; once no step is executing and every branch has ended or is waiting, the run parks
+with all its waits and the workflow function unwinds. It wakes when the earliest wait is satisfied and replays.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import inspect
 import logging
@@ -15,14 +23,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import serde
-from .backends.base import Backend, Checkpoint, ClaimedRun, LeaseLost, StepRecord
+from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRun, LeaseLost, SleepWait, StepRecord
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
-from .errors import NonRetryableError, StepNameConflict
-from .log import RunLogger
+from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict
+from .log import RunLogger, current_step
 from .reconnect import until_available
+from .registry import Registry
 from .retry import RetryDecision
-from .status import StepStatus
+from .run_creation import RunOptions, child_run_id, prepare_run
+from .status import RunStatus, StepStatus
 from .step import StepWrapper
 
 logger = logging.getLogger("sonamu_tasks.executor")
@@ -40,6 +50,20 @@ class Stopped(BaseException):
     """A cancel or pause was honoured at this step boundary. Not an error."""
 
 
+class StopRequested(BaseException):
+    """A cancel or pause reached a step boundary: unwinds the workflow so the attempt can honour it."""
+
+
+@dataclasses.dataclass
+class _Wait:
+    """A durable wait a branch of the workflow is blocked on; the future only ever ends it with an exception
+    (Suspended once the run parked, or what stopped the attempt)."""
+
+    future: asyncio.Future[None]
+    sleep: SleepWait | None = None
+    child: str | None = None
+
+
 CANCELED_ERROR = {"type": "Canceled", "message": "canceled on request"}
 
 
@@ -55,11 +79,15 @@ class AttemptHooks(typing.Protocol):
     """What the worker offers an attempt."""
 
     threads: Executor
+    registry: Registry
     max_recoveries: int
     context_provider: Callable[[dict[str, Any]], Any] | None
 
     def draining(self) -> bool: ...
     def wake_in(self, seconds: float) -> None: ...
+    def runs_created(self) -> None:
+        """Runs were inserted (children): look for claimable ones now, not at the next notification."""
+        ...
 
 
 class Attempt:
@@ -86,10 +114,19 @@ class Attempt:
         self._claimed_monotonic = time.monotonic()
         self.output_json: str | None = None
         """The stored output, once this attempt completed the run."""
-        # The last step's checkpoint, written before anything else durable happens (the next step, a sleep,
-        # a failure, a stop) or together with the completion when the workflow returns right after it.
-        self._unsent: Checkpoint | None = None
-        self._sending: asyncio.Task[None] | None = None
+        # Checkpoints of completed steps not yet handed to the backend: sent from the event loop's next turn,
+        # or with the completion when the workflow returns first.
+        self._unsent: list[Checkpoint] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self._executing = 0  # steps between their start and their checkpoint being queued
+        self._idle = asyncio.Event()  # set while no step is executing
+        self._idle.set()
+        self._waits: list[_Wait] = []
+        self._park_check: asyncio.Task[None] | None = None
+        self._closed = False  # the attempt is ending (parked, failing, stopping): no new step starts
+        self._parked = False
+        self._children: dict[str, ChildOutcome] | None = None
+        self._seen_outcomes: set[str] = set()  # fan-out children whose recorded outcome this replay read
 
     def request_stop(self) -> None:
         """A cancel or pause was asked for: honour it at the next step boundary."""
@@ -116,20 +153,37 @@ class Attempt:
                 self._replays_left = len(self.steps)
                 self.workflow_logger.quiet = self._replays_left > 0
             output = await self._call_workflow()
+            if self._parked:  # the workflow swallowed its Suspended (return_exceptions=True, say): still parked
+                return
             encoded = serde.dumps(output, what=f"the output of workflow {self.definition.name!r}")
-            last, self._unsent = self._unsent, None
+            await self._wind_down(send=False)
+            last, self._unsent = self._unsent, []
             await self._settle()
             await until_available(
                 lambda: self.backend.complete_run(run.id, run.lease_token, encoded, last), what="complete run"
             )
             self.output_json = encoded
         except (Suspended, Stopped):
-            pass
+            if not self._parked:
+                await self._wind_down(send=False)
         except Released:
+            await self._wind_down(send=True)
             held = [(run.id, run.lease_token)]
             await until_available(lambda: self.backend.release_runs(held), what="hand back run", give_up_after_s=5)
             self.logger.info("handed back at a step boundary: this worker is shutting down")
+        except StopRequested:
+            try:
+                await self._wind_down(send=True)
+                await self._honour_request()
+            except Stopped:
+                pass
+            except LeaseLost:
+                self.logger.warning("lease lost while stopping: another worker owns this run now")
+            else:  # the request was withdrawn meanwhile (resumed): hand the run back to be replayed
+                held = [(run.id, run.lease_token)]
+                await until_available(lambda: self.backend.release_runs(held), what="hand back run")
         except LeaseLost:
+            self._closed = True
             self.logger.warning("lease lost: another worker owns this run now; this attempt stops")
         except Exception as error:
             try:
@@ -166,7 +220,8 @@ class Attempt:
         return await context if inspect.isawaitable(context) else context
 
     async def _record_failure(self, error: Exception) -> None:
-        await self._settle()  # the steps that completed before the error stay completed
+        # Steps still executing in other branches finish and are stored first: they completed, they stay so.
+        await self._wind_down(send=True)
         run = self.claimed
         step = None
         if self._failed_step is not None and self._failed_step[2] is error:
@@ -210,26 +265,30 @@ class Attempt:
             self._replayed()
         if record is not None and record.status is StepStatus.COMPLETED:
             if record.kind != "call":
-                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a sleep before")
+                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
             return serde.decode(record.output, annotation)
-        await self._settle()  # the previous step's checkpoint is stored before this step starts
-        await self._boundary()
-        started = datetime.now(UTC)
-        self.logger.step = self.workflow_logger.step = name
+        self._enter()
         try:
-            result = await self._invoke(fn, args, kwargs)
-            encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
-        except Exception as error:
-            self._failed_step = (name, started, error)
-            raise
+            await self._settle()  # the steps completed before this one are stored before it starts
+            await self._boundary()
+            started = datetime.now(UTC)
+            token = current_step.set(name)
+            try:
+                result = await self._invoke(fn, args, kwargs)
+                encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
+            except Exception as error:
+                self._failed_step = (name, started, error)
+                raise
+            finally:
+                current_step.reset(token)
+            # Not awaited here: if the workflow returns right after this step, the checkpoint is written with
+            # the completion, in one commit. Otherwise it is sent from the event loop's next turn and awaited
+            # before anything else durable happens (see _settle). Either way nothing after this step starts
+            # before it is stored.
+            self._unsent.append(Checkpoint(name, encoded, started, datetime.now(UTC)))
+            asyncio.get_running_loop().call_soon(self._send_unsent)
         finally:
-            self.logger.step = self.workflow_logger.step = None
-        # The checkpoint is not awaited here: if the workflow returns right after this step, it is written
-        # with the completion, in one commit. Otherwise it is sent at once, from the event loop's next turn,
-        # and awaited before anything else durable happens (see _settle). Either way nothing after this
-        # step starts before it is stored.
-        self._unsent = Checkpoint(name, encoded, started, datetime.now(UTC))
-        asyncio.get_running_loop().call_soon(self._send_unsent)
+            self._leave()
         # The workflow gets what a replay would read back: the value after a JSON round trip (a tuple comes
         # back a list). Scalars come back as they went.
         stored = result if type(result) in _JSON_SCALARS else serde.loads(encoded)
@@ -241,45 +300,219 @@ class Attempt:
         run = self.claimed
         record = self.steps.get(name)
         wake_at = None
-        await self._settle()
         if record is not None:
             self._replayed()
+            if record.kind != "sleep":
+                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
             if record.status is StepStatus.COMPLETED:
                 return
             if record.wake_at is not None and record.wake_at <= self._db_now():
-                await until_available(
-                    lambda: self.backend.complete_sleep(run.id, run.lease_token, name), what="wake up"
-                )
+                self._enter()
+                try:
+                    await self._settle()
+                    await until_available(
+                        lambda: self.backend.complete_sleep(run.id, run.lease_token, name), what="wake up"
+                    )
+                finally:
+                    self._leave()
                 return
-            wake_at = record.wake_at  # woken early (resumed, say): sleep on until the original time
-        if self._stop_requested:
-            await self._honour_request()
-        started = datetime.now(UTC)
-        stored_wake = await until_available(
-            lambda: self.backend.sleep_run(run.id, run.lease_token, name, started, delta, wake_at),
-            what=f"sleep {name!r}",
+            wake_at = record.wake_at  # woken early (resumed, or by another wait): sleep on until the original time
+        sleep = SleepWait(name, datetime.now(UTC), None if wake_at is not None else delta, wake_at)
+        await self._block(_Wait(asyncio.get_running_loop().create_future(), sleep=sleep))
+
+    async def start_children(
+        self,
+        name: str,
+        children: list[tuple[str, str, WorkflowDefinition[Any, Any] | None, Any]],
+        *,
+        fan_out: bool,
+        detached: bool,
+    ) -> list[str]:
+        """Start child runs in step `name` (one statement); return their ids, the same on every replay."""
+        self._claim_name(name)
+        child_steps = [f"{name}[{index}]" for index in range(len(children))] if fan_out else [name]
+        if fan_out:
+            for child_step in child_steps:
+                self._claim_name(child_step)
+        run = self.claimed
+        record = self.steps.get(name)
+        if record is not None:
+            self._replayed()
+            if record.kind != "child":
+                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
+            stored = record.output or {}
+            return list(stored["run_ids"]) if fan_out else [stored["run_id"]]
+        ids = [child_run_id(run.id, child_step) for child_step in child_steps]
+        new_runs = [
+            prepare_run(
+                child_name,
+                child_version,
+                definition,
+                child_input,
+                RunOptions(),
+                run_id=child_id,
+                parent_id=run.id,
+                parent_step=child_step,
+                detached=detached,
+                what=f"the input of child {child_step!r} of workflow {self.definition.name!r}",
+            )
+            for child_id, child_step, (child_name, child_version, definition, child_input) in zip(
+                ids, child_steps, children, strict=True
+            )
+        ]
+        output = {"run_ids": ids} if fan_out else {"run_id": ids[0]}
+        self._enter()
+        try:
+            await self._settle()
+            await self._boundary()
+            started = datetime.now(UTC)
+            encoded = serde.dumps(output, what=f"step {name!r}")
+            await until_available(
+                lambda: self.backend.start_children(run.id, run.lease_token, name, started, encoded, new_runs),
+                what=f"start children in step {name!r}",
+            )
+        finally:
+            self._leave()
+        if self._children is not None:
+            for child_id in ids:
+                self._children.setdefault(child_id, ChildOutcome(child_id, RunStatus.PENDING))
+        self.hooks.runs_created()
+        return ids
+
+    async def child_result(self, child_step: str, child_id: str, workflow_name: str, *, fan_out: bool) -> Any:
+        """The outcome of a child: its output, ChildWorkflowFailed, or a durable wait until it finishes. The
+        first outcome seen is checkpointed in the parent (step `child_step`), so every replay sees the same."""
+        record = self.steps.get(child_step)
+        outcome = record.output.get("outcome") if record is not None and isinstance(record.output, dict) else None
+        if outcome is None:
+            children = await self._load_children(child_id)
+            child = children.get(child_id)
+            if child is None:
+                raise ChildWorkflowFailed(child_id, workflow_name, "missing", {"message": "the child run is gone"})
+            if not child.status.finished:
+                # Parks the run (raises Suspended) once every branch is blocked; the child's end wakes it.
+                await self._block(_Wait(asyncio.get_running_loop().create_future(), child=child_id))
+            outcome = {"status": child.status.value, "output": child.output, "error": child.error}
+            stored = {"run_id": child_id, "outcome": outcome}
+            now = datetime.now(UTC)
+            encoded = serde.dumps(stored, what=f"the outcome of child {child_step!r}")
+            self.steps[child_step] = StepRecord(child_step, "child", StepStatus.COMPLETED, stored)
+            self._unsent.append(Checkpoint(child_step, encoded, now, now))
+            asyncio.get_running_loop().call_soon(self._send_unsent)
+        elif fan_out and child_step not in self._seen_outcomes:
+            self._seen_outcomes.add(child_step)
+            self._replayed()
+        if outcome["status"] == RunStatus.COMPLETED.value:
+            return outcome["output"]
+        raise ChildWorkflowFailed(child_id, workflow_name, outcome["status"], outcome.get("error"))
+
+    # waits and parking
+
+    async def _block(self, wait: _Wait) -> None:
+        """Block this branch on a durable wait until the run parks (then Suspended unwinds it)."""
+        if self._closed:
+            raise Suspended
+        self._waits.append(wait)
+        self._check_park()
+        try:
+            await wait.future
+        finally:
+            if wait in self._waits:
+                self._waits.remove(wait)
+
+    def _enter(self) -> None:
+        if self._closed:
+            raise Suspended  # the attempt is ending: this branch unwinds instead of starting a step
+        self._executing += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._executing -= 1
+        if self._executing == 0:
+            self._idle.set()
+            self._check_park()
+
+    def _check_park(self) -> None:
+        if self._waits and not self._executing and not self._closed and self._park_check is None:
+            self._park_check = asyncio.create_task(self._park_when_idle())
+
+    async def _park_when_idle(self) -> None:
+        try:
+            # A branch whose step just ended resumes on the loop's next turns: let it start its next step or
+            # reach its own wait before deciding that every branch is blocked.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if self._executing or not self._waits or self._closed:
+                return
+            self._closed = True
+            waits = list(self._waits)
+            try:
+                if self._stop_requested or self.hooks.draining():
+                    raise StopRequested if self._stop_requested else Released
+                await self._settle()
+                await self._park(waits)
+            except BaseException as error:
+                for wait in waits:
+                    if not wait.future.done():
+                        wait.future.set_exception(error)
+                return
+            self._parked = True
+            for wait in waits:
+                if not wait.future.done():
+                    wait.future.set_exception(Suspended())
+        finally:
+            self._park_check = None
+
+    async def _park(self, waits: list[_Wait]) -> None:
+        run = self.claimed
+        sleeps = [wait.sleep for wait in waits if wait.sleep is not None]
+        children = [wait.child for wait in waits if wait.child is not None]
+        due = await until_available(
+            lambda: self.backend.park_run(run.id, run.lease_token, sleeps, children), what="park run"
         )
-        self.logger.info("sleeping until %s", stored_wake.isoformat())
-        self.hooks.wake_in(max(0.0, (stored_wake - self._db_now()).total_seconds()))
-        raise Suspended
+        what = ", ".join([*(f"sleep {s.name!r}" for s in sleeps), *(f"child {c}" for c in children)])
+        if due >= FOREVER:
+            self.logger.info("waiting for %s", what)
+        else:
+            self.logger.info("parked until %s (%s)", due.isoformat(), what)
+            self.hooks.wake_in(max(0.0, (due - self._db_now()).total_seconds()))
+
+    async def _wind_down(self, *, send: bool) -> None:
+        """The attempt ends: no new step starts, executing ones finish, blocked branches unwind, and (`send`)
+        every completed step's checkpoint is stored."""
+        self._closed = True
+        await self._idle.wait()
+        for wait in self._waits:
+            if not wait.future.done():
+                wait.future.set_exception(Suspended())
+        if send:
+            await self._settle()
 
     # helpers
 
+    async def _load_children(self, child_id: str) -> dict[str, ChildOutcome]:
+        if self._children is None or child_id not in self._children:
+            run_id = self.claimed.id
+            self._children = await until_available(lambda: self.backend.load_children(run_id), what="read child runs")
+        return self._children
+
     def _send_unsent(self) -> None:
-        """The workflow did not return right after its step: write the checkpoint now, in the background."""
-        checkpoint, self._unsent = self._unsent, None
-        if checkpoint is not None:
-            self._sending = asyncio.create_task(self._write_checkpoint(checkpoint))
-            self._sending.add_done_callback(_retrieve_error)
+        """The workflow did not return right after its step: write the checkpoints now, in the background."""
+        checkpoints, self._unsent = self._unsent, []
+        for checkpoint in checkpoints:
+            task = asyncio.create_task(self._write_checkpoint(checkpoint))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        _retrieve_error(task)
 
     async def _settle(self) -> None:
-        """Wait until the last step's checkpoint is stored (LeaseLost if the claim was lost meanwhile)."""
-        checkpoint, self._unsent = self._unsent, None
-        if checkpoint is not None:
-            await self._write_checkpoint(checkpoint)
-        sending, self._sending = self._sending, None
-        if sending is not None:
-            await sending
+        """Wait until every completed step's checkpoint is stored (LeaseLost if the claim was lost meanwhile)."""
+        self._send_unsent()
+        while self._sending:
+            await asyncio.gather(*list(self._sending))
 
     async def _write_checkpoint(self, checkpoint: Checkpoint) -> None:
         run = self.claimed
@@ -298,7 +531,7 @@ class Attempt:
     async def _boundary(self) -> None:
         """Between two steps: where a shutdown hands the run back and a cancel or pause takes effect."""
         if self._stop_requested:
-            await self._honour_request()
+            raise StopRequested
         if self.hooks.draining():
             raise Released
 

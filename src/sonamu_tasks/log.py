@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 WORKFLOW_LOGGER = logging.getLogger("sonamu_tasks.workflow")
+
+current_step: ContextVar[str | None] = ContextVar("sonamu_tasks_current_step", default=None)
+"""The step executing in this task: a context variable, so steps running at once each tag their own lines."""
 
 
 class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -15,7 +19,6 @@ class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def __init__(self, run_id: str, workflow: str, version: str) -> None:
         super().__init__(WORKFLOW_LOGGER, {"run_id": run_id, "workflow": workflow, "version": version})
-        self.step: str | None = None
         self.quiet = False
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
@@ -25,7 +28,7 @@ class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         extra = dict(self.extra or {})
-        extra["step"] = self.step
+        step = extra["step"] = current_step.get()
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
-        where = f"{extra['workflow']} run={extra['run_id']}" + (f" step={self.step}" if self.step else "")
+        where = f"{extra['workflow']} run={extra['run_id']}" + (f" step={step}" if step else "")
         return f"[{where}] {msg}", kwargs

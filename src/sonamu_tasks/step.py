@@ -1,21 +1,26 @@
-"""The `step` a workflow receives (the seed's StepWrapper): define / get / sleep.
+"""The `step` a workflow receives (the seed's StepWrapper): define / get / sleep / map, and child workflows.
 
 The checkpoint logic lives in `executor.Attempt`; this module is the user-facing surface.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .definition import underscore_case
+from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration
 
 if TYPE_CHECKING:
     from .executor import Attempt
 
 R = TypeVar("R")
+T = TypeVar("T")
+
+ChildWorkflow = WorkflowDefinition[Any, Any] | Mapping[str, Any]
+"""A child to start: a definition, or `{"name": ..., "version": ...}` (a workflow another fleet runs)."""
 
 
 class Step(Generic[R]):
@@ -50,11 +55,92 @@ class StepWrapper:
         """Durable sleep: the run is parked in the database and holds no worker slot until it wakes."""
         await self._attempt.sleep(_step_name(name), duration)
 
+    async def map(
+        self, name: str, fn: Callable[[Any], R], items: Iterable[Any], concurrency: int | None = None
+    ) -> list[R]:
+        """Run `fn(item)` as one step per item, named `"{name}[{index}]"`, at most `concurrency` at once (all
+        at once when None); return the results in item order. Completed items are never run again."""
+        name = _step_name(name)
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise ValueError(f"step.map({name!r}): concurrency must be a positive int or None, got {concurrency!r}")
+        if not callable(fn):
+            raise TypeError(f"step.map({name!r}, fn, items): fn must be callable, got {type(fn).__name__}")
+        limit = asyncio.Semaphore(concurrency) if concurrency is not None else None
+
+        async def one(index: int, item: Any) -> R:
+            step = Step[R](self._attempt, _step_name(f"{name}[{index}]"), fn)
+            if limit is None:
+                return await step.run(item)
+            async with limit:
+                return await step.run(item)
+
+        return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(items))))
+
+    async def start_workflow(
+        self, name: str, workflow: ChildWorkflow, input: Any = None, *, detached: bool = False
+    ) -> ChildHandle:
+        """Start a child run in step `name`, once: its id comes from (this run, `name`), so a replay or a
+        take-over finds it instead of starting another. `await handle.result()` waits for it durably.
+        Canceling this run cancels the child unless `detached`."""
+        name = _step_name(name)
+        spec = self._spec(workflow)
+        [child_id] = await self._attempt.start_children(name, [(*spec, input)], fan_out=False, detached=detached)
+        return ChildHandle(self._attempt, child_id, spec[0], name, fan_out=False)
+
+    async def start_workflows(
+        self, name: str, workflow: ChildWorkflow, inputs: Iterable[Any], *, detached: bool = False
+    ) -> list[ChildHandle]:
+        """Start one child per input in one statement; the children are steps `"{name}[{index}]"`."""
+        name = _step_name(name)
+        spec = self._spec(workflow)
+        children = [(*spec, item) for item in inputs]
+        ids = await self._attempt.start_children(name, children, fan_out=True, detached=detached)
+        return [
+            ChildHandle(self._attempt, child_id, spec[0], f"{name}[{index}]", fan_out=True)
+            for index, child_id in enumerate(ids)
+        ]
+
+    async def run_workflow(
+        self, name: str, workflow: ChildWorkflow, input: Any = None, *, detached: bool = False
+    ) -> Any:
+        """`start_workflow` and wait for the child's output (ChildWorkflowFailed if it failed)."""
+        child = await self.start_workflow(name, workflow, input, detached=detached)
+        return await child.result()
+
+    def _spec(self, workflow: ChildWorkflow) -> tuple[str, str, WorkflowDefinition[Any, Any] | None]:
+        from .run_creation import resolve
+
+        return resolve(workflow, self._attempt.hooks.registry)
+
+
+class ChildHandle:
+    """A child run started by a workflow step. `await result()` is a durable wait: the parent parks without a
+    worker slot until the child finishes, and every replay sees the same outcome."""
+
+    def __init__(self, attempt: Attempt, run_id: str, workflow_name: str, step_name: str, *, fan_out: bool) -> None:
+        self._attempt = attempt
+        self.id = run_id
+        self.workflow_name = workflow_name
+        self.step_name = step_name
+        self._fan_out = fan_out
+
+    def __repr__(self) -> str:
+        return f"<ChildHandle {self.workflow_name} {self.id} (step {self.step_name!r})>"
+
+    async def result(self) -> Any:
+        """The child's output; raises ChildWorkflowFailed (with the child's error) if it failed or was canceled."""
+        return await self._attempt.child_result(self.step_name, self.id, self.workflow_name, fan_out=self._fan_out)
+
 
 def _step_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"a step name must be a non-empty string, got {name!r}")
-    return name
+    """The name, if the database can hold it: a string of 1 to 200 printable characters, not blank
+    (`limits.check_step_name`). Otherwise InvalidName, a NonRetryableError naming the step, fails the run
+    at once: the same code would make the same name again."""
+    from .limits import check_step_name
+
+    return check_step_name(name)
 
 
 def _bound_method(obj: Any, method_name: str) -> Callable[..., Any]:

@@ -168,6 +168,9 @@ class Worker:
     def draining(self) -> bool:
         return self._draining
 
+    def runs_created(self) -> None:
+        self.wake()
+
     def finished(self, run_id: str, output_json: str | None) -> None:
         """A run left this worker (with its stored output if it completed): wake the waiters of this process."""
         if self._on_finished is not None:

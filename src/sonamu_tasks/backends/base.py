@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 # The records are public types of their own module; re-exported here for the backends.
@@ -54,6 +54,33 @@ class Checkpoint:
     finished_at: datetime
 
 
+RunWrite = tuple[str, str, tuple[Checkpoint, ...], str | None]
+"""A group-commit item: (run id, lease token, checkpoints, output JSON when the run completes with them)."""
+
+FOREVER = datetime(2999, 12, 31, tzinfo=UTC)
+"""available_at of a run that waits with no timeout: only the event it waits for makes it due."""
+
+
+@dataclass(frozen=True)
+class SleepWait:
+    """A durable sleep a run parks on: new (`duration`) or recorded before (`wake_at`)."""
+
+    name: str
+    started_at: datetime
+    duration: timedelta | None = None
+    wake_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    """A child run as its parent's waits see it."""
+
+    id: str
+    status: RunStatus
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class NewRun:
     id: str
@@ -81,6 +108,8 @@ class RunQuery:
     created_after: datetime | None = None
     created_before: datetime | None = None
     limit: int = 50
+    parent_id: str | None = None
+    """Only the children of this run."""
 
 
 class Notifications(Protocol):
@@ -189,24 +218,37 @@ class Backend(ScheduleStore, Protocol):
         started_at: datetime,
         finished_at: datetime,
     ) -> None: ...
-    async def sleep_run(
+    async def park_run(
+        self, run_id: str, lease_token: str, sleeps: Sequence[SleepWait], children: Sequence[str]
+    ) -> datetime:
+        """Park the run until its earliest sleep's wake time, or (waiting on `children`) until one of them
+        finishes; record the sleeps as steps. A child already finished makes it due at once. Returns when it
+        is due (FOREVER when only a child can wake it)."""
+        ...
+
+    async def start_children(
         self,
         run_id: str,
         lease_token: str,
-        name: str,
+        step_name: str,
         started_at: datetime,
-        duration: timedelta | None,
-        wake_at: datetime | None,
-    ) -> datetime:
-        """Park the run until `wake_at` (or now + `duration`); return the wake time."""
+        output_json: str,
+        children: Sequence[NewRun],
+    ) -> None:
+        """Insert the children of a claimed run and its step record `step_name` (output `output_json`), in one
+        transaction; children that exist already are left as they are (a replay)."""
+        ...
+
+    async def load_children(self, run_id: str) -> dict[str, ChildOutcome]:
+        """The children of a run, by id."""
         ...
 
     async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None: ...
     async def complete_run(
-        self, run_id: str, lease_token: str, output_json: str, last_step: Checkpoint | None = None
+        self, run_id: str, lease_token: str, output_json: str, last_steps: Sequence[Checkpoint] = ()
     ) -> None:
-        """Store the output; `last_step`, the checkpoint of a step the workflow returned right after, is
-        written in the same transaction (one commit for both)."""
+        """Store the output; `last_steps`, checkpoints of steps the workflow returned right after, are
+        written in the same transaction (one commit for all)."""
         ...
     async def fail_attempt(
         self,

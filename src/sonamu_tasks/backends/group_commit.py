@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from ..errors import BackendUnavailable
+
 Item = TypeVar("Item")
 
 Flush = Callable[[list[Item]], Awaitable[set[str]]]
@@ -45,18 +47,42 @@ class GroupCommit(Generic[Item]):
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 try:
-                    written = await self._flush([item for _, item, _ in batch])
-                except Exception as error:
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
+                    await self._commit(batch)
                 except BaseException:  # cancelled: no submitter may wait forever
                     for _, _, future in batch:
                         future.cancel()
                     raise
-                else:
-                    for key, _, future in batch:
-                        if not future.done():
-                            future.set_result(key in written)
         finally:
             self._draining -= 1
+
+    async def _commit(self, batch: list[tuple[str, Item, asyncio.Future[bool]]]) -> None:
+        try:
+            written = await self._flush([item for _, item, _ in batch])
+        except BackendUnavailable as error:  # the database went away: every item is retried by its submitter
+            _settle(batch, error=error)
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch, error=error)
+                return
+            # The database refused the batch for what one item holds (a value it cannot store, say). One run's
+            # data must never fail, delay or cost an attempt to another: write each alone, and only the
+            # offending one gets the error.
+            for entry in batch:
+                await self._commit([entry])
+        else:
+            _settle(batch, written=written)
+
+
+def _settle(
+    batch: list[tuple[str, Item, asyncio.Future[bool]]],
+    *,
+    written: set[str] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    for key, _, future in batch:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(written is not None and key in written)

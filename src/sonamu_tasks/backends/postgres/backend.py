@@ -16,46 +16,66 @@ import psycopg_pool
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from ...errors import BackendUnavailable, ConfigError
+from ...errors import BackendUnavailable, ConfigError, StorageError
 from ...status import RunStatus, StepStatus
 from ..base import (
+    FOREVER,
     Checkpoint,
+    ChildOutcome,
     ClaimedRun,
     LeaseLost,
     NewRun,
     Notifications,
     RunQuery,
     RunRecord,
+    RunWrite,
     ScheduleRecord,
+    SleepWait,
     StepRecord,
     WorkerRecord,
 )
 from ..group_commit import GroupCommit
 from .queries import QUERIES, migrations
+from .types import configure_connection
 
 logger = logging.getLogger("sonamu_tasks.postgres")
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-# Errors after which the same call can simply be made again: the connection or the server went away,
-# or PostgreSQL chose this transaction as a victim.
-_TRANSIENT = (
-    psycopg.OperationalError,
-    psycopg_pool.PoolTimeout,
-    psycopg.errors.SerializationFailure,
-    psycopg.errors.DeadlockDetected,
-)
+# The NOTIFY channel is "sonamu_tasks:" + schema, and a channel name holds at most 63 bytes.
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
+
+# SQLSTATE classes after which the same call can simply be made again: the connection or the server went
+# away (08, 57P01-57P03 admin/crash shutdown, 53 out of resources), or PostgreSQL chose this transaction as a
+# victim (40001 serialization, 40P01 deadlock), or a lock or statement timeout (55P03, 57014). Anything else
+# (a value the column refuses: 22; a constraint: 23; a too large index row: 54 ...) fails the same way again.
+_TRANSIENT_STATES = ("08", "53", "57", "58", "40", "55P03")
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, psycopg_pool.PoolTimeout):
+        return True
+    if not isinstance(error, psycopg.Error):
+        return False
+    state = error.sqlstate
+    if state is None:  # raised by the client: the connection is broken or could not be made
+        return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+    return state.startswith(_TRANSIENT_STATES)
 
 
 def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Connection-level failures become BackendUnavailable (retried); data errors become StorageError."""
+
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except _TRANSIENT as error:
-            raise BackendUnavailable(f"PostgreSQL unavailable during {method.__name__}: {error}") from error
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+            if _is_transient(error):
+                raise BackendUnavailable(f"PostgreSQL unavailable during {method.__name__}: {error}") from error
+            state = getattr(error, "sqlstate", None)
+            raise StorageError(f"PostgreSQL refused {method.__name__} (SQLSTATE {state}): {error}") from error
 
     return wrapper
 
@@ -65,7 +85,9 @@ class PostgresBackend:
 
     def __init__(self, url: str, *, schema: str = "sonamu_tasks", pool_size: int = 10) -> None:
         if not _SCHEMA_NAME.match(schema):
-            raise ConfigError(f"schema {schema!r} must be a lowercase SQL identifier (letters, digits, _)")
+            raise ConfigError(
+                f"schema {schema!r} must be a lowercase SQL identifier (letters, digits, _) of at most 50 characters"
+            )
         self.url = url
         self.schema = schema
         self.channel = f"sonamu_tasks:{schema}"
@@ -83,9 +105,10 @@ class PostgresBackend:
             timeout=30,
             reconnect_timeout=0,  # never give up: the server may come back (guarantee 7)
             name=f"sonamu_tasks:{schema}",
+            configure=configure_connection,  # times past the year 9999 read clamped, not as errors
         )
-        # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoint, output JSON or None).
-        self._writes: GroupCommit[tuple[str, str, Checkpoint | None, str | None]] = GroupCommit(self._write_runs)
+        # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
+        self._writes: GroupCommit[RunWrite] = GroupCommit(self._write_runs)
 
     # lifecycle
 
@@ -133,7 +156,7 @@ class PostgresBackend:
                             _dispatch(notify.payload, notifications)
                         # No event for a while: prove the connection is alive, or reconnect.
                         await conn.execute("SELECT 1")
-            except _TRANSIENT as error:
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
                 logger.warning("LISTEN connection lost (%s); reconnecting in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -309,6 +332,7 @@ class PostgresBackend:
             "created_after": query.created_after,
             "created_before": query.created_before,
             "limit": query.limit,
+            "parent_id": query.parent_id,
         }
         async with self._pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
@@ -336,46 +360,95 @@ class PostgresBackend:
         finished_at: datetime,
     ) -> None:
         step = Checkpoint(name, output_json, started_at, finished_at)
-        if not await self._writes.submit(run_id, (run_id, lease_token, step, None)):
+        if not await self._writes.submit(run_id, (run_id, lease_token, (step,), None)):
             raise LeaseLost(run_id)
 
     @_transient
-    async def sleep_run(
+    async def park_run(
+        self, run_id: str, lease_token: str, sleeps: Sequence[SleepWait], children: Sequence[str]
+    ) -> datetime:
+        sleeps_json = json.dumps(
+            [
+                {
+                    "name": sleep.name,
+                    "started_at": sleep.started_at.isoformat(),
+                    "seconds": None if sleep.duration is None else sleep.duration.total_seconds(),
+                    "wake_at": None if sleep.wake_at is None else sleep.wake_at.isoformat(),
+                }
+                for sleep in sleeps
+            ]
+        )
+        async with self._pool.connection() as conn, conn.transaction():
+            ready = False
+            if children:
+                finished = await conn.execute(QUERIES["children_finished"], {"children": list(children)})
+                ready = bool(await finished.fetchall())
+            params = {
+                "run_id": run_id,
+                "lease_token": lease_token,
+                "sleeps": sleeps_json,
+                "ready": ready,
+                "on_children": bool(children),
+                "forever": FOREVER,
+            }
+            row = await (await conn.execute(QUERIES["park_run"], params)).fetchone()
+        if row is None:
+            raise LeaseLost(run_id)
+        return row[0]  # type: ignore[no-any-return]
+
+    @_transient
+    async def start_children(
         self,
         run_id: str,
         lease_token: str,
-        name: str,
+        step_name: str,
         started_at: datetime,
-        duration: timedelta | None,
-        wake_at: datetime | None,
-    ) -> datetime:
+        output_json: str,
+        children: Sequence[NewRun],
+    ) -> None:
+        # Inputs are JSON text already: the array is assembled around them.
+        rows = ",".join(
+            f'{{"id":"{child.id}","workflow_name":{json.dumps(child.workflow_name)},'
+            f'"version":{json.dumps(child.version)},"input":{child.input_json},'
+            f'"parent_step":{json.dumps(child.parent_step)},"detached":{json.dumps(child.detached)}}}'
+            for child in children
+        )
         params = {
             "run_id": run_id,
             "lease_token": lease_token,
-            "name": name,
+            "name": step_name,
             "started_at": started_at,
-            "duration": duration,
-            "wake_at": wake_at,
+            "output": output_json,
+            "children": f"[{rows}]",
         }
-        row = await self._fenced("sleep_run", params)
-        return row[0]  # type: ignore[no-any-return]
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(QUERIES["start_children"], params)).fetchone()
+        if row is None or row[0] == 0:
+            raise LeaseLost(run_id)
+
+    @_transient
+    async def load_children(self, run_id: str) -> dict[str, ChildOutcome]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["load_children"], {"run_id": run_id})).fetchall()
+        return {id: ChildOutcome(id, RunStatus(status), output, error) for id, status, output, error in rows}
 
     @_transient
     async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None:
         await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
 
     async def complete_run(
-        self, run_id: str, lease_token: str, output_json: str, last_step: Checkpoint | None = None
+        self, run_id: str, lease_token: str, output_json: str, last_steps: Sequence[Checkpoint] = ()
     ) -> None:
-        if not await self._writes.submit(run_id, (run_id, lease_token, last_step, output_json)):
+        if not await self._writes.submit(run_id, (run_id, lease_token, tuple(last_steps), output_json)):
             raise LeaseLost(run_id)
 
     @_transient
-    async def _write_runs(self, batch: list[tuple[str, str, Checkpoint | None, str | None]]) -> set[str]:
+    async def _write_runs(self, batch: list[RunWrite]) -> set[str]:
         # Step outputs and run outputs are JSON text already: the batch is assembled around them.
         rows = ",".join(
-            f'{{"run_id":"{run_id}","lease_token":"{token}"{_step_fields(step)}{_output_fields(output)}}}'
-            for run_id, token, step, output in batch
+            f'{{"run_id":"{run_id}","lease_token":"{token}"{fields}}}'
+            for run_id, token, steps, output in batch
+            for fields in [*map(_step_fields, steps), *([] if output is None else [_output_fields(output)])]
         )
         async with self._pool.connection() as conn:
             written = await (await conn.execute(QUERIES["write_runs"], {"batch": f"[{rows}]"})).fetchall()
@@ -447,17 +520,15 @@ class PostgresBackend:
         return steps
 
 
-def _step_fields(step: Checkpoint | None) -> str:
-    if step is None:
-        return ""
+def _step_fields(step: Checkpoint) -> str:
     return (
         f',"step_name":{json.dumps(step.name)},"step_output":{step.output_json},'
         f'"started_at":"{step.started_at.isoformat()}","finished_at":"{step.finished_at.isoformat()}"'
     )
 
 
-def _output_fields(output: str | None) -> str:
-    return "" if output is None else f',"completes":true,"output":{output}'
+def _output_fields(output: str) -> str:
+    return f',"completes":true,"output":{output}'
 
 
 def _dispatch(payload: str, notifications: Notifications) -> None:
@@ -481,4 +552,7 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "start_delay": run.start_delay,
         "deadline_at": run.deadline_at,
         "deadline_delay": run.deadline_delay,
+        "parent_id": run.parent_id,
+        "parent_step": run.parent_step,
+        "detached": run.detached,
     }

@@ -3,10 +3,12 @@
 
 -- create_run --
 -- Insert a pending run; a repeated id or idempotency key inserts nothing.
-INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at)
+INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
+                  parent_id, parent_step, detached)
 VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, %(idempotency_key)s,
         COALESCE(%(start_at)s::timestamptz, now() + COALESCE(%(start_delay)s::interval, interval '0')),
-        COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval))
+        COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
+        %(parent_id)s::uuid, %(parent_step)s, %(detached)s)
 ON CONFLICT DO NOTHING
 RETURNING id::text
 
@@ -14,10 +16,10 @@ RETURNING id::text
 -- Insert a run claimed at once by the worker of the process that starts it: one commit instead of an
 -- insert, a notification and a claim. A repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  lease_token, worker_id, started_at)
+                  lease_token, worker_id, started_at, parent_id, parent_step, detached)
 VALUES (%(id)s, %(workflow_name)s, %(version)s, 'running', %(input)s::jsonb, %(idempotency_key)s,
         now() + %(lease)s::interval, COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
-        gen_random_uuid(), %(worker_id)s, now())
+        gen_random_uuid(), %(worker_id)s, now(), %(parent_id)s::uuid, %(parent_step)s, %(detached)s)
 ON CONFLICT DO NOTHING
 RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_token::text, now() AS claimed_at,
           true AS first_claim, deadline_at, requested_action
@@ -37,7 +39,7 @@ WITH due AS (
         SELECT id, status, started_at, available_at
         FROM runs
         WHERE workflow_name = w.name AND version = w.version
-          AND status IN ('pending', 'running', 'sleeping')
+          AND status IN ('pending', 'running', 'sleeping', 'waiting')
           AND available_at <= now()
         ORDER BY available_at
         LIMIT %(limit)s
@@ -66,7 +68,8 @@ FROM unnest(%(names)s::text[], %(versions)s::text[]) AS w(name, version)
 CROSS JOIN LATERAL (
     SELECT available_at
     FROM runs
-    WHERE workflow_name = w.name AND version = w.version AND status IN ('pending', 'running', 'sleeping')
+    WHERE workflow_name = w.name AND version = w.version
+      AND status IN ('pending', 'running', 'sleeping', 'waiting')
     ORDER BY available_at
     LIMIT 1
 ) AS head
@@ -92,7 +95,7 @@ WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uu
 -- get_run --
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action
+       requested_action, parent_id::text, parent_step, detached
 FROM runs WHERE id = %(run_id)s
 
 -- load_steps --
@@ -100,19 +103,61 @@ SELECT name, kind, status, output, error, attempts, wake_at, started_at, finishe
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY started_at, name
 
--- sleep_run --
--- Park the run until its wake time and record the sleep, in one statement.
-WITH parked AS (
+-- children_finished --
+-- Which of the children a parent is about to wait for have finished. FOR SHARE orders this against a
+-- child's finishing transaction: either the child finished before (seen here: the parent does not wait),
+-- or it finishes after the parent parked (its trigger then wakes the parent). No wake-up falls in between.
+SELECT id::text FROM runs
+WHERE id = ANY(%(children)s::uuid[]) AND status IN ('completed', 'failed', 'canceled')
+FOR SHARE
+
+-- park_run --
+-- The run leaves its worker (no slot, no lease) until a wait is satisfied: its earliest sleep's wake time,
+-- or a child finishing ('waiting', woken by the child's trigger). `ready`: a child it waits for finished
+-- already, so it is due again at once. Sleeps are recorded as steps, with their wake times.
+WITH sleeps AS (
+    SELECT name, started_at, COALESCE(wake_at, now() + make_interval(secs => seconds)) AS wake_at
+    FROM json_to_recordset(%(sleeps)s::json) AS w(name text, started_at timestamptz, seconds float8,
+                                                    wake_at timestamptz)
+), parked AS (
     UPDATE runs
-    SET status = 'sleeping', available_at = COALESCE(%(wake_at)s::timestamptz, now() + %(duration)s::interval),
+    SET status = CASE WHEN %(ready)s THEN 'pending' WHEN %(on_children)s THEN 'waiting' ELSE 'sleeping' END,
+        available_at = CASE WHEN %(ready)s THEN now()
+                            ELSE COALESCE((SELECT min(wake_at) FROM sleeps), %(forever)s::timestamptz) END,
         lease_token = NULL, worker_id = NULL, updated_at = now()
     WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
     RETURNING id, available_at
+), recorded AS (
+    INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at)
+    SELECT parked.id, sleeps.name, 'sleep', 'sleeping', sleeps.wake_at, 1, sleeps.started_at FROM parked, sleeps
+    ON CONFLICT (run_id, name) DO UPDATE SET wake_at = EXCLUDED.wake_at, status = 'sleeping'
 )
-INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at)
-SELECT id, %(name)s, 'sleep', 'sleeping', available_at, 1, %(started_at)s::timestamptz FROM parked
-ON CONFLICT (run_id, name) DO UPDATE SET wake_at = EXCLUDED.wake_at, status = 'sleeping'
-RETURNING wake_at
+SELECT available_at FROM parked
+
+-- start_children --
+-- A parent's step starts its children: the child runs and the parent's step record, in one statement,
+-- only while the parent's claim owns it. A child that exists already (a replay) is left as it is.
+WITH owned AS (
+    SELECT id FROM runs
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    FOR NO KEY UPDATE
+), children AS (
+    INSERT INTO runs (id, workflow_name, version, status, input, available_at, parent_id, parent_step, detached)
+    SELECT c.id, c.workflow_name, c.version, 'pending', c.input, now(), owned.id, c.parent_step, c.detached
+    FROM owned, json_to_recordset(%(children)s::json)
+         AS c(id uuid, workflow_name text, version text, input jsonb, parent_step text, detached boolean)
+    ON CONFLICT DO NOTHING
+), step AS (
+    INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, finished_at)
+    SELECT id, %(name)s, 'child', 'completed', %(output)s::jsonb, 1, %(started_at)s::timestamptz, now()
+    FROM owned
+    ON CONFLICT (run_id, name) DO NOTHING
+)
+SELECT count(*) FROM owned
+
+-- load_children --
+-- A parent's children as they stand: what its waits on them need.
+SELECT id::text, status, output, error FROM runs WHERE parent_id = %(run_id)s
 
 -- complete_sleep --
 WITH owned AS (
@@ -128,8 +173,9 @@ RETURNING 1
 -- write_runs --
 -- The group commit: checkpoints and completions of several runs in one statement and one transaction. The
 -- batch is one JSON array (one parameter). Each item is written only while its claim still owns the run;
--- the row lock orders it against a take-over. An item may carry a step's checkpoint, the run's output
--- ("completes"), or both (the workflow returned right after that step: both are written, or neither).
+-- the row lock orders it against a take-over. A row carries a step's checkpoint or the run's output
+-- ("completes"); the rows of one run (its checkpoints, and the output when the workflow returned right after
+-- them) are in one batch, so they are written together or not at all.
 -- Returns the runs written.
 WITH batch AS (
     SELECT *
@@ -225,11 +271,12 @@ RETURNING name
 -- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs.
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action
+       requested_action, parent_id::text, parent_step, detached
 FROM runs
 WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
+  AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
   AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
 ORDER BY runs.id DESC
@@ -245,16 +292,18 @@ SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
     lease_token = CASE WHEN status = 'running' THEN lease_token END,
     worker_id = CASE WHEN status = 'running' THEN worker_id END,
     updated_at = now()
-WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'paused')
+WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
 RETURNING status
 
 -- pause_run --
--- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary.
+-- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary. A
+-- waiting run is due at once when resumed: it replays and waits again for what has not happened yet.
 UPDATE runs
 SET status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
     requested_action = CASE WHEN status = 'running' THEN 'pause' END,
+    available_at = CASE WHEN status = 'waiting' THEN now() ELSE available_at END,
     updated_at = now()
-WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping')
+WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'waiting')
   AND requested_action IS DISTINCT FROM 'cancel'
 RETURNING status
 

@@ -21,7 +21,9 @@ from typing import Any
 from ...errors import ConfigError
 from ...status import RunStatus
 from ..base import (
+    FOREVER,
     Checkpoint,
+    ChildOutcome,
     ClaimedRun,
     LeaseLost,
     NewRun,
@@ -29,6 +31,7 @@ from ..base import (
     RunQuery,
     RunRecord,
     ScheduleRecord,
+    SleepWait,
     StepRecord,
     WorkerRecord,
 )
@@ -93,7 +96,7 @@ class SqliteBackend:
                     applied.append(name)
             return applied
 
-        applied = await self._db.write(apply)
+        applied = await self._db.migrate(apply)
         for name in applied:
             logger.info("applied migration %s to %s", name, self.path)
         return applied
@@ -209,6 +212,7 @@ class SqliteBackend:
             "created_after": micros(query.created_after),
             "created_before": micros(query.created_before),
             "limit": query.limit,
+            "parent_id": None if query.parent_id is None else str(uuid.UUID(query.parent_id)),
         }
 
         def read(conn: sqlite3.Connection, now: int) -> list[RunRecord]:
@@ -234,43 +238,72 @@ class SqliteBackend:
         if not await self._fenced_writes.submit(run_id, [("save_step", params)]):
             raise LeaseLost(run_id)
 
-    async def sleep_run(
+    async def park_run(
+        self, run_id: str, lease_token: str, sleeps: Sequence[SleepWait], children: Sequence[str]
+    ) -> datetime:
+        def park(conn: sqlite3.Connection, now: int) -> int | None:
+            wakes = {sleep.name: _wake_micros(sleep, now) for sleep in sleeps}
+            ready = bool(children) and bool(
+                conn.execute(QUERIES["children_finished"], {"children": json.dumps(list(children))}).fetchall()
+            )
+            if ready:
+                status, due = "pending", now
+            else:
+                status = "waiting" if children else "sleeping"
+                due = min(wakes.values(), default=_FOREVER_US)
+            params = {"run_id": run_id, "lease_token": lease_token, "status": status, "available_at": due, "now": now}
+            if _first(conn, "park_run", params) is None:
+                return None
+            for sleep in sleeps:
+                record = {"run_id": run_id, "name": sleep.name, "started_at": micros(sleep.started_at)}
+                conn.execute(QUERIES["record_sleep"], {**record, "wake_at": wakes[sleep.name]})
+            return due
+
+        due = await self._db.write(park)
+        if due is None:
+            raise LeaseLost(run_id)
+        return records.moment(due)
+
+    async def start_children(
         self,
         run_id: str,
         lease_token: str,
-        name: str,
+        step_name: str,
         started_at: datetime,
-        duration: timedelta | None,
-        wake_at: datetime | None,
-    ) -> datetime:
-        params = {
-            "run_id": run_id,
-            "lease_token": lease_token,
-            "name": name,
-            "started_at": micros(started_at),
-            "duration": duration_micros(duration),
-            "wake_at": micros(wake_at),
-        }
+        output_json: str,
+        children: Sequence[NewRun],
+    ) -> None:
+        def start(conn: sqlite3.Connection, now: int) -> bool:
+            if _first(conn, "owns_run", {"run_id": run_id, "lease_token": lease_token}) is None:
+                return False
+            for child in children:
+                conn.execute(QUERIES["create_run"], {**_new_run_params(child), "now": now}).fetchall()
+            step = {"run_id": run_id, "name": step_name, "output": output_json, "started_at": micros(started_at)}
+            conn.execute(QUERIES["record_child_step"], {**step, "now": now})
+            return True
 
-        def park(conn: sqlite3.Connection, now: int) -> int | None:
-            row = _first(conn, "park_run", {**params, "now": now})
-            if row is None:
-                return None
-            conn.execute(QUERIES["record_sleep"], {**params, "wake_at": row["available_at"]})
-            return int(row["available_at"])
-
-        stored = await self._db.write(park)
-        if stored is None:
+        if not await self._db.write(start):
             raise LeaseLost(run_id)
-        return records.moment(stored)
+
+    async def load_children(self, run_id: str) -> dict[str, ChildOutcome]:
+        def read(conn: sqlite3.Connection, now: int) -> dict[str, ChildOutcome]:
+            rows = conn.execute(QUERIES["load_children"], {"run_id": run_id}).fetchall()
+            return {
+                row["id"]: ChildOutcome(
+                    row["id"], RunStatus(row["status"]), records.decoded(row["output"]), records.decoded(row["error"])
+                )
+                for row in rows
+            }
+
+        return await self._db.read(read)
 
     async def complete_sleep(self, run_id: str, lease_token: str, name: str) -> None:
         await self._fenced("complete_sleep", {"run_id": run_id, "lease_token": lease_token, "name": name})
 
     async def complete_run(
-        self, run_id: str, lease_token: str, output_json: str, last_step: Checkpoint | None = None
+        self, run_id: str, lease_token: str, output_json: str, last_steps: Sequence[Checkpoint] = ()
     ) -> None:
-        writes = [] if last_step is None else [("save_step", _checkpoint_params(run_id, lease_token, last_step))]
+        writes = [("save_step", _checkpoint_params(run_id, lease_token, step)) for step in last_steps]
         writes.append(("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json}))
         if not await self._fenced_writes.submit(run_id, writes):
             raise LeaseLost(run_id)
@@ -419,6 +452,16 @@ class SqliteBackend:
             raise LeaseLost(str(params["run_id"]))
 
 
+_FOREVER_US = (FOREVER - records.moment(0)) // timedelta(microseconds=1)
+
+
+def _wake_micros(sleep: SleepWait, now: int) -> int:
+    """A sleep's wake time: recorded before, or `now` plus its duration."""
+    if sleep.wake_at is not None:
+        return (sleep.wake_at - records.moment(0)) // timedelta(microseconds=1)
+    return now + (sleep.duration or timedelta()) // timedelta(microseconds=1)
+
+
 def _checkpoint_params(run_id: str, lease_token: str, step: Checkpoint) -> dict[str, Any]:
     return {
         "run_id": run_id,
@@ -467,4 +510,7 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "start_delay": duration_micros(run.start_delay),
         "deadline_at": micros(run.deadline_at),
         "deadline_delay": duration_micros(run.deadline_delay),
+        "parent_id": run.parent_id,
+        "parent_step": run.parent_step,
+        "detached": run.detached,
     }

@@ -53,6 +53,28 @@ class Database:
         """Run `work` in one write transaction, committed when it returns, rolled back when it raises."""
         return await self._submit(lambda: self._transaction("BEGIN IMMEDIATE", work))
 
+    async def migrate(self, work: Work[T]) -> T:
+        """Like `write`, with foreign keys off, as SQLite's table rebuilds need (dropping the old table must
+        not cascade); they are checked before the commit."""
+
+        def migrate() -> T:
+            connection = self._connect()
+            connection.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set it before
+            try:
+
+                def checked(conn: sqlite3.Connection, now: int) -> T:
+                    result = work(conn, now)
+                    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise sqlite3.IntegrityError(f"migration left {len(broken)} broken foreign keys")
+                    return result
+
+                return self._transaction("BEGIN IMMEDIATE", checked)
+            finally:
+                connection.execute("PRAGMA foreign_keys = ON")
+
+        return await self._submit(migrate)
+
     async def close(self) -> None:
         executor, self._executor = self._executor, None
         if executor is None:
@@ -93,6 +115,8 @@ class Database:
             # FULL: a commit is on disk when it returns, so a power cut cannot lose a checkpoint either.
             connection.execute("PRAGMA synchronous = FULL")
             connection.execute("PRAGMA foreign_keys = ON")  # steps go with their run
+            # A canceled run's trigger cancels its children, whose own trigger cancels theirs.
+            connection.execute("PRAGMA recursive_triggers = ON")
         except BaseException:
             connection.close()
             raise

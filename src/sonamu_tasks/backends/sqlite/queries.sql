@@ -16,11 +16,11 @@ INSERT INTO migrations (name, applied_at) VALUES (:name, :now)
 -- create_run --
 -- Insert a pending run; a repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  created_at, updated_at)
+                  created_at, updated_at, parent_id, parent_step, detached)
 VALUES (:id, :workflow_name, :version, 'pending', :input, :idempotency_key,
         COALESCE(:start_at, :now + COALESCE(:start_delay, 0)),
         COALESCE(:deadline_at, :now + :deadline_delay),
-        :now, :now)
+        :now, :now, :parent_id, :parent_step, :detached)
 ON CONFLICT DO NOTHING
 RETURNING id
 
@@ -28,9 +28,10 @@ RETURNING id
 -- Insert a run claimed at once by the worker of the process that starts it: one transaction instead of an
 -- insert and a claim. A repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  lease_token, worker_id, started_at, created_at, updated_at)
+                  lease_token, worker_id, started_at, created_at, updated_at, parent_id, parent_step, detached)
 VALUES (:id, :workflow_name, :version, 'running', :input, :idempotency_key, :now + :lease,
-        COALESCE(:deadline_at, :now + :deadline_delay), :lease_token, :worker_id, :now, :now, :now)
+        COALESCE(:deadline_at, :now + :deadline_delay), :lease_token, :worker_id, :now, :now, :now,
+        :parent_id, :parent_step, :detached)
 ON CONFLICT DO NOTHING
 RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action
 
@@ -44,7 +45,7 @@ SELECT id FROM runs WHERE idempotency_key = :idempotency_key OR id = :id
 -- from a table it has no statistics of.
 SELECT id, status = 'running' AS lease_expired, started_at IS NULL AS first_claim
 FROM runs INDEXED BY runs_claimable
-WHERE status IN ('pending', 'running', 'sleeping')
+WHERE status IN ('pending', 'running', 'sleeping', 'waiting')
   AND available_at <= :now
   AND (workflow_name, version) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
@@ -68,7 +69,7 @@ RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, 
 -- When the next claimable run of these workflows is due: the first match along the claim index.
 SELECT available_at
 FROM runs INDEXED BY runs_claimable
-WHERE status IN ('pending', 'running', 'sleeping')
+WHERE status IN ('pending', 'running', 'sleeping', 'waiting')
   AND (workflow_name, version) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
 ORDER BY available_at
@@ -97,7 +98,7 @@ WHERE (id, lease_token) IN (
 -- get_run --
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action
+       requested_action, parent_id, parent_step, detached
 FROM runs WHERE id = :run_id
 
 -- load_steps --
@@ -117,12 +118,30 @@ SET status = 'completed', output = excluded.output, error = NULL, attempts = s.a
 RETURNING 1
 
 -- park_run --
--- Sleep: the run leaves its worker (no slot, no lease) until its wake time.
+-- The run leaves its worker (no slot, no lease) until a wait is satisfied: the backend works out the status
+-- ('sleeping', 'waiting' on children, or 'pending' when a child it waits for finished already) and the time
+-- it is due. The write lock orders this against a child's finishing transaction, whose trigger wakes a
+-- waiting parent.
 UPDATE runs
-SET status = 'sleeping', available_at = COALESCE(:wake_at, :now + :duration),
-    lease_token = NULL, worker_id = NULL, updated_at = :now
+SET status = :status, available_at = :available_at, lease_token = NULL, worker_id = NULL, updated_at = :now
 WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
 RETURNING available_at
+
+-- children_finished --
+SELECT id FROM runs
+WHERE id IN (SELECT value FROM json_each(:children)) AND status IN ('completed', 'failed', 'canceled')
+
+-- owns_run --
+-- A claim's fence for a write of several statements (the write lock keeps it true until the commit).
+SELECT 1 FROM runs WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+
+-- record_child_step --
+INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, finished_at)
+VALUES (:run_id, :name, 'child', 'completed', :output, 1, :started_at, :now)
+ON CONFLICT (run_id, name) DO NOTHING
+
+-- load_children --
+SELECT id, status, output, error FROM runs WHERE parent_id = :run_id
 
 -- record_sleep --
 -- Runs in the same transaction as park_run, after it has checked the lease.
@@ -211,11 +230,12 @@ RETURNING name
 -- id (hex digits and dashes): a plain range the primary key serves, where "IS NULL OR" would scan.
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action
+       requested_action, parent_id, parent_step, detached
 FROM runs
 WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
   AND id < COALESCE(:before_id, 'g')
+  AND (:parent_id IS NULL OR parent_id = :parent_id)
   AND (:created_after IS NULL OR created_at >= :created_after)
   AND (:created_before IS NULL OR created_at < :created_before)
 ORDER BY id DESC
@@ -231,16 +251,18 @@ SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
     lease_token = CASE WHEN status = 'running' THEN lease_token END,
     worker_id = CASE WHEN status = 'running' THEN worker_id END,
     updated_at = :now
-WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'paused')
+WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
 RETURNING status
 
 -- pause_run --
--- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary.
+-- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary. A
+-- waiting run is due at once when resumed: it replays and waits again for what has not happened yet.
 UPDATE runs
 SET status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
     requested_action = CASE WHEN status = 'running' THEN 'pause' END,
+    available_at = CASE WHEN status = 'waiting' THEN :now ELSE available_at END,
     updated_at = :now
-WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping')
+WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'waiting')
   AND requested_action IS NOT 'cancel'
 RETURNING status
 

@@ -8,11 +8,15 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ...limits import READABLE_TIMES
 from ...status import RunStatus, StepStatus
 from ..base import ClaimedRun, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_EARLIEST, _LATEST = READABLE_TIMES
+_EARLIEST_MICROS = (_EARLIEST - _EPOCH) // _MICROSECOND
+_LATEST_MICROS = (_LATEST - _EPOCH) // _MICROSECOND
 
 
 def micros(moment: datetime | None) -> int | None:
@@ -25,7 +29,11 @@ def duration_micros(duration: timedelta | None) -> int | None:
 
 
 def moment(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    """A stored time as a datetime. One out of datetime's range (stored before run() refused such times)
+    reads as the nearest end of `limits.READABLE_TIMES`: one bad row must not fail every listing."""
+    if _EARLIEST_MICROS <= value <= _LATEST_MICROS:
+        return _EPOCH + timedelta(microseconds=value)
+    return _EARLIEST if value < _EARLIEST_MICROS else _LATEST
 
 
 def optional_moment(value: int | None) -> datetime | None:
@@ -79,6 +87,9 @@ def run_record(row: sqlite3.Row, steps: Sequence[StepRecord]) -> RunRecord:
         updated_at=moment(row["updated_at"]),
         steps=tuple(steps),
         requested_action=row["requested_action"],
+        parent_id=row["parent_id"],
+        parent_step=row["parent_step"],
+        detached=bool(row["detached"]),
     )
 
 

@@ -1,0 +1,78 @@
+"""psycopg loaders of our own: timestamptz values read back clamped instead of failing.
+
+PostgreSQL stores times up to the year 294276, and `infinity`; a Python datetime ends at 9999. psycopg
+raises DataError ("timestamp too large") for a value beyond, and that one row then fails every query
+that reads it: every listing, for every user, even after its run is canceled. `run()` and `step.sleep`
+now refuse such times (see `limits`), but a database may already hold one, so reading clamps: a time
+outside `limits.READABLE_TIMES` reads as the nearest end, as the SQLite backend does.
+
+The loaders wrap psycopg's own (the C ones with psycopg[binary]), so a normal time costs one Python call
+more and nothing else.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import AdaptersMap, Loader
+from psycopg.pq import Format
+
+from ...limits import READABLE_TIMES
+
+_EARLIEST, _LATEST = READABLE_TIMES
+
+
+def register_loaders(adapters: AdaptersMap) -> None:
+    """Make `adapters` (a connection's, usually) read timestamptz values clamped."""
+    for loader in _LOADERS:
+        adapters.register_loader("timestamptz", loader)
+
+
+async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's `configure` callback: every new connection gets the loaders."""
+    register_loaders(conn.adapters)
+
+
+class _ClampedTimestamptzLoader(Loader):
+    """psycopg's timestamptz loader, with out-of-range values clamped instead of raised."""
+
+    wrapped: type[Loader]
+
+    def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+        super().__init__(oid, context)
+        self._wrapped = self.wrapped(oid, context)
+
+    def load(self, data: Buffer) -> datetime:
+        try:
+            moment: datetime = self._wrapped.load(data)
+        except psycopg.DataError:  # before the year 1 or after 9999 (infinity included)
+            return _EARLIEST if self._before_year_one(bytes(data)) else _LATEST
+        return _EARLIEST if moment < _EARLIEST else _LATEST if moment > _LATEST else moment
+
+    @staticmethod
+    def _before_year_one(data: bytes) -> bool:
+        raise NotImplementedError
+
+
+class _ClampedTimestamptzTextLoader(_ClampedTimestamptzLoader):
+    format = Format.TEXT
+    wrapped = psycopg.adapters.get_loader(psycopg.adapters.types["timestamptz"].oid, Format.TEXT) or Loader
+
+    @staticmethod
+    def _before_year_one(data: bytes) -> bool:
+        return data.startswith(b"-") or data.rstrip().endswith(b"BC")  # -infinity, or "... BC"
+
+
+class _ClampedTimestamptzBinaryLoader(_ClampedTimestamptzLoader):
+    format = Format.BINARY
+    wrapped = psycopg.adapters.get_loader(psycopg.adapters.types["timestamptz"].oid, Format.BINARY) or Loader
+
+    @staticmethod
+    def _before_year_one(data: bytes) -> bool:
+        return int.from_bytes(data[:8], "big", signed=True) < 0  # microseconds from 2000-01-01
+
+
+_LOADERS = (_ClampedTimestamptzTextLoader, _ClampedTimestamptzBinaryLoader)
