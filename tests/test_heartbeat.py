@@ -60,15 +60,16 @@ def line_with(log: str, text: str) -> str:
     raise AssertionError(f"no line with {text!r} in the worker's log:\n{log}")
 
 
+@pytest.mark.parametrize("spin", [False, True], ids=["sleeping", "computing"])
 async def test_a_step_that_blocks_the_event_loop_past_the_lease_runs_exactly_once(
-    client: Any, start_worker: Any, tmp_path: Path
+    client: Any, start_worker: Any, tmp_path: Path, spin: bool
 ) -> None:
     # Given two workers on one database, both looking for runs,
     workers = {w.pid: w for w in (start_worker("first", lease_ms=LEASE_MS), start_worker("second", lease_ms=LEASE_MS))}
     await wait_until(lambda: _count_workers(client, 2), what="both workers to register")
 
     # when a step holds its worker's event loop for two and a half leases without awaiting,
-    handle = await client.run(BLOCKS, {"dir": str(tmp_path), "seconds": 2.5 * LEASE_MS / 1000})
+    handle = await client.run(BLOCKS, {"dir": str(tmp_path), "seconds": 2.5 * LEASE_MS / 1000, "spin": spin})
     result = await handle.result(timeout=30)
 
     # then the other worker never took it over: the step started once and the run completed where it began,

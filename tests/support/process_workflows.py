@@ -3,8 +3,8 @@
 Every step appends a line to `<dir>/audit.log` (with the pid that ran it), so a test can count how often
 each step really executed. Step "two" blocks until the file `<dir>/release` exists.
 
-`blocks_the_loop` has an async step that never awaits: it holds the worker's event loop for `seconds`, or
-until `<dir>/release` exists when no `seconds` are given.
+`blocks_the_loop` has an async step that never awaits: it holds the worker's event loop for `seconds`
+(sleeping, or computing when `spin` is true), or until `<dir>/release` exists when no `seconds` are given.
 """
 
 from __future__ import annotations
@@ -51,9 +51,13 @@ async def three_steps(input: Any, step: Any) -> dict[str, Any]:
     return {"two_ran_in": two, "finished_in": os.getpid()}
 
 
-async def hold_the_loop(directory: str, seconds: float | None) -> int:
+async def hold_the_loop(directory: str, seconds: float | None, spin: bool) -> int:
     audit(directory, "block-start")
-    if seconds is not None:
+    if seconds is not None and spin:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:  # CPU work holding the GIL, no await
+            pass
+    elif seconds is not None:
         time.sleep(seconds)  # no await: the event loop runs nothing else meanwhile
     else:
         while not (Path(directory) / "release").exists():
@@ -64,7 +68,9 @@ async def hold_the_loop(directory: str, seconds: float | None) -> int:
 
 @workflow(version="1")
 async def blocks_the_loop(input: Any, step: Any) -> dict[str, Any]:
-    blocked_in = await step.define("block", hold_the_loop).run(input["dir"], input.get("seconds"))
+    blocked_in = await step.define("block", hold_the_loop).run(
+        input["dir"], input.get("seconds"), input.get("spin", False)
+    )
     return {"blocked_in": blocked_in, "finished_in": os.getpid()}
 
 
