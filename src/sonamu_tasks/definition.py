@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from .errors import InvalidInput, WorkflowDefinitionError
+from . import limits, serde
+from .errors import InvalidInput, InvalidName, SerializationError, WorkflowDefinitionError
 from .retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from .schedule import Schedule
 
@@ -40,8 +42,8 @@ class WorkflowDefinition(Generic[P, R]):
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.fn = fn
-        self.name = name
-        self.version = version
+        self.name = _checked(limits.check_workflow_name, name)
+        self.version = _checked(limits.check_version, version)
         self.schema = schema
         self.schedules = tuple(_schedule(item, name) for item in schedules)
         self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
@@ -84,7 +86,7 @@ def workflow(
     name: str | None = None,
     schema: Any = None,
     schedules: Iterable[Any] = (),
-    retry_policy: RetryPolicy | None = None,
+    retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
 ) -> WorkflowDefinition[P, R]: ...
 
 
@@ -96,7 +98,7 @@ def workflow(
     name: str | None = None,
     schema: Any = None,
     schedules: Iterable[Any] = (),
-    retry_policy: RetryPolicy | None = None,
+    retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]: ...
 
 
@@ -107,7 +109,7 @@ def workflow(
     name: str | None = None,
     schema: Any = None,
     schedules: Iterable[Any] = (),
-    retry_policy: RetryPolicy | None = None,
+    retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
 ) -> WorkflowDefinition[P, R] | Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]:
     """Declare a workflow: `@workflow(version="1")` above an `async def`, or `workflow(fn, version="1")`."""
     if version is None or (isinstance(version, str) and not version.strip()):
@@ -116,10 +118,9 @@ def workflow(
             f'workflow{target} needs a version: write @workflow(version="1") '
             "(runs remember the version they started with)"
         )
-    if not isinstance(version, str | int):
+    if not isinstance(version, str | int) or isinstance(version, bool):
         raise WorkflowDefinitionError(f"workflow version must be a string, got {type(version).__name__}")
-    if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
-        raise WorkflowDefinitionError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
+    policy = _retry_policy(retry_policy)
 
     def decorate(function: Callable[P, Awaitable[R]]) -> WorkflowDefinition[P, R]:
         if not inspect.iscoroutinefunction(function):
@@ -132,7 +133,7 @@ def workflow(
             version=str(version),
             schema=schema,
             schedules=schedules,
-            retry_policy=retry_policy,
+            retry_policy=policy,
         )
 
     return decorate if fn is None else decorate(fn)
@@ -168,16 +169,61 @@ def _injected_parameters(fn: Callable[..., Any], workflow_name: str) -> tuple[st
     return tuple(names)
 
 
+def _checked(check: Callable[[object], str], value: object) -> str:
+    try:
+        return check(value)
+    except InvalidName as error:
+        raise WorkflowDefinitionError(str(error)) from error
+
+
+def _retry_policy(policy: RetryPolicy | Mapping[str, Any] | None) -> RetryPolicy | None:
+    """A RetryPolicy, or the seed's plain-dict form (`{"max_attempts": 3, "initial_interval_ms": 500}`)."""
+    if policy is None or isinstance(policy, RetryPolicy):
+        return policy
+    if not isinstance(policy, Mapping):
+        raise WorkflowDefinitionError(
+            f"retry_policy must be a RetryPolicy or a dict of its fields, got {type(policy).__name__}"
+        )
+    fields = {field.name for field in dataclasses.fields(RetryPolicy)}
+    unknown = sorted(str(key) for key in policy if key not in fields)
+    if unknown:
+        raise WorkflowDefinitionError(
+            f"retry_policy has unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"the fields are {', '.join(sorted(fields))}"
+        )
+    try:
+        return RetryPolicy(**policy)
+    except (TypeError, ValueError) as error:
+        raise WorkflowDefinitionError(f"retry_policy: {error}") from error
+
+
 def _schedule(item: Schedule | Mapping[str, Any] | str, workflow_name: str) -> Schedule:
     if isinstance(item, Schedule):
-        return item
-    if isinstance(item, str):
-        return Schedule(item)
-    if isinstance(item, Mapping):
-        return Schedule(**item)  # the seed's {"expression", "name", "input"} form
-    raise WorkflowDefinitionError(
-        f"workflow {workflow_name!r}: a schedule must be a Schedule, a dict or a cron string, got {item!r}"
-    )
+        schedule = item
+    elif isinstance(item, str):
+        schedule = Schedule(item)
+    elif isinstance(item, Mapping):
+        try:
+            schedule = Schedule(**item)  # the seed's {"expression", "name", "input"} form
+        except TypeError as error:
+            raise WorkflowDefinitionError(f"workflow {workflow_name!r}: schedule {dict(item)!r}: {error}") from error
+    else:
+        raise WorkflowDefinitionError(
+            f"workflow {workflow_name!r}: a schedule must be a Schedule, a dict or a cron string, got {item!r}"
+        )
+    name = schedule.name_for(workflow_name)
+    if schedule.name is None and len(name) > limits.MAX_NAME_LENGTH:
+        raise WorkflowDefinitionError(
+            f"workflow {workflow_name!r}: the default name of schedule {schedule.expression!r} "
+            f"({len(name)} characters) is longer than {limits.MAX_NAME_LENGTH}; give it a shorter name= "
+        )
+    _checked(limits.check_schedule_name, name)
+    if not callable(schedule.input):  # a static input is stored at start-up: refuse a bad one now
+        try:
+            serde.dumps(schedule.input, what=f"the input of schedule {name!r}")
+        except SerializationError as error:
+            raise WorkflowDefinitionError(f"workflow {workflow_name!r}: {error}") from error
+    return schedule
 
 
 def _validator(schema: Any) -> Callable[[Any], Any]:

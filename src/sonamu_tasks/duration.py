@@ -1,12 +1,16 @@
-"""Durations: the seed's DurationString (`"5s"`, `"30m"`, `"1w"`), a timedelta, or seconds."""
+"""Durations: the seed's DurationString (`"5s"`, `"30m"`, `"1w"`), a timedelta, or seconds.
+
+Every duration is between 0 and 100 years (`limits.MAX_DURATION`): anything longer is surely a mistake,
+and a time that far ahead could not be stored and read back on every backend.
+"""
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import timedelta
 
-from .errors import InvalidDuration
+from .errors import UnusableDuration
+from .limits import check_seconds, shown
 
 Duration = str | timedelta | int | float
 """What every `duration` argument accepts."""
@@ -20,27 +24,33 @@ _UNIT_SECONDS = {
     "w": 604_800,
     "y": 31_536_000,  # 365 days: calendar years are not a fixed length, and durations must be
 }
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y)\s*$")
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y)\s*$", re.ASCII)
+_LONGEST_TEXT = 64  # a DurationString is a few characters; do not run the pattern over a megabyte
 
 
 def parse_duration(value: Duration, *, what: str = "duration") -> timedelta:
-    """Return `value` as a non-negative timedelta, or raise InvalidDuration naming `what`."""
+    """Return `value` as a timedelta from 0 to 100 years, or raise InvalidDuration naming `what` (never
+    OverflowError, whatever the number)."""
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, bool):
-        raise InvalidDuration(f"{what}: expected a duration, got a bool")
+        raise UnusableDuration(f"{what}: expected a duration, got a bool", field=what)
     elif isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond float's range
+            seconds = float("inf")
     elif isinstance(value, str):
-        match = _PATTERN.match(value)
+        match = _PATTERN.match(value) if len(value) <= _LONGEST_TEXT else None
         if match is None:
-            raise InvalidDuration(
-                f"{what}: {value!r} is not a duration; write a number and a unit among "
-                f"{', '.join(_UNIT_SECONDS)} (e.g. '500ms', '30m', '7d')"
+            raise UnusableDuration(
+                f"{what}: {shown(value)} is not a duration; write a number and a unit among "
+                f"{', '.join(_UNIT_SECONDS)} (e.g. '500ms', '30m', '7d')",
+                field=what,
             )
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
-        raise InvalidDuration(f"{what}: expected a DurationString, timedelta or seconds, got {type(value).__name__}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidDuration(f"{what}: {value!r} must be a finite, non-negative duration")
-    return timedelta(seconds=seconds)
+        raise UnusableDuration(
+            f"{what}: expected a DurationString, timedelta or seconds, got {type(value).__name__}", field=what
+        )
+    return timedelta(seconds=check_seconds(seconds, what=what, given=value))

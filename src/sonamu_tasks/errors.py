@@ -102,3 +102,25 @@ class ResultTimeout(SonamuTasksError, TimeoutError):
         self.run_id = run_id
         self.status = status
         super().__init__(f"run {run_id} did not finish within {timeout:g}s (it is {status}; it goes on)")
+
+
+class InvalidValue(NonRetryableError, ValueError):
+    """A name, key, time or duration outside the documented limits (see `sonamu_tasks.limits`).
+
+    Raised before anything is stored. Inside a workflow it fails the run at once: the same code would give
+    the same value again, so a retry cannot help. `field` names what was refused ("step name", "start_at").
+    """
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class InvalidName(InvalidValue):
+    """A workflow, step, schedule or queue name, a version, an idempotency key or a topic that is blank,
+    too long, or holds characters that cannot be stored (control characters, NUL, lone surrogates)."""
+
+
+class UnusableDuration(InvalidDuration, InvalidValue):
+    """What `parse_duration` raises: an InvalidDuration that is also an InvalidValue, so a workflow that
+    sleeps for an impossible duration fails at once instead of being retried."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import NonRetryableError
+from .limits import MAX_DURATION
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,17 @@ class RetryPolicy:
     should_retry: Callable[[BaseException, int], RetryDecision] | None = None
 
     def __post_init__(self) -> None:
+        # Checked here, not when a run first fails: a wrong policy is a definition error.
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise TypeError(f"RetryPolicy.max_attempts must be an int, got {self.max_attempts!r}")
         if self.max_attempts < 1:
             raise ValueError(f"RetryPolicy.max_attempts must be at least 1, got {self.max_attempts}")
-        if self.initial_interval_ms < 0:
-            raise ValueError(f"RetryPolicy.initial_interval_ms must be >= 0, got {self.initial_interval_ms}")
-        if self.backoff_coefficient < 1:
-            raise ValueError(f"RetryPolicy.backoff_coefficient must be >= 1, got {self.backoff_coefficient}")
-        if self.maximum_interval_ms is not None and self.maximum_interval_ms < 0:
-            raise ValueError(f"RetryPolicy.maximum_interval_ms must be >= 0, got {self.maximum_interval_ms}")
+        _check_number("initial_interval_ms", self.initial_interval_ms, at_least=0)
+        _check_number("backoff_coefficient", self.backoff_coefficient, at_least=1)
+        if self.maximum_interval_ms is not None:
+            _check_number("maximum_interval_ms", self.maximum_interval_ms, at_least=0)
+        if self.should_retry is not None and not callable(self.should_retry):
+            raise TypeError(f"RetryPolicy.should_retry must be callable, got {type(self.should_retry).__name__}")
 
     def decide(self, error: BaseException, attempt: int) -> RetryDecision:
         if isinstance(error, NonRetryableError) or attempt >= self.max_attempts:
@@ -49,12 +54,35 @@ class RetryPolicy:
                 return RetryDecision(decision, self._backoff(attempt))
             if not isinstance(decision, RetryDecision):
                 raise TypeError(f"should_retry must return a RetryDecision, got {type(decision).__name__}")
-            return RetryDecision(decision.should_retry, max(0.0, float(decision.delay_ms)))
+            return RetryDecision(decision.should_retry, _capped(decision.delay_ms))
         return RetryDecision(should_retry=True, delay_ms=self._backoff(attempt))
 
     def _backoff(self, attempt: int) -> float:
-        delay = self.initial_interval_ms * self.backoff_coefficient ** (attempt - 1)
-        return delay if self.maximum_interval_ms is None else min(delay, self.maximum_interval_ms)
+        try:
+            delay = float(self.initial_interval_ms) * float(self.backoff_coefficient) ** (attempt - 1)
+        except OverflowError:  # a coefficient of 10 at attempt 400: longer than any cap
+            delay = math.inf
+        return _capped(delay if self.maximum_interval_ms is None else min(delay, self.maximum_interval_ms))
+
+
+_LONGEST_DELAY_MS = MAX_DURATION.total_seconds() * 1000
+
+
+def _capped(delay_ms: float) -> float:
+    """A delay from 0 to the longest duration (100 years): a delay beyond could not be stored as a time,
+    and NaN (from a dynamic policy) is no delay at all."""
+    try:
+        delay = float(delay_ms)
+    except OverflowError:  # an int beyond float's range
+        return _LONGEST_DELAY_MS
+    return 0.0 if math.isnan(delay) or delay < 0 else min(delay, _LONGEST_DELAY_MS)
+
+
+def _check_number(field: str, value: object, *, at_least: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"RetryPolicy.{field} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < at_least:
+        raise ValueError(f"RetryPolicy.{field} must be a finite number >= {at_least:g}, got {value}")
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import serde
+from . import limits, serde
 from .backends.base import NewRun
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
@@ -80,12 +80,18 @@ def prepare_run(
 ) -> NewRun:
     """Validate and serialize; raise (InvalidInput, SerializationError, ValueError ...) before anything is
     stored. `what` names the input in errors (default: "the input of workflow NAME")."""
-    if definition is not None:
-        definition.validate_input(input)  # refuse a bad input now; the worker builds the value itself
+    # Names, key and times first: a value the database cannot hold is refused here, by name, instead of
+    # failing inside the database where it looks like an outage (see limits).
+    limits.check_workflow_name(name)
+    limits.check_version(version)
+    if options.idempotency_key is not None:
+        limits.check_idempotency_key(options.idempotency_key)
     start_at, deadline = options.start_at, options.deadline
     for moment, field in ((start_at, "start_at"), (deadline, "deadline")):
-        if isinstance(moment, datetime) and moment.tzinfo is None:
-            raise ValueError(f"{field} must be a timezone-aware datetime, got {moment!r}")
+        if isinstance(moment, datetime):
+            limits.check_time(moment, field=field)
+    if definition is not None:
+        definition.validate_input(input)  # refuse a bad input now; the worker builds the value itself
     return NewRun(
         id=run_id or new_run_id(),
         workflow_name=name,

@@ -15,9 +15,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
-from .errors import ConfigError, WorkflowDefinitionError
+from .errors import ConfigError, InvalidName, WorkflowDefinitionError
+from .limits import MAX_NAME_LENGTH, check_schedule_name, shown
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,12 @@ class Schedule:
     input: Any = None
 
     def __post_init__(self) -> None:
-        fields = self.expression.split()
-        if len(fields) not in (5, 6) or not croniter.is_valid(self.expression, second_at_beginning=len(fields) == 6):
-            raise WorkflowDefinitionError(
-                f"schedule {self.name or self.expression!r}: {self.expression!r} is not a cron expression; "
-                "write 5 fields (minute hour day month weekday) or 6 with leading seconds"
-            )
+        if self.name is not None:
+            try:
+                check_schedule_name(self.name)
+            except InvalidName as error:
+                raise WorkflowDefinitionError(str(error)) from error
+        _check_expression(self.expression, self.name)
 
     def name_for(self, workflow_name: str) -> str:
         return self.name or f"{workflow_name}[{self.expression}]"
@@ -47,6 +48,41 @@ class Schedule:
         if callable(value):
             value = value()
         return value
+
+
+def _check_expression(expression: object, name: str | None) -> None:
+    """Refuse at definition what would otherwise stop the scheduler at start-up: a string that is not a
+    5- or 6-field cron expression, and one that never fires (`0 0 31 2 *`: February has no 31st)."""
+    label = f"schedule {shown(name or expression)}"
+    if not isinstance(expression, str):
+        raise WorkflowDefinitionError(f"{label}: the cron expression must be a string, got {type(expression).__name__}")
+    if len(expression) > MAX_NAME_LENGTH:
+        raise WorkflowDefinitionError(
+            f"{label}: the cron expression is {len(expression):,} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
+    fields = expression.split()
+    six = len(fields) == 6
+    try:
+        valid = len(fields) in (5, 6) and expression.isascii()
+        valid = valid and croniter.is_valid(expression, second_at_beginning=six)
+    except Exception:  # croniter raises a few things of its own on odd input: all mean "not valid"
+        valid = False
+    if not valid:
+        raise WorkflowDefinitionError(
+            f"{label}: {shown(expression)} is not a cron expression; "
+            "write 5 fields (minute hour day month weekday) or 6 with leading seconds"
+        )
+    try:
+        # croniter searches a bounded number of years for a match: one that never fires fails here.
+        cron = croniter(expression, datetime.now(UTC).replace(tzinfo=None), second_at_beginning=six)
+        cron.get_next(datetime)
+    except CroniterBadDateError as error:
+        raise WorkflowDefinitionError(
+            f"{label}: {expression!r} never fires: no date matches it (a day the month does not have, "
+            "like February 31st?)"
+        ) from error
+    except Exception as error:
+        raise WorkflowDefinitionError(f"{label}: {expression!r} cannot be evaluated: {error}") from error
 
 
 def zone(name: str) -> ZoneInfo:

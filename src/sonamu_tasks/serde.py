@@ -1,28 +1,47 @@
 """Values crossing a checkpoint are JSON. Never pickle: a stored value must be readable by any process.
 
-Accepted: dict (str keys), list, tuple, str, int, float (finite), bool, None, pydantic models and
-dataclasses (stored as their JSON form). A value comes back from a checkpoint as the same JSON, and where
-the producing function declares a return type, validated into that type (needs pydantic), so the first
-execution and every replay see the same value.
+Accepted: dict (str keys), list, tuple, str, int, float (finite), bool, None, pydantic models (dumped by
+alias, as their validation reads them) and dataclasses (stored as their JSON form). A value comes back
+from a checkpoint as the same JSON, and where the producing function declares a return type, validated
+into that type (needs pydantic), so the first execution and every replay see the same value.
+
+Refused the same way on both backends, with the JSON path of the culprit: strings (values or keys)
+holding NUL (PostgreSQL's jsonb cannot store it) or a lone surrogate (not Unicode text). A pair of
+surrogates in a Python str is stored as the one character it encodes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import traceback
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
 from .errors import SerializationError
+from .limits import (
+    MAX_ERROR_MESSAGE_LENGTH,
+    MAX_ERROR_TRACEBACK_LENGTH,
+    MAX_ERROR_TYPE_LENGTH,
+    has_unstorable_text,
+    shown,
+    storable_text,
+)
 
 
 def dumps(value: Any, *, what: str) -> str:
     """Encode `value` as JSON text, or raise SerializationError that names `what` (a step, an input...)."""
     try:
-        return json.dumps(value, default=_encode_object, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, default=_encode_object, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as error:
         raise SerializationError(f"{what} cannot be stored as JSON: {error}") from error
+    # json.dumps escapes everything outside ASCII, so NUL and surrogates show up only as \u escapes. Most
+    # values have neither text: two substring searches and done.
+    if "\\u0000" in text or "\\ud" in text:
+        _refuse_unstorable_escapes(text, what)
+    return text
 
 
 def loads(text: str | bytes | None) -> Any:
@@ -36,27 +55,88 @@ def decode(value: Any, annotation: Any) -> Any:
 
 
 def encode_error(error: BaseException, *, step: str | None = None) -> dict[str, Any]:
-    """The stored form of an error: type, message, traceback and the step that raised it."""
+    """The stored form of an error: type, message, traceback and the step that raised it.
+
+    Always storable, whatever the error holds: NUL and lone surrogates are replaced by their escapes and
+    each part is cut to its limit (`limits.MAX_ERROR_*`) with a marker saying so. An error that cannot
+    be recorded would otherwise fail its run's every attempt at the same place, forever."""
     stored: dict[str, Any] = {
-        "type": type(error).__qualname__,
-        "message": str(error),
-        "traceback": "".join(traceback.format_exception(error)),
+        "type": storable_text(type(error).__qualname__, MAX_ERROR_TYPE_LENGTH),
+        "message": storable_text(_message(error), MAX_ERROR_MESSAGE_LENGTH),
+        "traceback": storable_text(_traceback(error), MAX_ERROR_TRACEBACK_LENGTH, keep_end=True),
     }
     if step is not None:
         stored["step"] = step
     return stored
 
 
+def _message(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception as broken:  # a __str__ that raises must not stop the error from being recorded
+        return f"<the error's message could not be read: {type(broken).__name__}>"
+
+
+def _traceback(error: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(error))
+    except Exception as broken:
+        return f"<the traceback could not be formatted: {type(broken).__name__}>"
+
+
 def _encode_object(value: Any) -> Any:
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump) and not isinstance(value, type):
-        return model_dump(mode="json")
+        # By alias: the stored form is what the model's own validation reads back (a field declared
+        # `order_id: int = Field(alias="orderId")` is stored as "orderId").
+        return model_dump(mode="json", by_alias=True)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
     raise TypeError(
         f"a value of type {type(value).__name__} is not JSON "
         "(use dict, list, str, int, float, bool, None, a pydantic model or a dataclass)"
     )
+
+
+# An escaped backslash first, so `\\u0000` (a backslash, then the text "u0000") is never read as an
+# escape; then NUL, a surrogate pair (fine: one character beyond the BMP), or any other surrogate (lone).
+_ESCAPES = re.compile(r"\\\\|\\u0000|\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|\\ud[89a-f][0-9a-f]{2}")
+
+
+def _refuse_unstorable_escapes(text: str, what: str) -> None:
+    for match in _ESCAPES.finditer(text):
+        escape = match.group()
+        if escape == "\\u0000" or len(escape) == 6:
+            break
+    else:
+        return
+    # Rare: find where, for the message, from the decoded value.
+    found = next(_unstorable_strings(json.loads(text), "$"), None)
+    where = "a string" if found is None else found
+    raise SerializationError(
+        f"{what} cannot be stored: {where}, which no backend can store (PostgreSQL's jsonb refuses NUL, "
+        "and a lone surrogate is not Unicode text); remove or replace it"
+    )
+
+
+def _unstorable_strings(value: Any, path: str) -> Iterator[str]:
+    """Where and what, for every string in `value` holding NUL or a lone surrogate."""
+    if isinstance(value, str):
+        if has_unstorable_text(value):
+            yield f"the string at {path} {_describe(value)}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if has_unstorable_text(key):
+                yield f"a key at {path} {_describe(key)}"
+            yield from _unstorable_strings(item, f"{path}[{json.dumps(key if len(key) <= 40 else key[:40] + '...')}]")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _unstorable_strings(item, f"{path}[{index}]")
+
+
+def _describe(text: str) -> str:
+    what = "NUL (\\u0000)" if "\x00" in text else "a lone surrogate"
+    return f"({shown(text)}) holds {what}"
 
 
 _PLAIN = (dict, list, str, int, float, bool, type(None))

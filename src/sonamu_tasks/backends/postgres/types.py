@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import abc
 from psycopg.abc import AdaptContext, Buffer
 from psycopg.adapt import AdaptersMap, Loader
 from psycopg.pq import Format
@@ -36,10 +37,18 @@ async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     register_loaders(conn.adapters)
 
 
+def _psycopg_loader(format: Format) -> type[abc.Loader]:
+    """psycopg's own timestamptz loader (before ours: these are read from the global map, never changed)."""
+    loader = psycopg.adapters.get_loader(psycopg.adapters.types["timestamptz"].oid, format)
+    if loader is None:  # pragma: no cover - psycopg always has one
+        raise RuntimeError("psycopg has no timestamptz loader")
+    return loader
+
+
 class _ClampedTimestamptzLoader(Loader):
     """psycopg's timestamptz loader, with out-of-range values clamped instead of raised."""
 
-    wrapped: type[Loader]
+    wrapped: type[abc.Loader]
 
     def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
         super().__init__(oid, context)
@@ -59,7 +68,7 @@ class _ClampedTimestamptzLoader(Loader):
 
 class _ClampedTimestamptzTextLoader(_ClampedTimestamptzLoader):
     format = Format.TEXT
-    wrapped = psycopg.adapters.get_loader(psycopg.adapters.types["timestamptz"].oid, Format.TEXT) or Loader
+    wrapped = _psycopg_loader(Format.TEXT)
 
     @staticmethod
     def _before_year_one(data: bytes) -> bool:
@@ -68,7 +77,7 @@ class _ClampedTimestamptzTextLoader(_ClampedTimestamptzLoader):
 
 class _ClampedTimestamptzBinaryLoader(_ClampedTimestamptzLoader):
     format = Format.BINARY
-    wrapped = psycopg.adapters.get_loader(psycopg.adapters.types["timestamptz"].oid, Format.BINARY) or Loader
+    wrapped = _psycopg_loader(Format.BINARY)
 
     @staticmethod
     def _before_year_one(data: bytes) -> bool:
