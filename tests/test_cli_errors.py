@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def python_m(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def python_m(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """The command as `python -m sonamu_tasks`, with this interpreter: no PATH lookup."""
     return subprocess.run(
-        [sys.executable, "-m", "sonamu_tasks", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sonamu_tasks", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
 
 
@@ -27,3 +31,57 @@ def test_python_m_sonamu_tasks_refuses_a_bad_argument() -> None:
     refused = python_m("--no-such-option")
     assert refused.returncode == 2
     assert "No such option" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path) -> dict[str, str]:
+    """A migrated SQLite database of its own, so that no migration log joins an error on stderr."""
+    env = {**os.environ, "SONAMU_TASKS_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
+    env.pop("SONAMU_TASKS_CONFIG", None)
+    migrated = python_m("migrate", env=env, cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    return env
+
+
+BAD_ARGUMENTS = [
+    (["show", "junk"], "is not a run id"),
+    (["show", "--", "-" * 36], "is not a run id"),
+    (["cancel", "0190b7e2-5c3a-7d1e-8f00-zzzzzzzzzzzz"], "is not a run id"),
+    (["runs", "--cursor", "junk"], "is not a run id"),
+    (["runs", "--limit", "0"], "--limit"),
+    (["runs", "--limit", "1001"], "--limit"),
+    (["runs", "--limit", "abc"], "--limit"),
+    (["runs", "--status", "finished"], "--status"),
+    (["runs", "--since", "last tuesday"], "--since"),
+    (["run", "confirm_order", "--start-at", "2026-01-31T09:00:00"], "has no timezone"),
+    (["run", "confirm_order", "--start-at", "10 minutes"], "is neither a duration"),
+    (["run", "confirm_order", "--deadline", "soon"], "is neither a duration"),
+    (["run", "confirm_order", "--input", "{order_id: 7}"], "not valid JSON"),
+    (["run", "confirm_order", "--wait", "--timeout", "-1"], "--timeout"),
+    (["dashboard", "--port", "0"], "--port"),
+    (["show"], "Missing argument"),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_is_one_line_and_exit_2(
+    sqlite_env: dict[str, str], tmp_path: Path, args: list[str], says: str
+) -> None:
+    done = python_m(*args, env=sqlite_env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert_one_error_line(done, says)
+
+
+def test_a_run_that_does_not_exist_is_one_line_and_exit_1(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    for command in ("show", "cancel", "pause", "resume", "retry"):
+        done = python_m(command, "0190B7E2-5C3A-7D1E-8F00-1234567890AB", env=sqlite_env, cwd=tmp_path)
+        assert done.returncode == 1, (command, done.stderr)
+        assert_one_error_line(done, "no run with id 0190b7e2-5c3a-7d1e-8f00-1234567890ab")
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess[str], says: str) -> None:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    assert says in lines[0], done.stderr
+    assert done.stdout == ""

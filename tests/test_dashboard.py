@@ -66,8 +66,8 @@ async def fragile(step: Any) -> str:
 
 @pytest.fixture
 async def dashboard_url(make_config: Any) -> AsyncIterator[tuple[str, Dashboard]]:
-    app = Dashboard(make_config(enable_worker=False))
     port = free_port()
+    app = Dashboard(make_config(enable_worker=False), port=port)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     await wait_until(lambda: server.started, what="the dashboard to listen")
@@ -125,23 +125,27 @@ async def test_dashboard_shows_runs_live_and_cancels_and_retries(manager_for: An
 
 
 async def test_a_token_is_required_when_set(make_config: Any) -> None:
-    app = Dashboard(make_config(enable_worker=False), token="s3cret")
     port = free_port()
+    app = Dashboard(make_config(enable_worker=False), token="s3cret", port=port)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     try:
         await wait_until(lambda: server.started, what="the dashboard to listen")
 
-        def fetch(path: str) -> int:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}") as response:
-                    return int(response.status)
-            except urllib.error.HTTPError as error:
-                return error.code
+        # A browser's way in: ?token= once, then the cookie it sets (urllib follows the redirect with it).
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
 
-        assert await asyncio.to_thread(fetch, "/") == 401
-        assert await asyncio.to_thread(fetch, "/?token=wrong") == 401
-        assert await asyncio.to_thread(fetch, "/?token=s3cret") == 200
+        def fetch(path: str) -> tuple[int, str]:
+            try:
+                with browser.open(f"http://127.0.0.1:{port}{path}") as response:
+                    return int(response.status), response.url
+            except urllib.error.HTTPError as error:
+                return error.code, ""
+
+        assert (await asyncio.to_thread(fetch, "/"))[0] == 401
+        assert (await asyncio.to_thread(fetch, "/?token=wrong"))[0] == 401
+        assert await asyncio.to_thread(fetch, "/?token=s3cret") == (200, f"http://127.0.0.1:{port}/")
+        assert (await asyncio.to_thread(fetch, "/workers"))[0] == 200  # the cookie, without the token
     finally:
         server.should_exit = True
         await task
