@@ -7,6 +7,7 @@ from .definition import WorkflowDefinition, workflow
 from .duration import Duration, parse_duration
 from .errors import (
     BackendUnavailable,
+    ChildWorkflowFailed,
     ConfigError,
     InvalidDuration,
     InvalidInput,
@@ -16,6 +17,7 @@ from .errors import (
     SerializationError,
     SonamuTasksError,
     StepNameConflict,
+    StorageError,
     WorkflowDefinitionError,
     WorkflowFailed,
     WorkflowNotRegistered,
@@ -25,11 +27,13 @@ from .manager import RunPage, WorkflowManager
 from .retry import RetryDecision, RetryPolicy
 from .schedule import Schedule
 from .status import RunStatus, StepStatus
-from .step import Step, StepWrapper
+from .step import ChildHandle, Step, StepWrapper
 from .sync_client import SyncClient, SyncRunHandle
 
 __all__ = [
     "BackendUnavailable",
+    "ChildHandle",
+    "ChildWorkflowFailed",
     "Config",
     "ConfigError",
     "Duration",
@@ -50,6 +54,7 @@ __all__ = [
     "StepNameConflict",
     "StepStatus",
     "StepWrapper",
+    "StorageError",
     "SyncClient",
     "SyncRunHandle",
     "TasksConfig",

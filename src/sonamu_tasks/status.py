@@ -7,6 +7,9 @@
     running     running     another worker claims it after the lease expired (a take-over)
     running     sleeping    step.sleep(): parked until its wake time, holds no slot
     sleeping    running     a worker claims it at its wake time
+    running     waiting     every branch waits and one waits for a child: parked, holds no slot
+    waiting     pending     a child it waits for finished (the child's transaction makes it due now)
+    waiting     running     a worker claims it at its earliest timeout
     running     pending     a failed attempt that will be retried, or a graceful shutdown release
     running     completed   the workflow function returned
     running     failed      the last attempt failed, or the error cannot be retried
@@ -25,6 +28,7 @@ class RunStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     SLEEPING = "sleeping"
+    WAITING = "waiting"
     PAUSED = "paused"
     COMPLETED = "completed"
     FAILED = "failed"

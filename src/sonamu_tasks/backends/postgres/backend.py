@@ -381,8 +381,8 @@ class PostgresBackend:
         async with self._pool.connection() as conn, conn.transaction():
             ready = False
             if children:
-                finished = await conn.execute(QUERIES["children_finished"], {"children": list(children)})
-                ready = bool(await finished.fetchall())
+                locked = await conn.execute(QUERIES["lock_children"], {"children": list(children)})
+                ready = any(RunStatus(status).finished for (status,) in await locked.fetchall())
             params = {
                 "run_id": run_id,
                 "lease_token": lease_token,

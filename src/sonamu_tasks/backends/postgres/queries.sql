@@ -103,12 +103,13 @@ SELECT name, kind, status, output, error, attempts, wake_at, started_at, finishe
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY started_at, name
 
--- children_finished --
--- Which of the children a parent is about to wait for have finished. FOR SHARE orders this against a
--- child's finishing transaction: either the child finished before (seen here: the parent does not wait),
--- or it finishes after the parent parked (its trigger then wakes the parent). No wake-up falls in between.
-SELECT id::text FROM runs
-WHERE id = ANY(%(children)s::uuid[]) AND status IN ('completed', 'failed', 'canceled')
+-- lock_children --
+-- The children a parent is about to wait for, locked (in id order, as the group commit locks runs) until the
+-- parent has parked: a child's finishing transaction waits for that, and its trigger then finds the parent
+-- waiting and wakes it. A child that finished before is seen here: the parent does not wait at all.
+SELECT status FROM runs
+WHERE id = ANY(%(children)s::uuid[])
+ORDER BY id
 FOR SHARE
 
 -- park_run --

@@ -1,0 +1,259 @@
+"""Concurrent steps, step.map and child workflows, on every backend (see BACKENDS)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sonamu_tasks import ChildWorkflowFailed, RetryPolicy, RunStatus, WorkflowFailed, workflow
+
+from .conftest import wait_until
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_interval_ms=50, backoff_coefficient=1)
+ONCE = RetryPolicy(max_attempts=1)
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def hit(self, name: str) -> int:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return self.counts[name]
+
+
+async def test_gathered_steps_are_each_stored_and_never_rerun_after_a_sleep(manager_for: Any) -> None:
+    """The issue's example: five steps under gather, then a durable sleep. Every step checkpointed, none re-run."""
+    calls = Calls()
+
+    async def work(i: int) -> int:
+        calls.hit(f"s{i}")
+        await asyncio.sleep(0.01 * (5 - i))  # finish in reverse order
+        return i * 10
+
+    @workflow(version="1")
+    async def par(step: Any) -> Any:
+        r = await asyncio.gather(*(step.define(f"s{i}", work).run(i) for i in range(5)))
+        await step.sleep("nap", "200ms")
+        return r
+
+    manager = await manager_for([par])
+    handle = await manager.run(par)
+    assert await handle.result(timeout=15) == [0, 10, 20, 30, 40]
+    assert calls.counts == {f"s{i}": 1 for i in range(5)}
+    run = await handle.info(with_steps=True)
+    assert sorted(s.name for s in run.steps) == ["nap", "s0", "s1", "s2", "s3", "s4"]
+
+
+async def test_a_failing_sibling_reruns_only_the_steps_that_had_not_completed(manager_for: Any) -> None:
+    calls = Calls()
+
+    async def ok(i: int) -> int:
+        calls.hit(f"ok{i}")
+        await asyncio.sleep(0.05)  # still in flight when the sibling raises
+        return i
+
+    async def flaky() -> str:
+        if calls.hit("flaky") == 1:
+            raise RuntimeError("first time fails")
+        return "fine"
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def par(step: Any) -> Any:
+        return await asyncio.gather(
+            *(step.define(f"ok{i}", ok).run(i) for i in range(4)), step.define("flaky", flaky).run()
+        )
+
+    manager = await manager_for([par])
+    handle = await manager.run(par)
+    assert await handle.result(timeout=15) == [0, 1, 2, 3, "fine"]
+    # The siblings in flight when "flaky" raised finished and were stored before the failure was recorded.
+    assert calls.counts == {"ok0": 1, "ok1": 1, "ok2": 1, "ok3": 1, "flaky": 2}
+    assert (await handle.info()).attempts == 1
+
+
+async def test_map_runs_one_step_per_item_in_order_within_its_concurrency(manager_for: Any) -> None:
+    running = 0
+    peak = 0
+    calls = Calls()
+
+    async def double(x: int) -> int:
+        nonlocal running, peak
+        calls.hit(str(x))
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return x * 2
+
+    @workflow(version="1")
+    async def mapper(input: Any, step: Any) -> Any:
+        doubled = await step.map("double", double, input, concurrency=3)
+        await step.sleep("nap", "100ms")
+        return doubled
+
+    manager = await manager_for([mapper])
+    handle = await manager.run(mapper, list(range(10)))
+    assert await handle.result(timeout=15) == [x * 2 for x in range(10)]
+    assert peak == 3
+    assert calls.counts == {str(x): 1 for x in range(10)}  # after the sleep's replay too
+    run = await handle.info(with_steps=True)
+    assert {s.name for s in run.steps} == {f"double[{i}]" for i in range(10)} | {"nap"}
+
+
+async def test_map_refuses_a_bad_concurrency(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=ONCE)
+    async def bad(step: Any) -> Any:
+        return await step.map("m", str, [1], concurrency=0)
+
+    manager = await manager_for([bad])
+    with pytest.raises(WorkflowFailed, match="concurrency must be a positive int"):
+        await (await manager.run(bad)).result(timeout=15)
+
+
+async def test_sleeps_in_concurrent_branches_park_the_run_once_and_each_is_kept(manager_for: Any) -> None:
+    calls = Calls()
+
+    async def mark(name: str) -> str:
+        calls.hit(name)
+        return name
+
+    @workflow(version="1")
+    async def branches(step: Any) -> Any:
+        async def branch(i: int, nap: str) -> str:
+            first = await step.define(f"before{i}", mark).run(f"b{i}")
+            await step.sleep(f"nap{i}", nap)
+            return first + await step.define(f"after{i}", mark).run(f"a{i}")
+
+        return await asyncio.gather(branch(0, "100ms"), branch(1, "300ms"))
+
+    manager = await manager_for([branches])
+    handle = await manager.run(branches)
+    assert await handle.result(timeout=15) == ["b0a0", "b1a1"]
+    assert calls.counts == {"b0": 1, "b1": 1, "a0": 1, "a1": 1}
+
+
+async def test_a_child_runs_once_and_the_parent_waits_without_a_slot(manager_for: Any) -> None:
+    calls = Calls()
+
+    async def bill(order: int) -> dict[str, Any]:
+        calls.hit(f"bill{order}")
+        return {"billed": order}
+
+    @workflow(version="1")
+    async def invoice(input: Any, step: Any) -> Any:
+        await step.sleep("settle", "100ms")  # the parent parks while the child sleeps too
+        return await step.define("bill", bill).run(input["order"])
+
+    @workflow(version="1")
+    async def parent(step: Any) -> Any:
+        child = await step.start_workflow("invoice", invoice, {"order": 7})
+        await step.sleep("nap", "50ms")  # a replay of the parent must not start the child again
+        receipt = await child.result()
+        again = await child.result()  # the same outcome, read once
+        return {"receipt": receipt, "again": again, "child": child.id}
+
+    # One slot: the child can only run if the waiting parent does not hold it.
+    manager = await manager_for([parent, invoice], concurrency=1)
+    handle = await manager.run(parent)
+    out = await handle.result(timeout=20)
+    assert out["receipt"] == out["again"] == {"billed": 7}
+    assert calls.counts == {"bill7": 1}
+    children = await manager.list_runs(parent_id=handle.id)
+    assert [c.id for c in children.items] == [out["child"]]
+    child = children.items[0]
+    assert child.parent_id == handle.id and child.status is RunStatus.COMPLETED and child.workflow_name == "invoice"
+    assert (await manager.get_run(handle.id)).parent_id is None
+
+
+async def test_run_workflow_by_spec_and_a_failed_child_is_caught_by_the_parent(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=ONCE)
+    async def breaks(input: Any) -> Any:
+        raise ValueError(f"cannot handle {input}")
+
+    @workflow(version="1")
+    async def parent(step: Any) -> Any:
+        try:
+            await step.run_workflow("try", {"name": "breaks", "version": "1"}, "x")
+        except ChildWorkflowFailed as error:
+            return {"caught": error.error["type"], "status": error.status, "message": error.error["message"]}
+        return "not raised"
+
+    manager = await manager_for([parent, breaks])
+    out = await (await manager.run(parent)).result(timeout=20)
+    assert out == {"caught": "ValueError", "status": "failed", "message": "cannot handle x"}
+
+
+async def test_an_uncaught_child_failure_fails_the_parent_without_retries(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=ONCE)
+    async def breaks() -> Any:
+        raise ValueError("boom")
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def parent(step: Any) -> Any:
+        return await step.run_workflow("kid", breaks)
+
+    manager = await manager_for([parent, breaks])
+    handle = await manager.run(parent)
+    with pytest.raises(WorkflowFailed, match="ChildWorkflowFailed"):
+        await handle.result(timeout=20)
+    assert (await handle.info()).attempts == 1
+
+
+async def test_canceling_a_parent_cancels_its_children_but_not_detached_ones(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def slow(step: Any) -> Any:
+        await step.sleep("long", "1h")
+
+    @workflow(version="1")
+    async def parent(step: Any) -> Any:
+        attached = await step.start_workflow("attached", slow)
+        await step.start_workflow("detached", slow, detached=True)
+        return await attached.result()
+
+    manager = await manager_for([parent, slow])
+    handle = await manager.run(parent)
+
+    async def children_asleep() -> Any:
+        page = await manager.list_runs(parent_id=handle.id)
+        return len(page.items) == 2 and all(c.status is RunStatus.SLEEPING for c in page.items) and page.items
+
+    await wait_until(children_asleep, what="both children sleeping")
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the parent waiting")
+    assert await handle.cancel() is RunStatus.CANCELED
+    by_step = {c.parent_step: c for c in (await manager.list_runs(parent_id=handle.id)).items}
+    assert by_step["attached"].status is RunStatus.CANCELED
+    assert by_step["attached"].error is not None and handle.id in by_step["attached"].error["message"]
+    assert by_step["detached"].status is RunStatus.SLEEPING and by_step["detached"].detached
+
+
+async def test_fan_out_of_a_thousand_children_in_one_statement(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def square(input: Any) -> Any:
+        return input * input
+
+    @workflow(version="1")
+    async def fan(step: Any) -> Any:
+        handles = await step.start_workflows("sq", square, list(range(1000)))
+        results = await asyncio.gather(*(h.result() for h in handles))
+        return sum(results)
+
+    manager = await manager_for([fan, square], concurrency=16)
+    handle = await manager.run(fan)
+    assert await handle.result(timeout=90) == sum(i * i for i in range(1000))
+    seen = 0
+    cursor = None
+    while True:
+        page = await manager.list_runs(parent_id=handle.id, limit=1000, cursor=cursor)
+        seen += len(page.items)
+        assert all(c.status is RunStatus.COMPLETED for c in page.items)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == 1000
+
+
+async def _status_is(handle: Any, status: RunStatus) -> bool:
+    return bool(await handle.status() is status)
