@@ -77,3 +77,27 @@ async def blocks_the_loop(input: Any, step: Any) -> dict[str, Any]:
 @workflow(version="1", schedules=[Schedule("* * * * * *", name="every-second")])
 async def ticker(input: Any) -> Any:
     return input
+
+
+def gather_step(directory: str, name: str) -> str:
+    audit(directory, f"{name}-start")
+    while name == "g3" and not (Path(directory) / "release").exists():
+        time.sleep(0.02)
+    audit(directory, f"{name}-done")
+    return name
+
+
+@workflow(version="1")
+async def audited_child(input: Any, step: Any) -> str:
+    return await step.define("child-run", gather_step).run(input["dir"], "child")  # type: ignore[no-any-return]
+
+
+@workflow(version="1")
+async def gather_and_child(input: Any, step: Any) -> dict[str, Any]:
+    """A child started first, then four steps at once (g3 blocks until released), then the child's result."""
+    import asyncio
+
+    directory = input["dir"]
+    child = await step.start_workflow("kid", audited_child, {"dir": directory})
+    names = await asyncio.gather(*(step.define(f"g{i}", gather_step).run(directory, f"g{i}") for i in range(4)))
+    return {"steps": names, "child": await child.result(), "finished_in": os.getpid()}

@@ -1,0 +1,49 @@
+"""Concurrent steps and child workflows when the worker running them is killed (kill -9, a real process)."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sonamu_tasks import RunStatus, StepStatus
+
+from .conftest import wait_until
+from .support.processes import audit_lines
+from .test_processes import client, start_worker  # noqa: F401 - fixtures
+
+WORKFLOW = {"name": "gather_and_child", "version": "1"}
+WORKFLOWS = "gather_and_child,audited_child"
+
+
+async def test_a_gather_whose_worker_is_killed_reruns_only_the_unfinished_step_and_starts_its_child_once(
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    first = start_worker("first", lease_ms=1000, workflows=WORKFLOWS)
+    handle = await client.run(WORKFLOW, {"dir": str(tmp_path)})
+
+    async def three_stored_and_g3_running() -> bool:
+        run = await handle.info(with_steps=True)
+        stored = {s.name for s in run.steps if s.status is StepStatus.COMPLETED}
+        started = {name for name, _ in audit_lines(tmp_path)}
+        return {"g0", "g1", "g2", "kid"} <= stored and "g3-start" in started
+
+    await wait_until(three_stored_and_g3_running, what="g0-g2 stored while g3 runs")
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    (tmp_path / "release").touch()
+    second = start_worker("second", lease_ms=1000, workflows=WORKFLOWS)
+
+    result = await handle.result(timeout=30)
+    assert result == {"steps": ["g0", "g1", "g2", "g3"], "child": "child", "finished_in": second.pid}
+    counts = Counter(name for name, _ in audit_lines(tmp_path))
+    assert counts["g0-start"] == counts["g1-start"] == counts["g2-start"] == 1
+    assert counts["g3-start"] == 2 and counts["g3-done"] == 1  # interrupted: ran again, finished once
+    assert counts["child-start"] == 1  # the child ran once, whichever worker took the parent
+    children = await client.list_runs(parent_id=handle.id)
+    assert len(children.items) == 1 and children.items[0].status is RunStatus.COMPLETED
+    run = await handle.info()
+    assert run.status is RunStatus.COMPLETED and run.recoveries == 1
