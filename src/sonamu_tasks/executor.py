@@ -26,7 +26,8 @@ from . import serde
 from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRun, LeaseLost, SleepWait, StepRecord
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
-from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict
+from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict, StorageError
+from .limits import storable_text
 from .log import RunLogger, current_step
 from .reconnect import until_available
 from .registry import Registry
@@ -238,10 +239,27 @@ class Attempt:
             stored["message"] = f"deadline exceeded before the next attempt; last error: {stored['message']}"
             decision = RetryDecision(should_retry=False)
         retry_delay = delay if decision.should_retry else None
-        await until_available(
-            lambda: self.backend.fail_attempt(run.id, run.lease_token, stored, step, retry_delay),
-            what="record failure",
-        )
+        try:
+            await until_available(
+                lambda: self.backend.fail_attempt(run.id, run.lease_token, stored, step, retry_delay),
+                what="record failure",
+            )
+        except StorageError as storage_error:
+            # The failure itself could not be stored (a step name the database refuses, say). It must still be
+            # recorded, or the run would sit 'running' until its lease expires and loop through take-overs:
+            # store a plain account of it, without the step record, under the same retry decision.
+            self.logger.error("recording the failure was refused (%s); recording a plain account of it", storage_error)
+            plain = {
+                "type": storable_text(str(stored["type"]), 200),
+                "message": storable_text(
+                    f"{stored['message']} (the full error could not be stored: {storage_error})", 8000
+                ),
+            }
+            step = None
+            await until_available(
+                lambda: self.backend.fail_attempt(run.id, run.lease_token, plain, None, retry_delay),
+                what="record failure",
+            )
         where = f" in step {step[0]!r}" if step else ""
         if retry_delay is not None:
             self.logger.warning(
@@ -515,6 +533,16 @@ class Attempt:
             await asyncio.gather(*list(self._sending))
 
     async def _write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        try:
+            await self._save(checkpoint)
+        except StorageError as error:
+            self._failed_step = (checkpoint.name, checkpoint.started_at, error)
+            raise StorageError(
+                f"the result of step {checkpoint.name!r} of workflow {self.definition.name!r} could not be stored: "
+                f"{error}"
+            ) from error
+
+    async def _save(self, checkpoint: Checkpoint) -> None:
         run = self.claimed
         await until_available(
             lambda: self.backend.save_step(
