@@ -9,8 +9,8 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from ..records import RunRecord, ScheduleRecord, WorkerRecord
 from ..display import duration_text, json_excerpt, preview
+from ..records import RunRecord, ScheduleRecord, WorkerRecord
 from ..status import RunStatus
 from .timeline import timeline_svg
 
