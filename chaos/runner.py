@@ -544,6 +544,12 @@ async def hostile_neighbours(ctx: Context, summary: Summary) -> None:
     summary.details.append(f"engine connections open at the end of the load: calm {held[0]}, hostile {held[1]}")
 
 
+async def composition(ctx: Context, summary: Summary) -> None:
+    from .composition import composition as scenario  # imports this module: loaded when the scenario runs
+
+    await scenario(ctx, summary)
+
+
 SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "worker_kills": worker_kills,
     "postgres_restart": postgres_restart,
@@ -553,6 +559,7 @@ SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "sleep_restart": sleep_restart,
     "bad_input": bad_input,
     "hostile_neighbours": hostile_neighbours,
+    "composition": composition,
 }
 
 

@@ -109,3 +109,37 @@ async def _nasty(input: Any, step: Any, context: Any) -> str:
 
 
 nasty = workflow(_nasty, version="1\"'", name=NASTY)
+
+
+# --- the composition scenario (chaos/composition.py) ------------------------------------------------------
+
+
+@workflow(version="1", retry_policy=RETRY)
+async def comp_child(input: Any, step: Any, context: Any) -> int:
+    """A child of comp_parent: two gathered steps, then a third; returns 3 * `value`. Its input names the
+    parent run and the parent's step (`parent`, `key`), so a second child doing the same job is visible."""
+    run_id, work_ms = context["run_id"], float(input.get("work_ms", 0))
+    await asyncio.gather(*(step.define(f"c{i}", work).run(run_id, f"c{i}", work_ms) for i in range(2)))
+    await step.define("c2", work).run(run_id, "c2", work_ms)
+    return 3 * int(input["value"])
+
+
+@workflow(version="1", retry_policy=RETRY)
+async def comp_parent(input: Any, step: Any, context: Any) -> int:
+    """Three steps gathered with a child started and awaited in the same gather (`inline`); one child by
+    start_workflow (`solo`) and `fan` by start_workflows (`fan[i]`), all awaited together; a last step.
+    Returns the sum of the children's outputs: 3 * (1 + 2 + sum(10 + i for i < fan))."""
+    run_id, work_ms, fan = context["run_id"], float(input.get("work_ms", 0)), int(input["fan"])
+
+    def kid(key: str, value: int) -> dict[str, Any]:
+        return {"parent": run_id, "key": key, "value": value, "work_ms": work_ms}
+
+    *_, inline = await asyncio.gather(
+        *(step.define(f"g{i}", work).run(run_id, f"g{i}", work_ms) for i in range(3)),
+        step.run_workflow("inline", comp_child, kid("inline", 1)),
+    )
+    solo = await step.start_workflow("solo", comp_child, kid("solo", 2))
+    fanned = await step.start_workflows("fan", comp_child, [kid(f"fan[{i}]", 10 + i) for i in range(fan)])
+    results = await asyncio.gather(solo.result(), *(child.result() for child in fanned))
+    await step.define("tail", work).run(run_id, "tail", work_ms)
+    return int(inline) + sum(int(r) for r in results)
