@@ -36,7 +36,7 @@ from .run_creation import RunOptions, child_run_id, prepare_run
 from .status import RunStatus, StepStatus
 from .step import StepWrapper
 
-logger = logging.getLogger("sonamu_tasks.executor")
+logger = logging.getLogger("sonamu_tasks.attempt")
 
 
 class Suspended(BaseException):

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from . import serde
+from .attempt import CANCELED_ERROR
 from .backends.base import Backend, RunQuery, RunRecord, ScheduleRecord, WorkerRecord
 from .backends.factory import backend_for
 from .config import Config, define_config
@@ -20,7 +21,6 @@ from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration
 from .errors import ResultTimeout, RunNotFound, SonamuTasksError, WorkflowFailed
-from .executor import CANCELED_ERROR
 from .handle import RunHandle
 from .reconnect import until_available
 from .registry import Registry

@@ -1,6 +1,6 @@
 """The `step` a workflow receives (the seed's StepWrapper): define / get / sleep / map, and child workflows.
 
-The checkpoint logic lives in `executor.Attempt`; this module is the user-facing surface.
+The checkpoint logic lives in `attempt.Attempt`; this module is the user-facing surface.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration
 
 if TYPE_CHECKING:
-    from .executor import Attempt
+    from .attempt import Attempt
 
 R = TypeVar("R")
 T = TypeVar("T")

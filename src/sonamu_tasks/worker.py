@@ -21,12 +21,12 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .attempt import Attempt
 from .backends.base import Backend, ClaimedRun, WorkerRecord
 from .backends.factory import another_like
 from .config import WorkerOptions
 from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
-from .executor import Attempt
 from .heartbeat import HeartbeatThread, Held
 from .reconnect import until_available
 from .registry import Registry

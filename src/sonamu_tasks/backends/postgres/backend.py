@@ -505,7 +505,7 @@ class PostgresBackend:
 
     async def _fenced(self, query: str, params: dict[str, Any]) -> tuple[Any, ...]:
         async with self._pool.connection() as conn:
-            row = await (await conn.execute(QUERIES[query], params)).fetchone()
+            row: tuple[Any, ...] | None = await (await conn.execute(QUERIES[query], params)).fetchone()
         if row is None:
             raise LeaseLost(str(params["run_id"]))
         return row
