@@ -43,6 +43,7 @@ from typing import Any
 import psycopg
 
 from sonamu_tasks import InvalidInput, WorkflowFailed, WorkflowManager, define_config
+from sonamu_tasks.errors import InvalidValue
 from sonamu_tasks.testing import PostgresCluster
 
 from . import workflows
@@ -421,7 +422,8 @@ async def sleep_restart(ctx: Context, summary: Summary) -> None:
 async def bad_input(ctx: Context, summary: Summary) -> None:
     schema = ctx.schema_for("bad")
     await ensure_schema(ctx, schema)
-    ctx.worker(schema, "w0", workflows_="chain,returns_not_json,nasty,typed")
+    unstorable = "far_sleeper,returns_nul,huge_step_name,raises_nul"
+    ctx.worker(schema, "w0", workflows_=f"chain,returns_not_json,nasty,typed,{unstorable}")
     checks: list[tuple[str, bool, str]] = []
 
     # 1. Malformed JSON through the CLI: a usage error, exit 2.
@@ -472,10 +474,16 @@ async def bad_input(ctx: Context, summary: Summary) -> None:
                 checks.append((label, True, repr(result)[:60]))
             except (TimeoutError, WorkflowFailed) as error:
                 checks.append((label, False, repr(error)[:160]))
+        # 8. Values the database cannot hold (docs/reliability.md, "Inputs tried"): refused before the
+        # database, each failing only its own run, at once (or after its own retries), never as an outage.
+        failing = await unstorable_values(ctx, schema, client, checks)
         good_all = [*good, big.id, nasty.id]
-        await all_final(ctx, schema, len(good) + 3, 60)
+        await all_final(ctx, schema, len(good) + 3 + len(failing), 60)
         info = await unknown.info()
         checks.append(("unknown version stays pending", info.status.value == "pending", info.status.value))
+        listed = await client.list_runs(limit=1000)
+        readable = [await client.get_run(run.id, with_steps=True) for run in listed.items]
+        checks.append(("every run lists and reads", len(readable) == len(good_all) + 2 + len(failing), ""))
     tables = ctx.query("SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = 'runs'", [schema])
     checks.append(("runs table still exists", tables[0][0] == 1, ""))
     # 7. A workflow module raising at import: reported, the others load.
@@ -490,14 +498,53 @@ async def bad_input(ctx: Context, summary: Summary) -> None:
             "; ".join(str(e) for e in found.errors)[:160],
         )
     )
-    tally(ctx, summary, schema, good_all, None)
+    tally(ctx, summary, schema, [*good_all, *failing], None)
     summary.started += 2  # the unknown-version run (pending by design) and the failed non-JSON run
     summary.failed += 1
-    summary.expected_failed = 1
+    summary.expected_failed = 1 + len(failing)
     for label, passed, note in checks:
         summary.details.append(f"{'ok ' if passed else 'BAD'} {label}: {note}")
         if not passed:
             summary.problems.append(label)
+
+
+async def unstorable_values(
+    ctx: Context, schema: str, client: WorkflowManager, checks: list[tuple[str, bool, str]]
+) -> list[str]:
+    """The bad_input checks of values no backend can store; returns the ids of the runs that must fail."""
+    for label, options in (
+        ("100 kB idempotency key", {"idempotency_key": uuid.uuid4().hex * 3125}),
+        ("start_at 9000 years ahead", {"start_at": "9000y"}),
+    ):
+        began = time.monotonic()
+        try:
+            await client.run(workflows.chain, {"steps": 1}, **options)
+            checks.append((f"{label} refused at run()", False, "accepted"))
+        except InvalidValue as error:
+            took = time.monotonic() - began
+            checks.append((f"{label} refused at run() by name, at once", took < 2, f"{took:.2f}s: {str(error)[:80]}"))
+    stored = ctx.query(f'SELECT count(*) FROM "{schema}".runs WHERE length(idempotency_key) > 255')[0][0]
+    checks.append(("nothing stored for a refused run()", stored == 0, ""))
+    expected = {  # workflow -> (error type, attempts, what the message says)
+        "far_sleeper": ("UnusableDuration", 1, "longer than the limit of 100 years"),
+        "returns_nul": ("SerializationError", 1, "the result of step 'nul'"),
+        "huge_step_name": ("InvalidName", 1, "step name is 10,240 characters long"),
+        "raises_nul": ("ValueError", 2, "card\\x00declined"),
+    }
+    handles = {name: await client.run({"name": name, "version": "1"}, None) for name in expected}
+    for name, (kind, attempts, says) in expected.items():
+        try:
+            await handles[name].result(timeout=30)
+            checks.append((f"{name} fails its run", False, "completed"))
+        except WorkflowFailed as failure:
+            run = await handles[name].info()
+            error = failure.error
+            held = (error.get("type"), run.attempts, run.recoveries, says in str(error.get("message")))
+            label = f"{name}: {kind} after {attempts} attempt(s), no take-over"
+            checks.append((label, held == (kind, attempts, 0, True), str(held)))
+        except TimeoutError as error:
+            checks.append((f"{name} fails its run", False, repr(error)))
+    return [handle.id for handle in handles.values()]
 
 
 async def hostile_neighbours(ctx: Context, summary: Summary) -> None:

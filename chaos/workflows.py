@@ -8,6 +8,7 @@ table `public.chaos_audit`, in its own autocommitted statement, before doing its
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from typing import Any
 
@@ -109,6 +110,48 @@ async def _nasty(input: Any, step: Any, context: Any) -> str:
 
 
 nasty = workflow(_nasty, version="1\"'", name=NASTY)
+
+
+# --- values the database cannot hold (the bad_input scenario): each fails its own run, once -------------
+
+# Enough for these to fail at the first attempt that can fail, but never to take the 30 of RETRY.
+ONE_RETRY = RetryPolicy(max_attempts=2, initial_interval_ms=50)
+# 10,240 characters that do not compress: PostgreSQL's index row limit is about 2,700 bytes.
+HUGE_NAME = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(160))
+
+
+async def nul_text() -> str:
+    return "a\x00b"
+
+
+async def nul_error() -> None:
+    raise ValueError("card\x00declined")
+
+
+@workflow(version="1", retry_policy=ONE_RETRY)
+async def far_sleeper(input: Any, step: Any, context: Any) -> None:
+    """Sleeps 9000 years: refused by step.sleep, the run fails at once."""
+    await step.define("before", work).run(context["run_id"], "before", 0)
+    await step.sleep("nap", "9000y")
+
+
+@workflow(version="1", retry_policy=ONE_RETRY)
+async def returns_nul(input: Any, step: Any, context: Any) -> None:
+    """A step result holding NUL, which jsonb cannot store: the run fails naming the step, at once."""
+    await step.define("fine", work).run(context["run_id"], "fine", 0)
+    await step.define("nul", nul_text).run()
+
+
+@workflow(version="1", retry_policy=ONE_RETRY)
+async def huge_step_name(input: Any, step: Any) -> None:
+    """A 10 kB step name: refused before the database, the run fails at once."""
+    await step.define(HUGE_NAME, nul_text).run()
+
+
+@workflow(version="1", retry_policy=ONE_RETRY)
+async def raises_nul(input: Any, step: Any) -> None:
+    """An error whose message holds NUL: recorded escaped; the run fails after its retries, no take-overs."""
+    await step.define("charge", nul_error).run()
 
 
 # --- the composition scenario (chaos/composition.py) ------------------------------------------------------
