@@ -29,12 +29,12 @@ from .runner import FINAL, Context, Summary, ensure_schema, start_runs, status_c
 async def composition(ctx: Context, summary: Summary) -> None:
     schema = ctx.schema_for("composition")
     await ensure_schema(ctx, schema)
-    parents = 20 if ctx.short else 150
+    parents = 30 if ctx.short else 150
     fan = 4 if ctx.short else 8
     per_parent = fan + 2  # inline, solo, fan[0..fan-1]
     workers = [ctx.worker(schema, f"w{i}", workflows_="comp_parent,comp_child", lease_ms=1500) for i in range(3)]
     disturbed: set[int] = set()
-    work_ms = 30
+    work_ms = 50
     ids = await start_runs(ctx, schema, workflows.comp_parent, [{"fan": fan, "work_ms": work_ms}] * parents)
     expected_runs = parents * (1 + per_parent)
     rng = random.Random(11)

@@ -22,6 +22,7 @@ SCENARIOS = [
     "sleep_restart",
     "bad_input",
     "hostile_neighbours",
+    "composition",
 ]
 
 
