@@ -257,3 +257,63 @@ async def test_fan_out_of_a_thousand_children_in_one_statement(manager_for: Any)
 
 async def _status_is(handle: Any, status: RunStatus) -> bool:
     return bool(await handle.status() is status)
+
+
+async def test_a_cancel_during_a_gather_lets_the_steps_in_flight_finish_and_starts_no_other(
+    manager_for: Any,
+) -> None:
+    calls = Calls()
+    release = asyncio.Event()
+
+    async def slow(name: str) -> str:
+        calls.hit(name)
+        await release.wait()
+        return name
+
+    async def later(name: str) -> str:
+        calls.hit(name)
+        return name
+
+    @workflow(version="1")
+    async def par(step: Any) -> Any:
+        await asyncio.gather(step.define("a", slow).run("a"), step.define("b", slow).run("b"))
+        return await step.define("after", later).run("after")
+
+    manager = await manager_for([par])
+    handle = await manager.run(par)
+    await wait_until(lambda: calls.counts.get("a") and calls.counts.get("b"), what="both steps running")
+    assert await handle.cancel() is RunStatus.RUNNING  # asked; honoured at the next step boundary
+    release.set()
+    with pytest.raises(WorkflowFailed, match="canceled"):
+        await handle.result(timeout=15)
+    run = await handle.info(with_steps=True)
+    assert run.status is RunStatus.CANCELED
+    assert sorted(s.name for s in run.steps) == ["a", "b"]  # both finished and stored
+    assert "after" not in calls.counts
+
+
+async def test_a_waiting_parent_can_be_paused_and_resumed(manager_for: Any) -> None:
+    gate = asyncio.Event()
+
+    async def wait_for_gate() -> str:
+        await gate.wait()
+        return "opened"
+
+    @workflow(version="1")
+    async def gated(step: Any) -> Any:
+        return await step.define("gate", wait_for_gate).run()
+
+    @workflow(version="1")
+    async def parent(step: Any) -> Any:
+        return await step.run_workflow("kid", gated)
+
+    manager = await manager_for([parent, gated])
+    handle = await manager.run(parent)
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the parent waiting")
+    assert await handle.pause() is RunStatus.PAUSED
+    gate.set()
+    (child,) = (await manager.list_runs(parent_id=handle.id)).items
+    assert await manager.handle(child.id).result(timeout=15) == "opened"
+    assert await handle.status() is RunStatus.PAUSED  # the child's end does not wake a paused parent
+    assert await handle.resume() is RunStatus.PENDING
+    assert await handle.result(timeout=15) == "opened"
