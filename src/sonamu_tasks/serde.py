@@ -38,8 +38,8 @@ def dumps(value: Any, *, what: str) -> str:
     except (TypeError, ValueError, RecursionError) as error:
         raise SerializationError(f"{what} cannot be stored as JSON: {error}") from error
     # json.dumps escapes everything outside ASCII, so NUL and surrogates show up only as \u escapes. Most
-    # values have neither text: two substring searches and done.
-    if "\\u0000" in text or "\\ud" in text:
+    # values hold no backslash at all: one memchr (~40 ns for 400 characters) and done.
+    if "\\" in text and ("\\u0000" in text or "\\ud" in text):
         _refuse_unstorable_escapes(text, what)
     return text
 
