@@ -29,9 +29,12 @@ async def test_a_gather_whose_worker_is_killed_reruns_only_the_unfinished_step_a
         run = await handle.info(with_steps=True)
         stored = {s.name for s in run.steps if s.status is StepStatus.COMPLETED}
         started = {name for name, _ in audit_lines(tmp_path)}
-        return {"g0", "g1", "g2", "kid"} <= stored and "g3-start" in started
+        children = (await client.list_runs(parent_id=handle.id)).items
+        child_done = [c.status for c in children] == [RunStatus.COMPLETED]
+        return {"g0", "g1", "g2", "kid"} <= stored and "g3-start" in started and child_done
 
-    await wait_until(three_stored_and_g3_running, what="g0-g2 stored while g3 runs")
+    # Killed once g0-g2 and the child completed, while g3 runs: all of those are stored and must not run again.
+    await wait_until(three_stored_and_g3_running, what="g0-g2 and the child done while g3 runs")
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(timeout=10)
     (tmp_path / "release").touch()
@@ -42,7 +45,7 @@ async def test_a_gather_whose_worker_is_killed_reruns_only_the_unfinished_step_a
     counts = Counter(name for name, _ in audit_lines(tmp_path))
     assert counts["g0-start"] == counts["g1-start"] == counts["g2-start"] == 1
     assert counts["g3-start"] == 2 and counts["g3-done"] == 1  # interrupted: ran again, finished once
-    assert counts["child-start"] == 1  # the child ran once, whichever worker took the parent
+    assert counts["child-start"] == 1  # the completed child is not started again by the parent's replay
     children = await client.list_runs(parent_id=handle.id)
     assert len(children.items) == 1 and children.items[0].status is RunStatus.COMPLETED
     run = await handle.info()
