@@ -264,6 +264,27 @@ def test_a_long_traceback_keeps_its_end_where_the_error_is_named() -> None:
     assert storable_text("abc", 10) == "abc"
 
 
+@pytest.mark.parametrize(
+    ("loader", "data", "expected"),
+    [
+        ("text", b"12026-01-01 00:00:00+00", READABLE_TIMES[1]),
+        ("text", b"infinity", READABLE_TIMES[1]),
+        ("text", b"-infinity", READABLE_TIMES[0]),
+        ("text", b"0044-03-15 00:00:00+00 BC", READABLE_TIMES[0]),
+        ("text", b"2026-12-01 09:00:00+00", datetime(2026, 12, 1, 9, tzinfo=UTC)),
+        ("binary", (2**62).to_bytes(8, "big", signed=True), READABLE_TIMES[1]),
+        ("binary", (-(2**62)).to_bytes(8, "big", signed=True), READABLE_TIMES[0]),
+        ("binary", (0).to_bytes(8, "big", signed=True), datetime(2000, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_the_postgres_loader_clamps_times_python_cannot_hold(loader: str, data: bytes, expected: datetime) -> None:
+    from sonamu_tasks.backends.postgres import types
+
+    oid = psycopg.adapters.types["timestamptz"].oid
+    load = (types._ClampedTimestamptzTextLoader if loader == "text" else types._ClampedTimestamptzBinaryLoader)(oid)
+    assert load.load(data) == expected
+
+
 # in the engine, on every backend
 
 
