@@ -117,7 +117,7 @@ class PostgresCluster:
     def _run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [str(self.bin / program), *args]
         if self._as_postgres:
-            command = ["runuser", "-u", "postgres", "--", *command]
+            command = [_runuser(), "-u", "postgres", "--", *command]
         result = subprocess.run(command, capture_output=True, text=True, cwd=self.directory)
         if check and result.returncode != 0:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
@@ -131,3 +131,10 @@ class PostgresCluster:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"PostgreSQL on port {self.port} not ready after {timeout}s")
+
+
+def _runuser() -> str:
+    # runuser lives in /usr/sbin, which a minimal PATH (a CI job's, say) may leave out.
+    return shutil.which("runuser") or next(
+        (path for path in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(path)), "runuser"
+    )
