@@ -27,7 +27,7 @@ from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRu
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
 from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict, StorageError
-from .limits import storable_text
+from .limits import MAX_ERROR_MESSAGE_LENGTH, storable_text
 from .log import RunLogger, current_step
 from .reconnect import until_available
 from .registry import Registry
@@ -239,6 +239,7 @@ class Attempt:
             stored["message"] = f"deadline exceeded before the next attempt; last error: {stored['message']}"
             decision = RetryDecision(should_retry=False)
         retry_delay = delay if decision.should_retry else None
+        stored["message"] = storable_text(stored["message"], MAX_ERROR_MESSAGE_LENGTH)  # the notes above may add to it
         try:
             await until_available(
                 lambda: self.backend.fail_attempt(run.id, run.lease_token, stored, step, retry_delay),
@@ -252,7 +253,8 @@ class Attempt:
             plain = {
                 "type": storable_text(str(stored["type"]), 200),
                 "message": storable_text(
-                    f"{stored['message']} (the full error could not be stored: {storage_error})", 8000
+                    f"{stored['message']} (the full error could not be stored: {storage_error})",
+                    MAX_ERROR_MESSAGE_LENGTH,
                 ),
             }
             step = None

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from . import serde
 from .backends.base import ScheduleRecord, ScheduleStore
-from .errors import BackendUnavailable, InvalidInput, SerializationError
+from .errors import BackendUnavailable, InvalidInput, InvalidValue, SerializationError
 from .registry import Registry
 from .run_creation import RunOptions, prepare_run
 from .schedule import Schedule, latest_fire_at_or_before, next_fire_after, zone
@@ -120,7 +120,7 @@ class Scheduler:
                 RunOptions(idempotency_key=f"schedule:{record.name}@{fire_at.isoformat()}"),
                 what=f"the input of schedule {record.name!r}",
             )
-        except (InvalidInput, SerializationError) as error:
+        except (InvalidInput, InvalidValue, SerializationError) as error:
             logger.error("schedule %s: skipping the fire at %s: %s", record.name, fire_at.isoformat(), error)
         except Exception as error:  # the user's input callable raised
             logger.exception("schedule %s: its input callable raised %r; skipping this fire", record.name, error)
