@@ -59,6 +59,13 @@ async def composition(ctx: Context, summary: Summary) -> None:
         finished = sum(counts[s] for s in FINAL) >= expected_runs
         await asyncio.sleep(0.5)
     summary.details.append(f"kill -9 sent: {kills}; runs by status: {dict(status_counts(ctx, schema))}")
+    taken_over = ctx.query(
+        f"SELECT parent_id IS NULL, count(*) FILTER (WHERE recoveries > 0), sum(recoveries)"
+        f' FROM "{schema}".runs GROUP BY 1'
+    )
+    for is_parent, runs, recoveries in sorted(taken_over, reverse=True):
+        kind = "parents" if is_parent else "children"
+        summary.details.append(f"{kind} taken over after a kill: {runs} ({recoveries} take-overs)")
 
     children = ctx.query(
         f'SELECT id::text, parent_id::text, parent_step, input FROM "{schema}".runs WHERE parent_id IS NOT NULL'
