@@ -20,14 +20,15 @@ from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration
-from .errors import ResultTimeout, RunNotFound, SonamuTasksError, WorkflowFailed
+from .errors import RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
 from .reconnect import until_available
 from .registry import Registry
+from .result_waiters import ResultWaiters
 from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
 from .scheduler import Scheduler
 from .status import RunStatus
-from .waiting import cancel_and_wait, wait_for_event
+from .waiting import cancel_and_wait
 from .worker import Worker
 
 logger = logging.getLogger("sonamu_tasks.manager")
@@ -90,9 +91,7 @@ class WorkflowManager:
         self.scheduler: Scheduler | None = None
         self.discovery_errors: list[DiscoveryError] = []
         self.watched_paths: list[Path] = []
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        # Outputs of runs this process's worker just completed, kept only while a result() here waits for them.
-        self._completed_here: dict[str, str] = {}
+        self.waiters = ResultWaiters(self.backend, self.get_run, self._runs_here)
         self._listener: asyncio.Task[None] | None = None
         self._started = False
 
@@ -122,6 +121,7 @@ class WorkflowManager:
             raise
         if self.backend.pushes_notifications:
             self._listener = asyncio.create_task(self.backend.listen(self), name="sonamu-listen")
+            self.waiters.listening = True
         tasks = self.config.tasks
         if tasks.enable_worker:
             self.worker = Worker(
@@ -129,7 +129,7 @@ class WorkflowManager:
                 self.registry,
                 tasks.worker_options,
                 context_provider=tasks.context_provider,
-                on_finished=self._finished_here,
+                on_finished=self.waiters.finished_here,
             )
             await self.worker.start()
             self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone)
@@ -152,6 +152,7 @@ class WorkflowManager:
             await self.worker.stop()
             self.worker = None
         if self._listener is not None:
+            self.waiters.listening = False
             await cancel_and_wait(self._listener)
         await self.backend.close()
 
@@ -311,7 +312,7 @@ class WorkflowManager:
         return RunPage(items, items[-1].id if len(records) > limit else None)
 
     async def wait_for_result(self, run_id: str, *, timeout: float | None = None) -> Any:
-        outcome = await self._wait(run_id, timeout)
+        outcome = await self.waiters.wait(run_id, timeout)
         if isinstance(outcome, str):  # completed by this process's worker: its output, without a read
             return serde.loads(outcome)
         if outcome.status is RunStatus.COMPLETED:
@@ -319,49 +320,8 @@ class WorkflowManager:
         raise WorkflowFailed(outcome.id, outcome.workflow_name, outcome.status.value, outcome.error)
 
     async def wait_until_finished(self, run_id: str, *, timeout: float | None = None) -> RunRecord:
-        outcome = await self._wait(run_id, timeout)
+        outcome = await self.waiters.wait(run_id, timeout)
         return await self.get_run(run_id) if isinstance(outcome, str) else outcome
-
-    async def _wait(self, run_id: str, timeout: float | None) -> RunRecord | str:
-        """The finished run's record, or its output JSON when this process's worker just completed it."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        # A notification is the wake-up; the re-read interval only covers one lost while reconnecting.
-        recheck = 5.0 if self.backend.pushes_notifications and self._listener is not None else 0.05
-        event = asyncio.Event()
-        self._waiters.setdefault(run_id, set()).add(event)
-        watching = False
-        try:
-            while True:
-                event.clear()
-                output = self._completed_here.get(run_id)
-                if output is not None:
-                    return output
-                if self._runs_here(run_id):
-                    # This process's worker holds it and sets the event when it lets go: no read until then.
-                    await wait_for_event(event, recheck if deadline is None else min(recheck, deadline - loop.time()))
-                    if deadline is None or loop.time() < deadline:
-                        continue
-                record = await self.get_run(run_id)
-                if record.status.finished:
-                    return record
-                if not watching and not self._runs_here(run_id):
-                    # Ask for the "finished" notification, then read again: it may have finished meanwhile.
-                    await until_available(lambda: self.backend.watch_run(run_id), what="watch run", give_up_after_s=30)
-                    watching = True
-                    continue
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise ResultTimeout(run_id, record.status.value, timeout or 0)
-                wait = recheck if remaining is None else min(recheck, remaining)
-                await wait_for_event(event, wait)
-        finally:
-            waiters = self._waiters.get(run_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[run_id]
-                    self._completed_here.pop(run_id, None)
 
     def _runs_here(self, run_id: str) -> bool:
         """True when this process's worker is executing the run: it wakes the waiter itself."""
@@ -374,14 +334,7 @@ class WorkflowManager:
             self.worker.notify_available()
 
     def run_finished(self, run_id: str) -> None:
-        for event in self._waiters.get(run_id, ()):
-            event.set()
-
-    def _finished_here(self, run_id: str, output_json: str | None) -> None:
-        """This process's worker let go of a run; `output_json` is set when it completed it."""
-        if output_json is not None and run_id in self._waiters:
-            self._completed_here[run_id] = output_json
-        self.run_finished(run_id)
+        self.waiters.finished(run_id)
 
     def run_requested(self, run_id: str) -> None:
         if self.worker is not None:
@@ -390,6 +343,4 @@ class WorkflowManager:
     def reconnected(self) -> None:
         if self.worker is not None:
             self.worker.wake()
-        for events in self._waiters.values():
-            for event in events:
-                event.set()
+        self.waiters.wake_all()

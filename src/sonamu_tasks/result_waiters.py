@@ -1,0 +1,94 @@
+"""Waiting in this process for runs to finish, and the in-process fan-out of what wakes the waiters.
+
+A waiter is woken by the database's "finished" notification (PostgreSQL NOTIFY, asked for on demand with
+`watch_run`), by this process's worker letting go of the run (with the output when it completed it, so
+no read is needed), or by a reconnect (a notification may have been lost). Re-reading is only the safety
+net: every `recheck` seconds with notifications, every 50 ms without (SQLite across processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from .backends.base import Backend
+from .errors import ResultTimeout
+from .reconnect import until_available
+from .records import RunRecord
+from .waiting import wait_for_event
+
+PUSHED_RECHECK_S = 5.0
+POLLED_RECHECK_S = 0.05
+
+
+class ResultWaiters:
+    def __init__(
+        self,
+        backend: Backend,
+        read_run: Callable[[str], Awaitable[RunRecord]],
+        runs_here: Callable[[str], bool],
+    ) -> None:
+        self._backend = backend
+        self._read_run = read_run
+        self._runs_here = runs_here
+        self._events: dict[str, set[asyncio.Event]] = {}
+        # Outputs of runs this process's worker just completed, kept only while a waiter here wants them.
+        self._completed_here: dict[str, str] = {}
+        self.listening = False
+        """True while notifications from other processes arrive (the listener is up)."""
+
+    async def wait(self, run_id: str, timeout: float | None) -> RunRecord | str:
+        """The finished run's record, or its output JSON when this process's worker just completed it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        recheck = PUSHED_RECHECK_S if self._backend.pushes_notifications and self.listening else POLLED_RECHECK_S
+        event = asyncio.Event()
+        self._events.setdefault(run_id, set()).add(event)
+        watching = False
+        try:
+            while True:
+                event.clear()
+                output = self._completed_here.get(run_id)
+                if output is not None:
+                    return output
+                if self._runs_here(run_id):
+                    # This process's worker holds it and sets the event when it lets go: no read until then.
+                    await wait_for_event(event, recheck if deadline is None else min(recheck, deadline - loop.time()))
+                    if deadline is None or loop.time() < deadline:
+                        continue
+                record = await self._read_run(run_id)
+                if record.status.finished:
+                    return record
+                if not watching and not self._runs_here(run_id):
+                    # Ask for the "finished" notification, then read again: it may have finished meanwhile.
+                    await until_available(lambda: self._backend.watch_run(run_id), what="watch run", give_up_after_s=30)
+                    watching = True
+                    continue
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise ResultTimeout(run_id, record.status.value, timeout or 0)
+                await wait_for_event(event, recheck if remaining is None else min(recheck, remaining))
+        finally:
+            events = self._events.get(run_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[run_id]
+                    self._completed_here.pop(run_id, None)
+
+    def finished(self, run_id: str) -> None:
+        """The run finished (a notification) or left this process's worker: its waiters look again."""
+        for event in self._events.get(run_id, ()):
+            event.set()
+
+    def finished_here(self, run_id: str, output_json: str | None) -> None:
+        """This process's worker let go of a run; `output_json` is set when it completed it."""
+        if output_json is not None and run_id in self._events:
+            self._completed_here[run_id] = output_json
+        self.finished(run_id)
+
+    def wake_all(self) -> None:
+        """Notifications may have been lost (a reconnect): every waiter reads again."""
+        for events in self._events.values():
+            for event in events:
+                event.set()
