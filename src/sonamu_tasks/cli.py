@@ -16,7 +16,18 @@ import click
 from . import arguments
 from .config import Config
 from .config_loader import load_config
-from .display import duration_text, preview
+from .display import (
+    NO_CHILDREN,
+    Children,
+    ChildRow,
+    child_step_text,
+    children_of,
+    duration_text,
+    pending_sleep,
+    preview,
+    short_id,
+    wake_time,
+)
 from .duration import parse_duration
 from .errors import ConfigError, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, WorkflowManager, until_signal
@@ -308,6 +319,7 @@ def run_command(
     type=click.Choice([s.value for s in RunStatus]),
     help="Only runs in this status (repeatable).",
 )
+@click.option("--parent", "parent_id", callback=_run_id, metavar="RUN_ID", help="Only the children of this run.")
 @click.option("--since", help="Only runs created in the last DURATION (1h, 7d) or after an ISO datetime.")
 @click.option("--limit", type=click.IntRange(1, arguments.MAX_LIMIT), default=20, show_default=True)
 @click.option("--cursor", callback=_run_id, help="The next_cursor printed by the previous page.")
@@ -317,19 +329,25 @@ def runs(
     context: click.Context,
     workflow: str | None,
     statuses: tuple[str, ...],
+    parent_id: str | None,
     since: str | None,
     limit: int,
     cursor: str | None,
     as_json: bool,
 ) -> None:
-    """List runs, newest first (one page; --cursor for the next)."""
+    """List runs, newest first (one page; --cursor for the next). A child run shows its parent's id (short)."""
     config = _config(context, enable_worker=False)
     created_after = _since(since)
 
     async def fetch() -> RunPage:
         async with WorkflowManager(config) as manager:
             return await manager.list_runs(
-                workflow=workflow, status=statuses or None, created_after=created_after, limit=limit, cursor=cursor
+                workflow=workflow,
+                status=statuses or None,
+                created_after=created_after,
+                limit=limit,
+                cursor=cursor,
+                parent_id=parent_id,
             )
 
     page = _steering(fetch())
@@ -337,12 +355,15 @@ def runs(
         payload = {"items": [_run_summary(run) for run in page.items], "next_cursor": page.next_cursor}
         click.echo(json.dumps(payload, indent=2))
         return
-    headers = ["ID", "WORKFLOW", "STATUS", "ATTEMPTS", "CREATED", "DURATION"]
+    # Children of one parent: the step that started each says more than the parent's id, the same on every row.
+    by_step = parent_id is not None
+    headers = ["ID", "WORKFLOW", "STATUS", "STEP" if by_step else "PARENT", "ATTEMPTS", "CREATED", "DURATION"]
     rows = [
         [
             run.id,
             f"{run.workflow_name}@{run.version}",
             _status_text(run),
+            (run.parent_step or "-") if by_step else _parent_text(run),
             run.attempts,
             _time(run.created_at),
             duration_text(run.started_at, run.finished_at),
@@ -359,17 +380,22 @@ def runs(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def show(context: click.Context, run_id: str, as_json: bool) -> None:
-    """A run: input, output or error (with traceback), and every step."""
+    """A run: its parent and children, input, output or error (with traceback), and every step."""
     config = _config(context, enable_worker=False)
 
-    async def fetch() -> RunRecord:
+    async def fetch() -> tuple[RunRecord, RunRecord | None, Children]:
         async with WorkflowManager(config) as manager:
-            return await manager.get_run(run_id, with_steps=True)
+            run = await manager.get_run(run_id, with_steps=True)
+            parent = await _run_or_none(manager, run.parent_id)
+            return run, parent, await children_of(manager, run)
 
-    run = _steering(fetch())
+    run, parent, children = _steering(fetch())
     if as_json:
         detail = {
             **_run_summary(run),
+            "parent": _parent_summary(run, parent),
+            "children": children.summary() if children is not NO_CHILDREN else None,
+            "waiting_for": _waiting_for(run, children),
             "input": run.input,
             "output": run.output,
             "error": run.error,
@@ -379,12 +405,17 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
         return
     click.echo(f"run       {run.id}")
     click.echo(f"workflow  {run.workflow_name} version {run.version}")
+    if run.parent_id:
+        click.echo(f"parent    {_parent_line(run, parent)}")
     click.echo(f"status    {_status_text(run)}   attempts {run.attempts}   recoveries {run.recoveries}")
     click.echo(
         f"created   {_time(run.created_at)}   started {_time(run.started_at)}   finished {_time(run.finished_at)}"
     )
-    if run.status.value in ("pending", "sleeping"):
+    if run.status in (RunStatus.PENDING, RunStatus.SLEEPING) and wake_time(run.available_at):
         click.echo(f"next      {_time(run.available_at)}")
+    if run.status is RunStatus.WAITING:
+        for index, line in enumerate(_waiting_lines(run, children)):
+            click.echo(f"{'waits for' if index == 0 else '':<9} {line}")
     click.echo(f"input     {preview(run.input, 200)}")
     if run.status is RunStatus.COMPLETED:
         click.echo(f"output    {preview(run.output, 2000)}")
@@ -400,9 +431,7 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
             step.status.value,
             step.attempts,
             duration_text(step.started_at, step.finished_at),
-            _time(step.wake_at)
-            if step.kind == "sleep"
-            else preview(step.output if step.error is None else step.error.get("message"), 60),
+            _step_detail(step),
         ]
         for step in run.steps
     ]
@@ -412,6 +441,16 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
         if rows
         else "no steps yet"
     )
+    if children is not NO_CHILDREN:
+        click.echo("")
+        click.echo(f"children  {children.counts_text()}")
+        listed = [
+            [row.id, row.step, f"{row.workflow_name}@{row.version}", _child_status(row)] for row in children.listed
+        ]
+        if listed:
+            click.echo(format_table(["CHILD", "STEP", "WORKFLOW", "STATUS"], listed))
+        if children.more > 0:
+            click.echo(f"and {children.more} more: sonamu-tasks runs --parent {run.id}")
     if run.error and run.error.get("traceback"):
         click.echo("\n" + run.error["traceback"].rstrip())
 
@@ -539,8 +578,76 @@ def _run_summary(run: RunRecord) -> dict[str, Any]:
         "created_at": _iso(run.created_at),
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
-        "available_at": _iso(run.available_at),
+        "available_at": _iso(wake_time(run.available_at)),  # null: only a child can wake it
+        "parent_id": run.parent_id,
+        "parent_step": run.parent_step,
+        "detached": run.detached,
     }
+
+
+def _parent_text(run: RunRecord) -> str:
+    return short_id(run.parent_id) if run.parent_id else "-"
+
+
+def _parent_summary(run: RunRecord, parent: RunRecord | None) -> dict[str, Any] | None:
+    if run.parent_id is None:
+        return None
+    return {
+        "id": run.parent_id,
+        "workflow": parent.workflow_name if parent else None,
+        "version": parent.version if parent else None,
+        "status": parent.status.value if parent else None,
+        "step": run.parent_step,
+        "detached": run.detached,
+    }
+
+
+def _parent_line(run: RunRecord, parent: RunRecord | None) -> str:
+    shown = f"{parent.workflow_name}@{parent.version}, {parent.status.value}" if parent else "no longer stored"
+    detached = ", detached" if run.detached else ""
+    return f"{run.parent_id} ({shown}; started by its step {run.parent_step!r}{detached})"
+
+
+def _waiting_for(run: RunRecord, children: Children) -> dict[str, Any] | None:
+    """What a waiting run waits for: its unfinished children, and its first sleep to wake if one is pending."""
+    if run.status is not RunStatus.WAITING:
+        return None
+    sleep = pending_sleep(run)
+    return {
+        "unfinished_children": children.unfinished_count,
+        "children": [row.summary() for row in children.unfinished],
+        "sleep": {"step": sleep.name, "wake_at": _iso(sleep.wake_at)} if sleep else None,
+    }
+
+
+def _waiting_lines(run: RunRecord, children: Children) -> list[str]:
+    lines = []
+    if children.unfinished_count:
+        lines.append(f"{children.unfinished_count} unfinished {_plural(children.unfinished_count, 'child')}:")
+        lines.extend(f"  {row.id} ({row.step}, {row.status.value})" for row in children.unfinished)
+        if children.unfinished_count > len(children.unfinished):
+            hidden = children.unfinished_count - len(children.unfinished)
+            lines.append(f"  and {hidden} more: sonamu-tasks runs --parent {run.id}")
+    sleep = pending_sleep(run)
+    if sleep is not None:
+        lines.append(f"sleep {sleep.name!r} until {_time(sleep.wake_at)}")
+    return lines or ["a child or a timeout (none unfinished now: it is about to wake)"]
+
+
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else {"child": "children"}.get(word, word + "s")
+
+
+def _child_status(row: ChildRow) -> str:
+    return row.status.value + (" (detached)" if row.detached else "")
+
+
+def _step_detail(step: StepRecord) -> str:
+    if step.kind == "sleep":
+        return _time(step.wake_at)
+    if step.kind == "child" and step.error is None:
+        return child_step_text(step)
+    return preview(step.output if step.error is None else step.error.get("message"), 60)
 
 
 def _step_summary(step: StepRecord) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Dashboard: a Starlette app over a WorkflowManager that runs no worker.
 
-    GET  /                    runs, newest first, filters (workflow, status), live refresh
-    GET  /runs/{id}           a run: status, step timeline, steps, input, output or error; cancel / retry
+    GET  /                    runs, newest first, filters (workflow, status, parent), live refresh
+    GET  /runs/{id}           a run: status, parent and children, what it waits for, step timeline, steps,
+                              input, output or error; cancel / retry
     POST /runs/{id}/cancel    (and /retry) then back to the run page
     GET  /workers, /schedules
     GET  /api/runs, /api/runs/{id}   the same as JSON (the run in full: a page cuts long values)
@@ -33,8 +34,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import arguments
 from ..config import Config
+from ..display import children_of, wake_time
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
 from ..manager import RunPage, WorkflowManager
+from ..records import RunRecord
 from . import pages
 from .guards import (
     BodyLimit,
@@ -121,7 +124,8 @@ class Dashboard:
         table = pages.runs_table(page.items, page.next_cursor, shown)
         if _partial(request):
             return HTMLResponse(table)
-        filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""))
+        parent = _parameter(query, "parent", arguments.run_id) or ""  # checked by _runs already: a run id
+        filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""), parent)
         return HTMLResponse(pages.page("Runs", table, before=filters))
 
     async def runs_json(self, request: Request) -> Response:
@@ -131,14 +135,17 @@ class Dashboard:
 
     async def run_page(self, request: Request) -> Response:
         run = await self.manager.get_run(_run_id(request), with_steps=True)
-        detail = pages.run_detail(run, self.csrf)
+        parent = await self._parent(run.parent_id)
+        detail = pages.run_detail(run, self.csrf, parent=parent, children=await children_of(self.manager, run))
         if _partial(request):
             return HTMLResponse(detail)
         refresh = None if run.status.finished else 1000  # a finished run changes only when someone acts on it
         return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh))
 
     async def run_json(self, request: Request) -> Response:
-        return _json(_jsonable(await self.manager.get_run(_run_id(request), with_steps=True)))
+        run = await self.manager.get_run(_run_id(request), with_steps=True)
+        children = await children_of(self.manager, run)
+        return _json({**_jsonable(run), "children": children.summary() if children.total else None})
 
     async def steer(self, request: Request) -> Response:
         action = request.path_params["action"]
@@ -175,7 +182,18 @@ class Dashboard:
         status = _parameter(query, "status", lambda text: arguments.statuses([text]))
         limit = _parameter(query, "limit", arguments.limit)
         cursor = _parameter(query, "cursor", arguments.run_id)
-        return await self.manager.list_runs(workflow=workflow, status=status, limit=limit or 50, cursor=cursor)
+        parent = _parameter(query, "parent", arguments.run_id)
+        return await self.manager.list_runs(
+            workflow=workflow, status=status, limit=limit or 50, cursor=cursor, parent_id=parent
+        )
+
+    async def _parent(self, run_id: str | None) -> RunRecord | None:
+        if run_id is None:
+            return None
+        try:
+            return await self.manager.get_run(run_id)
+        except RunNotFound:
+            return None  # deleted since (retention): the page still names its id
 
 
 def check_token(token: str | None, host: str) -> None:
@@ -221,8 +239,11 @@ def _json(value: Any) -> Response:
     return Response(json.dumps(value), media_type="application/json")
 
 
-def _jsonable(run: Any) -> Any:
-    return json.loads(json.dumps(dataclasses.asdict(run), default=str))
+def _jsonable(run: RunRecord) -> Any:
+    """A run as JSON; `available_at` is null when only a child can wake it (never the far-future park time)."""
+    value = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+    value["available_at"] = None if wake_time(run.available_at) is None else value["available_at"]
+    return value
 
 
 async def _http_error(request: Request, error: Exception) -> Response:

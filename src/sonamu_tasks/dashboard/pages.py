@@ -3,19 +3,34 @@ Content-Security-Policy forbids them): the stylesheet and the live refresh are f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from ..display import duration_text, json_excerpt, preview
-from ..records import RunRecord, ScheduleRecord, WorkerRecord
+from ..display import (
+    NO_CHILDREN,
+    Children,
+    ChildRow,
+    child_links,
+    child_run_ids,
+    duration_text,
+    json_excerpt,
+    pending_sleep,
+    preview,
+    short_id,
+)
+from ..records import RunRecord, ScheduleRecord, StepRecord, WorkerRecord
 from ..status import RunStatus
 from .timeline import timeline_svg
 
 # Shown on a run's page per value (input, output, error, traceback); the whole value is at /api/runs/{id}.
 VALUE_LIMIT = 20_000
+# Steps drawn and listed on a run's page (a fan-out of 1,000 children records a step per child seen); all of
+# them are at /api/runs/{id}.
+STEP_LIMIT = 300
 
 
 def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = "") -> str:
@@ -30,13 +45,18 @@ def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = 
     )
 
 
-def runs_filters(workflow: str, status: str) -> str:
+def runs_filters(workflow: str, status: str, parent: str = "") -> str:
+    """The filter form; `parent` (checked by the caller: a run id or empty) lists one run's children."""
     options = "".join(
         f"<option value='{s.value}'{' selected' if s.value == status else ''}>{s.value}</option>" for s in RunStatus
     )
+    children_of = ""
+    if parent:
+        children_of = f"<p id='children-of'>children of {_run_link(parent)} · <a href='/'>all runs</a></p>"
     return (
-        "<form method='get' action='/'>workflow <input name='workflow' value='" + escape(workflow) + "'> "
+        f"{children_of}<form method='get' action='/'>workflow <input name='workflow' value='{escape(workflow)}'> "
         f"status <select name='status'><option value=''>any</option>{options}</select> "
+        f"parent <input name='parent' size='38' placeholder='run id' value='{escape(parent)}'> "
         "<button type='submit'>Filter</button></form><br>"
     )
 
@@ -47,22 +67,24 @@ def runs_table(runs: Sequence[RunRecord], next_cursor: str | None, query: dict[s
     rows = "".join(
         f"<tr data-run='{run.id}'><td><a href='/runs/{run.id}'>{run.id}</a></td>"
         f"<td>{escape(run.workflow_name)}@{escape(run.version)}</td>"
-        f"<td class='status {run.status.value}'>{run.status.value}</td><td>{run.attempts}</td>"
-        f"<td>{_time(run.created_at)}</td><td>{duration_text(run.started_at, run.finished_at)}</td></tr>"
+        f"<td class='status {run.status.value}'>{run.status.value}</td><td>{_parent_cell(run)}</td>"
+        f"<td>{run.attempts}</td><td>{_time(run.created_at)}</td>"
+        f"<td>{duration_text(run.started_at, run.finished_at)}</td></tr>"
         for run in runs
     )
     more = ""
     if next_cursor:
         more = f"<p><a href='/?{urlencode({**query, 'cursor': next_cursor})}'>older runs</a></p>"
     return (
-        "<table><thead><tr><th>run</th><th>workflow</th><th>status</th><th>attempts</th><th>created</th>"
-        f"<th>duration</th></tr></thead><tbody>{rows}</tbody></table>{more}"
+        "<table><thead><tr><th>run</th><th>workflow</th><th>status</th><th>parent · step</th><th>attempts</th>"
+        f"<th>created</th><th>duration</th></tr></thead><tbody>{rows}</tbody></table>{more}"
     )
 
 
-def run_detail(run: RunRecord, csrf: str) -> str:
-    """A run's content. A finished run is marked `data-finished`: nothing on it changes by itself any more, so
-    the live refresh stops."""
+def run_detail(run: RunRecord, csrf: str, *, parent: RunRecord | None = None, children: Children = NO_CHILDREN) -> str:
+    """A run's content: `parent` is the record of `run.parent_id` (None if it is gone), `children` its
+    children (display.children_of). A finished run is marked `data-finished`: nothing on it changes by itself
+    any more, so the live refresh stops."""
     buttons = ""
     if not run.status.finished:
         buttons += _button(run.id, "cancel", "Cancel", csrf)
@@ -76,19 +98,27 @@ def run_detail(run: RunRecord, csrf: str) -> str:
             f"<h3>Error{where}</h3><p>{_short(run.error.get('type'), run.id)}: "
             f"{_short(run.error.get('message'), run.id)}</p><pre>{_short(run.error.get('traceback', ''), run.id)}</pre>"
         )
+    shown = run.steps[:STEP_LIMIT]
     steps = "".join(
         f"<tr><td>{escape(step.name)}</td><td>{step.kind}</td><td class='status {step.status.value}'>"
         f"{step.status.value}</td><td>{step.attempts}</td><td>{duration_text(step.started_at, step.finished_at)}</td>"
-        f"<td>{escape(preview(step.output if step.error is None else step.error.get('message'), 80))}</td></tr>"
-        for step in run.steps
+        f"<td>{_step_detail(run, step)}</td></tr>"
+        for step in shown
     )
+    if len(run.steps) > len(shown):
+        steps += (
+            f"<tr><td colspan='6' class='muted'>the first {len(shown)} of {len(run.steps)} steps; all of them in "
+            f"<a href='/api/runs/{run.id}'>the run as JSON</a></td></tr>"
+        )
+    shown_run = run if len(shown) == len(run.steps) else _with_steps(run, shown)
     output = f"<h3>Output</h3>{_value(run.output, run.id)}" if run.status is RunStatus.COMPLETED else ""
     finished = " data-finished" if run.status.finished else ""
     return (
         f"<p>{escape(run.workflow_name)} version {escape(run.version)} · "
         f"<span id='run-status' class='status {run.status.value}'{finished}>{run.status.value}</span>{request} · "
         f"attempts {run.attempts} · recoveries {run.recoveries} · created {_time(run.created_at)}</p>"
-        f"<p>{buttons}</p><h3>Timeline</h3>{timeline_svg(run)}"
+        f"{_parent(run, parent)}<p>{buttons}</p>{_waiting_for(run, children)}{_children(run, children)}"
+        f"<h3>Timeline</h3>{timeline_svg(shown_run, links=child_links(shown))}"
         "<h3>Steps</h3><table><thead><tr><th>step</th><th>kind</th><th>status</th><th>attempts</th>"
         f"<th>duration</th><th>output / error</th></tr></thead><tbody>{steps}</tbody></table>"
         f"<h3>Input</h3>{_value(run.input, run.id)}{output}{error}"
@@ -118,6 +148,108 @@ def schedules_table(schedules: Sequence[ScheduleRecord]) -> str:
         "<tr><th>name</th><th>workflow</th><th>expression</th><th>timezone</th><th>next fire</th><th>last run</th></tr>"
     )
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no schedules</p>"
+
+
+def _parent(run: RunRecord, parent: RunRecord | None) -> str:
+    if run.parent_id is None:
+        return ""
+    what = (
+        f"{escape(parent.workflow_name)}@{escape(parent.version)}, "
+        f"<span class='status {parent.status.value}'>{parent.status.value}</span>"
+        if parent
+        else "no longer stored"
+    )
+    detached = " · detached (canceling the parent leaves it running)" if run.detached else ""
+    return (
+        f"<p id='parent'>child of <a href='/runs/{run.parent_id}'>{run.parent_id}</a> ({what}) · "
+        f"started by its step <code>{escape(run.parent_step or '-')}</code>{detached}</p>"
+    )
+
+
+def _waiting_for(run: RunRecord, children: Children) -> str:
+    """What a waiting run waits for: its unfinished children, and the first of its pending sleeps."""
+    if run.status is not RunStatus.WAITING:
+        return ""
+    parts = []
+    if children.unfinished_count:
+        links = ", ".join(
+            f"<a href='/runs/{row.id}'>{escape(row.step)}</a> ({row.status.value})" for row in children.unfinished
+        )
+        hidden = children.unfinished_count - len(children.unfinished)
+        more = f" and <a href='/?parent={run.id}'>{hidden} more</a>" if hidden else ""
+        parts.append(
+            f"{children.unfinished_count} unfinished {_children_word(children.unfinished_count)}: {links}{more}"
+        )
+    sleep = pending_sleep(run)
+    if sleep is not None:
+        parts.append(f"sleep <code>{escape(sleep.name)}</code> until {_time(sleep.wake_at)}")
+    if not parts:
+        parts.append("a child to finish (none is unfinished now: it is about to wake)")
+    return "<div id='waits-for'><h3>Waiting for</h3>" + "".join(f"<p>{part}</p>" for part in parts) + "</div>"
+
+
+def _children(run: RunRecord, children: Children) -> str:
+    """Counts per status (each a link to those children), the first few children, a link to all of them."""
+    if children is NO_CHILDREN:
+        return ""
+    counts = ", ".join(
+        f"<a href='/?{urlencode({'parent': run.id, 'status': status})}'>{count} "
+        f"<span class='status {status}'>{status}</span></a>"
+        for status, count in children.counts.items()
+    )
+    counted = "" if children.counted >= children.total else f" (the newest {children.counted} counted)"
+    rows = "".join(_child_row(row) for row in children.listed)
+    table = (
+        "<table id='children'><thead><tr><th>child</th><th>step</th><th>workflow</th><th>status</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+        if rows
+        else ""
+    )
+    total = max(children.total, children.counted)
+    more = f"<p><a href='/?parent={run.id}'>all {total} children</a> ({children.more} not shown above)</p>"
+    return f"<h3>Children</h3><p id='child-counts'>{total}: {counts or 'none found'}{counted}</p>{table}" + (
+        more if children.more > 0 else ""
+    )
+
+
+def _child_row(row: ChildRow) -> str:
+    detached = " (detached)" if row.detached else ""
+    return (
+        f"<tr data-child='{row.id}'><td><a href='/runs/{row.id}'>{row.id}</a></td><td>{escape(row.step)}</td>"
+        f"<td>{escape(row.workflow_name)}@{escape(row.version)}</td>"
+        f"<td class='status {row.status.value}'>{row.status.value}{detached}</td></tr>"
+    )
+
+
+def _step_detail(run: RunRecord, step: StepRecord) -> str:
+    """A step's output or error; a child step links to its child (a fan-out to the list of its children)."""
+    if step.kind == "child" and step.error is None:
+        ids = child_run_ids(step)
+        output = step.output if isinstance(step.output, dict) else {}
+        if "run_ids" in output:
+            return f"children → <a href='/?parent={run.id}'>{len(ids)} runs</a>"
+        if ids:
+            outcome = output.get("outcome")
+            seen = f" ({escape(str(outcome.get('status')))})" if isinstance(outcome, dict) else ""
+            return f"child → <a class='child' href='/runs/{ids[0]}'>{ids[0]}</a>{seen}"
+    return escape(preview(step.output if step.error is None else step.error.get("message"), 80))
+
+
+def _parent_cell(run: RunRecord) -> str:
+    if run.parent_id is None:
+        return "-"
+    return (
+        f"<a href='/runs/{run.parent_id}' title='{run.parent_id}'>{escape(short_id(run.parent_id))}</a> "
+        f"{escape(run.parent_step or '')}"
+    )
+
+
+def _children_word(count: int) -> str:
+    return "child" if count == 1 else "children"
+
+
+def _with_steps(run: RunRecord, steps: Sequence[StepRecord]) -> RunRecord:
+    return dataclasses.replace(run, steps=tuple(steps))
 
 
 def _button(run_id: str, action: str, label: str, csrf: str) -> str:

@@ -1,7 +1,8 @@
-"""A run's steps as bars on a time axis (SVG): calls, sleeps and failed attempts at a glance."""
+"""A run's steps as bars on a time axis (SVG): calls, sleeps, children and failed attempts at a glance."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from html import escape
 
@@ -12,7 +13,9 @@ _LABEL = 160
 _WIDTH = 900
 
 
-def timeline_svg(run: RunRecord, now: datetime | None = None) -> str:
+def timeline_svg(run: RunRecord, now: datetime | None = None, *, links: Mapping[str, str] | None = None) -> str:
+    """`links`: step name -> the child run it started; that step's bar links to the child's page."""
+    links = links or {}
     now = now or datetime.now(UTC)
     steps = list(run.steps)
     if not steps:
@@ -33,15 +36,18 @@ def timeline_svg(run: RunRecord, now: datetime | None = None) -> str:
         top = 6 + index * _ROW
         began = step.started_at or start
         left, right = x(began), max(x(_end(step, now)), x(began) + 2)
-        kind = "sleep" if step.kind == "sleep" else step.status.value
+        kind = step.kind if step.kind in ("sleep", "child") and step.error is None else step.status.value
         label = f"{step.name}" + (f" x{step.attempts}" if step.attempts > 1 else "")
         seconds = (_end(step, now) - began).total_seconds()
         parts.append(f'<text x="4" y="{top + 14}" class="label">{escape(label)}</text>')
-        parts.append(
+        child = links.get(step.name)
+        title = f"{escape(step.name)}: {kind}" + (f" {child}" if child else "")
+        bar = (
             f'<rect class="bar {kind}" data-step="{escape(step.name)}" x="{left:.1f}" y="{top}" '
-            f'width="{right - left:.1f}" height="{_ROW - 8}"><title>{escape(step.name)}: {kind}, '
+            f'width="{right - left:.1f}" height="{_ROW - 8}"><title>{title}, '
             f"{seconds:.3f}s, {step.attempts} attempt(s)</title></rect>"
         )
+        parts.append(f'<a href="/runs/{escape(child)}">{bar}</a>' if child else bar)
     axis = 6 + len(steps) * _ROW + 14
     parts.append(f'<text x="{_LABEL}" y="{axis}" class="axis">0s</text>')
     parts.append(f'<text x="{_WIDTH - 60}" y="{axis}" class="axis">{span:.2f}s</text>')
