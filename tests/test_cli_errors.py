@@ -48,6 +48,8 @@ BAD_ARGUMENTS = [
     (["show", "--", "-" * 36], "is not a run id"),
     (["cancel", "0190b7e2-5c3a-7d1e-8f00-zzzzzzzzzzzz"], "is not a run id"),
     (["runs", "--cursor", "junk"], "is not a run id"),
+    (["runs", "--parent", "junk"], "is not a run id"),
+    (["runs", "--parent", "-" * 36], "is not a run id"),
     (["runs", "--limit", "0"], "--limit"),
     (["runs", "--limit", "1001"], "--limit"),
     (["runs", "--limit", "abc"], "--limit"),

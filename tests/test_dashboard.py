@@ -1,15 +1,19 @@
-"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real database."""
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real database; parents
+and children on its pages, in process (httpx over ASGI)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from playwright.async_api import async_playwright
@@ -162,3 +166,201 @@ def test_the_command_refuses_to_listen_beyond_loopback_without_a_token() -> None
 
     result = CliRunner().invoke(main, ["dashboard", "--host", "0.0.0.0"], env={"SONAMU_TASKS_DASHBOARD_TOKEN": ""})
     assert result.exit_code == 1 and "pass --token" in result.output
+
+
+# Parents and children
+
+ELSEWHERE = {"name": "elsewhere", "version": "1"}  # no worker here runs it: its runs stay pending
+
+
+@workflow(version="1")
+async def doubled(input: int) -> int:
+    return input * 2
+
+
+@workflow(version="1")
+async def family(input: int, step: Any) -> Any:
+    """A finished child, a fan-out of `input` children that stay pending, a detached one, and a sleep."""
+    first = await step.run_workflow("first", doubled, 1)
+    kids = await step.start_workflows("kids", ELSEWHERE, list(range(input)))
+    await step.start_workflow("loose", ELSEWHERE, "x", detached=True)
+    await asyncio.gather(step.sleep("nap", "2h"), *(kid.result() for kid in kids))
+    return first
+
+
+@workflow(version="1")
+async def only_child(step: Any) -> Any:
+    return await step.run_workflow("the-one", ELSEWHERE)
+
+
+@asynccontextmanager
+async def in_process(make_config: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = Dashboard(make_config(enable_worker=False), port=8765)
+    await app.manager.start()
+    try:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8765") as client:
+            yield client
+    finally:
+        await app.manager.stop()
+
+
+async def waiting_family(manager_for: Any, kids: int) -> tuple[Any, dict[str, str]]:
+    """A `family` parent waiting for its children and its nap, and its children's ids by step."""
+    manager = await manager_for([family, doubled])
+    parent = await manager.run(family, kids)
+    await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
+    children: dict[str, str] = {}
+    cursor = None
+    while True:
+        page = await manager.list_runs(parent_id=parent.id, limit=1000, cursor=cursor)
+        children.update({str(child.parent_step): child.id for child in page.items})
+        if (cursor := page.next_cursor) is None:
+            return parent, children
+
+
+async def test_a_waiting_parent_links_its_children_and_says_what_it_waits_for(
+    manager_for: Any, make_config: Any
+) -> None:
+    parent, kids = await waiting_family(manager_for, 3)
+    async with in_process(make_config) as client:
+        page = (await client.get(f"/runs/{parent.id}")).text
+        assert "<span id='run-status' class='status waiting'>waiting</span>" in page
+        waits = page.split("<div id='waits-for'>")[1].split("</div>")[0]
+        assert "4 unfinished children" in waits  # kids[0..2] and the detached one
+        for step in ("kids[0]", "kids[1]", "kids[2]", "loose"):
+            assert f"<a href='/runs/{kids[step]}'>{step}</a> (pending)" in waits
+        assert "sleep <code>nap</code> until" in waits
+        assert re.search(r"<td>nap</td><td>sleep</td>.*?<td>wakes \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</td>", page)
+        assert "2999" not in page
+
+        counts = page.split("<p id='child-counts'>")[1].split("</p>")[0]
+        assert counts.startswith("5: ")
+        assert f"<a class='status pending' href='/?parent={parent.id}&amp;status=pending'>4 pending</a>" in counts
+        assert "status=completed'>1 " in counts and "status=canceled" not in counts
+        children = page.split("<table id='children'>")[1].split("</table>")[0]
+        assert children.count("<tr data-child=") == 5
+        assert f"<a href='/runs/{kids['first']}'>{kids['first']}</a>" in children
+        assert "(detached)" in children.split(f"data-child='{kids['loose']}'")[1].split("</tr>")[0]
+
+        # Child steps link to their child: in the timeline and in the step list; a fan-out to the list of children.
+        assert f'<a href="/runs/{kids["first"]}"><rect class="bar child" data-step="first"' in page
+        assert f"child → <a class='child' href='/runs/{kids['first']}'>{kids['first']}</a> (completed)" in page
+        assert f"children → <a href='/?parent={parent.id}'>3 runs</a>" in page
+
+        as_json = (await client.get(f"/api/runs/{parent.id}")).json()
+        assert as_json["status"] == "waiting" and as_json["children"]["counts"] == {"pending": 4, "completed": 1}
+
+
+async def test_a_child_page_links_its_parent(manager_for: Any, make_config: Any) -> None:
+    parent, kids = await waiting_family(manager_for, 2)
+    async with in_process(make_config) as client:
+        page = (await client.get(f"/runs/{kids['kids[1]']}")).text
+        assert (
+            f"<p id='parent'>child of <a href='/runs/{parent.id}'>{parent.id}</a> (family@1, "
+            "<span class='status waiting'>waiting</span>) · started by its step <code>kids[1]</code></p>"
+        ) in page
+        assert "detached" not in page.split("<p id='parent'>")[1].split("</p>")[0]
+        loose = (await client.get(f"/runs/{kids['loose']}")).text
+        assert "started by its step <code>loose</code> · detached" in loose
+        assert "<h3>Children</h3>" not in loose and "Waiting for" not in loose
+        as_json = (await client.get(f"/api/runs/{kids['loose']}")).json()
+        assert as_json["parent_id"] == parent.id and as_json["parent_step"] == "loose" and as_json["detached"] is True
+
+
+async def test_the_runs_list_filters_by_parent_and_by_waiting(manager_for: Any, make_config: Any) -> None:
+    parent, kids = await waiting_family(manager_for, 3)
+    async with in_process(make_config) as client:
+        listed = (await client.get(f"/?parent={parent.id}")).text
+        rows = re.findall(r"<tr data-run='([0-9a-f-]+)'>", listed)
+        assert sorted(rows) == sorted(kids.values())
+        assert f"children of <a href='/runs/{parent.id}'>{parent.id}</a>" in listed
+        assert f"name='parent' size='38' placeholder='run id' value='{parent.id}'" in listed
+        row = listed.split(f"<tr data-run='{kids['kids[2]']}'>")[1].split("</tr>")[0]
+        assert f"<a href='/runs/{parent.id}' title='{parent.id}'>…{parent.id[-8:]}</a> kids[2]" in row
+
+        api = (await client.get(f"/api/runs?parent={parent.id}&limit=2")).json()
+        assert len(api["items"]) == 2 and api["next_cursor"]
+        assert {item["parent_id"] for item in api["items"]} == {parent.id}
+        rest = (await client.get(f"/api/runs?parent={parent.id}&cursor={api['next_cursor']}")).json()
+        assert len(api["items"]) + len(rest["items"]) == len(kids)
+
+        pending = (await client.get(f"/?parent={parent.id}&status=pending")).text
+        assert sorted(re.findall(r"<tr data-run='([0-9a-f-]+)'>", pending)) == sorted(
+            kids[step] for step in ("kids[0]", "kids[1]", "kids[2]", "loose")
+        )
+
+        everything = (await client.get("/")).text
+        assert "<option value='waiting'>waiting</option>" in everything
+        waiting = (await client.get("/?status=waiting")).text
+        assert re.findall(r"<tr data-run='([0-9a-f-]+)'>", waiting) == [parent.id]
+        assert "<td class='status waiting'>waiting</td>" in waiting
+        api_waiting = (await client.get("/api/runs?status=waiting")).json()["items"]
+        assert [item["id"] for item in api_waiting] == [parent.id]
+        assert api_waiting[0]["available_at"] is not None  # the nap's wake time
+
+        assert ".waiting{" in (await client.get("/static/dashboard.css")).text
+
+        for bad in ("junk", "%00", "-" * 36, parent.id + "0"):
+            response = await client.get(f"/?parent={bad}")
+            assert response.status_code == 400 and "parent" in response.text, bad
+            assert (await client.get(f"/api/runs?parent={bad}")).status_code == 400, bad
+
+
+async def test_a_run_waiting_only_for_a_child_shows_no_wake_time(manager_for: Any, make_config: Any) -> None:
+    manager = await manager_for([only_child])
+    parent = await manager.run(only_child)
+    await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
+    [child] = (await manager.list_runs(parent_id=parent.id)).items
+    async with in_process(make_config) as client:
+        page = (await client.get(f"/runs/{parent.id}")).text
+        assert f"1 unfinished child: <a href='/runs/{child.id}'>the-one</a> (pending)" in page
+        assert "2999" not in page and "sleep <code>" not in page
+        assert (await client.get(f"/api/runs/{parent.id}")).json()["available_at"] is None
+        assert (await client.get("/api/runs?status=waiting")).json()["items"][0]["available_at"] is None
+        assert "2999" not in (await client.get("/")).text
+
+
+async def test_a_fan_out_of_1000_children_is_counted_and_listed_in_part(manager_for: Any, make_config: Any) -> None:
+    parent, kids = await waiting_family(manager_for, 1000)
+    assert len(kids) == 1002
+    async with in_process(make_config) as client:
+        response = await client.get(f"/runs/{parent.id}")
+        assert response.status_code == 200
+        page = response.text
+        assert len(response.content) < 100_000
+        counts = page.split("<p id='child-counts'>")[1].split("</p>")[0]
+        assert counts.startswith("1002: ") and "status=pending'>1001 pending</a>" in counts
+        assert "status=completed'>1 completed</a>" in counts
+        assert page.split("<table id='children'>")[1].split("</table>")[0].count("<tr data-child=") == 20
+        assert f"<a href='/?parent={parent.id}'>all 1002 children</a> (982 not shown above)" in page
+        assert "1001 unfinished children" in page
+        assert f"<a href='/?parent={parent.id}'>981 more</a>" in page  # 20 of the unfinished ones are linked
+
+        first_page = (await client.get(f"/?parent={parent.id}")).text
+        assert first_page.count("<tr data-run=") == 50
+        older = re.search(r"<a href='/\?([^']+)'>older runs</a>", first_page)
+        assert older is not None and f"parent={parent.id}" in older.group(1)
+
+
+async def test_the_browser_follows_a_child_step_to_the_child_and_back(manager_for: Any, dashboard_url: Any) -> None:
+    base, _ = dashboard_url
+    parent, kids = await waiting_family(manager_for, 2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1100, "height": 900})
+            await page.goto(f"{base}/runs/{parent.id}")
+            await page.locator("#run-status").filter(has_text="waiting").wait_for(timeout=10_000)
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-parent-page.png"), full_page=True)
+            await page.click(f"svg.timeline a[href='/runs/{kids['first']}'] rect")
+            await page.wait_for_url(f"{base}/runs/{kids['first']}")
+            await page.locator("#run-status").filter(has_text="completed").wait_for(timeout=10_000)
+            await page.click(f"#parent a[href='/runs/{parent.id}']")
+            await page.wait_for_url(f"{base}/runs/{parent.id}")
+            await page.click(f"#children a[href='/runs/{kids['kids[1]']}']")
+            await page.wait_for_url(f"{base}/runs/{kids['kids[1]']}")
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-child-page.png"), full_page=True)
+        finally:
+            await browser.close()

@@ -174,6 +174,9 @@ async def test_a_body_over_64_kb_is_refused_with_413(manager_for: Any, open_dash
         "/api/runs?workflow=a%00b",
         "/?status=bogus",
         "/api/runs?status=COMPLETED%00",
+        "/?parent=junk",
+        "/api/runs?parent=%00",
+        f"/?parent={RUN_ID_SHAPED_DASHES}",  # PostgreSQL would refuse it as a uuid: a 400 before the query
         f"/runs/{RUN_ID_SHAPED_DASHES}",
         f"/api/runs/{RUN_ID_SHAPED_DASHES}",  # the old route took 36 of [0-9a-f-]; PostgreSQL refused it
     ],

@@ -23,7 +23,7 @@ from ..display import (
     short_id,
 )
 from ..records import RunRecord, ScheduleRecord, StepRecord, WorkerRecord
-from ..status import RunStatus
+from ..status import RunStatus, StepStatus
 from .timeline import timeline_svg
 
 # Shown on a run's page per value (input, output, error, traceback); the whole value is at /api/runs/{id}.
@@ -193,8 +193,8 @@ def _children(run: RunRecord, children: Children) -> str:
     if children is NO_CHILDREN:
         return ""
     counts = ", ".join(
-        f"<a href='/?{urlencode({'parent': run.id, 'status': status})}'>{count} "
-        f"<span class='status {status}'>{status}</span></a>"
+        f"<a class='status {status}' href='/?{escape(urlencode({'parent': run.id, 'status': status}))}'>"
+        f"{count} {status}</a>"
         for status, count in children.counts.items()
     )
     counted = "" if children.counted >= children.total else f" (the newest {children.counted} counted)"
@@ -232,6 +232,8 @@ def _step_detail(run: RunRecord, step: StepRecord) -> str:
             outcome = output.get("outcome")
             seen = f" ({escape(str(outcome.get('status')))})" if isinstance(outcome, dict) else ""
             return f"child → <a class='child' href='/runs/{ids[0]}'>{ids[0]}</a>{seen}"
+    if step.kind == "sleep" and step.wake_at is not None:
+        return f"{'wakes' if step.status is StepStatus.SLEEPING else 'woke'} {_time(step.wake_at)}"
     return escape(preview(step.output if step.error is None else step.error.get("message"), 80))
 
 

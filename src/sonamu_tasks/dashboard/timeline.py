@@ -35,7 +35,7 @@ def timeline_svg(run: RunRecord, now: datetime | None = None, *, links: Mapping[
     for index, step in enumerate(steps):
         top = 6 + index * _ROW
         began = step.started_at or start
-        left, right = x(began), max(x(_end(step, now)), x(began) + 2)
+        left, right = x(began), max(x(_end(step, now)), x(began) + 4)  # an instant step stays visible (and clickable)
         kind = step.kind if step.kind in ("sleep", "child") and step.error is None else step.status.value
         label = f"{step.name}" + (f" x{step.attempts}" if step.attempts > 1 else "")
         seconds = (_end(step, now) - began).total_seconds()
