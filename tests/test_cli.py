@@ -381,6 +381,7 @@ async def test_a_run_waiting_only_for_a_child_shows_no_wake_time(manager_for: An
             }
         ],
         "sleep": None,
+        "steps": [],
     }
     listed = json.loads((await invoke("runs", "--json")).stdout)["items"]
     assert next(item for item in listed if item["id"] == parent.id)["available_at"] is None

@@ -23,6 +23,7 @@ from .display import (
     child_step_text,
     children_of,
     duration_text,
+    other_waits,
     pending_sleep,
     preview,
     short_id,
@@ -617,6 +618,7 @@ def _waiting_for(run: RunRecord, children: Children) -> dict[str, Any] | None:
         "unfinished_children": children.unfinished_count,
         "children": [row.summary() for row in children.unfinished],
         "sleep": {"step": sleep.name, "wake_at": _iso(sleep.wake_at)} if sleep else None,
+        "steps": other_waits(run),
     }
 
 
@@ -628,10 +630,11 @@ def _waiting_lines(run: RunRecord, children: Children) -> list[str]:
         if children.unfinished_count > len(children.unfinished):
             hidden = children.unfinished_count - len(children.unfinished)
             lines.append(f"  and {hidden} more: sonamu-tasks runs --parent {run.id}")
+    lines.extend(other_waits(run))
     sleep = pending_sleep(run)
     if sleep is not None:
         lines.append(f"sleep {sleep.name!r} until {_time(sleep.wake_at)}")
-    return lines or ["a child or a timeout (none unfinished now: it is about to wake)"]
+    return lines or ["nothing left unfinished: it is about to wake"]
 
 
 def _plural(count: int, word: str) -> str:

@@ -95,6 +95,17 @@ def pending_sleep(run: RunRecord) -> StepRecord | None:
     return min(sleeps, key=lambda s: s.wake_at or FOREVER, default=None)
 
 
+def other_waits(run: RunRecord) -> list[str]:
+    """Steps of `run` waiting for something other than a child or a sleep (a step whose status is `waiting`,
+    such as a message or an event), as `kind 'name' {what}`."""
+    lines = []
+    for step in run.steps:
+        if step.status.value == "waiting":
+            what = getattr(step, "waits_for", None)
+            lines.append(f"{step.kind} {step.name!r}" + (f" {preview(what, 80)}" if what else ""))
+    return lines
+
+
 @dataclass(frozen=True)
 class ChildRow:
     """One child run, as a list shows it."""
@@ -122,9 +133,9 @@ class Children:
     """A run's children: how many, how many per status, and the first few in step order."""
 
     total: int
-    """Children started, by the run's child steps."""
+    """Children of the run: those read, or, when there were too many to read, those its child steps started."""
     counted: int
-    """Children read to count (all of them unless more than COUNTED_CHILDREN)."""
+    """Children read and counted (all of them unless more than COUNTED_CHILDREN)."""
     counts: dict[str, int] = field(default_factory=dict)
     """Counted children per status."""
     listed: list[ChildRow] = field(default_factory=list)
@@ -136,17 +147,17 @@ class Children:
     @property
     def more(self) -> int:
         """Children not listed."""
-        return max(self.total, self.counted) - len(self.listed)
+        return self.total - len(self.listed)
 
     def counts_text(self) -> str:
         """`1000: 998 pending, 2 completed` (statuses in their lifecycle order)."""
         parts = [f"{self.counts[s.value]} {s.value}" for s in RunStatus if self.counts.get(s.value)]
         counted = "" if self.counted >= self.total else f" (the newest {self.counted} counted)"
-        return f"{max(self.total, self.counted)}: {', '.join(parts) or 'none found'}{counted}"
+        return f"{self.total}: {', '.join(parts) or 'none found'}{counted}"
 
     def summary(self) -> dict[str, Any]:
         return {
-            "total": max(self.total, self.counted),
+            "total": self.total,
             "counted": self.counted,
             "counts": self.counts,
             "listed": [row.summary() for row in self.listed],
@@ -177,7 +188,7 @@ async def children_of(
     ordered = sorted(rows, key=_step_order)
     unfinished = [row for row in ordered if not row.status.finished]
     return Children(
-        total=len(started),
+        total=len(rows) if cursor is None else max(len(started), len(rows)),
         counted=len(rows),
         counts={s.value: counts[s.value] for s in RunStatus if counts[s.value]},
         listed=ordered[:listed],

@@ -18,6 +18,7 @@ from ..display import (
     child_run_ids,
     duration_text,
     json_excerpt,
+    other_waits,
     pending_sleep,
     preview,
     short_id,
@@ -180,11 +181,12 @@ def _waiting_for(run: RunRecord, children: Children) -> str:
         parts.append(
             f"{children.unfinished_count} unfinished {_children_word(children.unfinished_count)}: {links}{more}"
         )
+    parts.extend(escape(line) for line in other_waits(run))
     sleep = pending_sleep(run)
     if sleep is not None:
         parts.append(f"sleep <code>{escape(sleep.name)}</code> until {_time(sleep.wake_at)}")
     if not parts:
-        parts.append("a child to finish (none is unfinished now: it is about to wake)")
+        parts.append("nothing left unfinished: it is about to wake")
     return "<div id='waits-for'><h3>Waiting for</h3>" + "".join(f"<p>{part}</p>" for part in parts) + "</div>"
 
 
@@ -205,7 +207,7 @@ def _children(run: RunRecord, children: Children) -> str:
         if rows
         else ""
     )
-    total = max(children.total, children.counted)
+    total = children.total
     more = f"<p><a href='/?parent={run.id}'>all {total} children</a> ({children.more} not shown above)</p>"
     return f"<h3>Children</h3><p id='child-counts'>{total}: {counts or 'none found'}{counted}</p>{table}" + (
         more if children.more > 0 else ""
