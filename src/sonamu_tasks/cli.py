@@ -625,7 +625,8 @@ def _waiting_for(run: RunRecord, children: Children) -> dict[str, Any] | None:
 def _waiting_lines(run: RunRecord, children: Children) -> list[str]:
     lines = []
     if children.unfinished_count:
-        lines.append(f"{children.unfinished_count} unfinished {_plural(children.unfinished_count, 'child')}:")
+        word = "child" if children.unfinished_count == 1 else "children"
+        lines.append(f"{children.unfinished_count} unfinished {word}:")
         lines.extend(f"  {row.id} ({row.step}, {row.status.value})" for row in children.unfinished)
         if children.unfinished_count > len(children.unfinished):
             hidden = children.unfinished_count - len(children.unfinished)
@@ -635,10 +636,6 @@ def _waiting_lines(run: RunRecord, children: Children) -> list[str]:
     if sleep is not None:
         lines.append(f"sleep {sleep.name!r} until {_time(sleep.wake_at)}")
     return lines or ["nothing left unfinished: it is about to wake"]
-
-
-def _plural(count: int, word: str) -> str:
-    return word if count == 1 else {"child": "children"}.get(word, word + "s")
 
 
 def _child_status(row: ChildRow) -> str:
