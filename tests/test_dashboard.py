@@ -364,3 +364,18 @@ async def test_the_browser_follows_a_child_step_to_the_child_and_back(manager_fo
             await page.screenshot(path=str(ARTIFACTS / "dashboard-child-page.png"), full_page=True)
         finally:
             await browser.close()
+
+
+async def test_a_run_page_draws_and_lists_at_most_300_steps(manager_for: Any, make_config: Any) -> None:
+    @workflow(version="1")
+    async def many(step: Any) -> Any:
+        return len(await step.map("item", noop, range(310)))
+
+    manager = await manager_for([many])
+    handle = await manager.run(many)
+    assert await handle.result(timeout=30) == 310
+    async with in_process(make_config) as client:
+        page = (await client.get(f"/runs/{handle.id}")).text
+        assert page.count('<rect class="bar') == 300
+        assert f"the first 300 of 310 steps; all of them in <a href='/api/runs/{handle.id}'>" in page
+        assert len((await client.get(f"/api/runs/{handle.id}")).json()["steps"]) == 310
