@@ -23,7 +23,7 @@ from sonamu_tasks import (
     WorkflowManager,
     workflow,
 )
-from sonamu_tasks.backends.base import LeaseLost, NewRun, SleepWait
+from sonamu_tasks.backends.base import LeaseLost, NewRun, TimedWait
 from sonamu_tasks.ids import new_run_id
 
 from .conftest import wait_until
@@ -575,7 +575,7 @@ async def test_a_stale_lease_cannot_write_checkpoints_or_the_outcome(manager_for
     with pytest.raises(LeaseLost):
         await backend.fail_attempt(run_id, old.lease_token, {"type": "X", "message": "stale"}, None, None)
     with pytest.raises(LeaseLost):
-        await backend.park_run(run_id, old.lease_token, [SleepWait("nap", now, timedelta(seconds=1))], [])
+        await backend.park_run(run_id, old.lease_token, [TimedWait("nap", "sleep", now, timedelta(seconds=1))], [])
     with pytest.raises(LeaseLost):
         await backend.start_children(run_id, old.lease_token, "kid", now, "{}", [])
     assert await backend.heartbeat("worker-a", [(run_id, old.lease_token)], timedelta(seconds=1)) == {}

@@ -17,13 +17,13 @@ import inspect
 import logging
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import serde
-from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRun, LeaseLost, SleepWait, StepRecord
+from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRun, LeaseLost, StepRecord, TimedWait
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
 from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict, StorageError
@@ -61,7 +61,7 @@ class _Wait:
     (Suspended once the run parked, or what stopped the attempt)."""
 
     future: asyncio.Future[None]
-    sleep: SleepWait | None = None
+    timed: TimedWait | None = None
     child: str | None = None
 
 
@@ -88,6 +88,10 @@ class AttemptHooks(typing.Protocol):
     def wake_in(self, seconds: float) -> None: ...
     def runs_created(self) -> None:
         """Runs were inserted (children): look for claimable ones now, not at the next notification."""
+        ...
+
+    def run_changed(self, run_id: str) -> None:
+        """The run published an event: readers waiting in this process look again."""
         ...
 
 
@@ -127,7 +131,9 @@ class Attempt:
         self._closed = False  # the attempt is ending (parked, failing, stopping): no new step starts
         self._parked = False
         self._children: dict[str, ChildOutcome] | None = None
+        self._children_read: asyncio.Future[dict[str, ChildOutcome]] | None = None
         self._seen_outcomes: set[str] = set()  # fan-out children whose recorded outcome this replay read
+        self._published: dict[str, int] = {}  # set_event calls per key, which name their step records
 
     def request_stop(self) -> None:
         """A cancel or pause was asked for: honour it at the next step boundary."""
@@ -337,8 +343,90 @@ class Attempt:
                     self._leave()
                 return
             wake_at = record.wake_at  # woken early (resumed, or by another wait): sleep on until the original time
-        sleep = SleepWait(name, datetime.now(UTC), None if wake_at is not None else delta, wake_at)
-        await self._block(_Wait(asyncio.get_running_loop().create_future(), sleep=sleep))
+        sleep = TimedWait(name, "sleep", datetime.now(UTC), None if wake_at is not None else delta, wake_at)
+        await self._block(_Wait(asyncio.get_running_loop().create_future(), timed=sleep))
+
+    async def receive(self, name: str, topic: str, timeout: Duration | None) -> Any:
+        """The oldest unconsumed message of `topic`, consumed and checkpointed in one transaction; a durable
+        wait until one arrives; None after `timeout`."""
+        delta = None if timeout is None else parse_duration(timeout, what=f"step.receive({name!r}) timeout")
+        run = self.claimed
+
+        def take(started: datetime) -> Awaitable[tuple[bool, Any]]:
+            return self.backend.take_message(run.id, run.lease_token, name, topic, started)
+
+        return await self._wait_for_arrival(name, "receive", {"topic": topic}, delta, take)
+
+    async def wait_for_event(self, name: str, event: str, key: str, timeout: Duration | None) -> Any:
+        """The first `event` with `key` emitted since the run was created; a durable wait until one is;
+        None after `timeout`."""
+        delta = None if timeout is None else parse_duration(timeout, what=f"step.wait_for_event({name!r}) timeout")
+        run = self.claimed
+
+        def take(started: datetime) -> Awaitable[tuple[bool, Any]]:
+            return self.backend.take_event(run.id, run.lease_token, name, event, key, started)
+
+        return await self._wait_for_arrival(name, "event", {"event": event, "key": key}, delta, take)
+
+    async def _wait_for_arrival(
+        self,
+        name: str,
+        kind: str,
+        waits_for: dict[str, Any],
+        timeout: timedelta | None,
+        take: Callable[[datetime], Awaitable[tuple[bool, Any]]],
+    ) -> Any:
+        self._claim_name(name)
+        run = self.claimed
+        record = self.steps.get(name)
+        if record is not None:
+            self._replayed()
+            if record.kind != kind:
+                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
+            if record.status is StepStatus.COMPLETED:
+                return record.output
+        started = record.started_at if record is not None and record.started_at is not None else datetime.now(UTC)
+        wake_at = record.wake_at if record is not None else None
+        self._enter()
+        try:
+            await self._settle()
+            await self._boundary()
+            taken, value = await until_available(lambda: take(started), what=f"{kind} {name!r}")
+            if not taken and wake_at is not None and wake_at <= self._db_now():  # timed out: None, recorded
+                await until_available(
+                    lambda: self.backend.complete_wait(run.id, run.lease_token, name, kind, started, waits_for),
+                    what=f"time out {kind} {name!r}",
+                )
+                taken, value = True, None
+        finally:
+            self._leave()
+        if taken:
+            return value
+        wait = TimedWait(name, kind, started, timeout if record is None else None, wake_at, waits_for)
+        # Parks the run (raises Suspended) once every branch is blocked; the arrival or the timeout wakes it.
+        await self._block(_Wait(asyncio.get_running_loop().create_future(), timed=wait))
+
+    async def set_event(self, key: str, value: Any) -> None:
+        """Publish `key` = `value` for readers outside (latest wins), once per call site and run: a replay
+        does not write an older value again."""
+        count = self._published[key] = self._published.get(key, 0) + 1
+        name = f"set_event:{key}:{count}"
+        self._claim_name(name)
+        if name in self.steps:
+            self._replayed()
+            return
+        encoded = serde.dumps(value, what=f"the value of event {key!r} of workflow {self.definition.name!r}")
+        run = self.claimed
+        self._enter()
+        try:
+            await self._settle()
+            await until_available(
+                lambda: self.backend.set_run_event(run.id, run.lease_token, name, key, encoded),
+                what=f"set event {key!r}",
+            )
+        finally:
+            self._leave()
+        self.hooks.run_changed(run.id)
 
     async def start_children(
         self,
@@ -417,7 +505,7 @@ class Attempt:
             now = datetime.now(UTC)
             encoded = serde.dumps(stored, what=f"the outcome of child {child_step!r}")
             self.steps[child_step] = StepRecord(child_step, "child", StepStatus.COMPLETED, stored)
-            self._unsent.append(Checkpoint(child_step, encoded, now, now))
+            self._unsent.append(Checkpoint(child_step, encoded, now, now, kind="child"))
             asyncio.get_running_loop().call_soon(self._send_unsent)
         elif fan_out and child_step not in self._seen_outcomes:
             self._seen_outcomes.add(child_step)
@@ -485,12 +573,12 @@ class Attempt:
 
     async def _park(self, waits: list[_Wait]) -> None:
         run = self.claimed
-        sleeps = [wait.sleep for wait in waits if wait.sleep is not None]
+        timed = [wait.timed for wait in waits if wait.timed is not None]
         children = [wait.child for wait in waits if wait.child is not None]
         due = await until_available(
-            lambda: self.backend.park_run(run.id, run.lease_token, sleeps, children), what="park run"
+            lambda: self.backend.park_run(run.id, run.lease_token, timed, children), what="park run"
         )
-        what = ", ".join([*(f"sleep {s.name!r}" for s in sleeps), *(f"child {c}" for c in children)])
+        what = ", ".join([*(f"{t.kind} {t.name!r}" for t in timed), *(f"child {c}" for c in children)])
         if due >= FOREVER:
             self.logger.info("waiting for %s", what)
         else:
@@ -511,9 +599,21 @@ class Attempt:
     # helpers
 
     async def _load_children(self, child_id: str) -> dict[str, ChildOutcome]:
-        if self._children is None or child_id not in self._children:
+        """The run's children, read once for all the branches asking at the same time (a gather over a
+        thousand results is one read, not a thousand); again only for a child started since."""
+        if self._children is not None and child_id in self._children:
+            return self._children
+        if self._children_read is None:
             run_id = self.claimed.id
-            self._children = await until_available(lambda: self.backend.load_children(run_id), what="read child runs")
+            self._children_read = asyncio.ensure_future(
+                until_available(lambda: self.backend.load_children(run_id), what="read child runs")
+            )
+        read = self._children_read
+        try:
+            self._children = await asyncio.shield(read)
+        finally:
+            if self._children_read is read and read.done():
+                self._children_read = None
         return self._children
 
     def _send_unsent(self) -> None:

@@ -37,6 +37,15 @@ class RunHandle:
         """
         return await self._manager.wait_for_result(self.id, timeout=timeout)
 
+    async def get_event(self, key: str, timeout: float | None = None) -> Any:
+        """The value the run published under `key` (step.set_event), waiting until it is set; None when the
+        run finished without setting it, or after `timeout` seconds."""
+        return await self._manager.get_event(self.id, key, timeout=timeout)
+
+    async def send(self, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
+        """Send the run a message (see `WorkflowManager.send`)."""
+        return await self._manager.send(self.id, message, topic=topic, idempotency_key=idempotency_key)
+
     async def cancel(self) -> RunStatus:
         """Cancel: at once unless running; a running run stops at its next step boundary."""
         return await self._manager.cancel(self.id)

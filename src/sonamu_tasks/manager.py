@@ -14,7 +14,7 @@ from typing import Any, Self
 
 from . import serde
 from .attempt import CANCELED_ERROR
-from .backends.base import Backend, RunQuery, RunRecord, ScheduleRecord, WorkerRecord
+from .backends.base import Backend, MessageRecord, RunEventRecord, RunQuery, RunRecord, ScheduleRecord, WorkerRecord
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
@@ -22,12 +22,14 @@ from .discovery import DiscoveryError, discover
 from .duration import Duration
 from .errors import RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
+from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic
 from .reconnect import until_available
 from .registry import Registry
 from .result_waiters import ResultWaiters
 from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
 from .scheduler import Scheduler
 from .status import RunStatus
+from .step import DEFAULT_TOPIC
 from .waiting import cancel_and_wait
 from .worker import Worker
 
@@ -310,6 +312,56 @@ class WorkflowManager:
         records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
         items = records[:limit]
         return RunPage(items, items[-1].id if len(records) > limit else None)
+
+    # messages and events
+
+    async def send(
+        self, run_id: str, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None
+    ) -> bool:
+        """Send `message` to run `run_id` on `topic` (its `step.receive` takes it, once). Stored durably
+        whatever the run is doing; a waiting run is woken. Returns False when `idempotency_key` was used for
+        this run before (the message is stored once). RunNotFound for an unknown run."""
+        topic = DEFAULT_TOPIC if topic is None else check_topic(topic)
+        key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
+        payload = serde.dumps(message, what=f"the message to run {run_id} on topic {topic!r}")
+        stored = await until_available(
+            lambda: self.backend.send_message(run_id, topic, payload, key), what="send message", give_up_after_s=30
+        )
+        if stored is None:
+            raise RunNotFound(f"no run with id {run_id}")
+        if self.worker is not None:
+            self.worker.wake()  # the run may be due now, and may be this worker's to claim
+        return stored
+
+    async def emit(self, event: str, payload: Any = None, *, key: str | None = None) -> int:
+        """Broadcast `event` (with `key`): every run waiting for it in `step.wait_for_event` gets `payload`,
+        and so does every run created before now that reaches such a wait later. Returns the runs woken."""
+        name = check_name(event, field="event name")
+        event_key = "" if key is None else check_name(key, field="event key", limit=MAX_KEY_LENGTH)
+        encoded = serde.dumps(payload, what=f"the payload of event {name!r}")
+        woken = await until_available(
+            lambda: self.backend.emit_event(name, event_key, encoded), what="emit event", give_up_after_s=30
+        )
+        if woken and self.worker is not None:
+            self.worker.wake()
+        return woken
+
+    async def get_event(self, run_id: str, key: str, *, timeout: float | None = None) -> Any:
+        """The value run `run_id` published under `key` (`step.set_event`); waits until it is set (woken by
+        a notification, not by polling). None when the run finished without setting it, or after `timeout`."""
+        return await self.waiters.wait_for_event(run_id, check_name(key, field="event key"), timeout)
+
+    async def list_messages(self, run_id: str, *, limit: int = 100) -> list[MessageRecord]:
+        """A run's messages not consumed yet, oldest first."""
+        return await until_available(
+            lambda: self.backend.list_messages(run_id, limit), what="list messages", give_up_after_s=30
+        )
+
+    async def list_events(self, run_id: str) -> list[RunEventRecord]:
+        """What a run published with `step.set_event`, the latest value per key."""
+        return await until_available(
+            lambda: self.backend.list_run_events(run_id), what="list events", give_up_after_s=30
+        )
 
     async def wait_for_result(self, run_id: str, *, timeout: float | None = None) -> Any:
         outcome = await self.waiters.wait(run_id, timeout)

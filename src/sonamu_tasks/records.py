@@ -20,6 +20,8 @@ class StepRecord:
     wake_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    waits_for: dict[str, Any] | None = None
+    """What a receive or event wait waits for: {"topic": ...} or {"event": ..., "key": ...}."""
 
 
 @dataclass(frozen=True)
@@ -71,3 +73,23 @@ class ScheduleRecord:
     next_fire_at: datetime
     last_fire_at: datetime | None = None
     last_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """A message sent to a run and not consumed yet."""
+
+    id: int
+    topic: str
+    payload: Any
+    idempotency_key: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RunEventRecord:
+    """A value a run published with `step.set_event` (the latest one for its key)."""
+
+    key: str
+    value: Any
+    updated_at: datetime

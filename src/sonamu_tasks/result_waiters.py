@@ -1,4 +1,5 @@
-"""Waiting in this process for runs to finish, and the in-process fan-out of what wakes the waiters.
+"""Waiting in this process for runs to finish or publish an event, and the in-process fan-out of what
+wakes the waiters.
 
 A waiter is woken by the database's "finished" notification (PostgreSQL NOTIFY, asked for on demand with
 `watch_run`), by this process's worker letting go of the run (with the output when it completed it, so
@@ -9,10 +10,12 @@ net: every `recheck` seconds with notifications, every 50 ms without (SQLite acr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from .backends.base import Backend
-from .errors import ResultTimeout
+from .errors import ResultTimeout, RunNotFound
 from .reconnect import until_available
 from .records import RunRecord
 from .waiting import wait_for_event
@@ -41,11 +44,9 @@ class ResultWaiters:
         """The finished run's record, or its output JSON when this process's worker just completed it."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        recheck = PUSHED_RECHECK_S if self._backend.pushes_notifications and self.listening else POLLED_RECHECK_S
-        event = asyncio.Event()
-        self._events.setdefault(run_id, set()).add(event)
-        watching = False
-        try:
+        recheck = self._recheck()
+        with self._registered(run_id) as event:
+            watching = False
             while True:
                 event.clear()
                 output = self._completed_here.get(run_id)
@@ -68,6 +69,16 @@ class ResultWaiters:
                 if remaining is not None and remaining <= 0:
                     raise ResultTimeout(run_id, record.status.value, timeout or 0)
                 await wait_for_event(event, recheck if remaining is None else min(recheck, remaining))
+
+    def _recheck(self) -> float:
+        return PUSHED_RECHECK_S if self._backend.pushes_notifications and self.listening else POLLED_RECHECK_S
+
+    @contextlib.contextmanager
+    def _registered(self, run_id: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._events.setdefault(run_id, set()).add(event)
+        try:
+            yield event
         finally:
             events = self._events.get(run_id)
             if events is not None:
@@ -75,6 +86,35 @@ class ResultWaiters:
                 if not events:
                     del self._events[run_id]
                     self._completed_here.pop(run_id, None)
+
+    async def wait_for_event(self, run_id: str, key: str, timeout: float | None) -> Any:
+        """The value run `run_id` published under `key` (step.set_event): at once if set, else when it is
+        set; None when the run finished without setting it or `timeout` passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        with self._registered(run_id) as event:
+            watching = False
+            while True:
+                event.clear()
+                status, found, value = await until_available(
+                    lambda: self._backend.get_run_event(run_id, key), what="read event", give_up_after_s=30
+                )
+                if status is None:
+                    raise RunNotFound(f"no run with id {run_id}")
+                if found:
+                    return value
+                if status.finished:
+                    return None
+                if not watching:
+                    # Ask to be notified of the run's changes, then read again: it may have set it meanwhile.
+                    await until_available(lambda: self._backend.watch_run(run_id), what="watch run", give_up_after_s=30)
+                    watching = True
+                    continue
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                recheck = self._recheck()
+                await wait_for_event(event, recheck if remaining is None else min(recheck, remaining))
 
     def finished(self, run_id: str) -> None:
         """The run finished (a notification) or left this process's worker: its waiters look again."""

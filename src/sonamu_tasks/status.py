@@ -43,3 +43,5 @@ class StepStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     SLEEPING = "sleeping"
+    WAITING = "waiting"
+    """A receive or event wait not satisfied yet."""

@@ -55,6 +55,30 @@ class StepWrapper:
         """Durable sleep: the run is parked in the database and holds no worker slot until it wakes."""
         await self._attempt.sleep(_step_name(name), duration)
 
+    async def receive(self, name: str, topic: str | None = None, *, timeout: Duration | None = None) -> Any:
+        """Wait durably for a message sent to this run on `topic` (`manager.send`); return the oldest one not
+        consumed yet, or None after `timeout`. Taking it and checkpointing it are one transaction, so each
+        message is received once. While it waits the run is `waiting` and holds no worker slot."""
+        return await self._attempt.receive(_step_name(name), _topic(topic), timeout)
+
+    async def set_event(self, key: str, value: Any) -> None:
+        """Publish `value` under `key` for readers outside the run (`handle.get_event`); the latest wins."""
+        from .limits import check_name
+
+        await self._attempt.set_event(check_name(key, field="event key"), value)
+
+    async def wait_for_event(
+        self, name: str, event: str, key: str | None = None, *, timeout: Duration | None = None
+    ) -> Any:
+        """Wait durably for the first broadcast `event` (with `key`) emitted since this run was created
+        (`manager.emit`); its payload, or None after `timeout`. An event emitted before the run reached this
+        line counts; many runs may wait for one event."""
+        from .limits import check_name
+
+        event = check_name(event, field="event name")
+        event_key = "" if key is None else check_name(key, field="event key", limit=255)
+        return await self._attempt.wait_for_event(_step_name(name), event, event_key, timeout)
+
     async def map(
         self, name: str, fn: Callable[[Any], R], items: Iterable[Any], concurrency: int | None = None
     ) -> list[R]:
@@ -132,6 +156,16 @@ class ChildHandle:
     async def result(self) -> Any:
         """The child's output; raises ChildWorkflowFailed (with the child's error) if it failed or was canceled."""
         return await self._attempt.child_result(self.step_name, self.id, self.workflow_name, fan_out=self._fan_out)
+
+
+DEFAULT_TOPIC = "default"
+"""The topic of a message sent or received without one."""
+
+
+def _topic(topic: str | None) -> str:
+    from .limits import check_topic
+
+    return DEFAULT_TOPIC if topic is None else check_topic(topic)
 
 
 def _step_name(name: Any) -> str:

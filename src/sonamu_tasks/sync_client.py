@@ -42,6 +42,12 @@ class SyncRunHandle:
     def result(self, timeout: float | None = None) -> Any:
         return self._client._call(self._client.manager.wait_for_result(self.id, timeout=timeout))
 
+    def get_event(self, key: str, timeout: float | None = None) -> Any:
+        return self._client.get_event(self.id, key, timeout=timeout)
+
+    def send(self, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
+        return self._client.send(self.id, message, topic=topic, idempotency_key=idempotency_key)
+
 
 class SyncClient:
     def __init__(self, config: Config | Mapping[str, Any] | None = None) -> None:
@@ -72,6 +78,20 @@ class SyncClient:
         """Start a run (see `WorkflowManager.run` for the options) and return its handle at once."""
         handle = self._call(self.manager.run(workflow, input, **options))
         return SyncRunHandle(self, handle.id, handle.created)
+
+    def send(
+        self, run_id: str, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None
+    ) -> bool:
+        """Send a message to a run (see `WorkflowManager.send`)."""
+        return self._call(self.manager.send(run_id, message, topic=topic, idempotency_key=idempotency_key))
+
+    def emit(self, event: str, payload: Any = None, *, key: str | None = None) -> int:
+        """Broadcast an event (see `WorkflowManager.emit`)."""
+        return self._call(self.manager.emit(event, payload, key=key))
+
+    def get_event(self, run_id: str, key: str, *, timeout: float | None = None) -> Any:
+        """A value a run published (see `WorkflowManager.get_event`); blocks this thread only."""
+        return self._call(self.manager.get_event(run_id, key, timeout=timeout))
 
     def handle(self, run_id: str) -> SyncRunHandle:
         return SyncRunHandle(self, run_id, created=False)

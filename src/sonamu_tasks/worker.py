@@ -171,6 +171,10 @@ class Worker:
     def runs_created(self) -> None:
         self.wake()
 
+    def run_changed(self, run_id: str) -> None:
+        if self._on_finished is not None:
+            self._on_finished(run_id, None)  # wakes this process's waiters on the run; they read again
+
     def finished(self, run_id: str, output_json: str | None) -> None:
         """A run left this worker (with its stored output if it completed): wake the waiters of this process."""
         if self._on_finished is not None:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from ..records import MessageRecord as MessageRecord
+from ..records import RunEventRecord as RunEventRecord
+
 # The records are public types of their own module; re-exported here for the backends.
 from ..records import RunRecord as RunRecord
 from ..records import ScheduleRecord as ScheduleRecord
@@ -52,6 +55,8 @@ class Checkpoint:
     output_json: str
     started_at: datetime
     finished_at: datetime
+    kind: str = "call"
+    """"call", or "child" for the outcome of a child run the parent saw."""
 
 
 RunWrite = tuple[str, str, tuple[Checkpoint, ...], str | None]
@@ -62,13 +67,17 @@ FOREVER = datetime(2999, 12, 31, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
-class SleepWait:
-    """A durable sleep a run parks on: new (`duration`) or recorded before (`wake_at`)."""
+class TimedWait:
+    """A durable wait a run parks on that has a time: a sleep (`kind` "sleep"), a receive ("receive") or an
+    event wait ("event"), new (`duration`, None: no timeout) or recorded before (`wake_at`)."""
 
     name: str
+    kind: str
     started_at: datetime
     duration: timedelta | None = None
     wake_at: datetime | None = None
+    waits_for: dict[str, Any] | None = None
+    """What a receive or event wait waits for: {"topic": ...} or {"event": ..., "key": ...}."""
 
 
 @dataclass(frozen=True)
@@ -219,11 +228,54 @@ class Backend(ScheduleStore, Protocol):
         finished_at: datetime,
     ) -> None: ...
     async def park_run(
-        self, run_id: str, lease_token: str, sleeps: Sequence[SleepWait], children: Sequence[str]
+        self, run_id: str, lease_token: str, waits: Sequence[TimedWait], children: Sequence[str]
     ) -> datetime:
-        """Park the run until its earliest sleep's wake time, or (waiting on `children`) until one of them
-        finishes; record the sleeps as steps. A child already finished makes it due at once. Returns when it
-        is due (FOREVER when only a child can wake it)."""
+        """Park the run until the earliest wake time of `waits`, or ('waiting') until a message, event or
+        child it waits for arrives; record the waits as steps. One that arrived already makes it due at
+        once. Returns when it is due (FOREVER when only an arrival can wake it)."""
+        ...
+
+    async def take_message(
+        self, run_id: str, lease_token: str, name: str, topic: str, started_at: datetime
+    ) -> tuple[bool, Any]:
+        """Consume the oldest unconsumed message of `topic` and checkpoint it as step `name`, in one
+        transaction: (True, payload), or (False, None) when there is none."""
+        ...
+
+    async def take_event(
+        self, run_id: str, lease_token: str, name: str, event: str, key: str, started_at: datetime
+    ) -> tuple[bool, Any]:
+        """Checkpoint as step `name` the first `event` with `key` emitted since the run was created."""
+        ...
+
+    async def complete_wait(
+        self, run_id: str, lease_token: str, name: str, kind: str, started_at: datetime, waits_for: dict[str, Any]
+    ) -> None:
+        """A receive or event wait timed out: checkpoint it with None."""
+        ...
+
+    async def set_run_event(self, run_id: str, lease_token: str, name: str, key: str, value_json: str) -> None:
+        """Publish `key` = value for the run (latest wins) with its step record `name`, in one transaction."""
+        ...
+
+    async def get_run_event(self, run_id: str, key: str) -> tuple[RunStatus | None, bool, Any]:
+        """(the run's status or None when there is no such run, whether `key` is set, its value)."""
+        ...
+
+    async def list_run_events(self, run_id: str) -> list[RunEventRecord]: ...
+    async def list_messages(self, run_id: str, limit: int) -> list[MessageRecord]:
+        """A run's unconsumed messages, oldest first."""
+        ...
+
+    async def send_message(
+        self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
+    ) -> bool | None:
+        """Store a message for a run and wake it if it waits: True if stored, False for a repeated
+        idempotency key, None when there is no such run."""
+        ...
+
+    async def emit_event(self, name: str, key: str, payload_json: str) -> int:
+        """Store a broadcast event and wake the runs parked on it; the number woken."""
         ...
 
     async def start_children(

@@ -24,14 +24,16 @@ from ..base import (
     ChildOutcome,
     ClaimedRun,
     LeaseLost,
+    MessageRecord,
     NewRun,
     Notifications,
+    RunEventRecord,
     RunQuery,
     RunRecord,
     RunWrite,
     ScheduleRecord,
-    SleepWait,
     StepRecord,
+    TimedWait,
     WorkerRecord,
 )
 from ..group_commit import GroupCommit
@@ -365,36 +367,156 @@ class PostgresBackend:
 
     @_transient
     async def park_run(
-        self, run_id: str, lease_token: str, sleeps: Sequence[SleepWait], children: Sequence[str]
+        self, run_id: str, lease_token: str, waits: Sequence[TimedWait], children: Sequence[str]
     ) -> datetime:
-        sleeps_json = json.dumps(
+        waits_json = json.dumps(
             [
                 {
-                    "name": sleep.name,
-                    "started_at": sleep.started_at.isoformat(),
-                    "seconds": None if sleep.duration is None else sleep.duration.total_seconds(),
-                    "wake_at": None if sleep.wake_at is None else sleep.wake_at.isoformat(),
+                    "name": wait.name,
+                    "kind": wait.kind,
+                    "started_at": wait.started_at.isoformat(),
+                    "seconds": None if wait.duration is None else wait.duration.total_seconds(),
+                    "wake_at": None if wait.wake_at is None else wait.wake_at.isoformat(),
+                    "waits_for": wait.waits_for,
                 }
-                for sleep in sleeps
+                for wait in waits
             ]
         )
+        topics = sorted({str(w.waits_for["topic"]) for w in waits if w.kind == "receive" and w.waits_for})
+        events = sorted(
+            {(str(w.waits_for["event"]), str(w.waits_for["key"])) for w in waits if w.kind == "event" and w.waits_for}
+        )
         async with self._pool.connection() as conn, conn.transaction():
+            owned = await (
+                await conn.execute(QUERIES["lock_parking_run"], {"run_id": run_id, "lease_token": lease_token})
+            ).fetchone()
+            if owned is None:
+                raise LeaseLost(run_id)
             ready = False
+            if topics:
+                row = await (
+                    await conn.execute(QUERIES["messages_waiting"], {"run_id": run_id, "topics": topics})
+                ).fetchone()
+                ready = bool(row and row[0])
+            for name, key in events:
+                await conn.execute(QUERIES["lock_event"], {"name": name, "key": key})
+                found = await conn.execute(QUERIES["event_emitted"], {"name": name, "key": key, "since": owned[0]})
+                ready = ready or await found.fetchone() is not None
             if children:
                 locked = await conn.execute(QUERIES["lock_children"], {"children": list(children)})
-                ready = any(RunStatus(status).finished for (status,) in await locked.fetchall())
+                ready = any(RunStatus(status).finished for (status,) in await locked.fetchall()) or ready
             params = {
                 "run_id": run_id,
                 "lease_token": lease_token,
-                "sleeps": sleeps_json,
+                "waits": waits_json,
                 "ready": ready,
-                "on_children": bool(children),
+                "waiting": bool(children) or any(wait.kind != "sleep" for wait in waits),
                 "forever": FOREVER,
             }
             row = await (await conn.execute(QUERIES["park_run"], params)).fetchone()
         if row is None:
             raise LeaseLost(run_id)
         return row[0]  # type: ignore[no-any-return]
+
+    @_transient
+    async def take_message(
+        self, run_id: str, lease_token: str, name: str, topic: str, started_at: datetime
+    ) -> tuple[bool, Any]:
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "name": name,
+            "topic": topic,
+            "started_at": started_at,
+            "waits_for": json.dumps({"topic": topic}),
+        }
+        return await self._take("take_message", params)
+
+    @_transient
+    async def take_event(
+        self, run_id: str, lease_token: str, name: str, event: str, key: str, started_at: datetime
+    ) -> tuple[bool, Any]:
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "name": name,
+            "event": event,
+            "key": key,
+            "started_at": started_at,
+            "waits_for": json.dumps({"event": event, "key": key}),
+        }
+        return await self._take("take_event", params)
+
+    async def _take(self, query: str, params: dict[str, Any]) -> tuple[bool, Any]:
+        async with self._pool.connection() as conn:
+            owned, taken, payload = await self._one(conn, query, params)
+        if not owned:
+            raise LeaseLost(str(params["run_id"]))
+        return bool(taken), payload
+
+    @_transient
+    async def complete_wait(
+        self, run_id: str, lease_token: str, name: str, kind: str, started_at: datetime, waits_for: dict[str, Any]
+    ) -> None:
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "name": name,
+            "kind": kind,
+            "started_at": started_at,
+            "waits_for": json.dumps(waits_for),
+        }
+        await self._fenced("complete_wait", params)
+
+    @_transient
+    async def set_run_event(self, run_id: str, lease_token: str, name: str, key: str, value_json: str) -> None:
+        params = {"run_id": run_id, "lease_token": lease_token, "name": name, "key": key, "value": value_json}
+        async with self._pool.connection() as conn:
+            owned, _ = await self._one(conn, "set_run_event", params)
+        if not owned:
+            raise LeaseLost(run_id)
+
+    @_transient
+    async def get_run_event(self, run_id: str, key: str) -> tuple[RunStatus | None, bool, Any]:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(QUERIES["get_run_event"], {"run_id": run_id, "key": key})).fetchone()
+        if row is None:
+            return None, False, None
+        return RunStatus(row[0]), bool(row[1]), row[2]
+
+    @_transient
+    async def list_run_events(self, run_id: str) -> list[RunEventRecord]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["list_run_events"], {"run_id": run_id})).fetchall()
+        return [RunEventRecord(*row) for row in rows]
+
+    @_transient
+    async def list_messages(self, run_id: str, limit: int) -> list[MessageRecord]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["list_messages"], {"run_id": run_id, "limit": limit})).fetchall()
+        return [MessageRecord(*row) for row in rows]
+
+    @_transient
+    async def send_message(
+        self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
+    ) -> bool | None:
+        params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
+        async with self._pool.connection() as conn:
+            found, stored = await self._one(conn, "send_message", params)
+        return None if not found else bool(stored)
+
+    @_transient
+    async def emit_event(self, name: str, key: str, payload_json: str) -> int:
+        params = {"name": name, "key": key, "payload": payload_json}
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["lock_event"], params)
+            (woken,) = await self._one(conn, "emit_event", params)
+        return int(woken)
+
+    async def _one(self, conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]) -> tuple[Any, ...]:
+        row: tuple[Any, ...] | None = await (await conn.execute(QUERIES[query], params)).fetchone()
+        assert row is not None, f"{query} returns one row"
+        return row
 
     @_transient
     async def start_children(
@@ -522,13 +644,20 @@ class PostgresBackend:
 
 def _step_fields(step: Checkpoint) -> str:
     return (
-        f',"step_name":{json.dumps(step.name)},"step_output":{step.output_json},'
+        f',"step_name":{json.dumps(step.name)},"step_kind":"{step.kind}","step_output":{step.output_json},'
         f'"started_at":"{step.started_at.isoformat()}","finished_at":"{step.finished_at.isoformat()}"'
     )
 
 
 def _output_fields(output: str) -> str:
     return f',"completes":true,"output":{output}'
+
+
+def _awaited(waits: Sequence[TimedWait]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The topics and (event, key) pairs a park waits on, sorted (locks are taken in this order)."""
+    topics = {str(w.waits_for["topic"]) for w in waits if w.kind == "receive" and w.waits_for}
+    events = {(str(w.waits_for["event"]), str(w.waits_for["key"])) for w in waits if w.kind == "event" and w.waits_for}
+    return sorted(topics), sorted(events)
 
 
 def _dispatch(payload: str, notifications: Notifications) -> None:

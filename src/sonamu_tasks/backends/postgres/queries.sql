@@ -99,7 +99,7 @@ SELECT id::text, workflow_name, version, status, input, output, error, attempts,
 FROM runs WHERE id = %(run_id)s
 
 -- load_steps --
-SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at
+SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY started_at, name
 
@@ -112,28 +112,204 @@ WHERE id = ANY(%(children)s::uuid[])
 ORDER BY id
 FOR SHARE
 
+-- lock_parking_run --
+-- The first statement of a park: the run's row, locked while the claim still owns it. A send to the run
+-- updates this row too (to wake it), so it waits here until the park is decided, and a message sent before
+-- is seen by the checks that follow.
+SELECT created_at FROM runs
+WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+FOR UPDATE
+
+-- messages_waiting --
+-- Whether one of the topics a parking run waits on has an unconsumed message.
+SELECT EXISTS (
+    SELECT 1 FROM messages
+    WHERE run_id = %(run_id)s AND topic = ANY(%(topics)s::text[]) AND consumed_at IS NULL
+)
+
+-- lock_event --
+-- Emits and parks on one (event, key) take turns: a park sees an emit that came first, or the emit finds the
+-- park's event_waits row and wakes the run.
+SELECT pg_advisory_xact_lock(hashtextextended(%(name)s || chr(31) || %(key)s, 0))
+
+-- event_emitted --
+-- The first event with this name and key emitted since the run was created (the database's clock).
+SELECT payload FROM events
+WHERE name = %(name)s AND key = %(key)s AND emitted_at >= %(since)s::timestamptz
+ORDER BY emitted_at, id
+LIMIT 1
+
 -- park_run --
--- The run leaves its worker (no slot, no lease) until a wait is satisfied: its earliest sleep's wake time,
--- or a child finishing ('waiting', woken by the child's trigger). `ready`: a child it waits for finished
--- already, so it is due again at once. Sleeps are recorded as steps, with their wake times.
-WITH sleeps AS (
-    SELECT name, started_at, COALESCE(wake_at, now() + make_interval(secs => seconds)) AS wake_at
-    FROM json_to_recordset(%(sleeps)s::json) AS w(name text, started_at timestamptz, seconds float8,
-                                                    wake_at timestamptz)
+-- The run leaves its worker (no slot, no lease) until a wait is satisfied: the earliest timeout of its timed
+-- waits (sleeps, receives, event waits), or a message, event or child it waits for ('waiting'). `ready`: one
+-- of those arrived already, so it is due again at once. Timed waits are recorded as steps with their wake
+-- times; event waits also in event_waits, where an emit finds them.
+WITH waits AS (
+    SELECT name, kind, started_at, waits_for,
+           COALESCE(wake_at, now() + make_interval(secs => seconds)) AS wake_at
+    FROM json_to_recordset(%(waits)s::json) AS w(name text, kind text, started_at timestamptz, seconds float8,
+                                                   wake_at timestamptz, waits_for jsonb)
 ), parked AS (
     UPDATE runs
-    SET status = CASE WHEN %(ready)s THEN 'pending' WHEN %(on_children)s THEN 'waiting' ELSE 'sleeping' END,
+    SET status = CASE WHEN %(ready)s THEN 'pending' WHEN %(waiting)s THEN 'waiting' ELSE 'sleeping' END,
         available_at = CASE WHEN %(ready)s THEN now()
-                            ELSE COALESCE((SELECT min(wake_at) FROM sleeps), %(forever)s::timestamptz) END,
+                            ELSE COALESCE((SELECT min(wake_at) FROM waits), %(forever)s::timestamptz) END,
         lease_token = NULL, worker_id = NULL, updated_at = now()
     WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
     RETURNING id, available_at
 ), recorded AS (
-    INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at)
-    SELECT parked.id, sleeps.name, 'sleep', 'sleeping', sleeps.wake_at, 1, sleeps.started_at FROM parked, sleeps
-    ON CONFLICT (run_id, name) DO UPDATE SET wake_at = EXCLUDED.wake_at, status = 'sleeping'
+    INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at, waits_for)
+    SELECT parked.id, waits.name, waits.kind, CASE WHEN waits.kind = 'sleep' THEN 'sleeping' ELSE 'waiting' END,
+           waits.wake_at, 1, waits.started_at, waits.waits_for
+    FROM parked, waits
+    ON CONFLICT (run_id, name) DO UPDATE SET wake_at = EXCLUDED.wake_at, status = EXCLUDED.status
+), subscribed AS (
+    INSERT INTO event_waits (run_id, name, key)
+    SELECT parked.id, waits.waits_for->>'event', waits.waits_for->>'key'
+    FROM parked, waits
+    WHERE waits.kind = 'event' AND NOT %(ready)s
+    ON CONFLICT DO NOTHING
 )
 SELECT available_at FROM parked
+
+-- take_message --
+-- receive: the oldest unconsumed message of the topic, consumed and checkpointed as the step's result in one
+-- statement, only while the claim owns the run. SKIP LOCKED: a message being taken by a stale attempt is
+-- left to it (its fence fails and it rolls back; the next replay takes it).
+WITH owned AS (
+    SELECT id FROM runs
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    FOR NO KEY UPDATE
+), taken AS (
+    UPDATE messages SET consumed_at = now(), consumed_by = %(name)s
+    WHERE id = (SELECT m.id FROM messages m JOIN owned ON m.run_id = owned.id
+                WHERE m.topic = %(topic)s AND m.consumed_at IS NULL
+                ORDER BY m.id LIMIT 1
+                FOR UPDATE OF m SKIP LOCKED)
+    RETURNING run_id, payload
+), step AS (
+    INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at, waits_for)
+    SELECT run_id, %(name)s, 'receive', 'completed', payload, 1, %(started_at)s::timestamptz, now(),
+           %(waits_for)s::jsonb
+    FROM taken
+    ON CONFLICT (run_id, name) DO UPDATE
+    SET status = 'completed', output = EXCLUDED.output, finished_at = EXCLUDED.finished_at, wake_at = NULL
+)
+SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM taken), (SELECT payload FROM taken)
+
+-- take_event --
+-- wait_for_event: the first matching event since the run was created, checkpointed as the step's result.
+WITH owned AS (
+    SELECT id, created_at FROM runs
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    FOR NO KEY UPDATE
+), found AS (
+    SELECT owned.id AS run_id, e.payload
+    FROM owned CROSS JOIN LATERAL (
+        SELECT payload FROM events
+        WHERE name = %(event)s AND key = %(key)s AND emitted_at >= owned.created_at
+        ORDER BY emitted_at, id
+        LIMIT 1
+    ) AS e
+), step AS (
+    INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at, waits_for)
+    SELECT run_id, %(name)s, 'event', 'completed', payload, 1, %(started_at)s::timestamptz, now(),
+           %(waits_for)s::jsonb
+    FROM found
+    ON CONFLICT (run_id, name) DO UPDATE
+    SET status = 'completed', output = EXCLUDED.output, finished_at = EXCLUDED.finished_at, wake_at = NULL
+), unsubscribed AS (
+    DELETE FROM event_waits w USING found
+    WHERE w.run_id = found.run_id AND w.name = %(event)s AND w.key = %(key)s
+)
+SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM found), (SELECT payload FROM found)
+
+-- complete_wait --
+-- A receive or event wait whose timeout passed: completed with None, only while the claim owns the run.
+WITH owned AS (
+    SELECT id FROM runs
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    FOR NO KEY UPDATE
+), unsubscribed AS (
+    DELETE FROM event_waits w USING owned WHERE w.run_id = owned.id AND %(kind)s = 'event'
+      AND w.name = %(waits_for)s::jsonb->>'event' AND w.key = %(waits_for)s::jsonb->>'key'
+)
+INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at, waits_for)
+SELECT id, %(name)s, %(kind)s, 'completed', 'null'::jsonb, 1, %(started_at)s::timestamptz, now(),
+       %(waits_for)s::jsonb
+FROM owned
+ON CONFLICT (run_id, name) DO UPDATE
+SET status = 'completed', output = EXCLUDED.output, finished_at = EXCLUDED.finished_at, wake_at = NULL
+RETURNING 1
+
+-- set_run_event --
+-- step.set_event: the latest value of the key, and the step record that makes a replay skip it, in one
+-- statement while the claim owns the run; a get_event waiting in another process is notified.
+WITH owned AS (
+    SELECT id, notify_finish FROM runs
+    WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
+    FOR NO KEY UPDATE
+), published AS (
+    INSERT INTO run_events (run_id, key, value, updated_at)
+    SELECT id, %(key)s, %(value)s::jsonb, now() FROM owned
+    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+), recorded AS (
+    INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, finished_at)
+    SELECT id, %(name)s, 'set_event', 'completed', %(value)s::jsonb, 1, now(), now() FROM owned
+    ON CONFLICT (run_id, name) DO NOTHING
+), notified AS (
+    SELECT pg_notify('sonamu_tasks:' || current_schema(), 'f:' || id::text) FROM owned WHERE notify_finish
+)
+SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM notified)
+
+-- get_run_event --
+-- A run's published value of `key` (found: false when not set), with the run's status.
+SELECT r.status, e.run_id IS NOT NULL AS found, e.value
+FROM runs r LEFT JOIN run_events e ON e.run_id = r.id AND e.key = %(key)s
+WHERE r.id = %(run_id)s
+
+-- list_run_events --
+SELECT key, value, updated_at FROM run_events WHERE run_id = %(run_id)s ORDER BY key
+
+-- list_messages --
+-- A run's unconsumed messages, oldest first (what `show` lists).
+SELECT id, topic, payload, idempotency_key, created_at FROM messages
+WHERE run_id = %(run_id)s AND consumed_at IS NULL
+ORDER BY id
+LIMIT %(limit)s
+
+-- send_message --
+-- A message to a run: stored once per idempotency key; a waiting run is made due now (the status trigger
+-- NOTIFYs a worker). Updating the run's row first orders this against a park (see lock_parking_run).
+WITH target AS (
+    UPDATE runs
+    SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
+        available_at = CASE WHEN status = 'waiting' THEN now() ELSE available_at END,
+        updated_at = CASE WHEN status = 'waiting' THEN now() ELSE updated_at END
+    WHERE id = %(run_id)s
+    RETURNING id
+), stored AS (
+    INSERT INTO messages (run_id, topic, payload, idempotency_key)
+    SELECT id, %(topic)s, %(payload)s::jsonb, %(idempotency_key)s FROM target
+    ON CONFLICT DO NOTHING
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM stored)
+
+-- emit_event --
+-- A broadcast event (after lock_event, in the same transaction): stored, and every run parked on it woken.
+WITH emitted AS (
+    INSERT INTO events (name, key, payload) VALUES (%(name)s, %(key)s, %(payload)s::jsonb)
+    RETURNING id
+), subscribers AS (
+    DELETE FROM event_waits WHERE name = %(name)s AND key = %(key)s
+    RETURNING run_id
+), woken AS (
+    UPDATE runs SET status = 'pending', available_at = now(), updated_at = now()
+    WHERE id IN (SELECT run_id FROM subscribers) AND status = 'waiting'
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM woken)
 
 -- start_children --
 -- A parent's step starts its children: the child runs and the parent's step record, in one statement,
@@ -181,8 +357,8 @@ RETURNING 1
 WITH batch AS (
     SELECT *
     FROM json_to_recordset(%(batch)s::json)
-         AS b(run_id uuid, lease_token uuid, step_name text, step_output jsonb, started_at timestamptz,
-              finished_at timestamptz, completes boolean, output jsonb)
+         AS b(run_id uuid, lease_token uuid, step_name text, step_kind text, step_output jsonb,
+              started_at timestamptz, finished_at timestamptz, completes boolean, output jsonb)
 ), owned AS (
     SELECT b.*
     FROM batch b JOIN runs r ON r.id = b.run_id
@@ -191,10 +367,10 @@ WITH batch AS (
     FOR NO KEY UPDATE OF r
 ), checkpoints AS (
     INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
-    SELECT run_id, step_name, 'call', 'completed', step_output, 1, started_at, finished_at
+    SELECT run_id, step_name, step_kind, 'completed', step_output, 1, started_at, finished_at
     FROM owned WHERE step_name IS NOT NULL
     ON CONFLICT (run_id, name) DO UPDATE
-    SET status = 'completed', output = EXCLUDED.output, error = NULL, attempts = s.attempts + 1,
+    SET status = 'completed', output = EXCLUDED.output, error = NULL, attempts = s.attempts + (s.kind <> 'child')::int,
         started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
 ), completions AS (
     UPDATE runs AS r

@@ -26,13 +26,15 @@ from ..base import (
     ChildOutcome,
     ClaimedRun,
     LeaseLost,
+    MessageRecord,
     NewRun,
     Notifications,
+    RunEventRecord,
     RunQuery,
     RunRecord,
     ScheduleRecord,
-    SleepWait,
     StepRecord,
+    TimedWait,
     WorkerRecord,
 )
 from ..group_commit import GroupCommit
@@ -239,30 +241,185 @@ class SqliteBackend:
             raise LeaseLost(run_id)
 
     async def park_run(
-        self, run_id: str, lease_token: str, sleeps: Sequence[SleepWait], children: Sequence[str]
+        self, run_id: str, lease_token: str, waits: Sequence[TimedWait], children: Sequence[str]
     ) -> datetime:
         def park(conn: sqlite3.Connection, now: int) -> int | None:
-            wakes = {sleep.name: _wake_micros(sleep, now) for sleep in sleeps}
-            ready = bool(children) and bool(
-                conn.execute(QUERIES["children_finished"], {"children": json.dumps(list(children))}).fetchall()
+            owned = _first(conn, "lock_parking_run", {"run_id": run_id, "lease_token": lease_token})
+            if owned is None:
+                return None
+            wakes = {wait.name: _wake_micros(wait, now) for wait in waits}
+            topics = [w.waits_for["topic"] for w in waits if w.kind == "receive" and w.waits_for]
+            events = [w.waits_for for w in waits if w.kind == "event" and w.waits_for]
+            ready = bool(topics) and bool(
+                _first(conn, "messages_waiting", {"run_id": run_id, "topics": json.dumps(topics)})["waiting"]  # type: ignore[index]
             )
+            for wanted in events:
+                since = {"event": wanted["event"], "key": wanted["key"], "since": owned["created_at"]}
+                ready = ready or _first(conn, "event_emitted", since) is not None
+            if children:
+                finished = conn.execute(QUERIES["children_finished"], {"children": json.dumps(list(children))})
+                ready = ready or bool(finished.fetchall())
             if ready:
                 status, due = "pending", now
             else:
-                status = "waiting" if children else "sleeping"
-                due = min(wakes.values(), default=_FOREVER_US)
+                status = "waiting" if children or any(wait.kind != "sleep" for wait in waits) else "sleeping"
+                due = min((wake for wake in wakes.values() if wake is not None), default=_FOREVER_US)
             params = {"run_id": run_id, "lease_token": lease_token, "status": status, "available_at": due, "now": now}
             if _first(conn, "park_run", params) is None:
                 return None
-            for sleep in sleeps:
-                record = {"run_id": run_id, "name": sleep.name, "started_at": micros(sleep.started_at)}
-                conn.execute(QUERIES["record_sleep"], {**record, "wake_at": wakes[sleep.name]})
+            for wait in waits:
+                record = {
+                    "run_id": run_id,
+                    "name": wait.name,
+                    "kind": wait.kind,
+                    "status": "sleeping" if wait.kind == "sleep" else "waiting",
+                    "wake_at": wakes[wait.name],
+                    "started_at": micros(wait.started_at),
+                    "waits_for": None if wait.waits_for is None else json.dumps(wait.waits_for),
+                }
+                conn.execute(QUERIES["record_wait"], record)
+            if not ready:
+                for wanted in events:
+                    subscription = {"run_id": run_id, "event": wanted["event"], "key": wanted["key"]}
+                    conn.execute(QUERIES["subscribe_event"], subscription)
             return due
 
         due = await self._db.write(park)
         if due is None:
             raise LeaseLost(run_id)
         return records.moment(due)
+
+    async def take_message(
+        self, run_id: str, lease_token: str, name: str, topic: str, started_at: datetime
+    ) -> tuple[bool, Any]:
+        waits_for = json.dumps({"topic": topic})
+
+        def take(conn: sqlite3.Connection, now: int) -> tuple[bool, Any] | None:
+            if _first(conn, "lock_parking_run", {"run_id": run_id, "lease_token": lease_token}) is None:
+                return None
+            message = _first(conn, "oldest_message", {"run_id": run_id, "topic": topic})
+            if message is None:
+                return False, None
+            conn.execute(QUERIES["consume_message"], {"id": message["id"], "name": name, "now": now})
+            step = {"run_id": run_id, "name": name, "kind": "receive", "output": message["payload"]}
+            conn.execute(
+                QUERIES["complete_wait_step"],
+                {**step, "started_at": micros(started_at), "now": now, "waits_for": waits_for},
+            )
+            return True, records.decoded(message["payload"])
+
+        return self._fenced_result(run_id, await self._db.write(take))
+
+    async def take_event(
+        self, run_id: str, lease_token: str, name: str, event: str, key: str, started_at: datetime
+    ) -> tuple[bool, Any]:
+        waits_for = json.dumps({"event": event, "key": key})
+
+        def take(conn: sqlite3.Connection, now: int) -> tuple[bool, Any] | None:
+            owned = _first(conn, "lock_parking_run", {"run_id": run_id, "lease_token": lease_token})
+            if owned is None:
+                return None
+            found = _first(conn, "event_emitted", {"event": event, "key": key, "since": owned["created_at"]})
+            if found is None:
+                return False, None
+            step = {"run_id": run_id, "name": name, "kind": "event", "output": found["payload"]}
+            conn.execute(
+                QUERIES["complete_wait_step"],
+                {**step, "started_at": micros(started_at), "now": now, "waits_for": waits_for},
+            )
+            conn.execute(QUERIES["unsubscribe_event"], {"run_id": run_id, "event": event, "key": key})
+            return True, records.decoded(found["payload"])
+
+        return self._fenced_result(run_id, await self._db.write(take))
+
+    async def complete_wait(
+        self, run_id: str, lease_token: str, name: str, kind: str, started_at: datetime, waits_for: dict[str, Any]
+    ) -> None:
+        def complete(conn: sqlite3.Connection, now: int) -> bool:
+            if _first(conn, "lock_parking_run", {"run_id": run_id, "lease_token": lease_token}) is None:
+                return False
+            step = {"run_id": run_id, "name": name, "kind": kind, "output": "null", "waits_for": json.dumps(waits_for)}
+            conn.execute(QUERIES["complete_wait_step"], {**step, "started_at": micros(started_at), "now": now})
+            if kind == "event":
+                unsubscribe = {"run_id": run_id, "event": waits_for["event"], "key": waits_for["key"]}
+                conn.execute(QUERIES["unsubscribe_event"], unsubscribe)
+            return True
+
+        if not await self._db.write(complete):
+            raise LeaseLost(run_id)
+
+    async def set_run_event(self, run_id: str, lease_token: str, name: str, key: str, value_json: str) -> None:
+        def publish(conn: sqlite3.Connection, now: int) -> bool:
+            if _first(conn, "lock_parking_run", {"run_id": run_id, "lease_token": lease_token}) is None:
+                return False
+            params = {"run_id": run_id, "name": name, "key": key, "value": value_json, "now": now}
+            conn.execute(QUERIES["publish_run_event"], params)
+            conn.execute(QUERIES["record_set_event"], params)
+            return True
+
+        if not await self._db.write(publish):
+            raise LeaseLost(run_id)
+
+    async def get_run_event(self, run_id: str, key: str) -> tuple[RunStatus | None, bool, Any]:
+        def read(conn: sqlite3.Connection, now: int) -> tuple[RunStatus | None, bool, Any]:
+            row = _first(conn, "get_run_event", {"run_id": run_id, "key": key})
+            if row is None:
+                return None, False, None
+            return RunStatus(row["status"]), bool(row["found"]), records.decoded(row["value"])
+
+        return await self._db.read(read)
+
+    async def list_run_events(self, run_id: str) -> list[RunEventRecord]:
+        def read(conn: sqlite3.Connection, now: int) -> list[RunEventRecord]:
+            rows = conn.execute(QUERIES["list_run_events"], {"run_id": run_id}).fetchall()
+            return [
+                RunEventRecord(r["key"], records.decoded(r["value"]), records.moment(r["updated_at"])) for r in rows
+            ]
+
+        return await self._db.read(read)
+
+    async def list_messages(self, run_id: str, limit: int) -> list[MessageRecord]:
+        def read(conn: sqlite3.Connection, now: int) -> list[MessageRecord]:
+            rows = conn.execute(QUERIES["list_messages"], {"run_id": run_id, "limit": limit}).fetchall()
+            return [
+                MessageRecord(
+                    r["id"],
+                    r["topic"],
+                    records.decoded(r["payload"]),
+                    r["idempotency_key"],
+                    records.moment(r["created_at"]),
+                )
+                for r in rows
+            ]
+
+        return await self._db.read(read)
+
+    async def send_message(
+        self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
+    ) -> bool | None:
+        def send(conn: sqlite3.Connection, now: int) -> bool | None:
+            if _first(conn, "wake_for_message", {"run_id": run_id, "now": now}) is None:
+                return None
+            params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
+            return _first(conn, "store_message", {**params, "now": now}) is not None
+
+        return await self._db.write(send)
+
+    async def emit_event(self, name: str, key: str, payload_json: str) -> int:
+        def emit(conn: sqlite3.Connection, now: int) -> int:
+            params = {"event": name, "key": key, "payload": payload_json, "now": now}
+            conn.execute(QUERIES["store_event"], params)
+            woken = conn.execute(QUERIES["wake_subscribers"], params).fetchall()
+            conn.execute(QUERIES["drop_subscribers"], params)
+            return len(woken)
+
+        return await self._db.write(emit)
+
+    @staticmethod
+    def _fenced_result(run_id: str, result: tuple[bool, Any] | None) -> tuple[bool, Any]:
+        if result is None:
+            raise LeaseLost(run_id)
+        return result
 
     async def start_children(
         self,
@@ -455,11 +612,13 @@ class SqliteBackend:
 _FOREVER_US = (FOREVER - records.moment(0)) // timedelta(microseconds=1)
 
 
-def _wake_micros(sleep: SleepWait, now: int) -> int:
-    """A sleep's wake time: recorded before, or `now` plus its duration."""
-    if sleep.wake_at is not None:
-        return (sleep.wake_at - records.moment(0)) // timedelta(microseconds=1)
-    return now + (sleep.duration or timedelta()) // timedelta(microseconds=1)
+def _wake_micros(wait: TimedWait, now: int) -> int | None:
+    """A timed wait's wake time: recorded before, or `now` plus its duration (None: no timeout)."""
+    if wait.wake_at is not None:
+        return (wait.wake_at - records.moment(0)) // timedelta(microseconds=1)
+    if wait.duration is None:
+        return None
+    return now + wait.duration // timedelta(microseconds=1)
 
 
 def _checkpoint_params(run_id: str, lease_token: str, step: Checkpoint) -> dict[str, Any]:
@@ -467,6 +626,7 @@ def _checkpoint_params(run_id: str, lease_token: str, step: Checkpoint) -> dict[
         "run_id": run_id,
         "lease_token": lease_token,
         "name": step.name,
+        "kind": step.kind,
         "output": step.output_json,
         "started_at": micros(step.started_at),
         "finished_at": micros(step.finished_at),

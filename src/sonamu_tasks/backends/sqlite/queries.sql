@@ -102,18 +102,18 @@ SELECT id, workflow_name, version, status, input, output, error, attempts, recov
 FROM runs WHERE id = :run_id
 
 -- load_steps --
-SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at
+SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
 FROM steps WHERE run_id = :run_id
 ORDER BY started_at, name
 
 -- save_step --
 -- Checkpoint a step's result, only while this claim still owns the run.
 INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)
-SELECT id, :name, 'call', 'completed', :output, 1, :started_at, :finished_at
+SELECT id, :name, :kind, 'completed', :output, 1, :started_at, :finished_at
 FROM runs
 WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
 ON CONFLICT (run_id, name) DO UPDATE
-SET status = 'completed', output = excluded.output, error = NULL, attempts = s.attempts + 1,
+SET status = 'completed', output = excluded.output, error = NULL, attempts = s.attempts + (s.kind <> 'child'),
     started_at = excluded.started_at, finished_at = excluded.finished_at
 RETURNING 1
 
@@ -143,11 +143,101 @@ ON CONFLICT (run_id, name) DO NOTHING
 -- load_children --
 SELECT id, status, output, error FROM runs WHERE parent_id = :run_id
 
--- record_sleep --
--- Runs in the same transaction as park_run, after it has checked the lease.
-INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at)
-VALUES (:run_id, :name, 'sleep', 'sleeping', :wake_at, 1, :started_at)
-ON CONFLICT (run_id, name) DO UPDATE SET wake_at = excluded.wake_at, status = 'sleeping'
+-- record_wait --
+-- A timed wait of a parked run (a sleep, a receive, an event wait): runs in the same transaction as
+-- park_run, after it has checked the lease.
+INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at, waits_for)
+VALUES (:run_id, :name, :kind, :status, :wake_at, 1, :started_at, :waits_for)
+ON CONFLICT (run_id, name) DO UPDATE SET wake_at = excluded.wake_at, status = excluded.status
+
+-- subscribe_event --
+INSERT INTO event_waits (run_id, name, key) VALUES (:run_id, :event, :key) ON CONFLICT DO NOTHING
+
+-- lock_parking_run --
+-- The owning claim's view of the run (the write lock keeps it so until the commit).
+SELECT created_at FROM runs WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+
+-- messages_waiting --
+SELECT EXISTS (
+    SELECT 1 FROM messages
+    WHERE run_id = :run_id AND topic IN (SELECT value FROM json_each(:topics)) AND consumed_at IS NULL
+) AS waiting
+
+-- event_emitted --
+-- The first event with this name and key emitted since `since` (the run's creation).
+SELECT payload FROM events
+WHERE name = :event AND key = :key AND emitted_at >= :since
+ORDER BY emitted_at, id
+LIMIT 1
+
+-- oldest_message --
+SELECT id, payload FROM messages
+WHERE run_id = :run_id AND topic = :topic AND consumed_at IS NULL
+ORDER BY id
+LIMIT 1
+
+-- consume_message --
+UPDATE messages SET consumed_at = :now, consumed_by = :name WHERE id = :id
+
+-- complete_wait_step --
+-- A receive or event wait, completed with what it got (None after its timeout).
+INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at, waits_for)
+VALUES (:run_id, :name, :kind, 'completed', :output, 1, :started_at, :now, :waits_for)
+ON CONFLICT (run_id, name) DO UPDATE
+SET status = 'completed', output = excluded.output, finished_at = excluded.finished_at, wake_at = NULL
+
+-- unsubscribe_event --
+DELETE FROM event_waits WHERE run_id = :run_id AND name = :event AND key = :key
+
+-- publish_run_event --
+INSERT INTO run_events (run_id, key, value, updated_at) VALUES (:run_id, :key, :value, :now)
+ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+
+-- record_set_event --
+INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, finished_at)
+VALUES (:run_id, :name, 'set_event', 'completed', :value, 1, :now, :now)
+ON CONFLICT (run_id, name) DO NOTHING
+
+-- get_run_event --
+SELECT r.status, e.run_id IS NOT NULL AS found, e.value
+FROM runs r LEFT JOIN run_events e ON e.run_id = r.id AND e.key = :key
+WHERE r.id = :run_id
+
+-- list_run_events --
+SELECT key, value, updated_at FROM run_events WHERE run_id = :run_id ORDER BY key
+
+-- list_messages --
+SELECT id, topic, payload, idempotency_key, created_at FROM messages
+WHERE run_id = :run_id AND consumed_at IS NULL
+ORDER BY id
+LIMIT :limit
+
+-- wake_for_message --
+-- A message arrives: a waiting run is due now.
+UPDATE runs
+SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
+    available_at = CASE WHEN status = 'waiting' THEN :now ELSE available_at END,
+    updated_at = CASE WHEN status = 'waiting' THEN :now ELSE updated_at END
+WHERE id = :run_id
+RETURNING id
+
+-- store_message --
+INSERT INTO messages (run_id, topic, payload, idempotency_key, created_at)
+VALUES (:run_id, :topic, :payload, :idempotency_key, :now)
+ON CONFLICT DO NOTHING
+RETURNING id
+
+-- store_event --
+INSERT INTO events (name, key, payload, emitted_at) VALUES (:event, :key, :payload, :now)
+
+-- wake_subscribers --
+-- Every run parked on this event is due now; the subscriptions are used up.
+UPDATE runs SET status = 'pending', available_at = :now, updated_at = :now
+WHERE status = 'waiting' AND id IN (SELECT run_id FROM event_waits WHERE name = :event AND key = :key)
+RETURNING id
+
+-- drop_subscribers --
+DELETE FROM event_waits WHERE name = :event AND key = :key
 
 -- complete_sleep --
 UPDATE steps SET status = 'completed', finished_at = :now

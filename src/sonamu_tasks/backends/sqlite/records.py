@@ -104,6 +104,7 @@ def step_record(row: sqlite3.Row) -> StepRecord:
         wake_at=optional_moment(row["wake_at"]),
         started_at=optional_moment(row["started_at"]),
         finished_at=optional_moment(row["finished_at"]),
+        waits_for=decoded(row["waits_for"]),
     )
 
 
