@@ -50,3 +50,22 @@ async def test_a_gather_whose_worker_is_killed_reruns_only_the_unfinished_step_a
     assert len(children.items) == 1 and children.items[0].status is RunStatus.COMPLETED
     run = await handle.info()
     assert run.status is RunStatus.COMPLETED and run.recoveries == 1
+
+
+async def test_messages_are_consumed_exactly_once_when_the_worker_is_killed_right_after_each_send(
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    worker = start_worker("w0", lease_ms=1000, workflows="collect")
+    handle = await client.run({"name": "collect", "version": "1"}, {"n": 6})
+    for index in range(6):
+        await client.send(handle.id, index, topic="t")
+        if index % 2 == 0:  # killed right after the send: whatever it was doing with the message
+            worker.process.send_signal(signal.SIGKILL)
+            worker.process.wait(timeout=10)
+            worker = start_worker(f"w{index + 1}", lease_ms=1000, workflows="collect")
+    assert await handle.result(timeout=40) == [0, 1, 2, 3, 4, 5]
+    assert await client.list_messages(handle.id) == []
+    run = await handle.info(with_steps=True)
+    assert sorted(s.output for s in run.steps) == [0, 1, 2, 3, 4, 5]

@@ -101,3 +101,12 @@ async def gather_and_child(input: Any, step: Any) -> dict[str, Any]:
     child = await step.start_workflow("kid", audited_child, {"dir": directory})
     names = await asyncio.gather(*(step.define(f"g{i}", gather_step).run(directory, f"g{i}") for i in range(4)))
     return {"steps": names, "child": await child.result(), "finished_in": os.getpid()}
+
+
+@workflow(version="1")
+async def collect(input: Any, step: Any) -> list[Any]:
+    """Receives `n` messages on topic "t", one step each, and returns them in order."""
+    got = []
+    for index in range(input["n"]):
+        got.append(await step.receive(f"m{index}", topic="t"))
+    return got
