@@ -29,3 +29,14 @@ def test_quickstart_runs_on_the_embedded_default(tmp_path: Path) -> None:
     # The idempotency key finds the finished run: the same result, no new run.
     second = run()
     assert second.split("result: ")[1] == first.split("result: ")[1]
+
+
+def test_the_approval_example_waits_for_its_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SONAMU_TASKS_DATABASE_URL"}
+    example = QUICKSTART.parent / "approval.py"
+    done = subprocess.run(
+        [sys.executable, str(example)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "{'waiting_for': 'manager approval', 'amount': 820.0}; its status is waiting" in done.stdout
+    assert "result: {'outcome': 'paid 820.00 to kim', 'decided_by': 'lee'}" in done.stdout
