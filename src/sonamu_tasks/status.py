@@ -7,8 +7,8 @@
     running     running     another worker claims it after the lease expired (a take-over)
     running     sleeping    step.sleep(): parked until its wake time, holds no slot
     sleeping    running     a worker claims it at its wake time
-    running     waiting     every branch waits and one waits for a child: parked, holds no slot
-    waiting     pending     a child it waits for finished (the child's transaction makes it due now)
+    running     waiting     every branch waits, for a child, a message or an event: parked, holds no slot
+    waiting     pending     what it waits for arrived (that transaction makes it due now)
     waiting     running     a worker claims it at its earliest timeout
     running     pending     a failed attempt that will be retried, or a graceful shutdown release
     running     completed   the workflow function returned
