@@ -167,3 +167,10 @@ async def test_an_event_emitted_before_the_run_was_created_does_not_count(manage
     await manager.emit("ping", "too early")
     handle = await manager.run(waiter)
     assert await handle.result(timeout=15) is None
+
+
+async def test_a_run_waiting_past_its_deadline_fails_at_the_deadline(manager_for: Any) -> None:
+    manager = await manager_for([approval])
+    handle = await manager.run(approval, deadline="500ms")
+    with pytest.raises(WorkflowFailed, match="deadline exceeded"):
+        await handle.result(timeout=15)

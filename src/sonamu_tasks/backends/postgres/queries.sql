@@ -153,7 +153,9 @@ WITH waits AS (
     UPDATE runs
     SET status = CASE WHEN %(ready)s THEN 'pending' WHEN %(waiting)s THEN 'waiting' ELSE 'sleeping' END,
         available_at = CASE WHEN %(ready)s THEN now()
-                            ELSE COALESCE((SELECT min(wake_at) FROM waits), %(forever)s::timestamptz) END,
+                            -- a run with a deadline is due by it at the latest: claimed then, it fails
+                            ELSE LEAST(COALESCE((SELECT min(wake_at) FROM waits), %(forever)s::timestamptz),
+                                       deadline_at) END,
         lease_token = NULL, worker_id = NULL, updated_at = now()
     WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
     RETURNING id, available_at

@@ -264,6 +264,8 @@ class SqliteBackend:
             else:
                 status = "waiting" if children or any(wait.kind != "sleep" for wait in waits) else "sleeping"
                 due = min((wake for wake in wakes.values() if wake is not None), default=_FOREVER_US)
+                if owned["deadline_at"] is not None:  # due by its deadline at the latest: claimed then, it fails
+                    due = min(due, owned["deadline_at"])
             params = {"run_id": run_id, "lease_token": lease_token, "status": status, "available_at": due, "now": now}
             if _first(conn, "park_run", params) is None:
                 return None

@@ -155,7 +155,7 @@ INSERT INTO event_waits (run_id, name, key) VALUES (:run_id, :event, :key) ON CO
 
 -- lock_parking_run --
 -- The owning claim's view of the run (the write lock keeps it so until the commit).
-SELECT created_at FROM runs WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+SELECT created_at, deadline_at FROM runs WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
 
 -- messages_waiting --
 SELECT EXISTS (
