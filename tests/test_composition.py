@@ -317,3 +317,23 @@ async def test_a_waiting_parent_can_be_paused_and_resumed(manager_for: Any) -> N
     assert await handle.status() is RunStatus.PAUSED  # the child's end does not wake a paused parent
     assert await handle.resume() is RunStatus.PENDING
     assert await handle.result(timeout=15) == "opened"
+
+
+async def test_children_are_counted_per_status(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=ONCE)
+    async def kid(input: Any) -> Any:
+        if input == 2:
+            raise ValueError("two")
+        return input
+
+    @workflow(version="1")
+    async def parent(step: Any) -> Any:
+        handles = await step.start_workflows("kids", kid, [0, 1, 2])
+        results = await asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
+        return [r if not isinstance(r, Exception) else "failed" for r in results]
+
+    manager = await manager_for([parent, kid])
+    handle = await manager.run(parent)
+    assert await handle.result(timeout=15) == [0, 1, "failed"]
+    assert await manager.count_children(handle.id) == {RunStatus.COMPLETED: 2, RunStatus.FAILED: 1}
+    assert await manager.count_children(handle.id.replace("0", "1", 1)) == {}

@@ -313,6 +313,12 @@ class WorkflowManager:
         items = records[:limit]
         return RunPage(items, items[-1].id if len(records) > limit else None)
 
+    async def count_children(self, run_id: str) -> dict[RunStatus, int]:
+        """How many children run `run_id` started, per status (without reading them)."""
+        return await until_available(
+            lambda: self.backend.count_children(run_id), what="count children", give_up_after_s=30
+        )
+
     # messages and events
 
     async def send(

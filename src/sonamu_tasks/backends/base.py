@@ -291,6 +291,10 @@ class Backend(ScheduleStore, Protocol):
         transaction; children that exist already are left as they are (a replay)."""
         ...
 
+    async def count_children(self, run_id: str) -> dict[RunStatus, int]:
+        """How many children a run has, per status."""
+        ...
+
     async def load_children(self, run_id: str) -> dict[str, ChildOutcome]:
         """The children of a run, by id."""
         ...

@@ -549,6 +549,12 @@ class PostgresBackend:
             raise LeaseLost(run_id)
 
     @_transient
+    async def count_children(self, run_id: str) -> dict[RunStatus, int]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["count_children"], {"run_id": run_id})).fetchall()
+        return {RunStatus(status): int(count) for status, count in rows}
+
+    @_transient
     async def load_children(self, run_id: str) -> dict[str, ChildOutcome]:
         async with self._pool.connection() as conn:
             rows = await (await conn.execute(QUERIES["load_children"], {"run_id": run_id})).fetchall()

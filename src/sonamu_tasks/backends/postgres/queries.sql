@@ -334,6 +334,10 @@ WITH owned AS (
 )
 SELECT count(*) FROM owned
 
+-- count_children --
+-- A run's children per status (the runs_by_parent index; no child's values are read).
+SELECT status, count(*) FROM runs WHERE parent_id = %(run_id)s GROUP BY status
+
 -- load_children --
 -- A parent's children as they stand: what its waits on them need.
 SELECT id::text, status, output, error FROM runs WHERE parent_id = %(run_id)s

@@ -444,6 +444,13 @@ class SqliteBackend:
         if not await self._db.write(start):
             raise LeaseLost(run_id)
 
+    async def count_children(self, run_id: str) -> dict[RunStatus, int]:
+        def read(conn: sqlite3.Connection, now: int) -> dict[RunStatus, int]:
+            rows = conn.execute(QUERIES["count_children"], {"run_id": run_id}).fetchall()
+            return {RunStatus(row["status"]): int(row["n"]) for row in rows}
+
+        return await self._db.read(read)
+
     async def load_children(self, run_id: str) -> dict[str, ChildOutcome]:
         def read(conn: sqlite3.Connection, now: int) -> dict[str, ChildOutcome]:
             rows = conn.execute(QUERIES["load_children"], {"run_id": run_id}).fetchall()

@@ -140,6 +140,9 @@ INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, fin
 VALUES (:run_id, :name, 'child', 'completed', :output, 1, :started_at, :now)
 ON CONFLICT (run_id, name) DO NOTHING
 
+-- count_children --
+SELECT status, count(*) AS n FROM runs WHERE parent_id = :run_id GROUP BY status
+
 -- load_children --
 SELECT id, status, output, error FROM runs WHERE parent_id = :run_id
 
