@@ -493,7 +493,11 @@ class Attempt:
         record = self.steps.get(child_step)
         outcome = record.output.get("outcome") if record is not None and isinstance(record.output, dict) else None
         if outcome is None:
-            children = await self._load_children(child_id)
+            self._enter()  # a read in flight: the run must not park under it
+            try:
+                children = await self._load_children(child_id)
+            finally:
+                self._leave()
             child = children.get(child_id)
             if child is None:
                 raise ChildWorkflowFailed(child_id, workflow_name, "missing", {"message": "the child run is gone"})
