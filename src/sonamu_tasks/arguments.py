@@ -7,9 +7,13 @@ dashboard into a 400 or 404.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
+from typing import Any
 
+from . import limits, serde
+from .errors import SerializationError
 from .status import RunStatus
 
 _RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
@@ -51,6 +55,45 @@ def statuses(texts: Iterable[str]) -> tuple[RunStatus, ...]:
             known = ", ".join(s.value for s in RunStatus)
             raise ValueError(f"{_shown(text)} is not a status; one of {known}") from None
     return tuple(found)
+
+
+def topic(text: str) -> str:
+    """A message topic: 1 to 255 characters, no control characters."""
+    return limits.check_topic(text)  # InvalidName is a ValueError with a message fit for a user
+
+
+def idempotency_key(text: str) -> str:
+    return limits.check_idempotency_key(text)
+
+
+def event_name(text: str) -> str:
+    """The name of a broadcast event (`emit`)."""
+    return limits.check_name(text, field="event name")
+
+
+def emit_key(text: str) -> str:
+    """The key of a broadcast event (`emit --key`)."""
+    return limits.check_name(text, field="event key", limit=limits.MAX_KEY_LENGTH)
+
+
+def event_key(text: str) -> str:
+    """The key of an event a run publishes (`get-event`)."""
+    return limits.check_name(text, field="event key")
+
+
+def json_value(text: str) -> Any:
+    """A JSON value the engine can store: valid JSON, without NaN or Infinity, without NUL in a string."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON: {error} in {_shown(text)}") from None
+    except RecursionError:
+        raise ValueError("not storable JSON: nested too deeply") from None
+    try:
+        serde.dumps(value, what="the value")
+    except SerializationError as error:
+        raise ValueError(str(error)) from None  # "the value cannot be stored as JSON: ..." (NaN, NUL)
+    return value
 
 
 def _shown(text: str) -> str:

@@ -18,7 +18,6 @@ import logging
 import time
 import typing
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,15 +25,16 @@ from . import serde
 from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRun, LeaseLost, StepRecord, TimedWait
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
-from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict, StorageError
+from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict, StepTimeout, StorageError
 from .limits import MAX_ERROR_MESSAGE_LENGTH, storable_text
 from .log import RunLogger, current_step
 from .reconnect import until_available
 from .registry import Registry
-from .retry import RetryDecision
+from .retry import RetryDecision, RetryPolicy
 from .run_creation import RunOptions, child_run_id, prepare_run
 from .status import RunStatus, StepStatus
-from .step import StepWrapper
+from .step import NO_OPTIONS, StepOptions, StepWrapper
+from .threads import StepThreads
 
 logger = logging.getLogger("sonamu_tasks.attempt")
 
@@ -79,7 +79,7 @@ class DeadlineExceeded(NonRetryableError):
 class AttemptHooks(typing.Protocol):
     """What the worker offers an attempt."""
 
-    threads: Executor
+    threads: StepThreads
     registry: Registry
     max_recoveries: int
     context_provider: Callable[[dict[str, Any]], Any] | None
@@ -115,7 +115,8 @@ class Attempt:
         self._stop_requested = claimed.requested_action is not None
         self.steps: dict[str, StepRecord] = {}
         self._seen: set[str] = set()
-        self._failed_step: tuple[str, datetime, BaseException] | None = None
+        # The step whose exception failed the attempt: name, start, the error, its own retry policy if any.
+        self._failed_step: tuple[str, datetime, BaseException, RetryPolicy | None] | None = None
         self._claimed_monotonic = time.monotonic()
         self.output_json: str | None = None
         """The stored output, once this attempt completed the run."""
@@ -231,12 +232,17 @@ class Attempt:
         await self._wind_down(send=True)
         run = self.claimed
         step = None
+        policy, attempt = self.definition.retry_policy, run.attempts + 1
         if self._failed_step is not None and self._failed_step[2] is error:
-            step = (self._failed_step[0], self._failed_step[1])
-        attempt = run.attempts + 1
+            name, started, _, step_policy = self._failed_step
+            step = (name, started)
+            if step_policy is not None:  # the step's own policy counts the step's own failures
+                previous = self.steps.get(name)
+                failures = previous.attempts if previous is not None and previous.status is StepStatus.FAILED else 0
+                policy, attempt = step_policy, failures + 1
         stored = serde.encode_error(error, step=step[0] if step else None)
         try:
-            decision = self.definition.retry_policy.decide(error, attempt)
+            decision = policy.decide(error, attempt)
         except Exception as policy_error:
             stored["message"] += f" (and the retry policy itself raised {policy_error!r}, so no retry)"
             decision = RetryDecision(should_retry=False)
@@ -283,7 +289,14 @@ class Attempt:
 
     # what the StepWrapper calls
 
-    async def run_step(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def run_step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: StepOptions = NO_OPTIONS,
+    ) -> Any:
         self._claim_name(name)
         annotation = _return_annotation(fn)
         record = self.steps.get(name)
@@ -300,10 +313,10 @@ class Attempt:
             started = datetime.now(UTC)
             token = current_step.set(name)
             try:
-                result = await self._invoke(fn, args, kwargs)
+                result = await self._invoke(name, fn, args, kwargs, options.timeout)
                 encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
             except Exception as error:
-                self._failed_step = (name, started, error)
+                self._failed_step = (name, started, error, options.retry_policy)
                 raise
             finally:
                 current_step.reset(token)
@@ -642,7 +655,7 @@ class Attempt:
         try:
             await self._save(checkpoint)
         except StorageError as error:
-            self._failed_step = (checkpoint.name, checkpoint.started_at, error)
+            self._failed_step = (checkpoint.name, checkpoint.started_at, error, None)
             raise StorageError(
                 f"the result of step {checkpoint.name!r} of workflow {self.definition.name!r} could not be stored: "
                 f"{error}"
@@ -699,14 +712,40 @@ class Attempt:
         """The database's clock, read at claim time and advanced locally."""
         return self.claimed.claimed_at + timedelta(seconds=time.monotonic() - self._claimed_monotonic)
 
-    async def _invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _invoke(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: timedelta | None,
+    ) -> Any:
+        seconds = None if timeout is None else timeout.total_seconds()
         if _is_async(fn):
-            return await fn(*args, **kwargs)
+            try:
+                async with asyncio.timeout(seconds) as limit:
+                    return await fn(*args, **kwargs)
+            except TimeoutError as error:
+                if limit.expired():
+                    raise self._timed_out(name, seconds) from error
+                raise
         # Sync steps run in the worker's thread pool so they never block the event loop.
-        loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        result = await loop.run_in_executor(self.hooks.threads, context.run, functools.partial(fn, *args, **kwargs))
+        future = self.hooks.threads.submit(context.run, functools.partial(fn, *args, **kwargs))
+        try:
+            async with asyncio.timeout(seconds) as limit:
+                result = await asyncio.wrap_future(future)
+        except TimeoutError as error:
+            if not limit.expired():
+                raise
+            self.hooks.threads.abandon(future, f"step {name!r} of run {self.claimed.id}")
+            raise self._timed_out(name, seconds) from error
         return await result if inspect.isawaitable(result) else result
+
+    def _timed_out(self, name: str, seconds: float | None) -> StepTimeout:
+        return StepTimeout(
+            f"step {name!r} of workflow {self.definition.name!r} took longer than its timeout of {seconds:g}s"
+        )
 
 
 def _retrieve_error(task: asyncio.Task[None]) -> None:

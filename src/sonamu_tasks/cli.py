@@ -1,4 +1,4 @@
-"""The `sonamu-tasks` command: run workers, see schedules, start runs."""
+"""The `sonamu-tasks` command: run workers, see schedules, start runs, send messages and events."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -17,13 +17,20 @@ from . import arguments
 from .config import Config
 from .config_loader import load_config
 from .display import (
+    LISTED_EVENTS,
     NO_CHILDREN,
     Children,
     ChildRow,
+    Messages,
+    age_text,
     child_step_text,
     children_of,
     duration_text,
+    events_summary,
+    messages_of,
     other_waits,
+    outside_wait,
+    outside_waits,
     pending_sleep,
     preview,
     short_id,
@@ -32,7 +39,7 @@ from .display import (
 from .duration import parse_duration
 from .errors import ConfigError, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, WorkflowManager, until_signal
-from .records import RunRecord, StepRecord, WorkerRecord
+from .records import RunEventRecord, RunRecord, StepRecord, WorkerRecord
 from .schedule import zone
 from .status import RunStatus
 
@@ -86,12 +93,21 @@ def _flat(message: str) -> str:
     return " ".join(message.split())
 
 
-def _run_id(context: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A run id, checked before it reaches the database (PostgreSQL answers a malformed UUID with an error)."""
-    try:
-        return None if value is None else arguments.run_id(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+def _checked(check: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """A click callback that passes a value through one of `arguments`' checks: a bad value is a usage error
+    naming the option, before anything reaches the database."""
+
+    def callback(context: click.Context, param: click.Parameter, value: str | None) -> Any:
+        try:
+            return None if value is None else check(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+
+    return callback
+
+
+_run_id = _checked(arguments.run_id)
+"""A run id, checked before it reaches the database (PostgreSQL answers a malformed UUID with an error)."""
 
 
 @click.group(cls=_Commands)
@@ -277,10 +293,7 @@ def run_command(
     timeout: float | None,
 ) -> None:
     """Start a run of workflow NAME."""
-    try:
-        value = json.loads(input_json)
-    except json.JSONDecodeError as error:
-        raise click.BadParameter(f"not valid JSON: {error}", param_hint="--input") from error
+    value = _json_option(input_json, "--input")
     start = _moment(start_at, "--start-at")
     end = _moment(deadline, "--deadline")
     config = _config(context, enable_worker=False)
@@ -376,27 +389,44 @@ def runs(
         click.echo(f"more: --cursor {page.next_cursor}")
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """What `show` prints of a run, read in one connection."""
+
+    run: RunRecord
+    parent: RunRecord | None
+    children: Children
+    messages: Messages
+    events: list[RunEventRecord]
+
+
 @main.command()
 @click.argument("run_id", callback=_run_id)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def show(context: click.Context, run_id: str, as_json: bool) -> None:
-    """A run: its parent and children, input, output or error (with traceback), and every step."""
+    """A run: its parent and children, what it waits for, input, output or error (with traceback), every step,
+    its unconsumed messages and the events it published."""
     config = _config(context, enable_worker=False)
 
-    async def fetch() -> tuple[RunRecord, RunRecord | None, Children]:
+    async def fetch() -> _Shown:
         async with WorkflowManager(config) as manager:
             run = await manager.get_run(run_id, with_steps=True)
             parent = await _run_or_none(manager, run.parent_id)
-            return run, parent, await children_of(manager, run)
+            children = await children_of(manager, run)
+            messages = await messages_of(manager, run.id)
+            return _Shown(run, parent, children, messages, await manager.list_events(run.id))
 
-    run, parent, children = _steering(fetch())
+    shown = _steering(fetch())
+    run, parent, children = shown.run, shown.parent, shown.children
     if as_json:
         detail = {
             **_run_summary(run),
             "parent": _parent_summary(run, parent),
             "children": children.summary() if children is not NO_CHILDREN else None,
             "waiting_for": _waiting_for(run, children),
+            "messages": shown.messages.summary(),
+            "events": events_summary(shown.events),
             "input": run.input,
             "output": run.output,
             "error": run.error,
@@ -442,6 +472,8 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
         if rows
         else "no steps yet"
     )
+    _echo_messages(shown.messages)
+    _echo_events(shown.events)
     if children is not NO_CHILDREN:
         click.echo("")
         click.echo(f"children  {children.counts_text()}")
@@ -454,6 +486,120 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
             click.echo(f"and {children.more} more: sonamu-tasks runs --parent {run.id}")
     if run.error and run.error.get("traceback"):
         click.echo("\n" + run.error["traceback"].rstrip())
+
+
+def _echo_messages(messages: Messages) -> None:
+    """The oldest unconsumed messages: topic, payload preview, idempotency key, age (nothing if none)."""
+    if not messages.total:
+        return
+    now = datetime.now(UTC)
+    click.echo("")
+    shown = f" (the oldest {len(messages.listed)} listed)" if messages.more > 0 else ""
+    click.echo(f"messages  {messages.count_text()}{shown}")
+    rows = [
+        [m.topic, preview(m.payload, 60), m.idempotency_key or "-", age_text(m.created_at, now)]
+        for m in messages.listed
+    ]
+    click.echo(format_table(["TOPIC", "MESSAGE", "IDEMPOTENCY KEY", "AGE"], rows))
+    if messages.more > 0:
+        more = f"{messages.more}" if messages.exact else f"more than {messages.more}"
+        click.echo(f"and {more} more (show --json lists {len(messages.listed)} with their whole payloads)")
+
+
+def _echo_events(events: Sequence[RunEventRecord]) -> None:
+    """The events the run published (set_event): key, value preview, when it was last set."""
+    if not events:
+        return
+    click.echo("")
+    click.echo(f"events    {len(events)} published")
+    rows = [[e.key, preview(e.value, 60), _time(e.updated_at)] for e in events[:LISTED_EVENTS]]
+    click.echo(format_table(["KEY", "VALUE", "UPDATED"], rows))
+    if len(events) > LISTED_EVENTS:
+        click.echo(f"and {len(events) - LISTED_EVENTS} more: sonamu-tasks show --json, or get-event RUN_ID KEY")
+
+
+@main.command()
+@click.argument("run_id", callback=_run_id)
+@click.option("--topic", required=True, callback=_checked(arguments.topic), help="The topic its receive waits on.")
+@click.option("--message", "message_json", required=True, help="The message as JSON.")
+@click.option(
+    "--idempotency-key",
+    callback=_checked(arguments.idempotency_key),
+    help="A key already used for this run stores nothing (exit 0, says so).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def send(
+    context: click.Context,
+    run_id: str,
+    topic: str,
+    message_json: str,
+    idempotency_key: str | None,
+    as_json: bool,
+) -> None:
+    """Send a message to run RUN_ID: its `step.receive` on that topic takes it, once (a waiting run wakes)."""
+    message = _json_option(message_json, "--message")
+    config = _config(context, enable_worker=False)
+
+    async def deliver() -> bool:
+        async with WorkflowManager(config) as manager:
+            return await manager.send(run_id, message, topic=topic, idempotency_key=idempotency_key)
+
+    stored = _steering(deliver())
+    if as_json:
+        click.echo(json.dumps({"run_id": run_id, "topic": topic, "idempotency_key": idempotency_key, "stored": stored}))
+    elif stored:
+        click.echo(f"sent to {run_id} on topic {topic!r}")
+    else:
+        click.echo(f"not sent again: idempotency key {idempotency_key!r} was used for run {run_id} before")
+
+
+@main.command()
+@click.argument("event", callback=_checked(arguments.event_name))
+@click.option("--key", callback=_checked(arguments.emit_key), help="Only waits for this key receive it.")
+@click.option("--payload", "payload_json", required=True, help="The payload as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def emit(context: click.Context, event: str, key: str | None, payload_json: str, as_json: bool) -> None:
+    """Broadcast EVENT: every run waiting for it (and its key) in `step.wait_for_event` receives the payload,
+    and so does every run created before now that reaches such a wait later."""
+    payload = _json_option(payload_json, "--payload")
+    config = _config(context, enable_worker=False)
+
+    async def broadcast() -> int:
+        async with WorkflowManager(config) as manager:
+            return await manager.emit(event, payload, key=key)
+
+    woken = _steering(broadcast())
+    if as_json:
+        click.echo(json.dumps({"event": event, "key": key, "woken": woken}))
+        return
+    with_key = f" with key {key!r}" if key is not None else ""
+    click.echo(f"emitted {event!r}{with_key}: woke {woken} waiting run{'' if woken == 1 else 's'}")
+
+
+@main.command("get-event")
+@click.argument("run_id", callback=_run_id)
+@click.argument("key", callback=_checked(arguments.event_key))
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Seconds to wait for it to be set.")
+@click.pass_context
+def get_event(context: click.Context, run_id: str, key: str, timeout: float | None) -> None:
+    """Print, as JSON, the value run RUN_ID published under KEY (`step.set_event`), waiting until it is set.
+    Exit 1 if the run finished without setting it, or it was not set within --timeout."""
+    config = _config(context, enable_worker=False)
+
+    async def read() -> tuple[bool, Any, RunRecord]:
+        async with WorkflowManager(config) as manager:
+            value = await manager.get_event(run_id, key, timeout=timeout)
+            # None is also a value a run may set: look whether the key is there.
+            found = value is not None or any(e.key == key for e in await manager.list_events(run_id))
+            return found, value, await manager.get_run(run_id)
+
+    found, value, run = _steering(read())
+    if not found:
+        within = "" if run.status.finished or timeout is None else f" within {timeout:g}s"
+        raise click.ClickException(f"run {run_id} did not set event {key!r}{within} (it is {run.status.value})")
+    click.echo(json.dumps(value, indent=2))
 
 
 def _steer_command(name: str, doc: str) -> None:
@@ -610,14 +756,18 @@ def _parent_line(run: RunRecord, parent: RunRecord | None) -> str:
 
 
 def _waiting_for(run: RunRecord, children: Children) -> dict[str, Any] | None:
-    """What a waiting run waits for: its unfinished children, and its first sleep to wake if one is pending."""
+    """What a waiting run waits for: its unfinished children, its first sleep to wake if one is pending, its
+    receives (topic, timeout) and event waits (event, key, timeout)."""
     if run.status is not RunStatus.WAITING:
         return None
     sleep = pending_sleep(run)
+    waits = outside_waits(run)
     return {
         "unfinished_children": children.unfinished_count,
         "children": [row.summary() for row in children.unfinished],
         "sleep": {"step": sleep.name, "wake_at": _iso(sleep.wake_at)} if sleep else None,
+        "messages": [wait.summary() for wait in waits if wait.kind == "receive"],
+        "events": [wait.summary() for wait in waits if wait.kind == "event"],
         "steps": other_waits(run),
     }
 
@@ -631,11 +781,19 @@ def _waiting_lines(run: RunRecord, children: Children) -> list[str]:
         if children.unfinished_count > len(children.unfinished):
             hidden = children.unfinished_count - len(children.unfinished)
             lines.append(f"  and {hidden} more: sonamu-tasks runs --parent {run.id}")
+    lines.extend(wait.text(_time) for wait in outside_waits(run))
     lines.extend(other_waits(run))
     sleep = pending_sleep(run)
     if sleep is not None:
         lines.append(f"sleep {sleep.name!r} until {_time(sleep.wake_at)}")
     return lines or ["nothing left unfinished: it is about to wake"]
+
+
+def _json_option(text: str, option: str) -> Any:
+    try:
+        return arguments.json_value(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
 
 
 def _child_status(row: ChildRow) -> str:
@@ -645,6 +803,9 @@ def _child_status(row: ChildRow) -> str:
 def _step_detail(step: StepRecord) -> str:
     if step.kind == "sleep":
         return _time(step.wake_at)
+    wait = outside_wait(step)
+    if wait is not None:
+        return wait.text(_time, step=False)
     if step.kind == "child" and step.error is None:
         return child_step_text(step)
     return preview(step.output if step.error is None else step.error.get("message"), 60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import re
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import limits, serde
 from .errors import InvalidInput, InvalidName, SerializationError, WorkflowDefinitionError
-from .retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from .retry import DEFAULT_RETRY_POLICY, RetryPolicy, coerce_retry_policy
 from .schedule import Schedule
 
 if TYPE_CHECKING:
@@ -178,23 +177,7 @@ def _checked(check: Callable[[object], str], value: object) -> str:
 
 def _retry_policy(policy: RetryPolicy | Mapping[str, Any] | None) -> RetryPolicy | None:
     """A RetryPolicy, or the seed's plain-dict form (`{"max_attempts": 3, "initial_interval_ms": 500}`)."""
-    if policy is None or isinstance(policy, RetryPolicy):
-        return policy
-    if not isinstance(policy, Mapping):
-        raise WorkflowDefinitionError(
-            f"retry_policy must be a RetryPolicy or a dict of its fields, got {type(policy).__name__}"
-        )
-    fields = {field.name for field in dataclasses.fields(RetryPolicy)}
-    unknown = sorted(str(key) for key in policy if key not in fields)
-    if unknown:
-        raise WorkflowDefinitionError(
-            f"retry_policy has unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"the fields are {', '.join(sorted(fields))}"
-        )
-    try:
-        return RetryPolicy(**policy)
-    except (TypeError, ValueError) as error:
-        raise WorkflowDefinitionError(f"retry_policy: {error}") from error
+    return coerce_retry_policy(policy, what="retry_policy", error=WorkflowDefinitionError)
 
 
 def _schedule(item: Schedule | Mapping[str, Any] | str, workflow_name: str) -> Schedule:

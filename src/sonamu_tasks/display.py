@@ -1,18 +1,19 @@
 """What a person sees of runs, shared by the CLI and the dashboard: short forms of durations and values, a
-run's wake time, and a run's children (counts per status, a few listed, what a waiting run waits for)."""
+run's wake time, its children (counts per status, a few listed), what a waiting run waits for (children, a
+sleep, messages, events), its unconsumed messages and the events it published."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import FOREVER
-from .records import RunRecord, StepRecord
+from .errors import RunNotFound
+from .records import MessageRecord, RunEventRecord, RunRecord, StepRecord
 from .status import RunStatus, StepStatus
 
 if TYPE_CHECKING:
@@ -20,9 +21,16 @@ if TYPE_CHECKING:
 
 LISTED_CHILDREN = 20
 """Children named one by one (`show`, a run's page); the rest are counted, and listed by `runs --parent`."""
-COUNTED_CHILDREN = 5000
-"""Children read to count them per status: a fan-out larger than this is counted on its newest ones."""
-_PAGE = 1000
+SEARCHED_CHILDREN = 200
+"""Children read past the listed ones to find the first unfinished ones, at most (the rest are linked)."""
+LISTED_MESSAGES = 20
+"""Unconsumed messages shown one by one (the oldest); the rest are counted."""
+COUNTED_MESSAGES = 100
+"""Unconsumed messages read to count them: past this, `show` and the dashboard say "more than 100"."""
+LISTED_EVENTS = 20
+"""Published events shown one by one on a page (`show --json` and /api/runs/{id} have all of them)."""
+WAIT_KINDS = ("receive", "event")
+"""Step kinds of a wait for something from outside: `step.receive` and `step.wait_for_event`."""
 
 
 def duration_text(start: datetime | None, end: datetime | None) -> str:
@@ -96,14 +104,127 @@ def pending_sleep(run: RunRecord) -> StepRecord | None:
 
 
 def other_waits(run: RunRecord) -> list[str]:
-    """Steps of `run` waiting for something other than a child or a sleep (a step whose status is `waiting`,
-    such as a message or an event), as `kind 'name' {what}`."""
+    """Steps of `run` in status `waiting` that are neither a receive nor an event wait (see `outside_waits`),
+    as `kind 'name' {what}`: none today, but a kind of wait added later still shows."""
     lines = []
     for step in run.steps:
-        if step.status.value == "waiting":
-            what = getattr(step, "waits_for", None)
+        if step.status is StepStatus.WAITING and step.kind not in WAIT_KINDS:
+            what = step.waits_for
             lines.append(f"{step.kind} {step.name!r}" + (f" {preview(what, 80)}" if what else ""))
     return lines
+
+
+@dataclass(frozen=True)
+class OutsideWait:
+    """A step waiting for something from outside the run: a message on a topic (`receive`) or a broadcast
+    event (`event`), until its timeout (None: no timeout)."""
+
+    step: str
+    kind: str
+    topic: str | None = None
+    event: str | None = None
+    key: str | None = None
+    """The event's key; "" for an event emitted without one."""
+    timeout_at: datetime | None = None
+
+    def text(self, time: Callable[[datetime], str], *, step: bool = True) -> str:
+        """`message on topic 'approval' (step 'wait'), times out 2026-12-01 11:10:44`: `time` formats the
+        timeout; `step=False` leaves out the step (for the step's own row)."""
+        if self.kind == "receive":
+            what = f"message on topic {self.topic!r}"
+        else:
+            what = f"event {self.event!r}" + (f" with key {self.key!r}" if self.key else " (no key)")
+        until = f"times out {time(self.timeout_at)}" if self.timeout_at else "no timeout"
+        return f"{what} (step {self.step!r}), {until}" if step else f"{what}, {until}"
+
+    def summary(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"step": self.step}
+        if self.kind == "receive":
+            found["topic"] = self.topic
+        else:
+            found.update(event=self.event, key=self.key)
+        found["timeout_at"] = None if self.timeout_at is None else self.timeout_at.isoformat()
+        return found
+
+
+def outside_waits(run: RunRecord) -> list[OutsideWait]:
+    """The receives and event waits of `run` not satisfied yet, in step order."""
+    return [wait for wait in map(outside_wait, run.steps) if wait is not None]
+
+
+def outside_wait(step: StepRecord) -> OutsideWait | None:
+    """What `step` waits for, if it is a receive or an event wait not satisfied yet."""
+    if step.status is not StepStatus.WAITING or step.kind not in WAIT_KINDS:
+        return None
+    what = step.waits_for or {}
+    topic, event, key = what.get("topic"), what.get("event"), what.get("key")
+    return OutsideWait(
+        step.name,
+        step.kind,
+        topic=None if topic is None else str(topic),
+        event=None if event is None else str(event),
+        key=None if key is None else str(key),
+        timeout_at=step.wake_at,
+    )
+
+
+def age_text(moment: datetime, now: datetime | None = None) -> str:
+    """How long ago: `850ms`, `42s`, `5m`, `3h`, `2d`."""
+    seconds = max(0.0, ((now or datetime.now(UTC)) - moment).total_seconds())
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@dataclass(frozen=True)
+class Messages:
+    """A run's unconsumed messages: how many (exactly up to COUNTED_MESSAGES), and the oldest few."""
+
+    total: int
+    exact: bool
+    """False when there were more than COUNTED_MESSAGES: `total` is then a lower bound."""
+    listed: list[MessageRecord] = field(default_factory=list)
+
+    @property
+    def more(self) -> int:
+        return self.total - len(self.listed)
+
+    def count_text(self) -> str:
+        """`3 unconsumed`, or `more than 100 unconsumed`."""
+        return f"{self.total} unconsumed" if self.exact else f"more than {self.total} unconsumed"
+
+    def summary(self, now: datetime | None = None) -> dict[str, Any]:
+        now = now or datetime.now(UTC)
+        return {
+            "total": self.total,
+            "exact": self.exact,
+            "listed": [
+                {
+                    "id": message.id,
+                    "topic": message.topic,
+                    "payload": message.payload,
+                    "idempotency_key": message.idempotency_key,
+                    "created_at": message.created_at.isoformat(),
+                    "age_s": round(max(0.0, (now - message.created_at).total_seconds()), 3),
+                }
+                for message in self.listed
+            ],
+            "more": self.more,
+        }
+
+
+async def messages_of(manager: WorkflowManager, run_id: str, *, listed: int = LISTED_MESSAGES) -> Messages:
+    """The unconsumed messages of a run, oldest first: the first `listed`, counted up to COUNTED_MESSAGES."""
+    found = await manager.list_messages(run_id, limit=COUNTED_MESSAGES + 1)
+    exact = len(found) <= COUNTED_MESSAGES
+    return Messages(total=min(len(found), COUNTED_MESSAGES), exact=exact, listed=found[:listed])
+
+
+def events_summary(events: Sequence[RunEventRecord]) -> list[dict[str, Any]]:
+    return [{"key": e.key, "value": e.value, "updated_at": e.updated_at.isoformat()} for e in events]
 
 
 @dataclass(frozen=True)
@@ -130,70 +251,74 @@ class ChildRow:
 
 @dataclass(frozen=True)
 class Children:
-    """A run's children: how many, how many per status, and the first few in step order."""
+    """A run's children: how many per status, and the first few in step order."""
 
     total: int
-    """Children of the run: those read, or, when there were too many to read, those its child steps started."""
-    counted: int
-    """Children read and counted (all of them unless more than COUNTED_CHILDREN)."""
+    """Children of the run, counted per status (`manager.count_children`: none of them is read)."""
     counts: dict[str, int] = field(default_factory=dict)
-    """Counted children per status."""
+    """Children per status, in lifecycle order, only the statuses that have some."""
     listed: list[ChildRow] = field(default_factory=list)
     """The first LISTED_CHILDREN children, in step order (`kids[2]` before `kids[10]`)."""
     unfinished: list[ChildRow] = field(default_factory=list)
-    """The first LISTED_CHILDREN of the unfinished children, in step order."""
+    """The first unfinished children in step order: up to LISTED_CHILDREN, among the first children read."""
     unfinished_count: int = 0
 
     @property
     def more(self) -> int:
         """Children not listed."""
-        return self.total - len(self.listed)
+        return max(0, self.total - len(self.listed))
 
     def counts_text(self) -> str:
         """`1000: 998 pending, 2 completed` (statuses in their lifecycle order)."""
-        parts = [f"{self.counts[s.value]} {s.value}" for s in RunStatus if self.counts.get(s.value)]
-        counted = "" if self.counted >= self.total else f" (the newest {self.counted} counted)"
-        return f"{self.total}: {', '.join(parts) or 'none found'}{counted}"
+        parts = [f"{count} {status}" for status, count in self.counts.items()]
+        return f"{self.total}: {', '.join(parts) or 'none found'}"
 
     def summary(self) -> dict[str, Any]:
         return {
             "total": self.total,
-            "counted": self.counted,
+            "counted": self.total,  # every child is counted (kept for readers of the earlier form)
             "counts": self.counts,
             "listed": [row.summary() for row in self.listed],
             "more": self.more,
         }
 
 
-NO_CHILDREN = Children(total=0, counted=0)
+NO_CHILDREN = Children(total=0)
 
 
-async def children_of(
-    manager: WorkflowManager, run: RunRecord, *, listed: int = LISTED_CHILDREN, count_up_to: int = COUNTED_CHILDREN
-) -> Children:
-    """The children of `run` (read with its steps). A run without a child step has none, and costs no read;
-    otherwise its children are read a page at a time, up to `count_up_to` of them."""
-    started = {run_id for step in run.steps for run_id in child_run_ids(step)}
+async def children_of(manager: WorkflowManager, run: RunRecord, *, listed: int = LISTED_CHILDREN) -> Children:
+    """The children of `run` (read with its steps). A run without a child step has none, and costs no read.
+
+    They are counted per status by the database (`count_children`), without reading them. The children
+    listed are found in the run's own child steps, in step order, and only those are read (a few dozen reads
+    for a fan-out of any size): the first `listed`, and, for a waiting parent, further ones until the first
+    `listed` unfinished are found (at most SEARCHED_CHILDREN more)."""
+    started = sorted(_started_children(run), key=lambda pair: _step_order(pair[0]))
     if not started and not any(step.kind == "child" for step in run.steps):
         return NO_CHILDREN
-    rows: list[ChildRow] = []
-    cursor = None
-    while len(rows) < count_up_to:
-        page = await manager.list_runs(parent_id=run.id, limit=min(_PAGE, count_up_to - len(rows)), cursor=cursor)
-        rows.extend(_row(child) for child in page.items)
-        cursor = page.next_cursor
-        if cursor is None:
-            break
-    counts = Counter(row.status.value for row in rows)
-    ordered = sorted(rows, key=_step_order)
-    unfinished = [row for row in ordered if not row.status.finished]
+    by_status = await manager.count_children(run.id)
+    counts = {s.value: by_status[s] for s in RunStatus if by_status.get(s)}
+    unfinished_count = sum(count for status, count in by_status.items() if not status.finished)
+    rows = await _read_children(manager, started[:listed])
+    unfinished = [row for row in rows if not row.status.finished]
+    wanted = min(listed, unfinished_count)
+    if len(unfinished) < wanted and unfinished_count <= listed:
+        # Few unfinished children: one read of all of them, by status.
+        statuses = [s for s in RunStatus if not s.finished]
+        page = await manager.list_runs(parent_id=run.id, status=statuses, limit=listed)
+        unfinished = sorted((_row(child) for child in page.items), key=lambda row: _step_order(row.step))
+    else:
+        position = listed
+        while len(unfinished) < wanted and position < min(len(started), listed + SEARCHED_CHILDREN):
+            batch = started[position : position + max(wanted - len(unfinished), 5)]
+            unfinished.extend(row for row in await _read_children(manager, batch) if not row.status.finished)
+            position += len(batch)
     return Children(
-        total=len(rows) if cursor is None else max(len(started), len(rows)),
-        counted=len(rows),
-        counts={s.value: counts[s.value] for s in RunStatus if counts[s.value]},
-        listed=ordered[:listed],
+        total=sum(by_status.values()),
+        counts=counts,
+        listed=rows,
         unfinished=unfinished[:listed],
-        unfinished_count=len(unfinished),
+        unfinished_count=unfinished_count,
     )
 
 
@@ -207,10 +332,34 @@ def child_links(steps: Iterable[StepRecord]) -> dict[str, str]:
     return links
 
 
-def _row(run: RunRecord) -> ChildRow:
-    return ChildRow(run.id, run.parent_step or "", run.workflow_name, run.version, run.status, run.detached)
+def _started_children(run: RunRecord) -> list[tuple[str, str]]:
+    """(step name, child id) for every child the run's steps started; a fan-out's are `name[index]`."""
+    found: list[tuple[str, str]] = []
+    for step in run.steps:
+        ids = child_run_ids(step)
+        if isinstance(step.output, dict) and "run_ids" in step.output:
+            found.extend((f"{step.name}[{index}]", run_id) for index, run_id in enumerate(ids))
+        else:
+            found.extend((step.name, run_id) for run_id in ids)
+    return found
 
 
-def _step_order(row: ChildRow) -> list[tuple[int, int | str]]:
+async def _read_children(manager: WorkflowManager, started: Sequence[tuple[str, str]]) -> list[ChildRow]:
+    """The records of these children, in the order given; one deleted since (retention) is left out. One
+    after the other: a few dozen short reads, without taking a pool's every connection at once."""
+    rows = []
+    for step, run_id in started:
+        try:
+            rows.append(_row(await manager.get_run(run_id), step))
+        except RunNotFound:
+            continue
+    return rows
+
+
+def _row(run: RunRecord, step: str = "") -> ChildRow:
+    return ChildRow(run.id, run.parent_step or step, run.workflow_name, run.version, run.status, run.detached)
+
+
+def _step_order(step: str) -> list[tuple[int, int | str]]:
     """Natural order of step names: `kids[2]` before `kids[10]`."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", row.step)]
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", step)]

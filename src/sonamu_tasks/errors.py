@@ -124,3 +124,10 @@ class InvalidName(InvalidValue):
 class UnusableDuration(InvalidDuration, InvalidValue):
     """What `parse_duration` raises: an InvalidDuration that is also an InvalidValue, so a workflow that
     sleeps for an impossible duration fails at once instead of being retried."""
+
+
+class StepTimeout(SonamuTasksError, TimeoutError):
+    """A step ran longer than its `timeout`. It counts as a failure of that step and is retried by its policy.
+
+    An async step is cancelled; a sync step's thread cannot be stopped, so it runs on and its late result is
+    discarded (see `threads.StepThreads.abandon`)."""

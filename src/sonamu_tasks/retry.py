@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import NonRetryableError
 from .limits import MAX_DURATION
@@ -86,3 +88,24 @@ def _check_number(field: str, value: object, *, at_least: float) -> None:
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+def coerce_retry_policy(
+    policy: RetryPolicy | Mapping[str, Any] | None, *, what: str, error: type[Exception]
+) -> RetryPolicy | None:
+    """A RetryPolicy, or the seed's plain-dict form (`{"max_attempts": 3, "initial_interval_ms": 500}`);
+    anything else raises `error` naming `what`."""
+    if policy is None or isinstance(policy, RetryPolicy):
+        return policy
+    if not isinstance(policy, Mapping):
+        raise error(f"{what} must be a RetryPolicy or a dict of its fields, got {type(policy).__name__}")
+    fields = {field.name for field in dataclasses.fields(RetryPolicy)}
+    unknown = sorted(str(key) for key in policy if key not in fields)
+    if unknown:
+        raise error(
+            f"{what} has unknown field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(sorted(fields))}"
+        )
+    try:
+        return RetryPolicy(**policy)
+    except (TypeError, ValueError) as problem:
+        raise error(f"{what}: {problem}") from problem

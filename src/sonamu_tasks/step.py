@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .definition import WorkflowDefinition, underscore_case
-from .duration import Duration
+from .duration import Duration, parse_duration
+from .errors import InvalidValue
+from .retry import RetryPolicy, coerce_retry_policy
 
 if TYPE_CHECKING:
     from .attempt import Attempt
@@ -23,33 +27,73 @@ ChildWorkflow = WorkflowDefinition[Any, Any] | Mapping[str, Any]
 """A child to start: a definition, or `{"name": ..., "version": ...}` (a workflow another fleet runs)."""
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """A step's own retry policy (instead of the workflow's) and its timeout per execution."""
+
+    retry_policy: RetryPolicy | None = None
+    timeout: timedelta | None = None
+
+    @classmethod
+    def of(
+        cls, step_name: str, retry_policy: RetryPolicy | Mapping[str, Any] | None, timeout: Duration | None
+    ) -> StepOptions:
+        return cls(
+            coerce_retry_policy(retry_policy, what=f"the retry_policy of step {step_name!r}", error=InvalidValue),
+            None if timeout is None else parse_duration(timeout, what=f"the timeout of step {step_name!r}"),
+        )
+
+
+NO_OPTIONS = StepOptions()
+
+
 class Step(Generic[R]):
     """A named step; `await step.run(*args, **kwargs)` executes it once per run and checkpoints the result."""
 
-    def __init__(self, attempt: Attempt, name: str, fn: Callable[..., Any]) -> None:
+    def __init__(self, attempt: Attempt, name: str, fn: Callable[..., Any], options: StepOptions = NO_OPTIONS) -> None:
         self.name = name
         self.fn = fn
+        self.options = options
         self._attempt = attempt
 
     async def run(self, *args: Any, **kwargs: Any) -> R:
-        return await self._attempt.run_step(self.name, self.fn, args, kwargs)  # type: ignore[no-any-return]
+        return await self._attempt.run_step(self.name, self.fn, args, kwargs, self.options)  # type: ignore[no-any-return]
 
 
 class StepWrapper:
     def __init__(self, attempt: Attempt) -> None:
         self._attempt = attempt
 
-    def define(self, name: str | Mapping[str, Any], fn: Callable[..., R]) -> Step[R]:
-        """`step.define("load-order", load_order)`; the seed's `{"name": ...}` form is accepted too."""
+    def define(
+        self,
+        name: str | Mapping[str, Any],
+        fn: Callable[..., R],
+        retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
+        timeout: Duration | None = None,
+    ) -> Step[R]:
+        """`step.define("load-order", load_order)`; the seed's `{"name": ...}` form is accepted too.
+
+        `retry_policy`: this step's own policy, instead of the workflow's, when it raises. `timeout`: how long
+        one execution may take; past it the step fails with StepTimeout (an async step is cancelled, a sync
+        step's late result is discarded)."""
         step_name = _step_name(name["name"] if isinstance(name, Mapping) else name)
         if not callable(fn):
             raise TypeError(f"step.define({step_name!r}, fn): fn must be callable, got {type(fn).__name__}")
-        return Step(self._attempt, step_name, fn)
+        return Step(self._attempt, step_name, fn, _options(step_name, retry_policy, timeout))
 
-    def get(self, obj: Any, method_name: str, name: str | None = None) -> Step[Any]:
+    def get(
+        self,
+        obj: Any,
+        method_name: str,
+        name: str | None = None,
+        *,
+        retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
+        timeout: Duration | None = None,
+    ) -> Step[Any]:
         """Wrap `obj.method_name` (class or instance); the step is named after the method unless `name`."""
         method = _bound_method(obj, method_name)
-        return Step(self._attempt, _step_name(name or underscore_case(method_name)), method)
+        step_name = _step_name(name or underscore_case(method_name))
+        return Step(self._attempt, step_name, method, _options(step_name, retry_policy, timeout))
 
     async def sleep(self, name: str, duration: Duration) -> None:
         """Durable sleep: the run is parked in the database and holds no worker slot until it wakes."""
@@ -156,6 +200,14 @@ class ChildHandle:
     async def result(self) -> Any:
         """The child's output; raises ChildWorkflowFailed (with the child's error) if it failed or was canceled."""
         return await self._attempt.child_result(self.step_name, self.id, self.workflow_name, fan_out=self._fan_out)
+
+
+def _options(
+    step_name: str, retry_policy: RetryPolicy | Mapping[str, Any] | None, timeout: Duration | None
+) -> StepOptions:
+    if retry_policy is None and timeout is None:
+        return NO_OPTIONS
+    return StepOptions.of(step_name, retry_policy, timeout)
 
 
 DEFAULT_TOPIC = "default"

@@ -7,6 +7,7 @@ the step runs again elsewhere (steps are at-least-once).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+logger = logging.getLogger("sonamu_tasks.threads")
 
 _Work = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
@@ -28,6 +31,7 @@ class StepThreads(Executor):
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._closed = False
+        self._abandoned = 0  # threads still running a step whose attempt gave up on it (a timeout)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         with self._lock:
@@ -35,12 +39,36 @@ class StepThreads(Executor):
                 raise RuntimeError("cannot run a step: the worker is shutting down")
             future: Future[T] = Future()
             self._queue.put((future, fn, args, kwargs))
-            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
+            # A thread running an abandoned step does not count against the pool: the others stay available.
+            room = self._max_workers + self._abandoned
+            if not self._idle.acquire(blocking=False) and len(self._threads) < room:
                 name = f"{self._name}-{len(self._threads)}"
                 thread = threading.Thread(target=self._work, name=name, daemon=True)
                 thread.start()
                 self._threads.append(thread)
             return future
+
+    def abandon(self, future: Future[Any], what: str) -> None:
+        """The step running as `future` timed out: a thread cannot be stopped, so it runs on and its result
+        is discarded. The pool grows by one thread while it does, and says so, so that abandoned steps never
+        quietly take every slot."""
+        with self._lock:
+            if future.done():
+                return
+            self._abandoned += 1
+            abandoned = self._abandoned
+        future.add_done_callback(self._reclaimed)
+        log = logger.error if abandoned >= self._max_workers else logger.warning
+        log(
+            "%s timed out; its thread cannot be stopped and runs on (%d such thread(s) now, beside %d for steps)",
+            what,
+            abandoned,
+            self._max_workers,
+        )
+
+    def _reclaimed(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._abandoned -= 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -17,7 +17,6 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -55,7 +54,7 @@ class Worker:
         self.context_provider = context_provider
         self.max_recoveries = options.max_recoveries
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.threads: Executor = StepThreads(options.concurrency)
+        self.threads = StepThreads(options.concurrency)
         self._lease = timedelta(milliseconds=options.lease_ms)
         poll_ms = options.poll_interval_ms
         if poll_ms is None:

@@ -2,8 +2,10 @@
 
     GET  /                    runs, newest first, filters (workflow, status, parent), live refresh
     GET  /runs/{id}           a run: status, parent and children, what it waits for, step timeline, steps,
-                              input, output or error; cancel / retry
+                              unconsumed messages, published events, input, output or error; cancel / retry;
+                              a form to send it a message while it is unfinished
     POST /runs/{id}/cancel    (and /retry) then back to the run page
+    POST /runs/{id}/send      a message (topic, JSON, optional idempotency key), then back to the run page
     GET  /workers, /schedules
     GET  /api/runs, /api/runs/{id}   the same as JSON (the run in full: a page cuts long values)
 
@@ -34,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import arguments
 from ..config import Config
-from ..display import children_of, wake_time
+from ..display import COUNTED_MESSAGES, children_of, events_summary, messages_of, wake_time
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
 from ..manager import RunPage, WorkflowManager
 from ..records import RunRecord
@@ -84,6 +86,7 @@ class Dashboard:
             Route("/api/runs", self.runs_json),
             Route("/runs/{run_id}", self.run_page),
             Route("/api/runs/{run_id}", self.run_json),
+            Route("/runs/{run_id}/send", self.send, methods=["POST"]),
             Route("/runs/{run_id}/{action:str}", self.steer, methods=["POST"]),
             Route("/workers", self.workers_page),
             Route("/schedules", self.schedules_page),
@@ -135,31 +138,52 @@ class Dashboard:
 
     async def run_page(self, request: Request) -> Response:
         run = await self.manager.get_run(_run_id(request), with_steps=True)
-        parent = await self._parent(run.parent_id)
-        detail = pages.run_detail(run, self.csrf, parent=parent, children=await children_of(self.manager, run))
+        detail = pages.run_detail(
+            run,
+            self.csrf,
+            parent=await self._parent(run.parent_id),
+            children=await children_of(self.manager, run),
+            messages=await messages_of(self.manager, run.id),
+            events=await self.manager.list_events(run.id),
+        )
         if _partial(request):
             return HTMLResponse(detail)
         refresh = None if run.status.finished else 1000  # a finished run changes only when someone acts on it
-        return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh))
+        notice = pages.sent_notice(request.query_params.get("sent", ""))
+        form = "" if run.status.finished else pages.send_form(run, self.csrf)
+        return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh, before=notice, after=form))
 
     async def run_json(self, request: Request) -> Response:
         run = await self.manager.get_run(_run_id(request), with_steps=True)
         children = await children_of(self.manager, run)
-        return _json({**_jsonable(run), "children": children.summary() if children.total else None})
+        messages = await messages_of(self.manager, run.id, listed=COUNTED_MESSAGES)
+        return _json(
+            {
+                **_jsonable(run),
+                "children": children.summary() if children.total else None,
+                "messages": messages.summary(),
+                "events": events_summary(await self.manager.list_events(run.id)),
+            }
+        )
 
     async def steer(self, request: Request) -> Response:
         action = request.path_params["action"]
         if action not in ("cancel", "retry"):
             raise HTTPException(404, "not found")
         run_id = _run_id(request)
-        try:
-            form = parse_qs((await request.body()).decode("utf-8"), errors="strict")
-        except UnicodeDecodeError:
-            raise HTTPException(400, "the form is not UTF-8") from None
-        if not same_secret(form.get("csrf", [""])[0], self.csrf.encode()):
-            raise HTTPException(403, "bad or missing form token; reload the page")
+        await self._form(request)
         await (self.manager.cancel(run_id) if action == "cancel" else self.manager.retry(run_id))
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+    async def send(self, request: Request) -> Response:
+        """The run page's message form: checked field by field (a bad one is a 400 naming it), then sent."""
+        run_id = _run_id(request)
+        form = await self._form(request)
+        topic = _field(form, "topic", arguments.topic)
+        message = _field(form, "message", arguments.json_value)
+        key = _field(form, "idempotency_key", arguments.idempotency_key, required=False)
+        stored = await self.manager.send(run_id, message, topic=topic, idempotency_key=key)
+        return RedirectResponse(f"/runs/{run_id}?sent={'1' if stored else 'again'}", status_code=303)
 
     async def workers_page(self, request: Request) -> Response:
         body = pages.workers_table(await self.manager.list_workers())
@@ -186,6 +210,16 @@ class Dashboard:
         return await self.manager.list_runs(
             workflow=workflow, status=status, limit=limit or 50, cursor=cursor, parent_id=parent
         )
+
+    async def _form(self, request: Request) -> dict[str, list[str]]:
+        """A posted form's fields, once its CSRF value is checked (403 without the right one)."""
+        try:
+            form = parse_qs((await request.body()).decode("utf-8"), keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the form is not UTF-8") from None
+        if not same_secret(form.get("csrf", [""])[0], self.csrf.encode()):
+            raise HTTPException(403, "bad or missing form token; reload the page")
+        return form
 
     async def _parent(self, run_id: str | None) -> RunRecord | None:
         if run_id is None:
@@ -217,6 +251,19 @@ def _parameter(query: QueryParams, name: str, check: Callable[[str], T]) -> T | 
     """A query parameter through its check (absent or empty: None); a bad one is a 400 naming it."""
     text = query.get(name)
     if not text:
+        return None
+    try:
+        return check(text)
+    except ValueError as error:
+        raise HTTPException(400, f"{name}: {error}") from None
+
+
+def _field(form: dict[str, list[str]], name: str, check: Callable[[str], T], *, required: bool = True) -> T | None:
+    """A form field through its check; a missing or bad one is a 400 naming it (an empty optional one: None)."""
+    text = form.get(name, [""])[0]
+    if not text:
+        if required:
+            raise HTTPException(400, f"{name}: missing; fill it in and send again")
         return None
     try:
         return check(text)

@@ -11,19 +11,26 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ..display import (
+    LISTED_EVENTS,
     NO_CHILDREN,
     Children,
     ChildRow,
+    Messages,
+    OutsideWait,
+    age_text,
     child_links,
     child_run_ids,
     duration_text,
     json_excerpt,
     other_waits,
+    outside_wait,
+    outside_waits,
     pending_sleep,
     preview,
     short_id,
 )
-from ..records import RunRecord, ScheduleRecord, StepRecord, WorkerRecord
+from ..limits import MAX_KEY_LENGTH
+from ..records import RunEventRecord, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
 from ..status import RunStatus, StepStatus
 from .timeline import timeline_svg
 
@@ -34,14 +41,18 @@ VALUE_LIMIT = 20_000
 STEP_LIMIT = 300
 
 
-def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = "") -> str:
-    """A whole page around `body`; /static/live.js refreshes `#live` every `refresh_ms` (None: never)."""
+NO_MESSAGES = Messages(total=0, exact=True)
+
+
+def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = "", after: str = "") -> str:
+    """A whole page around `body`; /static/live.js refreshes `#live` every `refresh_ms` (None: never). `before`
+    and `after` stay as they are (a form being filled in is not replaced)."""
     refresh = f" data-refresh-ms='{refresh_ms}'" if refresh_ms else ""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} · sonamu-tasks</title>"
         "<link rel='stylesheet' href='/static/dashboard.css'></head><body><header><a href='/'>Runs</a>"
         "<a href='/workers'>Workers</a><a href='/schedules'>Schedules</a></header>"
-        f"<main><h2>{escape(title)}</h2>{before}<div id='live'{refresh}>{body}</div></main>"
+        f"<main><h2>{escape(title)}</h2>{before}<div id='live'{refresh}>{body}</div>{after}</main>"
         "<script src='/static/live.js'></script></body></html>"
     )
 
@@ -82,10 +93,19 @@ def runs_table(runs: Sequence[RunRecord], next_cursor: str | None, query: dict[s
     )
 
 
-def run_detail(run: RunRecord, csrf: str, *, parent: RunRecord | None = None, children: Children = NO_CHILDREN) -> str:
+def run_detail(
+    run: RunRecord,
+    csrf: str,
+    *,
+    parent: RunRecord | None = None,
+    children: Children = NO_CHILDREN,
+    messages: Messages = NO_MESSAGES,
+    events: Sequence[RunEventRecord] = (),
+) -> str:
     """A run's content: `parent` is the record of `run.parent_id` (None if it is gone), `children` its
-    children (display.children_of). A finished run is marked `data-finished`: nothing on it changes by itself
-    any more, so the live refresh stops."""
+    children (display.children_of), `messages` its unconsumed messages (display.messages_of), `events` what
+    it published. A finished run is marked `data-finished`: nothing on it changes by itself any more, so the
+    live refresh stops."""
     buttons = ""
     if not run.status.finished:
         buttons += _button(run.id, "cancel", "Cancel", csrf)
@@ -122,6 +142,7 @@ def run_detail(run: RunRecord, csrf: str, *, parent: RunRecord | None = None, ch
         f"<h3>Timeline</h3>{timeline_svg(shown_run, links=child_links(shown))}"
         "<h3>Steps</h3><table><thead><tr><th>step</th><th>kind</th><th>status</th><th>attempts</th>"
         f"<th>duration</th><th>output / error</th></tr></thead><tbody>{steps}</tbody></table>"
+        f"{_messages(run.id, messages)}{_events(run.id, events)}"
         f"<h3>Input</h3>{_value(run.input, run.id)}{output}{error}"
     )
 
@@ -181,6 +202,7 @@ def _waiting_for(run: RunRecord, children: Children) -> str:
         parts.append(
             f"{children.unfinished_count} unfinished {_children_word(children.unfinished_count)}: {links}{more}"
         )
+    parts.extend(f"<span class='outside-wait'>{_outside_wait(wait)}</span>" for wait in outside_waits(run))
     parts.extend(escape(line) for line in other_waits(run))
     sleep = pending_sleep(run)
     if sleep is not None:
@@ -188,6 +210,85 @@ def _waiting_for(run: RunRecord, children: Children) -> str:
     if not parts:
         parts.append("nothing left unfinished: it is about to wake")
     return "<div id='waits-for'><h3>Waiting for</h3>" + "".join(f"<p>{part}</p>" for part in parts) + "</div>"
+
+
+def send_form(run: RunRecord, csrf: str) -> str:
+    """A form to send the run a message (POST /runs/{id}/send), its topic filled in with the one its first
+    waiting receive waits on. Outside the live part of the page, so a refresh does not wipe what is being
+    typed; /static/live.js removes it (`data-unfinished-only`) once the run is finished."""
+    topic = next((wait.topic for wait in outside_waits(run) if wait.topic is not None), "")
+    return (
+        f"<section id='send-message' data-unfinished-only><h3>Send a message</h3>"
+        f"<form method='post' action='/runs/{run.id}/send'>"
+        f"<input type='hidden' name='csrf' value='{escape(csrf)}'>"
+        f"<label>topic <input name='topic' value='{escape(topic)}' required maxlength='{MAX_KEY_LENGTH}'></label>"
+        "<label>message (JSON) <textarea name='message' rows='3' cols='60' required "
+        "placeholder='{&quot;approved&quot;: true}'></textarea></label>"
+        f"<label>idempotency key (optional) <input name='idempotency_key' maxlength='{MAX_KEY_LENGTH}'></label>"
+        "<button id='send' type='submit'>Send</button></form></section>"
+    )
+
+
+def sent_notice(sent: str) -> str:
+    """What the send form's redirect says: `?sent=1` stored, `?sent=again` a repeated idempotency key."""
+    if sent == "1":
+        return "<p id='notice' class='notice'>Message sent.</p>"
+    if sent == "again":
+        return (
+            "<p id='notice' class='notice'>Not sent again: that idempotency key was used for this run before "
+            "(the message is stored once).</p>"
+        )
+    return ""
+
+
+def _outside_wait(wait: OutsideWait, *, step: bool = True) -> str:
+    """A receive or event wait: what it waits for, its step, its timeout."""
+    if wait.kind == "receive":
+        what = f"message on topic <code>{escape(wait.topic or '')}</code>"
+    else:
+        key = f" with key <code>{escape(wait.key)}</code>" if wait.key else " (no key)"
+        what = f"event <code>{escape(wait.event or '')}</code>{key}"
+    until = f"times out {_time(wait.timeout_at)}" if wait.timeout_at else "no timeout"
+    return f"{what} (step <code>{escape(wait.step)}</code>) · {until}" if step else f"{what} · {until}"
+
+
+def _messages(run_id: str, messages: Messages) -> str:
+    """The oldest unconsumed messages: topic, payload preview, idempotency key, when sent."""
+    if not messages.total:
+        return ""
+    now = datetime.now(UTC)
+    rows = "".join(
+        f"<tr data-message='{m.id}'><td>{escape(m.topic)}</td><td>{escape(preview(m.payload, 80))}</td>"
+        f"<td>{escape(m.idempotency_key or '-')}</td><td>{_time(m.created_at)} ({age_text(m.created_at, now)} ago)"
+        "</td></tr>"
+        for m in messages.listed
+    )
+    more = ""
+    if messages.more > 0:
+        count = messages.more if messages.exact else f"more than {messages.more}"
+        more = f"<p>and {count} more; <a href='/api/runs/{run_id}'>the run as JSON</a> lists the first 100</p>"
+    return (
+        f"<h3>Messages</h3><p id='message-count'>{escape(messages.count_text())}, oldest first</p>"
+        "<table id='messages'><thead><tr><th>topic</th><th>message</th><th>idempotency key</th><th>sent</th></tr>"
+        f"</thead><tbody>{rows}</tbody></table>{more}"
+    )
+
+
+def _events(run_id: str, events: Sequence[RunEventRecord]) -> str:
+    """The events the run published (set_event): key, value preview, when last set."""
+    if not events:
+        return ""
+    rows = "".join(
+        f"<tr><td>{escape(e.key)}</td><td>{escape(preview(e.value, 80))}</td><td>{_time(e.updated_at)}</td></tr>"
+        for e in events[:LISTED_EVENTS]
+    )
+    more = ""
+    if len(events) > LISTED_EVENTS:
+        more = f"<p>and {len(events) - LISTED_EVENTS} more in <a href='/api/runs/{run_id}'>the run as JSON</a></p>"
+    return (
+        f"<h3>Events</h3><p>{len(events)} published</p><table id='events'><thead><tr><th>key</th><th>value</th>"
+        f"<th>updated</th></tr></thead><tbody>{rows}</tbody></table>{more}"
+    )
 
 
 def _children(run: RunRecord, children: Children) -> str:
@@ -199,7 +300,6 @@ def _children(run: RunRecord, children: Children) -> str:
         f"{count} {status}</a>"
         for status, count in children.counts.items()
     )
-    counted = "" if children.counted >= children.total else f" (the newest {children.counted} counted)"
     rows = "".join(_child_row(row) for row in children.listed)
     table = (
         "<table id='children'><thead><tr><th>child</th><th>step</th><th>workflow</th><th>status</th></tr></thead>"
@@ -209,7 +309,7 @@ def _children(run: RunRecord, children: Children) -> str:
     )
     total = children.total
     more = f"<p><a href='/?parent={run.id}'>all {total} children</a> ({children.more} not shown above)</p>"
-    return f"<h3>Children</h3><p id='child-counts'>{total}: {counts or 'none found'}{counted}</p>{table}" + (
+    return f"<h3>Children</h3><p id='child-counts'>{total}: {counts or 'none found'}</p>{table}" + (
         more if children.more > 0 else ""
     )
 
@@ -236,6 +336,9 @@ def _step_detail(run: RunRecord, step: StepRecord) -> str:
             return f"child → <a class='child' href='/runs/{ids[0]}'>{ids[0]}</a>{seen}"
     if step.kind == "sleep" and step.wake_at is not None:
         return f"{'wakes' if step.status is StepStatus.SLEEPING else 'woke'} {_time(step.wake_at)}"
+    wait = outside_wait(step)
+    if wait is not None:
+        return _outside_wait(wait, step=False)
     return escape(preview(step.output if step.error is None else step.error.get("message"), 80))
 
 

@@ -1,0 +1,129 @@
+"""A step's own retry policy and timeout, on every backend (see BACKENDS)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import pytest
+
+from sonamu_tasks import InvalidValue, RetryPolicy, RunStatus, StepStatus, WorkflowFailed, workflow
+
+ONCE = RetryPolicy(max_attempts=1)
+
+
+async def test_a_steps_own_policy_replaces_the_workflows(manager_for: Any) -> None:
+    calls = {"flaky": 0}
+
+    async def flaky() -> str:
+        calls["flaky"] += 1
+        if calls["flaky"] < 4:
+            raise ConnectionError(f"attempt {calls['flaky']}")
+        return "fine"
+
+    # The workflow allows one attempt; the step allows five, quickly.
+    @workflow(version="1", retry_policy=ONCE)
+    async def patient(step: Any) -> Any:
+        policy = {"max_attempts": 5, "initial_interval_ms": 20, "backoff_coefficient": 1}
+        return await step.define("flaky", flaky, retry_policy=policy).run()
+
+    manager = await manager_for([patient])
+    handle = await manager.run(patient)
+    assert await handle.result(timeout=15) == "fine"
+    assert calls["flaky"] == 4
+    assert (await handle.info()).attempts == 3
+
+
+async def test_a_steps_own_policy_counts_that_steps_failures_and_can_give_up_sooner(manager_for: Any) -> None:
+    calls = {"n": 0}
+
+    async def broken() -> None:
+        calls["n"] += 1
+        raise ValueError("never works")
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=10, initial_interval_ms=20))
+    async def strict(step: Any) -> Any:
+        await step.define("broken", broken, retry_policy=RetryPolicy(max_attempts=2, initial_interval_ms=20)).run()
+
+    manager = await manager_for([strict])
+    handle = await manager.run(strict)
+    with pytest.raises(WorkflowFailed, match="never works"):
+        await handle.result(timeout=15)
+    assert calls["n"] == 2
+    run = await handle.info(with_steps=True)
+    assert run.steps[0].status is StepStatus.FAILED and run.steps[0].attempts == 2
+
+
+async def test_a_hanging_async_step_is_cancelled_at_its_timeout_and_retried(manager_for: Any, caplog: Any) -> None:
+    calls = {"n": 0}
+    cancelled = asyncio.Event()
+
+    async def hangs_once() -> str:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            try:
+                await asyncio.Event().wait()  # a call that never answers
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return "answered"
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=3, initial_interval_ms=20))
+    async def guarded(step: Any) -> Any:
+        return await step.define("call", hangs_once, timeout="200ms").run()
+
+    manager = await manager_for([guarded])
+    handle = await manager.run(guarded)
+    assert await handle.result(timeout=15) == "answered"
+    assert cancelled.is_set() and calls["n"] == 2
+    run = await handle.info(with_steps=True)
+    assert run.attempts == 1 and run.steps[0].attempts == 2  # one failed execution, then the completed one
+    assert "took longer than its timeout of 0.2s" in caplog.text
+
+
+async def test_a_hanging_sync_step_times_out_its_late_result_is_discarded_and_a_warning_names_it(
+    manager_for: Any, caplog: Any
+) -> None:
+    release = threading.Event()
+    finished = threading.Event()
+
+    def stuck() -> str:
+        release.wait(30)
+        finished.set()
+        return "late"
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def guarded(step: Any) -> Any:
+        return await step.define("stuck", stuck, timeout=0.2).run()
+
+    @workflow(version="1")
+    async def other(step: Any) -> Any:
+        return await step.define("quick", lambda: "quick").run()
+
+    manager = await manager_for([guarded, other], concurrency=1)
+    caplog.set_level(logging.WARNING, logger="sonamu_tasks.threads")
+    handle = await manager.run(guarded)
+    with pytest.raises(WorkflowFailed, match="StepTimeout"):
+        await handle.result(timeout=15)
+    assert "step 'stuck' of run" in caplog.text and "timed out" in caplog.text
+    # The only slot's thread is still stuck: the pool grew, so other sync steps still run.
+    assert await (await manager.run(other)).result(timeout=5) == "quick"
+    release.set()
+    assert finished.wait(5)
+    run = await handle.info(with_steps=True)
+    assert run.status is RunStatus.FAILED and run.steps[0].output is None  # "late" was never stored
+
+
+async def test_bad_step_options_fail_the_run_naming_the_step(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=5, initial_interval_ms=20))
+    async def wrong(step: Any) -> Any:
+        return await step.define("s", str, retry_policy={"max_attempt": 3}).run()
+
+    manager = await manager_for([wrong])
+    handle = await manager.run(wrong)
+    with pytest.raises(WorkflowFailed, match="retry_policy of step 's' has unknown field"):
+        await handle.result(timeout=15)
+    assert (await handle.info()).attempts == 1  # InvalidValue is not retried
+    assert issubclass(InvalidValue, ValueError)
