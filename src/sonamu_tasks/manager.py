@@ -7,7 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -20,15 +20,15 @@ from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration
-from .errors import RunNotFound, SonamuTasksError, WorkflowFailed
+from .errors import InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
-from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic
+from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
 from .reconnect import until_available
 from .registry import Registry
 from .result_waiters import ResultWaiters
 from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
 from .scheduler import Scheduler
-from .status import RunStatus
+from .status import RunStatus, StepStatus
 from .step import DEFAULT_TOPIC
 from .waiting import cancel_and_wait
 from .worker import Worker
@@ -42,6 +42,25 @@ _active: list[WorkflowManager] = []
 class RunPage:
     items: list[RunRecord]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class StrandedRuns:
+    """Unfinished runs of a (workflow, version) that no live worker registers: nothing will execute them."""
+
+    workflow: str
+    version: str
+    counts: dict[RunStatus, int]
+    oldest_created_at: datetime
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# A step kind whose completed record a fork keeps: its result is final. A set_event is not kept (the fork
+# publishes its own), nor a child without a recorded outcome (the fork starts its own).
+_FORK_KEEPS = frozenset({"call", "sleep", "receive", "event"})
 
 
 def active_manager() -> WorkflowManager:
@@ -300,6 +319,7 @@ class WorkflowManager:
         limit: int = 50,
         cursor: str | None = None,
         parent_id: str | None = None,
+        version: str | None = None,
     ) -> RunPage:
         """Runs, newest first. Pass `page.next_cursor` as `cursor` for the next page (None: last page).
         `parent_id`: only the children of that run."""
@@ -308,10 +328,77 @@ class WorkflowManager:
         statuses = None
         if status is not None:
             statuses = tuple(RunStatus(s).value for s in ([status] if isinstance(status, str) else status))
-        query = RunQuery(workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id)
+        query = RunQuery(workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id, version)
         records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
         items = records[:limit]
         return RunPage(items, items[-1].id if len(records) > limit else None)
+
+    async def fork(self, run_id: str, from_step: str, version: str | None = None) -> RunHandle:
+        """A new run of the same workflow and input that keeps the source's checkpoints of the steps that
+        started before `from_step` and executes from it, on the same version or on `version` (a bug fix). The
+        source is left as it is."""
+        source = await self.get_run(run_id, with_steps=True)
+        pivot = next((s for s in source.steps if s.name == from_step), None)
+        if pivot is None:
+            known = ", ".join(repr(s.name) for s in source.steps) or "none"
+            raise InvalidValue(
+                f"run {run_id} has no step {from_step!r} to fork from; its steps: {known}", field="from_step"
+            )
+        keep = [
+            s.name
+            for s in source.steps
+            if s.name != from_step
+            and s.status is StepStatus.COMPLETED
+            and s.started_at is not None
+            and pivot.started_at is not None
+            and s.started_at < pivot.started_at
+            and (s.kind in _FORK_KEEPS or (s.kind == "child" and isinstance(s.output, dict) and "outcome" in s.output))
+        ]
+        target = source.version if version is None else check_version(version)
+        definition = self.registry.find(source.workflow_name, target)
+        new_run = prepare_run(
+            source.workflow_name,
+            target,
+            definition,
+            source.input,
+            what=f"the input of run {run_id} forked to version {target!r}",
+        )
+        await until_available(lambda: self.backend.fork_run(run_id, new_run, keep), what="fork run", give_up_after_s=30)
+        logger.info(
+            "forked run %s from step %r into %s (version %s, %d checkpoints kept)",
+            run_id,
+            from_step,
+            new_run.id,
+            target,
+            len(keep),
+        )
+        if self.worker is not None:
+            self.worker.wake()
+        return RunHandle(self, new_run.id, source.workflow_name)
+
+    async def stranded_runs(self, *, stale_after: float = 60.0) -> list[StrandedRuns]:
+        """Unfinished runs whose (workflow, version) no live worker registers (a worker is live when it
+        heartbeat in the last `stale_after` seconds), per version: they wait for a worker that will not come.
+        Cancel them, or fork them onto a version that is served."""
+        workers = await self.list_workers()
+        now = datetime.now(UTC)
+        served = {
+            key
+            for worker in workers
+            if (now - worker.heartbeat_at).total_seconds() <= stale_after
+            for key in worker.workflows
+        }
+        rows = await until_available(self.backend.unfinished_by_version, what="count runs", give_up_after_s=30)
+        groups: dict[tuple[str, str], tuple[dict[RunStatus, int], datetime]] = {}
+        for name, version, status, count, oldest in rows:
+            if (name, version) in served:
+                continue
+            counts, first = groups.get((name, version), ({}, oldest))
+            counts[status] = count
+            groups[(name, version)] = (counts, min(first, oldest))
+        return [
+            StrandedRuns(name, version, counts, oldest) for (name, version), (counts, oldest) in sorted(groups.items())
+        ]
 
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:
         """How many children run `run_id` started, per status (without reading them)."""

@@ -119,6 +119,7 @@ class RunQuery:
     limit: int = 50
     parent_id: str | None = None
     """Only the children of this run."""
+    version: str | None = None
 
 
 class Notifications(Protocol):
@@ -289,6 +290,14 @@ class Backend(ScheduleStore, Protocol):
     ) -> None:
         """Insert the children of a claimed run and its step record `step_name` (output `output_json`), in one
         transaction; children that exist already are left as they are (a replay)."""
+        ...
+
+    async def fork_run(self, source_id: str, run: NewRun, step_names: Sequence[str]) -> None:
+        """Insert `run` (pending) with copies of the source run's steps `step_names`, in one transaction."""
+        ...
+
+    async def unfinished_by_version(self) -> list[tuple[str, str, RunStatus, int, datetime]]:
+        """(workflow, version, status, how many, the oldest one's creation) over unfinished runs."""
         ...
 
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:

@@ -335,6 +335,7 @@ class PostgresBackend:
             "created_before": query.created_before,
             "limit": query.limit,
             "parent_id": query.parent_id,
+            "version": query.version,
         }
         async with self._pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
@@ -547,6 +548,20 @@ class PostgresBackend:
             row = await (await conn.execute(QUERIES["start_children"], params)).fetchone()
         if row is None or row[0] == 0:
             raise LeaseLost(run_id)
+
+    @_transient
+    async def fork_run(self, source_id: str, run: NewRun, step_names: Sequence[str]) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["create_run"], _new_run_params(run))
+            params = {"new_id": run.id, "source_id": source_id, "names": list(step_names)}
+            await conn.execute(QUERIES["fork_steps"], params)
+            await conn.execute(QUERIES["mark_forked"], params)
+
+    @_transient
+    async def unfinished_by_version(self) -> list[tuple[str, str, RunStatus, int, datetime]]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["unfinished_by_version"])).fetchall()
+        return [(name, version, RunStatus(status), int(n), oldest) for name, version, status, n, oldest in rows]
 
     @_transient
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:

@@ -460,10 +460,31 @@ WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
   AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
+  AND (%(version)s::text IS NULL OR version = %(version)s::text)
   AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
 ORDER BY runs.id DESC
 LIMIT %(limit)s
+
+-- unfinished_by_version --
+-- Unfinished runs per (workflow, version, status), with the oldest's creation: what `runs --stranded`
+-- compares with the versions live workers register.
+SELECT workflow_name, version, status, count(*), min(created_at)
+FROM runs
+WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
+GROUP BY workflow_name, version, status
+ORDER BY workflow_name, version, status
+
+-- mark_forked --
+-- A fork continues the source's work: it counts as started, so its first attempt reads the checkpoints it got.
+UPDATE runs SET started_at = created_at WHERE id = %(new_id)s::uuid
+
+-- fork_steps --
+-- A fork's new run gets the source's checkpoints of these steps, as they are.
+INSERT INTO steps (run_id, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for)
+SELECT %(new_id)s::uuid, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
+FROM steps
+WHERE run_id = %(source_id)s::uuid AND name = ANY(%(names)s::text[])
 
 -- cancel_run --
 -- Not running: canceled at once. Running: asked to stop at its next step boundary.

@@ -215,6 +215,7 @@ class SqliteBackend:
             "created_before": micros(query.created_before),
             "limit": query.limit,
             "parent_id": None if query.parent_id is None else str(uuid.UUID(query.parent_id)),
+            "version": query.version,
         }
 
         def read(conn: sqlite3.Connection, now: int) -> list[RunRecord]:
@@ -443,6 +444,25 @@ class SqliteBackend:
 
         if not await self._db.write(start):
             raise LeaseLost(run_id)
+
+    async def fork_run(self, source_id: str, run: NewRun, step_names: Sequence[str]) -> None:
+        def fork(conn: sqlite3.Connection, now: int) -> None:
+            conn.execute(QUERIES["create_run"], {**_new_run_params(run), "now": now}).fetchall()
+            params = {"new_id": run.id, "source_id": source_id, "names": json.dumps(list(step_names))}
+            conn.execute(QUERIES["fork_steps"], params)
+            conn.execute(QUERIES["mark_forked"], params)
+
+        await self._db.write(fork)
+
+    async def unfinished_by_version(self) -> list[tuple[str, str, RunStatus, int, datetime]]:
+        def read(conn: sqlite3.Connection, now: int) -> list[tuple[str, str, RunStatus, int, datetime]]:
+            rows = conn.execute(QUERIES["unfinished_by_version"]).fetchall()
+            return [
+                (r["workflow_name"], r["version"], RunStatus(r["status"]), int(r["n"]), records.moment(r["oldest"]))
+                for r in rows
+            ]
+
+        return await self._db.read(read)
 
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:
         def read(conn: sqlite3.Connection, now: int) -> dict[RunStatus, int]:

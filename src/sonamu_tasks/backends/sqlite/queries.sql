@@ -329,10 +329,27 @@ WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
   AND id < COALESCE(:before_id, 'g')
   AND (:parent_id IS NULL OR parent_id = :parent_id)
+  AND (:version IS NULL OR version = :version)
   AND (:created_after IS NULL OR created_at >= :created_after)
   AND (:created_before IS NULL OR created_at < :created_before)
 ORDER BY id DESC
 LIMIT :limit
+
+-- unfinished_by_version --
+SELECT workflow_name, version, status, count(*) AS n, min(created_at) AS oldest
+FROM runs
+WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
+GROUP BY workflow_name, version, status
+ORDER BY workflow_name, version, status
+
+-- mark_forked --
+UPDATE runs SET started_at = created_at WHERE id = :new_id
+
+-- fork_steps --
+INSERT INTO steps (run_id, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for)
+SELECT :new_id, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
+FROM steps
+WHERE run_id = :source_id AND name IN (SELECT value FROM json_each(:names))
 
 -- cancel_run --
 -- Not running: canceled at once. Running: asked to stop at its next step boundary.
