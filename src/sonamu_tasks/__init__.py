@@ -27,7 +27,7 @@ from .errors import (
     WorkflowNotRegistered,
 )
 from .handle import RunHandle
-from .manager import RunPage, WorkflowManager
+from .manager import RunPage, StrandedRuns, WorkflowManager
 from .retry import RetryDecision, RetryPolicy
 from .schedule import Schedule
 from .status import RunStatus, StepStatus
@@ -58,10 +58,11 @@ __all__ = [
     "SonamuTasksError",
     "Step",
     "StepNameConflict",
-    "StepTimeout",
     "StepStatus",
+    "StepTimeout",
     "StepWrapper",
     "StorageError",
+    "StrandedRuns",
     "SyncClient",
     "SyncRunHandle",
     "TasksConfig",
