@@ -17,7 +17,7 @@ import inspect
 import logging
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -83,6 +83,11 @@ class AttemptHooks(typing.Protocol):
     registry: Registry
     max_recoveries: int
     context_provider: Callable[[dict[str, Any]], Any] | None
+
+    @property
+    def step_mocks(self) -> Mapping[str, Callable[..., Any]]:
+        """Stand-ins by step name (`testing.WorkflowTestEnv.mock_step`)."""
+        ...
 
     def draining(self) -> bool: ...
     def wake_in(self, seconds: float) -> None: ...
@@ -313,7 +318,7 @@ class Attempt:
             started = datetime.now(UTC)
             token = current_step.set(name)
             try:
-                result = await self._invoke(name, fn, args, kwargs, options.timeout)
+                result = await self._invoke(name, self.hooks.step_mocks.get(name, fn), args, kwargs, options.timeout)
                 encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
             except Exception as error:
                 self._failed_step = (name, started, error, options.retry_policy)

@@ -27,7 +27,7 @@ from .reconnect import until_available
 from .registry import Registry
 from .result_waiters import ResultWaiters
 from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
-from .scheduler import Scheduler
+from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
 from .step import DEFAULT_TOPIC
 from .waiting import cancel_and_wait
@@ -97,7 +97,10 @@ class WorkflowManager:
         *,
         workflows: Iterable[WorkflowDefinition[Any, Any]] = (),
         backend: Backend | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
+        """`backend`: a Backend object instead of the one `config.database_url` names. `clock`: the time the
+        cron scheduler reads (default: this machine's; `testing.WorkflowTestEnv` passes its test clock)."""
         if config is None:
             config = define_config()
         elif isinstance(config, Mapping):
@@ -112,6 +115,7 @@ class WorkflowManager:
         self.scheduler: Scheduler | None = None
         self.discovery_errors: list[DiscoveryError] = []
         self.watched_paths: list[Path] = []
+        self._clock = clock or system_clock
         self.waiters = ResultWaiters(self.backend, self.get_run, self._runs_here)
         self._listener: asyncio.Task[None] | None = None
         self._started = False
@@ -153,7 +157,7 @@ class WorkflowManager:
                 on_finished=self.waiters.finished_here,
             )
             await self.worker.start()
-            self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone)
+            self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone, clock=self._clock)
             await until_available(self.scheduler.synchronize, what="synchronize schedules")
             self.scheduler.start()
         self._started = True

@@ -55,6 +55,8 @@ class Worker:
         self.max_recoveries = options.max_recoveries
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.threads = StepThreads(options.concurrency)
+        self.step_mocks: dict[str, Callable[..., Any]] = {}
+        """Stand-ins by step name, called instead of the step's function (`testing.WorkflowTestEnv.mock_step`)."""
         self._lease = timedelta(milliseconds=options.lease_ms)
         poll_ms = options.poll_interval_ms
         if poll_ms is None:
@@ -83,6 +85,11 @@ class Worker:
             open_backend=another_like(backend),
             on_answer=self._heard,
         )
+
+    @property
+    def idle(self) -> bool:
+        """No run is executing here, and none is being started."""
+        return not self._active and not self._reserved
 
     @property
     def active_runs(self) -> list[str]:

@@ -202,7 +202,11 @@ def _waiting_for(run: RunRecord, children: Children) -> str:
         parts.append(
             f"{children.unfinished_count} unfinished {_children_word(children.unfinished_count)}: {links}{more}"
         )
-    parts.extend(f"<span class='outside-wait'>{_outside_wait(wait)}</span>" for wait in outside_waits(run))
+    parts.extend(
+        f"<span class='outside-wait'>{_outside_wait(wait)}</span>"
+        + (" · <a href='#send-message'>send it one</a>" if wait.kind == "receive" else "")
+        for wait in outside_waits(run)
+    )
     parts.extend(escape(line) for line in other_waits(run))
     sleep = pending_sleep(run)
     if sleep is not None:

@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -57,9 +57,20 @@ DEFAULT_BUSY_TIMEOUT_S = 10.0
 class SqliteBackend:
     pushes_notifications = False
 
-    def __init__(self, path: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """`clock`: the time every transaction runs at (default: this machine's); a test clock makes durable
+        sleeps, timeouts, retry delays and deadlines follow it."""
         self.path = path if path == ":memory:" else os.path.abspath(path)
-        self._db = Database(self.path, busy_timeout_s=busy_timeout_s)
+        if clock is None:
+            self._db = Database(self.path, busy_timeout_s=busy_timeout_s)
+        else:
+            self._db = Database(self.path, busy_timeout_s=busy_timeout_s, clock=lambda: micros(clock()) or 0)
         # Checkpoints and completions of concurrent runs share one write transaction and one fsync.
         self._fenced_writes: GroupCommit[list[tuple[str, dict[str, Any]]]] = GroupCommit(
             self._write_fenced, in_flight=1

@@ -39,9 +39,10 @@ def now_us() -> int:
 
 
 class Database:
-    def __init__(self, path: str, *, busy_timeout_s: float) -> None:
+    def __init__(self, path: str, *, busy_timeout_s: float, clock: Callable[[], int] = now_us) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
+        self._clock = clock  # microseconds since the epoch; a test clock in `testing.WorkflowTestEnv`
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None  # touched only on the executor's thread
 
@@ -89,7 +90,7 @@ class Database:
         try:
             connection.execute(begin)
             # Read after BEGIN IMMEDIATE has the lock: clock readings follow the order of the writes.
-            result = work(connection, now_us())
+            result = work(connection, self._clock())
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
