@@ -1,5 +1,6 @@
-"""The `sonamu-tasks` command against the example application: migrate, worker, run, schedules, dev; and
-`runs` and `show` on parents and their children."""
+"""The `sonamu-tasks` command against the example application: migrate, worker, run, schedules, dev; `runs`
+and `show` on parents and their children; `show` on a run waiting for a message and an event, and `send`,
+`emit` and `get-event` waking it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
-from sonamu_tasks import Config, RunStatus, workflow
+from sonamu_tasks import Config, RunStatus, WorkflowManager, define_config, workflow
 from sonamu_tasks.cli import main
 
 from .conftest import wait_until
@@ -381,6 +382,8 @@ async def test_a_run_waiting_only_for_a_child_shows_no_wake_time(manager_for: An
             }
         ],
         "sleep": None,
+        "messages": [],
+        "events": [],
         "steps": [],
     }
     listed = json.loads((await invoke("runs", "--json")).stdout)["items"]
@@ -402,3 +405,152 @@ async def _all_children(manager_for: Any, parent_id: str) -> list[Any]:
 
 async def _status_is(handle: Any, status: RunStatus) -> bool:
     return bool(await handle.status() is status)
+
+
+# Messages and events
+
+
+@workflow(version="1")
+async def inbox(step: Any) -> Any:
+    """Publishes its progress, then waits for an approval (with a timeout) and a payment event at once."""
+    await step.set_event("progress", {"done": 40})
+    approval, paid = await asyncio.gather(
+        step.receive("wait-approval", topic="approval", timeout="1h"),
+        step.wait_for_event("paid", "order.paid", key="7"),
+    )
+    await step.set_event("progress", {"done": 100})
+    return {"approval": approval, "paid": paid}
+
+
+async def waiting_inbox(manager: WorkflowManager) -> Any:
+    handle = await manager.run(inbox)
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the run to wait")
+    return handle
+
+
+async def test_show_a_waiting_run_lists_its_topic_its_messages_and_its_events(manager_for: Any, invoke: Invoke) -> None:
+    manager = await manager_for([inbox])
+    handle = await waiting_inbox(manager)
+    for index in range(22):  # on a topic nobody receives: they stay unconsumed
+        await manager.send(handle.id, {"note": index}, topic="notes", idempotency_key=f"note-{index}")
+    # A message wakes the run (whatever its topic): it looks, finds nothing for its receive, and parks again.
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the run to wait again")
+    info = await handle.info(with_steps=True)
+    [timeout_at] = [s.wake_at for s in info.steps if s.name == "wait-approval"]
+    assert timeout_at is not None
+    local = timeout_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+    shown = (await invoke("show", handle.id)).stdout
+    assert "status    waiting" in shown
+    assert f"waits for message on topic 'approval' (step 'wait-approval'), times out {local}\n" in shown
+    assert "\n          event 'order.paid' with key '7' (step 'paid'), no timeout\n" in shown
+    assert re.search(
+        rf"^wait-approval +receive +waiting +1 +- +message on topic 'approval', times out {local}$", shown, re.M
+    )
+    assert re.search(r"^paid +event +waiting +1 +- +event 'order.paid' with key '7', no timeout$", shown, re.M)
+    messages = shown.split("messages  ")[1].split("\n\n")[0]
+    assert messages.startswith("22 unconsumed (the oldest 20 listed)\n")
+    assert messages.splitlines()[1].split() == ["TOPIC", "MESSAGE", "IDEMPOTENCY", "KEY", "AGE"]
+    assert re.search(r'^notes +\{"note": 0\} +note-0 +\d+(ms|s)$', messages, re.M)
+    assert "note-19" in messages and "note-20" not in messages
+    assert "and 2 more" in messages
+    events = shown.split("events    ")[1]
+    assert events.startswith("1 published\n")
+    assert re.search(r'^progress +\{"done": 40\} +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$', events, re.M)
+
+    detail = json.loads((await invoke("show", handle.id, "--json")).stdout)
+    assert detail["waiting_for"]["messages"] == [
+        {"step": "wait-approval", "topic": "approval", "timeout_at": timeout_at.isoformat()}
+    ]
+    assert detail["waiting_for"]["events"] == [{"step": "paid", "event": "order.paid", "key": "7", "timeout_at": None}]
+    assert detail["waiting_for"]["steps"] == []
+    listed = detail["messages"]["listed"]
+    assert (detail["messages"]["total"], detail["messages"]["exact"], detail["messages"]["more"]) == (22, True, 2)
+    assert len(listed) == 20 and [m["payload"] for m in listed[:2]] == [{"note": 0}, {"note": 1}]
+    assert listed[0]["topic"] == "notes" and listed[0]["idempotency_key"] == "note-0" and listed[0]["age_s"] >= 0
+    [progress] = detail["events"]
+    assert progress["key"] == "progress" and progress["value"] == {"done": 40} and progress["updated_at"]
+
+    # Once it has what it waits for, it finishes: nothing left to wait for, the approval consumed.
+    await manager.send(handle.id, "yes", topic="approval")
+    await manager.emit("order.paid", 10.5, key="7")
+    await handle.result(timeout=15)
+    after = json.loads((await invoke("show", handle.id, "--json")).stdout)
+    assert after["waiting_for"] is None and after["messages"]["total"] == 22  # the notes are still there
+    assert after["events"][0]["value"] == {"done": 100}
+
+
+async def test_send_and_emit_in_process_say_what_they_did(manager_for: Any, invoke: Invoke) -> None:
+    manager = await manager_for([inbox])
+    handle = await waiting_inbox(manager)
+    first = await invoke(
+        "send", handle.id, "--topic", "approval", "--message", '{"ok": true}', "--idempotency-key", "m-1"
+    )
+    assert first.stdout == f"sent to {handle.id} on topic 'approval'\n"
+    again = await invoke("send", handle.id, "--topic", "approval", "--message", "2", "--idempotency-key", "m-1")
+    assert again.stdout == f"not sent again: idempotency key 'm-1' was used for run {handle.id} before\n"
+    as_json = json.loads(
+        (await invoke("send", handle.id, "--topic", "t", "--message", "3", "--idempotency-key", "m-1", "--json")).stdout
+    )
+    assert as_json == {"run_id": handle.id, "topic": "t", "idempotency_key": "m-1", "stored": False}
+    await wait_until(lambda: _step_is_done(handle, "wait-approval"), what="the receive to take the message")
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the run to wait for the event")
+
+    assert (await invoke("emit", "order.paid", "--key", "8", "--payload", "0")).stdout == (
+        "emitted 'order.paid' with key '8': woke 0 waiting runs\n"
+    )
+    woke = json.loads(
+        (await invoke("emit", "order.paid", "--key", "7", "--payload", '{"amount": 10.5}', "--json")).stdout
+    )
+    assert woke == {"event": "order.paid", "key": "7", "woken": 1}
+    assert await handle.result(timeout=15) == {"approval": {"ok": True}, "paid": {"amount": 10.5}}
+    assert json.loads((await invoke("get-event", handle.id, "progress")).stdout) == {"done": 100}
+
+    missing = await asyncio.to_thread(
+        CliRunner().invoke, main, ["--config", f"{__name__}:cli_config", "get-event", handle.id, "never-set"]
+    )
+    assert missing.exit_code == 1
+    assert f"Error: run {handle.id} did not set event 'never-set' (it is completed)" in missing.output
+
+
+async def test_send_emit_and_get_event_from_other_processes_wake_a_waiting_run(
+    app_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The command in a process of its own (`python -m sonamu_tasks`), the worker in this one."""
+    config = define_config(
+        database_url=app_env["SONAMU_TASKS_DATABASE_URL"], tasks={"worker_options": {"listen_delay": 0}}
+    )
+    async with WorkflowManager(config, workflows=[inbox]) as manager:
+        handle = await waiting_inbox(manager)
+
+        def command(*args: str) -> subprocess.CompletedProcess[str]:
+            return cli(app_env, *args, cwd=tmp_path)  # no sonamu_config here: the defaults and the environment
+
+        progress = await asyncio.to_thread(command, "get-event", handle.id, "progress", "--timeout", "5")
+        assert progress.returncode == 0, progress.stderr
+        assert json.loads(progress.stdout) == {"done": 40}
+        not_yet = await asyncio.to_thread(command, "get-event", handle.id, "nothing", "--timeout", "0.2")
+        assert not_yet.returncode == 1
+        assert not_yet.stderr.strip() == (
+            f"Error: run {handle.id} did not set event 'nothing' within 0.2s (it is waiting)"
+        )
+
+        sent = await asyncio.to_thread(
+            command, "send", handle.id, "--topic", "approval", "--message", '{"approved": true}'
+        )
+        assert sent.returncode == 0 and sent.stdout == f"sent to {handle.id} on topic 'approval'\n", sent.stderr
+        await wait_until(lambda: _step_is_done(handle, "wait-approval"), what="the receive to take the message")
+        await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the run to wait for the event")
+
+        emitted = await asyncio.to_thread(command, "emit", "order.paid", "--key", "7", "--payload", '{"amount": 10.5}')
+        assert emitted.returncode == 0, emitted.stderr
+        assert emitted.stdout == "emitted 'order.paid' with key '7': woke 1 waiting run\n"
+        assert await handle.result(timeout=15) == {"approval": {"approved": True}, "paid": {"amount": 10.5}}
+
+        done = await asyncio.to_thread(command, "get-event", handle.id, "progress")
+        assert json.loads(done.stdout) == {"done": 100}
+
+
+async def _step_is_done(handle: Any, name: str) -> bool:
+    steps = {s.name: s for s in (await handle.info(with_steps=True)).steps}
+    return name in steps and steps[name].status.value == "completed"

@@ -23,7 +23,7 @@ def test_python_m_sonamu_tasks_is_the_command() -> None:
     helped = python_m("--help")
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("Usage: sonamu-tasks ")
-    for command in ("worker", "run", "runs", "show", "dashboard", "migrate"):
+    for command in ("worker", "run", "runs", "show", "send", "emit", "get-event", "dashboard", "migrate"):
         assert f"\n  {command} " in helped.stdout
 
 
@@ -42,6 +42,9 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
     assert migrated.returncode == 0, migrated.stderr
     return env
 
+
+SOME_RUN = "0190b7e2-5c3a-7d1e-8f00-1234567890ab"
+SEND = ["send", SOME_RUN, "--topic", "approval"]
 
 BAD_ARGUMENTS = [
     (["show", "junk"], "is not a run id"),
@@ -62,6 +65,23 @@ BAD_ARGUMENTS = [
     (["run", "confirm_order", "--wait", "--timeout", "-1"], "--timeout"),
     (["dashboard", "--port", "0"], "--port"),
     (["show"], "Missing argument"),
+    (["send", "junk", "--topic", "t", "--message", "1"], "is not a run id"),
+    (["send", SOME_RUN, "--message", "1"], "Missing option '--topic'"),
+    (["send", SOME_RUN, "--topic", "t"], "Missing option '--message'"),
+    (["send", SOME_RUN, "--topic", "", "--message", "1"], "topic must not be blank"),
+    (["send", SOME_RUN, "--topic", "a\tb", "--message", "1"], "topic holds the character '\\t'"),
+    (["send", SOME_RUN, "--topic", "t" * 256, "--message", "1"], "topic is 256 characters long"),
+    ([*SEND, "--message", "{approved: true}"], "not valid JSON"),
+    ([*SEND, "--message", "NaN"], "cannot be stored as JSON"),
+    ([*SEND, "--message", '"\\u0000"'], "holds NUL"),
+    ([*SEND, "--message", "1", "--idempotency-key", " "], "idempotency_key must not be blank"),
+    (["emit", "order.paid", "--payload", "{"], "not valid JSON"),
+    (["emit", "order.paid"], "Missing option '--payload'"),
+    (["emit", " ", "--payload", "1"], "event name must not be blank"),
+    (["emit", "order.paid", "--key", "", "--payload", "1"], "event key must not be blank"),
+    (["get-event", "junk", "progress"], "is not a run id"),
+    (["get-event", SOME_RUN, ""], "event key must not be blank"),
+    (["get-event", SOME_RUN, "progress", "--timeout", "-1"], "--timeout"),
 ]
 
 
@@ -75,8 +95,11 @@ def test_a_bad_argument_is_one_line_and_exit_2(
 
 
 def test_a_run_that_does_not_exist_is_one_line_and_exit_1(sqlite_env: dict[str, str], tmp_path: Path) -> None:
-    for command in ("show", "cancel", "pause", "resume", "retry"):
-        done = python_m(command, "0190B7E2-5C3A-7D1E-8F00-1234567890AB", env=sqlite_env, cwd=tmp_path)
+    commands = [[name] for name in ("show", "cancel", "pause", "resume", "retry")]
+    commands += [["send", "--topic", "t", "--message", "1"], ["get-event", "--timeout", "1"]]
+    for command, *options in commands:
+        key = ["progress"] if command == "get-event" else []
+        done = python_m(command, "0190B7E2-5C3A-7D1E-8F00-1234567890AB", *key, *options, env=sqlite_env, cwd=tmp_path)
         assert done.returncode == 1, (command, done.stderr)
         assert_one_error_line(done, "no run with id 0190b7e2-5c3a-7d1e-8f00-1234567890ab")
 

@@ -1,5 +1,5 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real database; parents
-and children on its pages, in process (httpx over ASGI)."""
+and children, messages and events on its pages, in process (httpx over ASGI)."""
 
 from __future__ import annotations
 
@@ -194,8 +194,8 @@ async def only_child(step: Any) -> Any:
 
 
 @asynccontextmanager
-async def in_process(make_config: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = Dashboard(make_config(enable_worker=False), port=8765)
+async def in_process(make_config: Any, app: Dashboard | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    app = app or Dashboard(make_config(enable_worker=False), port=8765)
     await app.manager.start()
     try:
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
@@ -324,8 +324,13 @@ async def test_a_run_waiting_only_for_a_child_shows_no_wake_time(manager_for: An
 async def test_a_fan_out_of_1000_children_is_counted_and_listed_in_part(manager_for: Any, make_config: Any) -> None:
     parent, kids = await waiting_family(manager_for, 1000)
     assert len(kids) == 1002
-    async with in_process(make_config) as client:
+    app = Dashboard(make_config(enable_worker=False), port=8765)
+    read = _count_runs_read(app)
+    async with in_process(make_config, app) as client:
         response = await client.get(f"/runs/{parent.id}")
+        # Counted by the database; only the children listed (and those searched for the first unfinished
+        # ones) are read, not the 1,002 of them, on every refresh of the page.
+        assert read["runs"] <= 50, read
         assert response.status_code == 200
         page = response.text
         assert len(response.content) < 100_000
@@ -341,6 +346,25 @@ async def test_a_fan_out_of_1000_children_is_counted_and_listed_in_part(manager_
         assert first_page.count("<tr data-run=") == 50
         older = re.search(r"<a href='/\?([^']+)'>older runs</a>", first_page)
         assert older is not None and f"parent={parent.id}" in older.group(1)
+
+
+def _count_runs_read(app: Dashboard) -> dict[str, int]:
+    """Counts the run records the dashboard's manager reads (one per get_run, one per listed run)."""
+    read = {"runs": 0}
+    get_run, list_runs = app.manager.get_run, app.manager.list_runs
+
+    async def counted_get_run(run_id: str, **options: Any) -> Any:
+        read["runs"] += 1
+        return await get_run(run_id, **options)
+
+    async def counted_list_runs(**options: Any) -> Any:
+        page = await list_runs(**options)
+        read["runs"] += len(page.items)
+        return page
+
+    app.manager.get_run = counted_get_run  # type: ignore[method-assign]
+    app.manager.list_runs = counted_list_runs  # type: ignore[method-assign]
+    return read
 
 
 async def test_the_browser_follows_a_child_step_to_the_child_and_back(manager_for: Any, dashboard_url: Any) -> None:
@@ -379,3 +403,120 @@ async def test_a_run_page_draws_and_lists_at_most_300_steps(manager_for: Any, ma
         assert page.count('<rect class="bar') == 300
         assert f"the first 300 of 310 steps; all of them in <a href='/api/runs/{handle.id}'>" in page
         assert len((await client.get(f"/api/runs/{handle.id}")).json()["steps"]) == 310
+
+
+# Messages and events
+
+
+@workflow(version="1")
+async def inbox(step: Any) -> Any:
+    """Publishes its progress, then waits for an approval (with a timeout) and a payment event at once."""
+    await step.set_event("progress", {"done": 40})
+    approval, paid = await asyncio.gather(
+        step.receive("wait-approval", topic="approval", timeout="1h"),
+        step.wait_for_event("paid", "order.paid", key="7"),
+    )
+    await step.set_event("progress", {"done": 100})
+    return {"approval": approval, "paid": paid}
+
+
+@workflow(version="1")
+async def approval(step: Any) -> Any:
+    return await step.receive("wait-approval", topic="approval", timeout="1h")
+
+
+async def waiting(manager: Any, definition: Any) -> Any:
+    handle = await manager.run(definition)
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the run to wait")
+    return handle
+
+
+FORM_HEADERS = {"Origin": "http://127.0.0.1:8765"}
+
+
+async def test_a_waiting_run_page_shows_its_topic_its_messages_and_its_events(
+    manager_for: Any, make_config: Any
+) -> None:
+    manager = await manager_for([inbox])
+    handle = await waiting(manager, inbox)
+    for index in range(22):  # on a topic nobody receives: they stay
+        await manager.send(handle.id, {"note": index}, topic="notes", idempotency_key=f"note-{index}")
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the run to wait again")
+    async with in_process(make_config) as client:
+        page = (await client.get(f"/runs/{handle.id}")).text
+        waits = page.split("<div id='waits-for'>")[1].split("</div>")[0]
+        assert re.search(
+            r"message on topic <code>approval</code> \(step <code>wait-approval</code>\) · times out "
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC",
+            waits,
+        )
+        assert "event <code>order.paid</code> with key <code>7</code> (step <code>paid</code>) · no timeout" in waits
+        assert "<td>wait-approval</td><td>receive</td><td class='status waiting'>waiting</td>" in page
+
+        assert "<p id='message-count'>22 unconsumed, oldest first</p>" in page
+        messages = page.split("<table id='messages'>")[1].split("</table>")[0]
+        assert messages.count("<tr data-message=") == 20
+        assert re.search(
+            r"<td>notes</td><td>\{&quot;note&quot;: 0\}</td><td>note-0</td><td>[^<]+ UTC \(\d+m?s ago\)", messages
+        )
+        assert "note-20" not in messages and "and 2 more" in page
+        events = page.split("<table id='events'>")[1].split("</table>")[0]
+        assert "<td>progress</td><td>{&quot;done&quot;: 40}</td>" in events
+
+        # The message form: outside the part that refreshes, its topic the one the run waits on.
+        live, after = page.split("<div id='live'", 1)[1].rsplit("</div>", 1)
+        assert "/send'" not in live and "<a href='#send-message'>send it one</a>" in waits
+        form = after.split("<section id='send-message' data-unfinished-only>")[1].split("</section>")[0]
+        assert f"action='/runs/{handle.id}/send'" in form and "name='topic' value='approval'" in form
+        assert "name='csrf'" in form and "<textarea name='message'" in form and "name='idempotency_key'" in form
+
+        detail = (await client.get(f"/api/runs/{handle.id}")).json()
+        assert detail["messages"]["total"] == 22 and len(detail["messages"]["listed"]) == 22
+        assert detail["events"][0]["key"] == "progress" and detail["events"][0]["value"] == {"done": 40}
+
+
+async def test_the_message_form_sends_a_message_the_run_receives(manager_for: Any, make_config: Any) -> None:
+    manager = await manager_for([inbox])
+    handle = await waiting(manager, inbox)
+    app = Dashboard(make_config(enable_worker=False), port=8765)
+    async with in_process(make_config, app) as client:
+        form = {"csrf": app.csrf, "topic": "approval", "message": '{"approved": true}', "idempotency_key": "mail-1"}
+        sent = await client.post(f"/runs/{handle.id}/send", data=form, headers=FORM_HEADERS)
+        assert sent.status_code == 303 and sent.headers["location"] == f"/runs/{handle.id}?sent=1"
+        assert "<p id='notice' class='notice'>Message sent.</p>" in (await client.get(sent.headers["location"])).text
+        again = await client.post(f"/runs/{handle.id}/send", data={**form, "message": "2"}, headers=FORM_HEADERS)
+        assert again.headers["location"] == f"/runs/{handle.id}?sent=again"
+        assert "Not sent again" in (await client.get(again.headers["location"])).text
+
+        await manager.emit("order.paid", {"amount": 10.5}, key="7")
+        assert await handle.result(timeout=15) == {"approval": {"approved": True}, "paid": {"amount": 10.5}}
+        finished = (await client.get(f"/runs/{handle.id}")).text
+        assert "send-message" not in finished and "<table id='messages'>" not in finished  # consumed, once
+        assert "<td>progress</td><td>{&quot;done&quot;: 100}</td>" in finished
+
+
+async def test_the_browser_sends_a_message_from_the_run_page(manager_for: Any, dashboard_url: Any) -> None:
+    base, _ = dashboard_url
+    manager = await manager_for([approval])
+    handle = await waiting(manager, approval)
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1100, "height": 900})
+            await page.goto(f"{base}/runs/{handle.id}")
+            await page.locator("#run-status").filter(has_text="waiting").wait_for(timeout=10_000)
+            assert await page.input_value("#send-message input[name='topic']") == "approval"
+            await page.fill("#send-message textarea[name='message']", '{"approved": true, "by": "kim"}')
+            await page.wait_for_timeout(1500)  # the page refreshes meanwhile: what was typed stays
+            assert await page.input_value("#send-message textarea[name='message']") == (
+                '{"approved": true, "by": "kim"}'
+            )
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-waiting-page.png"), full_page=True)
+            await page.click("#send")
+            await page.locator("#notice").wait_for(timeout=10_000)
+            await page.locator("#run-status").filter(has_text="completed").wait_for(timeout=15_000)
+            await page.locator("#send-message").wait_for(state="detached", timeout=5_000)  # gone once finished
+            assert await handle.result(timeout=5) == {"approved": True, "by": "kim"}
+        finally:
+            await browser.close()

@@ -30,6 +30,11 @@ async def echo(input: Any) -> Any:
 
 
 @workflow(version="1")
+async def approval(step: Any) -> Any:
+    return await step.receive("wait-approval", topic="approval", timeout="1h")
+
+
+@workflow(version="1")
 async def big_output(input: int) -> str:
     return "x" * input
 
@@ -335,3 +340,61 @@ def test_loopback_is_decided_by_the_address_not_its_spelling(cli_dashboard: Any)
         result, served = cli_dashboard("--host", host)
         assert result.exit_code == 0, (host, result.output)
     assert [options["host"] for options in served] == ["127.0.0.1", "127.0.0.2", "::1", "localhost", "LOCALHOST"]
+
+
+# The message form
+
+
+BAD_MESSAGES = [
+    ({"topic": ""}, 400, "topic: missing"),
+    ({"topic": "   "}, 400, "topic: topic must not be blank"),
+    ({"topic": "a\x00b"}, 400, "topic: topic holds the character"),
+    ({"topic": "t" * 300}, 400, "topic: topic is 300 characters long; the limit is 255"),
+    ({"message": ""}, 400, "message: missing"),
+    ({"message": "{approved: true}"}, 400, "message: not valid JSON"),
+    ({"message": "NaN"}, 400, "message: the value cannot be stored as JSON"),
+    ({"message": '"\\u0000"'}, 400, "holds NUL"),
+    ({"message": "[" * 100_000}, 413, "request body over"),
+    ({"message": "[" * 20_000}, 400, "message: not storable JSON: nested too deeply"),
+    ({"idempotency_key": "k" * 300}, 400, "idempotency_key: idempotency_key is 300 characters long"),
+    ({"csrf": ""}, 403, "bad or missing form token"),
+    ({"csrf": "forged"}, 403, "bad or missing form token"),
+]
+
+
+@pytest.mark.parametrize(("change", "status", "says"), BAD_MESSAGES, ids=[says for _, _, says in BAD_MESSAGES])
+async def test_a_bad_message_form_is_a_4xx_that_says_why_and_sends_nothing(
+    manager_for: Any, open_dashboard: Any, change: dict[str, str], status: int, says: str
+) -> None:
+    manager = await manager_for([approval])
+    waiting = await manager.run(approval, start_at="1h")  # not started: nothing consumes what would arrive
+    async with open_dashboard() as (app, client):
+        form = {"csrf": app.csrf, "topic": "approval", "message": '{"approved": true}', **change}
+        response = await client.post(f"/runs/{waiting.id}/send", data=form, headers={"Origin": BASE})
+    assert response.status_code == status, response.text
+    assert says in response.text and "Traceback" not in response.text
+    assert await manager.list_messages(waiting.id) == []
+
+
+async def test_the_message_form_refuses_other_origins_unknown_runs_and_bad_encodings(
+    manager_for: Any, open_dashboard: Any
+) -> None:
+    manager = await manager_for([approval])
+    waiting = await manager.run(approval, start_at="1h")
+    async with open_dashboard() as (app, client):
+        form = {"csrf": app.csrf, "topic": "approval", "message": "1"}
+        path = f"/runs/{waiting.id}/send"
+        for headers in ({"Origin": "http://attacker.example"}, {"Referer": "http://attacker.example/"}, {}):
+            assert (await client.post(path, data=form, headers=headers)).status_code == 403, headers
+        unknown = await client.post("/runs/0190b7e2-5c3a-7d1e-8f00-1234567890ab/send", data=form, headers=FORM)
+        assert unknown.status_code == 404 and "no run with id" in unknown.text
+        dashes = await client.post(f"/runs/{RUN_ID_SHAPED_DASHES}/send", data=form, headers=FORM)
+        assert dashes.status_code == 404
+        not_utf8 = f"csrf={app.csrf}&topic=approval&message=".encode() + b"\xff\xfe"
+        assert (await client.post(path, content=not_utf8, headers=FORM)).status_code == 400
+        assert await manager.list_messages(waiting.id) == []
+
+        sent = await client.post(path, data=form, headers=FORM)
+        assert sent.status_code == 303 and sent.headers["location"] == f"/runs/{waiting.id}?sent=1"
+        [message] = await manager.list_messages(waiting.id)
+        assert (message.topic, message.payload, message.idempotency_key) == ("approval", 1, None)
