@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration
-from .errors import InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
+from .errors import InvalidInput, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
 from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
 from .reconnect import until_available
@@ -254,6 +254,49 @@ class WorkflowManager:
         if created and worker is not None and local is not None:
             worker.wake()  # all slots busy (or a delayed start): look again when one frees up
         return RunHandle(self, run_id, name, created=created)
+
+    async def run_many(
+        self,
+        workflow: WorkflowSpec,
+        inputs: Iterable[Any],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+        start_at: datetime | Duration | None = None,
+        deadline: datetime | Duration | None = None,
+    ) -> list[RunHandle]:
+        """Start one run per input in one statement; the handles come back in input order. Every input is
+        validated first: a bad one refuses the whole call, naming its index, and nothing is stored.
+        `idempotency_keys`: one per input (None for none); a repeated key gives the existing run."""
+        name, version, definition = resolve(workflow, self.registry)
+        items = list(inputs)
+        keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(items)
+        if len(keys) != len(items):
+            raise ValueError(f"run_many: {len(items)} inputs but {len(keys)} idempotency_keys")
+        new_runs = []
+        for index, (item, key) in enumerate(zip(items, keys, strict=True)):
+            try:
+                new_runs.append(
+                    prepare_run(
+                        name,
+                        version,
+                        definition,
+                        item,
+                        RunOptions(key, start_at, deadline),
+                        what=f"inputs[{index}] of run_many({name!r})",
+                    )
+                )
+            except InvalidInput as error:
+                raise InvalidInput(name, [f"inputs[{index}]: {problem}" for problem in error.problems]) from error
+            except InvalidValue as error:
+                raise type(error)(f"inputs[{index}]: {error}", field=error.field) from error
+        if not new_runs:
+            return []
+        created = await until_available(
+            lambda: self.backend.create_runs(new_runs), what="start runs", give_up_after_s=30
+        )
+        if self.worker is not None and self.registry.find(name, version) is not None:
+            self.worker.wake()
+        return [RunHandle(self, run_id, name, created=fresh) for run_id, fresh in created]
 
     def handle(self, run_id: str, workflow_name: str = "") -> RunHandle:
         """A handle for a run started elsewhere."""

@@ -93,6 +93,11 @@ class SyncClient:
         """A value a run published (see `WorkflowManager.get_event`); blocks this thread only."""
         return self._call(self.manager.get_event(run_id, key, timeout=timeout))
 
+    def run_many(self, workflow: WorkflowSpec, inputs: Any, **options: Any) -> list[SyncRunHandle]:
+        """Start many runs in one statement (see `WorkflowManager.run_many`)."""
+        handles = self._call(self.manager.run_many(workflow, inputs, **options))
+        return [SyncRunHandle(self, handle.id, handle.created) for handle in handles]
+
     def handle(self, run_id: str) -> SyncRunHandle:
         return SyncRunHandle(self, run_id, created=False)
 

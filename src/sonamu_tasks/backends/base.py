@@ -170,6 +170,11 @@ class Backend(ScheduleStore, Protocol):
         """Insert a pending run; for a repeated idempotency key return the existing id and False."""
         ...
 
+    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        """Insert pending runs in one transaction; per run, in order: (its id, True), or for a repeated
+        idempotency key (the existing run's id, False)."""
+        ...
+
     async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
         """Insert a run already claimed by `worker_id`, so the process that starts it runs it at once (no
         notification, no claim round trip). For a repeated id or idempotency key: (existing id, None)."""

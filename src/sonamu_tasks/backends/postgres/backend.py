@@ -178,6 +178,29 @@ class PostgresBackend:
         return existing[0], False
 
     @_transient
+    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        rows = ",".join(
+            f'{{"id":"{run.id}","workflow_name":{json.dumps(run.workflow_name)},"version":{json.dumps(run.version)},'
+            f'"input":{run.input_json},"idempotency_key":{json.dumps(run.idempotency_key)},'
+            f'"start_at":{_iso(run.start_at)},"start_delay":{_seconds(run.start_delay)},'
+            f'"deadline_at":{_iso(run.deadline_at)},"deadline_delay":{_seconds(run.deadline_delay)}}}'
+            for run in runs
+        )
+        async with self._pool.connection() as conn, conn.transaction():
+            inserted = {
+                row[0] for row in await (await conn.execute(QUERIES["create_runs"], {"runs": f"[{rows}]"})).fetchall()
+            }
+            keys = [run.idempotency_key for run in runs if run.id not in inserted and run.idempotency_key]
+            existing: dict[str, str] = {}
+            if keys:
+                found = await conn.execute(QUERIES["find_runs_by_keys"], {"keys": keys})
+                existing = {key: run_id for key, run_id in await found.fetchall()}
+        return [
+            (run.id, True) if run.id in inserted else (existing.get(run.idempotency_key or "", run.id), False)
+            for run in runs
+        ]
+
+    @_transient
     async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
         params = {**_new_run_params(run), "worker_id": worker_id, "lease": lease}
         async with self._pool.connection() as conn:
@@ -679,6 +702,14 @@ def _awaited(waits: Sequence[TimedWait]) -> tuple[list[str], list[tuple[str, str
     topics = {str(w.waits_for["topic"]) for w in waits if w.kind == "receive" and w.waits_for}
     events = {(str(w.waits_for["event"]), str(w.waits_for["key"])) for w in waits if w.kind == "event" and w.waits_for}
     return sorted(topics), sorted(events)
+
+
+def _iso(moment: datetime | None) -> str:
+    return "null" if moment is None else f'"{moment.isoformat()}"'
+
+
+def _seconds(duration: timedelta | None) -> str:
+    return "null" if duration is None else repr(duration.total_seconds())
 
 
 def _dispatch(payload: str, notifications: Notifications) -> None:

@@ -24,6 +24,23 @@ ON CONFLICT DO NOTHING
 RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_token::text, now() AS claimed_at,
           true AS first_claim, deadline_at, requested_action
 
+-- create_runs --
+-- run_many: many pending runs in one statement (the batch is one JSON parameter, its inputs JSON already).
+-- A repeated id or idempotency key inserts nothing for that item; the insert trigger's NOTIFYs, all alike,
+-- are delivered once at the commit.
+INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at)
+SELECT r.id, r.workflow_name, r.version, 'pending', r.input, r.idempotency_key,
+       COALESCE(r.start_at, now() + make_interval(secs => COALESCE(r.start_delay, 0))),
+       COALESCE(r.deadline_at, now() + make_interval(secs => r.deadline_delay))
+FROM json_to_recordset(%(runs)s::json)
+     AS r(id uuid, workflow_name text, version text, input jsonb, idempotency_key text, start_at timestamptz,
+          start_delay float8, deadline_at timestamptz, deadline_delay float8)
+ON CONFLICT DO NOTHING
+RETURNING id::text
+
+-- find_runs_by_keys --
+SELECT idempotency_key, id::text FROM runs WHERE idempotency_key = ANY(%(keys)s::text[])
+
 -- find_run_by_key --
 -- The run a repeated create_run collided with.
 SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(id)s

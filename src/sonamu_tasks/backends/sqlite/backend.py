@@ -132,6 +132,21 @@ class SqliteBackend:
 
         return await self._db.write(insert)
 
+    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        def insert(conn: sqlite3.Connection, now: int) -> list[tuple[str, bool]]:
+            results = []
+            for run in runs:
+                params = {**_new_run_params(run), "now": now}
+                row = _first(conn, "create_run", params)
+                if row is not None:
+                    results.append((str(row["id"]), True))
+                else:
+                    existing = _first(conn, "find_run_by_key", params)
+                    results.append((existing["id"] if existing is not None else run.id, False))
+            return results
+
+        return await self._db.write(insert)
+
     async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
         def insert(conn: sqlite3.Connection, now: int) -> tuple[str, ClaimedRun | None]:
             params = {
