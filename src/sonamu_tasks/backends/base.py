@@ -45,6 +45,8 @@ class ClaimedRun:
     deadline_at: datetime | None
     requested_action: str | None = None
     """"cancel" or "pause" asked for while it was running (its previous worker died before honouring it)."""
+    trace_context: dict[str, str] | None = None
+    """The trace context of the caller of run() (W3C traceparent), for the attempt's span."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class NewRun:
     """The parent's step that started this child (its id is derived from the two)."""
     detached: bool = False
     """A detached child is not canceled with its parent."""
+    trace_context: str | None = None
+    """The caller's trace context as JSON ({"traceparent": ...}), when tracing is on."""
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,8 @@ class PostgresBackend:
             f'{{"id":"{run.id}","workflow_name":{json.dumps(run.workflow_name)},"version":{json.dumps(run.version)},'
             f'"input":{run.input_json},"idempotency_key":{json.dumps(run.idempotency_key)},'
             f'"start_at":{_iso(run.start_at)},"start_delay":{_seconds(run.start_delay)},'
-            f'"deadline_at":{_iso(run.deadline_at)},"deadline_delay":{_seconds(run.deadline_delay)}}}'
+            f'"deadline_at":{_iso(run.deadline_at)},"deadline_delay":{_seconds(run.deadline_delay)},'
+            f'"trace_context":{run.trace_context or "null"}}}'
             for run in runs
         )
         async with self._pool.connection() as conn, conn.transaction():
@@ -556,7 +557,8 @@ class PostgresBackend:
         rows = ",".join(
             f'{{"id":"{child.id}","workflow_name":{json.dumps(child.workflow_name)},'
             f'"version":{json.dumps(child.version)},"input":{child.input_json},'
-            f'"parent_step":{json.dumps(child.parent_step)},"detached":{json.dumps(child.detached)}}}'
+            f'"parent_step":{json.dumps(child.parent_step)},"detached":{json.dumps(child.detached)},'
+            f'"trace_context":{child.trace_context or "null"}}}'
             for child in children
         )
         params = {
@@ -736,4 +738,5 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "parent_id": run.parent_id,
         "parent_step": run.parent_step,
         "detached": run.detached,
+        "trace_context": run.trace_context,
     }

@@ -4,11 +4,11 @@
 -- create_run --
 -- Insert a pending run; a repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  parent_id, parent_step, detached)
+                  parent_id, parent_step, detached, trace_context)
 VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, %(idempotency_key)s,
         COALESCE(%(start_at)s::timestamptz, now() + COALESCE(%(start_delay)s::interval, interval '0')),
         COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
-        %(parent_id)s::uuid, %(parent_step)s, %(detached)s)
+        %(parent_id)s::uuid, %(parent_step)s, %(detached)s, %(trace_context)s::jsonb)
 ON CONFLICT DO NOTHING
 RETURNING id::text
 
@@ -16,25 +16,27 @@ RETURNING id::text
 -- Insert a run claimed at once by the worker of the process that starts it: one commit instead of an
 -- insert, a notification and a claim. A repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  lease_token, worker_id, started_at, parent_id, parent_step, detached)
+                  lease_token, worker_id, started_at, parent_id, parent_step, detached, trace_context)
 VALUES (%(id)s, %(workflow_name)s, %(version)s, 'running', %(input)s::jsonb, %(idempotency_key)s,
         now() + %(lease)s::interval, COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
-        gen_random_uuid(), %(worker_id)s, now(), %(parent_id)s::uuid, %(parent_step)s, %(detached)s)
+        gen_random_uuid(), %(worker_id)s, now(), %(parent_id)s::uuid, %(parent_step)s, %(detached)s,
+        %(trace_context)s::jsonb)
 ON CONFLICT DO NOTHING
 RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_token::text, now() AS claimed_at,
-          true AS first_claim, deadline_at, requested_action
+          true AS first_claim, deadline_at, requested_action, trace_context
 
 -- create_runs --
 -- run_many: many pending runs in one statement (the batch is one JSON parameter, its inputs JSON already).
 -- A repeated id or idempotency key inserts nothing for that item; the insert trigger's NOTIFYs, all alike,
 -- are delivered once at the commit.
-INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at)
+INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
+                  trace_context)
 SELECT r.id, r.workflow_name, r.version, 'pending', r.input, r.idempotency_key,
        COALESCE(r.start_at, now() + make_interval(secs => COALESCE(r.start_delay, 0))),
-       COALESCE(r.deadline_at, now() + make_interval(secs => r.deadline_delay))
+       COALESCE(r.deadline_at, now() + make_interval(secs => r.deadline_delay)), r.trace_context
 FROM json_to_recordset(%(runs)s::json)
      AS r(id uuid, workflow_name text, version text, input jsonb, idempotency_key text, start_at timestamptz,
-          start_delay float8, deadline_at timestamptz, deadline_delay float8)
+          start_delay float8, deadline_at timestamptz, deadline_delay float8, trace_context jsonb)
 ON CONFLICT DO NOTHING
 RETURNING id::text
 
@@ -76,7 +78,7 @@ SET status = 'running',
 FROM due
 WHERE r.id = due.id
 RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries, r.lease_token::text,
-          now() AS claimed_at, due.first_claim, r.deadline_at, r.requested_action
+          now() AS claimed_at, due.first_claim, r.deadline_at, r.requested_action, r.trace_context
 
 -- seconds_until_due --
 -- How long until the next claimable run of these workflows is due: the head of each workflow's queue.
@@ -338,10 +340,13 @@ WITH owned AS (
     WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
     FOR NO KEY UPDATE
 ), children AS (
-    INSERT INTO runs (id, workflow_name, version, status, input, available_at, parent_id, parent_step, detached)
-    SELECT c.id, c.workflow_name, c.version, 'pending', c.input, now(), owned.id, c.parent_step, c.detached
+    INSERT INTO runs (id, workflow_name, version, status, input, available_at, parent_id, parent_step, detached,
+                      trace_context)
+    SELECT c.id, c.workflow_name, c.version, 'pending', c.input, now(), owned.id, c.parent_step, c.detached,
+           c.trace_context
     FROM owned, json_to_recordset(%(children)s::json)
-         AS c(id uuid, workflow_name text, version text, input jsonb, parent_step text, detached boolean)
+         AS c(id uuid, workflow_name text, version text, input jsonb, parent_step text, detached boolean,
+              trace_context jsonb)
     ON CONFLICT DO NOTHING
 ), step AS (
     INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, finished_at)

@@ -728,4 +728,5 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "parent_id": run.parent_id,
         "parent_step": run.parent_step,
         "detached": run.detached,
+        "trace_context": run.trace_context,
     }

@@ -16,11 +16,11 @@ INSERT INTO migrations (name, applied_at) VALUES (:name, :now)
 -- create_run --
 -- Insert a pending run; a repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  created_at, updated_at, parent_id, parent_step, detached)
+                  created_at, updated_at, parent_id, parent_step, detached, trace_context)
 VALUES (:id, :workflow_name, :version, 'pending', :input, :idempotency_key,
         COALESCE(:start_at, :now + COALESCE(:start_delay, 0)),
         COALESCE(:deadline_at, :now + :deadline_delay),
-        :now, :now, :parent_id, :parent_step, :detached)
+        :now, :now, :parent_id, :parent_step, :detached, :trace_context)
 ON CONFLICT DO NOTHING
 RETURNING id
 
@@ -28,12 +28,14 @@ RETURNING id
 -- Insert a run claimed at once by the worker of the process that starts it: one transaction instead of an
 -- insert and a claim. A repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  lease_token, worker_id, started_at, created_at, updated_at, parent_id, parent_step, detached)
+                  lease_token, worker_id, started_at, created_at, updated_at, parent_id, parent_step, detached,
+                  trace_context)
 VALUES (:id, :workflow_name, :version, 'running', :input, :idempotency_key, :now + :lease,
         COALESCE(:deadline_at, :now + :deadline_delay), :lease_token, :worker_id, :now, :now, :now,
-        :parent_id, :parent_step, :detached)
+        :parent_id, :parent_step, :detached, :trace_context)
 ON CONFLICT DO NOTHING
-RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action
+RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action,
+          trace_context
 
 -- find_run_by_key --
 -- The run a repeated create_run collided with.
@@ -63,7 +65,8 @@ SET status = 'running',
     recoveries = recoveries + :lease_expired,
     updated_at = :now
 WHERE id = :id
-RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action
+RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action,
+          trace_context
 
 -- next_due_at --
 -- When the next claimable run of these workflows is due: the first match along the claim index.

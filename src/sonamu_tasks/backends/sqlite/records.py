@@ -63,6 +63,7 @@ def claimed_run(row: sqlite3.Row, *, claimed_at: int, first_claim: bool) -> Clai
         first_claim=first_claim,
         deadline_at=optional_moment(row["deadline_at"]),
         requested_action=row["requested_action"],
+        trace_context=decoded(row["trace_context"]),
     )
 
 
