@@ -10,6 +10,7 @@ with all its waits and the workflow function unwinds. It wakes when the earliest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -34,6 +35,7 @@ from .retry import RetryDecision, RetryPolicy
 from .run_creation import RunOptions, child_run_id, prepare_run
 from .status import RunStatus, StepStatus
 from .step import NO_OPTIONS, StepOptions, StepWrapper
+from .telemetry import AttemptOutcome, Telemetry
 from .threads import StepThreads
 
 logger = logging.getLogger("sonamu_tasks.attempt")
@@ -81,6 +83,7 @@ class AttemptHooks(typing.Protocol):
 
     threads: StepThreads
     registry: Registry
+    telemetry: Telemetry
     max_recoveries: int
     context_provider: Callable[[dict[str, Any]], Any] | None
 
@@ -140,6 +143,7 @@ class Attempt:
         self._children_read: asyncio.Future[dict[str, ChildOutcome]] | None = None
         self._seen_outcomes: set[str] = set()  # fan-out children whose recorded outcome this replay read
         self._published: dict[str, int] = {}  # set_event calls per key, which name their step records
+        self._outcome: AttemptOutcome | None = None
 
     def request_stop(self) -> None:
         """A cancel or pause was asked for: honour it at the next step boundary."""
@@ -148,6 +152,23 @@ class Attempt:
     # the workflow, start to outcome
 
     async def execute(self) -> None:
+        run = self.claimed
+        telemetry = self.hooks.telemetry
+        if not telemetry.enabled:
+            await self._execute()
+            return
+        first = run.first_claim
+        with telemetry.attempt(
+            run.id, run.workflow_name, run.version, run.attempts + 1, run.trace_context, first
+        ) as self._outcome:
+            await self._execute()
+
+    def _ended(self, how: str) -> None:
+        """How the attempt ended, for its span and metrics."""
+        if self._outcome is not None:
+            self._outcome.value = how
+
+    async def _execute(self) -> None:
         run = self.claimed
         try:
             if run.recoveries > self.hooks.max_recoveries:
@@ -176,15 +197,19 @@ class Attempt:
                 lambda: self.backend.complete_run(run.id, run.lease_token, encoded, last), what="complete run"
             )
             self.output_json = encoded
-        except (Suspended, Stopped):
+            self._ended("completed")
+        except (Suspended, Stopped) as ended:
+            self._ended("parked" if self._parked else "stopped" if isinstance(ended, Stopped) else "suspended")
             if not self._parked:
                 await self._wind_down(send=False)
         except Released:
+            self._ended("handed_back")
             await self._wind_down(send=True)
             held = [(run.id, run.lease_token)]
             await until_available(lambda: self.backend.release_runs(held), what="hand back run", give_up_after_s=5)
             self.logger.info("handed back at a step boundary: this worker is shutting down")
         except StopRequested:
+            self._ended("stopped")
             try:
                 await self._wind_down(send=True)
                 await self._honour_request()
@@ -197,6 +222,7 @@ class Attempt:
                 await until_available(lambda: self.backend.release_runs(held), what="hand back run")
         except LeaseLost:
             self._closed = True
+            self._ended("lease_lost")
             self.logger.warning("lease lost: another worker owns this run now; this attempt stops")
         except Exception as error:
             try:
@@ -280,6 +306,7 @@ class Attempt:
                 what="record failure",
             )
         where = f" in step {step[0]!r}" if step else ""
+        self._ended("retrying" if retry_delay is not None else "failed")
         if retry_delay is not None:
             self.logger.warning(
                 "attempt %d failed%s: %s; retrying in %.3fs",
@@ -317,8 +344,13 @@ class Attempt:
             await self._boundary()
             started = datetime.now(UTC)
             token = current_step.set(name)
+            telemetry = self.hooks.telemetry
+            scope = telemetry.step(self.definition.name, self.claimed.id, name) if telemetry.enabled else _NO_SCOPE
             try:
-                result = await self._invoke(name, self.hooks.step_mocks.get(name, fn), args, kwargs, options.timeout)
+                with scope:
+                    result = await self._invoke(
+                        name, self.hooks.step_mocks.get(name, fn), args, kwargs, options.timeout
+                    )
                 encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
             except Exception as error:
                 self._failed_step = (name, started, error, options.retry_policy)
@@ -758,6 +790,8 @@ def _retrieve_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
 
+
+_NO_SCOPE = contextlib.nullcontext()
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 

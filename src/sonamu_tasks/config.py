@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .duration import Duration, parse_duration
+from .errors import ConfigError, InvalidDuration
 
 DATABASE_URL_ENV = "SONAMU_TASKS_DATABASE_URL"
 DEFAULT_SQLITE_PATH = "sonamu_tasks.db"
@@ -47,6 +48,9 @@ class WorkerOptions:
     loop keeps them; past this limit that thread stops extending them (and logs an error), and other workers
     take the runs over once their leases expire. A loop that comes back later finds its writes refused and
     drops those runs. Never less than `lease_ms` (a smaller value counts as `lease_ms`)."""
+    metrics_port: int | None = None
+    """Serve this worker process's Prometheus metrics at http://127.0.0.1:PORT/metrics (needs the `metrics`
+    extra). `worker --metrics-port` sets it."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -58,6 +62,8 @@ class WorkerOptions:
                 raise ConfigError(f"worker_options.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_recoveries < 1:
             raise ConfigError(f"worker_options.max_recoveries must be at least 1, got {self.max_recoveries}")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError(f"worker_options.metrics_port must be a TCP port, got {self.metrics_port}")
 
 
 @dataclass
@@ -65,6 +71,23 @@ class TasksConfig:
     enable_worker: bool = True
     worker_options: WorkerOptions = field(default_factory=WorkerOptions)
     context_provider: ContextProvider | None = None
+    retention: Duration | None = None
+    """How long finished runs are kept (`"30d"`) before the workers delete them with their steps, messages and
+    events; a workflow's own `retention=` overrides it. None (the default): kept forever."""
+    retention_interval: Duration = "5m"
+    """How often a worker looks for expired runs to delete (one worker at a time deletes them)."""
+
+    def __post_init__(self) -> None:
+        for name in ("retention", "retention_interval"):
+            value = getattr(self, name)
+            if value is None and name == "retention":
+                continue
+            try:
+                duration = parse_duration(value, what=f"tasks.{name}")
+            except InvalidDuration as error:
+                raise ConfigError(str(error)) from error
+            if name == "retention_interval" and not duration:
+                raise ConfigError("tasks.retention_interval must be more than 0")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
 from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
 from .step import DEFAULT_TOPIC
+from .telemetry import Telemetry, serve_metrics
 from .waiting import cancel_and_wait
 from .worker import Worker
 
@@ -116,6 +117,8 @@ class WorkflowManager:
         self.discovery_errors: list[DiscoveryError] = []
         self.watched_paths: list[Path] = []
         self._clock = clock or system_clock
+        self.telemetry = Telemetry()
+        self._stop_metrics: Callable[[], None] | None = None
         self.waiters = ResultWaiters(self.backend, self.get_run, self._runs_here)
         self._listener: asyncio.Task[None] | None = None
         self._started = False
@@ -155,8 +158,11 @@ class WorkflowManager:
                 tasks.worker_options,
                 context_provider=tasks.context_provider,
                 on_finished=self.waiters.finished_here,
+                telemetry=self.telemetry,
             )
             await self.worker.start()
+            if tasks.worker_options.metrics_port is not None:
+                self._stop_metrics = serve_metrics(tasks.worker_options.metrics_port)
             self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone, clock=self._clock)
             await until_available(self.scheduler.synchronize, what="synchronize schedules")
             self.scheduler.start()
@@ -176,6 +182,9 @@ class WorkflowManager:
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+            self._stop_metrics = None
         if self._listener is not None:
             self.waiters.listening = False
             await cancel_and_wait(self._listener)
@@ -233,7 +242,7 @@ class WorkflowManager:
         """
         name, version, definition = resolve(workflow, self.registry)
         options = RunOptions(idempotency_key, start_at, deadline)
-        new_run = prepare_run(name, version, definition, input, options)
+        new_run = prepare_run(name, version, definition, input, options, trace_context=self.telemetry.caller_context())
         worker = self.worker
         local = self.registry.find(name, version)
         if worker is not None and local is not None and start_at is None and worker.reserve_slot():
@@ -273,6 +282,7 @@ class WorkflowManager:
         if len(keys) != len(items):
             raise ValueError(f"run_many: {len(items)} inputs but {len(keys)} idempotency_keys")
         new_runs = []
+        context = self.telemetry.caller_context()
         for index, (item, key) in enumerate(zip(items, keys, strict=True)):
             try:
                 new_runs.append(
@@ -283,6 +293,7 @@ class WorkflowManager:
                         item,
                         RunOptions(key, start_at, deadline),
                         what=f"inputs[{index}] of run_many({name!r})",
+                        trace_context=context,
                     )
                 )
             except InvalidInput as error:

@@ -77,6 +77,7 @@ def prepare_run(
     parent_step: str | None = None,
     detached: bool = False,
     what: str | None = None,
+    trace_context: str | None = None,
 ) -> NewRun:
     """Validate and serialize; raise (InvalidInput, SerializationError, ValueError ...) before anything is
     stored. `what` names the input in errors (default: "the input of workflow NAME")."""
@@ -109,6 +110,7 @@ def prepare_run(
         parent_id=parent_id,
         parent_step=parent_step,
         detached=detached,
+        trace_context=trace_context,
     )
 
 

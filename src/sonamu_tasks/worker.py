@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from .errors import BackendUnavailable
 from .heartbeat import HeartbeatThread, Held
 from .reconnect import until_available
 from .registry import Registry
+from .telemetry import DISABLED, Telemetry
 from .threads import StepThreads
 from .waiting import cancel_and_wait, wait_for_event
 
@@ -36,6 +38,7 @@ logger = logging.getLogger("sonamu_tasks.worker")
 
 PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the safety net
 POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is how runs are found
+BACKLOG_EVERY_S = 5.0  # how often the backlog gauges are refreshed (only with the metrics extra)
 
 
 class Worker:
@@ -47,8 +50,11 @@ class Worker:
         *,
         context_provider: Callable[[dict[str, Any]], Any] | None = None,
         on_finished: Callable[[str, str | None], None] | None = None,
+        telemetry: Telemetry = DISABLED,
     ) -> None:
         self.backend = backend
+        self.telemetry = telemetry
+        self._metrics_task: asyncio.Task[None] | None = None
         self.registry = registry
         self.options = options
         self.context_provider = context_provider
@@ -98,6 +104,8 @@ class Worker:
     async def start(self) -> None:
         await until_available(lambda: self.backend.register_worker(self._record()), what="register worker")
         self._heartbeat.start()
+        if self.telemetry.metrics is not None:
+            self._metrics_task = asyncio.create_task(self._backlog_loop(), name="sonamu-backlog")
         self._tasks = [asyncio.create_task(self._claim_loop(), name="sonamu-claim")]
         if not self._heartbeat.keeps_leases:
             self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="sonamu-heartbeat"))
@@ -204,7 +212,11 @@ class Worker:
                 # runs the other, instead of each waiting for the other in turn.
                 limit = min(free, max(1, self.options.concurrency // 2))
                 try:
+                    began = time.perf_counter()
                     claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease)
+                    if self.telemetry.enabled:
+                        taken = [(run.workflow_name, not run.first_claim and run.recoveries > 0) for run in claimed]
+                        self.telemetry.claimed(time.perf_counter() - began, taken)
                     # Start them before anything else: the next due time can be asked while they run.
                     for run in claimed:
                         self._start(run, definitions[(run.workflow_name, run.version)])
@@ -281,12 +293,23 @@ class Worker:
                 logger.warning("lost the lease of run %s; stopping its attempt", run_id)
                 entry[0].cancel()
 
+    async def _backlog_loop(self) -> None:
+        """Keep the backlog gauges fresh (one grouped read of the claim index every BACKLOG_EVERY_S)."""
+        while True:
+            try:
+                self.telemetry.backlog(await self.backend.due_backlog())
+            except Exception as error:  # a gauge a little stale is better than a dead loop
+                logger.debug("backlog metrics not refreshed: %r", error)
+            await asyncio.sleep(BACKLOG_EVERY_S)
+
     # shutdown
 
     async def stop(self) -> None:
         """Stop claiming, let running steps finish within the grace period, hand back what remains."""
         self._stopping = self._draining = True
         self._wake.set()
+        if self._metrics_task is not None:
+            await cancel_and_wait(self._metrics_task)
         if self._timer is not None:
             self._timer.cancel()
         claim_loop, heartbeat_loop = self._tasks[:1], self._tasks[1:]  # the heartbeat loop: only without the thread

@@ -1,0 +1,217 @@
+"""What the engine reports as it works: OpenTelemetry spans and Prometheus metrics, each when installed.
+
+Both are optional extras (`otel`: opentelemetry-api; `metrics`: prometheus_client). Without them nothing is
+imported and the engine skips every report (`Telemetry.enabled` is False). With opentelemetry installed:
+- `run()` stores the caller's trace context (W3C traceparent) with the run;
+- each attempt is a span `workflow {name}` that continues that trace, whichever process runs it, with the run
+  id, workflow, version, attempt and outcome as attributes; each executed step is a child span
+  `step {name}` (an exception is recorded on it); a child workflow started by a step continues the step's trace.
+With prometheus_client installed, the counters and histograms below are kept in this process's default
+registry, served by `worker --metrics-port` (`WorkerOptions.metrics_port`) and by the dashboard's `/metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+try:  # the `otel` extra
+    from opentelemetry import propagate, trace
+except ImportError:  # pragma: no cover - depends on the environment
+    propagate = None  # type: ignore[assignment]
+    trace = None  # type: ignore[assignment]
+
+try:  # the `metrics` extra
+    import prometheus_client
+except ImportError:  # pragma: no cover - depends on the environment
+    prometheus_client = None  # type: ignore[assignment]
+
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def step_label(name: str) -> str:
+    """A step name as a metric label: "charge[17]" counts as "charge[]", so step.map and fan-outs do not make
+    one time series per item."""
+    return _INDEX.sub("[]", name)
+
+
+@dataclass
+class AttemptOutcome:
+    """Filled by the attempt as it ends: completed, failed, retrying, parked, handed_back, stopped, lease_lost."""
+
+    value: str = "unknown"
+
+
+class Metrics:
+    """The Prometheus series of the engine (in the default registry, created once per process)."""
+
+    _instance: Metrics | None = None
+
+    def __init__(self) -> None:
+        assert prometheus_client is not None
+        p = prometheus_client
+        self.runs_started = p.Counter("sonamu_tasks_runs_started", "Runs claimed for the first time", ["workflow"])
+        self.runs_completed = p.Counter("sonamu_tasks_runs_completed", "Runs completed", ["workflow"])
+        self.runs_failed = p.Counter("sonamu_tasks_runs_failed", "Runs failed for good", ["workflow"])
+        self.attempts = p.Counter("sonamu_tasks_attempts", "Attempts by how they ended", ["workflow", "outcome"])
+        self.attempt_seconds = p.Histogram(
+            "sonamu_tasks_attempt_duration_seconds", "Attempt durations", ["workflow", "outcome"]
+        )
+        self.step_seconds = p.Histogram(
+            "sonamu_tasks_step_duration_seconds", "Executed steps (not replays)", ["workflow", "step", "outcome"]
+        )
+        self.claim_seconds = p.Histogram("sonamu_tasks_claim_duration_seconds", "Claim statements")
+        self.claimed = p.Counter("sonamu_tasks_runs_claimed", "Runs claimed", ["workflow"])
+        self.take_overs = p.Counter(
+            "sonamu_tasks_take_overs", "Runs claimed after their previous worker's lease expired", ["workflow"]
+        )
+        self.lease_losses = p.Counter(
+            "sonamu_tasks_lease_losses", "Attempts stopped because another worker took their run", ["workflow"]
+        )
+        self.backlog = p.Gauge(
+            "sonamu_tasks_backlog", "Runs due and not claimed, per workflow queue", ["workflow", "version"]
+        )
+        self.backlog_age = p.Gauge(
+            "sonamu_tasks_backlog_oldest_seconds",
+            "How long the oldest due, unclaimed run has waited, per workflow queue",
+            ["workflow", "version"],
+        )
+
+    @classmethod
+    def shared(cls) -> Metrics:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+class Telemetry:
+    """The engine's reports. `enabled` is False when neither extra is installed: callers skip every report."""
+
+    def __init__(self, *, tracing: bool | None = None, metrics: bool | None = None) -> None:
+        self.tracer = trace.get_tracer("sonamu_tasks") if trace is not None and tracing is not False else None
+        self.metrics = Metrics.shared() if prometheus_client is not None and metrics is not False else None
+        self.enabled = self.tracer is not None or self.metrics is not None
+
+    # trace context
+
+    def caller_context(self) -> str | None:
+        """The current trace context as JSON, to store with a new run (None when not tracing)."""
+        if self.tracer is None or propagate is None:
+            return None
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return json.dumps(carrier) if carrier else None
+
+    # reports
+
+    @contextlib.contextmanager
+    def attempt(
+        self, run_id: str, workflow: str, version: str, attempt: int, context: dict[str, str] | None, first: bool
+    ) -> Iterator[AttemptOutcome]:
+        outcome = AttemptOutcome()
+        began = time.perf_counter()
+        metrics = self.metrics
+        if metrics is not None and first:
+            metrics.runs_started.labels(workflow).inc()
+        span_scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.tracer is not None and propagate is not None:
+            parent = propagate.extract(context) if context else None
+            attributes: dict[str, str | int] = {
+                "sonamu_tasks.run_id": run_id,
+                "sonamu_tasks.workflow": workflow,
+                "sonamu_tasks.version": version,
+                "sonamu_tasks.attempt": attempt,
+            }
+            span_scope = self.tracer.start_as_current_span(
+                f"workflow {workflow}", context=parent, attributes=attributes, record_exception=False
+            )
+        with span_scope as span:
+            try:
+                yield outcome
+            finally:
+                if span is not None:
+                    span.set_attribute("sonamu_tasks.outcome", outcome.value)
+                    if outcome.value == "failed" or outcome.value == "retrying":
+                        span.set_status(trace.Status(trace.StatusCode.ERROR))
+                if metrics is not None:
+                    metrics.attempts.labels(workflow, outcome.value).inc()
+                    metrics.attempt_seconds.labels(workflow, outcome.value).observe(time.perf_counter() - began)
+                    if outcome.value == "completed":
+                        metrics.runs_completed.labels(workflow).inc()
+                    elif outcome.value == "failed":
+                        metrics.runs_failed.labels(workflow).inc()
+                    elif outcome.value == "lease_lost":
+                        metrics.lease_losses.labels(workflow).inc()
+
+    @contextlib.contextmanager
+    def step(self, workflow: str, run_id: str, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        outcome = "completed"
+        span_scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.tracer is not None:
+            attributes = {"sonamu_tasks.run_id": run_id, "sonamu_tasks.workflow": workflow, "sonamu_tasks.step": name}
+            span_scope = self.tracer.start_as_current_span(f"step {name}", attributes=attributes)
+        try:
+            with span_scope:
+                yield
+        except BaseException:
+            outcome = "failed"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.step_seconds.labels(workflow, step_label(name), outcome).observe(
+                    time.perf_counter() - began
+                )
+
+    def claimed(self, seconds: float, runs: list[tuple[str, bool]]) -> None:
+        """A claim statement took `seconds` and returned `runs` (workflow, whether a take-over)."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        metrics.claim_seconds.observe(seconds)
+        for workflow, taken_over in runs:
+            metrics.claimed.labels(workflow).inc()
+            if taken_over:
+                metrics.take_overs.labels(workflow).inc()
+
+    def backlog(self, rows: list[tuple[str, str, int, float]]) -> None:
+        """Due, unclaimed runs per (workflow, version): how many and the oldest's wait in seconds."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        metrics.backlog.clear()
+        metrics.backlog_age.clear()
+        for workflow, version, count, oldest in rows:
+            metrics.backlog.labels(workflow, version).set(count)
+            metrics.backlog_age.labels(workflow, version).set(oldest)
+
+
+DISABLED = Telemetry(tracing=False, metrics=False)
+"""Reports nothing (for tests and for backends given without a manager)."""
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> Callable[[], None]:
+    """Serve this process's metrics at http://host:port/metrics (a thread of prometheus_client's); returns
+    the function that stops it."""
+    if prometheus_client is None:
+        raise RuntimeError("metrics need prometheus_client: pip install 'sonamu-tasks[metrics]'")
+    server, thread = prometheus_client.start_http_server(port, addr=host)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
+
+
+def metrics_text() -> tuple[bytes, str]:
+    """This process's metrics in the Prometheus text format, and its content type (for the dashboard)."""
+    if prometheus_client is None:
+        raise RuntimeError("metrics need prometheus_client: pip install 'sonamu-tasks[metrics]'")
+    return prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST

@@ -1,0 +1,145 @@
+"""OpenTelemetry spans joined to the caller's trace through the database, and Prometheus metrics after known
+runs, on every backend (see BACKENDS). Uses the SDK's in-memory exporter and prometheus_client's registry."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
+
+from sonamu_tasks import RetryPolicy, WorkflowFailed, WorkflowManager, workflow
+from sonamu_tasks.telemetry import step_label
+
+from .conftest import wait_until
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tracer_provider() -> Iterator[None]:
+    # The global provider can be set once per process: this module's, for the whole session.
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+    trace.set_tracer_provider(provider)
+    yield
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    _EXPORTER.clear()
+    return _EXPORTER
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+async def test_an_attempt_joins_the_callers_trace_through_the_database(
+    make_config: Any, spans: InMemorySpanExporter
+) -> None:
+    async def charge(amount: int) -> int:
+        return amount
+
+    async def breaks() -> None:
+        raise ValueError("card declined")
+
+    @workflow(version="1", name=unique("traced"), retry_policy=RetryPolicy(max_attempts=1))
+    async def traced(input: Any, step: Any) -> Any:
+        await step.define("charge", charge).run(input)
+        if input < 0:
+            await step.define("refund", breaks).run()
+        return input
+
+    # The caller has no worker: the run is executed by another manager, which finds the trace in the run.
+    async with (
+        WorkflowManager(make_config(enable_worker=False)) as caller,
+        WorkflowManager(make_config(), workflows=[traced]),
+    ):
+        tracer = trace.get_tracer("the-callers-web-app")
+        with tracer.start_as_current_span("POST /orders") as request:
+            handle = await caller.run({"name": traced.name, "version": "1"}, 5)
+            failing = await caller.run({"name": traced.name, "version": "1"}, -1)
+        assert await handle.result(timeout=15) == 5
+        with pytest.raises(WorkflowFailed):
+            await failing.result(timeout=15)
+
+    finished = spans.get_finished_spans()
+    attempts = [s for s in finished if s.name == f"workflow {traced.name}"]
+    assert len(attempts) == 2
+    caller_trace = request.get_span_context().trace_id
+    for span in attempts:
+        assert span.context.trace_id == caller_trace  # joined the caller's trace
+        assert span.parent is not None and span.parent.span_id == request.get_span_context().span_id
+    by_run = {span.attributes["sonamu_tasks.run_id"]: span for span in attempts}
+    assert by_run[handle.id].attributes["sonamu_tasks.outcome"] == "completed"
+    assert by_run[failing.id].attributes["sonamu_tasks.outcome"] == "failed"
+    assert by_run[handle.id].attributes["sonamu_tasks.workflow"] == traced.name
+    steps = {(s.name, s.parent.span_id if s.parent else None) for s in finished if s.name.startswith("step ")}
+    assert ("step charge", by_run[handle.id].context.span_id) in steps
+    refund = next(s for s in finished if s.name == "step refund")
+    assert refund.events and refund.events[0].name == "exception"  # the error is recorded on the step span
+
+
+def metric(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_metrics_count_known_runs_steps_and_the_backlog(manager_for: Any, make_config: Any) -> None:
+    name = unique("metered")
+
+    async def work(x: int) -> int:
+        if x < 0:
+            raise ValueError("negative")
+        return x
+
+    @workflow(version="1", name=name, retry_policy=RetryPolicy(max_attempts=1))
+    async def metered(input: Any, step: Any) -> Any:
+        return await step.map("work", work, [input, input])
+
+    manager = await manager_for([metered])
+    for value in (1, 2, 3, -1):
+        with contextlib.suppress(WorkflowFailed):
+            await (await manager.run(metered, value)).result(timeout=15)
+    assert metric("sonamu_tasks_runs_started_total", workflow=name) == 4
+    assert metric("sonamu_tasks_runs_completed_total", workflow=name) == 3
+    assert metric("sonamu_tasks_runs_failed_total", workflow=name) == 1
+    assert metric("sonamu_tasks_attempts_total", workflow=name, outcome="failed") == 1
+    # step.map's items share one label: "work[]"
+    assert metric("sonamu_tasks_step_duration_seconds_count", workflow=name, step="work[]", outcome="completed") == 6
+    assert step_label("charge[17]") == "charge[]" and step_label("a[1]b[2]") == "a[]b[]"
+
+    # Runs of a version no worker serves wait: the backlog gauge shows them.
+    other = unique("unserved")
+    for _ in range(3):
+        await manager.run({"name": other, "version": "1"}, None)
+
+    def backlog() -> bool:
+        return metric("sonamu_tasks_backlog", workflow=other, version="1") == 3
+
+    await wait_until(backlog, timeout=20, what="the backlog gauge")
+    assert metric("sonamu_tasks_backlog_oldest_seconds", workflow=other, version="1") >= 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_the_worker_serves_metrics_on_its_port(manager_for: Any) -> None:
+    port = free_port()
+    await manager_for([], metrics_port=port)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    assert "sonamu_tasks_claim_duration_seconds" in body
