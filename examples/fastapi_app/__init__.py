@@ -1,0 +1,1 @@
+"""A FastAPI application that starts workflows and talks to them: see main.py."""
