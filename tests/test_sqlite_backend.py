@@ -13,6 +13,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,3 +162,16 @@ async def test_processes_sharing_one_file_claim_and_complete_each_run_once(tmp_p
             if claimer.poll() is None:
                 claimer.kill()
                 claimer.wait()
+
+
+def test_a_sync_client_closed_from_an_atexit_handler_exits_cleanly(tmp_path: Any) -> None:
+    """By the time atexit handlers run, Python's thread pools take no more work; closing must not raise."""
+    script = tmp_path / "close_at_exit.py"
+    script.write_text(
+        "import atexit\n"
+        "from sonamu_tasks import SyncClient\n"
+        f"client = SyncClient({{'database_url': 'sqlite:///{tmp_path}/x.db'}})\n"
+        "atexit.register(client.close)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
