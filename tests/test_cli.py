@@ -1,6 +1,6 @@
 """The `sonamu-tasks` command against the example application: migrate, worker, run, schedules, dev; `runs`
 and `show` on parents and their children; `show` on a run waiting for a message and an event, and `send`,
-`emit` and `get-event` waking it."""
+`emit` and `get-event` waking it; `fork`, `runs --stranded`, and `cancel` and `fork` on many runs at once."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
-from sonamu_tasks import Config, RunStatus, WorkflowManager, define_config, workflow
+from sonamu_tasks import Config, RetryPolicy, RunStatus, WorkflowManager, arguments, define_config, workflow
 from sonamu_tasks.cli import main
 
 from .conftest import wait_until
@@ -554,3 +554,191 @@ async def test_send_emit_and_get_event_from_other_processes_wake_a_waiting_run(
 async def _step_is_done(handle: Any, name: str) -> bool:
     steps = {s.name: s for s in (await handle.info(with_steps=True)).steps}
     return name in steps and steps[name].status.value == "completed"
+
+
+# Forks, stranded runs, and acting on many runs at once
+
+ONCE = RetryPolicy(max_attempts=1)
+charged: list[str] = []
+
+
+async def load(order: int) -> dict[str, int]:
+    charged.append(f"load {order}")
+    if order < 0:
+        raise ValueError("no such order")
+    return {"order": order, "total": 30}
+
+
+async def charge_buggy(loaded: dict[str, int]) -> str:
+    charged.append(f"charge-v1 {loaded['order']}")
+    raise ValueError("bug in charge")
+
+
+async def charge_fixed(loaded: dict[str, int]) -> str:
+    charged.append(f"charge-v2 {loaded['order']}")
+    return f"charged {loaded['total']} for {loaded['order']}"
+
+
+def checkout_version(version: str, charge: Any) -> Any:
+    async def checkout(input: int, step: Any) -> Any:
+        loaded = await step.define("load", load).run(input)
+        return await step.define("charge", charge).run(loaded)
+
+    return workflow(checkout, version=version, retry_policy=ONCE)
+
+
+checkout_v1 = checkout_version("1", charge_buggy)
+checkout_v2 = checkout_version("2", charge_fixed)
+
+
+async def failed_checkouts(manager: WorkflowManager, *orders: int) -> list[str]:
+    handles = [await manager.run(checkout_v1, order) for order in orders]
+    for handle in handles:
+        assert (await manager.wait_until_finished(handle.id, timeout=15)).status is RunStatus.FAILED
+    return [handle.id for handle in handles]
+
+
+async def refused(*args: str) -> Result:
+    """The command in process, expected to fail: its exit code and its stderr."""
+    return await asyncio.to_thread(CliRunner().invoke, main, ["--config", f"{__name__}:cli_config", *args])
+
+
+async def test_fork_a_failed_run_from_its_failed_step_onto_a_fixed_version(manager_for: Any, invoke: Invoke) -> None:
+    manager = await manager_for([checkout_v1, checkout_v2])
+    [source] = await failed_checkouts(manager, 7)
+    charged.clear()
+
+    forked = (await invoke("fork", source, "--from-step", "charge", "--version", "2")).stdout.strip()
+    assert arguments.run_id(forked) == forked and forked != source
+    assert await manager.wait_for_result(forked, timeout=15) == "charged 30 for 7"
+    assert charged == ["charge-v2 7"]  # load's checkpoint was kept: it did not run again
+    run = await manager.get_run(forked, with_steps=True)
+    assert (run.workflow_name, run.version, run.input) == ("checkout", "2", 7)
+    assert [(step.name, step.output) for step in run.steps] == [
+        ("load", {"order": 7, "total": 30}),
+        ("charge", "charged 30 for 7"),
+    ]
+    assert (await manager.get_run(source)).status is RunStatus.FAILED  # the source is left as it was
+
+    as_json = json.loads((await invoke("fork", source, "--from-step", "charge", "--to-version", "2", "--json")).stdout)
+    assert as_json["source_id"] == source and as_json["version"] == "2" and as_json["from_step"] == "charge"
+    assert as_json["served"] is True  # the in-process worker registers version 2
+    assert await manager.wait_for_result(as_json["run_id"], timeout=15) == "charged 30 for 7"
+
+    # On its own version (no --version), which this worker serves too: it fails again, at the same step.
+    same = (await invoke("fork", source, "--from-step", "charge")).stdout.strip()
+    assert (await manager.wait_until_finished(same, timeout=15)).version == "1"
+
+    no_step = await refused("fork", source, "--from-step", "ship", "--version", "2")
+    assert no_step.exit_code == 1 and no_step.stdout == ""
+    assert no_step.stderr == f"Error: run {source} has no step 'ship' to fork from; its steps: 'load', 'charge'\n"
+    unserved = await refused("fork", source, "--from-step", "charge", "--version", "9")
+    assert unserved.exit_code == 0 and arguments.run_id(unserved.stdout.strip())
+    assert unserved.stderr.startswith("warning: no live worker registers checkout version 9: the fork waits")
+
+
+async def test_runs_of_a_version_no_worker_serves_are_stranded_and_canceled_in_bulk(
+    manager_for: Any, invoke: Invoke
+) -> None:
+    manager = await manager_for([checkout_v1])  # its worker registers checkout version 1 only
+    retired = [(await manager.run({"name": "checkout", "version": "0"}, order)).id for order in range(4)]
+    await manager.pause(retired[1])
+    await manager.cancel(retired[0])  # finished: not stranded
+    served = await manager.run(checkout_v1, 1, start_at="1h")  # pending too, but a live worker serves it
+    await wait_until(lambda: _registered(manager), what="the worker to register")
+
+    table = (await invoke("runs", "--stranded")).stdout
+    header, row, *rest = table.splitlines()
+    assert header.split() == ["WORKFLOW", "VERSION", "PENDING", "PAUSED", "TOTAL", "OLDEST"]
+    assert row.split()[:5] == ["checkout", "0", "2", "1", "3"] and re.fullmatch(r"\d+(ms|s)", row.split()[5])
+    hint = "\n".join(rest)
+    assert "3 unfinished runs of 1 version that no live worker registers" in hint
+    assert "sonamu-tasks runs --workflow checkout --version 0" in hint
+    assert "sonamu-tasks cancel --workflow checkout --version 0 --dry-run" in hint
+    assert "sonamu-tasks fork --workflow checkout --version 0 --status pending --status paused --from-step" in hint
+    (group,) = json.loads((await invoke("runs", "--stranded", "--json")).stdout)["groups"]
+    assert {key: group[key] for key in ("workflow", "version", "counts", "total")} == {
+        "workflow": "checkout",
+        "version": "0",
+        "counts": {"pending": 2, "paused": 1},
+        "total": 3,
+    }
+    listed = json.loads((await invoke("runs", "--workflow", "checkout", "--version", "0", "--json")).stdout)
+    assert sorted(item["id"] for item in listed["items"]) == sorted(retired)
+
+    # A dry run says what would change, and changes nothing.
+    dry = (await invoke("cancel", "--workflow", "checkout", "--version", "0", "--dry-run")).stdout
+    first, *lines = dry.splitlines()
+    assert first == (
+        "dry run: would cancel 3 runs of checkout@0 (pending, running, sleeping, waiting, paused); nothing changed"
+    )
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(retired[1:])
+    dry_json = json.loads(
+        (await invoke("cancel", "--workflow", "checkout", "--version", "0", "--dry-run", "--json")).stdout
+    )
+    assert sorted(dry_json["would_cancel"]) == sorted(retired[1:]) and "canceled" not in dry_json
+    assert dry_json["matched"] == 3 and dry_json["skipped"] == [] and dry_json["dry_run"] is True
+    assert [(await manager.get_run(run_id)).status for run_id in retired[1:]] == [
+        RunStatus.PAUSED,
+        RunStatus.PENDING,
+        RunStatus.PENDING,
+    ]
+
+    done = await invoke("cancel", "--workflow", "checkout", "--version", "0")
+    assert done.stdout == "canceled 3 runs of checkout@0 (pending, running, sleeping, waiting, paused)\n"
+    assert "canceling 3 runs of checkout@0" in done.stderr
+    assert {(await manager.get_run(run_id)).status for run_id in retired} == {RunStatus.CANCELED}
+    assert (await manager.get_run(served.id)).status is RunStatus.PENDING  # another version: untouched
+    assert (await invoke("runs", "--stranded")).stdout.startswith("no stranded runs")
+    assert json.loads((await invoke("runs", "--stranded", "--json")).stdout)["groups"] == []
+
+    # Finished runs, asked for by status, are skipped and say why.
+    again = json.loads(
+        (await invoke("cancel", "--workflow", "checkout", "--version", "0", "--status", "canceled", "--json")).stdout
+    )
+    assert again["matched"] == 4 and again["canceled"] == [] and again["cancel_requested"] == []
+    assert {skip["reason"] for skip in again["skipped"]} == {"already finished"}
+    text = (await invoke("cancel", "--workflow", "checkout", "--version", "0", "--status", "canceled")).stdout
+    assert text.startswith("canceled 0 runs of checkout@0 (canceled)\n4 skipped: 4 already finished\n")
+    assert f"  {retired[0]} (canceled): already canceled" in text
+
+
+async def test_fork_many_failed_runs_onto_a_fixed_version_after_a_dry_run(manager_for: Any, invoke: Invoke) -> None:
+    manager = await manager_for([checkout_v1, checkout_v2])
+    sources = await failed_checkouts(manager, 1, 2)
+    [no_charge] = await failed_checkouts(manager, -1)  # failed in load: it has no step 'charge'
+    select = ["--workflow", "checkout", "--version", "1", "--from-step", "charge", "--to-version", "2"]
+
+    dry = (await invoke("fork", *select, "--dry-run")).stdout
+    assert dry.startswith(
+        "dry run: would fork 2 runs of checkout@1 (failed) from step 'charge' onto version 2; nothing changed\n"
+    )
+    assert all(source in dry for source in sources)
+    assert "1 skipped: 1 no such step\n" in dry
+    assert f"  {no_charge} (failed): has no step 'charge' to fork from; its steps: 'load'\n" in dry
+    assert (await manager.list_runs(workflow="checkout", version="2")).items == []  # nothing was created
+
+    charged.clear()
+    result = await invoke("fork", *select, "--json")
+    done = json.loads(result.stdout)
+    assert "forking 3 runs of checkout@1 (failed) from step 'charge' onto version 2" in result.stderr
+    assert done["matched"] == 3 and {fork["source_id"] for fork in done["forked"]} == set(sources)
+    assert done["skipped"] == [
+        {
+            "id": no_charge,
+            "status": "failed",
+            "reason": "no such step",
+            "detail": "has no step 'charge' to fork from; its steps: 'load'",
+        }
+    ]
+    assert result.stderr.count("\n") == 1  # the progress line; no log line per fork
+    results = {await manager.wait_for_result(fork["run_id"], timeout=15) for fork in done["forked"]}
+    assert results == {"charged 30 for 1", "charged 30 for 2"}
+    assert sorted(charged) == ["charge-v2 1", "charge-v2 2"]  # no load again
+    forks = json.loads((await invoke("runs", "--workflow", "checkout", "--version", "2", "--json")).stdout)["items"]
+    assert sorted(item["id"] for item in forks) == sorted(fork["run_id"] for fork in done["forked"])
+    assert {(await manager.get_run(source)).status for source in sources} == {RunStatus.FAILED}
+
+
+async def _registered(manager: WorkflowManager) -> bool:
+    return any(worker.workflows for worker in await manager.list_workers())

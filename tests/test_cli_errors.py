@@ -23,7 +23,8 @@ def test_python_m_sonamu_tasks_is_the_command() -> None:
     helped = python_m("--help")
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("Usage: sonamu-tasks ")
-    for command in ("worker", "run", "runs", "show", "send", "emit", "get-event", "dashboard", "migrate"):
+    commands = ("worker", "run", "runs", "show", "send", "emit", "get-event", "fork", "cancel", "dashboard", "migrate")
+    for command in commands:
         assert f"\n  {command} " in helped.stdout
 
 
@@ -82,6 +83,27 @@ BAD_ARGUMENTS = [
     (["get-event", "junk", "progress"], "is not a run id"),
     (["get-event", SOME_RUN, ""], "event key must not be blank"),
     (["get-event", SOME_RUN, "progress", "--timeout", "-1"], "--timeout"),
+    (["runs", "--version", " "], "workflow version must not be blank"),
+    (["runs", "--stranded", "--workflow", "w"], "--stranded lists every version; it takes no --workflow"),
+    (["runs", "--stranded", "--status", "pending", "--limit", "5"], "it takes no --status, --limit"),
+    (["runs", "--stale-after", "5"], "--stale-after goes with --stranded"),
+    (["runs", "--stranded", "--stale-after", "-1"], "--stale-after"),
+    (["fork", SOME_RUN], "Missing option '--from-step'"),
+    (["fork", "junk", "--from-step", "charge"], "is not a run id"),
+    (["fork", SOME_RUN, "--from-step", " "], "step name must not be blank"),
+    (["fork", SOME_RUN, "--from-step", "charge", "--version", "a\tb"], "workflow version holds the character"),
+    (["fork", SOME_RUN, "--from-step", "charge", "--version", "2", "--to-version", "3"], "disagree; give one"),
+    (["fork", SOME_RUN, "--from-step", "charge", "--dry-run"], "--dry-run select many runs"),
+    # Acting on many runs needs both --workflow and --version: never every run, nor every version, by a slip.
+    (["cancel"], "give a RUN_ID, or both --workflow and --version to cancel many runs at once"),
+    (["cancel", "--workflow", "checkout"], "(missing --version); an unscoped cancel is refused"),
+    (["cancel", "--version", "1", "--dry-run"], "(missing --workflow); an unscoped cancel is refused"),
+    (["cancel", "--status", "pending"], "(missing --workflow and --version)"),
+    (["cancel", "--workflow", "checkout", "--version", "1", "--status", "done"], "--status"),
+    (["cancel", SOME_RUN, "--workflow", "checkout"], "--workflow select many runs"),
+    (["fork", "--from-step", "charge", "--to-version", "2"], "(missing --workflow and --version)"),
+    (["fork", "--workflow", "checkout", "--from-step", "charge", "--to-version", "2"], "(missing --version)"),
+    (["fork", "--workflow", "checkout", "--version", "1", "--from-step", "charge"], "needs --to-version V"),
 ]
 
 
@@ -97,6 +119,8 @@ def test_a_bad_argument_is_one_line_and_exit_2(
 def test_a_run_that_does_not_exist_is_one_line_and_exit_1(sqlite_env: dict[str, str], tmp_path: Path) -> None:
     commands = [[name] for name in ("show", "cancel", "pause", "resume", "retry")]
     commands += [["send", "--topic", "t", "--message", "1"], ["get-event", "--timeout", "1"]]
+    commands += [["fork", "--from-step", "charge"], ["fork", "--from-step", "charge", "--version", "2", "--json"]]
+    commands += [["cancel", "--json"]]
     for command, *options in commands:
         key = ["progress"] if command == "get-event" else []
         done = python_m(command, "0190B7E2-5C3A-7D1E-8F00-1234567890AB", *key, *options, env=sqlite_env, cwd=tmp_path)

@@ -1,5 +1,5 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real database; parents
-and children, messages and events on its pages, in process (httpx over ASGI)."""
+and children, messages and events, forks and stranded runs on its pages, in process (httpx over ASGI)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from playwright.async_api import async_playwright
 
-from sonamu_tasks import NonRetryableError, RunStatus, workflow
+from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, workflow
 from sonamu_tasks.dashboard import Dashboard
 from sonamu_tasks.testing.postgres_cluster import free_port
 
@@ -520,3 +520,172 @@ async def test_the_browser_sends_a_message_from_the_run_page(manager_for: Any, d
             assert await handle.result(timeout=5) == {"approved": True, "by": "kim"}
         finally:
             await browser.close()
+
+
+# Forks and stranded runs
+
+ONCE = RetryPolicy(max_attempts=1)
+
+
+async def load(order: int) -> dict[str, int]:
+    return {"order": order, "total": 30}
+
+
+async def charge_buggy(loaded: dict[str, int]) -> str:
+    raise ValueError("bug in charge")
+
+
+async def charge_fixed(loaded: dict[str, int]) -> str:
+    return f"charged {loaded['total']} for {loaded['order']}"
+
+
+def checkout_version(version: str, charge: Any) -> Any:
+    async def checkout(input: int, step: Any) -> Any:
+        loaded = await step.define("load", load).run(input)
+        return await step.define("charge", charge).run(loaded)
+
+    return workflow(checkout, version=version, retry_policy=ONCE)
+
+
+checkout_v1 = checkout_version("1", charge_buggy)
+checkout_v2 = checkout_version("2", charge_fixed)
+
+
+async def failed_checkout(manager: Any) -> str:
+    handle = await manager.run(checkout_v1, 7)
+    assert (await manager.wait_until_finished(handle.id, timeout=15)).status is RunStatus.FAILED
+    return str(handle.id)
+
+
+async def test_fork_from_here_on_a_step_starts_the_fork_and_opens_its_page(manager_for: Any, make_config: Any) -> None:
+    manager = await manager_for([checkout_v1, checkout_v2])
+    source = await failed_checkout(manager)
+    app = Dashboard(make_config(enable_worker=False), port=8765)
+    async with in_process(make_config, app) as client:
+        page = (await client.get(f"/runs/{source}")).text
+        # One form, before the part that refreshes (what is typed stays); a button on every step submits it.
+        before, live = page.split("<div id='live'", 1)
+        form = before.split("<form id='fork-form'")[1].split("</form>")[0]
+        assert f"action='/runs/{source}/fork'" in form and f"name='csrf' value='{app.csrf}'" in form
+        assert "<input name='version'" in form and "placeholder='1'" in form
+        assert form.index("<button type='submit' disabled hidden>") < form.index("name='csrf'")  # Enter: nothing
+        for step in ("load", "charge"):
+            assert f"form='fork-form' name='from_step' value='{step}'>Fork from here</button>" in live
+
+        fork = {"csrf": app.csrf, "from_step": "charge", "version": "2"}
+        created = await client.post(f"/runs/{source}/fork", data=fork, headers=FORM_HEADERS)
+        assert created.status_code == 303
+        location = created.headers["location"]
+        match = re.fullmatch(rf"/runs/([0-9a-f-]{{36}})\?forked_from={source}&step=charge", location)
+        assert match is not None, location
+        forked = match.group(1)
+        assert await manager.wait_for_result(forked, timeout=15) == "charged 30 for 7"
+        run = await manager.get_run(forked, with_steps=True)
+        assert run.version == "2"
+        assert [(s.name, s.output) for s in run.steps] == [
+            ("load", {"order": 7, "total": 30}),
+            ("charge", "charged 30 for 7"),
+        ]
+        opened = (await client.get(location)).text
+        assert (
+            f"<p id='notice' class='notice'>Forked from run <a href='/runs/{source}'>{source}</a> at step "
+            "<code>charge</code>.</p>"
+        ) in opened
+        assert "<span id='run-status' class='status completed' data-finished>completed</span>" in opened
+
+        same = await client.post(f"/runs/{source}/fork", data={**fork, "version": ""}, headers=FORM_HEADERS)
+        same_id = same.headers["location"].split("/runs/")[1].split("?")[0]
+        assert (await manager.get_run(same_id)).version == "1"  # no version: the run's own
+
+        # A step the run does not have, a missing or bad field, an unknown run: a 4xx that says why.
+        runs_before = len((await manager.list_runs(workflow="checkout")).items)
+        for change, status, says in (
+            ({"from_step": "ship"}, 400, f"run {source} has no step 'ship' to fork from; its steps: 'load', 'charge'"),
+            ({"from_step": ""}, 400, "from_step: missing"),
+            ({"from_step": "a\x00b"}, 400, "from_step: step name holds the character"),
+            ({"version": "   "}, 400, "version: workflow version must not be blank"),
+            ({"version": "v" * 300}, 400, "version: workflow version is 300 characters long"),
+        ):
+            refused = await client.post(f"/runs/{source}/fork", data={**fork, **change}, headers=FORM_HEADERS)
+            assert refused.status_code == status and says in refused.text, (change, refused.status_code, refused.text)
+        unknown = await client.post("/runs/0190b7e2-5c3a-7d1e-8f00-1234567890ab/fork", data=fork, headers=FORM_HEADERS)
+        assert unknown.status_code == 404 and "no run with id" in unknown.text
+        assert len((await manager.list_runs(workflow="checkout")).items) == runs_before
+
+
+async def test_the_runs_list_warns_of_stranded_runs_and_links_their_version(manager_for: Any, make_config: Any) -> None:
+    manager = await manager_for([checkout_v1])  # its worker registers checkout version 1 only
+    served = await manager.run(checkout_v1, 1, start_at="1h")
+    await wait_until(lambda: _registered(manager), what="the worker to register")
+    async with in_process(make_config) as client:
+        assert "id='stranded'" not in (await client.get("/")).text
+        assert (await client.get("/api/stranded")).json() == {"stale_after": 60.0, "groups": []}
+
+        retired = [(await manager.run({"name": "checkout", "version": "0"}, order)).id for order in range(2)]
+        await manager.pause(retired[0])
+        page = (await client.get("/")).text
+        banner = page.split("<div id='stranded' class='warning'>")[1].split("</div>")[0]
+        assert "<strong>2 stranded runs</strong>: no live worker registers these versions" in banner
+        assert (
+            "<li data-stranded='checkout@0'><a href='/?workflow=checkout&amp;version=0'>checkout@0</a>: "
+            "2 unfinished (1 pending, 1 paused), the oldest created "
+        ) in banner
+        assert "sonamu-tasks runs --stranded" in banner
+        assert page.index("id='stranded'") < page.index("<div id='live'")  # not redrawn every second
+        assert "id='stranded'" not in (await client.get("/", headers={"X-Partial": "1"})).text
+        (group,) = (await client.get("/api/stranded")).json()["groups"]
+        assert (group["workflow"], group["version"], group["counts"], group["total"]) == (
+            "checkout",
+            "0",
+            {"pending": 1, "paused": 1},
+            2,
+        )
+        assert group["oldest_age_s"] >= 0
+
+        # The link: the runs list filtered by workflow and version (and its JSON), the version kept in the form.
+        listed = (await client.get("/?workflow=checkout&version=0")).text
+        assert sorted(re.findall(r"<tr data-run='([0-9a-f-]+)'>", listed)) == sorted(retired)
+        assert "version <input name='version' size='8' value='0'>" in listed
+        api = (await client.get("/api/runs?workflow=checkout&version=0")).json()["items"]
+        assert sorted(item["id"] for item in api) == sorted(retired)
+        assert [item["id"] for item in (await client.get("/api/runs?version=1")).json()["items"]] == [served.id]
+        for bad in ("%00", "%20", "a%09b", "v" * 300):
+            response = await client.get(f"/?version={bad}")
+            assert response.status_code == 400 and response.text.startswith("version: "), bad
+            assert (await client.get(f"/api/runs?version={bad}")).status_code == 400, bad
+
+        for run_id in retired:
+            await manager.cancel(run_id)
+        assert "id='stranded'" not in (await client.get("/")).text
+
+
+async def test_the_browser_forks_a_failed_run_from_its_failed_step(manager_for: Any, dashboard_url: Any) -> None:
+    base, _ = dashboard_url
+    manager = await manager_for([checkout_v1, checkout_v2])
+    source = await failed_checkout(manager)
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1100, "height": 900})
+            await page.goto(f"{base}/runs/{source}")
+            await page.locator("#run-status").filter(has_text="failed").wait_for(timeout=10_000)
+            await page.fill("#fork-form input[name='version']", "2")
+            await page.press("#fork-form input[name='version']", "Enter")  # submits nothing: no step chosen
+            await page.wait_for_timeout(300)
+            assert page.url == f"{base}/runs/{source}"
+            assert len((await manager.list_runs(workflow="checkout")).items) == 1
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-fork.png"), full_page=True)
+            await page.click("button.fork[value='charge']")
+            await page.wait_for_url(re.compile(rf"/runs/[0-9a-f-]{{36}}\?forked_from={source}&step=charge$"))
+            await page.locator("#run-status").filter(has_text="completed").wait_for(timeout=15_000)
+            assert "Forked from run" in await page.inner_text("#notice")
+            forked = page.url.split("/runs/")[1].split("?")[0]
+            assert await manager.wait_for_result(forked, timeout=5) == "charged 30 for 7"
+            assert (await manager.get_run(forked)).version == "2"
+        finally:
+            await browser.close()
+
+
+async def _registered(manager: Any) -> bool:
+    return any(worker.workflows for worker in await manager.list_workers())

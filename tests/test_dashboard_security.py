@@ -181,6 +181,9 @@ async def test_a_body_over_64_kb_is_refused_with_413(manager_for: Any, open_dash
         "/api/runs?status=COMPLETED%00",
         "/?parent=junk",
         "/api/runs?parent=%00",
+        "/?version=%00",
+        "/api/runs?version=%20",
+        "/api/runs?version=" + "v" * 300,
         f"/?parent={RUN_ID_SHAPED_DASHES}",  # PostgreSQL would refuse it as a uuid: a 400 before the query
         f"/runs/{RUN_ID_SHAPED_DASHES}",
         f"/api/runs/{RUN_ID_SHAPED_DASHES}",  # the old route took 36 of [0-9a-f-]; PostgreSQL refused it
@@ -398,3 +401,33 @@ async def test_the_message_form_refuses_other_origins_unknown_runs_and_bad_encod
         assert sent.status_code == 303 and sent.headers["location"] == f"/runs/{waiting.id}?sent=1"
         [message] = await manager.list_messages(waiting.id)
         assert (message.topic, message.payload, message.idempotency_key) == ("approval", 1, None)
+
+
+# The fork form
+
+
+async def test_the_fork_form_goes_through_every_guard_and_forks_nothing_when_refused(
+    manager_for: Any, open_dashboard: Any
+) -> None:
+    manager = await manager_for([echo])
+    done = await manager.run(echo, {"a": 1})
+    await done.result(timeout=15)
+    assert (await manager.get_run(done.id, with_steps=True)).steps == ()  # `echo` has no steps to fork from
+    async with open_dashboard() as (app, client):
+        path = f"/runs/{done.id}/fork"
+        form = {"csrf": app.csrf, "from_step": "anything", "version": "1"}
+        for headers in ({"Origin": "http://attacker.example"}, {"Referer": "http://attacker.example/"}, {}):
+            assert (await client.post(path, data=form, headers=headers)).status_code == 403, headers
+        assert (await client.post(path, data={**form, "csrf": "forged"}, headers=FORM)).status_code == 403
+        assert (await client.post(path, data={**form, "csrf": ""}, headers=FORM)).status_code == 403
+        too_big = await client.post(path, content=f"csrf={app.csrf}&from_step=" + "s" * 70_000, headers=FORM)
+        assert too_big.status_code == 413
+        foreign_host = await client.post(path, data=form, headers={**FORM, "Host": "attacker.example"})
+        assert foreign_host.status_code == 400
+        not_utf8 = f"csrf={app.csrf}&from_step=".encode() + b"\xff\xfe"
+        assert (await client.post(path, content=not_utf8, headers=FORM)).status_code == 400
+        assert (await client.post(f"/runs/{RUN_ID_SHAPED_DASHES}/fork", data=form, headers=FORM)).status_code == 404
+        assert (await client.get(path)).status_code == 405  # a link cannot fork
+        no_step = await client.post(path, data=form, headers=FORM)  # through every guard: the run has no such step
+        assert no_step.status_code == 400 and "has no step 'anything' to fork from; its steps: none" in no_step.text
+    assert [run.id for run in (await manager.list_runs()).items] == [done.id]  # nothing was created

@@ -34,6 +34,21 @@ def plain_text(text: str) -> str:
     return text
 
 
+def workflow_name(text: str) -> str:
+    """A workflow name, as one can be stored (for an action on many runs: `cancel --workflow`)."""
+    return limits.check_workflow_name(text)
+
+
+def version(text: str) -> str:
+    """A workflow version, as one can be stored: not blank, not too long, no control characters."""
+    return limits.check_version(text)  # InvalidName is a ValueError with a message fit for a user
+
+
+def step_name(text: str) -> str:
+    """A step name (`fork --from-step`), as one is stored."""
+    return limits.check_step_name(text)
+
+
 def limit(text: str) -> int:
     """A page size between 1 and MAX_LIMIT."""
     try:

@@ -1,17 +1,23 @@
-"""The `sonamu-tasks` command: run workers, see schedules, start runs, send messages and events."""
+"""The `sonamu-tasks` command: run workers, see schedules, start runs, send messages and events, find stranded
+runs, cancel and fork runs one at a time or a whole version at once."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import shlex
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from . import arguments
 from .config import Config
@@ -34,11 +40,13 @@ from .display import (
     pending_sleep,
     preview,
     short_id,
+    stranded_counts,
+    stranded_summary,
     wake_time,
 )
 from .duration import parse_duration
-from .errors import ConfigError, RunNotFound, SonamuTasksError, WorkflowFailed
-from .manager import RunPage, WorkflowManager, until_signal
+from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
+from .manager import RunPage, StrandedRuns, WorkflowManager, until_signal
 from .records import RunEventRecord, RunRecord, StepRecord, WorkerRecord
 from .schedule import zone
 from .status import RunStatus
@@ -108,6 +116,11 @@ def _checked(check: Callable[[str], Any]) -> Callable[[click.Context, click.Para
 
 _run_id = _checked(arguments.run_id)
 """A run id, checked before it reaches the database (PostgreSQL answers a malformed UUID with an error)."""
+
+STALE_AFTER = 60.0
+"""Seconds since its last heartbeat after which a worker no longer counts as serving its versions."""
+_LIST_FILTERS = ("workflow", "version", "statuses", "parent_id", "since", "limit", "cursor")
+"""The filters of `runs`, none of which goes with --stranded."""
 
 
 @click.group(cls=_Commands)
@@ -324,32 +337,53 @@ def run_command(
     sys.exit(_steering(start_run()))
 
 
+_STATUSES = click.Choice([s.value for s in RunStatus])
+
+
 @main.command()
 @click.option("--workflow", help="Only runs of this workflow.")
-@click.option(
-    "--status",
-    "statuses",
-    multiple=True,
-    type=click.Choice([s.value for s in RunStatus]),
-    help="Only runs in this status (repeatable).",
-)
+@click.option("--version", "version", callback=_checked(arguments.version), help="Only runs of this version.")
+@click.option("--status", "statuses", multiple=True, type=_STATUSES, help="Only runs in this status (repeatable).")
 @click.option("--parent", "parent_id", callback=_run_id, metavar="RUN_ID", help="Only the children of this run.")
 @click.option("--since", help="Only runs created in the last DURATION (1h, 7d) or after an ISO datetime.")
 @click.option("--limit", type=click.IntRange(1, arguments.MAX_LIMIT), default=20, show_default=True)
 @click.option("--cursor", callback=_run_id, help="The next_cursor printed by the previous page.")
+@click.option(
+    "--stranded",
+    is_flag=True,
+    help="Instead of runs: unfinished runs per (workflow, version) that no live worker registers.",
+)
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help=f"With --stranded: a worker is live if it heartbeat in the last SECONDS (default {STALE_AFTER:g}).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def runs(
     context: click.Context,
     workflow: str | None,
+    version: str | None,
     statuses: tuple[str, ...],
     parent_id: str | None,
     since: str | None,
     limit: int,
     cursor: str | None,
+    stranded: bool,
+    stale_after: float | None,
     as_json: bool,
 ) -> None:
-    """List runs, newest first (one page; --cursor for the next). A child run shows its parent's id (short)."""
+    """List runs, newest first (one page; --cursor for the next). A child run shows its parent's id (short).
+    With --stranded, the unfinished runs no live worker will execute, counted per (workflow, version)."""
+    if stranded:
+        given = _given(context, _LIST_FILTERS)
+        if given:
+            raise click.UsageError(f"--stranded lists every version; it takes no {', '.join(given)}", context)
+        _stranded(context, STALE_AFTER if stale_after is None else stale_after, as_json)
+        return
+    if stale_after is not None:
+        raise click.UsageError("--stale-after goes with --stranded", context)
     config = _config(context, enable_worker=False)
     created_after = _since(since)
 
@@ -357,6 +391,7 @@ def runs(
         async with WorkflowManager(config) as manager:
             return await manager.list_runs(
                 workflow=workflow,
+                version=version,
                 status=statuses or None,
                 created_after=created_after,
                 limit=limit,
@@ -387,6 +422,558 @@ def runs(
     click.echo(format_table(headers, rows) if rows else "no runs")
     if page.next_cursor:
         click.echo(f"more: --cursor {page.next_cursor}")
+
+
+def _given(context: click.Context, names: Sequence[str]) -> list[str]:
+    """The options among `names` (parameter names) given on the command line, as spelled there (`--status`)."""
+    return [
+        param.opts[0]
+        for param in context.command.params
+        if param.name in names and context.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+    ]
+
+
+def _stranded(context: click.Context, stale_after: float, as_json: bool) -> None:
+    """`runs --stranded`: per (workflow, version) no live worker registers, its unfinished runs per status."""
+    config = _config(context, enable_worker=False)
+
+    async def fetch() -> list[StrandedRuns]:
+        async with WorkflowManager(config) as manager:
+            return await manager.stranded_runs(stale_after=stale_after)
+
+    groups = _steering(fetch())
+    now = datetime.now(UTC)
+    if as_json:
+        summary = {"stale_after": stale_after, "groups": [stranded_summary(group, now) for group in groups]}
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if not groups:
+        click.echo(
+            "no stranded runs: every unfinished run's version is registered by a worker that heartbeat in the "
+            f"last {stale_after:g}s"
+        )
+        return
+    statuses = [status for status in RunStatus if any(group.counts.get(status) for group in groups)]
+    headers = ["WORKFLOW", "VERSION", *(status.value.upper() for status in statuses), "TOTAL", "OLDEST"]
+    rows = [
+        [
+            group.workflow,
+            group.version,
+            *(group.counts.get(status, 0) for status in statuses),
+            group.total,
+            age_text(group.oldest_created_at, now),
+        ]
+        for group in groups
+    ]
+    click.echo(format_table(headers, rows))
+    total = sum(group.total for group in groups)
+    click.echo(
+        f"\n{_count(total, 'unfinished run')} of {_count(len(groups), 'version')} that no live worker registers "
+        f"(none heartbeat in the last {stale_after:g}s): nothing will execute them."
+    )
+    click.echo(_stranded_hint(groups[0], len(groups)))
+
+
+def _stranded_hint(group: StrandedRuns, groups: int) -> str:
+    """What to do about stranded runs, spelled out for the first group."""
+    select = f"--workflow {shlex.quote(group.workflow)} --version {shlex.quote(group.version)}"
+    statuses = " ".join(f"--status {status}" for status in stranded_counts(group))
+    others = "" if groups == 1 else f" (shown for {group.workflow}@{group.version}; the same for the others)"
+    return (
+        f"Start a worker that registers the version, or act on them{others}:\n"
+        f"  list:   sonamu-tasks runs {select}\n"
+        f"  cancel: sonamu-tasks cancel {select} --dry-run   (then again without --dry-run)\n"
+        f"  fork:   sonamu-tasks fork {select} {statuses} --from-step STEP --to-version V --dry-run"
+    )
+
+
+@main.command()
+@click.argument("run_id", required=False, callback=_run_id)
+@click.option(
+    "--from-step",
+    required=True,
+    callback=_checked(arguments.step_name),
+    help="The step to execute from: the steps started before it keep their checkpoints.",
+)
+@click.option(
+    "--version",
+    "version",
+    callback=_checked(arguments.version),
+    help="With RUN_ID: the version the fork runs on (default: the run's own). With --workflow: the version whose "
+    "runs are forked.",
+)
+@click.option(
+    "--to-version",
+    callback=_checked(arguments.version),
+    help="The version the forks run on: required with --workflow (give --version's value to stay on it).",
+)
+@click.option(
+    "--workflow",
+    callback=_checked(arguments.workflow_name),
+    help="With --version and --to-version: fork every matching run instead of RUN_ID.",
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=_STATUSES,
+    help="With --workflow: only runs in this status (repeatable; default: failed).",
+)
+@click.option("--dry-run", is_flag=True, help="With --workflow: print the runs it would fork; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def fork(
+    context: click.Context,
+    run_id: str | None,
+    from_step: str,
+    version: str | None,
+    to_version: str | None,
+    workflow: str | None,
+    statuses: tuple[str, ...],
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Start a new run of run RUN_ID's workflow and input that keeps its checkpoints of the steps started before
+    --from-step and executes from there, on its version or another (a fixed one); prints the new run's id. The
+    source run is left as it is. With --workflow W --version V --to-version V2 instead of RUN_ID: every matching
+    run (--status, default failed), with --dry-run first."""
+    if run_id is None:
+        selection = _selection(context, "fork", workflow, version, statuses, default=(RunStatus.FAILED,))
+        if to_version is None:
+            raise click.UsageError(
+                "forking many runs needs --to-version V, the version the forks run on (give "
+                f"--to-version {shlex.quote(selection.version)} to stay on the same version)",
+                context,
+            )
+        _fork_many(context, selection, from_step, to_version, dry_run, as_json)
+        return
+    _refuse_bulk_options(context, ("workflow", "statuses", "dry_run"))
+    if version is not None and to_version is not None and version != to_version:
+        raise click.UsageError(f"--version {version!r} and --to-version {to_version!r} disagree; give one", context)
+    target = to_version or version
+    config = _config(context, enable_worker=False)
+
+    async def start_fork() -> tuple[RunRecord, bool]:
+        async with WorkflowManager(config) as manager:
+            handle = await manager.fork(run_id, from_step, target)
+            forked = await manager.get_run(handle.id)
+            return forked, await _served(manager, forked.workflow_name, forked.version)
+
+    with _quiet_forks(context):
+        forked, served = _steering(start_fork())
+    if not served:
+        click.echo(_unserved_warning(forked.workflow_name, forked.version, "the fork waits"), err=True)
+    if as_json:
+        summary = {
+            "source_id": run_id,
+            "run_id": forked.id,
+            "workflow": forked.workflow_name,
+            "version": forked.version,
+            "from_step": from_step,
+            "served": served,
+        }
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(forked.id)
+
+
+@main.command()
+@click.argument("run_id", required=False, callback=_run_id)
+@click.option(
+    "--workflow",
+    callback=_checked(arguments.workflow_name),
+    help="With --version: cancel every matching run instead of RUN_ID.",
+)
+@click.option("--version", "version", callback=_checked(arguments.version), help="With --workflow: its version.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=_STATUSES,
+    help="With --workflow: only runs in this status (repeatable; default: every unfinished one).",
+)
+@click.option("--dry-run", is_flag=True, help="With --workflow: print the runs it would cancel; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def cancel(
+    context: click.Context,
+    run_id: str | None,
+    workflow: str | None,
+    version: str | None,
+    statuses: tuple[str, ...],
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Cancel run RUN_ID: at once, or at its next step boundary if running; prints the status after. With
+    --workflow W --version V instead of RUN_ID: every matching unfinished run (--status to narrow), with
+    --dry-run first."""
+    if run_id is None:
+        unfinished = tuple(status for status in RunStatus if not status.finished)
+        _cancel_many(
+            context, _selection(context, "cancel", workflow, version, statuses, default=unfinished), dry_run, as_json
+        )
+        return
+    _refuse_bulk_options(context, ("workflow", "version", "statuses", "dry_run"))
+    config = _config(context, enable_worker=False)
+
+    async def act() -> RunStatus:
+        async with WorkflowManager(config) as manager:
+            return await manager.cancel(run_id)
+
+    status = _steering(act())
+    click.echo(json.dumps({"id": run_id, "status": status.value}) if as_json else f"{run_id} {status.value}")
+
+
+# Acting on many runs: `cancel` and `fork` with --workflow and --version instead of a run id.
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """The runs an action on many runs takes: one workflow version, some statuses."""
+
+    workflow: str
+    version: str
+    statuses: tuple[RunStatus, ...]
+
+    def text(self) -> str:
+        return f"{self.workflow}@{self.version} ({', '.join(status.value for status in self.statuses)})"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "workflow": self.workflow,
+            "version": self.version,
+            "statuses": [status.value for status in self.statuses],
+        }
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """A matching run the action left alone, and why: `reason` groups them (`already finished`, `no such step`,
+    `no longer stored`, `refused`), `detail` says it for this run."""
+
+    id: str
+    status: RunStatus
+    reason: str
+    detail: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status.value, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class _Bulk:
+    """What an action on many runs did to each matching run (or, in a dry run, would do)."""
+
+    selection: _Selection
+    dry_run: bool
+    matched: list[tuple[str, RunStatus]] = field(default_factory=list)
+    acted: list[str] = field(default_factory=list)
+    """Canceled or forked runs (in a dry run: those that would be)."""
+    forks: dict[str, str] = field(default_factory=dict)
+    """Source run -> its fork."""
+    requested: list[str] = field(default_factory=list)
+    """Running runs asked to cancel: they stop at their next step boundary."""
+    skipped: list[_Skip] = field(default_factory=list)
+    stopped: str | None = None
+    """Why it stopped before the end (the database stopped answering), or None."""
+
+    def skip(self, run_id: str, status: RunStatus, reason: str, detail: str) -> None:
+        self.skipped.append(_Skip(run_id, status, reason, detail))
+
+    def skipped_text(self) -> str:
+        """`2 skipped: 1 already finished, 1 no such step`."""
+        reasons = Counter(skip.reason for skip in self.skipped)
+        return f"{len(self.skipped)} skipped: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items())
+
+
+LISTED_SKIPS = 20
+"""Skipped runs named one by one after an action on many runs (--json lists all of them)."""
+
+
+def _selection(
+    context: click.Context,
+    command: str,
+    workflow: str | None,
+    version: str | None,
+    statuses: tuple[str, ...],
+    *,
+    default: tuple[RunStatus, ...],
+) -> _Selection:
+    """The runs `command` acts on without a run id. Both --workflow and --version are required: a slip of the
+    keyboard must not reach every run of a workflow, or every run."""
+    if workflow is None or version is None:
+        missing = " and ".join(name for name, value in (("--workflow", workflow), ("--version", version)) if not value)
+        raise click.UsageError(
+            f"give a RUN_ID, or both --workflow and --version to {command} many runs at once (missing {missing}); "
+            f"an unscoped {command} is refused",
+            context,
+        )
+    return _Selection(workflow, version, tuple(RunStatus(s) for s in statuses) or default)
+
+
+def _refuse_bulk_options(context: click.Context, names: Sequence[str]) -> None:
+    given = _given(context, names)
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)} select many runs (with --workflow and --version); with a RUN_ID give none", context
+        )
+
+
+async def _matching(manager: WorkflowManager, selection: _Selection) -> list[tuple[str, RunStatus]]:
+    """Every run the selection takes, newest first, read page by page before anything changes (so the runs an
+    action creates, such as forks onto the same version, are not taken up in turn)."""
+    found: list[tuple[str, RunStatus]] = []
+    cursor = None
+    while True:
+        page = await manager.list_runs(
+            workflow=selection.workflow,
+            version=selection.version,
+            status=selection.statuses,
+            limit=arguments.MAX_LIMIT,
+            cursor=cursor,
+        )
+        found.extend((run.id, run.status) for run in page.items)
+        if page.next_cursor is None:
+            return found
+        cursor = page.next_cursor
+
+
+class _Progress:
+    """Lines on stderr while an action on many runs goes on: every 100 runs, or every 2 seconds."""
+
+    def __init__(self, verb: str, total: int) -> None:
+        self.verb = verb
+        self.total = total
+        self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.total and (done % 100 == 0 or now - self.last >= 2):
+            click.echo(f"{self.verb}: {done} of {self.total} done", err=True)
+            self.last = now
+
+
+def _cancel_many(context: click.Context, selection: _Selection, dry_run: bool, as_json: bool) -> None:
+    config = _config(context, enable_worker=False)
+    bulk = _Bulk(selection, dry_run)
+
+    async def act() -> None:
+        async with WorkflowManager(config) as manager:
+            bulk.matched = await _matching(manager, selection)
+            if dry_run or not bulk.matched:
+                for run_id, status in bulk.matched:
+                    if status.finished:
+                        bulk.skip(run_id, status, "already finished", f"already {status.value}")
+                    else:
+                        bulk.acted.append(run_id)
+                return
+            click.echo(f"canceling {_count(len(bulk.matched), 'run')} of {selection.text()}", err=True)
+            progress = _Progress("cancel", len(bulk.matched))
+            for index, (run_id, status) in enumerate(bulk.matched, 1):
+                try:
+                    await _cancel_one(manager, bulk, run_id, status)
+                except BackendUnavailable as error:
+                    bulk.stopped = f"stopped after {index - 1} of {len(bulk.matched)} runs: {_flat(str(error))}"
+                    return
+                progress(index)
+
+    _steering(act())
+    if as_json:
+        done_key = "would_cancel" if dry_run else "canceled"
+        payload: dict[str, Any] = {"action": "cancel", "dry_run": dry_run, **selection.summary()}
+        payload.update(matched=len(bulk.matched), **{done_key: bulk.acted})
+        if not dry_run:
+            payload["cancel_requested"] = bulk.requested
+        payload.update(skipped=[skip.summary() for skip in bulk.skipped], stopped=bulk.stopped)
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        _echo_cancels(bulk)
+    if bulk.stopped:
+        raise click.ClickException(bulk.stopped)
+
+
+async def _cancel_one(manager: WorkflowManager, bulk: _Bulk, run_id: str, status: RunStatus) -> None:
+    if status.finished:
+        bulk.skip(run_id, status, "already finished", f"already {status.value}")
+        return
+    try:
+        after = await manager.cancel(run_id)
+    except RunNotFound:
+        bulk.skip(run_id, status, "no longer stored", "deleted since it was listed")
+        return
+    if after is RunStatus.CANCELED:
+        bulk.acted.append(run_id)
+    elif after.finished:
+        bulk.skip(run_id, after, "already finished", f"{after.value} before it was canceled")
+    else:
+        bulk.requested.append(run_id)
+
+
+def _echo_cancels(bulk: _Bulk) -> None:
+    selection = bulk.selection
+    if not bulk.matched:
+        click.echo(f"no runs of {selection.text()}: nothing to cancel")
+        return
+    if bulk.dry_run:
+        statuses = dict(bulk.matched)
+        running = sum(1 for run_id in bulk.acted if statuses[run_id] is RunStatus.RUNNING)
+        click.echo(f"dry run: would cancel {_count(len(bulk.acted), 'run')} of {selection.text()}; nothing changed")
+        if bulk.acted:
+            click.echo(format_table(["RUN", "STATUS"], [[run_id, statuses[run_id].value] for run_id in bulk.acted]))
+        if running:
+            click.echo(f"({running} running: they would stop at their next step boundary)")
+    else:
+        click.echo(f"canceled {_count(len(bulk.acted), 'run')} of {selection.text()}")
+        if bulk.requested:
+            click.echo(
+                f"asked {_count(len(bulk.requested), 'running run')} to cancel: each stops at its next step boundary"
+            )
+    _echo_skips(bulk)
+
+
+def _fork_many(
+    context: click.Context, selection: _Selection, from_step: str, to_version: str, dry_run: bool, as_json: bool
+) -> None:
+    config = _config(context, enable_worker=False)
+    bulk = _Bulk(selection, dry_run)
+    onto = f"from step {from_step!r} onto version {to_version}"
+
+    async def act() -> None:
+        async with WorkflowManager(config) as manager:
+            bulk.matched = await _matching(manager, selection)
+            if bulk.matched and not await _served(manager, selection.workflow, to_version):
+                forks = "the forks would wait" if dry_run else "the forks wait"
+                click.echo(_unserved_warning(selection.workflow, to_version, forks), err=True)
+            if not dry_run and bulk.matched:
+                click.echo(f"forking {_count(len(bulk.matched), 'run')} of {selection.text()} {onto}", err=True)
+            progress = _Progress("fork", len(bulk.matched))
+            for index, (run_id, status) in enumerate(bulk.matched, 1):
+                try:
+                    await _fork_one(manager, bulk, run_id, status, from_step, to_version)
+                except BackendUnavailable as error:
+                    bulk.stopped = f"stopped after {index - 1} of {len(bulk.matched)} runs: {_flat(str(error))}"
+                    return
+                if not dry_run:
+                    progress(index)
+
+    with _quiet_forks(context):
+        _steering(act())
+    if as_json:
+        payload: dict[str, Any] = {"action": "fork", "dry_run": dry_run, **selection.summary()}
+        payload.update(from_step=from_step, to_version=to_version, matched=len(bulk.matched))
+        if dry_run:
+            payload["would_fork"] = bulk.acted
+        else:
+            payload["forked"] = [{"source_id": source, "run_id": bulk.forks[source]} for source in bulk.acted]
+        payload.update(skipped=[skip.summary() for skip in bulk.skipped], stopped=bulk.stopped)
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        _echo_forks(bulk, onto)
+    if bulk.stopped:
+        raise click.ClickException(bulk.stopped)
+
+
+async def _fork_one(
+    manager: WorkflowManager, bulk: _Bulk, run_id: str, status: RunStatus, from_step: str, to_version: str
+) -> None:
+    if bulk.dry_run:  # the same check the fork makes: the step is one of the run's
+        try:
+            run = await manager.get_run(run_id, with_steps=True)
+        except RunNotFound:
+            bulk.skip(run_id, status, "no longer stored", "deleted since it was listed")
+            return
+        names = [step.name for step in run.steps]
+        if from_step in names:
+            bulk.acted.append(run_id)
+        else:
+            known = ", ".join(repr(name) for name in names) or "none"
+            bulk.skip(run_id, status, "no such step", f"has no step {from_step!r} to fork from; its steps: {known}")
+        return
+    try:
+        handle = await manager.fork(run_id, from_step, to_version)
+    except RunNotFound:
+        bulk.skip(run_id, status, "no longer stored", "deleted since it was listed")
+    except InvalidValue as error:
+        reason = "no such step" if error.field == "from_step" else "refused"
+        bulk.skip(run_id, status, reason, _about_run(run_id, error))
+    except BackendUnavailable:
+        raise
+    except SonamuTasksError as error:  # an input the target version refuses, say: this run only
+        bulk.skip(run_id, status, "refused", _about_run(run_id, error))
+    else:
+        bulk.acted.append(run_id)
+        bulk.forks[run_id] = handle.id
+
+
+def _about_run(run_id: str, error: Exception) -> str:
+    """An error's message about one run, without the run's id in front (its line names it already)."""
+    return _flat(str(error)).removeprefix(f"run {run_id} ")
+
+
+@contextmanager
+def _quiet_forks(context: click.Context) -> Iterator[None]:
+    """The manager logs each fork it makes; on the command line the output says it already (and a thousand
+    such lines would bury the progress). `-v` keeps them."""
+    options: _Options = context.obj
+    log = logging.getLogger("sonamu_tasks.manager")
+    level = log.level
+    if not options.verbose:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _echo_forks(bulk: _Bulk, onto: str) -> None:
+    selection = bulk.selection
+    if not bulk.matched:
+        click.echo(f"no runs of {selection.text()}: nothing to fork")
+        return
+    if bulk.dry_run:
+        statuses = dict(bulk.matched)
+        click.echo(
+            f"dry run: would fork {_count(len(bulk.acted), 'run')} of {selection.text()} {onto}; nothing changed"
+        )
+        if bulk.acted:
+            click.echo(format_table(["RUN", "STATUS"], [[run_id, statuses[run_id].value] for run_id in bulk.acted]))
+    else:
+        click.echo(f"forked {_count(len(bulk.acted), 'run')} of {selection.text()} {onto}")
+        if bulk.acted:
+            click.echo(format_table(["SOURCE", "FORK"], [[source, bulk.forks[source]] for source in bulk.acted]))
+            click.echo("the sources are left as they were")
+    _echo_skips(bulk)
+
+
+def _echo_skips(bulk: _Bulk) -> None:
+    if not bulk.skipped:
+        return
+    click.echo(bulk.skipped_text())
+    for skip in bulk.skipped[:LISTED_SKIPS]:
+        click.echo(f"  {skip.id} ({skip.status.value}): {skip.detail}")
+    if len(bulk.skipped) > LISTED_SKIPS:
+        click.echo(f"  and {len(bulk.skipped) - LISTED_SKIPS} more (--json lists every one)")
+
+
+async def _served(manager: WorkflowManager, workflow: str, version: str) -> bool:
+    """Whether a live worker registers this workflow version (one that would execute a run of it now)."""
+    now = datetime.now(UTC)
+    return any(
+        (workflow, version) in worker.workflows and (now - worker.heartbeat_at).total_seconds() <= STALE_AFTER
+        for worker in await manager.list_workers()
+    )
+
+
+def _unserved_warning(workflow: str, version: str, who: str) -> str:
+    return (
+        f"warning: no live worker registers {workflow} version {version}: {who} until one does "
+        "(sonamu-tasks runs --stranded lists such runs)"
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    """`1 run`, `3 runs`."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 @dataclass(frozen=True)
@@ -616,7 +1203,6 @@ def _steer_command(name: str, doc: str) -> None:
         click.echo(f"{run_id} {_steering(act()).value}")
 
 
-_steer_command("cancel", "Cancel a run: at once, or at its next step boundary if running.")
 _steer_command("pause", "Pause a run: it keeps its checkpoints and is not claimed until resumed.")
 _steer_command("resume", "Resume a paused run.")
 _steer_command("retry", "Start a failed or canceled run again from its failed step.")

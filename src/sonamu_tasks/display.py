@@ -1,6 +1,6 @@
 """What a person sees of runs, shared by the CLI and the dashboard: short forms of durations and values, a
 run's wake time, its children (counts per status, a few listed), what a waiting run waits for (children, a
-sleep, messages, events), its unconsumed messages and the events it published."""
+sleep, messages, events), its unconsumed messages and the events it published; stranded runs per version."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .records import MessageRecord, RunEventRecord, RunRecord, StepRecord
 from .status import RunStatus, StepStatus
 
 if TYPE_CHECKING:
-    from .manager import WorkflowManager
+    from .manager import StrandedRuns, WorkflowManager
 
 LISTED_CHILDREN = 20
 """Children named one by one (`show`, a run's page); the rest are counted, and listed by `runs --parent`."""
@@ -177,6 +177,25 @@ def age_text(moment: datetime, now: datetime | None = None) -> str:
         if seconds >= size:
             return f"{seconds // size:.0f}{unit}"
     return f"{seconds:.0f}s"
+
+
+def stranded_counts(group: StrandedRuns) -> dict[str, int]:
+    """A stranded group's runs per status, in lifecycle order, only the statuses that have some."""
+    return {status.value: group.counts[status] for status in RunStatus if group.counts.get(status)}
+
+
+def stranded_summary(group: StrandedRuns, now: datetime | None = None) -> dict[str, Any]:
+    """A (workflow, version) whose unfinished runs no live worker registers, as `runs --stranded --json` and
+    the dashboard's /api/stranded give it."""
+    now = now or datetime.now(UTC)
+    return {
+        "workflow": group.workflow,
+        "version": group.version,
+        "counts": stranded_counts(group),
+        "total": group.total,
+        "oldest_created_at": group.oldest_created_at.isoformat(),
+        "oldest_age_s": round(max(0.0, (now - group.oldest_created_at).total_seconds()), 3),
+    }
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """Dashboard: a Starlette app over a WorkflowManager that runs no worker.
 
-    GET  /                    runs, newest first, filters (workflow, status, parent), live refresh
-    GET  /runs/{id}           a run: status, parent and children, what it waits for, step timeline, steps,
-                              unconsumed messages, published events, input, output or error; cancel / retry;
-                              a form to send it a message while it is unfinished
+    GET  /                    runs, newest first, filters (workflow, version, status, parent), live refresh;
+                              a warning when some versions' unfinished runs have no live worker (stranded)
+    GET  /runs/{id}           a run: status, parent and children, what it waits for, step timeline, steps (each
+                              with "Fork from here"), unconsumed messages, published events, input, output or
+                              error; cancel / retry; a form to send it a message while it is unfinished
     POST /runs/{id}/cancel    (and /retry) then back to the run page
     POST /runs/{id}/send      a message (topic, JSON, optional idempotency key), then back to the run page
+    POST /runs/{id}/fork      a fork from a step (from_step, optional version), then to the new run's page
     GET  /workers, /schedules
     GET  /api/runs, /api/runs/{id}   the same as JSON (the run in full: a page cuts long values)
+    GET  /api/stranded        unfinished runs per (workflow, version) that no live worker registers
 
 Security (guards.py): answers only to the Host names it was started for, refuses cross-origin POSTs, sends
 a strict Content-Security-Policy, caps request bodies. With a token (required to listen beyond loopback),
@@ -24,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any, TypeVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
@@ -36,7 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import arguments
 from ..config import Config
-from ..display import COUNTED_MESSAGES, children_of, events_summary, messages_of, wake_time
+from ..display import COUNTED_MESSAGES, children_of, events_summary, messages_of, stranded_summary, wake_time
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
 from ..manager import RunPage, WorkflowManager
 from ..records import RunRecord
@@ -55,6 +58,7 @@ from .guards import (
 
 T = TypeVar("T")
 MAX_BODY = 64 * 1024  # a form holds one short field; nothing the dashboard accepts comes near this
+STALE_AFTER = 60.0  # seconds without a heartbeat after which a worker no longer serves its versions (stranded)
 _STATIC = {
     "dashboard.css": ("text/css", files(__package__).joinpath("static/dashboard.css").read_text()),
     "live.js": ("text/javascript", files(__package__).joinpath("static/live.js").read_text()),
@@ -86,7 +90,9 @@ class Dashboard:
             Route("/api/runs", self.runs_json),
             Route("/runs/{run_id}", self.run_page),
             Route("/api/runs/{run_id}", self.run_json),
+            Route("/api/stranded", self.stranded_json),
             Route("/runs/{run_id}/send", self.send, methods=["POST"]),
+            Route("/runs/{run_id}/fork", self.fork, methods=["POST"]),
             Route("/runs/{run_id}/{action:str}", self.steer, methods=["POST"]),
             Route("/workers", self.workers_page),
             Route("/schedules", self.schedules_page),
@@ -128,8 +134,11 @@ class Dashboard:
         if _partial(request):
             return HTMLResponse(table)
         parent = _parameter(query, "parent", arguments.run_id) or ""  # checked by _runs already: a run id
-        filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""), parent)
-        return HTMLResponse(pages.page("Runs", table, before=filters))
+        version = query.get("version", "")  # checked by _runs already: a storable version, or empty
+        filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""), parent, version)
+        # Outside the part that refreshes every second: read once per page load, not once a second.
+        banner = pages.stranded_banner(await self.manager.stranded_runs(stale_after=STALE_AFTER))
+        return HTMLResponse(pages.page("Runs", table, before=banner + filters))
 
     async def runs_json(self, request: Request) -> Response:
         page = await self._runs(request)
@@ -149,9 +158,13 @@ class Dashboard:
         if _partial(request):
             return HTMLResponse(detail)
         refresh = None if run.status.finished else 1000  # a finished run changes only when someone acts on it
-        notice = pages.sent_notice(request.query_params.get("sent", ""))
+        query = request.query_params
+        notice = pages.sent_notice(query.get("sent", "")) + pages.forked_notice(
+            _notice_run_id(query.get("forked_from", "")), query.get("step", "")
+        )
         form = "" if run.status.finished else pages.send_form(run, self.csrf)
-        return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh, before=notice, after=form))
+        before = notice + pages.fork_form(run, self.csrf)
+        return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh, before=before, after=form))
 
     async def run_json(self, request: Request) -> Response:
         run = await self.manager.get_run(_run_id(request), with_steps=True)
@@ -165,6 +178,10 @@ class Dashboard:
                 "events": events_summary(await self.manager.list_events(run.id)),
             }
         )
+
+    async def stranded_json(self, request: Request) -> Response:
+        groups = await self.manager.stranded_runs(stale_after=STALE_AFTER)
+        return _json({"stale_after": STALE_AFTER, "groups": [stranded_summary(group) for group in groups]})
 
     async def steer(self, request: Request) -> Response:
         action = request.path_params["action"]
@@ -184,6 +201,18 @@ class Dashboard:
         key = _field(form, "idempotency_key", arguments.idempotency_key, required=False)
         stored = await self.manager.send(run_id, message, topic=topic, idempotency_key=key)
         return RedirectResponse(f"/runs/{run_id}?sent={'1' if stored else 'again'}", status_code=303)
+
+    async def fork(self, request: Request) -> Response:
+        """A step's "Fork from here": a new run from that step (on `version` if given), then its page. A step
+        the run does not have is a 400 naming its steps (from the manager), an unknown run a 404."""
+        run_id = _run_id(request)
+        form = await self._form(request)
+        from_step = _field(form, "from_step", arguments.step_name)
+        version = _field(form, "version", arguments.version, required=False)
+        assert from_step is not None  # required
+        handle = await self.manager.fork(run_id, from_step, version)
+        target = f"/runs/{handle.id}?{urlencode({'forked_from': run_id, 'step': from_step})}"
+        return RedirectResponse(target, status_code=303)
 
     async def workers_page(self, request: Request) -> Response:
         body = pages.workers_table(await self.manager.list_workers())
@@ -207,8 +236,9 @@ class Dashboard:
         limit = _parameter(query, "limit", arguments.limit)
         cursor = _parameter(query, "cursor", arguments.run_id)
         parent = _parameter(query, "parent", arguments.run_id)
+        version = _parameter(query, "version", arguments.version)
         return await self.manager.list_runs(
-            workflow=workflow, status=status, limit=limit or 50, cursor=cursor, parent_id=parent
+            workflow=workflow, version=version, status=status, limit=limit or 50, cursor=cursor, parent_id=parent
         )
 
     async def _form(self, request: Request) -> dict[str, list[str]]:
@@ -276,6 +306,14 @@ def _run_id(request: Request) -> str:
         return arguments.run_id(request.path_params["run_id"])
     except ValueError as error:
         raise HTTPException(404, str(error)) from None
+
+
+def _notice_run_id(text: str) -> str | None:
+    """The run a notice names (`?forked_from=`): a run id, or None (no notice) for anything else."""
+    try:
+        return arguments.run_id(text)
+    except ValueError:
+        return None
 
 
 def _partial(request: Request) -> bool:

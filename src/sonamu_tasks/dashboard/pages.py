@@ -28,8 +28,10 @@ from ..display import (
     pending_sleep,
     preview,
     short_id,
+    stranded_counts,
 )
-from ..limits import MAX_KEY_LENGTH
+from ..limits import MAX_KEY_LENGTH, MAX_NAME_LENGTH
+from ..manager import StrandedRuns
 from ..records import RunEventRecord, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
 from ..status import RunStatus, StepStatus
 from .timeline import timeline_svg
@@ -57,7 +59,7 @@ def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = 
     )
 
 
-def runs_filters(workflow: str, status: str, parent: str = "") -> str:
+def runs_filters(workflow: str, status: str, parent: str = "", version: str = "") -> str:
     """The filter form; `parent` (checked by the caller: a run id or empty) lists one run's children."""
     options = "".join(
         f"<option value='{s.value}'{' selected' if s.value == status else ''}>{s.value}</option>" for s in RunStatus
@@ -67,9 +69,33 @@ def runs_filters(workflow: str, status: str, parent: str = "") -> str:
         children_of = f"<p id='children-of'>children of {_run_link(parent)} · <a href='/'>all runs</a></p>"
     return (
         f"{children_of}<form method='get' action='/'>workflow <input name='workflow' value='{escape(workflow)}'> "
+        f"version <input name='version' size='8' value='{escape(version)}'> "
         f"status <select name='status'><option value=''>any</option>{options}</select> "
         f"parent <input name='parent' size='38' placeholder='run id' value='{escape(parent)}'> "
         "<button type='submit'>Filter</button></form><br>"
+    )
+
+
+def stranded_banner(groups: Sequence[StrandedRuns]) -> str:
+    """A warning over the runs list: versions no live worker registers, whose unfinished runs nothing will
+    execute. Each links to its runs (`/?workflow=W&version=V`). Empty when there are none."""
+    if not groups:
+        return ""
+    now = datetime.now(UTC)
+    items = "".join(
+        f"<li data-stranded='{escape(group.workflow)}@{escape(group.version)}'>"
+        f"<a href='/?{escape(urlencode({'workflow': group.workflow, 'version': group.version}))}'>"
+        f"{escape(group.workflow)}@{escape(group.version)}</a>: {group.total} unfinished ("
+        + ", ".join(f"{count} {status}" for status, count in stranded_counts(group).items())
+        + f"), the oldest created {age_text(group.oldest_created_at, now)} ago</li>"
+        for group in groups
+    )
+    total = sum(group.total for group in groups)
+    return (
+        f"<div id='stranded' class='warning'><p><strong>{total} stranded run{'' if total == 1 else 's'}</strong>: "
+        "no live worker registers these versions, so nothing will execute their unfinished runs.</p>"
+        f"<ul>{items}</ul><p>Start a worker that registers the version, or cancel or fork them from the command "
+        "line: <code>sonamu-tasks runs --stranded</code> says how (<a href='/api/stranded'>as JSON</a>).</p></div>"
     )
 
 
@@ -123,12 +149,12 @@ def run_detail(
     steps = "".join(
         f"<tr><td>{escape(step.name)}</td><td>{step.kind}</td><td class='status {step.status.value}'>"
         f"{step.status.value}</td><td>{step.attempts}</td><td>{duration_text(step.started_at, step.finished_at)}</td>"
-        f"<td>{_step_detail(run, step)}</td></tr>"
+        f"<td>{_step_detail(run, step)}</td><td>{_fork_button(step)}</td></tr>"
         for step in shown
     )
     if len(run.steps) > len(shown):
         steps += (
-            f"<tr><td colspan='6' class='muted'>the first {len(shown)} of {len(run.steps)} steps; all of them in "
+            f"<tr><td colspan='7' class='muted'>the first {len(shown)} of {len(run.steps)} steps; all of them in "
             f"<a href='/api/runs/{run.id}'>the run as JSON</a></td></tr>"
         )
     shown_run = run if len(shown) == len(run.steps) else _with_steps(run, shown)
@@ -141,7 +167,7 @@ def run_detail(
         f"{_parent(run, parent)}<p>{buttons}</p>{_waiting_for(run, children)}{_children(run, children)}"
         f"<h3>Timeline</h3>{timeline_svg(shown_run, links=child_links(shown))}"
         "<h3>Steps</h3><table><thead><tr><th>step</th><th>kind</th><th>status</th><th>attempts</th>"
-        f"<th>duration</th><th>output / error</th></tr></thead><tbody>{steps}</tbody></table>"
+        f"<th>duration</th><th>output / error</th><th></th></tr></thead><tbody>{steps}</tbody></table>"
         f"{_messages(run.id, messages)}{_events(run.id, events)}"
         f"<h3>Input</h3>{_value(run.input, run.id)}{output}{error}"
     )
@@ -231,6 +257,31 @@ def send_form(run: RunRecord, csrf: str) -> str:
         f"<label>idempotency key (optional) <input name='idempotency_key' maxlength='{MAX_KEY_LENGTH}'></label>"
         "<button id='send' type='submit'>Send</button></form></section>"
     )
+
+
+def fork_form(run: RunRecord, csrf: str) -> str:
+    """The form each step's "Fork from here" button submits (POST /runs/{id}/fork with that step's name), and
+    its one field: the version the fork runs on. It comes before the live part of the page, so that what is
+    typed survives a refresh, and its first submit button is a disabled one, so that Enter in the field submits
+    nothing (the default button of a form is its first, and every step's button belongs to this form)."""
+    return (
+        f"<form id='fork-form' class='fork' method='post' action='/runs/{run.id}/fork'>"
+        "<button type='submit' disabled hidden></button>"
+        f"<input type='hidden' name='csrf' value='{escape(csrf)}'>"
+        f"<label>Fork onto version <input name='version' size='8' maxlength='{MAX_NAME_LENGTH}' "
+        f"placeholder='{escape(run.version)}'></label> "
+        "<span class='muted'>(empty: its own). “Fork from here” on a step starts a new run of the same input that "
+        "keeps the checkpoints of the steps before it and executes from that step on; this run is left as it is."
+        "</span></form>"
+    )
+
+
+def forked_notice(source: str | None, step: str) -> str:
+    """What the new run's page says after a fork: `source` is the forked run's id (checked), `step` where from."""
+    if source is None:
+        return ""
+    at = f" at step <code>{escape(step[:MAX_NAME_LENGTH])}</code>" if step else ""
+    return f"<p id='notice' class='notice'>Forked from run {_run_link(source)}{at}.</p>"
 
 
 def sent_notice(sent: str) -> str:
@@ -357,6 +408,14 @@ def _parent_cell(run: RunRecord) -> str:
 
 def _children_word(count: int) -> str:
     return "child" if count == 1 else "children"
+
+
+def _fork_button(step: StepRecord) -> str:
+    """A step's "Fork from here": a submit button of the page's fork form (`fork_form`) carrying the step."""
+    return (
+        f"<button class='fork' type='submit' form='fork-form' name='from_step' value='{escape(step.name)}'>"
+        "Fork from here</button>"
+    )
 
 
 def _with_steps(run: RunRecord, steps: Sequence[StepRecord]) -> RunRecord:
