@@ -80,12 +80,10 @@ class Database:
         executor, self._executor = self._executor, None
         if executor is None:
             return
-        try:
+        # RuntimeError: the interpreter is shutting down (a close from an atexit handler) and thread pools take
+        # no more work. Every transaction was committed or rolled back already; the process's exit closes the file.
+        with contextlib.suppress(RuntimeError):
             await asyncio.get_running_loop().run_in_executor(executor, self._disconnect)
-        except RuntimeError:
-            # The interpreter is shutting down (a close from an atexit handler): thread pools take no more work.
-            # Every transaction was committed or rolled back already; the process's exit closes the file.
-            pass
         executor.shutdown(wait=True)
 
     # on the executor's thread
