@@ -597,6 +597,12 @@ async def composition(ctx: Context, summary: Summary) -> None:
     await scenario(ctx, summary)
 
 
+async def messages(ctx: Context, summary: Summary) -> None:
+    from .messages import messages as scenario  # imports this module: loaded when the scenario runs
+
+    await scenario(ctx, summary)
+
+
 SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "worker_kills": worker_kills,
     "postgres_restart": postgres_restart,
@@ -607,6 +613,7 @@ SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "bad_input": bad_input,
     "hostile_neighbours": hostile_neighbours,
     "composition": composition,
+    "messages": messages,
 }
 
 

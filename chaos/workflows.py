@@ -186,3 +186,54 @@ async def comp_parent(input: Any, step: Any, context: Any) -> int:
     results = await asyncio.gather(solo.result(), *(child.result() for child in fanned))
     await step.define("tail", work).run(run_id, "tail", work_ms)
     return int(inline) + sum(int(r) for r in results)
+
+
+# --- the messages scenario (chaos/messages.py) ------------------------------------------------------------
+
+# What each audit step of msg_collector saw: one row per execution (a re-executed step writes another row).
+RECEIVED_DDL = (
+    "CREATE TABLE IF NOT EXISTS public.chaos_received ("
+    " scenario text NOT NULL, run_id uuid NOT NULL, step text NOT NULL, message jsonb, pid integer NOT NULL,"
+    " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+)
+
+
+async def record_message(run_id: str, step: str, message: Any, work_ms: float) -> bool:
+    """An audited step (a chaos_audit row first, as `work`) that stores the message the receive before it
+    returned in public.chaos_received, then works `work_ms`."""
+    from psycopg.types.json import Jsonb
+
+    global _conn
+    await audit(run_id, step)
+    assert _lock is not None  # made by audit()
+    async with _lock:
+        try:
+            if _conn is None or _conn.closed:
+                _conn = await psycopg.AsyncConnection.connect(
+                    os.environ["CHAOS_URL"], autocommit=True, application_name="chaos_audit"
+                )
+            await _conn.execute(
+                "INSERT INTO public.chaos_received (scenario, run_id, step, message, pid) VALUES (%s, %s, %s, %s, %s)",
+                [os.environ["CHAOS_SCHEMA"], run_id, step, Jsonb(message), os.getpid()],
+            )
+        except Exception:
+            if _conn is not None:
+                await _conn.close()
+            _conn = None
+            raise
+    await asyncio.sleep(work_ms / 1000)
+    return True
+
+
+@workflow(version="1", retry_policy=RETRY)
+async def msg_collector(input: Any, step: Any, context: Any) -> list[Any]:
+    """Receives `messages` messages on topic "t", each followed by an audited step that records it, then one
+    on topic "u" (sent at any point among the others: it waits unconsumed until then). Returns them in order."""
+    run_id, work_ms = context["run_id"], float(input.get("work_ms", 0))
+    got = []
+    for index in range(int(input["messages"])):
+        message = await step.receive(f"r{index}", topic="t")
+        await step.define(f"a{index}", record_message).run(run_id, f"a{index}", message, work_ms)
+        got.append(message)
+    got.append(await step.receive("last", topic="u"))
+    return got

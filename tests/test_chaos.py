@@ -23,6 +23,7 @@ SCENARIOS = [
     "bad_input",
     "hostile_neighbours",
     "composition",
+    "messages",
 ]
 
 
