@@ -1486,3 +1486,8 @@ def _redact(url: str) -> str:
         user = credentials.split(":", 1)[0]
         return f"{scheme}://{user}@{host}"
     return url
+
+
+from .cli_purge import purge  # noqa: E402 - a command of its own module, registered on the group above
+
+main.add_command(purge)

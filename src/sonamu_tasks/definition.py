@@ -6,10 +6,12 @@ import functools
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import limits, serde
-from .errors import InvalidInput, InvalidName, SerializationError, WorkflowDefinitionError
+from .duration import Duration, parse_duration
+from .errors import InvalidDuration, InvalidInput, InvalidName, SerializationError, WorkflowDefinitionError
 from .retry import DEFAULT_RETRY_POLICY, RetryPolicy, coerce_retry_policy
 from .schedule import Schedule
 
@@ -39,6 +41,7 @@ class WorkflowDefinition(Generic[P, R]):
         schema: Any = None,
         schedules: Iterable[Schedule | Mapping[str, Any] | str] = (),
         retry_policy: RetryPolicy | None = None,
+        retention: Duration | None = None,
     ) -> None:
         self.fn = fn
         self.name = _checked(limits.check_workflow_name, name)
@@ -47,6 +50,8 @@ class WorkflowDefinition(Generic[P, R]):
         self.schedules = tuple(_schedule(item, name) for item in schedules)
         self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self.parameters = _injected_parameters(fn, name)
+        self.retention = _retention(retention, name)
+        """How long its finished runs are kept before workers delete them; None: the configured default."""
         functools.update_wrapper(self, fn)
 
     @property
@@ -86,6 +91,7 @@ def workflow(
     schema: Any = None,
     schedules: Iterable[Any] = (),
     retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
+    retention: Duration | None = None,
 ) -> WorkflowDefinition[P, R]: ...
 
 
@@ -98,6 +104,7 @@ def workflow(
     schema: Any = None,
     schedules: Iterable[Any] = (),
     retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
+    retention: Duration | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]: ...
 
 
@@ -109,6 +116,7 @@ def workflow(
     schema: Any = None,
     schedules: Iterable[Any] = (),
     retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
+    retention: Duration | None = None,
 ) -> WorkflowDefinition[P, R] | Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]:
     """Declare a workflow: `@workflow(version="1")` above an `async def`, or `workflow(fn, version="1")`."""
     if version is None or (isinstance(version, str) and not version.strip()):
@@ -120,6 +128,7 @@ def workflow(
     if not isinstance(version, str | int) or isinstance(version, bool):
         raise WorkflowDefinitionError(f"workflow version must be a string, got {type(version).__name__}")
     policy = _retry_policy(retry_policy)
+    _retention(retention, name or str(getattr(fn, "__name__", "workflow")))  # a bad value fails at the decorator
 
     def decorate(function: Callable[P, Awaitable[R]]) -> WorkflowDefinition[P, R]:
         if not inspect.iscoroutinefunction(function):
@@ -133,6 +142,7 @@ def workflow(
             schema=schema,
             schedules=schedules,
             retry_policy=policy,
+            retention=retention,
         )
 
     return decorate if fn is None else decorate(fn)
@@ -178,6 +188,16 @@ def _checked(check: Callable[[object], str], value: object) -> str:
 def _retry_policy(policy: RetryPolicy | Mapping[str, Any] | None) -> RetryPolicy | None:
     """A RetryPolicy, or the seed's plain-dict form (`{"max_attempts": 3, "initial_interval_ms": 500}`)."""
     return coerce_retry_policy(policy, what="retry_policy", error=WorkflowDefinitionError)
+
+
+def _retention(value: Duration | None, workflow_name: str) -> timedelta | None:
+    """`retention=`: a Duration (`"30d"`), or None for the configured default."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, what=f"workflow {workflow_name!r} retention")
+    except InvalidDuration as error:
+        raise WorkflowDefinitionError(str(error)) from error
 
 
 def _schedule(item: Schedule | Mapping[str, Any] | str, workflow_name: str) -> Schedule:

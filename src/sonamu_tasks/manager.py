@@ -26,6 +26,8 @@ from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_top
 from .reconnect import until_available
 from .registry import Registry
 from .result_waiters import ResultWaiters
+from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
+from .retention import purge as purge_runs
 from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
 from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
@@ -114,6 +116,7 @@ class WorkflowManager:
         self.backend = backend or backend_for(config)
         self.worker: Worker | None = None
         self.scheduler: Scheduler | None = None
+        self.retention: RetentionSweeper | None = None
         self.discovery_errors: list[DiscoveryError] = []
         self.watched_paths: list[Path] = []
         self._clock = clock or system_clock
@@ -166,6 +169,11 @@ class WorkflowManager:
             self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone, clock=self._clock)
             await until_available(self.scheduler.synchronize, what="synchronize schedules")
             self.scheduler.start()
+            self.retention = RetentionSweeper(
+                self.backend, self.registry, tasks.retention, interval=tasks.retention_interval
+            )
+            await until_available(self.retention.publish, what="store retention")
+            self.retention.start()
         self._started = True
         _active.append(self)
 
@@ -176,6 +184,9 @@ class WorkflowManager:
         self._started = False
         if self in _active:
             _active.remove(self)
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None
@@ -463,6 +474,23 @@ class WorkflowManager:
         return await until_available(
             lambda: self.backend.count_children(run_id), what="count children", give_up_after_s=30
         )
+
+    async def purge(
+        self,
+        older_than: Duration,
+        statuses: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        dry_run: bool = False,
+        batch_size: int = BATCH_SIZE,
+        progress: Progress | None = None,
+    ) -> int:
+        """Delete the finished runs (of `statuses`, default all three; of `workflow`, default any) that finished
+        more than `older_than` ago, with their steps, messages and events, whatever their retention; never an
+        unfinished run, nor a child whose parent is unfinished. Batches of `batch_size`, each one short
+        transaction, a pause after each. `dry_run`: only count them. `progress(deleted, total)` is called
+        after each batch. Returns how many were deleted (counted)."""
+        selection = purge_selection(older_than, statuses, workflow)
+        return await purge_runs(self.backend, selection, dry_run=dry_run, batch_size=batch_size, progress=progress)
 
     # messages and events
 

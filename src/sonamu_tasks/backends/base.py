@@ -8,7 +8,8 @@ BackendUnavailable; every method is safe to call again after one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -340,5 +341,42 @@ class Backend(ScheduleStore, Protocol):
     async def remove_worker(self, worker_id: str) -> None: ...
     async def list_workers(self) -> list[WorkerRecord]: ...
 
+    # retention (finished runs deleted once expired)
+    async def save_retention(self, policies: Mapping[str, timedelta | None]) -> None:
+        """Store the retention each of these workflows declares (None: the default applies)."""
+        ...
+
+    async def list_retention(self) -> dict[str, timedelta | None]:
+        """The retention every workflow declared, as the workers that register them stored it."""
+        ...
+
+    def retention_lock(self) -> AbstractAsyncContextManager[bool]:
+        """Held while one worker deletes expired runs; enters with False when another worker holds it."""
+        ...
+
+    async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
+        """Delete up to `limit` of the runs `selection` names, with their steps, messages and events, in one
+        transaction that waits on no lock; the number deleted."""
+        ...
+
+    async def count_finished_runs(self, selection: FinishedRuns) -> int:
+        """How many runs `selection` names (what deleting them all would delete now)."""
+        ...
+
 
 NotificationCallback = Callable[[str], None]
+
+
+FINISHED_STATUSES = (RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELED.value)
+
+
+@dataclass(frozen=True)
+class FinishedRuns:
+    """Finished runs to delete: those of `statuses` that finished more than `older_than` ago (by the database's
+    clock), of `workflow` (any when None) except `excluded` workflows. A child whose parent is unfinished, or
+    finished less than `older_than` ago, is never among them; an unfinished run never is."""
+
+    older_than: timedelta
+    statuses: tuple[str, ...] = FINISHED_STATUSES
+    workflow: str | None = None
+    excluded: tuple[str, ...] = ()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -23,6 +24,7 @@ from ..base import (
     Checkpoint,
     ChildOutcome,
     ClaimedRun,
+    FinishedRuns,
     LeaseLost,
     MessageRecord,
     NewRun,
@@ -687,6 +689,54 @@ class PostgresBackend:
             steps[row["name"]] = StepRecord(**row)
         return steps
 
+    # retention
+
+    @_transient
+    async def save_retention(self, policies: Mapping[str, timedelta | None]) -> None:
+        rows = [
+            {"name": name, "seconds": None if retention is None else retention.total_seconds()}
+            for name, retention in sorted(policies.items())
+        ]
+        async with self._pool.connection() as conn:
+            await conn.execute(QUERIES["save_retention"], {"policies": json.dumps(rows)})
+
+    @_transient
+    async def list_retention(self) -> dict[str, timedelta | None]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["list_retention"])).fetchall()
+        return {name: None if seconds is None else timedelta(seconds=seconds) for name, seconds in rows}
+
+    @contextlib.asynccontextmanager
+    async def retention_lock(self) -> AsyncIterator[bool]:
+        """A session advisory lock on a connection of its own, held until the block ends (closing the
+        connection releases it, also when this process dies)."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs)
+        except psycopg.Error as error:
+            raise BackendUnavailable(f"PostgreSQL unavailable during retention_lock: {error}") from error
+        try:
+            try:
+                row = await (await conn.execute(QUERIES["try_retention_lock"])).fetchone()
+            except psycopg.Error as error:
+                raise BackendUnavailable(f"PostgreSQL unavailable during retention_lock: {error}") from error
+            yield bool(row and row[0])
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+
+    @_transient
+    async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["commit_without_waiting"])
+            (deleted,) = await self._one(conn, "delete_finished_runs", {**_selection_params(selection), "limit": limit})
+        return int(deleted)
+
+    @_transient
+    async def count_finished_runs(self, selection: FinishedRuns) -> int:
+        async with self._pool.connection() as conn:
+            (count,) = await self._one(conn, "count_finished_runs", _selection_params(selection))
+        return int(count)
+
 
 def _step_fields(step: Checkpoint) -> str:
     return (
@@ -739,4 +789,13 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "parent_step": run.parent_step,
         "detached": run.detached,
         "trace_context": run.trace_context,
+    }
+
+
+def _selection_params(selection: FinishedRuns) -> dict[str, Any]:
+    return {
+        "older_than": selection.older_than,
+        "statuses": list(selection.statuses),
+        "workflow": selection.workflow,
+        "excluded": list(selection.excluded),
     }

@@ -575,3 +575,66 @@ FROM workers ORDER BY started_at
 -- A result() waiter in another process asks for the "finished" notification of this run.
 UPDATE runs SET notify_finish = true
 WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')
+
+-- save_retention --
+-- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever
+-- worker deletes expired runs. The latest writer wins; an unchanged row is not rewritten.
+INSERT INTO workflow_retention AS w (workflow_name, seconds)
+SELECT p.name, p.seconds FROM json_to_recordset(%(policies)s::json) AS p(name text, seconds float8)
+ON CONFLICT (workflow_name) DO UPDATE SET seconds = EXCLUDED.seconds, updated_at = now()
+WHERE w.seconds IS DISTINCT FROM EXCLUDED.seconds
+
+-- list_retention --
+SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name
+
+-- try_retention_lock --
+-- Held by the one worker deleting expired runs, for as long as its session lasts (a dedicated connection).
+SELECT pg_try_advisory_lock(hashtextextended('sonamu_tasks:retention:' || current_schema(), 0))
+
+-- commit_without_waiting --
+-- A retention batch commits without waiting for its WAL to reach the disk: a deletion lost to a crash right
+-- after it is only made again by a later batch, and the claims' commits do not queue behind its flushes.
+SET LOCAL synchronous_commit = off
+
+-- delete_finished_runs --
+-- One batch of retention: the oldest finished runs (of `statuses`) that finished more than `older_than`
+-- ago, deleted with their steps, messages, events and event waits (ON DELETE CASCADE). Never an unfinished
+-- run; never a child whose parent is unfinished or finished more recently (the parent may still read the
+-- child's outcome). SKIP LOCKED: a row another transaction holds is left for the next batch, and nothing
+-- waits on a claim. Returns how many runs were deleted.
+WITH expired AS (
+    SELECT r.id
+    FROM runs r
+    WHERE r.status IN ('completed', 'failed', 'canceled')
+      AND r.status = ANY(%(statuses)s::text[])
+      AND r.finished_at < now() - %(older_than)s::interval
+      AND (%(workflow)s::text IS NULL OR r.workflow_name = %(workflow)s::text)
+      AND NOT (r.workflow_name = ANY(%(excluded)s::text[]))
+      AND NOT EXISTS (
+          SELECT 1 FROM runs p
+          WHERE p.id = r.parent_id
+            AND (p.status NOT IN ('completed', 'failed', 'canceled')
+                 OR p.finished_at >= now() - %(older_than)s::interval))
+    ORDER BY r.finished_at
+    LIMIT %(limit)s
+    FOR UPDATE OF r SKIP LOCKED
+), deleted AS (
+    DELETE FROM runs WHERE id IN (SELECT id FROM expired)
+    RETURNING 1
+)
+SELECT count(*) FROM deleted
+
+-- count_finished_runs --
+-- What delete_finished_runs would delete, all batches together (purge --dry-run, and its progress bar).
+SELECT count(*)
+FROM runs r
+WHERE r.status IN ('completed', 'failed', 'canceled')
+  AND r.status = ANY(%(statuses)s::text[])
+  AND r.finished_at < now() - %(older_than)s::interval
+  AND (%(workflow)s::text IS NULL OR r.workflow_name = %(workflow)s::text)
+  AND NOT (r.workflow_name = ANY(%(excluded)s::text[]))
+  AND NOT EXISTS (
+      SELECT 1 FROM runs p
+      WHERE p.id = r.parent_id
+        AND (p.status NOT IN ('completed', 'failed', 'canceled')
+             OR p.finished_at >= now() - %(older_than)s::interval))

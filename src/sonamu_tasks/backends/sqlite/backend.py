@@ -9,12 +9,13 @@ token and writing cannot be split by a take-over. SQLite cannot push events to o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..base import (
     Checkpoint,
     ChildOutcome,
     ClaimedRun,
+    FinishedRuns,
     LeaseLost,
     MessageRecord,
     NewRun,
@@ -663,6 +665,47 @@ class SqliteBackend:
         if await self._db.write(lambda conn, now: _first(conn, query, {**params, "now": now})) is None:
             raise LeaseLost(str(params["run_id"]))
 
+    # retention
+
+    async def save_retention(self, policies: Mapping[str, timedelta | None]) -> None:
+        rows = [
+            {"name": name, "seconds": None if retention is None else retention.total_seconds()}
+            for name, retention in sorted(policies.items())
+        ]
+        params = {"policies": json.dumps(rows)}
+        await self._db.write(lambda conn, now: conn.execute(QUERIES["save_retention"], {**params, "now": now}))
+
+    async def list_retention(self) -> dict[str, timedelta | None]:
+        def read(conn: sqlite3.Connection, now: int) -> dict[str, timedelta | None]:
+            rows = conn.execute(QUERIES["list_retention"]).fetchall()
+            return {
+                row["workflow_name"]: None if row["seconds"] is None else timedelta(seconds=row["seconds"])
+                for row in rows
+            }
+
+        return await self._db.read(read)
+
+    @contextlib.asynccontextmanager
+    async def retention_lock(self) -> AsyncIterator[bool]:
+        """Always granted: the file's single write lock already serializes the deleting batches."""
+        yield True
+
+    async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
+        params = {**_selection_params(selection), "limit": limit}
+
+        def delete(conn: sqlite3.Connection, now: int) -> int:
+            return len(conn.execute(QUERIES["delete_finished_runs"], {**params, "now": now}).fetchall())
+
+        return await self._db.write(delete)
+
+    async def count_finished_runs(self, selection: FinishedRuns) -> int:
+        params = _selection_params(selection)
+
+        def count(conn: sqlite3.Connection, now: int) -> int:
+            return int(conn.execute(QUERIES["count_finished_runs"], {**params, "now": now}).fetchone()["n"])
+
+        return await self._db.read(count)
+
 
 _FOREVER_US = (FOREVER - records.moment(0)) // timedelta(microseconds=1)
 
@@ -729,4 +772,13 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "parent_step": run.parent_step,
         "detached": run.detached,
         "trace_context": run.trace_context,
+    }
+
+
+def _selection_params(selection: FinishedRuns) -> dict[str, Any]:
+    return {
+        "older_than": duration_micros(selection.older_than),
+        "statuses": json.dumps(list(selection.statuses)),
+        "workflow": selection.workflow,
+        "excluded": json.dumps(list(selection.excluded)),
     }

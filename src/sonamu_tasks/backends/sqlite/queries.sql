@@ -416,3 +416,49 @@ RETURNING status
 -- list_workers --
 SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
+
+-- save_retention --
+-- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever
+-- worker deletes expired runs. The latest writer wins.
+INSERT INTO workflow_retention (workflow_name, seconds, updated_at)
+SELECT json_extract(value, '$.name'), json_extract(value, '$.seconds'), :now FROM json_each(:policies) WHERE true
+ON CONFLICT (workflow_name) DO UPDATE SET seconds = excluded.seconds, updated_at = excluded.updated_at
+WHERE seconds IS NOT excluded.seconds
+
+-- list_retention --
+SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name
+
+-- delete_finished_runs --
+-- One batch of retention (see the PostgreSQL query of the same name): the oldest finished runs past
+-- `older_than` (microseconds), with their steps, messages, events and event waits (ON DELETE CASCADE); never
+-- an unfinished run, never a child whose parent is unfinished or finished more recently.
+DELETE FROM runs
+WHERE id IN (
+    SELECT r.id
+    FROM runs r
+    WHERE r.status IN ('completed', 'failed', 'canceled')
+      AND r.status IN (SELECT value FROM json_each(:statuses))
+      AND r.finished_at < :now - :older_than
+      AND (:workflow IS NULL OR r.workflow_name = :workflow)
+      AND r.workflow_name NOT IN (SELECT value FROM json_each(:excluded))
+      AND NOT EXISTS (
+          SELECT 1 FROM runs p
+          WHERE p.id = r.parent_id
+            AND (p.status NOT IN ('completed', 'failed', 'canceled') OR p.finished_at >= :now - :older_than))
+    ORDER BY r.finished_at
+    LIMIT :limit
+)
+RETURNING id
+
+-- count_finished_runs --
+SELECT count(*) AS n
+FROM runs r
+WHERE r.status IN ('completed', 'failed', 'canceled')
+  AND r.status IN (SELECT value FROM json_each(:statuses))
+  AND r.finished_at < :now - :older_than
+  AND (:workflow IS NULL OR r.workflow_name = :workflow)
+  AND r.workflow_name NOT IN (SELECT value FROM json_each(:excluded))
+  AND NOT EXISTS (
+      SELECT 1 FROM runs p
+      WHERE p.id = r.parent_id
+        AND (p.status NOT IN ('completed', 'failed', 'canceled') OR p.finished_at >= :now - :older_than))

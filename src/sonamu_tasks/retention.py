@@ -1,0 +1,265 @@
+"""Retention: finished runs are deleted once they are older than their workflow's retention.
+
+A run is expired when it finished (completed, failed or canceled) longer ago than the retention of its
+workflow: the workflow's own (`workflow(..., retention="90d")`), else the configured default
+(`tasks["retention"]`; None, the default, keeps runs forever). It is deleted with its steps, messages,
+published events and event waits. Never deleted: an unfinished run, whatever its times say, and a finished
+child whose parent is unfinished or finished more recently than the child's cutoff (the parent may still read
+the child's outcome; the child goes once the parent is past it too, or gone).
+
+Who deletes: every worker runs a RetentionSweeper. Each stores the retention its workflows declare (table
+`workflow_retention`, by workflow name; when versions differ, the longest), so the worker that deletes applies
+every workflow's own retention, also of workflows it does not register itself. Every `retention_interval` a
+worker makes one pass, under a lock one worker holds at a time (on PostgreSQL an advisory lock on a connection
+of its own; on SQLite the file's single writer serializes the batches anyway). A pass deletes in batches of
+BATCH_SIZE runs, each one short transaction that waits on no lock (PostgreSQL: SKIP LOCKED), and pauses after
+each batch as long as the batch took: deleting takes at most half of one connection's time, and claims and
+checkpoints go on between the batches.
+
+`WorkflowManager.purge` (the `purge` command) deletes on demand by age, status and workflow, in the same
+batches, whatever the retention says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import timedelta
+
+from .backends.base import FINISHED_STATUSES, Backend, FinishedRuns
+from .duration import Duration, parse_duration
+from .errors import BackendUnavailable, InvalidValue
+from .limits import check_workflow_name
+from .reconnect import until_available
+from .registry import Registry
+from .waiting import cancel_and_wait, wait_for_event
+
+logger = logging.getLogger("sonamu_tasks.retention")
+
+BATCH_SIZE = 500
+"""Runs deleted per statement: a batch of their rows and their steps' rows stays a short transaction."""
+
+MAX_BATCH_SIZE = 10_000
+
+PAUSE_RATIO = 2.0
+"""After each batch, pause this many times as long as the batch took."""
+
+Progress = Callable[[int, int], None]
+"""Called after each batch with (runs deleted so far, how many there were to delete at the start)."""
+
+
+class RetentionSweeper:
+    """The background loop of one worker: publish its workflows' retention, and every `interval` delete the
+    expired runs if no other worker is doing so."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        default: Duration | None,
+        *,
+        interval: Duration,
+        batch_size: int = BATCH_SIZE,
+        pause_ratio: float = PAUSE_RATIO,
+    ) -> None:
+        self.backend = backend
+        self.registry = registry
+        self.default = None if default is None else parse_duration(default, what="tasks.retention")
+        self.interval = parse_duration(interval, what="tasks.retention_interval")
+        self.batch_size = batch_size
+        self.pause_ratio = pause_ratio
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def publish(self) -> None:
+        """Store the retention the registered workflows declare (None: the default applies to it)."""
+        await self.backend.save_retention(declared_retention(self.registry))
+
+    async def sweep(self) -> int:
+        """One pass: delete every expired run, unless another worker holds the lock. Returns how many."""
+        await self.publish()  # also after a reload: the policies follow the code
+        plan = deletion_plan(await self.backend.list_retention(), self.default)
+        if not plan:
+            return 0
+        async with self.backend.retention_lock() as held:
+            if not held:
+                logger.debug("retention: another worker is deleting expired runs")
+                return 0
+            total = 0
+            for what, selection in plan:
+                deleted = await delete_in_batches(
+                    self.backend.delete_finished_runs,
+                    selection,
+                    batch_size=self.batch_size,
+                    pause_ratio=self.pause_ratio,
+                    stopping=self._stopping_soon,
+                )
+                if deleted:
+                    logger.info(
+                        "retention: deleted %d finished runs of %s (finished more than %s ago)",
+                        deleted,
+                        what,
+                        duration_words(selection.older_than),
+                    )
+                total += deleted
+            return total
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="sonamu-retention")
+
+    async def stop(self) -> None:
+        # A flag, not only a cancel: the pass ends after its current batch.
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            done, _ = await asyncio.wait([self._task], timeout=5)
+            if not done:
+                await cancel_and_wait(self._task)
+            self._task = None
+
+    async def _stopping_soon(self, pause: float) -> bool:
+        """Pause between batches; True when the sweeper is stopping (the pass ends)."""
+        if pause > 0 and not self._stopping:
+            await wait_for_event(self._wake, pause)
+        return self._stopping
+
+    async def _loop(self) -> None:
+        # The first pass after one interval: the other workers starting with this one store their own
+        # workflows' retention first.
+        while not self._stopping:
+            await wait_for_event(self._wake, self.interval.total_seconds())
+            if self._stopping:
+                break
+            try:
+                await self.sweep()
+            except BackendUnavailable as error:
+                logger.warning("retention: database unavailable (%s); trying again in %s", error, self.interval)
+            except Exception:
+                logger.exception("retention pass failed; trying again in %s", self.interval)
+
+
+def declared_retention(registry: Registry) -> dict[str, timedelta | None]:
+    """The retention per workflow name; when versions differ, the longest one declared."""
+    declared: dict[str, timedelta | None] = {}
+    for definition in registry:
+        current = declared.get(definition.name)
+        retention = definition.retention
+        if current is None or (retention is not None and retention > current):
+            declared[definition.name] = retention
+    return declared
+
+
+def deletion_plan(
+    policies: Mapping[str, timedelta | None], default: timedelta | None
+) -> list[tuple[str, FinishedRuns]]:
+    """What one pass deletes: each workflow with a retention of its own by it, then every other workflow by
+    the default (none when there is no default)."""
+    own = {name: retention for name, retention in policies.items() if retention is not None}
+    plan = [(f"workflow {name!r}", FinishedRuns(older_than, workflow=name)) for name, older_than in sorted(own.items())]
+    if default is not None:
+        what = "the workflows without a retention of their own"
+        plan.append((what, FinishedRuns(default, excluded=tuple(sorted(own)))))
+    return plan
+
+
+def purge_selection(
+    older_than: Duration, statuses: str | Iterable[str] | None = None, workflow: str | None = None
+) -> FinishedRuns:
+    """The runs `purge` deletes; InvalidValue naming the argument when one is wrong."""
+    age = parse_duration(older_than, what="older_than")
+    chosen: tuple[str, ...] = FINISHED_STATUSES
+    if statuses is not None:
+        given = [statuses] if isinstance(statuses, str) else list(statuses)
+        for status in given:
+            if status not in FINISHED_STATUSES:
+                raise InvalidValue(
+                    f"statuses: {status!r} is not a finished status; only {', '.join(FINISHED_STATUSES)} "
+                    "runs are ever deleted",
+                    field="statuses",
+                )
+        if not given:
+            raise InvalidValue(f"statuses: name at least one of {', '.join(FINISHED_STATUSES)}", field="statuses")
+        chosen = tuple(status for status in FINISHED_STATUSES if status in given)
+    name = None if workflow is None else check_workflow_name(workflow)
+    return FinishedRuns(age, statuses=chosen, workflow=name)
+
+
+async def purge(
+    backend: Backend,
+    selection: FinishedRuns,
+    *,
+    dry_run: bool = False,
+    batch_size: int = BATCH_SIZE,
+    progress: Progress | None = None,
+    pause_ratio: float = PAUSE_RATIO,
+) -> int:
+    """Delete (or with `dry_run` only count) the runs `selection` names; the number deleted (counted)."""
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise InvalidValue(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}", field="batch_size")
+
+    async def count() -> int:
+        return await until_available(
+            lambda: backend.count_finished_runs(selection), what="count runs", give_up_after_s=30
+        )
+
+    if dry_run:
+        return await count()
+    total = await count() if progress is not None else 0
+
+    async def delete(chosen: FinishedRuns, limit: int) -> int:
+        return await until_available(
+            lambda: backend.delete_finished_runs(chosen, limit), what="delete runs", give_up_after_s=30
+        )
+
+    async def pause(seconds: float) -> bool:
+        if seconds > 0:
+            await asyncio.sleep(seconds)  # throttling between batches, not waiting for a condition
+        return False
+
+    def report(deleted: int) -> None:
+        if progress is not None:
+            progress(deleted, max(total, deleted))
+
+    if progress is not None:
+        progress(0, total)
+    deleted = await delete_in_batches(
+        delete, selection, batch_size=batch_size, pause_ratio=pause_ratio, stopping=pause, on_batch=report
+    )
+    logger.info("purge: deleted %d finished runs", deleted)
+    return deleted
+
+
+async def delete_in_batches(
+    delete: Callable[[FinishedRuns, int], Awaitable[int]],
+    selection: FinishedRuns,
+    *,
+    batch_size: int,
+    pause_ratio: float,
+    stopping: Callable[[float], Awaitable[bool]],
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Delete batch after batch until one comes back short; after each, `stopping(pause)` pauses for
+    `pause_ratio` times the batch's duration and says whether to stop. Returns the number deleted."""
+    deleted = 0
+    while True:
+        began = time.monotonic()
+        count = await delete(selection, batch_size)
+        deleted += count
+        if on_batch is not None:
+            on_batch(deleted)
+        if count < batch_size:
+            return deleted
+        if await stopping((time.monotonic() - began) * pause_ratio):
+            return deleted
+
+
+def duration_words(duration: timedelta) -> str:
+    """`30d`, `12h`, `90s`: the largest unit that divides the duration, for log lines and summaries."""
+    seconds = duration.total_seconds()
+    for unit, size in (("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
