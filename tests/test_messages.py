@@ -174,3 +174,64 @@ async def test_a_run_waiting_past_its_deadline_fails_at_the_deadline(manager_for
     handle = await manager.run(approval, deadline="500ms")
     with pytest.raises(WorkflowFailed, match="deadline exceeded"):
         await handle.result(timeout=15)
+
+
+async def test_a_take_made_again_after_a_lost_answer_returns_what_the_first_took(manager_for: Any) -> None:
+    """A reconnect repeats a call whose commit went through: the repeat must not take the next message."""
+    from datetime import UTC, datetime, timedelta
+
+    from sonamu_tasks.backends.base import NewRun
+    from sonamu_tasks.ids import new_run_id
+
+    manager = await manager_for([], enable_worker=False)
+    backend = manager.backend
+    await backend.create_run(NewRun(new_run_id(), "inbox", "1", "null"))
+    (run,) = await backend.claim_runs("w", [("inbox", "1")], 1, timedelta(seconds=30))
+    for message in ('"a"', '"b"'):
+        await backend.send_message(run.id, "t", message, None)
+    now = datetime.now(UTC)
+    assert await backend.take_message(run.id, run.lease_token, "first", "t", now) == (True, "a")
+    assert await backend.take_message(run.id, run.lease_token, "first", "t", now) == (True, "a")  # again
+    assert [m.payload for m in await backend.list_messages(run.id, 10)] == ["b"]  # "b" is still there
+    assert await backend.take_message(run.id, run.lease_token, "second", "t", now) == (True, "b")
+
+
+@pytest.mark.parametrize("backend_name", ["postgres"])
+async def test_a_receive_reads_its_run_and_topic_by_index_whatever_waits_for_other_runs(
+    manager_for: Any, postgres_url: str, schema: str
+) -> None:
+    import psycopg
+
+    manager = await manager_for([approval])
+    handle = await manager.run(approval)
+    await wait_until(lambda: _status_is(handle, RunStatus.WAITING), what="the run waiting")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'SET search_path TO "{schema}"')
+        other = conn.execute(
+            "INSERT INTO runs (id, workflow_name, version, status) VALUES "
+            "(gen_random_uuid(), 'other', '1', 'waiting') RETURNING id"
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO messages (run_id, topic, payload) SELECT %s, 'approval', to_jsonb(i) "
+            "FROM generate_series(1, 20000) AS i",
+            [other[0]],
+        )
+        conn.execute("ANALYZE messages")
+        # The engine's own take statement (EXPLAIN runs nothing), for a run waiting among 20,000 messages of another.
+        from sonamu_tasks.backends.postgres.queries import QUERIES
+
+        params = {
+            "run_id": handle.id,
+            "lease_token": "00000000-0000-0000-0000-000000000000",
+            "name": "wait-approval",
+            "topic": "approval",
+            "started_at": None,
+            "waits_for": "{}",
+        }
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + QUERIES["take_message"], params))
+    # Found through an index on the run (not by walking every unconsumed message, as a join once made it do).
+    messages = [line for line in plan.splitlines() if "Scan" in line and " on messages" in line]
+    assert messages and all("Index Scan using messages" in line for line in messages), plan
+    assert "Join Filter" not in plan, plan
+    await manager.send(handle.id, "yes", topic="approval")
+    assert await handle.result(timeout=15) == {"decision": "yes"}

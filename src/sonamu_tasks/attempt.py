@@ -145,6 +145,11 @@ class Attempt:
         self._published: dict[str, int] = {}  # set_event calls per key, which name their step records
         self._outcome: AttemptOutcome | None = None
 
+    @property
+    def ending(self) -> bool:
+        """The attempt is winding down (parked, completing, failing, stopping): it starts no new step."""
+        return self._closed
+
     def request_stop(self) -> None:
         """A cancel or pause was asked for: honour it at the next step boundary."""
         self._stop_requested = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -501,7 +502,9 @@ class WorkflowManager:
         whatever the run is doing; a waiting run is woken. Returns False when `idempotency_key` was used for
         this run before (the message is stored once). RunNotFound for an unknown run."""
         topic = DEFAULT_TOPIC if topic is None else check_topic(topic)
-        key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
+        # Without a key of the caller's, one of ours: a send made again after a lost answer (a reconnect) then
+        # finds the message it stored instead of storing it twice.
+        key = f"send:{uuid.uuid4()}" if idempotency_key is None else check_idempotency_key(idempotency_key)
         payload = serde.dumps(message, what=f"the message to run {run_id} on topic {topic!r}")
         stored = await until_available(
             lambda: self.backend.send_message(run_id, topic, payload, key), what="send message", give_up_after_s=30
@@ -510,7 +513,7 @@ class WorkflowManager:
             raise RunNotFound(f"no run with id {run_id}")
         if self.worker is not None:
             self.worker.wake()  # the run may be due now, and may be this worker's to claim
-        return stored
+        return stored or idempotency_key is None
 
     async def emit(self, event: str, payload: Any = None, *, key: str | None = None) -> int:
         """Broadcast `event` (with `key`): every run waiting for it in `step.wait_for_event` gets `payload`,

@@ -288,7 +288,9 @@ class Worker:
             entry = self._active.get(token)
             if entry is not None and still_held.get(token):
                 entry[1].request_stop()  # a cancel or pause whose notification did not reach us
-            if token not in still_held and entry is not None and not entry[0].done():
+            # An attempt that is ending (parking, completing, failing) left its lease by itself between the
+            # heartbeat's snapshot and its write; its own writes are fenced, so only a live one is stopped.
+            if token not in still_held and entry is not None and not entry[0].done() and not entry[1].ending:
                 # Another worker took it over (we stalled past the lease): stop wasting work on it.
                 logger.warning("lost the lease of run %s; stopping its attempt", run_id)
                 entry[0].cancel()

@@ -310,6 +310,10 @@ class Backend(ScheduleStore, Protocol):
         """(workflow, version, status, how many, the oldest one's creation) over unfinished runs."""
         ...
 
+    async def due_backlog(self) -> list[tuple[str, str, int, float]]:
+        """(workflow, version, runs due and not claimed, seconds the oldest has waited)."""
+        ...
+
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:
         """How many children a run has, per status."""
         ...

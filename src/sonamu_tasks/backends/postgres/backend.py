@@ -107,7 +107,9 @@ class PostgresBackend:
             kwargs=self._connect_kwargs,
             open=False,
             timeout=30,
-            reconnect_timeout=0,  # never give up: the server may come back (guarantee 7)
+            # Keep trying to reconnect for a day: the server may come back (guarantee 7). (0 would mean "give up
+            # after the first failed attempt" to psycopg_pool, leaving callers to wait out their timeout.)
+            reconnect_timeout=86_400,
             name=f"sonamu_tasks:{schema}",
             configure=configure_connection,  # times past the year 9999 read clamped, not as errors
         )
@@ -589,6 +591,12 @@ class PostgresBackend:
         async with self._pool.connection() as conn:
             rows = await (await conn.execute(QUERIES["unfinished_by_version"])).fetchall()
         return [(name, version, RunStatus(status), int(n), oldest) for name, version, status, n, oldest in rows]
+
+    @_transient
+    async def due_backlog(self) -> list[tuple[str, str, int, float]]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(QUERIES["due_backlog"])).fetchall()
+        return [(name, version, int(count), float(oldest)) for name, version, count, oldest in rows]
 
     @_transient
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:

@@ -94,11 +94,19 @@ CROSS JOIN LATERAL (
 ) AS head
 
 -- heartbeat_runs --
--- Extend the leases this worker still holds; a missing token means the run was taken from it.
+-- Extend the leases this worker still holds; a missing token means the run was taken from it. The rows are
+-- locked in id order, as the group commit locks them, so the two never deadlock.
+WITH held AS (
+    SELECT r.id FROM runs r
+    WHERE (r.id, r.lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
+      AND r.status = 'running'
+    ORDER BY r.id
+    FOR NO KEY UPDATE
+)
 UPDATE runs
 SET available_at = now() + %(lease)s::interval, updated_at = now()
-WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
-  AND status = 'running'
+FROM held
+WHERE runs.id = held.id
 RETURNING lease_token::text, requested_action
 
 -- touch_worker --
@@ -195,18 +203,24 @@ SELECT available_at FROM parked
 
 -- take_message --
 -- receive: the oldest unconsumed message of the topic, consumed and checkpointed as the step's result in one
--- statement, only while the claim owns the run. SKIP LOCKED: a message being taken by a stale attempt is
--- left to it (its fence fails and it rolls back; the next replay takes it).
+-- statement, only while the claim owns the run. Made again after a lost answer, it returns what the first
+-- one took (the step is completed) instead of taking the next message. The message is looked up by run and
+-- topic directly (the messages_unconsumed index), not through a join the planner could not use it for.
+-- SKIP LOCKED: a message being taken by a stale attempt is left to it (its fence fails and it rolls back).
 WITH owned AS (
     SELECT id FROM runs
     WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
     FOR NO KEY UPDATE
+), done AS (
+    SELECT output FROM steps
+    WHERE run_id = %(run_id)s AND name = %(name)s AND status = 'completed' AND EXISTS (SELECT 1 FROM owned)
 ), taken AS (
     UPDATE messages SET consumed_at = now(), consumed_by = %(name)s
-    WHERE id = (SELECT m.id FROM messages m JOIN owned ON m.run_id = owned.id
-                WHERE m.topic = %(topic)s AND m.consumed_at IS NULL
+    WHERE id = (SELECT m.id FROM messages m
+                WHERE m.run_id = %(run_id)s AND m.topic = %(topic)s AND m.consumed_at IS NULL
+                  AND EXISTS (SELECT 1 FROM owned) AND NOT EXISTS (SELECT 1 FROM done)
                 ORDER BY m.id LIMIT 1
-                FOR UPDATE OF m SKIP LOCKED)
+                FOR UPDATE SKIP LOCKED)
     RETURNING run_id, payload
 ), step AS (
     INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at, waits_for)
@@ -216,7 +230,8 @@ WITH owned AS (
     ON CONFLICT (run_id, name) DO UPDATE
     SET status = 'completed', output = EXCLUDED.output, finished_at = EXCLUDED.finished_at, wake_at = NULL
 )
-SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM taken), (SELECT payload FROM taken)
+SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM taken) + (SELECT count(*) FROM done),
+       COALESCE((SELECT payload FROM taken), (SELECT output FROM done))
 
 -- take_event --
 -- wait_for_event: the first matching event since the run was created, checkpointed as the step's result.
@@ -575,6 +590,13 @@ FROM workers ORDER BY started_at
 -- A result() waiter in another process asks for the "finished" notification of this run.
 UPDATE runs SET notify_finish = true
 WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')
+
+-- due_backlog --
+-- Runs due and not claimed, per workflow queue, and how long the oldest has waited (for the metrics).
+SELECT workflow_name, version, count(*), EXTRACT(EPOCH FROM now() - min(available_at))::float8
+FROM runs
+WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <= now()
+GROUP BY workflow_name, version
 
 -- save_retention --
 -- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever

@@ -328,6 +328,9 @@ class SqliteBackend:
         def take(conn: sqlite3.Connection, now: int) -> tuple[bool, Any] | None:
             if _first(conn, "lock_parking_run", {"run_id": run_id, "lease_token": lease_token}) is None:
                 return None
+            done = _first(conn, "completed_step", {"run_id": run_id, "name": name})
+            if done is not None:  # made again after a lost answer: what the first one took
+                return True, records.decoded(done["output"])
             message = _first(conn, "oldest_message", {"run_id": run_id, "topic": topic})
             if message is None:
                 return False, None
@@ -489,6 +492,13 @@ class SqliteBackend:
                 (r["workflow_name"], r["version"], RunStatus(r["status"]), int(r["n"]), records.moment(r["oldest"]))
                 for r in rows
             ]
+
+        return await self._db.read(read)
+
+    async def due_backlog(self) -> list[tuple[str, str, int, float]]:
+        def read(conn: sqlite3.Connection, now: int) -> list[tuple[str, str, int, float]]:
+            rows = conn.execute(QUERIES["due_backlog"], {"now": now}).fetchall()
+            return [(r["workflow_name"], r["version"], int(r["n"]), float(r["oldest"])) for r in rows]
 
         return await self._db.read(read)
 

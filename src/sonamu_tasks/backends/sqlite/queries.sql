@@ -176,6 +176,9 @@ WHERE name = :event AND key = :key AND emitted_at >= :since
 ORDER BY emitted_at, id
 LIMIT 1
 
+-- completed_step --
+SELECT output FROM steps WHERE run_id = :run_id AND name = :name AND status = 'completed'
+
 -- oldest_message --
 SELECT id, payload FROM messages
 WHERE run_id = :run_id AND topic = :topic AND consumed_at IS NULL
@@ -416,6 +419,12 @@ RETURNING status
 -- list_workers --
 SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
+
+-- due_backlog --
+SELECT workflow_name, version, count(*) AS n, (:now - min(available_at)) / 1000000.0 AS oldest
+FROM runs
+WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <= :now
+GROUP BY workflow_name, version
 
 -- save_retention --
 -- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever
