@@ -164,10 +164,36 @@ def _config(context: click.Context, *, enable_worker: bool, announce: bool = Fal
 
 
 @main.command()
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes; above 1, a supervisor starts them, restarts a crashed one and stops them together.",
+)
+@click.option("--concurrency", type=click.IntRange(min=1), help="Runs at once per process (overrides worker_options).")
+@click.option("--queue", "queues", multiple=True, metavar="NAME", help="Not available yet: refused.")
+@click.option("--supervisor-pid", type=int, hidden=True)  # given by the supervisor to the workers it starts
 @click.pass_context
-def worker(context: click.Context) -> None:
-    """Run a worker and the cron scheduler until SIGTERM/SIGINT (graceful shutdown)."""
+def worker(
+    context: click.Context, processes: int, concurrency: int | None, queues: tuple[str, ...], supervisor_pid: int | None
+) -> None:
+    """Run a worker and the cron scheduler until SIGTERM/SIGINT (graceful shutdown); with --processes N, N
+    worker processes under a supervisor."""
+    from .supervisor import Supervisor, stop_when_orphaned, worker_command
+
+    if queues:
+        raise click.UsageError("--queue: queues are not available yet; a worker serves every workflow it registers")
     config = _config(context, enable_worker=True, announce=True)
+    if concurrency is not None:
+        config.tasks.worker_options.concurrency = concurrency
+    if processes > 1:
+        options: _Options = context.obj
+        command = worker_command(config_spec=options.config_spec, verbose=options.verbose, concurrency=concurrency)
+        stop_timeout_s = config.tasks.worker_options.shutdown_grace_ms / 1000 + 30
+        sys.exit(Supervisor(command, processes, stop_timeout_s=stop_timeout_s).run())
+    if supervisor_pid is not None:
+        stop_when_orphaned(supervisor_pid)
     asyncio.run(_serve(config, reload=False))
 
 
