@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from playwright.async_api import async_playwright
 
-from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, workflow
+from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, WorkflowFailed, workflow
 from sonamu_tasks.dashboard import Dashboard
 from sonamu_tasks.testing.postgres_cluster import free_port
 
@@ -689,3 +689,13 @@ async def test_the_browser_forks_a_failed_run_from_its_failed_step(manager_for: 
 
 async def _registered(manager: Any) -> bool:
     return any(worker.workflows for worker in await manager.list_workers())
+
+
+async def test_the_dashboard_serves_prometheus_metrics(manager_for: Any, make_config: Any) -> None:
+    manager = await manager_for([checkout_v1])  # its charge step always fails
+    with pytest.raises(WorkflowFailed):
+        await (await manager.run(checkout_v1, 1)).result(timeout=15)
+    async with in_process(make_config) as client:
+        response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert 'sonamu_tasks_runs_failed_total{workflow="checkout"}' in response.text

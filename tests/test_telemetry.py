@@ -143,3 +143,38 @@ async def test_the_worker_serves_metrics_on_its_port(manager_for: Any) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()
     assert "sonamu_tasks_claim_duration_seconds" in body
+
+
+def test_worker_metrics_port_from_the_command_line(tmp_path: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "metrics_config.py").write_text(
+        "from sonamu_tasks import define_config\n"
+        f"config = define_config(database_url='sqlite:///{tmp_path}/db.sqlite', "
+        "tasks={'worker_options': {'concurrency': 1}})\n"
+    )
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    command = [sys.executable, "-m", "sonamu_tasks", "--config", "metrics_config:config", "worker"]
+    worker = subprocess.Popen([*command, "--metrics-port", str(port)], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    assert b"sonamu_tasks_claim_duration_seconds" in response.read()
+                    break
+            except OSError:
+                assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+                assert time.monotonic() < deadline, "the worker never served its metrics"
+                time.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()

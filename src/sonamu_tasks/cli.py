@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -173,23 +174,37 @@ def _config(context: click.Context, *, enable_worker: bool, announce: bool = Fal
 )
 @click.option("--concurrency", type=click.IntRange(min=1), help="Runs at once per process (overrides worker_options).")
 @click.option("--queue", "queues", multiple=True, metavar="NAME", help="Not available yet: refused.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (worker i of --processes N: PORT+i).",
+)
 @click.option("--supervisor-pid", type=int, hidden=True)  # given by the supervisor to the workers it starts
 @click.pass_context
 def worker(
-    context: click.Context, processes: int, concurrency: int | None, queues: tuple[str, ...], supervisor_pid: int | None
+    context: click.Context,
+    processes: int,
+    concurrency: int | None,
+    queues: tuple[str, ...],
+    metrics_port: int | None,
+    supervisor_pid: int | None,
 ) -> None:
     """Run a worker and the cron scheduler until SIGTERM/SIGINT (graceful shutdown); with --processes N, N
     worker processes under a supervisor."""
-    from .supervisor import Supervisor, stop_when_orphaned, worker_command
+    from .supervisor import WORKER_INDEX_ENV, Supervisor, stop_when_orphaned, worker_command
 
     if queues:
         raise click.UsageError("--queue: queues are not available yet; a worker serves every workflow it registers")
     config = _config(context, enable_worker=True, announce=True)
     if concurrency is not None:
         config.tasks.worker_options.concurrency = concurrency
+    if metrics_port is not None and processes == 1:
+        config.tasks.worker_options.metrics_port = metrics_port + int(os.environ.get(WORKER_INDEX_ENV, "0"))
     if processes > 1:
         options: _Options = context.obj
-        command = worker_command(config_spec=options.config_spec, verbose=options.verbose, concurrency=concurrency)
+        command = worker_command(
+            config_spec=options.config_spec, verbose=options.verbose, concurrency=concurrency, metrics_port=metrics_port
+        )
         stop_timeout_s = config.tasks.worker_options.shutdown_grace_ms / 1000 + 30
         sys.exit(Supervisor(command, processes, stop_timeout_s=stop_timeout_s).run())
     if supervisor_pid is not None:

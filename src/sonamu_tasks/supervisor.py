@@ -117,7 +117,9 @@ class Supervisor:
 
     async def _run_once(self, index: int) -> int | None:
         """Start worker `index`, copy its output, and return its exit code (None: it could not start)."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines reach the supervisor as they are written
+        # PYTHONUNBUFFERED: its lines reach the supervisor as they are written. The index tells a worker which of
+        # the N it is (its metrics port is --metrics-port + index).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", WORKER_INDEX_ENV: str(index)}
         try:
             process = await asyncio.create_subprocess_exec(
                 *self.command,
@@ -193,7 +195,12 @@ class Supervisor:
                 self._killed = True
 
 
-def worker_command(*, config_spec: str | None, verbose: bool, concurrency: int | None) -> list[str]:
+WORKER_INDEX_ENV = "SONAMU_TASKS_WORKER_INDEX"
+
+
+def worker_command(
+    *, config_spec: str | None, verbose: bool, concurrency: int | None, metrics_port: int | None = None
+) -> list[str]:
     """The command line of a worker this process supervises: the same config and options, one process."""
     command = [sys.executable, "-m", "sonamu_tasks"]
     if config_spec is not None:
@@ -203,6 +210,8 @@ def worker_command(*, config_spec: str | None, verbose: bool, concurrency: int |
     command += ["worker", "--processes", "1"]
     if concurrency is not None:
         command += ["--concurrency", str(concurrency)]
+    if metrics_port is not None:
+        command += ["--metrics-port", str(metrics_port)]
     return [*command, "--supervisor-pid", str(os.getpid())]
 
 

@@ -210,6 +210,10 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> Callable[[], None]:
     return stop
 
 
+def metrics_available() -> bool:
+    return prometheus_client is not None
+
+
 def metrics_text() -> tuple[bytes, str]:
     """This process's metrics in the Prometheus text format, and its content type (for the dashboard)."""
     if prometheus_client is None:

@@ -11,6 +11,7 @@
     GET  /workers, /schedules
     GET  /api/runs, /api/runs/{id}   the same as JSON (the run in full: a page cuts long values)
     GET  /api/stranded        unfinished runs per (workflow, version) that no live worker registers
+    GET  /metrics             this process's Prometheus metrics (needs the `metrics` extra; 404 without it)
 
 Security (guards.py): answers only to the Host names it was started for, refuses cross-origin POSTs, sends
 a strict Content-Security-Policy, caps request bodies. With a token (required to listen beyond loopback),
@@ -37,7 +38,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import arguments
+from .. import arguments, telemetry
 from ..config import Config
 from ..display import COUNTED_MESSAGES, children_of, events_summary, messages_of, stranded_summary, wake_time
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
@@ -96,6 +97,7 @@ class Dashboard:
             Route("/runs/{run_id}/{action:str}", self.steer, methods=["POST"]),
             Route("/workers", self.workers_page),
             Route("/schedules", self.schedules_page),
+            Route("/metrics", self.metrics),
             Route("/static/{name}", self.static),
         ]
         self.app = Starlette(
@@ -221,6 +223,12 @@ class Dashboard:
     async def schedules_page(self, request: Request) -> Response:
         body = pages.schedules_table(await self.manager.list_schedules())
         return HTMLResponse(body if _partial(request) else pages.page("Schedules", body, refresh_ms=5000))
+
+    async def metrics(self, request: Request) -> Response:
+        if not telemetry.metrics_available():
+            raise HTTPException(404, "metrics need prometheus_client: pip install 'sonamu-tasks[metrics]'")
+        body, content_type = telemetry.metrics_text()
+        return Response(body, media_type=content_type)
 
     async def static(self, request: Request) -> Response:
         found = _STATIC.get(request.path_params["name"])
