@@ -607,9 +607,12 @@ async def test_synchronous_code_starts_a_run_and_waits_for_its_result(manager_fo
             failing = client.run({"name": "from_a_view", "version": "1"}, "boom")
             with pytest.raises(WorkflowFailed, match="refused"):
                 failing.result(timeout=15)
-            return ok, failing.status().value
+            later = client.run({"name": "nobody_serves_this", "version": "1"}, None, start_at="1h")
+            steering = [later.pause(), later.resume(), later.cancel(), later.retry(), later.cancel()]
+            return ok, failing.status().value, [status.value for status in steering]
 
-    assert await asyncio.to_thread(view) == ({"ok": 5}, "failed")
+    statuses = ["paused", "pending", "canceled", "pending", "canceled"]
+    assert await asyncio.to_thread(view) == ({"ok": 5}, "failed", statuses)
 
 
 async def test_lines_logged_between_steps_are_not_repeated_by_replays(manager_for: Any, caplog: Any) -> None:

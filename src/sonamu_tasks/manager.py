@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import uuid
@@ -64,6 +65,9 @@ class StrandedRuns:
 
 # A step kind whose completed record a fork keeps: its result is final. A set_event is not kept (the fork
 # publishes its own), nor a child without a recorded outcome (the fork starts its own).
+_OUR_KEY = "\x1fsend:"
+"""The prefix of the idempotency key `send` gives a message sent without one."""
+
 _FORK_KEEPS = frozenset({"call", "sleep", "receive", "event"})
 
 
@@ -504,7 +508,8 @@ class WorkflowManager:
         topic = DEFAULT_TOPIC if topic is None else check_topic(topic)
         # Without a key of the caller's, one of ours: a send made again after a lost answer (a reconnect) then
         # finds the message it stored instead of storing it twice.
-        key = f"send:{uuid.uuid4()}" if idempotency_key is None else check_idempotency_key(idempotency_key)
+        # It starts with a control character, which no caller's key may hold, and is not shown (list_messages).
+        key = f"{_OUR_KEY}{uuid.uuid4()}" if idempotency_key is None else check_idempotency_key(idempotency_key)
         payload = serde.dumps(message, what=f"the message to run {run_id} on topic {topic!r}")
         stored = await until_available(
             lambda: self.backend.send_message(run_id, topic, payload, key), what="send message", give_up_after_s=30
@@ -535,9 +540,13 @@ class WorkflowManager:
 
     async def list_messages(self, run_id: str, *, limit: int = 100) -> list[MessageRecord]:
         """A run's messages not consumed yet, oldest first."""
-        return await until_available(
+        messages = await until_available(
             lambda: self.backend.list_messages(run_id, limit), what="list messages", give_up_after_s=30
         )
+        return [
+            dataclasses.replace(m, idempotency_key=None) if (m.idempotency_key or "").startswith(_OUR_KEY) else m
+            for m in messages
+        ]
 
     async def list_events(self, run_id: str) -> list[RunEventRecord]:
         """What a run published with `step.set_event`, the latest value per key."""

@@ -45,6 +45,18 @@ class SyncRunHandle:
     def get_event(self, key: str, timeout: float | None = None) -> Any:
         return self._client.get_event(self.id, key, timeout=timeout)
 
+    def cancel(self) -> RunStatus:
+        return self._client._call(self._client.manager.cancel(self.id))
+
+    def pause(self) -> RunStatus:
+        return self._client._call(self._client.manager.pause(self.id))
+
+    def resume(self) -> RunStatus:
+        return self._client._call(self._client.manager.resume(self.id))
+
+    def retry(self) -> RunStatus:
+        return self._client._call(self._client.manager.retry(self.id))
+
     def send(self, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
         return self._client.send(self.id, message, topic=topic, idempotency_key=idempotency_key)
 
