@@ -3,7 +3,7 @@
     python examples/approval.py
 
 An expense report above the limit asks a manager. The run publishes its state with `step.set_event` (a
-web page would show it with `handle.get_event`), waits for the "approval" message with a timeout, and
+web page would show it with `handle.get_event`), waits for the "approval" message with a week's timeout, and
 pays or refuses. Here the "manager" is a few lines of code that read the published state and send the
 decision; in an application it is a web request calling `manager.send` (or `SyncClient.send` in a Flask or
 Django view), from any process, hours or days later. Runs on the embedded SQLite default; set
@@ -34,9 +34,9 @@ async def expense_report(input: dict[str, Any], step: Any) -> dict[str, Any]:
     if input["amount"] <= LIMIT:
         return {"outcome": await step.define("pay", pay).run(input)}
     await step.set_event("state", {"waiting_for": "manager approval", "amount": input["amount"]})
-    decision = await step.receive("manager-decision", topic="approval", timeout="3d")  # None after 3 days
+    decision = await step.receive("manager-decision", topic="approval", timeout="7d")  # None after a week
     if decision is None:
-        outcome = await step.define("refuse", notify_refusal).run(input, "no answer within 3 days")
+        outcome = await step.define("refuse", notify_refusal).run(input, "no answer within a week")
     elif decision["approved"]:
         outcome = await step.define("pay", pay).run(input)
     else:
