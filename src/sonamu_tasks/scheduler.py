@@ -22,7 +22,7 @@ from .errors import BackendUnavailable, InvalidInput, InvalidValue, Serializatio
 from .registry import Registry
 from .run_creation import RunOptions, prepare_run
 from .schedule import Schedule, latest_fire_at_or_before, next_fire_after, zone
-from .waiting import cancel_and_wait, wait_for_event
+from .waiting import stop_gently, wait_for_event
 
 logger = logging.getLogger("sonamu_tasks.scheduler")
 
@@ -139,11 +139,8 @@ class Scheduler:
         # A flag, not only a cancel: a cancel that lands inside a database call can be absorbed there.
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            done, _ = await asyncio.wait([self._task], timeout=5)
-            if not done:
-                await cancel_and_wait(self._task)
-            self._task = None
+        await stop_gently(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         while not self._stopping:

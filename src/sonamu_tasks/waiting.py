@@ -31,3 +31,13 @@ async def cancel_and_wait(task: asyncio.Task[None], *, timeout: float = 5.0) -> 
         return
     if not task.cancelled() and task.exception() is not None:
         logger.warning("background task %s ended with %r", task.get_name(), task.exception())
+
+
+async def stop_gently(task: asyncio.Task[None] | None, *, timeout: float = 5.0) -> None:
+    """Wait for a loop that was told to stop (its flag set, its wake-up event set) to end by itself, and
+    cancel it only past `timeout`: a cancel that lands inside a database call can be absorbed there."""
+    if task is None:
+        return
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    if not done:
+        await cancel_and_wait(task)
