@@ -21,6 +21,7 @@ from sonamu_tasks import RetryPolicy, WorkflowFailed, WorkflowManager, workflow
 from sonamu_tasks.telemetry import step_label
 
 from .conftest import wait_until
+from .test_processes import client, start_worker  # noqa: F401 - fixtures
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -178,3 +179,33 @@ def test_worker_metrics_port_from_the_command_line(tmp_path: Any) -> None:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+async def test_a_worker_process_continues_the_callers_trace(
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    """The caller (this process) starts a run inside a span; a real worker process executes it, and its
+    spans (written to a file by that process's own exporter) belong to the caller's trace."""
+    import json
+
+    spans_file = tmp_path / "spans.jsonl"
+    start_worker("traced", lease_ms=1000, spans_file=str(spans_file))
+    (tmp_path / "release").touch()  # three_steps' second step waits for this file
+    tracer = trace.get_tracer("the-caller")
+    with tracer.start_as_current_span("POST /orders") as request:
+        handle = await client.run({"name": "three_steps", "version": "1"}, {"dir": str(tmp_path)})
+    await handle.result(timeout=30)
+
+    def attempt_span() -> Any:
+        lines = spans_file.read_text().splitlines() if spans_file.exists() else []
+        spans = [json.loads(line) for line in lines]
+        return next((s for s in spans if s["name"] == "workflow three_steps"), None), spans
+
+    await wait_until(lambda: attempt_span()[0], what="the worker's attempt span")
+    attempt, spans = attempt_span()
+    assert attempt["trace_id"] == request.get_span_context().trace_id
+    assert attempt["parent_span_id"] == request.get_span_context().span_id
+    assert attempt["attributes"]["sonamu_tasks.run_id"] == handle.id
+    assert {s["name"] for s in spans} >= {"step one", "step two", "step three"}
