@@ -619,6 +619,8 @@ async def test_fork_a_failed_run_from_its_failed_step_onto_a_fixed_version(manag
         ("charge", "charged 30 for 7"),
     ]
     assert (await manager.get_run(source)).status is RunStatus.FAILED  # the source is left as it was
+    assert f"forked    from {source} at its step 'charge'" in (await invoke("show", forked)).stdout
+    assert json.loads((await invoke("show", forked, "--json")).stdout)["forked_from"] == source
 
     as_json = json.loads((await invoke("fork", source, "--from-step", "charge", "--to-version", "2", "--json")).stdout)
     assert as_json["source_id"] == source and as_json["version"] == "2" and as_json["from_step"] == "charge"

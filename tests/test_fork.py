@@ -61,6 +61,7 @@ async def test_fork_keeps_the_checkpoints_before_the_step_and_runs_the_rest_on_a
         ("charge", "charged 30"),
         ("notify", "sent: charged 30"),
     ]
+    assert (forked.forked_from, forked.forked_step) == (source.id, "charge")  # it remembers where it came from
     assert (await source.info()).status is RunStatus.FAILED  # the source is left as it was
     with pytest.raises(InvalidValue, match="no step 'nope' to fork from; its steps: 'load', 'charge'"):
         await manager.fork(source.id, from_step="nope")

@@ -1066,6 +1066,8 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     click.echo(f"workflow  {run.workflow_name} version {run.version}")
     if run.parent_id:
         click.echo(f"parent    {_parent_line(run, parent)}")
+    if run.forked_from:
+        click.echo(f"forked    from {run.forked_from} at its step {run.forked_step!r}")
     click.echo(f"status    {_status_text(run)}   attempts {run.attempts}   recoveries {run.recoveries}")
     click.echo(
         f"created   {_time(run.created_at)}   started {_time(run.started_at)}   finished {_time(run.finished_at)}"
@@ -1356,6 +1358,8 @@ def _run_summary(run: RunRecord) -> dict[str, Any]:
         "parent_id": run.parent_id,
         "parent_step": run.parent_step,
         "detached": run.detached,
+        "forked_from": run.forked_from,
+        "forked_step": run.forked_step,
     }
 
 

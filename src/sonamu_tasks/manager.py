@@ -437,7 +437,9 @@ class WorkflowManager:
             source.input,
             what=f"the input of run {run_id} forked to version {target!r}",
         )
-        await until_available(lambda: self.backend.fork_run(run_id, new_run, keep), what="fork run", give_up_after_s=30)
+        await until_available(
+            lambda: self.backend.fork_run(run_id, from_step, new_run, keep), what="fork run", give_up_after_s=30
+        )
         logger.info(
             "forked run %s from step %r into %s (version %s, %d checkpoints kept)",
             run_id,

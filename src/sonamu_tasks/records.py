@@ -49,6 +49,9 @@ class RunRecord:
     """The run that started this one as a child (None for a top-level run)."""
     parent_step: str | None = None
     detached: bool = False
+    forked_from: str | None = None
+    """The run this one was forked from (`manager.fork`), and the step it was forked at."""
+    forked_step: str | None = None
 
 
 @dataclass(frozen=True)

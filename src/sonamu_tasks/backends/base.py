@@ -302,8 +302,9 @@ class Backend(ScheduleStore, Protocol):
         transaction; children that exist already are left as they are (a replay)."""
         ...
 
-    async def fork_run(self, source_id: str, run: NewRun, step_names: Sequence[str]) -> None:
-        """Insert `run` (pending) with copies of the source run's steps `step_names`, in one transaction."""
+    async def fork_run(self, source_id: str, from_step: str, run: NewRun, step_names: Sequence[str]) -> None:
+        """Insert `run` (pending, forked from `source_id` at `from_step`) with copies of the source run's steps
+        `step_names`, in one transaction."""
         ...
 
     async def unfinished_by_version(self) -> list[tuple[str, str, RunStatus, int, datetime]]:
@@ -329,6 +330,7 @@ class Backend(ScheduleStore, Protocol):
         """Store the output; `last_steps`, checkpoints of steps the workflow returned right after, are
         written in the same transaction (one commit for all)."""
         ...
+
     async def fail_attempt(
         self,
         run_id: str,

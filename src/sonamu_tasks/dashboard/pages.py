@@ -164,7 +164,7 @@ def run_detail(
         f"<p>{escape(run.workflow_name)} version {escape(run.version)} · "
         f"<span id='run-status' class='status {run.status.value}'{finished}>{run.status.value}</span>{request} · "
         f"attempts {run.attempts} · recoveries {run.recoveries} · created {_time(run.created_at)}</p>"
-        f"{_parent(run, parent)}<p>{buttons}</p>{_waiting_for(run, children)}{_children(run, children)}"
+        f"{_parent(run, parent)}{_forked(run)}<p>{buttons}</p>{_waiting_for(run, children)}{_children(run, children)}"
         f"<h3>Timeline</h3>{timeline_svg(shown_run, links=child_links(shown))}"
         "<h3>Steps</h3><table><thead><tr><th>step</th><th>kind</th><th>status</th><th>attempts</th>"
         f"<th>duration</th><th>output / error</th><th></th></tr></thead><tbody>{steps}</tbody></table>"
@@ -196,6 +196,15 @@ def schedules_table(schedules: Sequence[ScheduleRecord]) -> str:
         "<tr><th>name</th><th>workflow</th><th>expression</th><th>timezone</th><th>next fire</th><th>last run</th></tr>"
     )
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no schedules</p>"
+
+
+def _forked(run: RunRecord) -> str:
+    if run.forked_from is None:
+        return ""
+    return (
+        f"<p id='forked'>forked from <a href='/runs/{run.forked_from}'>{run.forked_from}</a> at its step "
+        f"<code>{escape(run.forked_step or '-')}</code></p>"
+    )
 
 
 def _parent(run: RunRecord, parent: RunRecord | None) -> str:

@@ -579,10 +579,10 @@ class PostgresBackend:
             raise LeaseLost(run_id)
 
     @_transient
-    async def fork_run(self, source_id: str, run: NewRun, step_names: Sequence[str]) -> None:
+    async def fork_run(self, source_id: str, from_step: str, run: NewRun, step_names: Sequence[str]) -> None:
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(QUERIES["create_run"], _new_run_params(run))
-            params = {"new_id": run.id, "source_id": source_id, "names": list(step_names)}
+            params = {"new_id": run.id, "source_id": source_id, "names": list(step_names), "from_step": from_step}
             await conn.execute(QUERIES["fork_steps"], params)
             await conn.execute(QUERIES["mark_forked"], params)
 

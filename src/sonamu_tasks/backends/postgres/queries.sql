@@ -122,7 +122,7 @@ WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uu
 -- get_run --
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id::text, parent_step, detached
+       requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step
 FROM runs WHERE id = %(run_id)s
 
 -- load_steps --
@@ -491,7 +491,7 @@ RETURNING name
 -- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs.
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id::text, parent_step, detached
+       requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step
 FROM runs
 WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
@@ -514,7 +514,8 @@ ORDER BY workflow_name, version, status
 
 -- mark_forked --
 -- A fork continues the source's work: it counts as started, so its first attempt reads the checkpoints it got.
-UPDATE runs SET started_at = created_at WHERE id = %(new_id)s::uuid
+UPDATE runs SET started_at = created_at, forked_from = %(source_id)s::uuid, forked_step = %(from_step)s
+WHERE id = %(new_id)s::uuid
 
 -- fork_steps --
 -- A fork's new run gets the source's checkpoints of these steps, as they are.

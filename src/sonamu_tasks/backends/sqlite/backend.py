@@ -476,10 +476,15 @@ class SqliteBackend:
         if not await self._db.write(start):
             raise LeaseLost(run_id)
 
-    async def fork_run(self, source_id: str, run: NewRun, step_names: Sequence[str]) -> None:
+    async def fork_run(self, source_id: str, from_step: str, run: NewRun, step_names: Sequence[str]) -> None:
         def fork(conn: sqlite3.Connection, now: int) -> None:
             conn.execute(QUERIES["create_run"], {**_new_run_params(run), "now": now}).fetchall()
-            params = {"new_id": run.id, "source_id": source_id, "names": json.dumps(list(step_names))}
+            params = {
+                "new_id": run.id,
+                "source_id": source_id,
+                "names": json.dumps(list(step_names)),
+                "from_step": from_step,
+            }
             conn.execute(QUERIES["fork_steps"], params)
             conn.execute(QUERIES["mark_forked"], params)
 

@@ -101,7 +101,7 @@ WHERE (id, lease_token) IN (
 -- get_run --
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id, parent_step, detached
+       requested_action, parent_id, parent_step, detached, forked_from, forked_step
 FROM runs WHERE id = :run_id
 
 -- load_steps --
@@ -329,7 +329,7 @@ RETURNING name
 -- id (hex digits and dashes): a plain range the primary key serves, where "IS NULL OR" would scan.
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id, parent_step, detached
+       requested_action, parent_id, parent_step, detached, forked_from, forked_step
 FROM runs
 WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
@@ -349,7 +349,7 @@ GROUP BY workflow_name, version, status
 ORDER BY workflow_name, version, status
 
 -- mark_forked --
-UPDATE runs SET started_at = created_at WHERE id = :new_id
+UPDATE runs SET started_at = created_at, forked_from = :source_id, forked_step = :from_step WHERE id = :new_id
 
 -- fork_steps --
 INSERT INTO steps (run_id, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for)

@@ -91,6 +91,8 @@ def run_record(row: sqlite3.Row, steps: Sequence[StepRecord]) -> RunRecord:
         parent_id=row["parent_id"],
         parent_step=row["parent_step"],
         detached=bool(row["detached"]),
+        forked_from=row["forked_from"],
+        forked_step=row["forked_step"],
     )
 
 
