@@ -1,7 +1,7 @@
 """Purging a million finished runs while a throughput run goes on (PostgreSQL only).
 
     python -m benchmarks.purge [--finished 1000000] [--rounds 6] [--workflows 3000] [--steps 3]
-                               [--concurrency 128] [--probe-interval-ms 25] [--url URL]
+                               [--concurrency 128] [--batch-size 500] [--probe-interval-ms 25] [--url URL]
 
 In a fresh schema, `--finished` completed runs are bulk-inserted, each with one step, finished 40 days ago
 (one INSERT ... SELECT per table, time-ordered UUIDv7-shaped ids, the insert trigger off), then VACUUM ANALYZE
@@ -10,8 +10,8 @@ and a CHECKPOINT. One worker process (`--concurrency`) is started and warmed up.
 last completion. Then:
 
   before: `--rounds` rounds, one after another, nothing else running;
-  paused / purging: `sonamu-tasks purge --older-than 30d --json` (the command, in a process of its own,
-    batches of 500) deletes the million runs and their steps, while rounds run one after another until it
+  paused / purging: `sonamu-tasks purge --older-than 30d --batch-size N --json` (the command, in a process
+    of its own) deletes the million runs and their steps, while rounds run one after another until it
     ends. The purge runs during every other round ("purging") and is stopped by SIGSTOP during the rounds
     between ("paused"): both kinds of rounds see the same machine, tables and autovacuum, whatever else the
     machine does meanwhile. The round in which the purge ends is not counted.
@@ -19,8 +19,12 @@ last completion. Then:
 Throughout, a claim probe takes one due run of a workflow no worker serves every `--probe-interval-ms`
 (`backend.claim_runs(..., limit=1)`, timed; the run is handed back untimed). Per phase: workflows/s (median of
 its rounds, each round listed) and claim p50/p99; the ratios purging / paused; the purge's duration (all, and
-while it was running) and runs deleted per second of running. Last, the size on disk of runs and steps (each
-table with its indexes and TOAST) before the purge, after it, after VACUUM and after VACUUM FULL.
+while it was running) and runs deleted per second of running.
+
+Last, sizes on disk with nothing else running, in a fresh schema: runs and steps (each table with its indexes
+and TOAST) after the same bulk insert, after `manager.purge("30d")` deleted those (its runs/s unloaded), after
+VACUUM, after inserting half as many runs again (they reuse the space VACUUM freed), and after VACUUM FULL;
+a tenth as many recent runs stay throughout, after the expired ones, as in a live table.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ SELECT pg_total_relation_size('runs'), pg_total_relation_size('steps'),
 """
 
 OLD = ("purged", "1")  # the million finished runs: a workflow of their own, so rounds never touch them
+RECENT = ("recent", "1")  # finished yesterday: kept by the purge
 
 
 async def insert_runs(
@@ -170,21 +175,25 @@ async def one_round(conn: psycopg.AsyncConnection[Any], client: WorkflowManager,
     return workflows / (time.perf_counter() - began)
 
 
-def start_purge(url: str, schema: str, folder: Path) -> subprocess.Popen[str]:
-    """`sonamu-tasks purge --older-than 30d --json` in a process of its own, on this schema."""
+def start_purge(url: str, schema: str, folder: Path, batch_size: int) -> subprocess.Popen[str]:
+    """`sonamu-tasks purge --older-than 30d --batch-size N --json` in a process of its own, on this schema."""
     module = f"bench_purge_{uuid.uuid4().hex[:8]}"
     (folder / f"{module}.py").write_text(
         f"from sonamu_tasks import define_config\nconfig = define_config(database_url={url!r}, schema={schema!r})\n"
     )
     command = [sys.executable, "-m", "sonamu_tasks", "--config", f"{module}:config", "purge", "--older-than", "30d"]
     return subprocess.Popen(
-        [*command, "--json"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [*command, "--batch-size", str(batch_size), "--json"],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
 
 
 async def measure(url: str, args: Any, folder: Path) -> None:
     schema = new_schema()
-    labels = {"backend": "postgres", "finished_runs": args.finished, "S": args.steps, "concurrency": args.concurrency}
+    labels = {"backend": "postgres", "finished_runs": args.finished, "batch": args.batch_size, "S": args.steps}
     async with (
         WorkflowManager(client_config(url, schema)) as client,
         await psycopg.AsyncConnection.connect(url, autocommit=True, options=f"-c search_path={schema}") as conn,
@@ -192,7 +201,6 @@ async def measure(url: str, args: Any, folder: Path) -> None:
         began = time.perf_counter()
         await fill_finished(conn, args.finished)
         report("purge.fill_time", time.perf_counter() - began, "s", **labels)
-        await sizes(conn, "before")
         await insert_runs(conn, PROBES, PROBE, "pending", timedelta(seconds=1), 1)
 
         workers = start_workers(url, schema, 1, concurrency=args.concurrency, listen_delay=0)
@@ -210,7 +218,7 @@ async def measure(url: str, args: Any, folder: Path) -> None:
             # The purge runs in every other round and is stopped (SIGSTOP) in the rounds between: both kinds
             # of rounds see the same machine, whatever else it does meanwhile.
             began = time.perf_counter()
-            purge = start_purge(url, schema, folder)
+            purge = start_purge(url, schema, folder, args.batch_size)
             running_s = 0.0
             for index in itertools.count():
                 phase = purging if index % 2 == 0 else paused
@@ -257,10 +265,33 @@ async def measure(url: str, args: Any, folder: Path) -> None:
             ratio = percentile(purging.claims, 99) / percentile(paused.claims, 99)
             report("purge.claim_p99_ratio", ratio, "x", purging_to="paused")
 
+
+async def measure_sizes(url: str, finished: int) -> None:
+    """On disk, in a fresh schema with nothing else running: `finished` expired runs (and their steps) followed
+    by a tenth as many recent ones, which stay (so VACUUM cannot simply cut the tables' ends off); the expired
+    ones purged by `manager.purge`; VACUUM; half as many expired runs inserted again (they reuse the space VACUUM
+    freed); VACUUM FULL."""
+    schema = new_schema()
+    async with (
+        WorkflowManager(client_config(url, schema)) as client,
+        await psycopg.AsyncConnection.connect(url, autocommit=True, options=f"-c search_path={schema}") as conn,
+    ):
+        await fill_finished(conn, finished)
+        await insert_runs(conn, finished // 10, RECENT, "completed", timedelta(days=1), 1)
+        await conn.execute(INSERT_STEPS, {"workflow": RECENT[0]})
+        await conn.execute("VACUUM ANALYZE runs")
+        await conn.execute("VACUUM ANALYZE steps")
+        await sizes(conn, "before")
+        began = time.perf_counter()
+        deleted = await client.purge("30d")
+        elapsed = time.perf_counter() - began
+        report("purge.unloaded.runs_per_s", deleted / elapsed, "runs/s", backend="postgres", deleted=deleted)
         await sizes(conn, "after_purge")
         await conn.execute("VACUUM runs")
         await conn.execute("VACUUM steps")
         await sizes(conn, "after_vacuum")
+        await fill_finished(conn, finished // 2)
+        await sizes(conn, "after_refilling_half")
         await conn.execute("VACUUM FULL runs")
         await conn.execute("VACUUM FULL steps")
         await sizes(conn, "after_vacuum_full")
@@ -273,12 +304,14 @@ async def main() -> None:
     parser.add_argument("--workflows", type=int, default=3000, help="runs per throughput round")
     parser.add_argument("--steps", type=int, default=3, help="steps per run of the throughput rounds")
     parser.add_argument("--concurrency", type=int, default=128, help="the worker process's concurrency")
+    parser.add_argument("--batch-size", type=int, default=500, help="the purge's runs per transaction")
     parser.add_argument("--probe-interval-ms", type=float, default=25, help="time between two probe claims")
     args = parser.parse_args()
     if args.sqlite:
         parser.error("purge measures PostgreSQL only")
     with tempfile.TemporaryDirectory() as tmp, database(args, Path(tmp)) as url:
         await measure(url, args, Path(tmp))
+        await measure_sizes(url, args.finished)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ every workflow's own retention, also of workflows it does not register itself. E
 worker makes one pass, under a lock one worker holds at a time (on PostgreSQL an advisory lock on a connection
 of its own; on SQLite the file's single writer serializes the batches anyway). A pass deletes in batches of
 BATCH_SIZE runs, each one short transaction that waits on no lock (PostgreSQL: SKIP LOCKED; its commit does not
-wait for the WAL flush, a deletion lost to a crash is simply made again), and pauses after each batch twice as
-long as the batch took: deleting takes at most a third of one connection's time, and claims and checkpoints go
-on between the batches (`benchmarks/purge.py` measures what it costs them).
+wait for the WAL flush, a deletion lost to a crash is simply made again), and pauses after each batch four times
+as long as the batch took: deleting takes at most a fifth of one connection's time, and claims and checkpoints
+go on between the batches (`benchmarks/purge.py` measures what it costs them).
 
 `WorkflowManager.purge` (the `purge` command) deletes on demand by age, status and workflow, in the same
 batches, whatever the retention says.
@@ -44,9 +44,10 @@ BATCH_SIZE = 500
 
 MAX_BATCH_SIZE = 10_000
 
-PAUSE_RATIO = 2.0
-"""After each batch, pause this many times as long as the batch took (1.0 cost a throughput run on a 2-core
-machine about 15 % of its workflows/s and 20 % on its claim p99, 2.0 about 8 % and 10 %)."""
+PAUSE_RATIO = 4.0
+"""After each batch, pause this many times as long as the batch took. Beside a throughput run on a 2-core machine a
+purge at 1.0 cost it 15 % of its workflows/s, at 2.0 7-13 %, at 4.0 5-8 % (claim p99: +20 %, +16-32 %, +6-34 %;
+benchmarks/README.md, "Purge")."""
 
 Progress = Callable[[int, int], None]
 """Called after each batch with (runs deleted so far, how many there were to delete at the start)."""

@@ -734,9 +734,8 @@ class PostgresBackend:
 
     @_transient
     async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["commit_without_waiting"])
-            (deleted,) = await self._one(conn, "delete_finished_runs", {**_selection_params(selection), "limit": limit})
+        async with self._pool.connection() as conn:
+            deleted, _ = await self._one(conn, "delete_finished_runs", {**_selection_params(selection), "limit": limit})
         return int(deleted)
 
     @_transient

@@ -614,18 +614,17 @@ SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name
 -- Held by the one worker deleting expired runs, for as long as its session lasts (a dedicated connection).
 SELECT pg_try_advisory_lock(hashtextextended('sonamu_tasks:retention:' || current_schema(), 0))
 
--- commit_without_waiting --
--- A retention batch commits without waiting for its WAL to reach the disk: a deletion lost to a crash right
--- after it is only made again by a later batch, and the claims' commits do not queue behind its flushes.
-SET LOCAL synchronous_commit = off
-
 -- delete_finished_runs --
 -- One batch of retention: the oldest finished runs (of `statuses`) that finished more than `older_than`
 -- ago, deleted with their steps, messages, events and event waits (ON DELETE CASCADE). Never an unfinished
 -- run; never a child whose parent is unfinished or finished more recently (the parent may still read the
 -- child's outcome). SKIP LOCKED: a row another transaction holds is left for the next batch, and nothing
--- waits on a claim. Returns how many runs were deleted.
-WITH expired AS (
+-- waits on a claim. One statement, so no transaction stays open between round trips. Its commit does not wait
+-- for the WAL flush (synchronous_commit off for this transaction): a deletion lost to a crash right after it is
+-- only made again by a later batch. Returns how many runs were deleted.
+WITH relaxed AS (
+    SELECT set_config('synchronous_commit', 'off', true) AS setting
+), expired AS (
     SELECT r.id
     FROM runs r
     WHERE r.status IN ('completed', 'failed', 'canceled')
@@ -645,7 +644,7 @@ WITH expired AS (
     DELETE FROM runs WHERE id IN (SELECT id FROM expired)
     RETURNING 1
 )
-SELECT count(*) FROM deleted
+SELECT (SELECT count(*) FROM deleted), (SELECT setting FROM relaxed)
 
 -- count_finished_runs --
 -- What delete_finished_runs would delete, all batches together (purge --dry-run, and its progress bar).
