@@ -110,3 +110,13 @@ async def collect(input: Any, step: Any) -> list[Any]:
     for index in range(input["n"]):
         got.append(await step.receive(f"m{index}", topic="t"))
     return got
+
+
+async def _started_in() -> int:
+    return os.getpid()
+
+
+@workflow(version="1")
+async def one_step(input: Any, step: Any) -> dict[str, Any]:
+    """One step that returns the pid of the process that ran it."""
+    return {"input": input, "ran_in": await step.define("pid", _started_in).run()}

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import psycopg
@@ -41,6 +41,7 @@ from ..base import (
 from ..group_commit import GroupCommit
 from .queries import QUERIES, migrations
 from .types import configure_connection
+from .wakeups import Wakeups
 
 logger = logging.getLogger("sonamu_tasks.postgres")
 
@@ -115,6 +116,8 @@ class PostgresBackend:
         )
         # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
         self._writes: GroupCommit[RunWrite] = GroupCommit(self._write_runs)
+        # "Runs of these workflows are due": NOTIFYs sent after the inserting commit, coalesced (migration 0013).
+        self._wakeups = Wakeups(self._notify_available)
 
     # lifecycle
 
@@ -122,6 +125,7 @@ class PostgresBackend:
         await self._pool.open(wait=False)
 
     async def close(self) -> None:
+        await self._wakeups.flush()  # a run() just before shutdown still wakes a worker
         await self._pool.close()
 
     @_transient
@@ -149,6 +153,10 @@ class PostgresBackend:
             logger.info("applied migration %s to schema %s", name, self.schema)
         return applied
 
+    async def _notify_available(self, workflows: list[str]) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(QUERIES["notify_available"], {"channel": self.channel, "names": workflows})
+
     async def listen(self, notifications: Notifications) -> None:
         delay = 0.1
         while True:
@@ -175,6 +183,8 @@ class PostgresBackend:
         async with self._pool.connection() as conn:
             row = await (await conn.execute(QUERIES["create_run"], params)).fetchone()
             if row is not None:
+                if _due_now(run):
+                    self._wakeups.runs_due([run.workflow_name])
                 return row[0], True
             existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
         if existing is None:  # the colliding run was deleted in between: try once more
@@ -200,6 +210,7 @@ class PostgresBackend:
             if keys:
                 found = await conn.execute(QUERIES["find_runs_by_keys"], {"keys": keys})
                 existing = {key: run_id for key, run_id in await found.fetchall()}
+        self._wakeups.runs_due({run.workflow_name for run in runs if run.id in inserted and _due_now(run)})
         return [
             (run.id, True) if run.id in inserted else (existing.get(run.idempotency_key or "", run.id), False)
             for run in runs
@@ -259,6 +270,8 @@ class PostgresBackend:
             if run is not None:
                 # The run's idempotency key (schedule and fire time) is the second, unique guard.
                 await conn.execute(QUERIES["create_run"], _new_run_params(run))
+        if run is not None:
+            self._wakeups.runs_due([run.workflow_name])
         return True
 
     @_transient
@@ -275,7 +288,13 @@ class PostgresBackend:
             "lease": lease,
         }
         async with self._pool.connection() as conn:
-            rows = await (await conn.execute(QUERIES["claim_runs"], params)).fetchall()
+            # One round trip (a pipeline): BEGIN, the commit relaxed (see relax_commit), the claim, COMMIT. The
+            # claim does not wait for a WAL flush: a run's first step starts one flush sooner.
+            async with conn.pipeline():
+                async with conn.transaction():
+                    await conn.execute(QUERIES["relax_commit"])
+                    claimed = await conn.execute(QUERIES["claim_runs"], params)
+            rows = await claimed.fetchall()
         return [ClaimedRun(*row) for row in rows]
 
     @_transient
@@ -577,6 +596,7 @@ class PostgresBackend:
             row = await (await conn.execute(QUERIES["start_children"], params)).fetchone()
         if row is None or row[0] == 0:
             raise LeaseLost(run_id)
+        self._wakeups.runs_due({child.workflow_name for child in children})
 
     @_transient
     async def fork_run(self, source_id: str, from_step: str, run: NewRun, step_names: Sequence[str]) -> None:
@@ -585,6 +605,8 @@ class PostgresBackend:
             params = {"new_id": run.id, "source_id": source_id, "names": list(step_names), "from_step": from_step}
             await conn.execute(QUERIES["fork_steps"], params)
             await conn.execute(QUERIES["mark_forked"], params)
+        if _due_now(run):
+            self._wakeups.runs_due([run.workflow_name])
 
     @_transient
     async def unfinished_by_version(self) -> list[tuple[str, str, RunStatus, int, datetime]]:
@@ -769,6 +791,13 @@ def _iso(moment: datetime | None) -> str:
 
 def _seconds(duration: timedelta | None) -> str:
     return "null" if duration is None else repr(duration.total_seconds())
+
+
+def _due_now(run: NewRun) -> bool:
+    """Whether a new run is claimable at once (else the workers' claim loops find it at its start time)."""
+    if run.start_delay is not None and run.start_delay.total_seconds() > 0:
+        return False
+    return run.start_at is None or run.start_at <= datetime.now(UTC)
 
 
 def _dispatch(payload: str, notifications: Notifications) -> None:

@@ -27,8 +27,8 @@ RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_t
 
 -- create_runs --
 -- run_many: many pending runs in one statement (the batch is one JSON parameter, its inputs JSON already).
--- A repeated id or idempotency key inserts nothing for that item; the insert trigger's NOTIFYs, all alike,
--- are delivered once at the commit.
+-- A repeated id or idempotency key inserts nothing for that item. The workers are woken by one NOTIFY after
+-- the commit (0013_notify_after_commit.sql).
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
                   trace_context)
 SELECT r.id, r.workflow_name, r.version, 'pending', r.input, r.idempotency_key,
@@ -40,12 +40,26 @@ FROM json_to_recordset(%(runs)s::json)
 ON CONFLICT DO NOTHING
 RETURNING id::text
 
+-- notify_available --
+-- After the commit of runs made due now (0013_notify_after_commit.sql): wake the workers of these workflows.
+-- A transaction of its own that does not wait for the WAL flush (a notification is not durable anyway), so
+-- PostgreSQL's notification queue lock is held for microseconds, not for a flush.
+SELECT set_config('synchronous_commit', 'off', true), pg_notify(%(channel)s, 'a:' || name)
+FROM unnest(%(names)s::text[]) AS name
+
 -- find_runs_by_keys --
 SELECT idempotency_key, id::text FROM runs WHERE idempotency_key = ANY(%(keys)s::text[])
 
 -- find_run_by_key --
 -- The run a repeated create_run collided with.
 SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(id)s
+
+-- relax_commit --
+-- The transaction's commit returns without waiting for its WAL flush. For a claim: the first checkpoint's
+-- commit (or any later durable write of the run) flushes the WAL up to itself, so the claim before it too. A
+-- crash that loses an unflushed claim leaves the run as it was before (due); the worker's writes under the lost
+-- token are fenced out, and the step it had started runs again, as after any worker crash (at least once).
+SELECT set_config('synchronous_commit', 'off', true)
 
 -- claim_runs --
 -- Take up to `limit` due runs of the given workflows, oldest first; a run still "running" here had its
@@ -588,8 +602,12 @@ SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
 
 -- watch_run --
--- A result() waiter in another process asks for the "finished" notification of this run.
+-- A result() waiter in another process asks for the "finished" notification of this run. The commit does not
+-- wait for the WAL flush: the row lock it takes (which a claim skips) lasts microseconds instead of a flush,
+-- and the flag is only a hint (lost in a crash, the waiter watches again when its listener reconnects).
+WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS setting)
 UPDATE runs SET notify_finish = true
+FROM relaxed
 WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')
 
 -- due_backlog --

@@ -1,0 +1,217 @@
+"""The producer path: starting runs from a process that runs no worker, and a worker elsewhere.
+
+    python -m benchmarks.producer [--rounds 3] [--seconds 5] [--in-flight 1,4,16,32,64] [--many 10000]
+                                  [--worker-concurrency 128] [--drain 10000] [--skip ...]
+
+Each round, on one throwaway PostgreSQL (fsync on), with a fresh schema per measurement:
+  run        run() of a 1-step workflow from a manager with enable_worker False, N calls in flight (N tasks,
+             each starting the next run when its previous run() returned) for --seconds: runs/s. No worker
+             runs: this is the insert path alone. During the largest N, a second connection samples
+             pg_stat_activity every 10 ms (the engine's active connections): wait events and their counts.
+  many       run_many() of --many inputs in one call: runs/s.
+  pgbench    pgbench committing single-row INSERT transactions at the largest N clients for --seconds: the
+             physical limit of one insert commit per run().
+  sustained  one worker process (benchmarks.bench_worker, --worker-concurrency) and this process starting
+             1-step runs at the largest N in flight for --seconds: workflows completed per second over the
+             last two thirds of the window (the first third warms up), and runs started per second.
+  drain      benchmarks.throughput's backlog drain on the same server: --drain 1-step runs enqueued, then the
+             same worker process (same concurrency) started: workflows/s.
+Prints each figure per round, then the median of the rounds, and the ratios the issue asks for (each taken
+within a round, then the median).
+
+The producer manager's pool is sized by worker_options.concurrency + 4 (as any manager's): it is set to the
+largest N here, so N calls in flight each get a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from benchmarks.bench_common import (
+    arguments,
+    database,
+    median,
+    new_schema,
+    report,
+    start_workers,
+    stop_workers,
+)
+from benchmarks.pg_limit import pgbench_commits
+from benchmarks.throughput import one_round
+from sonamu_tasks import WorkflowManager, define_config
+
+SPEC = {"name": "steps", "version": "1"}
+INPUT = {"steps": 1}
+
+
+def producer_config(url: str, schema: str, in_flight: int) -> Any:
+    return define_config(
+        database_url=url,
+        schema=schema,
+        tasks={"enable_worker": False, "worker_options": {"concurrency": in_flight}},
+    )
+
+
+async def run_rate(url: str, in_flight: int, seconds: float, sample: bool) -> tuple[float, collections.Counter[str]]:
+    """run() calls per second with `in_flight` callers; the wait events sampled meanwhile when `sample`."""
+    schema = new_schema()
+    events: collections.Counter[str] = collections.Counter()
+    async with WorkflowManager(producer_config(url, schema, in_flight)) as client:
+        await asyncio.gather(*(client.run(SPEC, INPUT) for _ in range(in_flight * 2)))  # connections, warm-up
+        count = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal count
+            while time.perf_counter() < stop_at:
+                await client.run(SPEC, INPUT)
+                count += 1
+
+        began = time.perf_counter()
+        sampler = asyncio.create_task(sample_waits(url, events)) if sample else None
+        await asyncio.gather(*(caller() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - began
+        if sampler is not None:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+    return count / elapsed, events
+
+
+async def sample_waits(url: str, events: collections.Counter[str]) -> None:
+    """Count the wait events of the engine's active connections, every 10 ms, until cancelled."""
+    query = (
+        "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity"
+        " WHERE application_name = 'sonamu_tasks' AND state = 'active' AND pid <> pg_backend_pid()"
+    )
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while True:
+            for (event,) in await (await conn.execute(query)).fetchall():
+                events[event] += 1
+            await asyncio.sleep(0.01)
+
+
+async def many_rate(url: str, count: int) -> float:
+    schema = new_schema()
+    async with WorkflowManager(producer_config(url, schema, 4)) as client:
+        await client.run_many(SPEC, [INPUT] * 10)  # connection, warm-up
+        began = time.perf_counter()
+        await client.run_many(SPEC, [INPUT] * count)
+        return count / (time.perf_counter() - began)
+
+
+async def completed(conn: psycopg.AsyncConnection[Any], schema: str) -> int:
+    row = await (
+        await conn.execute("SELECT count(*) FROM runs WHERE status = 'completed'", prepare=False)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def sustained(url: str, in_flight: int, seconds: float, concurrency: int) -> tuple[float, float]:
+    """(workflows completed per second, runs started per second) with a producer here and a worker process."""
+    schema = new_schema()
+    async with WorkflowManager(producer_config(url, schema, in_flight)) as client:
+        workers = start_workers(url, schema, 1, concurrency=concurrency)
+        try:
+            await client.run(SPEC, INPUT)
+            async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, options=f"-c search_path={schema}"
+            ) as conn:
+                deadline = time.monotonic() + 60
+                while await completed(conn, schema) < 1:  # the worker is up and serving
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the worker completed nothing in 60 s")
+                    await asyncio.sleep(0.05)
+                started = 0
+                stop_at = time.perf_counter() + seconds
+
+                async def caller() -> None:
+                    nonlocal started
+                    while time.perf_counter() < stop_at:
+                        await client.run(SPEC, INPUT)
+                        started += 1
+
+                began = time.perf_counter()
+                callers = asyncio.gather(*(caller() for _ in range(in_flight)))
+                await asyncio.sleep(seconds / 3)
+                first, t0 = await completed(conn, schema), time.perf_counter()
+                await callers
+                last, t1 = await completed(conn, schema), time.perf_counter()
+                started_rate = started / (t1 - began)
+        finally:
+            stop_workers(workers)
+    return (last - first) / (t1 - t0), started_rate
+
+
+async def main() -> None:
+    parser = arguments(__doc__ or "")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--in-flight", default="1,4,16,32,64")
+    parser.add_argument("--many", type=int, default=10_000)
+    parser.add_argument("--worker-concurrency", type=int, default=128)
+    parser.add_argument("--drain", type=int, default=10_000)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: run,many,pgbench,sustained,drain")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    levels = [int(n) for n in args.in_flight.split(",")]
+    top = max(levels)
+    figures: dict[str, list[float]] = collections.defaultdict(list)
+    waits: collections.Counter[str] = collections.Counter()
+    with tempfile.TemporaryDirectory() as tmp, database(args, Path(tmp)) as url:
+        for round_ in range(1, args.rounds + 1):
+            this: dict[str, float] = {}
+            if "run" not in skip:
+                for n in levels:
+                    rate, events = await run_rate(url, n, args.seconds, sample=n == top)
+                    this[f"run.in_flight_{n}"] = rate
+                    report("producer.run_per_s", rate, "runs/s", in_flight=n, round=round_)
+                    waits.update(events)
+                    for event, count in events.most_common():
+                        report("producer.wait_event_samples", count, "samples", in_flight=n, event=event, round=round_)
+            if "many" not in skip:
+                this["many"] = await many_rate(url, args.many)
+                report("producer.run_many_per_s", this["many"], "runs/s", size=args.many, round=round_)
+            if "pgbench" not in skip:
+                this["pgbench"] = pgbench_commits(url, top, int(args.seconds), Path(tmp))
+                report("producer.pgbench_insert_tps", this["pgbench"], "tps", clients=top, round=round_)
+            if "sustained" not in skip:
+                done, started = await sustained(url, top, args.seconds, args.worker_concurrency)
+                this["sustained"], this["sustained_started"] = done, started
+                labels = {"in_flight": top, "concurrency": args.worker_concurrency, "round": round_}
+                report("producer.sustained_workflows_per_s", done, "workflows/s", **labels)
+                report("producer.sustained_started_per_s", started, "runs/s", **labels)
+            if "drain" not in skip:
+                elapsed = await one_round(url, args.drain, 1, 1, args.worker_concurrency)
+                this["drain"] = args.drain / elapsed
+                labels = {"concurrency": args.worker_concurrency, "round": round_}
+                report("producer.drain_workflows_per_s", this["drain"], "workflows/s", S=1, **labels)
+            ratios = {
+                "ratio.run_top_over_16": (f"run.in_flight_{top}", "run.in_flight_16"),
+                "ratio.run_top_over_pgbench": (f"run.in_flight_{top}", "pgbench"),
+                "ratio.many_over_run_top": ("many", f"run.in_flight_{top}"),
+                "ratio.sustained_over_drain": ("sustained", "drain"),
+            }
+            for name, (over, under) in ratios.items():
+                if over in this and under in this:
+                    this[name] = this[over] / this[under]
+                    report(f"producer.{name}", this[name], "x", round=round_)
+            for key, value in this.items():
+                figures[key].append(value)
+        print("# median of the rounds", flush=True)
+        for key, values in figures.items():
+            report(f"producer.median.{key}", median(values), "", rounds=len(values), low=f"{min(values):.2f}",
+                   high=f"{max(values):.2f}")
+        for event, count in waits.most_common():
+            report("producer.wait_event_samples_total", count, "samples", in_flight=top, event=event)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

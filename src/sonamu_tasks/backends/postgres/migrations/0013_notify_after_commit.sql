@@ -1,0 +1,33 @@
+-- A new run no longer NOTIFYs from its INSERT: the process that inserted it sends "a:" + workflow after the
+-- commit, coalesced (PostgresBackend's _Wakeups).
+--
+-- Why: a transaction that NOTIFYs takes PostgreSQL's notification queue lock (a heavyweight lock on the
+-- database object, wait event Lock:object) at pre-commit and keeps it until its commit has been flushed. Every
+-- run() was such a transaction, so at 32-64 producers committing at once their commits were serialized one
+-- WAL flush after another instead of sharing flushes (group commit): measured, 9,985 of 10,266 samples of the
+-- producers' wait events were Lock:object at 64 in flight. The insert trigger is dropped here.
+--
+-- What replaces it: after an insert that made runs of a workflow due now has committed, the inserting process
+-- adds the workflow to a set and, when no NOTIFY of its own is in flight, sends one: one statement,
+-- `pg_notify` for every workflow in the set, in a transaction of its own that does not wait for the WAL flush
+-- (synchronous_commit off: a notification is not durable anyway), so the queue lock is held for microseconds.
+-- Commits that land while that NOTIFY is in flight are gathered and sent by the next one. So a process
+-- sends at most one NOTIFY at a time, whatever its number of callers, and none for runs inserted already
+-- claimed by its own worker (they need no worker woken).
+--
+-- No lost wake-up: every insert adds its workflow to the set after its commit returned, and the set is sent
+-- by a NOTIFY statement that starts after that moment (the one in flight may have started before; then the
+-- next one is sent after it). A worker hears a notification only after the NOTIFY committed, and claims with
+-- a snapshot taken after that: the run is visible to it. A worker busy claiming when it arrives claims again
+-- (its wake-up event stays set). What is not covered is a process that dies between its insert's commit and
+-- its NOTIFY, or a failing NOTIFY (logged): then the workers' polling (poll_interval_ms, 5 s by default with
+-- notifications), which reads each queue's next due time, finds the run. The same holds for a run whose start
+-- time is in the future: as before, no notification is sent for it; the worker's claim loop sleeps until the
+-- next due time it read.
+--
+-- Status changes keep their trigger (runs_notify_status): a run made pending again (a retry due now, a
+-- released or resumed run, a parent woken by its child, a message or event arriving) and a watched finish
+-- ("f:" + id, for result() and get_event waiters elsewhere) still notify in the transaction that makes them;
+-- those are worker-side or rare. PostgreSQL sends identical notifications of one transaction once.
+
+DROP TRIGGER runs_notify_insert ON runs;

@@ -1,0 +1,49 @@
+"""Wake-ups sent after the commit: "a run of these workflows is due", coalesced per process.
+
+A NOTIFY inside the transaction that inserts a run makes that commit take PostgreSQL's notification queue lock
+until its WAL flush, serializing every producer's commit (see migrations/0013_notify_after_commit.sql). Here the
+inserting process notifies after its commit instead: at most one NOTIFY of its own in flight, carrying every
+workflow whose runs were committed since the previous one started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+logger = logging.getLogger("sonamu_tasks.postgres")
+
+Send = Callable[[list[str]], Awaitable[None]]
+"""Send one NOTIFY transaction for these workflow names."""
+
+
+class Wakeups:
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._due: set[str] = set()
+        self._sender: asyncio.Task[None] | None = None
+
+    def runs_due(self, workflows: Iterable[str]) -> None:
+        """Runs of `workflows` are committed and due now: wake the workers (call after the commit returned)."""
+        self._due.update(workflows)
+        if self._due and self._sender is None:
+            self._sender = asyncio.create_task(self._drain(), name="sonamu-wakeups")
+
+    async def _drain(self) -> None:
+        # The sender is cleared in the same step as the last look at the set (no await between them): a name
+        # added after that look finds no sender and starts one, so none is stranded.
+        try:
+            while self._due:
+                names, self._due = sorted(self._due), set()
+                try:
+                    await self._send(names)
+                except Exception as error:  # the workers' polling finds these runs (the safety net)
+                    logger.warning("could not notify workers of new runs of %s (%s)", ", ".join(names), error)
+        finally:
+            self._sender = None
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait for the NOTIFYs still to send (before the pool closes), at most `timeout` seconds."""
+        if self._sender is not None:
+            await asyncio.wait({self._sender}, timeout=timeout)  # the drain logs its own errors

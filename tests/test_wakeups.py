@@ -1,0 +1,146 @@
+"""Waking workers across processes on PostgreSQL: one NOTIFY after the commit, from the process that started
+the runs (migration 0013), never inside the inserting transaction, and none where no worker needs waking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from sonamu_tasks import WorkflowManager, workflow
+
+from .conftest import wait_until
+from .support.processes import WorkerProcess
+
+ONE_STEP = {"name": "one_step", "version": "1"}
+
+
+@pytest.fixture
+def backend_name() -> str:
+    return "postgres"  # notifications across processes exist only there
+
+
+@workflow(version="1")
+async def local(input: Any, step: Any) -> Any:
+    return await step.define("echo", _echo).run(input)
+
+
+async def _echo(value: Any) -> Any:
+    return value
+
+
+@pytest.fixture
+def start_worker(database_url: str, schema: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(name: str, **settings: float | str) -> WorkerProcess:
+        worker = WorkerProcess(database_url, schema, tmp_path, name, **settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process.poll() is None:
+            os.kill(worker.pid, signal.SIGCONT)
+        worker.stop()
+
+
+class Listener:
+    """A LISTEN on the schema's channel; `until_marker` collects the payloads received before our own marker."""
+
+    def __init__(self, url: str, schema: str) -> None:
+        self.url = url
+        self.channel = f"sonamu_tasks:{schema}"
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> Listener:
+        self.conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        await self.conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.conn is not None
+        await self.conn.close()
+
+    async def until_marker(self) -> list[str]:
+        """Notifications are delivered in commit order: everything committed before the marker comes first."""
+        assert self.conn is not None
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as other:
+            await other.execute("SELECT pg_notify(%s, 'marker')", [self.channel])
+        payloads = []
+        async for notify in self.conn.notifies(timeout=15):
+            if notify.payload == "marker":
+                return payloads
+            payloads.append(notify.payload)
+        raise AssertionError("the marker notification did not arrive within 15 s")
+
+
+async def test_a_run_started_in_another_process_is_picked_up_by_its_notification_not_by_polling(
+    make_config: Any, start_worker: Any
+) -> None:
+    # Given a worker process that would poll only once a minute, started and idle
+    worker = start_worker("idle", poll_interval_ms=60_000, workflows="one_step")
+    async with WorkflowManager(make_config(enable_worker=False)) as client:
+        await wait_until(client.list_workers, what="the worker to register")
+        loop = asyncio.get_running_loop()
+        for index in range(3):
+            # When a process without a worker starts a run
+            began = loop.time()
+            result = await client.run(ONE_STEP, index)
+            # Then the worker runs it at once: woken by the NOTIFY sent after the insert's commit
+            assert await result.result(timeout=20) == {"input": index, "ran_in": worker.pid}
+            assert loop.time() - began < 20  # far below the minute the worker would otherwise sleep
+
+
+async def test_run_many_sends_one_notification_after_its_commit(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    async with Listener(database_url, schema) as listener:
+        client = WorkflowManager(make_config(enable_worker=False))
+        await client.start()
+        try:
+            await client.run_many(local, list(range(50)))
+        finally:
+            await client.stop()  # sends what is still to send, then closes
+        assert await listener.until_marker() == ["a:local"]
+
+
+async def test_concurrent_runs_from_one_process_each_follow_a_notification(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    async with Listener(database_url, schema) as listener:
+        client = WorkflowManager(make_config(enable_worker=False))
+        await client.start()
+        try:
+            await asyncio.gather(*(client.run(local, i) for i in range(32)))
+        finally:
+            await client.stop()
+        received = await listener.until_marker()
+        # Coalesced: at most one per run (usually far fewer), all the same, and at least one after the last commit
+        assert received and set(received) == {"a:local"} and len(received) <= 32
+
+
+async def test_a_run_inserted_already_claimed_by_this_process_notifies_no_worker(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    async with Listener(database_url, schema) as listener:
+        manager = WorkflowManager(make_config(), workflows=[local])
+        await manager.start()
+        try:
+            handle = await manager.run(local, "here")
+            assert await handle.result(timeout=10) == "here"
+        finally:
+            await manager.stop()
+        assert [p for p in await listener.until_marker() if p.startswith("a:")] == []
+
+
+async def test_a_delayed_run_is_not_notified_and_is_found_at_its_start_time(manager_for: Any) -> None:
+    manager = await manager_for([local])
+    handle = await manager.run(local, "later", start_at="300ms")
+    assert await handle.result(timeout=10) == "later"
