@@ -290,10 +290,9 @@ class PostgresBackend:
         async with self._pool.connection() as conn:
             # One round trip (a pipeline): BEGIN, the commit relaxed (see relax_commit), the claim, COMMIT. The
             # claim does not wait for a WAL flush: a run's first step starts one flush sooner.
-            async with conn.pipeline():
-                async with conn.transaction():
-                    await conn.execute(QUERIES["relax_commit"])
-                    claimed = await conn.execute(QUERIES["claim_runs"], params)
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(QUERIES["relax_commit"])
+                claimed = await conn.execute(QUERIES["claim_runs"], params)
             rows = await claimed.fetchall()
         return [ClaimedRun(*row) for row in rows]
 
