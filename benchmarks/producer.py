@@ -107,9 +107,7 @@ async def many_rate(url: str, count: int) -> float:
 
 
 async def completed(conn: psycopg.AsyncConnection[Any], schema: str) -> int:
-    row = await (
-        await conn.execute("SELECT count(*) FROM runs WHERE status = 'completed'", prepare=False)
-    ).fetchone()
+    row = await (await conn.execute("SELECT count(*) FROM runs WHERE status = 'completed'", prepare=False)).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -207,8 +205,14 @@ async def main() -> None:
                 figures[key].append(value)
         print("# median of the rounds", flush=True)
         for key, values in figures.items():
-            report(f"producer.median.{key}", median(values), "", rounds=len(values), low=f"{min(values):.2f}",
-                   high=f"{max(values):.2f}")
+            report(
+                f"producer.median.{key}",
+                median(values),
+                "",
+                rounds=len(values),
+                low=f"{min(values):.2f}",
+                high=f"{max(values):.2f}",
+            )
         for event, count in waits.most_common():
             report("producer.wait_event_samples_total", count, "samples", in_flight=top, event=event)
 

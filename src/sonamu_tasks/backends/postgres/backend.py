@@ -179,14 +179,23 @@ class PostgresBackend:
 
     @_transient
     async def create_run(self, run: NewRun) -> tuple[str, bool]:
-        params = _new_run_params(run)
-        async with self._pool.connection() as conn:
-            row = await (await conn.execute(QUERIES["create_run"], params)).fetchone()
-            if row is not None:
-                if _due_now(run):
-                    self._wakeups.runs_due([run.workflow_name])
-                return row[0], True
-            existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
+        due = _due_now(run)
+        # With no NOTIFY of this process in flight, the insert carries it (no extra round trip, and its commit is
+        # the only one of this process that takes the notification lock); otherwise the NOTIFY in flight is
+        # followed by one for every run committed meanwhile (Wakeups).
+        along = due and self._wakeups.take_turn()
+        try:
+            params = {**_new_run_params(run), "notify": along, "channel": self.channel}
+            async with self._pool.connection() as conn:
+                row = await (await conn.execute(QUERIES["create_run"], params)).fetchone()
+                if row is not None:
+                    if due and not along:
+                        self._wakeups.runs_due([run.workflow_name])
+                    return row[0], True
+                existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
+        finally:
+            if along:
+                self._wakeups.turn_done()
         if existing is None:  # the colliding run was deleted in between: try once more
             return await self.create_run(run)
         return existing[0], False
@@ -288,12 +297,7 @@ class PostgresBackend:
             "lease": lease,
         }
         async with self._pool.connection() as conn:
-            # One round trip (a pipeline): BEGIN, the commit relaxed (see relax_commit), the claim, COMMIT. The
-            # claim does not wait for a WAL flush: a run's first step starts one flush sooner.
-            async with conn.pipeline(), conn.transaction():
-                await conn.execute(QUERIES["relax_commit"])
-                claimed = await conn.execute(QUERIES["claim_runs"], params)
-            rows = await claimed.fetchall()
+            rows = await (await conn.execute(QUERIES["claim_runs"], params)).fetchall()
         return [ClaimedRun(*row) for row in rows]
 
     @_transient
@@ -811,6 +815,9 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
 
 def _new_run_params(run: NewRun) -> dict[str, Any]:
     return {
+        # create_run NOTIFYs only when told (and given the channel); else Wakeups does it after the commit.
+        "notify": False,
+        "channel": "",
         "id": run.id,
         "workflow_name": run.workflow_name,
         "version": run.version,

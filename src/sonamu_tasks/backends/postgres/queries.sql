@@ -2,15 +2,22 @@
 -- Tables are unqualified: each connection's search_path is the configured schema.
 
 -- create_run --
--- Insert a pending run; a repeated id or idempotency key inserts nothing.
-INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  parent_id, parent_step, detached, trace_context)
-VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, %(idempotency_key)s,
-        COALESCE(%(start_at)s::timestamptz, now() + COALESCE(%(start_delay)s::interval, interval '0')),
-        COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
-        %(parent_id)s::uuid, %(parent_step)s, %(detached)s, %(trace_context)s::jsonb)
-ON CONFLICT DO NOTHING
-RETURNING id::text
+-- Insert a pending run; a repeated id or idempotency key inserts nothing. With `notify`, the transaction also
+-- NOTIFYs its workflow's workers: only when no other NOTIFY of this process is in flight (see
+-- 0013_notify_after_commit.sql), so at most one commit per process waits on the notification lock.
+WITH inserted AS (
+    INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
+                      parent_id, parent_step, detached, trace_context)
+    VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, %(idempotency_key)s,
+            COALESCE(%(start_at)s::timestamptz, now() + COALESCE(%(start_delay)s::interval, interval '0')),
+            COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
+            %(parent_id)s::uuid, %(parent_step)s, %(detached)s, %(trace_context)s::jsonb)
+    ON CONFLICT DO NOTHING
+    RETURNING id::text AS id, workflow_name
+), notified AS (
+    SELECT pg_notify(%(channel)s::text, 'a:' || workflow_name) FROM inserted WHERE %(notify)s::boolean
+)
+SELECT id, (SELECT count(*) FROM notified) FROM inserted
 
 -- create_claimed_run --
 -- Insert a run claimed at once by the worker of the process that starts it: one commit instead of an
@@ -54,18 +61,13 @@ SELECT idempotency_key, id::text FROM runs WHERE idempotency_key = ANY(%(keys)s:
 -- The run a repeated create_run collided with.
 SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(id)s
 
--- relax_commit --
--- The transaction's commit returns without waiting for its WAL flush. For a claim: the first checkpoint's
--- commit (or any later durable write of the run) flushes the WAL up to itself, so the claim before it too. A
--- crash that loses an unflushed claim leaves the run as it was before (due); the worker's writes under the lost
--- token are fenced out, and the step it had started runs again, as after any worker crash (at least once).
-SELECT set_config('synchronous_commit', 'off', true)
-
 -- claim_runs --
 -- Take up to `limit` due runs of the given workflows, oldest first; a run still "running" here had its
 -- lease expire. Each workflow's queue is read in order from runs_claim_queue and the scan stops at
 -- `limit`: the cost does not grow with the backlog. SKIP LOCKED lets concurrent claims pass each other.
-WITH due AS (
+WITH relaxed AS (
+    SELECT set_config('synchronous_commit', 'off', true) AS setting
+), due AS (
     SELECT q.id, q.status AS previous_status, q.started_at IS NULL AS first_claim
     FROM unnest(%(names)s::text[], %(versions)s::text[]) AS w(name, version)
     CROSS JOIN LATERAL (
@@ -89,7 +91,7 @@ SET status = 'running',
     started_at = COALESCE(r.started_at, now()),
     recoveries = r.recoveries + CASE WHEN due.previous_status = 'running' THEN 1 ELSE 0 END,
     updated_at = now()
-FROM due
+FROM due, relaxed
 WHERE r.id = due.id
 RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries, r.lease_token::text,
           now() AS claimed_at, due.first_claim, r.deadline_at, r.requested_action, r.trace_context

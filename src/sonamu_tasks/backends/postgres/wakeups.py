@@ -23,11 +23,28 @@ class Wakeups:
         self._send = send
         self._due: set[str] = set()
         self._sender: asyncio.Task[None] | None = None
+        self._turn = False  # a caller sends a NOTIFY with its own insert (take_turn)
 
     def runs_due(self, workflows: Iterable[str]) -> None:
         """Runs of `workflows` are committed and due now: wake the workers (call after the commit returned)."""
         self._due.update(workflows)
-        if self._due and self._sender is None:
+        self._start()
+
+    def take_turn(self) -> bool:
+        """True when no NOTIFY of this process is in flight: the caller sends one after its insert, on the same
+        connection (no extra round trip), and calls `turn_done` once it returned. Meanwhile `runs_due` only
+        gathers; what it gathered is sent after the turn."""
+        if self._sender is not None or self._turn:
+            return False
+        self._turn = True
+        return True
+
+    def turn_done(self) -> None:
+        self._turn = False
+        self._start()
+
+    def _start(self) -> None:
+        if self._due and self._sender is None and not self._turn:
             self._sender = asyncio.create_task(self._drain(), name="sonamu-wakeups")
 
     async def _drain(self) -> None:
