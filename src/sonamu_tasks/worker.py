@@ -129,8 +129,6 @@ class Worker:
 
     def notify_available(self) -> None:
         """A notification said a run became claimable; claim after `listen_delay`."""
-        if os.environ.get("XX_COUNT"):
-            print("XX notified", time.time(), flush=True)
         if not self.options.use_pub_sub:
             return
         if self.options.listen_delay <= 0:
@@ -215,11 +213,7 @@ class Worker:
                 limit = min(free, max(1, self.options.concurrency // 2))
                 try:
                     began = time.perf_counter()
-                    if os.environ.get("XX_COUNT"):
-                        print("XX claim_start", time.time(), flush=True)
                     claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease)
-                    if os.environ.get("XX_COUNT"):
-                        print("XX claim_end", time.time(), len(claimed), flush=True)
                     if self.telemetry.enabled:
                         taken = [(run.workflow_name, not run.first_claim and run.recoveries > 0) for run in claimed]
                         self.telemetry.claimed(time.perf_counter() - began, taken)
@@ -234,8 +228,6 @@ class Worker:
                             # a result() asking to be notified, a cancel). Such locks last about one commit:
                             # look again after 1 ms, then 2, 4 ... up to 50 ms while it stays locked.
                             timeout = min(timeout, locked_retry)
-                            if os.environ.get("XX_COUNT"):
-                                print("XX locked skip", locked_retry, flush=True)
                             locked_retry = min(locked_retry * 2, 0.05)
                         elif due is not None:
                             timeout = min(timeout, max(due, 0.001))

@@ -65,6 +65,10 @@ SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(
 -- Take up to `limit` due runs of the given workflows, oldest first; a run still "running" here had its
 -- lease expire. Each workflow's queue is read in order from runs_claim_queue and the scan stops at
 -- `limit`: the cost does not grow with the backlog. SKIP LOCKED lets concurrent claims pass each other.
+-- The commit does not wait for the WAL flush (`relaxed`; a run's first step starts one flush sooner): the first
+-- durable write of the claimed run (a checkpoint, its outcome) flushes the WAL up to itself, the claim with it. A
+-- crash that loses a claim not yet flushed leaves the run due as before; writes under the lost token are fenced
+-- out, and a step it had started runs again, as after any worker crash (steps run at least once).
 WITH relaxed AS (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
 ), due AS (
