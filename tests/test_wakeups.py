@@ -144,3 +144,32 @@ async def test_a_delayed_run_is_not_notified_and_is_found_at_its_start_time(mana
     manager = await manager_for([local])
     handle = await manager.run(local, "later", start_at="300ms")
     assert await handle.result(timeout=10) == "later"
+
+
+async def test_result_in_another_process_gets_the_output_from_the_notification_or_by_reading(
+    make_config: Any, start_worker: Any, database_url: str, schema: str
+) -> None:
+    async with Listener(database_url, schema) as listener, WorkflowManager(make_config(enable_worker=False)) as client:
+        # Given two runs whose result() waiters here asked to be notified, before any worker runs them
+        small = await client.run(ONE_STEP, "small")
+        large = await client.run(ONE_STEP, "x" * 10_000)
+        results = [asyncio.create_task(handle.result(timeout=30)) for handle in (small, large)]
+
+        async def both_watched() -> bool:
+            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+                query = psycopg.sql.SQL("SELECT count(*) FROM {}.runs WHERE notify_finish").format(
+                    psycopg.sql.Identifier(schema)
+                )
+                row = await (await conn.execute(query)).fetchone()
+                return row is not None and row[0] == 2
+
+        await wait_until(both_watched, what="both waiters to watch their runs")
+        # When a worker process runs them
+        worker = start_worker("worker", workflows="one_step")
+        # Then both waiters get their output: a small one travels in the notification ("o:" + id + ":" + JSON);
+        # one too large for a NOTIFY payload does not ("f:" + id), and its waiter reads the run
+        assert await results[0] == {"input": "small", "ran_in": worker.pid}
+        assert await results[1] == {"input": "x" * 10_000, "ran_in": worker.pid}
+        received = await listener.until_marker()
+    assert any(p.startswith(f"o:{small.id}:") for p in received)
+    assert f"f:{large.id}" in received and not any(p.startswith(f"o:{large.id}") for p in received)

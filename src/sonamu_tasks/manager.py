@@ -578,8 +578,8 @@ class WorkflowManager:
         if self.worker is not None:
             self.worker.notify_available()
 
-    def run_finished(self, run_id: str) -> None:
-        self.waiters.finished(run_id)
+    def run_finished(self, run_id: str, output_json: str | None = None) -> None:
+        self.waiters.completed(run_id, output_json)
 
     def run_requested(self, run_id: str) -> None:
         if self.worker is not None:

@@ -2,9 +2,10 @@
 wakes the waiters.
 
 A waiter is woken by the database's "finished" notification (PostgreSQL NOTIFY, asked for on demand with
-`watch_run`), by this process's worker letting go of the run (with the output when it completed it, so
-no read is needed), or by a reconnect (a notification may have been lost). Re-reading is only the safety
-net: every `recheck` seconds with notifications, every 50 ms without (SQLite across processes).
+`watch_run`; it carries the output of a run that completed with a small one), by this process's worker
+letting go of the run (with the output when it completed it), or by a reconnect (a notification may have been
+lost). A waiter given the output returns it without reading the run. Re-reading is only the safety net: every
+`recheck` seconds with notifications, every 50 ms without (SQLite across processes).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class ResultWaiters:
         self._read_run = read_run
         self._runs_here = runs_here
         self._events: dict[str, set[asyncio.Event]] = {}
-        # Outputs of runs this process's worker just completed, kept only while a waiter here wants them.
+        # Outputs of runs just completed (by this process's worker, or as a notification said), kept only while a
+        # waiter here wants them.
         self._completed_here: dict[str, str] = {}
+        self._reconnects = 0  # a watch set before a reconnect may have been lost with the server: set it again
         self.listening = False
         """True while notifications from other processes arrive (the listener is up)."""
 
@@ -46,7 +49,7 @@ class ResultWaiters:
         deadline = None if timeout is None else loop.time() + timeout
         recheck = self._recheck()
         with self._registered(run_id) as event:
-            watching = False
+            watched = None  # self._reconnects when the watch was asked for
             while True:
                 event.clear()
                 output = self._completed_here.get(run_id)
@@ -57,14 +60,20 @@ class ResultWaiters:
                     await wait_for_event(event, recheck if deadline is None else min(recheck, deadline - loop.time()))
                     if deadline is None or loop.time() < deadline:
                         continue
+                elif watched != self._reconnects:
+                    # Ask for the "finished" notification first: one statement, and when it says the run is
+                    # unfinished (the watch is set) nothing is read until the notification or the recheck.
+                    watched = self._reconnects
+                    if await until_available(
+                        lambda: self._backend.watch_run(run_id), what="watch run", give_up_after_s=30
+                    ) and (deadline is None or loop.time() < deadline):
+                        await wait_for_event(
+                            event, recheck if deadline is None else min(recheck, deadline - loop.time())
+                        )
+                        continue
                 record = await self._read_run(run_id)
                 if record.status.finished:
                     return record
-                if not watching and not self._runs_here(run_id):
-                    # Ask for the "finished" notification, then read again: it may have finished meanwhile.
-                    await until_available(lambda: self._backend.watch_run(run_id), what="watch run", give_up_after_s=30)
-                    watching = True
-                    continue
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     raise ResultTimeout(run_id, record.status.value, timeout or 0)
@@ -123,12 +132,18 @@ class ResultWaiters:
 
     def finished_here(self, run_id: str, output_json: str | None) -> None:
         """This process's worker let go of a run; `output_json` is set when it completed it."""
+        self.completed(run_id, output_json)
+
+    def completed(self, run_id: str, output_json: str | None) -> None:
+        """The run finished (a notification, or this process's worker let go of it); `output_json` is its output
+        when it completed and the output came along: its waiters return it without a read."""
         if output_json is not None and run_id in self._events:
             self._completed_here[run_id] = output_json
         self.finished(run_id)
 
     def wake_all(self) -> None:
-        """Notifications may have been lost (a reconnect): every waiter reads again."""
+        """Notifications may have been lost (a reconnect): every waiter reads again, and watches again."""
+        self._reconnects += 1
         for events in self._events.values():
             for event in events:
                 event.set()

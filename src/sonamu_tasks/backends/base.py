@@ -131,7 +131,10 @@ class Notifications(Protocol):
     """What a backend tells the engine as it happens (PostgreSQL LISTEN/NOTIFY)."""
 
     def run_available(self, workflow_name: str) -> None: ...
-    def run_finished(self, run_id: str) -> None: ...
+    def run_finished(self, run_id: str, output_json: str | None = None) -> None:
+        """The run finished; `output_json` is its output when it completed and the notification carried it."""
+        ...
+
     def run_requested(self, run_id: str) -> None:
         """A cancel or pause was asked for this running run."""
         ...
@@ -204,8 +207,10 @@ class Backend(ScheduleStore, Protocol):
         ...
 
     async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None: ...
-    async def watch_run(self, run_id: str) -> None:
-        """Ask for a notification when this run finishes (for a result() waiter; no-op without notifications)."""
+    async def watch_run(self, run_id: str) -> bool:
+        """Ask for a notification when this run finishes (for a result() waiter). True when this call set the
+        watch on an unfinished run (its finish will be notified); False when the caller must read the run: it is
+        finished, unknown or watched already, or the backend has no notifications."""
         ...
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:

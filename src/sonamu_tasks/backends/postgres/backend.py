@@ -371,9 +371,10 @@ class PostgresBackend:
         return RunRecord(**row, steps=tuple(steps.values()))
 
     @_transient
-    async def watch_run(self, run_id: str) -> None:
+    async def watch_run(self, run_id: str) -> bool:
         async with self._pool.connection() as conn:
-            await conn.execute(QUERIES["watch_run"], {"run_id": run_id})
+            row = await (await conn.execute(QUERIES["watch_run"], {"run_id": run_id})).fetchone()
+        return row is not None
 
     @_transient
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
@@ -809,6 +810,9 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
         notifications.run_available(value)
     elif kind == "f":
         notifications.run_finished(value)
+    elif kind == "o":  # completed, with its output (migration 0013): "o:" + id + ":" + output JSON
+        run_id, _, output_json = value.partition(":")
+        notifications.run_finished(run_id, output_json)
     elif kind == "r":
         notifications.run_requested(value)
 

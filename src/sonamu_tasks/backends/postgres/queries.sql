@@ -608,13 +608,16 @@ SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
 
 -- watch_run --
--- A result() waiter in another process asks for the "finished" notification of this run. The commit does not
--- wait for the WAL flush: the row lock it takes (which a claim skips) lasts microseconds instead of a flush,
--- and the flag is only a hint (lost in a crash, the waiter watches again when its listener reconnects).
+-- A result() waiter in another process asks for the "finished" notification of this run; a row back means the
+-- run is unfinished and the watch is set by this statement (the waiter need not read the run until notified).
+-- The commit does not wait for the WAL flush: the row lock it takes (which a claim skips) lasts microseconds
+-- instead of a flush, and the flag is only a hint (lost in a crash, the waiter watches again when its listener
+-- reconnects).
 WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS setting)
 UPDATE runs SET notify_finish = true
 FROM relaxed
 WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')
+RETURNING 1
 
 -- due_backlog --
 -- Runs due and not claimed, per workflow queue, and how long the oldest has waited (for the metrics).

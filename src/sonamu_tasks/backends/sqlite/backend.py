@@ -230,8 +230,9 @@ class SqliteBackend:
 
         return await self._db.read(read)
 
-    async def watch_run(self, run_id: str) -> None:
+    async def watch_run(self, run_id: str) -> bool:
         """Nothing to ask for: SQLite sends no notifications, waiters re-read."""
+        return False
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
         params = {

@@ -31,3 +31,25 @@
 -- those are worker-side or rare. PostgreSQL sends identical notifications of one transaction once.
 
 DROP TRIGGER runs_notify_insert ON runs;
+
+-- A watched run that completes with a small output sends the output with its notification ("o:" + id + ":" +
+-- output JSON, when the JSON takes at most 7,000 bytes; NOTIFY payloads are limited to 8,000): the result() waiting
+-- in another process returns it without reading the run back, one round trip less after the last step. Larger
+-- outputs, failures and cancels send "f:" + id as before, and the waiter reads the run.
+CREATE OR REPLACE FUNCTION notify_run_change() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    output text;
+BEGIN
+    IF NEW.status = 'pending' AND NEW.available_at <= now() THEN
+        PERFORM pg_notify('sonamu_tasks:' || TG_TABLE_SCHEMA, 'a:' || NEW.workflow_name);
+    ELSIF NEW.status IN ('completed', 'failed', 'canceled') AND NEW.notify_finish THEN
+        output := COALESCE(NEW.output::text, 'null');
+        IF NEW.status = 'completed' AND octet_length(output) <= 7000 THEN
+            PERFORM pg_notify('sonamu_tasks:' || TG_TABLE_SCHEMA, 'o:' || NEW.id::text || ':' || output);
+        ELSE
+            PERFORM pg_notify('sonamu_tasks:' || TG_TABLE_SCHEMA, 'f:' || NEW.id::text);
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
