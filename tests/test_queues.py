@@ -324,3 +324,22 @@ def process_spans(directory: Path, *, leaving_out: int | None = None) -> list[tu
 def process_starts(directory: Path) -> int:
     path = directory / "spans.log"
     return sum(line.startswith("start") for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+async def test_children_take_queue_options_and_a_fork_keeps_them(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def leaf(input: Any) -> Any:
+        return input
+
+    @workflow(version="1")
+    async def parent(input: Any, step: Any) -> Any:
+        return await step.run_workflow("kid", leaf, 1, queue="side", priority=4, concurrency_key="tenant-1")
+
+    manager = await manager_for([parent, leaf], queues=["default", "side"])
+    handle = await manager.run(parent, priority=2, concurrency_key="tenant-9")
+    assert await handle.result(timeout=15) == 1
+    [kid] = (await manager.list_runs(parent_id=handle.id)).items
+    assert (kid.queue, kid.priority, kid.concurrency_key) == ("side", 4, "tenant-1")
+    forked = await manager.fork(handle.id, "kid")
+    fork = await forked.info()
+    assert (fork.queue, fork.priority, fork.concurrency_key) == ("default", 2, "tenant-9")

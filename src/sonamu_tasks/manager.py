@@ -497,6 +497,13 @@ class WorkflowManager:
             target,
             definition,
             source.input,
+            # The same run again: its priority and concurrency key; its queue unless the target version
+            # declares one here.
+            RunOptions(
+                queue=None if definition is not None else source.queue,
+                priority=source.priority,
+                concurrency_key=source.concurrency_key,
+            ),
             what=f"the input of run {run_id} forked to version {target!r}",
         )
         await until_available(
