@@ -343,3 +343,23 @@ async def test_children_take_queue_options_and_a_fork_keeps_them(manager_for: An
     forked = await manager.fork(handle.id, "kid")
     fork = await forked.info()
     assert (fork.queue, fork.priority, fork.concurrency_key) == ("default", 2, "tenant-9")
+
+
+async def test_queues_declared_in_the_config_are_stored_and_refused_when_malformed(
+    database_url: str, schema: str
+) -> None:
+    from sonamu_tasks import define_config
+
+    config = define_config(
+        database_url=database_url,
+        schema=schema,
+        tasks={"enable_worker": False, "queues": [{"name": "reports", "concurrency": 2, "rate_limit": "10/1m"}]},
+    )
+    async with WorkflowManager(config) as manager:
+        stats = {s.name: s for s in await manager.queue_stats()}
+    assert stats["reports"].concurrency == 2
+    assert (stats["reports"].rate_limit, stats["reports"].rate_period) == (10, timedelta(minutes=1))
+    with pytest.raises(ConfigError, match="concurrenc"):
+        define_config(tasks={"queues": [{"name": "reports", "concurrency": 0}]})
+    with pytest.raises(ConfigError, match="speed"):
+        define_config(tasks={"queues": [{"name": "reports", "speed": 3}]})
