@@ -363,3 +363,24 @@ async def test_queues_declared_in_the_config_are_stored_and_refused_when_malform
         define_config(tasks={"queues": [{"name": "reports", "concurrency": 0}]})
     with pytest.raises(ConfigError, match="speed"):
         define_config(tasks={"queues": [{"name": "reports", "speed": 3}]})
+
+
+async def test_worker_concurrency_caps_each_worker_not_the_fleet(manager_for: Any) -> None:
+    spans = Spans()
+    per_worker = Queue("per-worker", worker_concurrency=1)
+
+    @workflow(version="1", queue=per_worker)
+    async def polite(input: Any, step: Any) -> str:
+        return str(await step.define("work", spans.run).run("all", 0.15))
+
+    first = await manager_for([polite], concurrency=4)
+    handles = [await first.run(polite, i) for i in range(3)]
+    for handle in handles:
+        await handle.result(timeout=30)
+    assert spans.most_at_once() == 1  # one worker: one at a time, whatever its slots
+    spans.spans.clear()
+    await manager_for([polite], concurrency=4)  # a second worker in this process: its own cap of one
+    handles = [await first.run(polite, i) for i in range(8)]
+    for handle in handles:
+        await handle.result(timeout=30)
+    assert spans.most_at_once() <= 2
