@@ -85,12 +85,15 @@ SELECT count(*) FROM queue_starts WHERE queue = :queue AND started_at > :now - :
 INSERT INTO queue_starts (queue, started_at) VALUES (:queue, :now)
 
 -- next_level --
--- The next priority level in use in this queue by these workflows.
-SELECT min(priority) FROM runs INDEXED BY runs_claim_queue
+-- The next priority level in use in this queue by these workflows: the first row along the index (ORDER BY
+-- LIMIT 1 stops there; min() with the workflow filter would read the whole queue).
+SELECT priority FROM runs INDEXED BY runs_claim_queue
 WHERE queue = :queue AND status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT key_parked
   AND priority > :after
   AND (workflow_name, version) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
+ORDER BY priority
+LIMIT 1
 
 -- due_runs --
 -- One priority level's due runs, oldest first; a run still "running" here had its lease expire.
