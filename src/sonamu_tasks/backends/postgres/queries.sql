@@ -666,6 +666,11 @@ WHERE r.status IN ('completed', 'failed', 'canceled')
         AND (p.status NOT IN ('completed', 'failed', 'canceled')
              OR p.finished_at >= now() - %(older_than)s::interval))
 
+-- lock_queue --
+-- Taken before a queue's limits change: the change waits for a claim of the queue in progress (see
+-- migration 0012 for the lock's rules).
+SELECT pg_advisory_xact_lock(queue_lock_key(%(name)s))
+
 -- save_queue --
 -- A queue's limits as declared in code; a change is seen by the next claim of every worker. Returns whether
 -- the per-key limit changed (its parked runs are then let back into the claim, see unpark_queue).
