@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sonamu_tasks import RetryPolicy, Schedule, workflow
+from sonamu_tasks import Queue, RetryPolicy, Schedule, workflow
 
 
 def audit(directory: str, line: str) -> None:
@@ -110,6 +110,32 @@ async def collect(input: Any, step: Any) -> list[Any]:
     for index in range(input["n"]):
         got.append(await step.receive(f"m{index}", topic="t"))
     return got
+
+
+LIMITED = Queue("limited", concurrency=3)
+
+
+def timed_step(directory: str, seconds: float) -> int:
+    """Writes its start and end (wall clock, shared by every process) to `<dir>/spans.log`; blocks until
+    `<dir>/release` exists when `seconds` is negative."""
+    path = Path(directory) / "spans.log"
+    with open(path, "a") as log:
+        log.write(f"start {os.getpid()} {time.time()}\n")
+    if seconds < 0:
+        while not (Path(directory) / "release").exists():
+            time.sleep(0.01)
+    else:
+        time.sleep(seconds)
+    with open(path, "a") as log:
+        log.write(f"end {os.getpid()} {time.time()}\n")
+    return os.getpid()
+
+
+@workflow(version="1", queue=LIMITED)
+async def limited(input: Any, step: Any) -> int:
+    """One timed step in a queue that lets three runs execute at once across every worker."""
+    pid: int = await step.define("work", timed_step).run(input["dir"], input.get("seconds", 0.2))
+    return pid
 
 
 async def _started_in() -> int:
