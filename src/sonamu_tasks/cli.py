@@ -51,7 +51,7 @@ from .display import (
 )
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
-from .manager import RunPage, StrandedRuns, WorkflowManager, until_signal
+from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
 from .queue import Queue, served_queues
 from .records import QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
 from .schedule import zone
@@ -249,14 +249,15 @@ def dev(context: click.Context) -> None:
 
 async def _serve(config: Config, *, reload: bool) -> None:
     manager = WorkflowManager(config)
-    async with manager:
-        _report_discovery(manager)
-        watcher = asyncio.create_task(_watch(manager)) if reload else None
-        await until_signal()
-        click.echo("shutting down: finishing running steps", err=True)
-        if watcher is not None:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+    with StopSignals() as signals:
+        async with manager:
+            _report_discovery(manager)
+            watcher = asyncio.create_task(_watch(manager)) if reload else None
+            await signals.stopped.wait()
+            click.echo("shutting down: finishing running steps", err=True)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
 
 
 async def _watch(manager: WorkflowManager) -> None:

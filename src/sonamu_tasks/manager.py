@@ -88,15 +88,22 @@ def active_manager() -> WorkflowManager:
     return _active[-1]
 
 
-async def until_signal() -> None:
-    """Return when the process receives SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
+class StopSignals:
+    """SIGTERM and SIGINT set `stopped`, from the moment it is entered: a signal that arrives while the
+    manager is still starting stops it gracefully once it has started, instead of killing the process
+    mid-start (which would leave its worker registered)."""
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
+
+    def __enter__(self) -> StopSignals:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopped.set)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
@@ -223,9 +230,10 @@ class WorkflowManager:
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully (what `sonamu-tasks worker` does)."""
-        async with self:
-            await until_signal()
-            logger.info("signal received: shutting down")
+        with StopSignals() as signals:
+            async with self:
+                await signals.stopped.wait()
+                logger.info("signal received: shutting down")
 
     # registration
 
