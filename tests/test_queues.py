@@ -358,7 +358,7 @@ async def test_queues_declared_in_the_config_are_stored_and_refused_when_malform
     async with WorkflowManager(config) as manager:
         stats = {s.name: s for s in await manager.queue_stats()}
     assert stats["reports"].concurrency == 2
-    assert (stats["reports"].rate_limit, stats["reports"].rate_period) == (10, timedelta(minutes=1))
+    assert (stats["reports"].rate_limit_starts, stats["reports"].rate_limit_window) == (10, timedelta(minutes=1))
     with pytest.raises(ConfigError, match="concurrenc"):
         define_config(tasks={"queues": [{"name": "reports", "concurrency": 0}]})
     with pytest.raises(ConfigError, match="speed"):

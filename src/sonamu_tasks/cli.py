@@ -135,7 +135,7 @@ def _queue_names(context: click.Context, param: click.Parameter, values: tuple[s
 
 STALE_AFTER = 60.0
 """Seconds since its last heartbeat after which a worker no longer counts as serving its versions."""
-_LIST_FILTERS = ("workflow", "version", "statuses", "parent_id", "since", "limit", "cursor")
+_LIST_FILTERS = ("workflow", "version", "queue", "statuses", "parent_id", "since", "limit", "cursor")
 """The filters of `runs`, none of which goes with --stranded."""
 
 
@@ -433,6 +433,7 @@ _STATUSES = click.Choice([s.value for s in RunStatus])
 @main.command()
 @click.option("--workflow", help="Only runs of this workflow.")
 @click.option("--version", "version", callback=_checked(arguments.version), help="Only runs of this version.")
+@click.option("--queue", "queue", callback=_checked(arguments.queue_name), help="Only runs of this queue.")
 @click.option("--status", "statuses", multiple=True, type=_STATUSES, help="Only runs in this status (repeatable).")
 @click.option("--parent", "parent_id", callback=_run_id, metavar="RUN_ID", help="Only the children of this run.")
 @click.option("--since", help="Only runs created in the last DURATION (1h, 7d) or after an ISO datetime.")
@@ -455,6 +456,7 @@ def runs(
     context: click.Context,
     workflow: str | None,
     version: str | None,
+    queue: str | None,
     statuses: tuple[str, ...],
     parent_id: str | None,
     since: str | None,
@@ -487,6 +489,7 @@ def runs(
                 limit=limit,
                 cursor=cursor,
                 parent_id=parent_id,
+                queue=queue,
             )
 
     page = _steering(fetch())

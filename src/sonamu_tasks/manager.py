@@ -464,15 +464,18 @@ class WorkflowManager:
         cursor: str | None = None,
         parent_id: str | None = None,
         version: str | None = None,
+        queue: str | None = None,
     ) -> RunPage:
         """Runs, newest first. Pass `page.next_cursor` as `cursor` for the next page (None: last page).
-        `parent_id`: only the children of that run."""
+        `parent_id`: only the children of that run. `queue`: only the runs of that queue."""
         if not 1 <= limit <= 1000:
             raise ValueError(f"limit must be between 1 and 1000, got {limit}")
         statuses = None
         if status is not None:
             statuses = tuple(RunStatus(s).value for s in ([status] if isinstance(status, str) else status))
-        query = RunQuery(workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id, version)
+        query = RunQuery(
+            workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id, version, queue
+        )
         records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
         items = records[:limit]
         return RunPage(items, items[-1].id if len(records) > limit else None)

@@ -423,6 +423,7 @@ class PostgresBackend:
             "created_before": query.created_before,
             "limit": query.limit,
             "parent_id": query.parent_id,
+            "queue": query.queue,
             "version": query.version,
         }
         async with self._pool.connection() as conn:

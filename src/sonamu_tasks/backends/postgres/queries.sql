@@ -503,6 +503,7 @@ WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
   AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
   AND (%(version)s::text IS NULL OR version = %(version)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
 ORDER BY runs.id DESC
