@@ -251,6 +251,12 @@ async def started_family(manager_for: Any, kids: int) -> tuple[Any, str]:
     """A `family` parent waiting for its children and its nap, and the id of its finished child."""
     manager = await manager_for([family, doubled])
     parent = await manager.run(family, kids)
+
+    # Waiting with every child started: it waits for "first" before it starts the others.
+    async def all_started() -> bool:
+        return sum((await manager.count_children(parent.id)).values()) == kids + 2
+
+    await wait_until(all_started, what="every child started")
     await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
     [first] = (await manager.list_runs(parent_id=parent.id, workflow="doubled")).items
     return parent, first.id

@@ -321,3 +321,24 @@ async def test_worker_queue_warns_of_a_queue_nothing_declares(config_module: Any
         assert "warning: queue 'paymnets' is neither the queue of a workflow this worker registers" in worker.log()
     finally:
         assert await worker.stop() == 0, worker.log()
+
+
+async def test_runs_lists_the_runs_of_one_queue(manager_for: Any, invoke: Invoke) -> None:
+    from sonamu_tasks import workflow
+
+    @workflow(version="1", queue="mail")
+    async def send_mail(input: Any) -> Any:
+        return input
+
+    @workflow(version="1")
+    async def other_work(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([send_mail, other_work])
+    mail = [await manager.run(send_mail, i) for i in range(2)]
+    await manager.run(other_work, 9)
+    assert {run.id for run in (await manager.list_runs(queue="mail")).items} == {h.id for h in mail}
+    listed = json.loads((await invoke("runs", "--queue", "mail", "--json")).stdout)
+    assert {item["id"] for item in listed["items"]} == {h.id for h in mail}
+    refused = await invoke("runs", "--queue", " ")
+    assert refused.exit_code == 2 and "queue" in refused.output

@@ -51,7 +51,7 @@ from .display import (
 )
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
-from .manager import RunPage, StrandedRuns, WorkflowManager, until_signal
+from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
 from .queue import Queue, served_queues
 from .records import QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
 from .schedule import zone
@@ -135,7 +135,7 @@ def _queue_names(context: click.Context, param: click.Parameter, values: tuple[s
 
 STALE_AFTER = 60.0
 """Seconds since its last heartbeat after which a worker no longer counts as serving its versions."""
-_LIST_FILTERS = ("workflow", "version", "statuses", "parent_id", "since", "limit", "cursor")
+_LIST_FILTERS = ("workflow", "version", "queue", "statuses", "parent_id", "since", "limit", "cursor")
 """The filters of `runs`, none of which goes with --stranded."""
 
 
@@ -249,14 +249,15 @@ def dev(context: click.Context) -> None:
 
 async def _serve(config: Config, *, reload: bool) -> None:
     manager = WorkflowManager(config)
-    async with manager:
-        _report_discovery(manager)
-        watcher = asyncio.create_task(_watch(manager)) if reload else None
-        await until_signal()
-        click.echo("shutting down: finishing running steps", err=True)
-        if watcher is not None:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+    with StopSignals() as signals:
+        async with manager:
+            _report_discovery(manager)
+            watcher = asyncio.create_task(_watch(manager)) if reload else None
+            await signals.stopped.wait()
+            click.echo("shutting down: finishing running steps", err=True)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
 
 
 async def _watch(manager: WorkflowManager) -> None:
@@ -432,6 +433,7 @@ _STATUSES = click.Choice([s.value for s in RunStatus])
 @main.command()
 @click.option("--workflow", help="Only runs of this workflow.")
 @click.option("--version", "version", callback=_checked(arguments.version), help="Only runs of this version.")
+@click.option("--queue", "queue", callback=_checked(arguments.queue_name), help="Only runs of this queue.")
 @click.option("--status", "statuses", multiple=True, type=_STATUSES, help="Only runs in this status (repeatable).")
 @click.option("--parent", "parent_id", callback=_run_id, metavar="RUN_ID", help="Only the children of this run.")
 @click.option("--since", help="Only runs created in the last DURATION (1h, 7d) or after an ISO datetime.")
@@ -454,6 +456,7 @@ def runs(
     context: click.Context,
     workflow: str | None,
     version: str | None,
+    queue: str | None,
     statuses: tuple[str, ...],
     parent_id: str | None,
     since: str | None,
@@ -486,6 +489,7 @@ def runs(
                 limit=limit,
                 cursor=cursor,
                 parent_id=parent_id,
+                queue=queue,
             )
 
     page = _steering(fetch())

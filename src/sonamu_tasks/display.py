@@ -421,9 +421,9 @@ def period_text(period: timedelta) -> str:
 
 def rate_text(stats: QueueStats) -> str | None:
     """The queue's rate limit as it was declared (`100/1s`), or None when it has none."""
-    if stats.rate_limit is None or stats.rate_period is None:
+    if stats.rate_limit_starts is None or stats.rate_limit_window is None:
         return None
-    return f"{stats.rate_limit}/{period_text(stats.rate_period)}"
+    return f"{stats.rate_limit_starts}/{period_text(stats.rate_limit_window)}"
 
 
 def queue_row(stats: QueueStats) -> list[str]:
@@ -434,8 +434,8 @@ def queue_row(stats: QueueStats) -> list[str]:
         return "-" if value is None else str(value)
 
     window = "-"
-    if stats.rate_limit is not None:
-        window = f"{stats.starts_in_window or 0}/{stats.rate_limit}"
+    if stats.rate_limit_starts is not None:
+        window = f"{stats.starts_in_window or 0}/{stats.rate_limit_starts}"
     oldest = "-" if stats.oldest_due_seconds is None or not stats.due else seconds_text(stats.oldest_due_seconds)
     return [
         stats.name,
@@ -459,8 +459,8 @@ def queue_summary(stats: QueueStats) -> dict[str, Any]:
         "concurrency": stats.concurrency,
         "worker_concurrency": stats.worker_concurrency,
         "rate_limit": rate_text(stats),
-        "rate_limit_starts": stats.rate_limit,
-        "rate_limit_window_s": None if stats.rate_period is None else stats.rate_period.total_seconds(),
+        "rate_limit_starts": stats.rate_limit_starts,
+        "rate_limit_window_s": None if stats.rate_limit_window is None else stats.rate_limit_window.total_seconds(),
         "per_key_concurrency": stats.per_key_concurrency,
         "running": stats.running,
         "due": stats.due,

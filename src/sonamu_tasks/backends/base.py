@@ -136,6 +136,7 @@ class RunQuery:
     parent_id: str | None = None
     """Only the children of this run."""
     version: str | None = None
+    queue: str | None = None
 
 
 class Notifications(Protocol):
@@ -357,8 +358,8 @@ class Backend(ScheduleStore, Protocol):
         """(workflow, version, status, how many, the oldest one's creation) over unfinished runs."""
         ...
 
-    async def due_backlog(self) -> list[tuple[str, str, int, float]]:
-        """(workflow, version, runs due and not claimed, seconds the oldest has waited)."""
+    async def due_backlog(self) -> list[tuple[str, str, str, int, float]]:
+        """(queue, workflow, version, runs due and not claimed, seconds the oldest has waited)."""
         ...
 
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:

@@ -524,6 +524,7 @@ WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
   AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
   AND (%(version)s::text IS NULL OR version = %(version)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
 ORDER BY runs.id DESC
@@ -626,11 +627,11 @@ WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'fai
 RETURNING 1
 
 -- due_backlog --
--- Runs due and not claimed, per workflow queue, and how long the oldest has waited (for the metrics).
-SELECT workflow_name, version, count(*), EXTRACT(EPOCH FROM now() - min(available_at))::float8
+-- Runs due and not claimed, per queue and workflow, and how long the oldest has waited (for the metrics).
+SELECT queue, workflow_name, version, count(*), EXTRACT(EPOCH FROM now() - min(available_at))::float8
 FROM runs
 WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <= now()
-GROUP BY workflow_name, version
+GROUP BY queue, workflow_name, version
 
 -- save_retention --
 -- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever
