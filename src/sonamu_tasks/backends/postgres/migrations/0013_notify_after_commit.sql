@@ -1,23 +1,25 @@
--- A new run no longer NOTIFYs from its INSERT: the process that inserted it sends "a:" + workflow after the
--- commit, coalesced (PostgresBackend's _Wakeups).
+-- A new run no longer NOTIFYs from an insert trigger: the process that inserts runs sends "a:" + workflow
+-- itself, at most one NOTIFY in flight per process (PostgresBackend, backends/postgres/wakeups.py).
 --
 -- Why: a transaction that NOTIFYs takes PostgreSQL's notification queue lock (a heavyweight lock on the
 -- database object, wait event Lock:object) at pre-commit and keeps it until its commit has been flushed. Every
 -- run() was such a transaction, so at 32-64 producers committing at once their commits were serialized one
--- WAL flush after another instead of sharing flushes (group commit): measured, 9,985 of 10,266 samples of the
--- producers' wait events were Lock:object at 64 in flight. The insert trigger is dropped here.
+-- WAL flush after another instead of sharing flushes (group commit): measured with benchmarks/producer.py,
+-- 77,333 of 79,031 samples of the producers' wait events were Lock:object at 64 in flight. The insert trigger
+-- is dropped here.
 --
--- What replaces it: after an insert that made runs of a workflow due now has committed, the inserting process
--- adds the workflow to a set and, when no NOTIFY of its own is in flight, sends one: one statement,
--- `pg_notify` for every workflow in the set, in a transaction of its own that does not wait for the WAL flush
--- (synchronous_commit off: a notification is not durable anyway), so the queue lock is held for microseconds.
--- Commits that land while that NOTIFY is in flight are gathered and sent by the next one. So a process
--- sends at most one NOTIFY at a time, whatever its number of callers, and none for runs inserted already
--- claimed by its own worker (they need no worker woken).
+-- What replaces it: a run() whose process has no NOTIFY in flight carries one in its own insert statement (no
+-- extra round trip; its commit is the only one of the process that takes the lock). Otherwise, after the
+-- insert has committed, the process adds the workflow to a set, and the set is sent once the NOTIFY in flight
+-- is done: one statement, `pg_notify` for every workflow in the set, in a transaction of its own that does not
+-- wait for the WAL flush (synchronous_commit off: a notification is not durable anyway), so that lock is held
+-- for microseconds. run_many, children, forks and fired schedules use the set too. So a process has at most one
+-- NOTIFY in flight, whatever its number of callers, and sends none for runs inserted already claimed by its
+-- own worker (they need no worker woken).
 --
--- No lost wake-up: every insert adds its workflow to the set after its commit returned, and the set is sent
--- by a NOTIFY statement that starts after that moment (the one in flight may have started before; then the
--- next one is sent after it). A worker hears a notification only after the NOTIFY committed, and claims with
+-- No lost wake-up: a NOTIFY carried by the insert commits with it. Any other insert adds its workflow to the
+-- set after its commit returned, and the set is sent by a NOTIFY statement that starts after that moment (the
+-- one in flight may have started before; then the next one is sent after it). A worker hears a notification only after the NOTIFY committed, and claims with
 -- a snapshot taken after that: the run is visible to it. A worker busy claiming when it arrives claims again
 -- (its wake-up event stays set). What is not covered is a process that dies between its insert's commit and
 -- its NOTIFY, or a failing NOTIFY (logged): then the workers' polling (poll_interval_ms, 5 s by default with
