@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sonamu_tasks import RunStatus, WorkflowManager, define_config
+from sonamu_tasks import RunStatus, WorkflowManager, define_config, workflow
 from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled, StandbyCluster
 from sonamu_tasks.testing.postgres_cluster import failover_url
 
@@ -131,3 +133,55 @@ async def test_promoted_synchronous_standby_loses_no_run_and_reruns_no_completed
         f"{max(stalled, default=0):.1f}s after the promotion; interrupted steps re-run {interrupted}"
     )
     assert to_first_completed < OUTAGE_S + 15
+
+
+@workflow(version="1")
+async def quick(input: Any, step: Any) -> int:
+    return int(await step.define("one", lambda: 1).run())
+
+
+async def test_read_url_serves_the_lists_from_the_replica_and_never_the_claim(
+    primary_and_standby: tuple[PostgresCluster, StandbyCluster], tmp_path: Path
+) -> None:
+    primary, standby = primary_and_standby
+    config = define_config(
+        database_url=primary.url,
+        read_url=standby.url,
+        tasks={"worker_options": {"listen_delay": 0, "concurrency": 2}},
+    )
+    env = {**os.environ, "SONAMU_TASKS_DATABASE_URL": primary.url, "SONAMU_TASKS_READ_URL": standby.url}
+
+    def cli_lists() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "sonamu_tasks", "runs", "--json"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    async def listed() -> set[str]:
+        return {run.id for run in (await manager.list_runs(limit=100)).items}
+
+    async with WorkflowManager(config, workflows=[quick]) as manager:
+        first = await manager.run(quick, None)
+        assert await first.result(timeout=15) == 1
+        await wait_until(lambda: first.id in cli_lists(), what="the first run on the replica")
+
+        # Replay paused on the replica: what the primary commits now is not readable there.
+        with psycopg.connect(standby.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_wal_replay_pause()")
+            # Claimed, executed and completed on the primary while the replica stands still.
+            second = await manager.run(quick, None)
+            assert await second.result(timeout=15) == 1
+            run = await manager.get_run(second.id)  # a run's own reads: the primary
+            assert run is not None and run.status is RunStatus.COMPLETED
+            assert await listed() == {first.id}  # the lists: the replica
+            output = cli_lists()
+            assert first.id in output and second.id not in output
+            conn.execute("SELECT pg_wal_replay_resume()")
+
+        async def second_listed() -> bool:
+            return second.id in await listed()
+
+        await wait_until(second_listed, timeout=15, what="the replica to catch up")
+        await wait_until(lambda: second.id in cli_lists(), what="the second run on the replica")
