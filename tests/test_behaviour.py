@@ -34,6 +34,7 @@ def backend_name(request: pytest.FixtureRequest) -> str:
     """This suite runs on every backend, and on PostgreSQL through PgBouncer in session and transaction mode."""
     return str(request.param)
 
+
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_interval_ms=50, backoff_coefficient=1)
 
 

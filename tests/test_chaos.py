@@ -24,6 +24,9 @@ SCENARIOS = [
     "hostile_neighbours",
     "composition",
     "messages",
+    "pgbouncer",
+    "failover",
+    "failover_async",
 ]
 
 

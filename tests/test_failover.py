@@ -88,8 +88,8 @@ async def test_promoted_synchronous_standby_loses_no_run_and_reruns_no_completed
 
             producing = asyncio.create_task(produce())
             await wait_until(lambda: len(calls) >= 3, what="the producer to be producing")
-            killed_at, died = time.time(), time.monotonic()
-            await asyncio.to_thread(primary.kill_postmaster)
+            died = time.monotonic()
+            killed_at = await asyncio.to_thread(primary.kill_postmaster)
             await asyncio.sleep(OUTAGE_S)  # the outage an orchestrator takes to decide (not a wait on a condition)
             await asyncio.to_thread(standby.promote)
             promoted = time.monotonic()

@@ -6,6 +6,7 @@ the data directory is owned by the `postgres` OS user and the binaries run throu
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -104,15 +105,23 @@ class PostgresCluster:
         result = self._run("pg_ctl", "-D", str(self.data), "status", check=False)
         return result.returncode == 0
 
-    def kill_postmaster(self, timeout: float = 30) -> None:
-        """`kill -9` of the postmaster, as a crash of the machine would stop it (its backends notice and exit)."""
+    def kill_postmaster(self, timeout: float = 30, *, with_children: bool = False) -> float:
+        """`kill -9` of the postmaster (its backends notice and exit soon after; meanwhile a WAL sender may still
+        send what was written). `with_children`: every server process at once, as when the machine dies.
+        Returns the wall-clock time of the kill, once the server is gone."""
         pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = _children(pid) if with_children else []
         os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         deadline = time.monotonic() + timeout
         while self.is_running():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"postmaster {pid} still running {timeout}s after kill -9")
             time.sleep(0.02)
+        return killed_at  # the wall-clock time of the kill
 
     def destroy(self) -> None:
         if self.data.exists() and self.is_running():
@@ -209,6 +218,17 @@ def failover_url(*clusters: PostgresCluster, **parameters: str) -> str:
     hosts = ",".join(f"127.0.0.1:{cluster.port}" for cluster in clusters)
     query = "&".join(f"{key}={value}" for key, value in {"target_session_attrs": "read-write", **parameters}.items())
     return f"postgresql://postgres@{hosts}/postgres?{query}"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if fields.get("PPid", "").strip() == str(pid):
+                found.append(int(status.parent.name))
+    return found
 
 
 def _runuser() -> str:
