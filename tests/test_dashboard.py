@@ -209,6 +209,12 @@ async def waiting_family(manager_for: Any, kids: int) -> tuple[Any, dict[str, st
     """A `family` parent waiting for its children and its nap, and its children's ids by step."""
     manager = await manager_for([family, doubled])
     parent = await manager.run(family, kids)
+
+    # Waiting with every child started: it waits for "first" before it starts the others.
+    async def all_started() -> bool:
+        return sum((await manager.count_children(parent.id)).values()) == kids + 2
+
+    await wait_until(all_started, what="every child started")
     await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
     children: dict[str, str] = {}
     cursor = None

@@ -329,9 +329,7 @@ async def test_a_stored_time_beyond_the_year_9999_still_reads_and_lists(
             )
     else:
         with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
-            conn.execute(
-                "UPDATE runs SET available_at = ?, deadline_at = ? WHERE id = ?", [2**62, -(2**62), parked.id]
-            )
+            conn.execute("UPDATE runs SET available_at = ?, deadline_at = ? WHERE id = ?", [2**62, -(2**62), parked.id])
     record = await manager.get_run(parked.id)
     assert record.available_at == READABLE_TIMES[1]
     assert record.deadline_at in READABLE_TIMES

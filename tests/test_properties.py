@@ -49,9 +49,7 @@ from sonamu_tasks.serde import dumps, encode_error, loads
 
 T = TypeVar("T")
 
-ENGINE = settings(
-    max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+ENGINE = settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 PURE = settings(max_examples=300, deadline=None, database=None)
 
 # Strings a caller might really send, and the ones that break storage: NUL, lone and paired surrogates,

@@ -129,3 +129,19 @@ async def test_the_pytest_fixture(workflow_env: Any) -> None:
     handle = await workflow_env.run(weekly_digest)
     await workflow_env.advance("7d")
     assert await handle.status() is RunStatus.COMPLETED
+
+
+async def test_a_rate_limited_queue_follows_the_test_clock() -> None:
+    from sonamu_tasks import Queue
+
+    @workflow(version="1", queue=Queue("slow-api", rate_limit="2/1h"))
+    async def call_api(input: Any) -> Any:
+        return input
+
+    began = time.monotonic()
+    async with WorkflowTestEnv(workflows=[call_api], start=START) as env:
+        handles = [await env.run(call_api, i) for i in range(5)]
+        assert [await handle.result() for handle in handles] == list(range(5))  # waits skip to each window
+        starts = sorted([(await handle.info()).started_at for handle in handles])  # type: ignore[type-var]
+        assert starts[2] - starts[0] >= timedelta(hours=1) and starts[4] - starts[2] >= timedelta(hours=1)
+    assert time.monotonic() - began < 10

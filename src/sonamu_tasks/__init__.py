@@ -28,6 +28,8 @@ from .errors import (
 )
 from .handle import RunHandle
 from .manager import RunPage, StrandedRuns, WorkflowManager
+from .queue import Queue
+from .records import QueueStats
 from .retry import RetryDecision, RetryPolicy
 from .schedule import Schedule
 from .status import RunStatus, StepStatus
@@ -46,6 +48,8 @@ __all__ = [
     "InvalidName",
     "InvalidValue",
     "NonRetryableError",
+    "Queue",
+    "QueueStats",
     "ResultTimeout",
     "RetryDecision",
     "RetryPolicy",

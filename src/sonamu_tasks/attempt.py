@@ -490,8 +490,10 @@ class Attempt:
         *,
         fan_out: bool,
         detached: bool,
+        options: RunOptions | None = None,
     ) -> list[str]:
-        """Start child runs in step `name` (one statement); return their ids, the same on every replay."""
+        """Start child runs in step `name` (one statement); return their ids, the same on every replay.
+        `options`: the children's queue, priority and concurrency key."""
         self._claim_name(name)
         child_steps = [f"{name}[{index}]" for index in range(len(children))] if fan_out else [name]
         if fan_out:
@@ -512,7 +514,7 @@ class Attempt:
                 child_version,
                 definition,
                 child_input,
-                RunOptions(),
+                options or RunOptions(),
                 run_id=child_id,
                 parent_id=run.id,
                 parent_step=child_step,

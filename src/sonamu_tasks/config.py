@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .duration import Duration, parse_duration
-from .errors import ConfigError, InvalidDuration
+from .errors import ConfigError, InvalidDuration, InvalidValue
+from .queue import DEFAULT_QUEUE, Queue, queue_name
 
 DATABASE_URL_ENV = "SONAMU_TASKS_DATABASE_URL"
 LISTEN_URL_ENV = "SONAMU_TASKS_LISTEN_URL"
@@ -52,6 +53,9 @@ class WorkerOptions:
     loop keeps them; past this limit that thread stops extending them (and logs an error), and other workers
     take the runs over once their leases expire. A loop that comes back later finds its writes refused and
     drops those runs. Never less than `lease_ms` (a smaller value counts as `lease_ms`)."""
+    queues: Sequence[str] | None = None
+    """The queues this worker serves (names). Default: every queue of the workflows it registers. A run put in
+    another queue with `run(queue=...)` is claimed only by workers that serve that queue."""
     metrics_port: int | None = None
     """Serve this worker process's Prometheus metrics at http://127.0.0.1:PORT/metrics (needs the `metrics`
     extra). `worker --metrics-port` sets it."""
@@ -66,6 +70,15 @@ class WorkerOptions:
                 raise ConfigError(f"worker_options.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_recoveries < 1:
             raise ConfigError(f"worker_options.max_recoveries must be at least 1, got {self.max_recoveries}")
+        if self.queues is not None:
+            if isinstance(self.queues, str):
+                self.queues = [self.queues]
+            try:
+                self.queues = tuple(queue_name(q, what="worker_options.queues") or DEFAULT_QUEUE for q in self.queues)
+            except InvalidValue as error:
+                raise ConfigError(str(error)) from None
+            if not self.queues:
+                raise ConfigError("worker_options.queues is empty: name at least one queue, or leave it out")
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise ConfigError(f"worker_options.metrics_port must be a TCP port, got {self.metrics_port}")
 
@@ -78,10 +91,26 @@ class TasksConfig:
     retention: Duration | None = None
     """How long finished runs are kept (`"30d"`) before the workers delete them with their steps, messages and
     events; a workflow's own `retention=` overrides it. None (the default): kept forever."""
+    queues: Sequence[Queue | Mapping[str, Any]] = ()
+    """Queues declared in the config (`Queue` objects or dicts of its arguments), stored by synchronize() with
+    the queues the workflows declare."""
     retention_interval: Duration = "5m"
     """How often a worker looks for expired runs to delete (one worker at a time deletes them)."""
 
     def __post_init__(self) -> None:
+        queues = []
+        for item in self.queues:
+            if isinstance(item, Queue):
+                queues.append(item)
+                continue
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"tasks.queues: expected Queue objects or dicts, got {type(item).__name__}")
+            _reject_unknown("tasks.queues[]", item, Queue)
+            try:
+                queues.append(Queue(**item))
+            except (InvalidValue, TypeError) as error:
+                raise ConfigError(f"tasks.queues: {error}") from None
+        self.queues = tuple(queues)
         for name in ("retention", "retention_interval"):
             value = getattr(self, name)
             if value is None and name == "retention":

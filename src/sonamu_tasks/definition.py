@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import limits, serde
 from .duration import Duration, parse_duration
-from .errors import InvalidDuration, InvalidInput, InvalidName, SerializationError, WorkflowDefinitionError
+from .errors import (
+    InvalidDuration,
+    InvalidInput,
+    InvalidName,
+    InvalidValue,
+    SerializationError,
+    WorkflowDefinitionError,
+)
+from .queue import DEFAULT_QUEUE, Queue, queue_name
 from .retry import DEFAULT_RETRY_POLICY, RetryPolicy, coerce_retry_policy
 from .schedule import Schedule
 
@@ -42,6 +50,7 @@ class WorkflowDefinition(Generic[P, R]):
         schedules: Iterable[Schedule | Mapping[str, Any] | str] = (),
         retry_policy: RetryPolicy | None = None,
         retention: Duration | None = None,
+        queue: Queue | str | None = None,
     ) -> None:
         self.fn = fn
         self.name = _checked(limits.check_workflow_name, name)
@@ -52,7 +61,13 @@ class WorkflowDefinition(Generic[P, R]):
         self.parameters = _injected_parameters(fn, name)
         self.retention = _retention(retention, name)
         """How long its finished runs are kept before workers delete them; None: the configured default."""
+        self.queue: Queue | str = _queue(queue, name)
+        """The queue its runs go to (a `Queue`, or the name of one declared elsewhere); "default" by default."""
         functools.update_wrapper(self, fn)
+
+    @property
+    def queue_name(self) -> str:
+        return self.queue.name if isinstance(self.queue, Queue) else self.queue
 
     @property
     def key(self) -> tuple[str, str]:
@@ -92,6 +107,7 @@ def workflow(
     schedules: Iterable[Any] = (),
     retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
     retention: Duration | None = None,
+    queue: Queue | str | None = None,
 ) -> WorkflowDefinition[P, R]: ...
 
 
@@ -105,6 +121,7 @@ def workflow(
     schedules: Iterable[Any] = (),
     retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
     retention: Duration | None = None,
+    queue: Queue | str | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]: ...
 
 
@@ -117,6 +134,7 @@ def workflow(
     schedules: Iterable[Any] = (),
     retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
     retention: Duration | None = None,
+    queue: Queue | str | None = None,
 ) -> WorkflowDefinition[P, R] | Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]:
     """Declare a workflow: `@workflow(version="1")` above an `async def`, or `workflow(fn, version="1")`."""
     if version is None or (isinstance(version, str) and not version.strip()):
@@ -129,6 +147,7 @@ def workflow(
         raise WorkflowDefinitionError(f"workflow version must be a string, got {type(version).__name__}")
     policy = _retry_policy(retry_policy)
     _retention(retention, name or str(getattr(fn, "__name__", "workflow")))  # a bad value fails at the decorator
+    _queue(queue, name or str(getattr(fn, "__name__", "workflow")))
 
     def decorate(function: Callable[P, Awaitable[R]]) -> WorkflowDefinition[P, R]:
         if not inspect.iscoroutinefunction(function):
@@ -143,6 +162,7 @@ def workflow(
             schedules=schedules,
             retry_policy=policy,
             retention=retention,
+            queue=queue,
         )
 
     return decorate if fn is None else decorate(fn)
@@ -188,6 +208,15 @@ def _checked(check: Callable[[object], str], value: object) -> str:
 def _retry_policy(policy: RetryPolicy | Mapping[str, Any] | None) -> RetryPolicy | None:
     """A RetryPolicy, or the seed's plain-dict form (`{"max_attempts": 3, "initial_interval_ms": 500}`)."""
     return coerce_retry_policy(policy, what="retry_policy", error=WorkflowDefinitionError)
+
+
+def _queue(value: Queue | str | None, workflow_name: str) -> Queue | str:
+    """`queue=`: a Queue, the name of one, or None for the default queue."""
+    try:
+        name = queue_name(value, what=f"workflow {workflow_name!r} queue")
+    except InvalidValue as error:
+        raise WorkflowDefinitionError(str(error)) from None
+    return value if isinstance(value, Queue) else (name or DEFAULT_QUEUE)
 
 
 def _retention(value: Duration | None, workflow_name: str) -> timedelta | None:

@@ -126,9 +126,7 @@ def check_seconds(seconds: float, *, what: str, given: object) -> float:
     if math.isnan(seconds) or seconds < 0:
         raise UnusableDuration(f"{what}: {shown(given)} must be a non-negative duration", field=what)
     if seconds > MAX_DURATION.total_seconds():
-        raise UnusableDuration(
-            f"{what}: {shown(given)} is longer than the limit of 100 years ('100y')", field=what
-        )
+        raise UnusableDuration(f"{what}: {shown(given)} is longer than the limit of 100 years ('100y')", field=what)
     return seconds
 
 

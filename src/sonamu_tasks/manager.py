@@ -16,7 +16,16 @@ from typing import Any, Self
 
 from . import serde
 from .attempt import CANCELED_ERROR
-from .backends.base import Backend, MessageRecord, RunEventRecord, RunQuery, RunRecord, ScheduleRecord, WorkerRecord
+from .backends.base import (
+    Backend,
+    MessageRecord,
+    QueueStats,
+    RunEventRecord,
+    RunQuery,
+    RunRecord,
+    ScheduleRecord,
+    WorkerRecord,
+)
 from .backends.factory import backend_for
 from .config import Config, define_config
 from .definition import WorkflowDefinition
@@ -25,6 +34,7 @@ from .duration import Duration
 from .errors import InvalidInput, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
 from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
+from .queue import Queue, collect_queues
 from .reconnect import until_available
 from .registry import Registry
 from .result_waiters import ResultWaiters
@@ -155,6 +165,11 @@ class WorkflowManager:
         except BaseException:
             await self.backend.close()
             raise
+        try:
+            await until_available(self._register_queues, what="store queues", give_up_after_s=30)
+        except BaseException:
+            await self.backend.close()
+            raise
         if self.backend.pushes_notifications:
             self._listener = asyncio.create_task(self.backend.listen(self), name="sonamu-listen")
             self.waiters.listening = True
@@ -228,10 +243,26 @@ class WorkflowManager:
             self._collect(reload=True)
         else:
             self.registry.replace_all(definitions)
+        await until_available(self._register_queues, what="store queues")
         if self.worker is not None:
             await self.worker.registry_changed()
         if self.scheduler is not None:
             await until_available(self.scheduler.synchronize, what="synchronize schedules")
+
+    async def _register_queues(self) -> None:
+        """Store the queues of the config and the workflows, and each workflow's queue: the claims of every
+        worker read the limits from there."""
+        queues, workflow_queues = collect_queues(
+            [q for q in self.config.tasks.queues if isinstance(q, Queue)],
+            self.registry,  # dicts made Queues
+        )
+        if queues or workflow_queues:
+            await self.backend.register_queues(queues, workflow_queues)
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Every queue with limits or unfinished runs: its limits, runs executing, due backlog and its age,
+        starts in the current rate window (`sonamu-tasks queues`, the dashboard's queues page)."""
+        return await self.backend.queue_stats()
 
     def _collect(self, *, reload: bool) -> None:
         found = discover(self.config.workflows, reload=reload)
@@ -249,30 +280,55 @@ class WorkflowManager:
         idempotency_key: str | None = None,
         start_at: datetime | Duration | None = None,
         deadline: datetime | Duration | None = None,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        debounce: Duration | None = None,
+        debounce_key: str | None = None,
     ) -> RunHandle:
         """Start a run. The input is validated here when the workflow is known to this process.
 
         `idempotency_key`: a repeated key returns the existing run. `start_at`: a datetime or a duration
         (a delayed start). `deadline`: a datetime or duration after which the run fails with
         "deadline exceeded" instead of being claimed or retried.
+        `queue`: another queue than the workflow's. `priority`: lower runs first within the queue (FIFO
+        within a priority). `concurrency_key`: the key the queue's `per_key_concurrency` counts.
+        `debounce` with `debounce_key`: run() calls with the same key within `debounce` of the first one
+        make one run, started when the window ends with the latest input (the same handle comes back).
         """
         name, version, definition = resolve(workflow, self.registry)
-        options = RunOptions(idempotency_key, start_at, deadline)
+        options = RunOptions(
+            idempotency_key, start_at, deadline, queue, priority, concurrency_key, debounce, debounce_key
+        )
         new_run = prepare_run(name, version, definition, input, options, trace_context=self.telemetry.caller_context())
         worker = self.worker
         local = self.registry.find(name, version)
-        if worker is not None and local is not None and start_at is None and worker.reserve_slot():
-            # This process runs it: insert it already claimed, and start it now.
+        if new_run.debounce is not None:
+            run_id, created = await until_available(
+                lambda: self.backend.create_debounced_run(new_run), what="start run", give_up_after_s=30
+            )
+            return RunHandle(self, run_id, name, created=created)
+        if (
+            worker is not None
+            and local is not None
+            and start_at is None
+            and worker.serves(new_run.queue)
+            and worker.reserve_slot()
+        ):
+            # This process runs it: insert it already claimed, and start it now (unless its queue has limits:
+            # then it is inserted pending, for the claim to weigh).
             claimed = None
             try:
-                run_id, claimed = await until_available(
+                run_id, created, claimed = await until_available(
                     lambda: self.backend.create_claimed_run(new_run, worker.id, worker.lease),
                     what="start run",
                     give_up_after_s=30,
                 )
             finally:
                 worker.release_slot(claimed, local)
-            return RunHandle(self, run_id, name, created=claimed is not None)
+            if created and claimed is None:
+                worker.wake()
+            return RunHandle(self, run_id, name, created=created)
         run_id, created = await until_available(
             lambda: self.backend.create_run(new_run), what="start run", give_up_after_s=30
         )
@@ -288,6 +344,9 @@ class WorkflowManager:
         idempotency_keys: Sequence[str | None] | None = None,
         start_at: datetime | Duration | None = None,
         deadline: datetime | Duration | None = None,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_keys: Sequence[str | None] | None = None,
     ) -> list[RunHandle]:
         """Start one run per input in one statement; the handles come back in input order. Every input is
         validated first: a bad one refuses the whole call, naming its index, and nothing is stored.
@@ -297,9 +356,12 @@ class WorkflowManager:
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(items)
         if len(keys) != len(items):
             raise ValueError(f"run_many: {len(items)} inputs but {len(keys)} idempotency_keys")
+        concurrency = list(concurrency_keys) if concurrency_keys is not None else [None] * len(items)
+        if len(concurrency) != len(items):
+            raise ValueError(f"run_many: {len(items)} inputs but {len(concurrency)} concurrency_keys")
         new_runs = []
         context = self.telemetry.caller_context()
-        for index, (item, key) in enumerate(zip(items, keys, strict=True)):
+        for index, (item, key, concurrency_key) in enumerate(zip(items, keys, concurrency, strict=True)):
             try:
                 new_runs.append(
                     prepare_run(
@@ -307,7 +369,7 @@ class WorkflowManager:
                         version,
                         definition,
                         item,
-                        RunOptions(key, start_at, deadline),
+                        RunOptions(key, start_at, deadline, queue, priority, concurrency_key),
                         what=f"inputs[{index}] of run_many({name!r})",
                         trace_context=context,
                     )
@@ -435,6 +497,13 @@ class WorkflowManager:
             target,
             definition,
             source.input,
+            # The same run again: its priority and concurrency key; its queue unless the target version
+            # declares one here.
+            RunOptions(
+                queue=None if definition is not None else source.queue,
+                priority=source.priority,
+                concurrency_key=source.concurrency_key,
+            ),
             what=f"the input of run {run_id} forked to version {target!r}",
         )
         await until_available(

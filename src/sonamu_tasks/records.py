@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from .status import RunStatus, StepStatus
@@ -52,6 +52,9 @@ class RunRecord:
     forked_from: str | None = None
     """The run this one was forked from (`manager.fork`), and the step it was forked at."""
     forked_step: str | None = None
+    queue: str = "default"
+    priority: int = 0
+    concurrency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,3 +99,25 @@ class RunEventRecord:
     key: str
     value: Any
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A queue as the claim sees it now (`manager.queue_stats()`, `sonamu-tasks queues`)."""
+
+    name: str
+    concurrency: int | None
+    worker_concurrency: int | None
+    rate_limit: int | None
+    rate_period: timedelta | None
+    per_key_concurrency: int | None
+    running: int
+    """Runs of the queue executing now (live lease)."""
+    due: int
+    """Runs due and not claimed (including runs parked behind a full concurrency key)."""
+    oldest_due_seconds: float | None
+    """How long the oldest due run has waited."""
+    starts_in_window: int | None
+    """Starts in the last rate window (rate-limited queues only)."""
+    parked_on_key: int
+    """Due runs set aside until their concurrency key has a free slot."""

@@ -16,15 +16,16 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import limits, serde
 from .backends.base import NewRun
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
-from .errors import WorkflowNotRegistered
+from .errors import InvalidValue, WorkflowNotRegistered
 from .ids import new_run_id
+from .queue import Queue, check_priority, queue_name
 from .registry import Registry
 
 WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
@@ -38,6 +39,11 @@ class RunOptions:
     idempotency_key: str | None = None
     start_at: datetime | Duration | None = None
     deadline: datetime | Duration | None = None
+    queue: Queue | str | None = None
+    priority: int = 0
+    concurrency_key: str | None = None
+    debounce: Duration | None = None
+    debounce_key: str | None = None
 
 
 def resolve(workflow: WorkflowSpec, registry: Registry) -> tuple[str, str, WorkflowDefinition[Any, Any] | None]:
@@ -91,6 +97,13 @@ def prepare_run(
     for moment, field in ((start_at, "start_at"), (deadline, "deadline")):
         if isinstance(moment, datetime):
             limits.check_time(moment, field=field)
+    queue = queue_name(options.queue)
+    if queue is None and definition is not None:
+        queue = definition.queue_name  # else the database finds the queue the workflow registered
+    check_priority(options.priority)
+    if options.concurrency_key is not None:
+        limits.check_name(options.concurrency_key, field="concurrency_key", limit=limits.MAX_KEY_LENGTH)
+    debounce = _debounce(options)
     if definition is not None:
         definition.validate_input(input)  # refuse a bad input now; the worker builds the value itself
     return NewRun(
@@ -111,7 +124,30 @@ def prepare_run(
         parent_step=parent_step,
         detached=detached,
         trace_context=trace_context,
+        queue=queue,
+        priority=options.priority,
+        concurrency_key=options.concurrency_key,
+        debounce_key=options.debounce_key if debounce is not None else None,
+        debounce=debounce,
     )
+
+
+def _debounce(options: RunOptions) -> timedelta | None:
+    """`debounce` with its `debounce_key`: both or neither, and not with a start time or idempotency key (a
+    debounced run starts when its window ends, and the key already makes repeated calls one run)."""
+    if options.debounce is None and options.debounce_key is None:
+        return None
+    if options.debounce is None or options.debounce_key is None:
+        missing = "debounce_key" if options.debounce_key is None else "debounce"
+        raise InvalidValue(f"debounce and debounce_key go together: {missing} is missing", field=missing)
+    limits.check_name(options.debounce_key, field="debounce_key", limit=limits.MAX_KEY_LENGTH)
+    for field, value in (("start_at", options.start_at), ("idempotency_key", options.idempotency_key)):
+        if value is not None:
+            raise InvalidValue(f"debounce cannot be combined with {field}", field=field)
+    window = parse_duration(options.debounce, what="debounce")
+    if not window:
+        raise InvalidValue("debounce must be longer than 0", field="debounce")
+    return window
 
 
 def child_run_id(parent_id: str, step_name: str) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration, parse_duration
 from .errors import InvalidValue
+from .queue import Queue
 from .retry import RetryPolicy, coerce_retry_policy
 
 if TYPE_CHECKING:
@@ -147,34 +148,69 @@ class StepWrapper:
         return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(items))))
 
     async def start_workflow(
-        self, name: str, workflow: ChildWorkflow, input: Any = None, *, detached: bool = False
+        self,
+        name: str,
+        workflow: ChildWorkflow,
+        input: Any = None,
+        *,
+        detached: bool = False,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
     ) -> ChildHandle:
         """Start a child run in step `name`, once: its id comes from (this run, `name`), so a replay or a
         take-over finds it instead of starting another. `await handle.result()` waits for it durably.
-        Canceling this run cancels the child unless `detached`."""
+        Canceling this run cancels the child unless `detached`. `queue`, `priority`, `concurrency_key`: as
+        for `run()` (the child's own workflow queue by default)."""
         name = _step_name(name)
         spec = self._spec(workflow)
-        [child_id] = await self._attempt.start_children(name, [(*spec, input)], fan_out=False, detached=detached)
+        from .run_creation import RunOptions
+
+        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key)
+        [child_id] = await self._attempt.start_children(
+            name, [(*spec, input)], fan_out=False, detached=detached, options=options
+        )
         return ChildHandle(self._attempt, child_id, spec[0], name, fan_out=False)
 
     async def start_workflows(
-        self, name: str, workflow: ChildWorkflow, inputs: Iterable[Any], *, detached: bool = False
+        self,
+        name: str,
+        workflow: ChildWorkflow,
+        inputs: Iterable[Any],
+        *,
+        detached: bool = False,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
     ) -> list[ChildHandle]:
         """Start one child per input in one statement; the children are steps `"{name}[{index}]"`."""
         name = _step_name(name)
         spec = self._spec(workflow)
         children = [(*spec, item) for item in inputs]
-        ids = await self._attempt.start_children(name, children, fan_out=True, detached=detached)
+        from .run_creation import RunOptions
+
+        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key)
+        ids = await self._attempt.start_children(name, children, fan_out=True, detached=detached, options=options)
         return [
             ChildHandle(self._attempt, child_id, spec[0], f"{name}[{index}]", fan_out=True)
             for index, child_id in enumerate(ids)
         ]
 
     async def run_workflow(
-        self, name: str, workflow: ChildWorkflow, input: Any = None, *, detached: bool = False
+        self,
+        name: str,
+        workflow: ChildWorkflow,
+        input: Any = None,
+        *,
+        detached: bool = False,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
     ) -> Any:
         """`start_workflow` and wait for the child's output (ChildWorkflowFailed if it failed)."""
-        child = await self.start_workflow(name, workflow, input, detached=detached)
+        child = await self.start_workflow(
+            name, workflow, input, detached=detached, queue=queue, priority=priority, concurrency_key=concurrency_key
+        )
         return await child.result()
 
     def _spec(self, workflow: ChildWorkflow) -> tuple[str, str, WorkflowDefinition[Any, Any] | None]:

@@ -28,6 +28,7 @@ from .config import WorkerOptions
 from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
 from .heartbeat import HeartbeatThread, Held
+from .queue import served_queues
 from .reconnect import until_available
 from .registry import Registry
 from .telemetry import DISABLED, Telemetry
@@ -72,6 +73,7 @@ class Worker:
         self._active: dict[str, tuple[asyncio.Task[None], Attempt]] = {}  # by lease token
         self._wake = asyncio.Event()
         self._more_due = False
+        self._claims = 0
         self._stopping = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -154,6 +156,10 @@ class Worker:
 
     # runs started in this process, claimed as they are inserted
 
+    def serves(self, queue: str | None) -> bool:
+        """Whether this worker claims runs of `queue` (None: a queue not known here)."""
+        return queue is not None and queue in served_queues(self.options.queues, self.registry)
+
     def reserve_slot(self) -> bool:
         """Promise a slot to a run this process is about to insert already claimed; False when full."""
         if self._stopping or len(self._active) + self._reserved >= self.options.concurrency:
@@ -207,13 +213,19 @@ class Worker:
                 # A snapshot: a synchronize() while the claim is in flight must not orphan what it claims.
                 definitions = {definition.key: definition for definition in self.registry}
                 workflows = sorted(definitions)
+                queues = served_queues(self.options.queues, definitions.values())
+                if len(queues) > 1:
+                    # The first queue is served first: a different one each claim, so none starves another.
+                    self._claims += 1
+                    turn = self._claims % len(queues)
+                    queues = queues[turn:] + queues[:turn]
                 # At most half the slots per claim: runs claimed together move in lockstep (their steps and
                 # checkpoints batch together), and two cohorts let PostgreSQL commit one while the event loop
                 # runs the other, instead of each waiting for the other in turn.
                 limit = min(free, max(1, self.options.concurrency // 2))
                 try:
                     began = time.perf_counter()
-                    claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease)
+                    claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease, queues)
                     if self.telemetry.enabled:
                         taken = [(run.workflow_name, not run.first_claim and run.recoveries > 0) for run in claimed]
                         self.telemetry.claimed(time.perf_counter() - began, taken)
@@ -222,7 +234,7 @@ class Worker:
                         self._start(run, definitions[(run.workflow_name, run.version)])
                     self._more_due = len(claimed) == limit
                     if not self._more_due:
-                        due = await self.backend.seconds_until_due(workflows)
+                        due = await self.backend.seconds_until_due(workflows, queues)
                         if due is not None and due <= 0 and not claimed:
                             # Due but not claimed: a row lock made the claim skip it (another worker's claim,
                             # a result() asking to be notified, a cancel). Such locks last about one commit:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sonamu_tasks import RetryPolicy, Schedule, workflow
+from sonamu_tasks import Queue, RetryPolicy, Schedule, workflow
 
 
 def audit(directory: str, line: str) -> None:
@@ -127,3 +127,29 @@ async def audited_chain(input: Any, step: Any, context: Any) -> int:
         key = f"{context['run_id']}/s{index}"
         await step.define(f"s{index}", audited_work).run(input["dir"], key, float(input.get("work_ms", 20)))
     return int(input["steps"])
+
+
+LIMITED = Queue("limited", concurrency=3)
+
+
+def timed_step(directory: str, seconds: float) -> int:
+    """Writes its start and end (wall clock, shared by every process) to `<dir>/spans.log`; blocks until
+    `<dir>/release` exists when `seconds` is negative."""
+    path = Path(directory) / "spans.log"
+    with open(path, "a") as log:
+        log.write(f"start {os.getpid()} {time.time()}\n")
+    if seconds < 0:
+        while not (Path(directory) / "release").exists():
+            time.sleep(0.01)
+    else:
+        time.sleep(seconds)
+    with open(path, "a") as log:
+        log.write(f"end {os.getpid()} {time.time()}\n")
+    return os.getpid()
+
+
+@workflow(version="1", queue=LIMITED)
+async def limited(input: Any, step: Any) -> int:
+    """One timed step in a queue that lets three runs execute at once across every worker."""
+    pid: int = await step.define("work", timed_step).run(input["dir"], input.get("seconds", 0.2))
+    return pid

@@ -18,7 +18,7 @@ def main() -> None:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
     worker_options = {
-        "concurrency": 2,
+        "concurrency": int(os.environ.get("SONAMU_TEST_CONCURRENCY", "2")),
         "listen_delay": 0,
         "lease_ms": float(os.environ.get("SONAMU_TEST_LEASE_MS", "1000")),
         "shutdown_grace_ms": float(os.environ.get("SONAMU_TEST_GRACE_MS", "10000")),

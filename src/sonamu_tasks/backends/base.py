@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from ..queue import Queue
 from ..records import MessageRecord as MessageRecord
+from ..records import QueueStats as QueueStats
 from ..records import RunEventRecord as RunEventRecord
 
 # The records are public types of their own module; re-exported here for the backends.
@@ -111,6 +113,15 @@ class NewRun:
     """A detached child is not canceled with its parent."""
     trace_context: str | None = None
     """The caller's trace context as JSON ({"traceparent": ...}), when tracing is on."""
+    queue: str | None = None
+    """The queue; None: the queue its workflow registered (`workflow_queues`), else "default"."""
+    priority: int = 0
+    """Lower runs first within the queue."""
+    concurrency_key: str | None = None
+    debounce_key: str | None = None
+    """With `debounce`: a pending, unstarted run of the workflow with this key takes this input instead."""
+    debounce: timedelta | None = None
+    """How long after the first run() of the key the collapsed run starts."""
 
 
 @dataclass(frozen=True)
@@ -180,16 +191,46 @@ class Backend(ScheduleStore, Protocol):
         idempotency key (the existing run's id, False)."""
         ...
 
-    async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
+    async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:
+        """Insert a pending run due after `run.debounce`, or give a pending, unstarted run of the workflow with
+        the same `debounce_key` this input: (its id, True when inserted)."""
+        ...
+
+    async def create_claimed_run(
+        self, run: NewRun, worker_id: str, lease: timedelta
+    ) -> tuple[str, bool, ClaimedRun | None]:
         """Insert a run already claimed by `worker_id`, so the process that starts it runs it at once (no
-        notification, no claim round trip). For a repeated id or idempotency key: (existing id, None)."""
+        notification, no claim round trip): (id, True, the claim). A run of a queue with limits is inserted
+        pending instead, for the claim to weigh: (id, True, None). For a repeated id or idempotency key:
+        (existing id, False, None)."""
         ...
 
     async def claim_runs(
-        self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
-    ) -> list[ClaimedRun]: ...
-    async def seconds_until_due(self, workflows: Sequence[tuple[str, str]]) -> float | None:
-        """Seconds until the next claimable run of these workflows is due (<= 0: now), None if none."""
+        self,
+        worker_id: str,
+        workflows: Sequence[tuple[str, str]],
+        limit: int,
+        lease: timedelta,
+        queues: Sequence[str] = ("default",),
+    ) -> list[ClaimedRun]:
+        """Take up to `limit` due runs of `workflows` from `queues` (served in that order), within every limit
+        of those queues."""
+        ...
+
+    async def seconds_until_due(
+        self, workflows: Sequence[tuple[str, str]], queues: Sequence[str] = ("default",)
+    ) -> float | None:
+        """Seconds until a claim of these workflows and queues could take a run (<= 0: now), None if none.
+        A queue whose rate window is full counts from when the window has room."""
+        ...
+
+    async def register_queues(self, queues: Sequence[Queue], workflow_queues: Sequence[tuple[str, str, str]]) -> None:
+        """Store the queues' limits (a changed one holds at the next claim of every worker) and the queue of
+        each (workflow, version)."""
+        ...
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Every queue with runs or limits: its limits, runs executing, due backlog, age, recent starts."""
         ...
 
     async def heartbeat(

@@ -33,6 +33,7 @@ from ..duration import Duration, parse_duration
 from ..errors import ResultTimeout
 from ..handle import RunHandle
 from ..manager import WorkflowManager
+from ..queue import served_queues
 from ..run_creation import WorkflowSpec
 
 # Leases far longer than any advance: a run executing while the test moves the clock keeps its claim (with
@@ -188,7 +189,8 @@ class WorkflowTestEnv:
         """The earliest moment something this environment serves is due: a run or a cron fire."""
         keys = self.manager.registry.keys()
         moments: list[datetime] = []
-        seconds = await self.backend.seconds_until_due(keys) if keys else None
+        queues = served_queues(self.manager.config.tasks.worker_options.queues, self.manager.registry)
+        seconds = await self.backend.seconds_until_due(keys, queues) if keys else None
         if seconds is not None:
             moments.append(self.clock.now() + timedelta(seconds=seconds))
         served = {name for name, _ in keys}

@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from ...errors import BackendUnavailable, ConfigError, StorageError
+from ...queue import DEFAULT_QUEUE, Queue
 from ...status import RunStatus, StepStatus
 from ..base import (
     FOREVER,
@@ -29,6 +30,7 @@ from ..base import (
     MessageRecord,
     NewRun,
     Notifications,
+    QueueStats,
     RunEventRecord,
     RunQuery,
     RunRecord,
@@ -255,7 +257,8 @@ class PostgresBackend:
             f'"input":{run.input_json},"idempotency_key":{json.dumps(run.idempotency_key)},'
             f'"start_at":{_iso(run.start_at)},"start_delay":{_seconds(run.start_delay)},'
             f'"deadline_at":{_iso(run.deadline_at)},"deadline_delay":{_seconds(run.deadline_delay)},'
-            f'"trace_context":{run.trace_context or "null"}}}'
+            f'"trace_context":{run.trace_context or "null"},"queue":{json.dumps(run.queue)},'
+            f'"priority":{run.priority},"concurrency_key":{json.dumps(run.concurrency_key)}}}'
             for run in runs
         )
         async with self._connection() as conn, conn.transaction():
@@ -273,14 +276,51 @@ class PostgresBackend:
         ]
 
     @_transient
-    async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
+    async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:
+        async with self._connection() as conn:
+            row = await (await conn.execute(QUERIES["create_debounced_run"], _new_run_params(run))).fetchone()
+        assert row is not None  # inserted or updated: the statement always returns the run
+        return row[0], bool(row[1])
+
+    @_transient
+    async def create_claimed_run(
+        self, run: NewRun, worker_id: str, lease: timedelta
+    ) -> tuple[str, bool, ClaimedRun | None]:
         params = {**_new_run_params(run), "worker_id": worker_id, "lease": lease}
         async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["create_claimed_run"], params)).fetchone()
             if row is not None:
-                return row[0], ClaimedRun(*row)
+                return row[0], True, (ClaimedRun(*row) if row[6] is not None else None)
             existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
-        return (existing[0] if existing is not None else run.id), None
+        return (existing[0] if existing is not None else run.id), False, None
+
+    # queues
+
+    @_transient
+    async def register_queues(self, queues: Sequence[Queue], workflow_queues: Sequence[tuple[str, str, str]]) -> None:
+        async with self._connection() as conn, conn.transaction():
+            for queue in queues:
+                rate = queue.rate
+                params = {
+                    "name": queue.name,
+                    "concurrency": queue.concurrency,
+                    "worker_concurrency": queue.worker_concurrency,
+                    "rate_limit": rate[0] if rate else None,
+                    "rate_period": rate[1] if rate else None,
+                    "per_key_concurrency": queue.per_key_concurrency,
+                }
+                (key_limit_changed,) = await (await conn.execute(QUERIES["save_queue"], params)).fetchone() or (False,)
+                if key_limit_changed:
+                    await conn.execute(QUERIES["unpark_queue"], {"name": queue.name})
+            if workflow_queues:
+                rows = [{"name": n, "version": v, "queue": q} for n, v, q in workflow_queues]
+                await conn.execute(QUERIES["save_workflow_queues"], {"workflows": json.dumps(rows)})
+
+    @_transient
+    async def queue_stats(self) -> list[QueueStats]:
+        async with self._connection() as conn:
+            rows = await (await conn.execute(QUERIES["queue_stats"])).fetchall()
+        return [QueueStats(*row) for row in rows]
 
     # schedules
 
@@ -330,12 +370,18 @@ class PostgresBackend:
 
     @_transient
     async def claim_runs(
-        self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
+        self,
+        worker_id: str,
+        workflows: Sequence[tuple[str, str]],
+        limit: int,
+        lease: timedelta,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
     ) -> list[ClaimedRun]:
-        if limit <= 0 or not workflows:
+        if limit <= 0 or not workflows or not queues:
             return []
         params = {
             "worker_id": worker_id,
+            "queues": list(queues),
             "names": [name for name, _ in workflows],
             "versions": [version for _, version in workflows],
             "limit": limit,
@@ -346,10 +392,16 @@ class PostgresBackend:
         return [ClaimedRun(*row) for row in rows]
 
     @_transient
-    async def seconds_until_due(self, workflows: Sequence[tuple[str, str]]) -> float | None:
-        if not workflows:
+    async def seconds_until_due(
+        self, workflows: Sequence[tuple[str, str]], queues: Sequence[str] = (DEFAULT_QUEUE,)
+    ) -> float | None:
+        if not workflows or not queues:
             return None
-        params = {"names": [n for n, _ in workflows], "versions": [v for _, v in workflows]}
+        params = {
+            "queues": list(queues),
+            "names": [n for n, _ in workflows],
+            "versions": [v for _, v in workflows],
+        }
         async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["seconds_until_due"], params)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
@@ -629,7 +681,8 @@ class PostgresBackend:
             f'{{"id":"{child.id}","workflow_name":{json.dumps(child.workflow_name)},'
             f'"version":{json.dumps(child.version)},"input":{child.input_json},'
             f'"parent_step":{json.dumps(child.parent_step)},"detached":{json.dumps(child.detached)},'
-            f'"trace_context":{child.trace_context or "null"}}}'
+            f'"trace_context":{child.trace_context or "null"},"queue":{json.dumps(child.queue)},'
+            f'"priority":{child.priority},"concurrency_key":{json.dumps(child.concurrency_key)}}}'
             for child in children
         )
         params = {
@@ -863,6 +916,11 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "parent_step": run.parent_step,
         "detached": run.detached,
         "trace_context": run.trace_context,
+        "queue": run.queue,
+        "priority": run.priority,
+        "concurrency_key": run.concurrency_key,
+        "debounce_key": run.debounce_key,
+        "debounce": run.debounce,
     }
 
 

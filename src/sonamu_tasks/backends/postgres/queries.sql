@@ -2,25 +2,57 @@
 -- Tables are unqualified: each connection's search_path is the configured schema.
 
 -- create_run --
--- Insert a pending run; a repeated id or idempotency key inserts nothing.
+-- Insert a pending run; a repeated id or idempotency key inserts nothing. Without a queue named, the run
+-- goes to the queue its workflow registered (a producer need not have the definition).
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  parent_id, parent_step, detached, trace_context)
+                  parent_id, parent_step, detached, trace_context, queue, priority, concurrency_key)
 VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, %(idempotency_key)s,
         COALESCE(%(start_at)s::timestamptz, now() + COALESCE(%(start_delay)s::interval, interval '0')),
         COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
-        %(parent_id)s::uuid, %(parent_step)s, %(detached)s, %(trace_context)s::jsonb)
+        %(parent_id)s::uuid, %(parent_step)s, %(detached)s, %(trace_context)s::jsonb,
+        COALESCE(%(queue)s, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s), 'default'),
+        %(priority)s, %(concurrency_key)s)
 ON CONFLICT DO NOTHING
 RETURNING id::text
 
+-- create_debounced_run --
+-- A debounced run: due `debounce` after the first run() of its key; a later run() with the key while it has
+-- not started gives it the latest input instead of adding a run (created: false).
+INSERT INTO runs (id, workflow_name, version, status, input, available_at, deadline_at, trace_context, queue,
+                  priority, concurrency_key, debounce_key)
+VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, now() + %(debounce)s::interval,
+        COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval), %(trace_context)s::jsonb,
+        COALESCE(%(queue)s, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s), 'default'),
+        %(priority)s, %(concurrency_key)s, %(debounce_key)s)
+ON CONFLICT (workflow_name, debounce_key)
+    WHERE debounce_key IS NOT NULL AND status = 'pending' AND started_at IS NULL
+DO UPDATE SET input = EXCLUDED.input, updated_at = now()
+RETURNING id::text, xmax = 0 AS created
+
 -- create_claimed_run --
 -- Insert a run claimed at once by the worker of the process that starts it: one commit instead of an
--- insert, a notification and a claim. A repeated id or idempotency key inserts nothing.
+-- insert, a notification and a claim. A repeated id or idempotency key inserts nothing. A run of a queue
+-- with limits is inserted pending instead (lease_token NULL): only the claim may weigh it against them.
+WITH target AS (
+    SELECT COALESCE(%(queue)s, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s), 'default') AS queue
+), placed AS (
+    SELECT t.queue, EXISTS (
+        SELECT 1 FROM queues q
+        WHERE q.name = t.queue
+          AND (q.concurrency IS NOT NULL OR q.worker_concurrency IS NOT NULL OR q.rate_limit IS NOT NULL
+               OR q.per_key_concurrency IS NOT NULL)) AS limited
+    FROM target t
+)
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  lease_token, worker_id, started_at, parent_id, parent_step, detached, trace_context)
-VALUES (%(id)s, %(workflow_name)s, %(version)s, 'running', %(input)s::jsonb, %(idempotency_key)s,
-        now() + %(lease)s::interval, COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
-        gen_random_uuid(), %(worker_id)s, now(), %(parent_id)s::uuid, %(parent_step)s, %(detached)s,
-        %(trace_context)s::jsonb)
+                  lease_token, worker_id, started_at, parent_id, parent_step, detached, trace_context, queue,
+                  priority, concurrency_key)
+SELECT %(id)s, %(workflow_name)s, %(version)s, CASE WHEN limited THEN 'pending' ELSE 'running' END,
+       %(input)s::jsonb, %(idempotency_key)s, CASE WHEN limited THEN now() ELSE now() + %(lease)s::interval END,
+       COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval),
+       CASE WHEN limited THEN NULL ELSE gen_random_uuid() END, CASE WHEN limited THEN NULL ELSE %(worker_id)s END,
+       CASE WHEN limited THEN NULL ELSE now() END, %(parent_id)s::uuid, %(parent_step)s, %(detached)s,
+       %(trace_context)s::jsonb, queue, %(priority)s, %(concurrency_key)s
+FROM placed
 ON CONFLICT DO NOTHING
 RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_token::text, now() AS claimed_at,
           true AS first_claim, deadline_at, requested_action, trace_context
@@ -30,13 +62,17 @@ RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_t
 -- A repeated id or idempotency key inserts nothing for that item; the insert trigger's NOTIFYs, all alike,
 -- are delivered once at the commit.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  trace_context)
+                  trace_context, queue, priority, concurrency_key)
 SELECT r.id, r.workflow_name, r.version, 'pending', r.input, r.idempotency_key,
        COALESCE(r.start_at, now() + make_interval(secs => COALESCE(r.start_delay, 0))),
-       COALESCE(r.deadline_at, now() + make_interval(secs => r.deadline_delay)), r.trace_context
+       COALESCE(r.deadline_at, now() + make_interval(secs => r.deadline_delay)), r.trace_context,
+       COALESCE(r.queue, (SELECT w.queue FROM workflow_queues w
+                          WHERE w.workflow_name = r.workflow_name AND w.version = r.version), 'default'),
+       COALESCE(r.priority, 0), r.concurrency_key
 FROM json_to_recordset(%(runs)s::json)
      AS r(id uuid, workflow_name text, version text, input jsonb, idempotency_key text, start_at timestamptz,
-          start_delay float8, deadline_at timestamptz, deadline_delay float8, trace_context jsonb)
+          start_delay float8, deadline_at timestamptz, deadline_delay float8, trace_context jsonb, queue text,
+          priority integer, concurrency_key text)
 ON CONFLICT DO NOTHING
 RETURNING id::text
 
@@ -48,50 +84,16 @@ SELECT idempotency_key, id::text FROM runs WHERE idempotency_key = ANY(%(keys)s:
 SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(id)s
 
 -- claim_runs --
--- Take up to `limit` due runs of the given workflows, oldest first; a run still "running" here had its
--- lease expire. Each workflow's queue is read in order from runs_claim_queue and the scan stops at
--- `limit`: the cost does not grow with the backlog. SKIP LOCKED lets concurrent claims pass each other.
-WITH due AS (
-    SELECT q.id, q.status AS previous_status, q.started_at IS NULL AS first_claim
-    FROM unnest(%(names)s::text[], %(versions)s::text[]) AS w(name, version)
-    CROSS JOIN LATERAL (
-        SELECT id, status, started_at, available_at
-        FROM runs
-        WHERE workflow_name = w.name AND version = w.version
-          AND status IN ('pending', 'running', 'sleeping', 'waiting')
-          AND available_at <= now()
-        ORDER BY available_at
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ) AS q
-    ORDER BY q.available_at
-    LIMIT %(limit)s
-)
-UPDATE runs AS r
-SET status = 'running',
-    lease_token = gen_random_uuid(),
-    worker_id = %(worker_id)s,
-    available_at = now() + %(lease)s::interval,
-    started_at = COALESCE(r.started_at, now()),
-    recoveries = r.recoveries + CASE WHEN due.previous_status = 'running' THEN 1 ELSE 0 END,
-    updated_at = now()
-FROM due
-WHERE r.id = due.id
-RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries, r.lease_token::text,
-          now() AS claimed_at, due.first_claim, r.deadline_at, r.requested_action, r.trace_context
+-- Take up to `limit` due runs of the given workflows from the given queues, within every limit of those
+-- queues: the function claim_runs (migration 0012) reads each queue's streams in priority order, a level at
+-- a time, so the cost does not grow with the backlog or with sleeping runs; SKIP LOCKED lets concurrent
+-- claims pass each other.
+SELECT * FROM claim_runs(%(worker_id)s, %(queues)s::text[], %(names)s::text[], %(versions)s::text[], %(limit)s,
+                         %(lease)s::interval)
 
 -- seconds_until_due --
--- How long until the next claimable run of these workflows is due: the head of each workflow's queue.
-SELECT EXTRACT(EPOCH FROM min(head.available_at) - now())::float8
-FROM unnest(%(names)s::text[], %(versions)s::text[]) AS w(name, version)
-CROSS JOIN LATERAL (
-    SELECT available_at
-    FROM runs
-    WHERE workflow_name = w.name AND version = w.version
-      AND status IN ('pending', 'running', 'sleeping', 'waiting')
-    ORDER BY available_at
-    LIMIT 1
-) AS head
+-- How long until a claim of these queues and workflows could take a run (migration 0012).
+SELECT seconds_until_due(%(queues)s::text[], %(names)s::text[], %(versions)s::text[])
 
 -- heartbeat_runs --
 -- Extend the leases this worker still holds; a missing token means the run was taken from it. The rows are
@@ -122,7 +124,7 @@ WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uu
 -- get_run --
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step
+       requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step, queue, priority, concurrency_key
 FROM runs WHERE id = %(run_id)s
 
 -- load_steps --
@@ -356,12 +358,15 @@ WITH owned AS (
     FOR NO KEY UPDATE
 ), children AS (
     INSERT INTO runs (id, workflow_name, version, status, input, available_at, parent_id, parent_step, detached,
-                      trace_context)
+                      trace_context, queue, priority, concurrency_key)
     SELECT c.id, c.workflow_name, c.version, 'pending', c.input, now(), owned.id, c.parent_step, c.detached,
-           c.trace_context
+           c.trace_context,
+           COALESCE(c.queue, (SELECT w.queue FROM workflow_queues w
+                              WHERE w.workflow_name = c.workflow_name AND w.version = c.version), 'default'),
+           COALESCE(c.priority, 0), c.concurrency_key
     FROM owned, json_to_recordset(%(children)s::json)
          AS c(id uuid, workflow_name text, version text, input jsonb, parent_step text, detached boolean,
-              trace_context jsonb)
+              trace_context jsonb, queue text, priority integer, concurrency_key text)
     ON CONFLICT DO NOTHING
 ), step AS (
     INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, finished_at)
@@ -491,7 +496,7 @@ RETURNING name
 -- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs.
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step
+       requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step, queue, priority, concurrency_key
 FROM runs
 WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
@@ -660,3 +665,78 @@ WHERE r.status IN ('completed', 'failed', 'canceled')
       WHERE p.id = r.parent_id
         AND (p.status NOT IN ('completed', 'failed', 'canceled')
              OR p.finished_at >= now() - %(older_than)s::interval))
+
+-- save_queue --
+-- A queue's limits as declared in code; a change is seen by the next claim of every worker. Returns whether
+-- the per-key limit changed (its parked runs are then let back into the claim, see unpark_queue).
+WITH previous AS (
+    SELECT per_key_concurrency FROM queues WHERE name = %(name)s
+), saved AS (
+    INSERT INTO queues AS q (name, concurrency, worker_concurrency, rate_limit, rate_period, per_key_concurrency)
+    VALUES (%(name)s, %(concurrency)s, %(worker_concurrency)s, %(rate_limit)s, %(rate_period)s::interval,
+            %(per_key_concurrency)s)
+    ON CONFLICT (name) DO UPDATE
+    SET concurrency = EXCLUDED.concurrency, worker_concurrency = EXCLUDED.worker_concurrency,
+        rate_limit = EXCLUDED.rate_limit, rate_period = EXCLUDED.rate_period,
+        per_key_concurrency = EXCLUDED.per_key_concurrency, updated_at = now()
+    WHERE (q.concurrency, q.worker_concurrency, q.rate_limit, q.rate_period, q.per_key_concurrency)
+          IS DISTINCT FROM (EXCLUDED.concurrency, EXCLUDED.worker_concurrency, EXCLUDED.rate_limit,
+                            EXCLUDED.rate_period, EXCLUDED.per_key_concurrency)
+    RETURNING per_key_concurrency
+)
+SELECT EXISTS (SELECT 1 FROM saved)
+       AND (SELECT per_key_concurrency FROM saved) IS DISTINCT FROM (SELECT per_key_concurrency FROM previous)
+
+-- unpark_queue --
+-- Every run parked behind a full key of this queue goes back to the claim, which parks again what must wait.
+UPDATE runs SET key_parked = false
+WHERE queue = %(name)s AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')
+
+-- save_workflow_queues --
+-- The queue each registered (workflow, version) declares, for runs started by name elsewhere. When it is new
+-- or changed, the workflow's unfinished runs still in the queue it had (the default queue when none: runs
+-- started by name before any worker registered it) move to it, so they fall under its limits and its
+-- workers.
+WITH incoming AS (
+    SELECT p.name, p.version, p.queue
+    FROM json_to_recordset(%(workflows)s::json) AS p(name text, version text, queue text)
+), changed AS (
+    SELECT i.name, i.version, i.queue, COALESCE(w.queue, 'default') AS previous
+    FROM incoming i
+    LEFT JOIN workflow_queues w ON w.workflow_name = i.name AND w.version = i.version
+    WHERE w.queue IS DISTINCT FROM i.queue
+), saved AS (
+    INSERT INTO workflow_queues AS w (workflow_name, version, queue)
+    SELECT name, version, queue FROM changed
+    ON CONFLICT (workflow_name, version) DO UPDATE SET queue = EXCLUDED.queue
+)
+UPDATE runs r SET queue = c.queue
+FROM changed c
+WHERE r.workflow_name = c.name AND r.version = c.version AND r.queue = c.previous AND c.queue <> c.previous
+  AND r.status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
+
+-- queue_stats --
+-- Every queue with limits or unfinished runs: its limits, runs executing (live lease), due runs not claimed
+-- and the oldest one's wait, starts in the current rate window, runs parked behind a full key. Counts over
+-- unfinished runs only (the claim and executing indexes).
+WITH names AS (
+    SELECT name FROM queues
+    UNION
+    SELECT DISTINCT queue FROM runs WHERE status IN ('pending', 'running', 'sleeping', 'waiting')
+)
+SELECT n.name, q.concurrency, q.worker_concurrency, q.rate_limit, q.rate_period, q.per_key_concurrency,
+       (SELECT count(*) FROM runs r WHERE r.queue = n.name AND r.status = 'running' AND r.available_at > now()),
+       due.count, EXTRACT(EPOCH FROM now() - due.oldest)::float8,
+       CASE WHEN q.rate_limit IS NOT NULL THEN
+           (SELECT count(*) FROM queue_starts s WHERE s.queue = n.name AND s.started_at > now() - q.rate_period)
+       END,
+       (SELECT count(*) FROM runs r
+        WHERE r.queue = n.name AND r.key_parked AND r.status IN ('pending', 'running', 'sleeping', 'waiting'))
+FROM names n
+LEFT JOIN queues q ON q.name = n.name
+CROSS JOIN LATERAL (
+    SELECT count(*) AS count, min(r.available_at) AS oldest FROM runs r
+    WHERE r.queue = n.name AND r.status IN ('pending', 'running', 'sleeping', 'waiting')
+      AND r.available_at <= now()  -- a 'running' one here lost its lease: due again
+) AS due
+ORDER BY n.name

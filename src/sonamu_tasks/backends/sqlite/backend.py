@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ...errors import ConfigError
+from ...queue import DEFAULT_QUEUE, Queue
 from ...status import RunStatus
 from ..base import (
     FOREVER,
@@ -31,6 +32,7 @@ from ..base import (
     MessageRecord,
     NewRun,
     Notifications,
+    QueueStats,
     RunEventRecord,
     RunQuery,
     RunRecord,
@@ -149,8 +151,18 @@ class SqliteBackend:
 
         return await self._db.write(insert)
 
-    async def create_claimed_run(self, run: NewRun, worker_id: str, lease: timedelta) -> tuple[str, ClaimedRun | None]:
-        def insert(conn: sqlite3.Connection, now: int) -> tuple[str, ClaimedRun | None]:
+    async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:
+        def insert(conn: sqlite3.Connection, now: int) -> tuple[str, bool]:
+            row = _first(conn, "create_debounced_run", {**_new_run_params(run), "now": now})
+            assert row is not None  # inserted or updated: the statement always returns the run
+            return str(row["id"]), bool(row["created"])
+
+        return await self._db.write(insert)
+
+    async def create_claimed_run(
+        self, run: NewRun, worker_id: str, lease: timedelta
+    ) -> tuple[str, bool, ClaimedRun | None]:
+        def insert(conn: sqlite3.Connection, now: int) -> tuple[str, bool, ClaimedRun | None]:
             params = {
                 **_new_run_params(run),
                 "now": now,
@@ -158,49 +170,184 @@ class SqliteBackend:
                 "lease": duration_micros(lease),
                 "lease_token": str(uuid.uuid4()),
             }
-            row = _first(conn, "create_claimed_run", params)
+            placed = _first(conn, "queue_limited", params)
+            assert placed is not None
+            params["queue"] = placed["queue"]
+            if placed["limited"]:  # only the claim may weigh it against the queue's limits
+                row = _first(conn, "create_run", params)
+                claimed = None
+            else:
+                row = _first(conn, "create_claimed_run", params)
+                claimed = None if row is None else records.claimed_run(row, claimed_at=now, first_claim=True)
             if row is not None:
-                return row["id"], records.claimed_run(row, claimed_at=now, first_claim=True)
+                return row["id"], True, claimed
             existing = _first(conn, "find_run_by_key", params)
-            return (existing["id"] if existing is not None else run.id), None
+            return (existing["id"] if existing is not None else run.id), False, None
 
         return await self._db.write(insert)
 
     async def claim_runs(
-        self, worker_id: str, workflows: Sequence[tuple[str, str]], limit: int, lease: timedelta
+        self,
+        worker_id: str,
+        workflows: Sequence[tuple[str, str]],
+        limit: int,
+        lease: timedelta,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
     ) -> list[ClaimedRun]:
-        if limit <= 0 or not workflows:
+        if limit <= 0 or not workflows or not queues:
             return []
+        streams = pairs(workflows)
 
         def claim(conn: sqlite3.Connection, now: int) -> list[ClaimedRun]:
-            due_params = {"now": now, "workflows": pairs(workflows), "limit": limit}
-            due = conn.execute(QUERIES["due_runs"], due_params).fetchall()
-            claimed = []
-            for run in due:
-                params = {
-                    "id": run["id"],
-                    "lease_token": str(uuid.uuid4()),
-                    "worker_id": worker_id,
-                    "lease": duration_micros(lease),
-                    "lease_expired": run["lease_expired"],
-                    "now": now,
-                }
-                row = _first(conn, "claim_run", params)
-                if row is not None:
-                    claimed.append(records.claimed_run(row, claimed_at=now, first_claim=bool(run["first_claim"])))
+            # One writer at a time: the counts below and the runs taken cannot interleave with another claim.
+            claimed: list[ClaimedRun] = []
+            for queue in queues:
+                cap = limit - len(claimed)
+                if cap <= 0:
+                    break
+                limits = _first(conn, "queue_limits", {"queue": queue})
+                budget: int | None = None
+                per_key: int | None = None
+                if limits is not None:
+                    if limits["concurrency"] is not None:
+                        cap = min(cap, limits["concurrency"] - _count_executing(conn, queue, now))
+                    if limits["worker_concurrency"] is not None:
+                        cap = min(cap, limits["worker_concurrency"] - _count_executing(conn, queue, now, worker_id))
+                    if limits["rate_limit"] is not None:
+                        window = {"queue": queue, "now": now, "period": limits["rate_period"]}
+                        conn.execute(QUERIES["forget_old_starts"], window)
+                        budget = limits["rate_limit"] - conn.execute(QUERIES["count_starts"], window).fetchone()[0]
+                    per_key = limits["per_key_concurrency"]
+                level = -(2**31) - 1
+                while cap > 0:
+                    found = conn.execute(
+                        QUERIES["next_level"], {"queue": queue, "after": level, "workflows": streams}
+                    ).fetchone()
+                    if found is None or found[0] is None:
+                        break
+                    level = found[0]
+                    while cap > 0:
+                        due = conn.execute(
+                            QUERIES["due_runs"],
+                            {"queue": queue, "level": level, "now": now, "workflows": streams, "limit": cap},
+                        ).fetchall()
+                        parked = False
+                        for run in due:
+                            if cap <= 0:
+                                break
+                            if run["starting"] and budget is not None and budget <= 0:
+                                continue
+                            key = run["concurrency_key"]
+                            key_full = (
+                                per_key is not None
+                                and key is not None
+                                and _count_executing(conn, queue, now, key=key) >= per_key
+                            )
+                            if key_full:
+                                conn.execute(QUERIES["park_on_key"], {"id": run["id"]})
+                                parked = True
+                                continue
+                            params = {
+                                "id": run["id"],
+                                "lease_token": str(uuid.uuid4()),
+                                "worker_id": worker_id,
+                                "lease": duration_micros(lease),
+                                "lease_expired": run["lease_expired"],
+                                "now": now,
+                            }
+                            row = _first(conn, "claim_run", params)
+                            if row is None:
+                                continue
+                            claimed.append(
+                                records.claimed_run(row, claimed_at=now, first_claim=bool(run["first_claim"]))
+                            )
+                            cap -= 1
+                            if run["starting"] and budget is not None:
+                                budget -= 1
+                                conn.execute(QUERIES["record_start"], {"queue": queue, "now": now})
+                        if not parked:  # nothing left the level: another look would find the same runs
+                            break
             return claimed
 
         return await self._db.write(claim)
 
-    async def seconds_until_due(self, workflows: Sequence[tuple[str, str]]) -> float | None:
-        if not workflows:
+    async def seconds_until_due(
+        self, workflows: Sequence[tuple[str, str]], queues: Sequence[str] = (DEFAULT_QUEUE,)
+    ) -> float | None:
+        if not workflows or not queues:
             return None
+        streams = pairs(workflows)
 
         def next_due(conn: sqlite3.Connection, now: int) -> float | None:
-            row = conn.execute(QUERIES["next_due_at"], {"workflows": pairs(workflows)}).fetchone()
-            return None if row is None else (row["available_at"] - now) / 1_000_000
+            earliest: int | None = None
+            for queue in queues:
+                row = conn.execute(QUERIES["next_due_at"], {"queue": queue, "workflows": streams}).fetchone()
+                if row is None:
+                    continue
+                due = int(row["available_at"])
+                limits = _first(conn, "queue_limits", {"queue": queue})
+                if limits is not None and limits["rate_limit"] is not None:
+                    window = {
+                        "queue": queue,
+                        "now": now,
+                        "period": limits["rate_period"],
+                        "rate_limit": limits["rate_limit"],
+                    }
+                    room = conn.execute(QUERIES["rate_window_room_at"], window).fetchone()
+                    if room is not None:
+                        due = max(due, int(room["room_at"]))
+                earliest = due if earliest is None else min(earliest, due)
+            return None if earliest is None else (earliest - now) / 1_000_000
 
         return await self._db.read(next_due)
+
+    async def register_queues(self, queues: Sequence[Queue], workflow_queues: Sequence[tuple[str, str, str]]) -> None:
+        def save(conn: sqlite3.Connection, now: int) -> None:
+            for queue in queues:
+                before = _first(conn, "queue_limits", {"queue": queue.name})
+                rate = queue.rate
+                conn.execute(
+                    QUERIES["save_queue"],
+                    {
+                        "name": queue.name,
+                        "concurrency": queue.concurrency,
+                        "worker_concurrency": queue.worker_concurrency,
+                        "rate_limit": rate[0] if rate else None,
+                        "rate_period": duration_micros(rate[1]) if rate else None,
+                        "per_key_concurrency": queue.per_key_concurrency,
+                        "now": now,
+                    },
+                )
+                if before is not None and before["per_key_concurrency"] != queue.per_key_concurrency:
+                    conn.execute(QUERIES["unpark_queue"], {"name": queue.name})
+            for name, version, queue_name in workflow_queues:
+                params = {"name": name, "version": version, "queue": queue_name}
+                conn.execute(QUERIES["move_workflow_runs"], params)
+                conn.execute(QUERIES["save_workflow_queue"], params)
+
+        await self._db.write(save)
+
+    async def queue_stats(self) -> list[QueueStats]:
+        def stats(conn: sqlite3.Connection, now: int) -> list[QueueStats]:
+            rows = conn.execute(QUERIES["queue_stats"], {"now": now}).fetchall()
+            return [
+                QueueStats(
+                    name=row["name"],
+                    concurrency=row["concurrency"],
+                    worker_concurrency=row["worker_concurrency"],
+                    rate_limit=row["rate_limit"],
+                    rate_period=None if row["rate_period"] is None else timedelta(microseconds=row["rate_period"]),
+                    per_key_concurrency=row["per_key_concurrency"],
+                    running=row["running"],
+                    due=row["due"],
+                    oldest_due_seconds=None if row["oldest"] is None else (now - row["oldest"]) / 1_000_000,
+                    starts_in_window=row["starts"],
+                    parked_on_key=row["parked"],
+                )
+                for row in rows
+            ]
+
+        return await self._db.read(stats)
 
     async def heartbeat(
         self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta
@@ -787,6 +934,11 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
         "parent_step": run.parent_step,
         "detached": run.detached,
         "trace_context": run.trace_context,
+        "queue": run.queue,
+        "priority": run.priority,
+        "concurrency_key": run.concurrency_key,
+        "debounce_key": run.debounce_key,
+        "debounce": duration_micros(run.debounce),
     }
 
 
@@ -797,3 +949,10 @@ def _selection_params(selection: FinishedRuns) -> dict[str, Any]:
         "workflow": selection.workflow,
         "excluded": json.dumps(list(selection.excluded)),
     }
+
+
+def _count_executing(
+    conn: sqlite3.Connection, queue: str, now: int, worker_id: str | None = None, *, key: str | None = None
+) -> int:
+    params = {"queue": queue, "now": now, "worker_id": worker_id, "key": key}
+    return int(conn.execute(QUERIES["count_executing"], params).fetchone()[0])

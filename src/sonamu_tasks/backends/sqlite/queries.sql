@@ -16,23 +16,47 @@ INSERT INTO migrations (name, applied_at) VALUES (:name, :now)
 -- create_run --
 -- Insert a pending run; a repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  created_at, updated_at, parent_id, parent_step, detached, trace_context)
+                  created_at, updated_at, parent_id, parent_step, detached, trace_context, queue, priority,
+                  concurrency_key)
 VALUES (:id, :workflow_name, :version, 'pending', :input, :idempotency_key,
         COALESCE(:start_at, :now + COALESCE(:start_delay, 0)),
         COALESCE(:deadline_at, :now + :deadline_delay),
-        :now, :now, :parent_id, :parent_step, :detached, :trace_context)
+        :now, :now, :parent_id, :parent_step, :detached, :trace_context,
+        COALESCE(:queue, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = :workflow_name AND w.version = :version), 'default'), :priority, :concurrency_key)
 ON CONFLICT DO NOTHING
 RETURNING id
+
+-- create_debounced_run --
+-- A debounced run: due `debounce` after the first run() of its key; a later run() with the key while it has
+-- not started gives it the latest input instead of adding a run.
+INSERT INTO runs (id, workflow_name, version, status, input, available_at, deadline_at, created_at, updated_at,
+                  trace_context, queue, priority, concurrency_key, debounce_key)
+VALUES (:id, :workflow_name, :version, 'pending', :input, :now + :debounce,
+        COALESCE(:deadline_at, :now + :deadline_delay), :now, :now, :trace_context,
+        COALESCE(:queue, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = :workflow_name AND w.version = :version), 'default'), :priority, :concurrency_key, :debounce_key)
+ON CONFLICT (workflow_name, debounce_key)
+    WHERE debounce_key IS NOT NULL AND status = 'pending' AND started_at IS NULL
+DO UPDATE SET input = excluded.input, updated_at = :now
+RETURNING id, created_at = :now AND updated_at = :now AS created
+
+-- queue_limited --
+-- The queue a new run goes to, and whether it has limits (then only the claim may take the run).
+SELECT q.name AS queue,
+       EXISTS (SELECT 1 FROM queues l
+               WHERE l.name = q.name
+                 AND (l.concurrency IS NOT NULL OR l.worker_concurrency IS NOT NULL OR l.rate_limit IS NOT NULL
+                      OR l.per_key_concurrency IS NOT NULL)) AS limited
+FROM (SELECT COALESCE(:queue, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = :workflow_name AND w.version = :version), 'default') AS name) AS q
 
 -- create_claimed_run --
 -- Insert a run claimed at once by the worker of the process that starts it: one transaction instead of an
 -- insert and a claim. A repeated id or idempotency key inserts nothing.
 INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
                   lease_token, worker_id, started_at, created_at, updated_at, parent_id, parent_step, detached,
-                  trace_context)
+                  trace_context, queue, priority, concurrency_key)
 VALUES (:id, :workflow_name, :version, 'running', :input, :idempotency_key, :now + :lease,
         COALESCE(:deadline_at, :now + :deadline_delay), :lease_token, :worker_id, :now, :now, :now,
-        :parent_id, :parent_step, :detached, :trace_context)
+        :parent_id, :parent_step, :detached, :trace_context, :queue, :priority, :concurrency_key)
 ON CONFLICT DO NOTHING
 RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action,
           trace_context
@@ -41,18 +65,53 @@ RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, 
 -- The run a repeated create_run collided with.
 SELECT id FROM runs WHERE idempotency_key = :idempotency_key OR id = :id
 
+-- queue_limits --
+SELECT concurrency, worker_concurrency, rate_limit, rate_period, per_key_concurrency FROM queues WHERE name = :queue
+
+-- count_executing --
+-- Runs of the queue executing now (a lease still live); with :worker_id, this worker's; with :key, that key's.
+SELECT count(*) FROM runs INDEXED BY runs_executing
+WHERE queue = :queue AND status = 'running' AND available_at > :now
+  AND (:worker_id IS NULL OR worker_id = :worker_id)
+  AND (:key IS NULL OR concurrency_key = :key)
+
+-- forget_old_starts --
+DELETE FROM queue_starts WHERE queue = :queue AND started_at <= :now - :period
+
+-- count_starts --
+SELECT count(*) FROM queue_starts WHERE queue = :queue AND started_at > :now - :period
+
+-- record_start --
+INSERT INTO queue_starts (queue, started_at) VALUES (:queue, :now)
+
+-- next_level --
+-- The next priority level in use in this queue by these workflows: the first row along the index (ORDER BY
+-- LIMIT 1 stops there; min() with the workflow filter would read the whole queue).
+SELECT priority FROM runs INDEXED BY runs_claim_queue
+WHERE queue = :queue AND status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT key_parked
+  AND priority > :after
+  AND (workflow_name, version) IN (
+      SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
+ORDER BY priority
+LIMIT 1
+
 -- due_runs --
--- The runs a claim takes, oldest due first; a run still "running" here had its lease expire.
--- INDEXED BY: walk the due end of the claim index and stop at the limit, whatever the planner guesses
--- from a table it has no statistics of.
-SELECT id, status = 'running' AS lease_expired, started_at IS NULL AS first_claim
-FROM runs INDEXED BY runs_claimable
-WHERE status IN ('pending', 'running', 'sleeping', 'waiting')
+-- One priority level's due runs, oldest first; a run still "running" here had its lease expire.
+-- INDEXED BY: walk the due end of the level and stop at the limit, whatever the planner guesses from a
+-- table it has no statistics of.
+SELECT id, status = 'running' AS lease_expired, status = 'pending' AS starting, started_at IS NULL AS first_claim,
+       concurrency_key
+FROM runs INDEXED BY runs_claim_queue
+WHERE queue = :queue AND priority = :level
+  AND status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT key_parked
   AND available_at <= :now
   AND (workflow_name, version) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
 ORDER BY available_at
 LIMIT :limit
+
+-- park_on_key --
+UPDATE runs SET key_parked = 1 WHERE id = :id
 
 -- claim_run --
 -- Lease one due run to this worker under a fresh fencing token; a take-over counts as a recovery.
@@ -69,14 +128,21 @@ RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, 
           trace_context
 
 -- next_due_at --
--- When the next claimable run of these workflows is due: the first match along the claim index.
+-- When the next claimable run of these workflows in this queue is due: the first match along the due order.
 SELECT available_at
 FROM runs INDEXED BY runs_claimable
-WHERE status IN ('pending', 'running', 'sleeping', 'waiting')
+WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT key_parked AND queue = :queue
   AND (workflow_name, version) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
 ORDER BY available_at
 LIMIT 1
+
+-- rate_window_room_at --
+-- When a full rate window has room again: the start that must leave it, plus the window.
+SELECT started_at + :period AS room_at FROM queue_starts
+WHERE queue = :queue AND started_at > :now - :period
+ORDER BY started_at DESC
+LIMIT 1 OFFSET :rate_limit - 1
 
 -- heartbeat_runs --
 -- Extend the leases this worker still holds; a missing token means the run was taken from it.
@@ -101,7 +167,7 @@ WHERE (id, lease_token) IN (
 -- get_run --
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id, parent_step, detached, forked_from, forked_step
+       requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue, priority, concurrency_key
 FROM runs WHERE id = :run_id
 
 -- load_steps --
@@ -329,7 +395,7 @@ RETURNING name
 -- id (hex digits and dashes): a plain range the primary key serves, where "IS NULL OR" would scan.
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id, parent_step, detached, forked_from, forked_step
+       requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue, priority, concurrency_key
 FROM runs
 WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
@@ -471,3 +537,55 @@ WHERE r.status IN ('completed', 'failed', 'canceled')
       SELECT 1 FROM runs p
       WHERE p.id = r.parent_id
         AND (p.status NOT IN ('completed', 'failed', 'canceled') OR p.finished_at >= :now - :older_than))
+
+-- save_queue --
+INSERT INTO queues (name, concurrency, worker_concurrency, rate_limit, rate_period, per_key_concurrency, updated_at)
+VALUES (:name, :concurrency, :worker_concurrency, :rate_limit, :rate_period, :per_key_concurrency, :now)
+ON CONFLICT (name) DO UPDATE
+SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
+    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period,
+    per_key_concurrency = excluded.per_key_concurrency, updated_at = excluded.updated_at
+
+-- unpark_queue --
+UPDATE runs SET key_parked = 0
+WHERE queue = :name AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')
+
+-- move_workflow_runs --
+-- Before save_workflow_queue: a new or changed queue of a workflow takes its unfinished runs still in the queue
+-- it had (see the PostgreSQL query save_workflow_queues).
+UPDATE runs SET queue = :queue
+WHERE workflow_name = :name AND version = :version
+  AND queue = COALESCE((SELECT queue FROM workflow_queues WHERE workflow_name = :name AND version = :version),
+                       'default')
+  AND queue <> :queue
+  AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
+
+-- save_workflow_queue --
+INSERT INTO workflow_queues (workflow_name, version, queue) VALUES (:name, :version, :queue)
+ON CONFLICT (workflow_name, version) DO UPDATE SET queue = excluded.queue
+
+-- queue_stats --
+-- See the PostgreSQL query of the same name.
+WITH names AS (
+    SELECT name FROM queues
+    UNION
+    SELECT DISTINCT queue FROM runs WHERE status IN ('pending', 'running', 'sleeping', 'waiting')
+)
+SELECT n.name, q.concurrency, q.worker_concurrency, q.rate_limit, q.rate_period, q.per_key_concurrency,
+       (SELECT count(*) FROM runs r WHERE r.queue = n.name AND r.status = 'running' AND r.available_at > :now)
+           AS running,
+       (SELECT count(*) FROM runs r
+        WHERE r.queue = n.name AND r.status IN ('pending', 'running', 'sleeping', 'waiting')
+          AND r.available_at <= :now) AS due,
+       (SELECT min(r.available_at) FROM runs r
+        WHERE r.queue = n.name AND r.status IN ('pending', 'running', 'sleeping', 'waiting')
+          AND r.available_at <= :now) AS oldest,
+       CASE WHEN q.rate_limit IS NOT NULL THEN
+           (SELECT count(*) FROM queue_starts s WHERE s.queue = n.name AND s.started_at > :now - q.rate_period)
+       END AS starts,
+       (SELECT count(*) FROM runs r
+        WHERE r.queue = n.name AND r.key_parked AND r.status IN ('pending', 'running', 'sleeping', 'waiting'))
+           AS parked
+FROM names n
+LEFT JOIN queues q ON q.name = n.name
+ORDER BY n.name

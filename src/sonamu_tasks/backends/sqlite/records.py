@@ -93,6 +93,9 @@ def run_record(row: sqlite3.Row, steps: Sequence[StepRecord]) -> RunRecord:
         detached=bool(row["detached"]),
         forked_from=row["forked_from"],
         forked_step=row["forked_step"],
+        queue=row["queue"],
+        priority=row["priority"],
+        concurrency_key=row["concurrency_key"],
     )
 
 

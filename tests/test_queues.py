@@ -1,0 +1,386 @@
+"""Queues and flow control, on every backend: the limits hold with any number of workers because the claim
+enforces them in the database. Real worker processes show the fleet-wide limit and a kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sonamu_tasks import ConfigError, InvalidValue, Queue, RunStatus, WorkflowManager, workflow
+from sonamu_tasks.queue import parse_rate
+
+from .conftest import wait_until
+from .test_processes import client, start_worker  # noqa: F401 - fixtures
+
+
+class Spans:
+    """When each step ran, in this process: the most that ran at once, overall and per key."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float, str]] = []
+        self.running: dict[str, int] = {}
+
+    async def run(self, key: str, seconds: float) -> str:
+        began = time.monotonic()
+        await asyncio.sleep(seconds)
+        self.spans.append((began, time.monotonic(), key))
+        return key
+
+    def most_at_once(self, key: str | None = None) -> int:
+        return most_at_once([(a, b) for a, b, k in self.spans if key is None or k == key])
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = now = 0
+    for _, change in events:  # an end sorts before a start at the same instant: touching spans do not overlap
+        now += change
+        most = max(most, now)
+    return most
+
+
+async def test_a_queue_concurrency_limit_holds_however_many_slots_the_worker_has(manager_for: Any) -> None:
+    spans = Spans()
+    capped = Queue("capped", concurrency=2)
+
+    @workflow(version="1", queue=capped)
+    async def capped_work(input: Any, step: Any) -> str:
+        return str(await step.define("work", spans.run).run("all", 0.15))
+
+    manager = await manager_for([capped_work], concurrency=8)
+    handles = [await manager.run(capped_work, i) for i in range(8)]
+    for handle in handles:
+        assert await handle.result(timeout=30) == "all"
+    assert spans.most_at_once() == 2
+    run = await handles[0].info()
+    assert run.queue == "capped"
+
+
+async def test_sleeping_runs_hold_no_slot_of_their_queue(manager_for: Any) -> None:
+    spans = Spans()
+    one = Queue("one-at-a-time", concurrency=1)
+
+    @workflow(version="1", queue=one)
+    async def naps(input: Any, step: Any) -> str:
+        await step.sleep("nap", "1s")
+        return str(await step.define("work", spans.run).run("all", 0.05))
+
+    manager = await manager_for([naps], concurrency=4)
+    handles = [await manager.run(naps, i) for i in range(3)]
+    # All three reach their sleep: each in turn holds the one slot until it parks, then frees it.
+    await wait_until(
+        lambda: all_status([manager.backend.get_run(h.id) for h in handles], RunStatus.SLEEPING),
+        what="every run asleep at once",
+    )
+    for handle in handles:
+        await handle.result(timeout=30)
+    assert spans.most_at_once() == 1
+
+
+async def all_status(reads: list[Any], status: RunStatus) -> bool:
+    runs = await asyncio.gather(*reads)
+    return all(run.status is status for run in runs)
+
+
+async def test_per_key_concurrency_runs_one_run_per_key_and_other_keys_alongside(manager_for: Any) -> None:
+    spans = Spans()
+    tenants = Queue("tenants", per_key_concurrency=1)
+
+    @workflow(version="1", queue=tenants)
+    async def report(input: Any, step: Any) -> str:
+        return str(await step.define("work", spans.run).run(input, 0.1))
+
+    manager = await manager_for([report], concurrency=6)
+    keys = ["a", "a", "a", "a", "b", "b", "c"]
+    handles = [await manager.run(report, key, concurrency_key=key) for key in keys]
+    assert [await h.result(timeout=30) for h in handles] == keys
+    assert spans.most_at_once("a") == spans.most_at_once("b") == 1
+    assert spans.most_at_once() >= 2  # "b" and "c" did not wait for the four runs of "a"
+    stats = {s.name: s for s in await manager.queue_stats()}
+    assert stats["tenants"].per_key_concurrency == 1 and stats["tenants"].parked_on_key == 0
+
+
+async def test_a_rate_limit_never_lets_more_starts_into_any_window(manager_for: Any) -> None:
+    paced = Queue("paced", rate_limit="3/1s")
+
+    @workflow(version="1", queue=paced)
+    async def call_api(input: Any) -> int:
+        return int(input)
+
+    manager = await manager_for([call_api], concurrency=8)
+    handles = [await manager.run(call_api, i) for i in range(7)]
+    assert [await h.result(timeout=30) for h in handles] == list(range(7))
+    starts = sorted([(await h.info()).started_at for h in handles])  # type: ignore[type-var]
+    # Any four consecutive starts span at least the window: never four in one second.
+    for first, fourth in zip(starts, starts[3:], strict=False):
+        assert fourth - first >= timedelta(seconds=1)
+    assert starts[-1] - starts[0] >= timedelta(seconds=2)  # 7 starts at 3 per second need three windows
+
+
+async def test_priority_orders_a_queue_and_is_fifo_within_a_priority(manager_for: Any, make_config: Any) -> None:
+    order: list[str] = []
+
+    @workflow(version="1")
+    async def job(input: Any) -> str:
+        order.append(input)
+        return str(input)
+
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[job]) as producer:
+        for label, priority in [("p5", 5), ("p1-first", 1), ("p3", 3), ("p1-second", 1), ("p0", 0), ("p-2", -2)]:
+            await producer.run(job, label, priority=priority)
+        # concurrency 1: the claim takes one run at a time, so the order of execution is the claim order
+        await manager_for([job], concurrency=1)
+        await wait_until(lambda: len(order) == 6, what="every run")
+    assert order == ["p-2", "p0", "p1-first", "p1-second", "p3", "p5"]
+
+
+async def test_debounce_collapses_runs_with_one_key_into_one_run_with_the_latest_input(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def sync_account(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([sync_account])
+    first = await manager.run(sync_account, {"n": 1}, debounce="1s", debounce_key="acct-7")
+    second = await manager.run(sync_account, {"n": 2}, debounce="1s", debounce_key="acct-7")
+    third = await manager.run(sync_account, {"n": 3}, debounce="1s", debounce_key="acct-7")
+    other = await manager.run(sync_account, {"n": 9}, debounce="1s", debounce_key="acct-8")
+    assert first.id == second.id == third.id != other.id
+    assert first.created and not second.created and not third.created
+    assert await first.result(timeout=15) == {"n": 3}
+    assert await other.result(timeout=15) == {"n": 9}
+    runs = await manager.list_runs(workflow="sync_account")
+    assert len(runs.items) == 2
+    # The window has closed and the run started: the key opens a new run.
+    later = await manager.run(sync_account, {"n": 4}, debounce="1s", debounce_key="acct-7")
+    assert later.id != first.id and await later.result(timeout=15) == {"n": 4}
+
+
+async def test_bad_run_options_are_refused_by_name_before_anything_is_stored(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def noop(input: Any) -> None:
+        return None
+
+    manager = await manager_for([noop])
+    with pytest.raises(InvalidValue, match="debounce_key"):
+        await manager.run(noop, debounce="1s")
+    with pytest.raises(InvalidValue, match="idempotency_key"):
+        await manager.run(noop, debounce="1s", debounce_key="k", idempotency_key="x")
+    with pytest.raises(InvalidValue, match="priority"):
+        await manager.run(noop, priority=2**40)
+    with pytest.raises(InvalidValue, match="queue"):
+        await manager.run(noop, queue="  ")
+    assert (await manager.list_runs()).items == []
+
+
+async def test_a_run_started_by_name_elsewhere_goes_to_its_workflows_queue(manager_for: Any, make_config: Any) -> None:
+    @workflow(version="1", queue=Queue("named", concurrency=3))
+    async def named_work(input: Any) -> int:
+        return int(input)
+
+    await manager_for([named_work])  # registers the workflow's queue
+    async with WorkflowManager(make_config(enable_worker=False)) as producer:  # no definitions at all
+        handle = await producer.run({"name": "named_work", "version": "1"}, 5)
+        assert (await handle.info()).queue == "named"
+        assert await handle.result(timeout=15) == 5
+        moved = await producer.run({"name": "named_work", "version": "1"}, 6, queue="elsewhere")
+        assert (await moved.info()).queue == "elsewhere"
+
+
+async def test_a_worker_serves_only_the_queues_it_is_given(manager_for: Any, make_config: Any) -> None:
+    @workflow(version="1", queue="reports")
+    async def nightly(input: Any) -> str:
+        return "done"
+
+    busy = await manager_for([nightly], queues=["billing"])
+    handle = await busy.run(nightly)
+    await asyncio.sleep(0.3)  # give the wrong worker its chance to claim
+    assert (await handle.info()).status is RunStatus.PENDING
+    await manager_for([nightly], queues=["reports"])
+    assert await handle.result(timeout=15) == "done"
+
+
+async def test_a_changed_limit_holds_without_restarting_the_worker(manager_for: Any, make_config: Any) -> None:
+    spans = Spans()
+    gate = asyncio.Event()
+
+    async def hold() -> str:
+        began = time.monotonic()
+        await gate.wait()
+        spans.spans.append((began, time.monotonic(), "all"))
+        return "ok"
+
+    def define(limit: int) -> Any:
+        @workflow(version="1", name="gated", queue=Queue("gated", concurrency=limit))
+        async def gated(input: Any, step: Any) -> str:
+            return str(await step.define("hold", hold).run())
+
+        return gated
+
+    manager = await manager_for([define(1)], concurrency=6)
+    handles = [await manager.run(define(1), i) for i in range(4)]
+    await wait_until(lambda: running_count(manager, "gated", 1), what="one run executing")
+    # Another process deploys the queue with a higher limit: this worker's next claims obey it.
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[define(3)]):
+        pass
+    manager.worker.wake()  # type: ignore[union-attr]
+    await wait_until(lambda: running_count(manager, "gated", 3), what="three runs executing")
+    gate.set()
+    for handle in handles:
+        assert await handle.result(timeout=15) == "ok"
+
+
+async def running_count(manager: WorkflowManager, queue: str, expected: int) -> bool:
+    stats = {s.name: s for s in await manager.queue_stats()}
+    return queue in stats and stats[queue].running == expected
+
+
+def test_one_queue_declared_twice_with_different_limits_is_refused() -> None:
+    from sonamu_tasks.queue import collect_queues
+
+    with pytest.raises(ConfigError, match="'q' is declared twice"):
+        collect_queues([Queue("q", concurrency=1), Queue("q", concurrency=2)], [])
+
+
+@given(st.integers(min_value=1, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]), st.integers(1, 500))
+def test_rate_limits_parse_as_starts_per_window(count: int, unit: str, amount: int) -> None:
+    starts, window = parse_rate(f"{count}/{amount}{unit}")
+    assert starts == count
+    assert window == timedelta(seconds=amount * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit])
+
+
+@given(st.text(max_size=20))
+def test_anything_else_given_as_a_rate_is_refused_by_name(text: str) -> None:
+    try:
+        parse_rate(text, what="queue 'x' rate_limit")
+    except InvalidValue as error:
+        assert "queue 'x' rate_limit" in str(error)
+
+
+@pytest.mark.parametrize("bad", [{"concurrency": 0}, {"per_key_concurrency": -1}, {"rate_limit": "0/1s"}])
+def test_a_queue_with_an_impossible_limit_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(InvalidValue, match=next(iter(bad))):
+        Queue("q", **bad)
+
+
+# real worker processes
+
+
+async def test_two_worker_processes_never_run_more_than_the_queues_limit_at_once(
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Two slots per worker, three for the queue: three at once needs both workers, four would break the limit.
+    handles = [await client.run({"name": "limited", "version": "1"}, {"dir": str(tmp_path)}) for _ in range(16)]
+    for name in ("a", "b"):
+        start_worker(name, workflows="limited", concurrency=2)
+    for handle in handles:
+        await handle.result(timeout=60)
+    assert most_at_once(process_spans(tmp_path)) == 3
+
+
+async def test_a_killed_workers_slots_come_back_when_its_leases_expire(
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    doomed = start_worker("doomed", workflows="limited", concurrency=4, lease_ms=1000)
+    blocked = [
+        await client.run({"name": "limited", "version": "1"}, {"dir": str(tmp_path), "seconds": -1}) for _ in range(3)
+    ]
+    more = [await client.run({"name": "limited", "version": "1"}, {"dir": str(tmp_path)}) for _ in range(3)]
+    await wait_until(lambda: process_starts(tmp_path) == 3, what="the queue's three slots taken")
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+    (tmp_path / "release").touch()
+    start_worker("heir", workflows="limited", concurrency=4, lease_ms=1000)
+    for handle in [*blocked, *more]:
+        await handle.result(timeout=60)
+    # The killed worker's runs held their slots until their leases expired; then the heir ran them again.
+    assert [(await h.info()).recoveries for h in blocked] == [1, 1, 1]
+    spans = process_spans(tmp_path, leaving_out=doomed.pid)
+    assert len(spans) == 6 and most_at_once(spans) <= 3
+
+
+def process_spans(directory: Path, *, leaving_out: int | None = None) -> list[tuple[float, float]]:
+    """The steps that ended, as (start, end) pairs that give the same count at every instant as the real ones
+    (starts and ends in time order; which start an end belongs to does not change how many ran at once)."""
+    starts, ends = [], []
+    for line in (directory / "spans.log").read_text().splitlines():
+        kind, pid, moment = line.split()
+        if int(pid) != leaving_out:
+            (starts if kind == "start" else ends).append(float(moment))
+    return list(zip(sorted(starts), sorted(ends), strict=False))
+
+
+def process_starts(directory: Path) -> int:
+    path = directory / "spans.log"
+    return sum(line.startswith("start") for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+async def test_children_take_queue_options_and_a_fork_keeps_them(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def leaf(input: Any) -> Any:
+        return input
+
+    @workflow(version="1")
+    async def parent(input: Any, step: Any) -> Any:
+        return await step.run_workflow("kid", leaf, 1, queue="side", priority=4, concurrency_key="tenant-1")
+
+    manager = await manager_for([parent, leaf], queues=["default", "side"])
+    handle = await manager.run(parent, priority=2, concurrency_key="tenant-9")
+    assert await handle.result(timeout=15) == 1
+    [kid] = (await manager.list_runs(parent_id=handle.id)).items
+    assert (kid.queue, kid.priority, kid.concurrency_key) == ("side", 4, "tenant-1")
+    forked = await manager.fork(handle.id, "kid")
+    fork = await forked.info()
+    assert (fork.queue, fork.priority, fork.concurrency_key) == ("default", 2, "tenant-9")
+
+
+async def test_queues_declared_in_the_config_are_stored_and_refused_when_malformed(
+    database_url: str, schema: str
+) -> None:
+    from sonamu_tasks import define_config
+
+    config = define_config(
+        database_url=database_url,
+        schema=schema,
+        tasks={"enable_worker": False, "queues": [{"name": "reports", "concurrency": 2, "rate_limit": "10/1m"}]},
+    )
+    async with WorkflowManager(config) as manager:
+        stats = {s.name: s for s in await manager.queue_stats()}
+    assert stats["reports"].concurrency == 2
+    assert (stats["reports"].rate_limit, stats["reports"].rate_period) == (10, timedelta(minutes=1))
+    with pytest.raises(ConfigError, match="concurrenc"):
+        define_config(tasks={"queues": [{"name": "reports", "concurrency": 0}]})
+    with pytest.raises(ConfigError, match="speed"):
+        define_config(tasks={"queues": [{"name": "reports", "speed": 3}]})
+
+
+async def test_worker_concurrency_caps_each_worker_not_the_fleet(manager_for: Any) -> None:
+    spans = Spans()
+    per_worker = Queue("per-worker", worker_concurrency=1)
+
+    @workflow(version="1", queue=per_worker)
+    async def polite(input: Any, step: Any) -> str:
+        return str(await step.define("work", spans.run).run("all", 0.15))
+
+    first = await manager_for([polite], concurrency=4)
+    handles = [await first.run(polite, i) for i in range(3)]
+    for handle in handles:
+        await handle.result(timeout=30)
+    assert spans.most_at_once() == 1  # one worker: one at a time, whatever its slots
+    spans.spans.clear()
+    await manager_for([polite], concurrency=4)  # a second worker in this process: its own cap of one
+    handles = [await first.run(polite, i) for i in range(8)]
+    for handle in handles:
+        await handle.result(timeout=30)
+    assert spans.most_at_once() <= 2
