@@ -251,7 +251,12 @@ async def started_family(manager_for: Any, kids: int) -> tuple[Any, str]:
     """A `family` parent waiting for its children and its nap, and the id of its finished child."""
     manager = await manager_for([family, doubled])
     parent = await manager.run(family, kids)
-    await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
+
+    async def parked() -> bool:  # waiting for the nap and the kids, not for its first child any more
+        info = await parent.info(with_steps=True)
+        return info.status is RunStatus.WAITING and any(s.name == "nap" and s.wake_at for s in info.steps)
+
+    await wait_until(parked, what="the parent to wait for its nap and its children")
     [first] = (await manager.list_runs(parent_id=parent.id, workflow="doubled")).items
     return parent, first.id
 

@@ -137,7 +137,7 @@ class Config:
     """PostgreSQL only: a direct connection to the primary (never through a transaction-mode pooler) for the
     LISTEN connection and the retention's session lock. None: `database_url`."""
     read_url: str | None = None
-    """PostgreSQL only: a replica the command line's and the dashboard's lists (runs, workers, stranded runs)
+    """PostgreSQL only: a replica the command line's and the dashboard's lists (runs, workers, queues, stranded runs)
     and the worker's backlog metrics read from. Never the claim, a run's own reads or any write. None: the
     primary."""
     pool_mode: str = "session"

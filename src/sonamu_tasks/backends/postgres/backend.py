@@ -318,7 +318,7 @@ class PostgresBackend:
 
     @_transient
     async def queue_stats(self) -> list[QueueStats]:
-        async with self._connection() as conn:
+        async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["queue_stats"])).fetchall()
         return [QueueStats(*row) for row in rows]
 
