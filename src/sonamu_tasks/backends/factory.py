@@ -40,7 +40,7 @@ def another_like(backend: Backend, *, pool_size: int = 2) -> Callable[[], Backen
     recipe = _recipes.get(backend)
     if recipe is None:
         return None
-    twin = dataclasses.replace(recipe, pool_size=pool_size)
+    twin = dataclasses.replace(recipe, pool_size=pool_size, read_url=None)  # its work is writes: no replica pool
     return lambda: _build(twin)
 
 
