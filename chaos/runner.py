@@ -660,6 +660,12 @@ async def messages(ctx: Context, summary: Summary) -> None:
     await scenario(ctx, summary)
 
 
+async def queues(ctx: Context, summary: Summary) -> None:
+    from .queues import queues as scenario  # imports this module: loaded when the scenario runs
+
+    await scenario(ctx, summary)
+
+
 SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "worker_kills": worker_kills,
     "postgres_restart": postgres_restart,
@@ -671,6 +677,7 @@ SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "hostile_neighbours": hostile_neighbours,
     "composition": composition,
     "messages": messages,
+    "queues": queues,
     "pgbouncer": pgbouncer,
     "failover": failover,
     "failover_async": failover_async,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from typing import Any
 
 import psycopg
 from pydantic import BaseModel
 
-from sonamu_tasks import RetryPolicy, Schedule, workflow
+from sonamu_tasks import Queue, RetryPolicy, Schedule, workflow
 
 AUDIT_DDL = (
     "CREATE TABLE IF NOT EXISTS public.chaos_audit ("
@@ -242,3 +243,62 @@ async def msg_collector(input: Any, step: Any, context: Any) -> list[Any]:
         got.append(message)
     got.append(await step.receive("last", topic="u"))
     return got
+
+
+# --- the queues scenario (chaos/queues.py) ----------------------------------------------------------------
+
+# A fleet-wide limit below the fleet's slots (3 workers x 6), one run at a time per key, a start rate.
+CAPPED = Queue("chaos_capped", concurrency=5)
+KEYED = Queue("chaos_keyed", per_key_concurrency=1)
+RATED = Queue("chaos_rated", rate_limit="20/1s")
+
+
+def _span(kind: str, run_id: str, step: str, queue: str, key: str | None) -> None:
+    """One line of `$CHAOS_SPANS`: `kind pid wall-clock run step queue key`, in one O_APPEND write (whole
+    lines from every process; a kill -9 loses nothing written, the page cache outlives the process)."""
+    line = f"{kind} {os.getpid()} {time.time():.6f} {run_id} {step} {queue} {key or '-'}\n"
+    fd = os.open(os.environ["CHAOS_SPANS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+async def timed_work(run_id: str, step: str, queue: str, key: str | None, work_ms: float) -> str:
+    """An audited step (a chaos_audit row, as `work`) that also writes its start and its end to the spans
+    file: `end` when it finished, `stopped` when it raised or was cancelled (a lost lease); a process killed
+    inside it writes no end."""
+    _span("start", run_id, step, queue, key)
+    outcome = "stopped"
+    try:
+        await audit(run_id, step)
+        await asyncio.sleep(work_ms / 1000)
+        outcome = "end"
+    finally:
+        _span(outcome, run_id, step, queue, key)
+    return step
+
+
+async def _timed_steps(input: Any, step: Any, context: Any, queue: str) -> int:
+    run_id, key, work_ms = context["run_id"], input.get("key"), float(input.get("work_ms", 0))
+    for index in range(int(input["steps"])):
+        await step.define(f"s{index}", timed_work).run(run_id, f"s{index}", queue, key, work_ms)
+    return int(input["steps"])
+
+
+@workflow(version="1", queue=CAPPED, retry_policy=RETRY)
+async def q_capped(input: Any, step: Any, context: Any) -> int:
+    """`steps` timed steps in a queue letting 5 runs execute at once across the fleet."""
+    return await _timed_steps(input, step, context, CAPPED.name)
+
+
+@workflow(version="1", queue=KEYED, retry_policy=RETRY)
+async def q_keyed(input: Any, step: Any, context: Any) -> int:
+    """`steps` timed steps, one run at a time per concurrency key (the key is in the input too)."""
+    return await _timed_steps(input, step, context, KEYED.name)
+
+
+@workflow(version="1", queue=RATED, retry_policy=RETRY)
+async def q_rated(input: Any, step: Any, context: Any) -> int:
+    """`steps` timed steps in a queue starting at most 20 runs in any second."""
+    return await _timed_steps(input, step, context, RATED.name)

@@ -24,6 +24,7 @@ SCENARIOS = [
     "hostile_neighbours",
     "composition",
     "messages",
+    "queues",
     "pgbouncer",
     "failover",
     "failover_async",

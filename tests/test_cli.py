@@ -252,11 +252,12 @@ async def started_family(manager_for: Any, kids: int) -> tuple[Any, str]:
     manager = await manager_for([family, doubled])
     parent = await manager.run(family, kids)
 
-    async def parked() -> bool:  # waiting for the nap and the kids, not for its first child any more
-        info = await parent.info(with_steps=True)
-        return info.status is RunStatus.WAITING and any(s.name == "nap" and s.wake_at for s in info.steps)
+    # Waiting with every child started: it waits for "first" before it starts the others.
+    async def all_started() -> bool:
+        return sum((await manager.count_children(parent.id)).values()) == kids + 2
 
-    await wait_until(parked, what="the parent to wait for its nap and its children")
+    await wait_until(all_started, what="every child started")
+    await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
     [first] = (await manager.list_runs(parent_id=parent.id, workflow="doubled")).items
     return parent, first.id
 

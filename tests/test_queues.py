@@ -358,7 +358,7 @@ async def test_queues_declared_in_the_config_are_stored_and_refused_when_malform
     async with WorkflowManager(config) as manager:
         stats = {s.name: s for s in await manager.queue_stats()}
     assert stats["reports"].concurrency == 2
-    assert (stats["reports"].rate_limit, stats["reports"].rate_period) == (10, timedelta(minutes=1))
+    assert (stats["reports"].rate_limit_starts, stats["reports"].rate_limit_window) == (10, timedelta(minutes=1))
     with pytest.raises(ConfigError, match="concurrenc"):
         define_config(tasks={"queues": [{"name": "reports", "concurrency": 0}]})
     with pytest.raises(ConfigError, match="speed"):
@@ -384,3 +384,27 @@ async def test_worker_concurrency_caps_each_worker_not_the_fleet(manager_for: An
     for handle in handles:
         await handle.result(timeout=30)
     assert spans.most_at_once() <= 2
+
+
+async def test_workers_serving_several_limited_queues_never_deadlock(
+    manager_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claims of several limited queues (served in a rotating order) and completions releasing key slots
+    in several queues at once take the queues' locks without ever waiting in a cycle."""
+    left = Queue("left", concurrency=3, per_key_concurrency=1)
+    right = Queue("right", rate_limit="1000/1s", per_key_concurrency=1)
+
+    def define(queue: Queue) -> Any:
+        @workflow(version="1", name=f"work_{queue.name}", queue=queue)
+        async def work(input: Any, step: Any) -> Any:
+            await step.define("a", lambda: None).run()
+            return input
+
+        return work
+
+    workflows = [define(left), define(right)]
+    first = await manager_for(workflows, concurrency=8)
+    await manager_for(workflows, concurrency=8)
+    handles = [await first.run(workflows[i % 2], i, concurrency_key=f"k{i % 5}") for i in range(60)]
+    assert [await h.result(timeout=60) for h in handles] == list(range(60))
+    assert not [r for r in caplog.records if "deadlock" in r.getMessage().lower()]

@@ -44,6 +44,10 @@ def version(text: str) -> str:
     return limits.check_version(text)  # InvalidName is a ValueError with a message fit for a user
 
 
+def queue_name(text: str) -> str:
+    return limits.check_queue_name(text)
+
+
 def step_name(text: str) -> str:
     """A step name (`fork --from-step`), as one is stored."""
     return limits.check_step_name(text)

@@ -1,5 +1,5 @@
-"""The `sonamu-tasks` command: run workers, see schedules, start runs, send messages and events, find stranded
-runs, cancel and fork runs one at a time or a whole version at once."""
+"""The `sonamu-tasks` command: run workers, see schedules and queues, start runs, send messages and events, find
+stranded runs, cancel and fork runs one at a time or a whole version at once."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from . import arguments
+from . import arguments, limits
 from .config import Config
 from .config_loader import load_config
 from .display import (
     LISTED_EVENTS,
     NO_CHILDREN,
+    QUEUE_COLUMNS,
     Children,
     ChildRow,
     Messages,
@@ -40,6 +41,9 @@ from .display import (
     outside_waits,
     pending_sleep,
     preview,
+    queue_row,
+    queue_summary,
+    run_queue,
     short_id,
     stranded_counts,
     stranded_summary,
@@ -47,8 +51,9 @@ from .display import (
 )
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
-from .manager import RunPage, StrandedRuns, WorkflowManager, until_signal
-from .records import RunEventRecord, RunRecord, StepRecord, WorkerRecord
+from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
+from .queue import Queue, served_queues
+from .records import QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
 from .schedule import zone
 from .status import RunStatus
 
@@ -116,11 +121,21 @@ def _checked(check: Callable[[str], Any]) -> Callable[[click.Context, click.Para
 
 
 _run_id = _checked(arguments.run_id)
+
+
+def _queue_names(context: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """`--queue` (repeatable): each a storable queue name, checked before anything starts; repeats dropped."""
+    try:
+        return tuple(dict.fromkeys(limits.check_queue_name(value) for value in values))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 """A run id, checked before it reaches the database (PostgreSQL answers a malformed UUID with an error)."""
 
 STALE_AFTER = 60.0
 """Seconds since its last heartbeat after which a worker no longer counts as serving its versions."""
-_LIST_FILTERS = ("workflow", "version", "statuses", "parent_id", "since", "limit", "cursor")
+_LIST_FILTERS = ("workflow", "version", "queue", "statuses", "parent_id", "since", "limit", "cursor")
 """The filters of `runs`, none of which goes with --stranded."""
 
 
@@ -173,7 +188,15 @@ def _config(context: click.Context, *, enable_worker: bool, announce: bool = Fal
     help="Worker processes; above 1, a supervisor starts them, restarts a crashed one and stops them together.",
 )
 @click.option("--concurrency", type=click.IntRange(min=1), help="Runs at once per process (overrides worker_options).")
-@click.option("--queue", "queues", multiple=True, metavar="NAME", help="Not available yet: refused.")
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    metavar="NAME",
+    callback=_queue_names,
+    help="Serve only this queue (repeatable; overrides worker_options.queues; default: every queue of the "
+    "workflows it registers).",
+)
 @click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
@@ -193,17 +216,21 @@ def worker(
     worker processes under a supervisor."""
     from .supervisor import WORKER_INDEX_ENV, Supervisor, stop_when_orphaned, worker_command
 
-    if queues:
-        raise click.UsageError("--queue: queues are not available yet; a worker serves every workflow it registers")
     config = _config(context, enable_worker=True, announce=True)
     if concurrency is not None:
         config.tasks.worker_options.concurrency = concurrency
+    if queues:
+        config.tasks.worker_options.queues = queues
     if metrics_port is not None and processes == 1:
         config.tasks.worker_options.metrics_port = metrics_port + int(os.environ.get(WORKER_INDEX_ENV, "0"))
     if processes > 1:
         options: _Options = context.obj
         command = worker_command(
-            config_spec=options.config_spec, verbose=options.verbose, concurrency=concurrency, metrics_port=metrics_port
+            config_spec=options.config_spec,
+            verbose=options.verbose,
+            concurrency=concurrency,
+            metrics_port=metrics_port,
+            queues=queues,
         )
         stop_timeout_s = config.tasks.worker_options.shutdown_grace_ms / 1000 + 30
         sys.exit(Supervisor(command, processes, stop_timeout_s=stop_timeout_s).run())
@@ -222,14 +249,15 @@ def dev(context: click.Context) -> None:
 
 async def _serve(config: Config, *, reload: bool) -> None:
     manager = WorkflowManager(config)
-    async with manager:
-        _report_discovery(manager)
-        watcher = asyncio.create_task(_watch(manager)) if reload else None
-        await until_signal()
-        click.echo("shutting down: finishing running steps", err=True)
-        if watcher is not None:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+    with StopSignals() as signals:
+        async with manager:
+            _report_discovery(manager)
+            watcher = asyncio.create_task(_watch(manager)) if reload else None
+            await signals.stopped.wait()
+            click.echo("shutting down: finishing running steps", err=True)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
 
 
 async def _watch(manager: WorkflowManager) -> None:
@@ -263,6 +291,27 @@ def _report_discovery(manager: WorkflowManager) -> None:
         click.echo(f"error: workflow module {error.path} failed to load and was skipped:\n{error.traceback}", err=True)
     registered = ", ".join(f"{name}@{version}" for name, version in manager.registry.keys()) or "none"
     click.echo(f"workflows: {registered}", err=True)
+    if manager.config.tasks.enable_worker:
+        _report_queues(manager)
+
+
+def _report_queues(manager: WorkflowManager) -> None:
+    """The queues the worker serves; a chosen one that neither a registered workflow nor the config declares is
+    likely a typo, and is said to be."""
+    chosen = manager.config.tasks.worker_options.queues
+    served = served_queues(chosen, manager.registry)
+    click.echo(f"queues: {', '.join(served) or 'none'}", err=True)
+    if chosen is None:
+        return
+    known = {definition.queue_name for definition in manager.registry}
+    known |= {queue.name for queue in manager.config.tasks.queues if isinstance(queue, Queue)}
+    for name in served:
+        if name not in known:
+            click.echo(
+                f"warning: queue {name!r} is neither the queue of a workflow this worker registers nor declared in "
+                f"the config: it takes only runs started with run(queue={name!r})",
+                err=True,
+            )
 
 
 @main.command()
@@ -384,6 +433,7 @@ _STATUSES = click.Choice([s.value for s in RunStatus])
 @main.command()
 @click.option("--workflow", help="Only runs of this workflow.")
 @click.option("--version", "version", callback=_checked(arguments.version), help="Only runs of this version.")
+@click.option("--queue", "queue", callback=_checked(arguments.queue_name), help="Only runs of this queue.")
 @click.option("--status", "statuses", multiple=True, type=_STATUSES, help="Only runs in this status (repeatable).")
 @click.option("--parent", "parent_id", callback=_run_id, metavar="RUN_ID", help="Only the children of this run.")
 @click.option("--since", help="Only runs created in the last DURATION (1h, 7d) or after an ISO datetime.")
@@ -406,6 +456,7 @@ def runs(
     context: click.Context,
     workflow: str | None,
     version: str | None,
+    queue: str | None,
     statuses: tuple[str, ...],
     parent_id: str | None,
     since: str | None,
@@ -438,6 +489,7 @@ def runs(
                 limit=limit,
                 cursor=cursor,
                 parent_id=parent_id,
+                queue=queue,
             )
 
     page = _steering(fetch())
@@ -1064,6 +1116,9 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
         return
     click.echo(f"run       {run.id}")
     click.echo(f"workflow  {run.workflow_name} version {run.version}")
+    queue = run_queue(run)
+    if queue:
+        click.echo("queue     " + "   ".join(_queue_part(label, value) for label, value in queue))
     if run.parent_id:
         click.echo(f"parent    {_parent_line(run, parent)}")
     if run.forked_from:
@@ -1116,6 +1171,14 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
             click.echo(f"and {children.more} more: sonamu-tasks runs --parent {run.id}")
     if run.error and run.error.get("traceback"):
         click.echo("\n" + run.error["traceback"].rstrip())
+
+
+def _queue_part(label: str, value: str) -> str:
+    """`show`'s queue line: `queue payments`, `priority 5`, `concurrency key 'customer-7'` (a key is quoted: it
+    may hold spaces)."""
+    if label == "queue":
+        return value
+    return f"{label} {value!r}" if label == "concurrency key" else f"{label} {value}"
 
 
 def _echo_messages(messages: Messages) -> None:
@@ -1251,6 +1314,30 @@ _steer_command("resume", "Resume a paused run.")
 _steer_command("retry", "Start a failed or canceled run again from its failed step.")
 
 
+@main.command("queues")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def queues_command(context: click.Context, as_json: bool) -> None:
+    """Queues with limits or unfinished runs: their limits (CONCURRENCY across all workers, PER WORKER, RATE
+    LIMIT as starts/window, PER KEY concurrency; - for none), RUNNING (executing now), DUE (due and not
+    claimed, the parked ones included) and the OLDEST DUE run's wait, RATE WINDOW (starts in the current window
+    / the limit) and PARKED ON KEY (due runs waiting for their concurrency key to have a free slot)."""
+    config = _config(context, enable_worker=False)
+
+    async def fetch() -> list[QueueStats]:
+        async with WorkflowManager(config) as manager:
+            return await manager.queue_stats()
+
+    found = _steering(fetch())
+    if as_json:
+        click.echo(json.dumps([queue_summary(stats) for stats in found], indent=2))
+        return
+    if not found:
+        click.echo("no queues: none is declared and no unfinished run is in one")
+        return
+    click.echo(format_table([column.upper() for column in QUEUE_COLUMNS], [queue_row(stats) for stats in found]))
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -1360,6 +1447,9 @@ def _run_summary(run: RunRecord) -> dict[str, Any]:
         "detached": run.detached,
         "forked_from": run.forked_from,
         "forked_step": run.forked_step,
+        "queue": run.queue,
+        "priority": run.priority,
+        "concurrency_key": run.concurrency_key,
     }
 
 

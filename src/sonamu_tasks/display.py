@@ -1,6 +1,7 @@
 """What a person sees of runs, shared by the CLI and the dashboard: short forms of durations and values, a
 run's wake time, its children (counts per status, a few listed), what a waiting run waits for (children, a
-sleep, messages, events), its unconsumed messages and the events it published; stranded runs per version."""
+sleep, messages, events), its unconsumed messages and the events it published; stranded runs per version;
+queues (their limits, what runs and waits in them) and a run's place in its queue."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import FOREVER
 from .errors import RunNotFound
-from .records import MessageRecord, RunEventRecord, RunRecord, StepRecord
+from .queue import DEFAULT_QUEUE
+from .records import MessageRecord, QueueStats, RunEventRecord, RunRecord, StepRecord
 from .status import RunStatus, StepStatus
 
 if TYPE_CHECKING:
@@ -170,7 +172,12 @@ def outside_wait(step: StepRecord) -> OutsideWait | None:
 
 def age_text(moment: datetime, now: datetime | None = None) -> str:
     """How long ago: `850ms`, `42s`, `5m`, `3h`, `2d`."""
-    seconds = max(0.0, ((now or datetime.now(UTC)) - moment).total_seconds())
+    return seconds_text(((now or datetime.now(UTC)) - moment).total_seconds())
+
+
+def seconds_text(seconds: float) -> str:
+    """A length of time, short: `850ms`, `42s`, `5m`, `3h`, `2d` (whole units, rounded down)."""
+    seconds = max(0.0, seconds)
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
     for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
@@ -382,3 +389,95 @@ def _row(run: RunRecord, step: str = "") -> ChildRow:
 def _step_order(step: str) -> list[tuple[int, int | str]]:
     """Natural order of step names: `kids[2]` before `kids[10]`."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", step)]
+
+
+# Queues
+
+
+QUEUE_COLUMNS = (
+    "queue",
+    "concurrency",
+    "per worker",
+    "rate limit",
+    "per key",
+    "running",
+    "due",
+    "oldest due",
+    "rate window",
+    "parked on key",
+)
+"""The columns of `sonamu-tasks queues` and the dashboard's Queues page, in order (`queue_row`)."""
+_PERIOD_UNITS = (("w", 604_800_000_000), ("d", 86_400_000_000), ("h", 3_600_000_000), ("m", 60_000_000))
+
+
+def period_text(period: timedelta) -> str:
+    """A rate limit's window as `rate_limit` spells it: `1s`, `500ms`, `5m`, `1d` (`1.5s` when no unit fits)."""
+    micros = period // timedelta(microseconds=1)
+    for unit, size in (*_PERIOD_UNITS, ("s", 1_000_000), ("ms", 1_000)):
+        if micros >= size and micros % size == 0:
+            return f"{micros // size}{unit}"
+    return f"{micros / 1_000_000:g}s"
+
+
+def rate_text(stats: QueueStats) -> str | None:
+    """The queue's rate limit as it was declared (`100/1s`), or None when it has none."""
+    if stats.rate_limit_starts is None or stats.rate_limit_window is None:
+        return None
+    return f"{stats.rate_limit_starts}/{period_text(stats.rate_limit_window)}"
+
+
+def queue_row(stats: QueueStats) -> list[str]:
+    """A queue as the cells of QUEUE_COLUMNS: a limit it does not have is `-`, the rate window is `12/100`
+    (starts in the current window / the limit), the oldest due run's age is short (`42s`)."""
+
+    def limit(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    window = "-"
+    if stats.rate_limit_starts is not None:
+        window = f"{stats.starts_in_window or 0}/{stats.rate_limit_starts}"
+    oldest = "-" if stats.oldest_due_seconds is None or not stats.due else seconds_text(stats.oldest_due_seconds)
+    return [
+        stats.name,
+        limit(stats.concurrency),
+        limit(stats.worker_concurrency),
+        rate_text(stats) or "-",
+        limit(stats.per_key_concurrency),
+        str(stats.running),
+        str(stats.due),
+        oldest,
+        window,
+        str(stats.parked_on_key),
+    ]
+
+
+def queue_summary(stats: QueueStats) -> dict[str, Any]:
+    """A queue as `sonamu-tasks queues --json` and the dashboard's /api/queues give it. `rate_limit` is spelled
+    as declared (`100/1s`), and given apart as `rate_limit_starts` and `rate_limit_window_s`."""
+    return {
+        "name": stats.name,
+        "concurrency": stats.concurrency,
+        "worker_concurrency": stats.worker_concurrency,
+        "rate_limit": rate_text(stats),
+        "rate_limit_starts": stats.rate_limit_starts,
+        "rate_limit_window_s": None if stats.rate_limit_window is None else stats.rate_limit_window.total_seconds(),
+        "per_key_concurrency": stats.per_key_concurrency,
+        "running": stats.running,
+        "due": stats.due,
+        "oldest_due_s": None if stats.oldest_due_seconds is None else round(max(0.0, stats.oldest_due_seconds), 3),
+        "starts_in_window": stats.starts_in_window,
+        "parked_on_key": stats.parked_on_key,
+    }
+
+
+def run_queue(run: RunRecord) -> list[tuple[str, str]]:
+    """Where a run waits its turn, as (label, value) pairs: its queue, then its priority and concurrency key when
+    it has them. Empty for a run in the default queue with neither: nothing to say."""
+    if run.queue == DEFAULT_QUEUE and run.priority == 0 and run.concurrency_key is None:
+        return []
+    parts = [("queue", run.queue)]
+    if run.priority != 0:
+        parts.append(("priority", str(run.priority)))
+    if run.concurrency_key is not None:
+        parts.append(("concurrency key", run.concurrency_key))
+    return parts

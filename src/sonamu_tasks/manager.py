@@ -88,15 +88,22 @@ def active_manager() -> WorkflowManager:
     return _active[-1]
 
 
-async def until_signal() -> None:
-    """Return when the process receives SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
+class StopSignals:
+    """SIGTERM and SIGINT set `stopped`, from the moment it is entered: a signal that arrives while the
+    manager is still starting stops it gracefully once it has started, instead of killing the process
+    mid-start (which would leave its worker registered)."""
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
+
+    def __enter__(self) -> StopSignals:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopped.set)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
@@ -223,9 +230,10 @@ class WorkflowManager:
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully (what `sonamu-tasks worker` does)."""
-        async with self:
-            await until_signal()
-            logger.info("signal received: shutting down")
+        with StopSignals() as signals:
+            async with self:
+                await signals.stopped.wait()
+                logger.info("signal received: shutting down")
 
     # registration
 
@@ -456,15 +464,18 @@ class WorkflowManager:
         cursor: str | None = None,
         parent_id: str | None = None,
         version: str | None = None,
+        queue: str | None = None,
     ) -> RunPage:
         """Runs, newest first. Pass `page.next_cursor` as `cursor` for the next page (None: last page).
-        `parent_id`: only the children of that run."""
+        `parent_id`: only the children of that run. `queue`: only the runs of that queue."""
         if not 1 <= limit <= 1000:
             raise ValueError(f"limit must be between 1 and 1000, got {limit}")
         statuses = None
         if status is not None:
             statuses = tuple(RunStatus(s).value for s in ([status] if isinstance(status, str) else status))
-        query = RunQuery(workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id, version)
+        query = RunQuery(
+            workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id, version, queue
+        )
         records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
         items = records[:limit]
         return RunPage(items, items[-1].id if len(records) > limit else None)

@@ -108,8 +108,9 @@ class QueueStats:
     name: str
     concurrency: int | None
     worker_concurrency: int | None
-    rate_limit: int | None
-    rate_period: timedelta | None
+    rate_limit_starts: int | None
+    rate_limit_window: timedelta | None
+    """`rate_limit` as starts per window ("100/1s": 100 and one second)."""
     per_key_concurrency: int | None
     running: int
     """Runs of the queue executing now (live lease)."""

@@ -199,9 +199,15 @@ WORKER_INDEX_ENV = "SONAMU_TASKS_WORKER_INDEX"
 
 
 def worker_command(
-    *, config_spec: str | None, verbose: bool, concurrency: int | None, metrics_port: int | None = None
+    *,
+    config_spec: str | None,
+    verbose: bool,
+    concurrency: int | None,
+    metrics_port: int | None = None,
+    queues: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of a worker this process supervises: the same config and options, one process."""
+    """The command line of a worker this process supervises: the same config and options (the queues it serves
+    too), one process."""
     command = [sys.executable, "-m", "sonamu_tasks"]
     if config_spec is not None:
         command += ["--config", config_spec]
@@ -212,6 +218,7 @@ def worker_command(
         command += ["--concurrency", str(concurrency)]
     if metrics_port is not None:
         command += ["--metrics-port", str(metrics_port)]
+    command += [f"--queue={queue}" for queue in queues]  # one word each: a name starting with "-" stays a name
     return [*command, "--supervisor-pid", str(os.getpid())]
 
 

@@ -136,6 +136,7 @@ class RunQuery:
     parent_id: str | None = None
     """Only the children of this run."""
     version: str | None = None
+    queue: str | None = None
 
 
 class Notifications(Protocol):

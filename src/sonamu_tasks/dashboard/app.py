@@ -8,8 +8,11 @@
     POST /runs/{id}/cancel    (and /retry) then back to the run page
     POST /runs/{id}/send      a message (topic, JSON, optional idempotency key), then back to the run page
     POST /runs/{id}/fork      a fork from a step (from_step, optional version), then to the new run's page
+    GET  /queues              each queue: its limits, runs executing, due backlog and its age, the rate window
+                              used, runs parked behind a full concurrency key
     GET  /workers, /schedules
     GET  /api/runs, /api/runs/{id}   the same as JSON (the run in full: a page cuts long values)
+    GET  /api/queues          the queues as JSON (as `sonamu-tasks queues --json`)
     GET  /api/stranded        unfinished runs per (workflow, version) that no live worker registers
     GET  /metrics             this process's Prometheus metrics (needs the `metrics` extra; 404 without it)
 
@@ -40,7 +43,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import arguments, telemetry
 from ..config import Config
-from ..display import COUNTED_MESSAGES, children_of, events_summary, messages_of, stranded_summary, wake_time
+from ..display import (
+    COUNTED_MESSAGES,
+    children_of,
+    events_summary,
+    messages_of,
+    queue_summary,
+    stranded_summary,
+    wake_time,
+)
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
 from ..manager import RunPage, WorkflowManager
 from ..records import RunRecord
@@ -60,6 +71,7 @@ from .guards import (
 T = TypeVar("T")
 MAX_BODY = 64 * 1024  # a form holds one short field; nothing the dashboard accepts comes near this
 STALE_AFTER = 60.0  # seconds without a heartbeat after which a worker no longer serves its versions (stranded)
+QUEUES_REFRESH_MS = 2000  # the queues page counts each queue's unfinished runs: every 2 s, not every second
 _STATIC = {
     "dashboard.css": ("text/css", files(__package__).joinpath("static/dashboard.css").read_text()),
     "live.js": ("text/javascript", files(__package__).joinpath("static/live.js").read_text()),
@@ -95,6 +107,8 @@ class Dashboard:
             Route("/runs/{run_id}/send", self.send, methods=["POST"]),
             Route("/runs/{run_id}/fork", self.fork, methods=["POST"]),
             Route("/runs/{run_id}/{action:str}", self.steer, methods=["POST"]),
+            Route("/queues", self.queues_page),
+            Route("/api/queues", self.queues_json),
             Route("/workers", self.workers_page),
             Route("/schedules", self.schedules_page),
             Route("/metrics", self.metrics),
@@ -215,6 +229,13 @@ class Dashboard:
         handle = await self.manager.fork(run_id, from_step, version)
         target = f"/runs/{handle.id}?{urlencode({'forked_from': run_id, 'step': from_step})}"
         return RedirectResponse(target, status_code=303)
+
+    async def queues_page(self, request: Request) -> Response:
+        body = pages.queues_table(await self.manager.queue_stats())
+        return HTMLResponse(body if _partial(request) else pages.page("Queues", body, refresh_ms=QUEUES_REFRESH_MS))
+
+    async def queues_json(self, request: Request) -> Response:
+        return _json([queue_summary(stats) for stats in await self.manager.queue_stats()])
 
     async def workers_page(self, request: Request) -> Response:
         body = pages.workers_table(await self.manager.list_workers())

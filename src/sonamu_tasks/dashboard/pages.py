@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 from ..display import (
     LISTED_EVENTS,
     NO_CHILDREN,
+    QUEUE_COLUMNS,
     Children,
     ChildRow,
     Messages,
@@ -27,12 +28,14 @@ from ..display import (
     outside_waits,
     pending_sleep,
     preview,
+    queue_row,
+    run_queue,
     short_id,
     stranded_counts,
 )
 from ..limits import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 from ..manager import StrandedRuns
-from ..records import RunEventRecord, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
+from ..records import QueueStats, RunEventRecord, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
 from ..status import RunStatus, StepStatus
 from .timeline import timeline_svg
 
@@ -53,7 +56,7 @@ def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = 
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} · sonamu-tasks</title>"
         "<link rel='stylesheet' href='/static/dashboard.css'></head><body><header><a href='/'>Runs</a>"
-        "<a href='/workers'>Workers</a><a href='/schedules'>Schedules</a></header>"
+        "<a href='/queues'>Queues</a><a href='/workers'>Workers</a><a href='/schedules'>Schedules</a></header>"
         f"<main><h2>{escape(title)}</h2>{before}<div id='live'{refresh}>{body}</div>{after}</main>"
         "<script src='/static/live.js'></script></body></html>"
     )
@@ -164,12 +167,34 @@ def run_detail(
         f"<p>{escape(run.workflow_name)} version {escape(run.version)} · "
         f"<span id='run-status' class='status {run.status.value}'{finished}>{run.status.value}</span>{request} · "
         f"attempts {run.attempts} · recoveries {run.recoveries} · created {_time(run.created_at)}</p>"
-        f"{_parent(run, parent)}{_forked(run)}<p>{buttons}</p>{_waiting_for(run, children)}{_children(run, children)}"
+        f"{_queue(run)}{_parent(run, parent)}{_forked(run)}<p>{buttons}</p>"
+        f"{_waiting_for(run, children)}{_children(run, children)}"
         f"<h3>Timeline</h3>{timeline_svg(shown_run, links=child_links(shown))}"
         "<h3>Steps</h3><table><thead><tr><th>step</th><th>kind</th><th>status</th><th>attempts</th>"
         f"<th>duration</th><th>output / error</th><th></th></tr></thead><tbody>{steps}</tbody></table>"
         f"{_messages(run.id, messages)}{_events(run.id, events)}"
         f"<h3>Input</h3>{_value(run.input, run.id)}{output}{error}"
+    )
+
+
+def queues_table(queues: Sequence[QueueStats]) -> str:
+    """Each queue's limits (`-` for none), runs executing, due backlog and the oldest due run's wait, starts in
+    the current rate window over the limit, due runs parked behind a full concurrency key: the columns of
+    `sonamu-tasks queues`."""
+    if not queues:
+        return "<p class='muted'>no queues: none is declared and no unfinished run is in one</p>"
+    head = "".join(f"<th>{escape(column)}</th>" for column in QUEUE_COLUMNS)
+    rows = "".join(
+        f"<tr data-queue='{escape(stats.name)}'>"
+        + "".join(f"<td>{escape(cell)}</td>" for cell in queue_row(stats))
+        + "</tr>"
+        for stats in queues
+    )
+    return (
+        f"<table id='queues'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        "<p class='muted'>due: due and not claimed, the parked ones included; rate window: starts in the current "
+        "window / the limit; parked on key: due runs waiting for a free slot of their concurrency key "
+        "(<a href='/api/queues'>as JSON</a>)</p>"
     )
 
 
@@ -196,6 +221,18 @@ def schedules_table(schedules: Sequence[ScheduleRecord]) -> str:
         "<tr><th>name</th><th>workflow</th><th>expression</th><th>timezone</th><th>next fire</th><th>last run</th></tr>"
     )
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no schedules</p>"
+
+
+def _queue(run: RunRecord) -> str:
+    """The run's queue, priority and concurrency key, when it is not in the default queue with neither."""
+    parts = run_queue(run)
+    if not parts:
+        return ""
+    shown = " · ".join(
+        f"queue <a href='/queues'>{escape(value)}</a>" if label == "queue" else f"{label} <code>{escape(value)}</code>"
+        for label, value in parts
+    )
+    return f"<p id='run-queue'>{shown}</p>"
 
 
 def _forked(run: RunRecord) -> str:

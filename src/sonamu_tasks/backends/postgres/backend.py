@@ -298,23 +298,32 @@ class PostgresBackend:
 
     @_transient
     async def register_queues(self, queues: Sequence[Queue], workflow_queues: Sequence[tuple[str, str, str]]) -> None:
-        async with self._connection() as conn, conn.transaction():
-            for queue in queues:
-                rate = queue.rate
-                params = {
-                    "name": queue.name,
-                    "concurrency": queue.concurrency,
-                    "worker_concurrency": queue.worker_concurrency,
-                    "rate_limit": rate[0] if rate else None,
-                    "rate_period": rate[1] if rate else None,
-                    "per_key_concurrency": queue.per_key_concurrency,
-                }
-                (key_limit_changed,) = await (await conn.execute(QUERIES["save_queue"], params)).fetchone() or (False,)
-                if key_limit_changed:
-                    await conn.execute(QUERIES["unpark_queue"], {"name": queue.name})
-            if workflow_queues:
-                rows = [{"name": n, "version": v, "queue": q} for n, v, q in workflow_queues]
+        # One transaction per queue, holding only that queue's lock: never waiting for a second lock while
+        # holding one (the lock's rules are in migration 0012). One checkout each: in transaction mode a checkout
+        # is one transaction.
+        for queue in queues:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(QUERIES["lock_queue"], {"name": queue.name})
+                await self._save_queue(conn, queue)
+        if workflow_queues:
+            rows = [{"name": n, "version": v, "queue": q} for n, v, q in workflow_queues]
+            async with self._connection() as conn:
                 await conn.execute(QUERIES["save_workflow_queues"], {"workflows": json.dumps(rows)})
+
+    @staticmethod
+    async def _save_queue(conn: psycopg.AsyncConnection[Any], queue: Queue) -> None:
+        rate = queue.rate
+        params = {
+            "name": queue.name,
+            "concurrency": queue.concurrency,
+            "worker_concurrency": queue.worker_concurrency,
+            "rate_limit": rate[0] if rate else None,
+            "rate_period": rate[1] if rate else None,
+            "per_key_concurrency": queue.per_key_concurrency,
+        }
+        (key_limit_changed,) = await (await conn.execute(QUERIES["save_queue"], params)).fetchone() or (False,)
+        if key_limit_changed:  # what was set aside under the old limit is weighed again under the new one
+            await conn.execute(QUERIES["unpark_queue"], {"name": queue.name})
 
     @_transient
     async def queue_stats(self) -> list[QueueStats]:
@@ -482,6 +491,7 @@ class PostgresBackend:
             "created_before": query.created_before,
             "limit": query.limit,
             "parent_id": query.parent_id,
+            "queue": query.queue,
             "version": query.version,
         }
         async with self._connection(read=True) as conn:

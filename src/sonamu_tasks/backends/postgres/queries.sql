@@ -503,6 +503,7 @@ WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
   AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
   AND (%(version)s::text IS NULL OR version = %(version)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
 ORDER BY runs.id DESC
@@ -665,6 +666,11 @@ WHERE r.status IN ('completed', 'failed', 'canceled')
       WHERE p.id = r.parent_id
         AND (p.status NOT IN ('completed', 'failed', 'canceled')
              OR p.finished_at >= now() - %(older_than)s::interval))
+
+-- lock_queue --
+-- Taken before a queue's limits change: the change waits for a claim of the queue in progress (see
+-- migration 0012 for the lock's rules).
+SELECT pg_advisory_xact_lock(queue_lock_key(%(name)s))
 
 -- save_queue --
 -- A queue's limits as declared in code; a change is seen by the next claim of every worker. Returns whether

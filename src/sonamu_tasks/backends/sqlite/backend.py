@@ -335,8 +335,10 @@ class SqliteBackend:
                     name=row["name"],
                     concurrency=row["concurrency"],
                     worker_concurrency=row["worker_concurrency"],
-                    rate_limit=row["rate_limit"],
-                    rate_period=None if row["rate_period"] is None else timedelta(microseconds=row["rate_period"]),
+                    rate_limit_starts=row["rate_limit"],
+                    rate_limit_window=None
+                    if row["rate_period"] is None
+                    else timedelta(microseconds=row["rate_period"]),
                     per_key_concurrency=row["per_key_concurrency"],
                     running=row["running"],
                     due=row["due"],
@@ -391,6 +393,7 @@ class SqliteBackend:
             "limit": query.limit,
             "parent_id": None if query.parent_id is None else str(uuid.UUID(query.parent_id)),
             "version": query.version,
+            "queue": query.queue,
         }
 
         def read(conn: sqlite3.Connection, now: int) -> list[RunRecord]:

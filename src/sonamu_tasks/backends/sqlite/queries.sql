@@ -402,6 +402,7 @@ WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND id < COALESCE(:before_id, 'g')
   AND (:parent_id IS NULL OR parent_id = :parent_id)
   AND (:version IS NULL OR version = :version)
+  AND (:queue IS NULL OR queue = :queue)
   AND (:created_after IS NULL OR created_at >= :created_after)
   AND (:created_before IS NULL OR created_at < :created_before)
 ORDER BY id DESC

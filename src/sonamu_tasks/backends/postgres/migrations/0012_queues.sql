@@ -64,9 +64,12 @@ CREATE INDEX runs_key_parked ON runs (queue, concurrency_key, priority, availabl
 CREATE UNIQUE INDEX runs_debounce ON runs (workflow_name, debounce_key)
     WHERE debounce_key IS NOT NULL AND status = 'pending' AND started_at IS NULL;
 
--- Claims of a limited queue and the release of a key slot take turns on this lock.
-CREATE FUNCTION lock_queue(queue_name text) RETURNS void LANGUAGE sql AS $$
-    SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/queue/' || queue_name, 0))
+-- Claims of a limited queue take turns on this lock (exclusive); a run leaving a key's slot takes it shared,
+-- so it waits for a claim in progress (and a claim for it) but never for another release. Deadlocks: a
+-- release holds at most shared locks, which never wait for each other; a claim waits only for the first
+-- queue lock it takes and merely tries the others (a busy one is skipped and tried again at the next claim).
+CREATE FUNCTION queue_lock_key(queue_name text) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT hashtextextended(current_schema() || '/queue/' || queue_name, 0)
 $$;
 
 -- A run with a concurrency key leaves 'running' (finished, parked, handed back): the oldest run parked on
@@ -78,7 +81,7 @@ DECLARE
     next_id uuid;
     next_workflow text;
 BEGIN
-    PERFORM lock_queue(NEW.queue);
+    PERFORM pg_advisory_xact_lock_shared(queue_lock_key(NEW.queue));
     SELECT id, workflow_name INTO next_id, next_workflow
     FROM runs
     WHERE queue = NEW.queue AND concurrency_key = NEW.concurrency_key AND key_parked
@@ -131,6 +134,7 @@ DECLARE
     v_count integer;
     v_parked boolean;
     v_due record;
+    v_holding boolean := false;  -- a queue lock is held: take no other one by waiting for it
 BEGIN
     FOREACH v_queue IN ARRAY p_queues LOOP
         EXIT WHEN v_taken >= p_limit;
@@ -141,7 +145,12 @@ BEGIN
                                 OR v_limits.rate_limit IS NOT NULL OR v_limits.per_key_concurrency IS NOT NULL);
         v_one_by_one := v_limited AND (v_limits.rate_limit IS NOT NULL OR v_limits.per_key_concurrency IS NOT NULL);
         IF v_limited THEN
-            PERFORM lock_queue(v_queue);
+            IF NOT v_holding THEN
+                PERFORM pg_advisory_xact_lock(queue_lock_key(v_queue));
+                v_holding := true;
+            ELSIF NOT pg_try_advisory_xact_lock(queue_lock_key(v_queue)) THEN
+                CONTINUE;
+            END IF;
             v_now := clock_timestamp();
             IF v_limits.concurrency IS NOT NULL THEN
                 SELECT v_limits.concurrency - count(*) INTO v_count FROM runs r
