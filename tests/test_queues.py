@@ -408,3 +408,23 @@ async def test_workers_serving_several_limited_queues_never_deadlock(
     handles = [await first.run(workflows[i % 2], i, concurrency_key=f"k{i % 5}") for i in range(60)]
     assert [await h.result(timeout=60) for h in handles] == list(range(60))
     assert not [r for r in caplog.records if "deadlock" in r.getMessage().lower()]
+
+
+async def test_run_many_puts_every_run_in_its_queue_with_its_key(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def item(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([item], queues=["default", "bulk"])
+    handles = await manager.run_many(item, [1, 2, 3], queue="bulk", priority=3, concurrency_keys=["a", None, "b"])
+    assert [await h.result(timeout=15) for h in handles] == [1, 2, 3]
+    runs = [await h.info() for h in handles]
+    assert [(r.queue, r.priority, r.concurrency_key) for r in runs] == [
+        ("bulk", 3, "a"),
+        ("bulk", 3, None),
+        ("bulk", 3, "b"),
+    ]
+    shared = await manager.run_many(item, [4, 5], concurrency_key="tenant")
+    assert [(await h.info()).concurrency_key for h in shared] == ["tenant", "tenant"]
+    with pytest.raises(ValueError, match="concurrency_key"):
+        await manager.run_many(item, [6], concurrency_key="x", concurrency_keys=["y"])

@@ -126,10 +126,10 @@ async def test_metrics_count_known_runs_steps_and_the_backlog(manager_for: Any, 
         await manager.run({"name": other, "version": "1"}, None)
 
     def backlog() -> bool:
-        return metric("sonamu_tasks_backlog", workflow=other, version="1") == 3
+        return metric("sonamu_tasks_backlog", queue="default", workflow=other, version="1") == 3
 
     await wait_until(backlog, timeout=20, what="the backlog gauge")
-    assert metric("sonamu_tasks_backlog_oldest_seconds", workflow=other, version="1") >= 0
+    assert metric("sonamu_tasks_backlog_oldest_seconds", queue="default", workflow=other, version="1") >= 0
 
 
 def free_port() -> int:

@@ -354,17 +354,21 @@ class WorkflowManager:
         deadline: datetime | Duration | None = None,
         queue: Queue | str | None = None,
         priority: int = 0,
+        concurrency_key: str | None = None,
         concurrency_keys: Sequence[str | None] | None = None,
     ) -> list[RunHandle]:
         """Start one run per input in one statement; the handles come back in input order. Every input is
         validated first: a bad one refuses the whole call, naming its index, and nothing is stored.
-        `idempotency_keys`: one per input (None for none); a repeated key gives the existing run."""
+        `idempotency_keys`: one per input (None for none); a repeated key gives the existing run. `queue`,
+        `priority` as for `run()`; `concurrency_key` for every run, or `concurrency_keys`, one per input."""
         name, version, definition = resolve(workflow, self.registry)
         items = list(inputs)
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(items)
         if len(keys) != len(items):
             raise ValueError(f"run_many: {len(items)} inputs but {len(keys)} idempotency_keys")
-        concurrency = list(concurrency_keys) if concurrency_keys is not None else [None] * len(items)
+        if concurrency_key is not None and concurrency_keys is not None:
+            raise ValueError("run_many: concurrency_key (one for every run) or concurrency_keys (one per input)")
+        concurrency = list(concurrency_keys) if concurrency_keys is not None else [concurrency_key] * len(items)
         if len(concurrency) != len(items):
             raise ValueError(f"run_many: {len(items)} inputs but {len(concurrency)} concurrency_keys")
         new_runs = []

@@ -74,12 +74,12 @@ class Metrics:
             "sonamu_tasks_lease_losses", "Attempts stopped because another worker took their run", ["workflow"]
         )
         self.backlog = p.Gauge(
-            "sonamu_tasks_backlog", "Runs due and not claimed, per workflow queue", ["workflow", "version"]
+            "sonamu_tasks_backlog", "Runs due and not claimed, per queue and workflow", ["queue", "workflow", "version"]
         )
         self.backlog_age = p.Gauge(
             "sonamu_tasks_backlog_oldest_seconds",
-            "How long the oldest due, unclaimed run has waited, per workflow queue",
-            ["workflow", "version"],
+            "How long the oldest due, unclaimed run has waited, per queue and workflow",
+            ["queue", "workflow", "version"],
         )
 
     @classmethod
@@ -179,16 +179,16 @@ class Telemetry:
             if taken_over:
                 metrics.take_overs.labels(workflow).inc()
 
-    def backlog(self, rows: list[tuple[str, str, int, float]]) -> None:
-        """Due, unclaimed runs per (workflow, version): how many and the oldest's wait in seconds."""
+    def backlog(self, rows: list[tuple[str, str, str, int, float]]) -> None:
+        """Due, unclaimed runs per (queue, workflow, version): how many and the oldest's wait in seconds."""
         metrics = self.metrics
         if metrics is None:
             return
         metrics.backlog.clear()
         metrics.backlog_age.clear()
-        for workflow, version, count, oldest in rows:
-            metrics.backlog.labels(workflow, version).set(count)
-            metrics.backlog_age.labels(workflow, version).set(oldest)
+        for queue, workflow, version, count, oldest in rows:
+            metrics.backlog.labels(queue, workflow, version).set(count)
+            metrics.backlog_age.labels(queue, workflow, version).set(oldest)
 
 
 DISABLED = Telemetry(tracing=False, metrics=False)

@@ -353,8 +353,8 @@ class Backend(ScheduleStore, Protocol):
         """(workflow, version, status, how many, the oldest one's creation) over unfinished runs."""
         ...
 
-    async def due_backlog(self) -> list[tuple[str, str, int, float]]:
-        """(workflow, version, runs due and not claimed, seconds the oldest has waited)."""
+    async def due_backlog(self) -> list[tuple[str, str, str, int, float]]:
+        """(queue, workflow, version, runs due and not claimed, seconds the oldest has waited)."""
         ...
 
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:

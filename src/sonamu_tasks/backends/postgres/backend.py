@@ -723,10 +723,10 @@ class PostgresBackend:
         return [(name, version, RunStatus(status), int(n), oldest) for name, version, status, n, oldest in rows]
 
     @_transient
-    async def due_backlog(self) -> list[tuple[str, str, int, float]]:
+    async def due_backlog(self) -> list[tuple[str, str, str, int, float]]:
         async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["due_backlog"])).fetchall()
-        return [(name, version, int(count), float(oldest)) for name, version, count, oldest in rows]
+        return [(queue, name, version, int(count), float(oldest)) for queue, name, version, count, oldest in rows]
 
     @_transient
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:

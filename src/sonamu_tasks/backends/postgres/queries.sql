@@ -599,11 +599,11 @@ UPDATE runs SET notify_finish = true
 WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')
 
 -- due_backlog --
--- Runs due and not claimed, per workflow queue, and how long the oldest has waited (for the metrics).
-SELECT workflow_name, version, count(*), EXTRACT(EPOCH FROM now() - min(available_at))::float8
+-- Runs due and not claimed, per queue and workflow, and how long the oldest has waited (for the metrics).
+SELECT queue, workflow_name, version, count(*), EXTRACT(EPOCH FROM now() - min(available_at))::float8
 FROM runs
 WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <= now()
-GROUP BY workflow_name, version
+GROUP BY queue, workflow_name, version
 
 -- save_retention --
 -- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever

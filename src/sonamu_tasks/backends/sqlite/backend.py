@@ -650,10 +650,10 @@ class SqliteBackend:
 
         return await self._db.read(read)
 
-    async def due_backlog(self) -> list[tuple[str, str, int, float]]:
-        def read(conn: sqlite3.Connection, now: int) -> list[tuple[str, str, int, float]]:
+    async def due_backlog(self) -> list[tuple[str, str, str, int, float]]:
+        def read(conn: sqlite3.Connection, now: int) -> list[tuple[str, str, str, int, float]]:
             rows = conn.execute(QUERIES["due_backlog"], {"now": now}).fetchall()
-            return [(r["workflow_name"], r["version"], int(r["n"]), float(r["oldest"])) for r in rows]
+            return [(r["queue"], r["workflow_name"], r["version"], int(r["n"]), float(r["oldest"])) for r in rows]
 
         return await self._db.read(read)
 

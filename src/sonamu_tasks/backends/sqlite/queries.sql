@@ -488,10 +488,10 @@ SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
 
 -- due_backlog --
-SELECT workflow_name, version, count(*) AS n, (:now - min(available_at)) / 1000000.0 AS oldest
+SELECT queue, workflow_name, version, count(*) AS n, (:now - min(available_at)) / 1000000.0 AS oldest
 FROM runs
 WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <= :now
-GROUP BY workflow_name, version
+GROUP BY queue, workflow_name, version
 
 -- save_retention --
 -- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever
