@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,9 +50,10 @@ def new_schema() -> str:
     return f"bench_{uuid.uuid4().hex[:8]}"
 
 
-def client_config(url: str, schema: str) -> Config:
-    """A process that only starts runs and waits for them (no worker)."""
-    return define_config(database_url=url, schema=schema, tasks={"enable_worker": False})
+def client_config(url: str, schema: str, queues: list[dict[str, Any]] | None = None) -> Config:
+    """A process that only starts runs and waits for them (no worker); `queues` (Queue arguments) are declared,
+    so their limits are stored before any run is enqueued."""
+    return define_config(database_url=url, schema=schema, tasks={"enable_worker": False, "queues": queues or []})
 
 
 def start_workers(url: str, schema: str, count: int, **options: Any) -> list[subprocess.Popen[bytes]]:
@@ -107,6 +109,103 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (/proc/PID/stat utime + stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of the line
+
+
+def postmaster_pid(url: str) -> int | None:
+    """The PostgreSQL server's main process if it runs on this machine (its /proc readable), else None."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    try:
+        parent = int(Path(f"/proc/{row[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        Path(f"/proc/{parent}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return parent
+
+
+def server_cpu_seconds(postmaster: int) -> float:
+    """CPU time of a PostgreSQL server so far: the postmaster, its exited children (cutime + cstime: the
+    backends of closed connections) and its live children (backends, autovacuum, WAL writer...)."""
+    clock = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(f) for f in fields[11:15]) / clock  # utime, stime, cutime, cstime
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / clock
+    return total
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished children (worker processes once waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds spent by the worker processes (this process's children) and the PostgreSQL server between
+    `start()` and `stop()` (after the workers have been waited for). The server part is None when the server
+    is not on this machine."""
+
+    def __init__(self, url: str) -> None:
+        self.postmaster = None if url.startswith("sqlite") else postmaster_pid(url)
+        self.functions: dict[str, tuple[int, float]] = {}  # calls and ms of SQL functions, if a caller reads them
+
+    def start(self) -> None:
+        self._workers = children_cpu_seconds()
+        self._server = server_cpu_seconds(self.postmaster) if self.postmaster else 0.0
+
+    def stop(self) -> tuple[float, float | None]:
+        workers = children_cpu_seconds() - self._workers
+        server = server_cpu_seconds(self.postmaster) - self._server if self.postmaster else None
+        self.last = (workers, server)
+        return self.last
+
+    def per_item_us(self, items: int, overhead_s: float = 0.0) -> float:
+        """The last measurement's CPU (workers + server), less `overhead_s`, per item, in microseconds."""
+        workers, server = self.last
+        return (workers + (server or 0.0) - overhead_s) / items * 1e6
+
+    async def startup(self, url: str, processes: int, settle_s: float = 3.0, **worker_options: Any) -> float:
+        """CPU seconds that starting and stopping `processes` workers costs with nothing to do (imports,
+        connections, the first claims), to subtract from a round's."""
+        schema = new_schema()
+        async with WorkflowManager(client_config(url, schema, worker_options.pop("declared", None))):
+            self.start()
+            workers = start_workers(url, schema, processes, **worker_options)
+            await asyncio.sleep(settle_s)
+            stop_workers(workers)
+            workers_s, server_s = self.stop()
+        return workers_s + (server_s or 0.0)
+
+
+def enable_function_stats(url: str) -> None:
+    """`track_functions = 'pl'` for the database (new connections): pg_stat_user_functions counts the calls."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE \"{conn.info.dbname}\" SET track_functions = 'pl'")
+
+
+async def function_stats(client: WorkflowManager, schema: str) -> dict[str, tuple[int, float]]:
+    """Calls and total milliseconds of the schema's SQL functions (pg_stat_user_functions; `track_functions`
+    is set to 'pl' for the database when a queue limit is compared), the workers' backends having exited."""
+    backend: Any = client.backend
+    if not hasattr(backend, "_pool"):
+        return {}
+    async with backend._pool.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT funcname, calls, total_time FROM pg_stat_user_functions WHERE schemaname = %s", [schema]
+        )
+        return {name: (calls, total) for name, calls, total in await cursor.fetchall()}
 
 
 def percentile(values: list[float], q: float) -> float:

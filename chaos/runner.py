@@ -118,17 +118,34 @@ class Worker:
 
 
 class Context:
-    def __init__(self, cluster: PostgresCluster, short: bool, log_dir: Path) -> None:
+    """What a scenario runs against. `engine_url` is what workers and producers connect to (default: the cluster),
+    with `connection` the config's other connection options (listen_url, pool_mode); `query_url` is what the runner
+    counts with. Audit rows always go to the runner's cluster, which no scenario kills."""
+
+    def __init__(
+        self,
+        cluster: PostgresCluster,
+        short: bool,
+        log_dir: Path,
+        *,
+        engine_url: str | None = None,
+        query_url: str | None = None,
+        connection: dict[str, str] | None = None,
+    ) -> None:
         self.cluster, self.short, self.log_dir = cluster, short, log_dir
+        self.engine_url = engine_url or cluster.url
+        self.query_url = query_url or cluster.url
+        self.connection = connection or {}
         self.workers: list[Worker] = []
 
     def schema_for(self, name: str) -> str:
         return f"chaos_{name}_{uuid.uuid4().hex[:6]}"
 
     def worker(self, schema: str, name: str, workflows_: str = "chain", **settings: Any) -> Worker:
-        env = {**os.environ, "CHAOS_URL": self.cluster.url, "CHAOS_SCHEMA": schema, "CHAOS_WORKFLOWS": workflows_}
+        env = {**os.environ, "CHAOS_URL": self.engine_url, "CHAOS_SCHEMA": schema, "CHAOS_WORKFLOWS": workflows_}
+        env["CHAOS_AUDIT_URL"] = self.cluster.url
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        for key, value in settings.items():
+        for key, value in {**self.connection, **settings}.items():
             env[f"CHAOS_{key.upper()}"] = str(value)
         worker = Worker(env, self.log_dir, f"{schema}-{name}")
         self.workers.append(worker)
@@ -141,15 +158,23 @@ class Context:
 
     def config(self, schema: str, **options: Any) -> Any:
         return define_config(
-            database_url=self.cluster.url,
+            database_url=self.engine_url,
             schema=schema,
             tasks={"enable_worker": False, "worker_options": {"listen_delay": 0, **options}},
+            **self.connection,
         )
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.cluster.url, autocommit=True, connect_timeout=10) as conn:
-            cursor = conn.execute(sql.encode(), params or [])  # type: ignore[arg-type]
-            return list(cursor.fetchall()) if cursor.description is not None else []
+        return _query(self.query_url, sql, params)
+
+    def audit_query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        return _query(self.cluster.url, sql, params)
+
+
+def _query(url: str, sql: str, params: list[Any] | None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        cursor = conn.execute(sql.encode(), params or [])  # type: ignore[arg-type]
+        return list(cursor.fetchall()) if cursor.description is not None else []
 
 
 async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.2) -> bool:
@@ -195,7 +220,7 @@ def tally(ctx: Context, summary: Summary, schema: str, run_ids: list[str], distu
         [run_ids],
     )
     audit: dict[tuple[str, str], list[tuple[datetime, int]]] = {}
-    for run_id, step, pid, at in ctx.query(
+    for run_id, step, pid, at in ctx.audit_query(
         "SELECT run_id::text, step, pid, at FROM public.chaos_audit WHERE scenario = %s ORDER BY at", [schema]
     ):
         audit.setdefault((str(run_id), str(step)), []).append((at, int(pid)))
@@ -591,6 +616,38 @@ async def hostile_neighbours(ctx: Context, summary: Summary) -> None:
     summary.details.append(f"engine connections open at the end of the load: calm {held[0]}, hostile {held[1]}")
 
 
+async def pgbouncer(ctx: Context, summary: Summary) -> None:
+    """`worker_kills` with every engine connection through PgBouncer: in transaction mode (LISTEN and the
+    retention lock direct, `listen_url`), then in session mode; the runs of both are counted together."""
+    from sonamu_tasks.testing import PgBouncer
+
+    for mode in ("transaction", "session"):
+        with PgBouncer(ctx.cluster.url, pool_mode=mode, pool_size=20) as bouncer:
+            connection = {"listen_url": ctx.cluster.url, "pool_mode": mode} if mode == "transaction" else {}
+            pooled = Context(ctx.cluster, ctx.short, ctx.log_dir, engine_url=bouncer.url, connection=connection)
+            try:
+                before = summary.details[:]
+                await worker_kills(pooled, summary)
+                kills = [d for d in summary.details if d not in before]
+                summary.details[len(before) :] = [f"{mode} mode: {d}" for d in kills]
+                servers = ctx.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sonamu_tasks'")
+                summary.details.append(f"{mode} mode: engine connections at the server after the load: {servers[0][0]}")
+            finally:
+                pooled.stop_workers()
+
+
+async def failover(ctx: Context, summary: Summary) -> None:
+    from .failover import failover as scenario  # imports this module: loaded when the scenario runs
+
+    await scenario(ctx, summary)
+
+
+async def failover_async(ctx: Context, summary: Summary) -> None:
+    from .failover import failover_async as scenario
+
+    await scenario(ctx, summary)
+
+
 async def composition(ctx: Context, summary: Summary) -> None:
     from .composition import composition as scenario  # imports this module: loaded when the scenario runs
 
@@ -621,6 +678,9 @@ SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "composition": composition,
     "messages": messages,
     "queues": queues,
+    "pgbouncer": pgbouncer,
+    "failover": failover,
+    "failover_async": failover_async,
 }
 
 

@@ -30,6 +30,8 @@ def main() -> None:
         database_url=os.environ["CHAOS_URL"],
         schema=os.environ["CHAOS_SCHEMA"],
         tasks={"enable_worker": True, "worker_options": options},
+        listen_url=os.environ.get("CHAOS_LISTEN_URL") or None,
+        pool_mode=os.environ.get("CHAOS_POOL_MODE") or "session",
     )
     names = os.environ.get("CHAOS_WORKFLOWS", "chain").split(",")
     chosen = [getattr(workflows, name) for name in names]

@@ -31,6 +31,11 @@ _lock: asyncio.Lock | None = None
 RETRY = RetryPolicy(max_attempts=30, initial_interval_ms=100)
 
 
+def _audit_url() -> str:
+    """The runner's own cluster (a failover scenario kills the one the engine uses), or the engine's."""
+    return os.environ.get("CHAOS_AUDIT_URL") or os.environ["CHAOS_URL"]
+
+
 async def audit(run_id: str, step: str) -> None:
     global _conn, _lock
     if _lock is None:
@@ -39,7 +44,7 @@ async def audit(run_id: str, step: str) -> None:
         try:
             if _conn is None or _conn.closed:
                 _conn = await psycopg.AsyncConnection.connect(
-                    os.environ["CHAOS_URL"], autocommit=True, application_name="chaos_audit"
+                    _audit_url(), autocommit=True, application_name="chaos_audit"
                 )
             await _conn.execute(
                 "INSERT INTO public.chaos_audit (scenario, run_id, step, pid) VALUES (%s, %s, %s, %s)",
@@ -211,7 +216,7 @@ async def record_message(run_id: str, step: str, message: Any, work_ms: float) -
         try:
             if _conn is None or _conn.closed:
                 _conn = await psycopg.AsyncConnection.connect(
-                    os.environ["CHAOS_URL"], autocommit=True, application_name="chaos_audit"
+                    _audit_url(), autocommit=True, application_name="chaos_audit"
                 )
             await _conn.execute(
                 "INSERT INTO public.chaos_received (scenario, run_id, step, message, pid) VALUES (%s, %s, %s, %s, %s)",

@@ -12,9 +12,11 @@ import psycopg
 import pytest
 
 from sonamu_tasks import Config, WorkflowManager, define_config
-from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled
+from sonamu_tasks.testing import PgBouncer, PgBouncerNotInstalled, PostgresCluster, PostgresNotInstalled
 
 BACKENDS = ["postgres", "sqlite"]
+# PostgreSQL through PgBouncer in each pool mode: the behaviour suite runs on these too (tests/test_behaviour.py).
+PGBOUNCER_BACKENDS = ["postgres-pgbouncer-session", "postgres-pgbouncer-transaction"]
 
 
 @pytest.fixture(scope="session")
@@ -31,23 +33,59 @@ def postgres_url() -> Iterator[str]:
         yield cluster.url
 
 
+def _pgbouncer(postgres_url: str, pool_mode: str) -> Iterator[PgBouncer]:
+    try:
+        bouncer = PgBouncer(postgres_url, pool_mode=pool_mode)
+    except PgBouncerNotInstalled as error:
+        pytest.skip(str(error))
+    with bouncer:
+        yield bouncer
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_session(postgres_url: str) -> Iterator[PgBouncer]:
+    """PgBouncer (pool_mode = session) in front of the session's PostgreSQL, started when first asked for."""
+    yield from _pgbouncer(postgres_url, "session")
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_transaction(postgres_url: str) -> Iterator[PgBouncer]:
+    """PgBouncer (pool_mode = transaction) in front of the session's PostgreSQL."""
+    yield from _pgbouncer(postgres_url, "transaction")
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-def database_url(backend_name: str, postgres_url: str, tmp_path: Any) -> str:
+def connection_settings(
+    backend_name: str, postgres_url: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> dict[str, Any]:
+    """The config's connection options for this backend: database_url, and listen_url and pool_mode through
+    PgBouncer in transaction mode (LISTEN and the retention lock go to the server directly)."""
     if backend_name == "postgres":
-        return postgres_url
-    return f"sqlite:///{tmp_path / 'sonamu_tasks.db'}"
+        return {"database_url": postgres_url}
+    if backend_name == "sqlite":
+        return {"database_url": f"sqlite:///{tmp_path / 'sonamu_tasks.db'}"}
+    mode = backend_name.removeprefix("postgres-pgbouncer-")
+    bouncer: PgBouncer = request.getfixturevalue(f"pgbouncer_{mode}")
+    if mode == "transaction":
+        return {"database_url": bouncer.url, "listen_url": postgres_url, "pool_mode": "transaction"}
+    return {"database_url": bouncer.url}
+
+
+@pytest.fixture
+def database_url(connection_settings: dict[str, Any]) -> str:
+    return str(connection_settings["database_url"])
 
 
 @pytest.fixture
 def schema(backend_name: str, postgres_url: str) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
-    if backend_name == "postgres":
+    if backend_name.startswith("postgres"):
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
@@ -56,14 +94,14 @@ ConfigFactory = Callable[..., Config]
 
 
 @pytest.fixture
-def make_config(database_url: str, schema: str) -> ConfigFactory:
+def make_config(connection_settings: dict[str, Any], schema: str) -> ConfigFactory:
     """A config on this test's database and schema; keyword arguments are worker options."""
 
     def make(*, enable_worker: bool = True, context_provider: Any = None, **worker_options: Any) -> Config:
         options = {"listen_delay": 0, "lease_ms": 2000, **worker_options}
         options.setdefault("concurrency", 4)
         return define_config(
-            database_url=database_url,
+            **connection_settings,
             schema=schema,
             tasks={
                 "enable_worker": enable_worker,

@@ -26,7 +26,14 @@ from sonamu_tasks import (
 from sonamu_tasks.backends.base import LeaseLost, NewRun, TimedWait
 from sonamu_tasks.ids import new_run_id
 
-from .conftest import wait_until
+from .conftest import BACKENDS, PGBOUNCER_BACKENDS, wait_until
+
+
+@pytest.fixture(params=BACKENDS + PGBOUNCER_BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """This suite runs on every backend, and on PostgreSQL through PgBouncer in session and transaction mode."""
+    return str(request.param)
+
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_interval_ms=50, backoff_coefficient=1)
 

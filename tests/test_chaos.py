@@ -25,6 +25,9 @@ SCENARIOS = [
     "composition",
     "messages",
     "queues",
+    "pgbouncer",
+    "failover",
+    "failover_async",
 ]
 
 

@@ -85,7 +85,7 @@ async def test_a_run_started_in_another_process_is_picked_up_by_its_notification
     make_config: Any, start_worker: Any
 ) -> None:
     # Given a worker process that would poll only once a minute, started and idle
-    worker = start_worker("idle", poll_interval_ms=60_000, workflows="one_step")
+    worker = start_worker("idle", poll_ms=60_000, workflows="one_step")
     async with WorkflowManager(make_config(enable_worker=False)) as client:
         await wait_until(client.list_workers, what="the worker to register")
         loop = asyncio.get_running_loop()

@@ -17,6 +17,10 @@ from .errors import ConfigError, InvalidDuration, InvalidValue
 from .queue import DEFAULT_QUEUE, Queue, queue_name
 
 DATABASE_URL_ENV = "SONAMU_TASKS_DATABASE_URL"
+LISTEN_URL_ENV = "SONAMU_TASKS_LISTEN_URL"
+READ_URL_ENV = "SONAMU_TASKS_READ_URL"
+POOL_MODE_ENV = "SONAMU_TASKS_POOL_MODE"
+POOL_MODES = ("session", "transaction")
 DEFAULT_SQLITE_PATH = "sonamu_tasks.db"
 
 ContextProvider = Callable[[dict[str, Any]], Any]
@@ -129,10 +133,42 @@ class Config:
     workflows: Sequence[str] = ()
     """Packages the syncer scans for `*_workflow.py` / `workflow.py` modules."""
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    listen_url: str | None = None
+    """PostgreSQL only: a direct connection to the primary (never through a transaction-mode pooler) for the
+    LISTEN connection and the retention's session lock. None: `database_url`."""
+    read_url: str | None = None
+    """PostgreSQL only: a replica the command line's and the dashboard's lists (runs, workers, queues, stranded runs)
+    and the worker's backlog metrics read from. Never the claim, a run's own reads or any write. None: the
+    primary."""
+    pool_mode: str = "session"
+    """How `database_url`'s connections are pooled: `"session"` (a direct server, or PgBouncer
+    `pool_mode = session`) or `"transaction"` (PgBouncer `pool_mode = transaction`: no prepared statements,
+    the search_path set inside each transaction, LISTEN and session locks on `listen_url`, which is required)."""
+
+    def __post_init__(self) -> None:
+        mode = self.resolved_pool_mode()
+        if mode not in POOL_MODES:
+            raise ConfigError(f"pool_mode must be one of {', '.join(POOL_MODES)}, got {mode!r}")
+        if mode == "transaction" and not self.resolved_listen_url():
+            raise ConfigError(
+                "pool_mode 'transaction' needs listen_url: a direct PostgreSQL URL (not through the pooler) for "
+                "LISTEN and session locks, which a transaction-mode pooler cannot carry"
+            )
 
     def resolved_database_url(self) -> str:
         """The URL in force: the environment overrides the file; the embedded SQLite file by default."""
         return os.environ.get(DATABASE_URL_ENV) or self.database_url or f"sqlite:///{DEFAULT_SQLITE_PATH}"
+
+    def resolved_listen_url(self) -> str | None:
+        """The LISTEN connection's URL set by the environment or the file (None: the database URL's)."""
+        return os.environ.get(LISTEN_URL_ENV) or self.listen_url
+
+    def resolved_read_url(self) -> str | None:
+        """The replica's URL set by the environment or the file (None: read from the primary)."""
+        return os.environ.get(READ_URL_ENV) or self.read_url
+
+    def resolved_pool_mode(self) -> str:
+        return os.environ.get(POOL_MODE_ENV) or self.pool_mode
 
 
 def define_config(
@@ -142,6 +178,9 @@ def define_config(
     timezone: str = "UTC",
     workflows: Sequence[str] = (),
     tasks: TasksConfig | Mapping[str, Any] | None = None,
+    listen_url: str | None = None,
+    read_url: str | None = None,
+    pool_mode: str = "session",
 ) -> Config:
     """Build a Config from keyword arguments; `tasks` may be a dict as in the seed."""
     if isinstance(workflows, str):
@@ -152,6 +191,9 @@ def define_config(
         timezone=timezone,
         workflows=tuple(workflows),
         tasks=_tasks_config(tasks),
+        listen_url=listen_url,
+        read_url=read_url,
+        pool_mode=pool_mode,
     )
 
 

@@ -112,6 +112,23 @@ async def collect(input: Any, step: Any) -> list[Any]:
     return got
 
 
+def audited_work(directory: str, key: str, work_ms: float) -> str:
+    """One line per execution, `key wall-clock-time pid`, written before the work (the failover tests)."""
+    with open(Path(directory) / "executions.log", "a") as log:
+        log.write(f"{key} {time.time()!r} {os.getpid()}\n")
+        log.flush()
+    time.sleep(work_ms / 1000)
+    return key
+
+
+@workflow(version="1", retry_policy=RetryPolicy(max_attempts=30, initial_interval_ms=100))
+async def audited_chain(input: Any, step: Any, context: Any) -> int:
+    for index in range(int(input["steps"])):
+        key = f"{context['run_id']}/s{index}"
+        await step.define(f"s{index}", audited_work).run(input["dir"], key, float(input.get("work_ms", 20)))
+    return int(input["steps"])
+
+
 LIMITED = Queue("limited", concurrency=3)
 
 

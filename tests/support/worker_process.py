@@ -23,8 +23,8 @@ def main() -> None:
         "lease_ms": float(os.environ.get("SONAMU_TEST_LEASE_MS", "1000")),
         "shutdown_grace_ms": float(os.environ.get("SONAMU_TEST_GRACE_MS", "10000")),
     }
-    if "SONAMU_TEST_POLL_INTERVAL_MS" in os.environ:
-        worker_options["poll_interval_ms"] = float(os.environ["SONAMU_TEST_POLL_INTERVAL_MS"])
+    if "SONAMU_TEST_POLL_MS" in os.environ:
+        worker_options["poll_interval_ms"] = float(os.environ["SONAMU_TEST_POLL_MS"])
     if "SONAMU_TEST_BLOCKED_LOOP_LIMIT_MS" in os.environ:
         worker_options["blocked_loop_limit_ms"] = float(os.environ["SONAMU_TEST_BLOCKED_LOOP_LIMIT_MS"])
     config = define_config(

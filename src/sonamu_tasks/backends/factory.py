@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,15 @@ def backend_for(config: Config, *, pool_size: int | None = None) -> Backend:
     url = config.resolved_database_url()
     if pool_size is None:
         pool_size = config.tasks.worker_options.concurrency + 4
-    return _build(_Recipe(url, config.schema, pool_size))
+    recipe = _Recipe(
+        url,
+        config.schema,
+        pool_size,
+        listen_url=config.resolved_listen_url(),
+        read_url=config.resolved_read_url(),
+        pool_mode=config.resolved_pool_mode(),
+    )
+    return _build(recipe)
 
 
 def another_like(backend: Backend, *, pool_size: int = 2) -> Callable[[], Backend] | None:
@@ -31,7 +40,7 @@ def another_like(backend: Backend, *, pool_size: int = 2) -> Callable[[], Backen
     recipe = _recipes.get(backend)
     if recipe is None:
         return None
-    twin = _Recipe(recipe.url, recipe.schema, pool_size)
+    twin = dataclasses.replace(recipe, pool_size=pool_size, read_url=None)  # its work is writes: no replica pool
     return lambda: _build(twin)
 
 
@@ -40,6 +49,9 @@ class _Recipe:
     url: str
     schema: str
     pool_size: int
+    listen_url: str | None = None
+    read_url: str | None = None
+    pool_mode: str = "session"
 
 
 # How each backend made by `backend_for` was made; weak, so it never keeps a closed backend alive.
@@ -52,7 +64,14 @@ def _build(recipe: _Recipe) -> Backend:
     if url.startswith(("postgresql://", "postgres://")) or url.startswith(("host=", "dbname=")):
         from .postgres import PostgresBackend
 
-        backend = PostgresBackend(url, schema=recipe.schema, pool_size=recipe.pool_size)
+        backend = PostgresBackend(
+            url,
+            schema=recipe.schema,
+            pool_size=recipe.pool_size,
+            listen_url=recipe.listen_url,
+            read_url=recipe.read_url,
+            pool_mode=recipe.pool_mode,
+        )
     elif url.startswith("sqlite://"):
         try:
             from .sqlite import SqliteBackend
@@ -62,7 +81,7 @@ def _build(recipe: _Recipe) -> Backend:
         if sqlite.path == ":memory:":
             return sqlite  # a second connection would open another, empty database: no recipe
         # The absolute path: a relative one would name another file after a change of directory.
-        recipe = _Recipe(f"sqlite:///{sqlite.path}", recipe.schema, recipe.pool_size)
+        recipe = _Recipe(f"sqlite:///{sqlite.path}", recipe.schema, recipe.pool_size)  # no listen/read URLs
         backend = sqlite
     else:
         raise ConfigError(

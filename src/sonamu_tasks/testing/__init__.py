@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from .env import TestClock, TestRunHandle, WorkflowTestEnv
-from .postgres_cluster import PostgresCluster, PostgresNotInstalled, find_postgres_bin
+from .pgbouncer import PgBouncer, PgBouncerNotInstalled
+from .postgres_cluster import PostgresCluster, PostgresNotInstalled, StandbyCluster, find_postgres_bin
 
 __all__ = [
+    "PgBouncer",
+    "PgBouncerNotInstalled",
     "PostgresCluster",
     "PostgresNotInstalled",
+    "StandbyCluster",
     "TestClock",
     "TestRunHandle",
     "WorkflowTestEnv",

@@ -6,9 +6,11 @@ the data directory is owned by the `postgres` OS user and the binaries run throu
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -103,6 +105,24 @@ class PostgresCluster:
         result = self._run("pg_ctl", "-D", str(self.data), "status", check=False)
         return result.returncode == 0
 
+    def kill_postmaster(self, timeout: float = 30, *, with_children: bool = False) -> float:
+        """`kill -9` of the postmaster (its backends notice and exit soon after; meanwhile a WAL sender may still
+        send what was written). `with_children`: every server process at once, as when the machine dies.
+        Returns the wall-clock time of the kill, once the server is gone."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = _children(pid) if with_children else []
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.is_running():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"postmaster {pid} still running {timeout}s after kill -9")
+            time.sleep(0.02)
+        return killed_at  # the wall-clock time of the kill
+
     def destroy(self) -> None:
         if self.data.exists() and self.is_running():
             self.stop("immediate")
@@ -131,6 +151,84 @@ class PostgresCluster:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"PostgreSQL on port {self.port} not ready after {timeout}s")
+
+
+class StandbyCluster(PostgresCluster):
+    """A streaming standby of `primary`, made with `pg_basebackup -R` (so `primary_conninfo` names the primary)
+    on a port of its own. `synchronous=True` makes the primary wait for it at every commit
+    (`synchronous_standby_names`, with `synchronous_commit` on) once it streams."""
+
+    def __init__(
+        self,
+        primary: PostgresCluster,
+        *,
+        name: str = "standby1",
+        synchronous: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        fsync = primary.settings.get("fsync") == "on"
+        super().__init__(fsync=fsync, settings={"cluster_name": name, "hot_standby": "on", **(settings or {})})
+        self.primary = primary
+        self.name = name
+        self.synchronous = synchronous
+
+    def start(self) -> None:
+        first = not self._initialized
+        super().start()
+        if first:
+            self.wait_until_streaming()
+
+    def _init(self) -> None:
+        if self._as_postgres:
+            shutil.chown(self.directory, "postgres", "postgres")
+        self._run(
+            "pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres",
+            "-D", str(self.data), "-R", "-X", "stream", "-c", "fast",
+        )  # fmt: skip
+        self._initialized = True
+
+    def wait_until_streaming(self, timeout: float = 60) -> None:
+        """Until the primary streams to this standby (synchronously when asked: then every commit waits for it)."""
+        import psycopg
+
+        with psycopg.connect(self.primary.url, autocommit=True) as conn:
+            if self.synchronous:
+                conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{self.name}'")
+                conn.execute("SELECT pg_reload_conf()")
+            wanted = "sync" if self.synchronous else "async"
+            deadline = time.monotonic() + timeout
+            while True:
+                row = conn.execute(
+                    "SELECT state, sync_state FROM pg_stat_replication WHERE application_name = %s", [self.name]
+                ).fetchone()
+                if row is not None and row[0] == "streaming" and row[1] == wanted:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"standby {self.name} not streaming ({wanted}) after {timeout}s: {row}")
+                time.sleep(0.05)
+
+    def promote(self) -> None:
+        """`pg_ctl promote`: the standby leaves recovery and accepts writes (returns once it does)."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "promote")
+
+
+def failover_url(*clusters: PostgresCluster, **parameters: str) -> str:
+    """A multi-host URL naming every cluster, connecting to whichever accepts writes (libpq's
+    `target_session_attrs=read-write`), as an application follows a failover."""
+    hosts = ",".join(f"127.0.0.1:{cluster.port}" for cluster in clusters)
+    query = "&".join(f"{key}={value}" for key, value in {"target_session_attrs": "read-write", **parameters}.items())
+    return f"postgresql://postgres@{hosts}/postgres?{query}"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if fields.get("PPid", "").strip() == str(pid):
+                found.append(int(status.parent.name))
+    return found
 
 
 def _runuser() -> str:

@@ -42,7 +42,7 @@ from ..base import (
 )
 from ..group_commit import GroupCommit
 from .queries import QUERIES, migrations
-from .types import configure_connection
+from .types import register_loaders
 from .wakeups import Wakeups
 
 logger = logging.getLogger("sonamu_tasks.postgres")
@@ -90,50 +90,117 @@ def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
 class PostgresBackend:
     pushes_notifications = True
 
-    def __init__(self, url: str, *, schema: str = "sonamu_tasks", pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "sonamu_tasks",
+        pool_size: int = 10,
+        listen_url: str | None = None,
+        read_url: str | None = None,
+        pool_mode: str = "session",
+    ) -> None:
+        """`url`: the primary, directly or through a pooler (`pool_mode` says which kind). `listen_url`: a direct
+        connection for LISTEN and the retention lock (required in transaction mode). `read_url`: a replica for
+        the lists and the metrics."""
         if not _SCHEMA_NAME.match(schema):
             raise ConfigError(
                 f"schema {schema!r} must be a lowercase SQL identifier (letters, digits, _) of at most 50 characters"
             )
+        if pool_mode not in ("session", "transaction"):
+            raise ConfigError(f"pool_mode must be 'session' or 'transaction', got {pool_mode!r}")
+        if pool_mode == "transaction" and not listen_url:
+            raise ConfigError("pool_mode 'transaction' needs listen_url, a direct connection for LISTEN and locks")
         self.url = url
+        self.listen_url = listen_url or url
+        self.read_url = read_url
         self.schema = schema
         self.channel = f"sonamu_tasks:{schema}"
-        self._connect_kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "options": f"-c search_path={schema}",
-            "application_name": "sonamu_tasks",
-        }
-        self._pool = psycopg_pool.AsyncConnectionPool(
+        # In transaction mode a pooled connection carries no session state: no prepared statement (psycopg
+        # prepares a query run often; the next transaction may be on another server connection, which has it
+        # or lacks it), no session search_path: each checkout is one transaction that sets it (`_connection`).
+        self._per_transaction = pool_mode == "transaction"
+        self._connect_kwargs: dict[str, Any] = {"autocommit": True, "application_name": "sonamu_tasks"}
+        if self._per_transaction:
+            self._connect_kwargs["prepare_threshold"] = None
+        self._set_search_path = sql.SQL("SET search_path TO {}").format(sql.Identifier(schema))
+        self._begin = sql.SQL("BEGIN; SET LOCAL search_path TO {}").format(sql.Identifier(schema))
+        self._pool = self._new_pool(url, max(2, pool_size), f"sonamu_tasks:{schema}")
+        # The replica's pool; without one, lists read from the primary's.
+        self._read_pool = self._new_pool(read_url, 4, f"sonamu_tasks:{schema}:read") if read_url else self._pool
+        # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
+        self._writes: GroupCommit[RunWrite] = GroupCommit(self._write_runs)
+        # "Runs of these workflows are due": NOTIFYs after the inserting commits, one in flight (migration 0013).
+        self._wakeups = Wakeups(self._notify_available)
+
+    def _new_pool(self, url: str, size: int, name: str) -> psycopg_pool.AsyncConnectionPool[Any]:
+        return psycopg_pool.AsyncConnectionPool(
             url,
             min_size=1,
-            max_size=max(2, pool_size),
+            max_size=size,
             kwargs=self._connect_kwargs,
             open=False,
             timeout=30,
             # Keep trying to reconnect for a day: the server may come back (guarantee 7). (0 would mean "give up
             # after the first failed attempt" to psycopg_pool, leaving callers to wait out their timeout.)
             reconnect_timeout=86_400,
-            name=f"sonamu_tasks:{schema}",
-            configure=configure_connection,  # times past the year 9999 read clamped, not as errors
+            name=name,
+            configure=self._configure,
         )
-        # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
-        self._writes: GroupCommit[RunWrite] = GroupCommit(self._write_runs)
-        # "Runs of these workflows are due": NOTIFYs sent after the inserting commit, coalesced (migration 0013).
-        self._wakeups = Wakeups(self._notify_available)
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Every new pooled connection: times past the year 9999 read clamped, not as errors; and, unless each
+        transaction sets it, the schema as search_path. (Not a startup `options` parameter: PgBouncer refuses
+        it.)"""
+        register_loaders(conn.adapters)
+        if not self._per_transaction:
+            await conn.execute(self._set_search_path)
+
+    async def _connect(self, url: str) -> psycopg.AsyncConnection[Any]:
+        """A connection of its own (not pooled), set up like the pool's, with the session's search_path."""
+        conn = await psycopg.AsyncConnection.connect(url, **self._connect_kwargs)
+        register_loaders(conn.adapters)
+        await conn.execute(self._set_search_path)
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, *, read: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for one unit of work (`read`: from the replica's pool, when there is one).
+
+        In transaction mode the unit is one transaction that first sets the search_path (a pooler gives each
+        transaction whichever server connection is free); `conn.transaction()` inside it is a savepoint."""
+        pool = self._read_pool if read else self._pool
+        async with pool.connection() as conn:
+            if not self._per_transaction:
+                yield conn
+                return
+            await conn.execute(self._begin)
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
 
     # lifecycle
 
     async def open(self) -> None:
         await self._pool.open(wait=False)
+        if self._read_pool is not self._pool:
+            await self._read_pool.open(wait=False)
 
     async def close(self) -> None:
         await self._wakeups.flush()  # a run() just before shutdown still wakes a worker
+        if self._read_pool is not self._pool:
+            await self._read_pool.close()
         await self._pool.close()
 
     @_transient
     async def migrate(self) -> list[str]:
         applied: list[str] = []
-        connect = psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        # Connected as the pool connects, so a connection the server or a pooler refuses says why here, at start-up.
+        connect = psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs)
         async with await connect as conn, conn.transaction():
             # Every process migrates at start-up: the lock makes all but one wait, then find it done.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [self.channel])
@@ -156,14 +223,14 @@ class PostgresBackend:
         return applied
 
     async def _notify_available(self, workflows: list[str]) -> None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(QUERIES["notify_available"], {"channel": self.channel, "names": workflows})
 
     async def listen(self, notifications: Notifications) -> None:
         delay = 0.1
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(self.listen_url, **self._connect_kwargs) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     delay = 0.1
                     notifications.reconnected()  # events may have been missed while we were away
@@ -188,7 +255,7 @@ class PostgresBackend:
         along = due and self._wakeups.take_turn()
         try:
             params = {**_new_run_params(run), "notify": along, "channel": self.channel}
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 row = await (await conn.execute(QUERIES["create_run"], params)).fetchone()
                 if row is not None:
                     if due and not along:
@@ -213,7 +280,7 @@ class PostgresBackend:
             f'"priority":{run.priority},"concurrency_key":{json.dumps(run.concurrency_key)}}}'
             for run in runs
         )
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             inserted = {
                 row[0] for row in await (await conn.execute(QUERIES["create_runs"], {"runs": f"[{rows}]"})).fetchall()
             }
@@ -230,7 +297,7 @@ class PostgresBackend:
 
     @_transient
     async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["create_debounced_run"], _new_run_params(run))).fetchone()
         assert row is not None  # inserted or updated: the statement always returns the run
         return row[0], bool(row[1])
@@ -240,7 +307,7 @@ class PostgresBackend:
         self, run: NewRun, worker_id: str, lease: timedelta
     ) -> tuple[str, bool, ClaimedRun | None]:
         params = {**_new_run_params(run), "worker_id": worker_id, "lease": lease}
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["create_claimed_run"], params)).fetchone()
             if row is not None:
                 if row[6] is None:  # a limited queue's run is inserted pending: the claim weighs it, workers hear
@@ -254,14 +321,15 @@ class PostgresBackend:
     @_transient
     async def register_queues(self, queues: Sequence[Queue], workflow_queues: Sequence[tuple[str, str, str]]) -> None:
         # One transaction per queue, holding only that queue's lock: never waiting for a second lock while
-        # holding one (the lock's rules are in migration 0012).
-        async with self._pool.connection() as conn:
-            for queue in queues:
-                async with conn.transaction():
-                    await conn.execute(QUERIES["lock_queue"], {"name": queue.name})
-                    await self._save_queue(conn, queue)
-            if workflow_queues:
-                rows = [{"name": n, "version": v, "queue": q} for n, v, q in workflow_queues]
+        # holding one (the lock's rules are in migration 0012). One checkout each: in transaction mode a checkout
+        # is one transaction.
+        for queue in queues:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(QUERIES["lock_queue"], {"name": queue.name})
+                await self._save_queue(conn, queue)
+        if workflow_queues:
+            rows = [{"name": n, "version": v, "queue": q} for n, v, q in workflow_queues]
+            async with self._connection() as conn:
                 await conn.execute(QUERIES["save_workflow_queues"], {"workflows": json.dumps(rows)})
 
     @staticmethod
@@ -281,7 +349,7 @@ class PostgresBackend:
 
     @_transient
     async def queue_stats(self) -> list[QueueStats]:
-        async with self._pool.connection() as conn:
+        async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["queue_stats"])).fetchall()
         return [QueueStats(*row) for row in rows]
 
@@ -289,7 +357,7 @@ class PostgresBackend:
 
     @_transient
     async def sync_schedules(self, schedules: Sequence[ScheduleRecord], workflows: Sequence[str]) -> None:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             for schedule in schedules:
                 await conn.execute(
                     QUERIES["upsert_schedule"],
@@ -308,7 +376,7 @@ class PostgresBackend:
 
     @_transient
     async def list_schedules(self) -> list[ScheduleRecord]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["list_schedules"])).fetchall()
         return [ScheduleRecord(*row) for row in rows]
 
@@ -323,7 +391,7 @@ class PostgresBackend:
             "next_fire_at": next_fire_at,
             "run_id": run.id if run else None,
         }
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             if await (await conn.execute(QUERIES["advance_schedule"], params)).fetchone() is None:
                 return False
             if run is not None:
@@ -352,7 +420,7 @@ class PostgresBackend:
             "limit": limit,
             "lease": lease,
         }
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["claim_runs"], params)).fetchall()
         return [ClaimedRun(*row) for row in rows]
 
@@ -367,7 +435,7 @@ class PostgresBackend:
             "names": [n for n, _ in workflows],
             "versions": [v for _, v in workflows],
         }
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["seconds_until_due"], params)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
@@ -375,7 +443,7 @@ class PostgresBackend:
     async def heartbeat(
         self, worker_id: str, held: Sequence[tuple[str, str]], lease: timedelta
     ) -> dict[str, str | None]:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute(QUERIES["touch_worker"], {"worker_id": worker_id})
             if not held:
                 return {}
@@ -408,7 +476,7 @@ class PostgresBackend:
 
     async def _steer(self, query: str, params: dict[str, Any]) -> RunStatus | None:
         """Apply a steering update; when it does not apply, report the status the run has."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (await conn.execute(QUERIES[query], params)).fetchone()
             if row is None:
                 row = await (await conn.execute(QUERIES["run_status"], params)).fetchone()
@@ -418,12 +486,12 @@ class PostgresBackend:
     async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
         if not held:
             return
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(QUERIES["release_runs"], {"ids": [i for i, _ in held], "tokens": [t for _, t in held]})
 
     @_transient
     async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             row = await (await cursor.execute(QUERIES["get_run"], {"run_id": run_id})).fetchone()
             if row is None:
@@ -434,7 +502,7 @@ class PostgresBackend:
 
     @_transient
     async def watch_run(self, run_id: str) -> bool:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["watch_run"], {"run_id": run_id})).fetchone()
         return row is not None
 
@@ -451,7 +519,7 @@ class PostgresBackend:
             "queue": query.queue,
             "version": query.version,
         }
-        async with self._pool.connection() as conn:
+        async with self._connection(read=True) as conn:
             cursor = conn.cursor(row_factory=dict_row)
             rows = await (await cursor.execute(QUERIES["list_runs"], params)).fetchall()
         records = []
@@ -464,7 +532,7 @@ class PostgresBackend:
 
     @_transient
     async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             return await self._load_steps(conn, run_id)
 
     async def save_step(
@@ -501,7 +569,7 @@ class PostgresBackend:
         events = sorted(
             {(str(w.waits_for["event"]), str(w.waits_for["key"])) for w in waits if w.kind == "event" and w.waits_for}
         )
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             owned = await (
                 await conn.execute(QUERIES["lock_parking_run"], {"run_id": run_id, "lease_token": lease_token})
             ).fetchone()
@@ -563,7 +631,7 @@ class PostgresBackend:
         return await self._take("take_event", params)
 
     async def _take(self, query: str, params: dict[str, Any]) -> tuple[bool, Any]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             owned, taken, payload = await self._one(conn, query, params)
         if not owned:
             raise LeaseLost(str(params["run_id"]))
@@ -586,14 +654,14 @@ class PostgresBackend:
     @_transient
     async def set_run_event(self, run_id: str, lease_token: str, name: str, key: str, value_json: str) -> None:
         params = {"run_id": run_id, "lease_token": lease_token, "name": name, "key": key, "value": value_json}
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             owned, _ = await self._one(conn, "set_run_event", params)
         if not owned:
             raise LeaseLost(run_id)
 
     @_transient
     async def get_run_event(self, run_id: str, key: str) -> tuple[RunStatus | None, bool, Any]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["get_run_event"], {"run_id": run_id, "key": key})).fetchone()
         if row is None:
             return None, False, None
@@ -601,13 +669,13 @@ class PostgresBackend:
 
     @_transient
     async def list_run_events(self, run_id: str) -> list[RunEventRecord]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["list_run_events"], {"run_id": run_id})).fetchall()
         return [RunEventRecord(*row) for row in rows]
 
     @_transient
     async def list_messages(self, run_id: str, limit: int) -> list[MessageRecord]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["list_messages"], {"run_id": run_id, "limit": limit})).fetchall()
         return [MessageRecord(*row) for row in rows]
 
@@ -616,14 +684,14 @@ class PostgresBackend:
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
     ) -> bool | None:
         params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             found, stored = await self._one(conn, "send_message", params)
         return None if not found else bool(stored)
 
     @_transient
     async def emit_event(self, name: str, key: str, payload_json: str) -> int:
         params = {"name": name, "key": key, "payload": payload_json}
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute(QUERIES["lock_event"], params)
             (woken,) = await self._one(conn, "emit_event", params)
         return int(woken)
@@ -660,7 +728,7 @@ class PostgresBackend:
             "output": output_json,
             "children": f"[{rows}]",
         }
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["start_children"], params)).fetchone()
         if row is None or row[0] == 0:
             raise LeaseLost(run_id)
@@ -668,7 +736,7 @@ class PostgresBackend:
 
     @_transient
     async def fork_run(self, source_id: str, from_step: str, run: NewRun, step_names: Sequence[str]) -> None:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute(QUERIES["create_run"], _new_run_params(run))
             params = {"new_id": run.id, "source_id": source_id, "names": list(step_names), "from_step": from_step}
             await conn.execute(QUERIES["fork_steps"], params)
@@ -678,25 +746,25 @@ class PostgresBackend:
 
     @_transient
     async def unfinished_by_version(self) -> list[tuple[str, str, RunStatus, int, datetime]]:
-        async with self._pool.connection() as conn:
+        async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["unfinished_by_version"])).fetchall()
         return [(name, version, RunStatus(status), int(n), oldest) for name, version, status, n, oldest in rows]
 
     @_transient
     async def due_backlog(self) -> list[tuple[str, str, str, int, float]]:
-        async with self._pool.connection() as conn:
+        async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["due_backlog"])).fetchall()
         return [(queue, name, version, int(count), float(oldest)) for queue, name, version, count, oldest in rows]
 
     @_transient
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["count_children"], {"run_id": run_id})).fetchall()
         return {RunStatus(status): int(count) for status, count in rows}
 
     @_transient
     async def load_children(self, run_id: str) -> dict[str, ChildOutcome]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["load_children"], {"run_id": run_id})).fetchall()
         return {id: ChildOutcome(id, RunStatus(status), output, error) for id, status, output, error in rows}
 
@@ -718,7 +786,7 @@ class PostgresBackend:
             for run_id, token, steps, output in batch
             for fields in [*map(_step_fields, steps), *([] if output is None else [_output_fields(output)])]
         )
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             written = await (await conn.execute(QUERIES["write_runs"], {"batch": f"[{rows}]"})).fetchall()
         return {row[0] for row in written}
 
@@ -734,7 +802,7 @@ class PostgresBackend:
         error_json = json.dumps(error)
         params = {"run_id": run_id, "lease_token": lease_token, "error": error_json, "delay": retry_delay}
         query = QUERIES["fail_run" if retry_delay is None else "retry_run"]
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             if await (await conn.execute(query, params)).fetchone() is None:
                 raise LeaseLost(run_id)
             if step is not None:
@@ -752,12 +820,12 @@ class PostgresBackend:
             "workflows": json.dumps([list(key) for key in worker.workflows]),
             "concurrency": worker.concurrency,
         }
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(QUERIES["register_worker"], params)
 
     @_transient
     async def list_workers(self) -> list[WorkerRecord]:
-        async with self._pool.connection() as conn:
+        async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["list_workers"])).fetchall()
         return [
             WorkerRecord(id, host, pid, [(n, v) for n, v in workflows], concurrency, started_at, heartbeat_at)
@@ -766,13 +834,13 @@ class PostgresBackend:
 
     @_transient
     async def remove_worker(self, worker_id: str) -> None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(QUERIES["remove_worker"], {"worker_id": worker_id})
 
     # helpers
 
     async def _fenced(self, query: str, params: dict[str, Any]) -> tuple[Any, ...]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             row: tuple[Any, ...] | None = await (await conn.execute(QUERIES[query], params)).fetchone()
         if row is None:
             raise LeaseLost(str(params["run_id"]))
@@ -795,12 +863,12 @@ class PostgresBackend:
             {"name": name, "seconds": None if retention is None else retention.total_seconds()}
             for name, retention in sorted(policies.items())
         ]
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(QUERIES["save_retention"], {"policies": json.dumps(rows)})
 
     @_transient
     async def list_retention(self) -> dict[str, timedelta | None]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["list_retention"])).fetchall()
         return {name: None if seconds is None else timedelta(seconds=seconds) for name, seconds in rows}
 
@@ -809,7 +877,7 @@ class PostgresBackend:
         """A session advisory lock on a connection of its own, held until the block ends (closing the
         connection releases it, also when this process dies)."""
         try:
-            conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs)
+            conn = await self._connect(self.listen_url)  # a session lock: never through a transaction pooler
         except psycopg.Error as error:
             raise BackendUnavailable(f"PostgreSQL unavailable during retention_lock: {error}") from error
         try:
@@ -824,13 +892,13 @@ class PostgresBackend:
 
     @_transient
     async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             deleted, _ = await self._one(conn, "delete_finished_runs", {**_selection_params(selection), "limit": limit})
         return int(deleted)
 
     @_transient
     async def count_finished_runs(self, selection: FinishedRuns) -> int:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             (count,) = await self._one(conn, "count_finished_runs", _selection_params(selection))
         return int(count)
 

@@ -102,6 +102,28 @@ CREATE TRIGGER runs_release_key_slot AFTER UPDATE OF status ON runs
     WHEN (OLD.status = 'running' AND NEW.status <> 'running' AND NEW.concurrency_key IS NOT NULL)
     EXECUTE FUNCTION release_key_slot();
 
+-- The claim's write: the runs chosen (locked by the caller), leased to p_worker under fresh fencing tokens; a
+-- run that was still 'running' had its lease expire, and its take-over counts as a recovery.
+CREATE FUNCTION take_runs(p_worker text, p_lease interval, p_now timestamptz, p_ids uuid[], p_previous text[],
+                          p_first boolean[])
+RETURNS TABLE (id text, workflow_name text, version text, input jsonb, attempts integer, recoveries integer,
+               lease_token text, claimed_at timestamptz, first_claim boolean, deadline_at timestamptz,
+               requested_action text, trace_context jsonb)
+LANGUAGE sql AS $$
+    UPDATE runs AS r
+    SET status = 'running',
+        lease_token = gen_random_uuid(),
+        worker_id = p_worker,
+        available_at = p_now + p_lease,
+        started_at = COALESCE(r.started_at, p_now),
+        recoveries = r.recoveries + CASE WHEN t.previous = 'running' THEN 1 ELSE 0 END,
+        updated_at = p_now
+    FROM unnest(p_ids, p_previous, p_first) AS t(id, previous, first_claim)
+    WHERE r.id = t.id
+    RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries, r.lease_token::text,
+              p_now, t.first_claim, r.deadline_at, r.requested_action, r.trace_context
+$$;
+
 -- Take up to p_limit due runs for p_worker from the queues it serves (in the order given: the worker
 -- rotates it, so no queue starves another) and the workflows it registers.
 --
@@ -132,9 +154,15 @@ DECLARE
     v_level bigint;
     v_taken integer := 0;
     v_count integer;
-    v_parked boolean;
     v_due record;
     v_holding boolean := false;  -- a queue lock is held: take no other one by waiting for it
+    v_take uuid[];               -- the runs a pass takes, in order, and the status each had
+    v_previous text[];
+    v_first boolean[];
+    v_keys text[];               -- their concurrency keys (a pass counts its own takes per key)
+    v_park uuid[];
+    v_starts integer;            -- pending runs among them: starts for the rate window
+    v_parked_total integer := 0;
 BEGIN
     FOREACH v_queue IN ARRAY p_queues LOOP
         EXIT WHEN v_taken >= p_limit;
@@ -203,9 +231,11 @@ BEGIN
             EXIT WHEN v_level IS NULL;
 
             IF NOT v_one_by_one THEN
-                RETURN QUERY
-                WITH due AS (
-                    SELECT d.id, d.status AS previous_status, d.started_at IS NULL AS first_claim
+                SELECT array_agg(d.id ORDER BY d.available_at), array_agg(d.status ORDER BY d.available_at),
+                       array_agg(d.started_at IS NULL ORDER BY d.available_at)
+                INTO v_take, v_previous, v_first
+                FROM (
+                    SELECT c.id, c.status, c.started_at, c.available_at
                     FROM unnest(p_names, p_versions) AS w(name, version)
                     CROSS JOIN LATERAL (
                         SELECT r.id, r.status, r.started_at, r.available_at FROM runs r
@@ -216,34 +246,30 @@ BEGIN
                         ORDER BY r.available_at
                         LIMIT v_cap
                         FOR UPDATE SKIP LOCKED
-                    ) AS d
-                    ORDER BY d.available_at
+                    ) AS c
+                    ORDER BY c.available_at
                     LIMIT v_cap
-                )
-                UPDATE runs AS r
-                SET status = 'running',
-                    lease_token = gen_random_uuid(),
-                    worker_id = p_worker,
-                    available_at = v_now + p_lease,
-                    started_at = COALESCE(r.started_at, v_now),
-                    recoveries = r.recoveries + CASE WHEN due.previous_status = 'running' THEN 1 ELSE 0 END,
-                    updated_at = v_now
-                FROM due
-                WHERE r.id = due.id
-                RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries,
-                          r.lease_token::text, v_now, due.first_claim, r.deadline_at, r.requested_action,
-                          r.trace_context;
-                GET DIAGNOSTICS v_count = ROW_COUNT;
-                v_taken := v_taken + v_count;
-                v_cap := v_cap - v_count;
+                ) AS d;
+                IF v_take IS NOT NULL THEN
+                    RETURN QUERY SELECT * FROM take_runs(p_worker, p_lease, v_now, v_take, v_previous, v_first);
+                    v_taken := v_taken + cardinality(v_take);
+                    v_cap := v_cap - cardinality(v_take);
+                END IF;
             ELSE
-                -- One run at a time: each is checked against its key and the rate budget. A pass ends when
-                -- its candidates are used up; another pass follows only if some were parked (they left the
-                -- index, so the next pass reads further), never over the same runs again.
+                -- One candidate at a time against its key and the rate budget; the runs taken are written
+                -- together at the end of the pass, and so are the ones parked. A pass ends when its candidates
+                -- are used up; another follows only if some were parked (they left the index, so it reads
+                -- further), never over the same runs again. At most PARK_PER_CLAIM are parked per claim: one hot
+                -- key's long backlog is set aside over several claims, each of a bounded cost.
                 LOOP
-                    v_parked := false;
+                    v_take := '{}';
+                    v_previous := '{}';
+                    v_first := '{}';
+                    v_keys := '{}';
+                    v_park := '{}';
+                    v_starts := 0;
                     FOR v_due IN
-                        SELECT d.id, d.status, d.started_at IS NULL AS first_claim, d.concurrency_key
+                        SELECT c.id, c.status, c.started_at, c.concurrency_key
                         FROM unnest(p_names, p_versions) AS w(name, version)
                         CROSS JOIN LATERAL (
                             SELECT r.id, r.status, r.started_at, r.available_at, r.concurrency_key FROM runs r
@@ -254,42 +280,44 @@ BEGIN
                             ORDER BY r.available_at
                             LIMIT v_cap
                             FOR UPDATE SKIP LOCKED
-                        ) AS d
-                        ORDER BY d.available_at
+                        ) AS c
+                        ORDER BY c.available_at
                     LOOP
-                        EXIT WHEN v_cap <= 0;
-                        CONTINUE WHEN v_due.status = 'pending' AND v_budget IS NOT NULL AND v_budget <= 0;
+                        EXIT WHEN cardinality(v_take) >= v_cap OR v_parked_total >= 500;
+                        CONTINUE WHEN v_due.status = 'pending' AND v_budget IS NOT NULL AND v_starts >= v_budget;
                         IF v_limits.per_key_concurrency IS NOT NULL AND v_due.concurrency_key IS NOT NULL THEN
                             SELECT count(*) INTO v_count FROM runs r
                             WHERE r.queue = v_queue AND r.concurrency_key = v_due.concurrency_key
                               AND r.status = 'running' AND r.available_at > v_now;
+                            v_count := v_count + cardinality(array_positions(v_keys, v_due.concurrency_key));
                             IF v_count >= v_limits.per_key_concurrency THEN
-                                UPDATE runs r SET key_parked = true WHERE r.id = v_due.id;
-                                v_parked := true;
+                                v_park := v_park || v_due.id;
+                                v_parked_total := v_parked_total + 1;
                                 CONTINUE;
                             END IF;
                         END IF;
-                        RETURN QUERY
-                        UPDATE runs AS r
-                        SET status = 'running',
-                            lease_token = gen_random_uuid(),
-                            worker_id = p_worker,
-                            available_at = v_now + p_lease,
-                            started_at = COALESCE(r.started_at, v_now),
-                            recoveries = r.recoveries + CASE WHEN v_due.status = 'running' THEN 1 ELSE 0 END,
-                            updated_at = v_now
-                        WHERE r.id = v_due.id
-                        RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries,
-                                  r.lease_token::text, v_now, v_due.first_claim, r.deadline_at,
-                                  r.requested_action, r.trace_context;
-                        v_taken := v_taken + 1;
-                        v_cap := v_cap - 1;
-                        IF v_due.status = 'pending' AND v_budget IS NOT NULL THEN
-                            v_budget := v_budget - 1;
-                            INSERT INTO queue_starts (queue, started_at) VALUES (v_queue, v_now);
+                        v_take := v_take || v_due.id;
+                        v_previous := v_previous || v_due.status;
+                        v_first := v_first || (v_due.started_at IS NULL);
+                        v_keys := v_keys || v_due.concurrency_key;
+                        IF v_due.status = 'pending' THEN
+                            v_starts := v_starts + 1;
                         END IF;
                     END LOOP;
-                    EXIT WHEN NOT v_parked OR v_cap <= 0;
+                    IF cardinality(v_park) > 0 THEN
+                        UPDATE runs r SET key_parked = true WHERE r.id = ANY (v_park);
+                    END IF;
+                    IF cardinality(v_take) > 0 THEN
+                        RETURN QUERY SELECT * FROM take_runs(p_worker, p_lease, v_now, v_take, v_previous, v_first);
+                        v_taken := v_taken + cardinality(v_take);
+                        v_cap := v_cap - cardinality(v_take);
+                        IF v_budget IS NOT NULL AND v_starts > 0 THEN
+                            v_budget := v_budget - v_starts;
+                            INSERT INTO queue_starts (queue, started_at)
+                            SELECT v_queue, v_now FROM generate_series(1, v_starts);
+                        END IF;
+                    END IF;
+                    EXIT WHEN cardinality(v_park) = 0 OR v_cap <= 0 OR v_parked_total >= 500;
                 END LOOP;
             END IF;
             EXIT WHEN v_cap <= 0;
