@@ -150,12 +150,15 @@ FROM runs r, LATERAL (SELECT r.input::text AS input, r.output::text AS output) A
 WHERE r.id = %(run_id)s
 
 -- load_steps_capped --
--- load_steps, with outputs cut as get_run_capped cuts a run's values.
-SELECT s.name, s.kind, s.status, CASE WHEN length(v.output) <= %(limit)s THEN s.output END AS output, s.error,
+-- load_steps, with outputs cut as get_run_capped cuts a run's values; but a child step's output (the ids of
+-- the children it started, which the page lists) always comes whole.
+SELECT s.name, s.kind, s.status, CASE WHEN v.cut THEN NULL ELSE s.output END AS output, s.error,
        s.attempts, s.wake_at, s.started_at, s.finished_at, s.waits_for,
-       CASE WHEN length(v.output) > %(limit)s THEN left(v.output, %(limit)s) END AS output_excerpt,
+       CASE WHEN v.cut THEN left(v.output, %(limit)s) END AS output_excerpt,
        length(v.output) AS output_length
-FROM steps s, LATERAL (SELECT s.output::text AS output) AS v
+FROM steps s,
+     LATERAL (SELECT s.output::text AS output) AS t,
+     LATERAL (SELECT t.output, s.kind <> 'child' AND length(t.output) > %(limit)s AS cut) AS v
 WHERE s.run_id = %(run_id)s
 ORDER BY s.started_at, s.name
 

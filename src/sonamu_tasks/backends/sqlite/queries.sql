@@ -190,9 +190,10 @@ SELECT id, workflow_name, version, status,
 FROM runs WHERE id = :run_id
 
 -- load_steps_capped --
-SELECT name, kind, status, CASE WHEN length(output) <= :limit THEN output END AS output, error, attempts, wake_at,
-       started_at, finished_at, waits_for,
-       CASE WHEN length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
+-- A child step's output (its children's ids, listed by the page) always comes whole.
+SELECT name, kind, status, CASE WHEN kind = 'child' OR length(output) <= :limit THEN output END AS output, error,
+       attempts, wake_at, started_at, finished_at, waits_for,
+       CASE WHEN kind <> 'child' AND length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
        length(output) AS output_length
 FROM steps WHERE run_id = :run_id
 ORDER BY started_at, name
