@@ -705,3 +705,30 @@ async def test_the_dashboard_serves_prometheus_metrics(manager_for: Any, make_co
         response = await client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     assert 'sonamu_tasks_runs_failed_total{workflow="checkout"}' in response.text
+
+
+async def test_a_huge_output_is_cut_by_the_database_for_the_run_page(manager_for: Any, make_config: Any) -> None:
+    """The run page reads at most its 20 kB of a value (a capped read: the database cuts it); the JSON view
+    and the manager's plain read still give the whole value."""
+    from sonamu_tasks.records import CutValue
+
+    @workflow(version="1")
+    async def big(input: Any, step: Any) -> Any:
+        rows = await step.define("rows", lambda: [{"n": i, "pad": "x" * 90} for i in range(3000)]).run()
+        return {"rows": rows, "small": 1}
+
+    manager = await manager_for([big])
+    handle = await manager.run(big)
+    output = await handle.result(timeout=30)
+    capped = await manager.get_run(handle.id, with_steps=True, value_limit=1000)
+    assert isinstance(capped.output, CutValue) and len(capped.output.excerpt) == 1000
+    assert capped.output.length > 300_000 and capped.output.excerpt.startswith('{"')
+    [step] = capped.steps
+    assert isinstance(step.output, CutValue) and step.output.length > 300_000
+    assert capped.input is None  # short values come whole
+    full = await manager.get_run(handle.id, with_steps=True)
+    assert full.output == output and full.steps[0].output == output["rows"]
+    async with in_process(make_config) as client:
+        page = (await client.get(f"/runs/{handle.id}")).text
+        assert "cut at 20,000 characters" in page and len(page) < 120_000
+        assert (await client.get(f"/api/runs/{handle.id}")).json()["output"] == output

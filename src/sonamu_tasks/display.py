@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .backends.base import FOREVER
 from .errors import RunNotFound
 from .queue import DEFAULT_QUEUE
-from .records import MessageRecord, QueueStats, RunEventRecord, RunRecord, StepRecord
+from .records import CutValue, MessageRecord, QueueStats, RunEventRecord, RunRecord, StepRecord
 from .status import RunStatus, StepStatus
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ def json_excerpt(value: Any, limit: int, *, indent: int | None = None) -> tuple[
     Encoded piece by piece and stopped at the limit, so a 50 MB list of values is not serialized whole to
     show a line of it (one huge string is still encoded in one piece, at C speed).
     """
+    if isinstance(value, CutValue):  # cut by the database already (a capped read)
+        return value.excerpt[:limit], True
     pieces: list[str] = []
     size = 0
     for piece in json.JSONEncoder(indent=indent, default=str).iterencode(value):

@@ -403,9 +403,13 @@ class WorkflowManager:
         """A handle for a run started elsewhere."""
         return RunHandle(self, run_id, workflow_name)
 
-    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord:
+    async def get_run(self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None) -> RunRecord:
+        """A run (and its steps). `value_limit`: inputs and outputs whose JSON text is longer than that many
+        characters come as `CutValue`s (excerpt and length), without reading the values (what a page needs)."""
         record = await until_available(
-            lambda: self.backend.get_run(run_id, with_steps=with_steps), what="read run", give_up_after_s=30
+            lambda: self.backend.get_run(run_id, with_steps=with_steps, value_limit=value_limit),
+            what="read run",
+            give_up_after_s=30,
         )
         if record is None:
             raise RunNotFound(f"no run with id {run_id}")

@@ -25,6 +25,16 @@ class StepRecord:
 
 
 @dataclass(frozen=True)
+class CutValue:
+    """A stored JSON value longer than a capped read wanted (`manager.get_run(..., value_limit=N)`, what the
+    dashboard's run page reads): the first N characters of its JSON text, and the whole text's length. The value
+    itself was left in the database."""
+
+    excerpt: str
+    length: int
+
+
+@dataclass(frozen=True)
 class RunRecord:
     id: str
     workflow_name: str

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from ..queue import Queue
+from ..records import CutValue as CutValue
 from ..records import MessageRecord as MessageRecord
 from ..records import QueueStats as QueueStats
 from ..records import RunEventRecord as RunEventRecord
@@ -248,7 +249,13 @@ class Backend(ScheduleStore, Protocol):
         """Give runs back as pending, claimable at once (graceful shutdown)."""
         ...
 
-    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None: ...
+    async def get_run(
+        self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None
+    ) -> RunRecord | None:
+        """The run (and its steps); with `value_limit`, inputs and outputs whose JSON text is longer come as
+        CutValues (an excerpt of that many characters and the length), read without the value itself."""
+        ...
+
     async def watch_run(self, run_id: str) -> bool:
         """Ask for a notification when this run finishes (for a result() waiter). True when this call set the
         watch on an unfinished run (its finish will be notified); False when the caller must read the run: it is

@@ -162,7 +162,9 @@ class Dashboard:
         return _json({"items": items, "next_cursor": page.next_cursor})
 
     async def run_page(self, request: Request) -> Response:
-        run = await self.manager.get_run(_run_id(request), with_steps=True)
+        # Values longer than the page shows are cut by the database: a page refreshed every second never
+        # reads a 50 MB output (the JSON view has the whole run).
+        run = await self.manager.get_run(_run_id(request), with_steps=True, value_limit=pages.VALUE_LIMIT)
         detail = pages.run_detail(
             run,
             self.csrf,

@@ -25,6 +25,7 @@ from ..base import (
     Checkpoint,
     ChildOutcome,
     ClaimedRun,
+    CutValue,
     FinishedRuns,
     LeaseLost,
     MessageRecord,
@@ -490,15 +491,19 @@ class PostgresBackend:
             await conn.execute(QUERIES["release_runs"], {"ids": [i for i, _ in held], "tokens": [t for _, t in held]})
 
     @_transient
-    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None:
+    async def get_run(
+        self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None
+    ) -> RunRecord | None:
+        params = {"run_id": run_id, "limit": value_limit}
         async with self._connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
-            row = await (await cursor.execute(QUERIES["get_run"], {"run_id": run_id})).fetchone()
+            query = QUERIES["get_run" if value_limit is None else "get_run_capped"]
+            row = await (await cursor.execute(query, params)).fetchone()
             if row is None:
                 return None
-            steps = await self._load_steps(conn, run_id) if with_steps else {}
+            steps = await self._load_steps(conn, run_id, value_limit) if with_steps else {}
         row["status"] = RunStatus(row["status"])
-        return RunRecord(**row, steps=tuple(steps.values()))
+        return RunRecord(**_with_cuts(row, "input", "output"), steps=tuple(steps.values()))
 
     @_transient
     async def watch_run(self, run_id: str) -> bool:
@@ -846,13 +851,16 @@ class PostgresBackend:
             raise LeaseLost(str(params["run_id"]))
         return row
 
-    async def _load_steps(self, conn: psycopg.AsyncConnection[Any], run_id: str) -> dict[str, StepRecord]:
+    async def _load_steps(
+        self, conn: psycopg.AsyncConnection[Any], run_id: str, value_limit: int | None = None
+    ) -> dict[str, StepRecord]:
         cursor = conn.cursor(row_factory=dict_row)
-        rows = await (await cursor.execute(QUERIES["load_steps"], {"run_id": run_id})).fetchall()
+        query = QUERIES["load_steps" if value_limit is None else "load_steps_capped"]
+        rows = await (await cursor.execute(query, {"run_id": run_id, "limit": value_limit})).fetchall()
         steps = {}
         for row in rows:
             row["status"] = StepStatus(row["status"])
-            steps[row["name"]] = StepRecord(**row)
+            steps[row["name"]] = StepRecord(**_with_cuts(row, "output"))
         return steps
 
     # retention
@@ -947,6 +955,16 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
         notifications.run_finished(run_id, output_json)
     elif kind == "r":
         notifications.run_requested(value)
+
+
+def _with_cuts(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    """A row of a capped read (get_run_capped, load_steps_capped) as the record's fields: a value cut there
+    becomes a CutValue of its excerpt and length."""
+    for name in names:
+        excerpt, length = row.pop(f"{name}_excerpt", None), row.pop(f"{name}_length", None)
+        if excerpt is not None:
+            row[name] = CutValue(excerpt, int(length))
+    return row
 
 
 def _new_run_params(run: NewRun) -> dict[str, Any]:

@@ -153,6 +153,36 @@ SELECT name, kind, status, output, error, attempts, wake_at, started_at, finishe
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY started_at, name
 
+-- get_run_capped --
+-- get_run for a page that shows at most `limit` characters of a value: an input or output whose JSON text is
+-- longer comes as its first `limit` characters and its length (the *_excerpt and *_length columns) instead of
+-- the value, so a page refreshing every second never reads a 50 MB output to show 20 kB of it.
+SELECT r.id::text, r.workflow_name, r.version, r.status,
+       CASE WHEN length(v.input) <= %(limit)s THEN r.input END AS input,
+       CASE WHEN length(v.output) <= %(limit)s THEN r.output END AS output,
+       r.error, r.attempts, r.recoveries, r.available_at, r.worker_id, r.idempotency_key, r.deadline_at,
+       r.created_at, r.started_at, r.finished_at, r.updated_at, r.requested_action, r.parent_id::text,
+       r.parent_step, r.detached, r.forked_from::text, r.forked_step, r.queue, r.priority, r.concurrency_key,
+       CASE WHEN length(v.input) > %(limit)s THEN left(v.input, %(limit)s) END AS input_excerpt,
+       length(v.input) AS input_length,
+       CASE WHEN length(v.output) > %(limit)s THEN left(v.output, %(limit)s) END AS output_excerpt,
+       length(v.output) AS output_length
+FROM runs r, LATERAL (SELECT r.input::text AS input, r.output::text AS output) AS v
+WHERE r.id = %(run_id)s
+
+-- load_steps_capped --
+-- load_steps, with outputs cut as get_run_capped cuts a run's values; but a child step's output (the ids of
+-- the children it started, which the page lists) always comes whole.
+SELECT s.name, s.kind, s.status, CASE WHEN v.cut THEN NULL ELSE s.output END AS output, s.error,
+       s.attempts, s.wake_at, s.started_at, s.finished_at, s.waits_for,
+       CASE WHEN v.cut THEN left(v.output, %(limit)s) END AS output_excerpt,
+       length(v.output) AS output_length
+FROM steps s,
+     LATERAL (SELECT s.output::text AS output) AS t,
+     LATERAL (SELECT t.output, s.kind <> 'child' AND length(t.output) > %(limit)s AS cut) AS v
+WHERE s.run_id = %(run_id)s
+ORDER BY s.started_at, s.name
+
 -- lock_children --
 -- The children a parent is about to wait for, locked (in id order, as the group commit locks runs) until the
 -- parent has parked: a child's finishing transaction waits for that, and its trigger then finds the parent

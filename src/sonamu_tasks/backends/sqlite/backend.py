@@ -369,13 +369,17 @@ class SqliteBackend:
             return
         await self._db.write(lambda conn, now: conn.execute(QUERIES["release_runs"], {"held": pairs(held), "now": now}))
 
-    async def get_run(self, run_id: str, *, with_steps: bool = False) -> RunRecord | None:
+    async def get_run(
+        self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None
+    ) -> RunRecord | None:
         def read(conn: sqlite3.Connection, now: int) -> RunRecord | None:
-            row = conn.execute(QUERIES["get_run"], {"run_id": run_id}).fetchone()
+            query = QUERIES["get_run" if value_limit is None else "get_run_capped"]
+            row = conn.execute(query, {"run_id": run_id, "limit": value_limit}).fetchone()
             if row is None:
                 return None
-            steps = _load_steps(conn, run_id) if with_steps else {}
-            return records.run_record(row, list(steps.values()))
+            steps = _load_steps(conn, run_id, value_limit) if with_steps else {}
+            record = records.run_record(row, list(steps.values()))
+            return records.with_cut_values(record, row, "input", "output")
 
         return await self._db.read(read)
 
@@ -903,9 +907,10 @@ def _first(conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> sqli
     return rows[0] if rows else None
 
 
-def _load_steps(conn: sqlite3.Connection, run_id: str) -> dict[str, StepRecord]:
-    rows = conn.execute(QUERIES["load_steps"], {"run_id": run_id}).fetchall()
-    return {row["name"]: records.step_record(row) for row in rows}
+def _load_steps(conn: sqlite3.Connection, run_id: str, value_limit: int | None = None) -> dict[str, StepRecord]:
+    query = QUERIES["load_steps" if value_limit is None else "load_steps_capped"]
+    rows = conn.execute(query, {"run_id": run_id, "limit": value_limit}).fetchall()
+    return {row["name"]: records.with_cut_values(records.step_record(row), row, "output") for row in rows}
 
 
 def _statements(script: str) -> list[str]:

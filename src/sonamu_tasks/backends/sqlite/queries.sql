@@ -175,6 +175,29 @@ SELECT name, kind, status, output, error, attempts, wake_at, started_at, finishe
 FROM steps WHERE run_id = :run_id
 ORDER BY started_at, name
 
+-- get_run_capped --
+-- See the PostgreSQL query of the same name: values longer than :limit characters come as an excerpt.
+SELECT id, workflow_name, version, status,
+       CASE WHEN length(input) <= :limit THEN input END AS input,
+       CASE WHEN length(output) <= :limit THEN output END AS output,
+       error, attempts, recoveries, available_at, worker_id, idempotency_key, deadline_at, created_at, started_at,
+       finished_at, updated_at, requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue,
+       priority, concurrency_key,
+       CASE WHEN length(input) > :limit THEN substr(input, 1, :limit) END AS input_excerpt,
+       length(input) AS input_length,
+       CASE WHEN length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
+       length(output) AS output_length
+FROM runs WHERE id = :run_id
+
+-- load_steps_capped --
+-- A child step's output (its children's ids, listed by the page) always comes whole.
+SELECT name, kind, status, CASE WHEN kind = 'child' OR length(output) <= :limit THEN output END AS output, error,
+       attempts, wake_at, started_at, finished_at, waits_for,
+       CASE WHEN kind <> 'child' AND length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
+       length(output) AS output_length
+FROM steps WHERE run_id = :run_id
+ORDER BY started_at, name
+
 -- save_step --
 -- Checkpoint a step's result, only while this claim still owns the run.
 INSERT INTO steps AS s (run_id, name, kind, status, output, attempts, started_at, finished_at)

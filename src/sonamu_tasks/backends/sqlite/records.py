@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ...limits import READABLE_TIMES
+from ...records import CutValue
 from ...status import RunStatus, StepStatus
 from ..base import ClaimedRun, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
+
+T = TypeVar("T", RunRecord, StepRecord)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -138,3 +142,14 @@ def worker_record(row: sqlite3.Row) -> WorkerRecord:
         started_at=moment(row["started_at"]),
         heartbeat_at=moment(row["heartbeat_at"]),
     )
+
+
+def with_cut_values(record: T, row: sqlite3.Row, *names: str) -> T:
+    """`record` with the values a capped read (get_run_capped, load_steps_capped) cut, as CutValues."""
+    keys = row.keys()
+    cuts: dict[str, Any] = {
+        name: CutValue(row[f"{name}_excerpt"], int(row[f"{name}_length"]))
+        for name in names
+        if f"{name}_excerpt" in keys and row[f"{name}_excerpt"] is not None
+    }
+    return dataclasses.replace(record, **cuts) if cuts else record
