@@ -77,9 +77,7 @@ async def insert_runs(
 async def fill_finished(conn: psycopg.AsyncConnection[Any], count: int) -> None:
     """`count` completed runs that ended before yesterday, then ANALYZE."""
     async with conn.transaction():
-        await conn.execute("ALTER TABLE runs DISABLE TRIGGER runs_notify_insert")  # no NOTIFY per row
         await insert_runs(conn, count, ("steps", "1"), "completed", timedelta(days=1))
-        await conn.execute("ALTER TABLE runs ENABLE TRIGGER runs_notify_insert")
     await conn.execute("ANALYZE runs")
 
 

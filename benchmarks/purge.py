@@ -116,10 +116,8 @@ async def fill_finished(conn: psycopg.AsyncConnection[Any], count: int) -> None:
     """`count` completed runs (one step each) that finished 40 days ago, then VACUUM ANALYZE and a CHECKPOINT:
     the undisturbed phase does not pay for the bulk insert's maintenance."""
     async with conn.transaction():
-        await conn.execute("ALTER TABLE runs DISABLE TRIGGER runs_notify_insert")  # no NOTIFY per row
         await insert_runs(conn, count, OLD, "completed", timedelta(days=40), 1)
         await conn.execute(INSERT_STEPS, {"workflow": OLD[0]})
-        await conn.execute("ALTER TABLE runs ENABLE TRIGGER runs_notify_insert")
     await conn.execute("VACUUM ANALYZE runs")
     await conn.execute("VACUUM ANALYZE steps")
     await conn.execute("CHECKPOINT")
