@@ -3,7 +3,7 @@
     python -m benchmarks.claim_scale [--sizes 0,100000,1000000] [--pending 300] [--workflows 2000] [--url URL]
 
 For each size, in a fresh schema: that many completed runs are bulk-inserted (one INSERT ... SELECT from
-generate_series, time-ordered UUIDv7-shaped ids, the insert trigger off so no NOTIFY per row), then
+generate_series, time-ordered UUIDv7-shaped ids; an insert sends no NOTIFY since migration 0013), then
 ANALYZE. Then:
   - `--pending` due runs of a workflow no worker serves are inserted, and claimed one at a time through
     `backend.claim_runs(..., limit=1)` of a manager without a worker, after 20 uncounted warm-up claims:

@@ -4,7 +4,7 @@
                                [--concurrency 128] [--batch-size 500] [--probe-interval-ms 25] [--url URL]
 
 In a fresh schema, `--finished` completed runs are bulk-inserted, each with one step, finished 40 days ago
-(one INSERT ... SELECT per table, time-ordered UUIDv7-shaped ids, the insert trigger off), then VACUUM ANALYZE
+(one INSERT ... SELECT per table, time-ordered UUIDv7-shaped ids), then VACUUM ANALYZE
 and a CHECKPOINT. One worker process (`--concurrency`) is started and warmed up. A throughput round inserts
 `--workflows` pending runs of `--steps` trivial steps in one statement; its clock runs from that insert to the
 last completion. Then:
