@@ -154,7 +154,6 @@ DECLARE
     v_level bigint;
     v_taken integer := 0;
     v_count integer;
-    v_due record;
     v_holding boolean := false;  -- a queue lock is held: take no other one by waiting for it
     v_take uuid[];               -- the runs a pass takes, in order, and the status each had
     v_previous text[];
@@ -163,6 +162,10 @@ DECLARE
     v_park uuid[];
     v_starts integer;            -- pending runs among them: starts for the rate window
     v_parked_total integer := 0;
+    v_ids uuid[];                -- a pass's candidates, in order: their status, first claim, key
+    v_statuses text[];
+    v_firsts boolean[];
+    v_candidate_keys text[];
 BEGIN
     FOREACH v_queue IN ARRAY p_queues LOOP
         EXIT WHEN v_taken >= p_limit;
@@ -230,15 +233,22 @@ BEGIN
             ) AS head;
             EXIT WHEN v_level IS NULL;
 
-            IF NOT v_one_by_one THEN
+            -- One statement reads a pass's candidates (locked, in available_at order). Without a per-key or
+            -- rate limit they are all taken. Otherwise each is weighed in turn against its key and the rate
+            -- budget; the runs taken are written together at the end of the pass, and so are the ones parked.
+            -- Another pass follows only if some were parked (they left the index, so it reads further), never
+            -- over the same runs again. At most 500 are parked per claim: one hot key's long backlog is set
+            -- aside over several claims, each of a bounded cost.
+            LOOP
                 SELECT array_agg(d.id ORDER BY d.available_at), array_agg(d.status ORDER BY d.available_at),
-                       array_agg(d.started_at IS NULL ORDER BY d.available_at)
-                INTO v_take, v_previous, v_first
+                       array_agg(d.started_at IS NULL ORDER BY d.available_at),
+                       array_agg(d.concurrency_key ORDER BY d.available_at)
+                INTO v_ids, v_statuses, v_firsts, v_candidate_keys
                 FROM (
-                    SELECT c.id, c.status, c.started_at, c.available_at
+                    SELECT c.*
                     FROM unnest(p_names, p_versions) AS w(name, version)
                     CROSS JOIN LATERAL (
-                        SELECT r.id, r.status, r.started_at, r.available_at FROM runs r
+                        SELECT r.id, r.status, r.started_at, r.available_at, r.concurrency_key FROM runs r
                         WHERE r.queue = v_queue AND r.workflow_name = w.name AND r.version = w.version
                           AND r.priority = v_level
                           AND r.status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT r.key_parked
@@ -248,78 +258,59 @@ BEGIN
                         FOR UPDATE SKIP LOCKED
                     ) AS c
                     ORDER BY c.available_at
-                    LIMIT v_cap
+                    -- All taken: as many as the cap. Weighed: every stream's candidates (some may be passed).
+                    LIMIT CASE WHEN v_one_by_one THEN NULL ELSE v_cap END
                 ) AS d;
-                IF v_take IS NOT NULL THEN
-                    RETURN QUERY SELECT * FROM take_runs(p_worker, p_lease, v_now, v_take, v_previous, v_first);
-                    v_taken := v_taken + cardinality(v_take);
-                    v_cap := v_cap - cardinality(v_take);
-                END IF;
-            ELSE
-                -- One candidate at a time against its key and the rate budget; the runs taken are written
-                -- together at the end of the pass, and so are the ones parked. A pass ends when its candidates
-                -- are used up; another follows only if some were parked (they left the index, so it reads
-                -- further), never over the same runs again. At most PARK_PER_CLAIM are parked per claim: one hot
-                -- key's long backlog is set aside over several claims, each of a bounded cost.
-                LOOP
+                EXIT WHEN v_ids IS NULL;
+                v_park := '{}';
+                v_starts := 0;
+                IF NOT v_one_by_one THEN
+                    v_take := v_ids;
+                    v_previous := v_statuses;
+                    v_first := v_firsts;
+                ELSE
                     v_take := '{}';
                     v_previous := '{}';
                     v_first := '{}';
                     v_keys := '{}';
-                    v_park := '{}';
-                    v_starts := 0;
-                    FOR v_due IN
-                        SELECT c.id, c.status, c.started_at, c.concurrency_key
-                        FROM unnest(p_names, p_versions) AS w(name, version)
-                        CROSS JOIN LATERAL (
-                            SELECT r.id, r.status, r.started_at, r.available_at, r.concurrency_key FROM runs r
-                            WHERE r.queue = v_queue AND r.workflow_name = w.name AND r.version = w.version
-                              AND r.priority = v_level
-                              AND r.status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT r.key_parked
-                              AND r.available_at <= v_now
-                            ORDER BY r.available_at
-                            LIMIT v_cap
-                            FOR UPDATE SKIP LOCKED
-                        ) AS c
-                        ORDER BY c.available_at
-                    LOOP
+                    FOR i IN 1 .. cardinality(v_ids) LOOP
                         EXIT WHEN cardinality(v_take) >= v_cap OR v_parked_total >= 500;
-                        CONTINUE WHEN v_due.status = 'pending' AND v_budget IS NOT NULL AND v_starts >= v_budget;
-                        IF v_limits.per_key_concurrency IS NOT NULL AND v_due.concurrency_key IS NOT NULL THEN
+                        CONTINUE WHEN v_statuses[i] = 'pending' AND v_budget IS NOT NULL AND v_starts >= v_budget;
+                        IF v_limits.per_key_concurrency IS NOT NULL AND v_candidate_keys[i] IS NOT NULL THEN
                             SELECT count(*) INTO v_count FROM runs r
-                            WHERE r.queue = v_queue AND r.concurrency_key = v_due.concurrency_key
+                            WHERE r.queue = v_queue AND r.concurrency_key = v_candidate_keys[i]
                               AND r.status = 'running' AND r.available_at > v_now;
-                            v_count := v_count + cardinality(array_positions(v_keys, v_due.concurrency_key));
+                            v_count := v_count + cardinality(array_positions(v_keys, v_candidate_keys[i]));
                             IF v_count >= v_limits.per_key_concurrency THEN
-                                v_park := v_park || v_due.id;
+                                v_park := v_park || v_ids[i];
                                 v_parked_total := v_parked_total + 1;
                                 CONTINUE;
                             END IF;
                         END IF;
-                        v_take := v_take || v_due.id;
-                        v_previous := v_previous || v_due.status;
-                        v_first := v_first || (v_due.started_at IS NULL);
-                        v_keys := v_keys || v_due.concurrency_key;
-                        IF v_due.status = 'pending' THEN
+                        v_take := v_take || v_ids[i];
+                        v_previous := v_previous || v_statuses[i];
+                        v_first := v_first || v_firsts[i];
+                        v_keys := v_keys || v_candidate_keys[i];
+                        IF v_statuses[i] = 'pending' THEN
                             v_starts := v_starts + 1;
                         END IF;
                     END LOOP;
                     IF cardinality(v_park) > 0 THEN
                         UPDATE runs r SET key_parked = true WHERE r.id = ANY (v_park);
                     END IF;
-                    IF cardinality(v_take) > 0 THEN
-                        RETURN QUERY SELECT * FROM take_runs(p_worker, p_lease, v_now, v_take, v_previous, v_first);
-                        v_taken := v_taken + cardinality(v_take);
-                        v_cap := v_cap - cardinality(v_take);
-                        IF v_budget IS NOT NULL AND v_starts > 0 THEN
-                            v_budget := v_budget - v_starts;
-                            INSERT INTO queue_starts (queue, started_at)
-                            SELECT v_queue, v_now FROM generate_series(1, v_starts);
-                        END IF;
+                END IF;
+                IF cardinality(v_take) > 0 THEN
+                    RETURN QUERY SELECT * FROM take_runs(p_worker, p_lease, v_now, v_take, v_previous, v_first);
+                    v_taken := v_taken + cardinality(v_take);
+                    v_cap := v_cap - cardinality(v_take);
+                    IF v_budget IS NOT NULL AND v_starts > 0 THEN
+                        v_budget := v_budget - v_starts;
+                        INSERT INTO queue_starts (queue, started_at)
+                        SELECT v_queue, v_now FROM generate_series(1, v_starts);
                     END IF;
-                    EXIT WHEN cardinality(v_park) = 0 OR v_cap <= 0 OR v_parked_total >= 500;
-                END LOOP;
-            END IF;
+                END IF;
+                EXIT WHEN cardinality(v_park) = 0 OR v_cap <= 0 OR v_parked_total >= 500;
+            END LOOP;
             EXIT WHEN v_cap <= 0;
         END LOOP;
     END LOOP;
