@@ -17,6 +17,7 @@ from .duration import Duration, parse_duration
 from .errors import InvalidValue
 from .queue import Queue
 from .retry import RetryPolicy, coerce_retry_policy
+from .run_creation import RunOptions, resolve
 
 if TYPE_CHECKING:
     from .attempt import Attempt
@@ -162,15 +163,9 @@ class StepWrapper:
         take-over finds it instead of starting another. `await handle.result()` waits for it durably.
         Canceling this run cancels the child unless `detached`. `queue`, `priority`, `concurrency_key`: as
         for `run()` (the child's own workflow queue by default)."""
-        name = _step_name(name)
-        spec = self._spec(workflow)
-        from .run_creation import RunOptions
-
         options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key)
-        [child_id] = await self._attempt.start_children(
-            name, [(*spec, input)], fan_out=False, detached=detached, options=options
-        )
-        return ChildHandle(self._attempt, child_id, spec[0], name, fan_out=False)
+        [child] = await self._start_children(name, workflow, [input], fan_out=False, detached=detached, options=options)
+        return child
 
     async def start_workflows(
         self,
@@ -184,16 +179,28 @@ class StepWrapper:
         concurrency_key: str | None = None,
     ) -> list[ChildHandle]:
         """Start one child per input in one statement; the children are steps `"{name}[{index}]"`."""
+        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key)
+        return await self._start_children(name, workflow, inputs, fan_out=True, detached=detached, options=options)
+
+    async def _start_children(
+        self,
+        name: str,
+        workflow: ChildWorkflow,
+        inputs: Iterable[Any],
+        *,
+        fan_out: bool,
+        detached: bool,
+        options: RunOptions,
+    ) -> list[ChildHandle]:
+        """The children of step `name`: one (step `name`), or one per input (steps `"{name}[{index}]"`)."""
         name = _step_name(name)
         spec = self._spec(workflow)
         children = [(*spec, item) for item in inputs]
-        from .run_creation import RunOptions
-
-        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key)
-        ids = await self._attempt.start_children(name, children, fan_out=True, detached=detached, options=options)
+        ids = await self._attempt.start_children(name, children, fan_out=fan_out, detached=detached, options=options)
+        steps = [f"{name}[{index}]" for index in range(len(ids))] if fan_out else [name]
         return [
-            ChildHandle(self._attempt, child_id, spec[0], f"{name}[{index}]", fan_out=True)
-            for index, child_id in enumerate(ids)
+            ChildHandle(self._attempt, child_id, spec[0], step, fan_out=fan_out)
+            for child_id, step in zip(ids, steps, strict=True)
         ]
 
     async def run_workflow(
@@ -214,8 +221,6 @@ class StepWrapper:
         return await child.result()
 
     def _spec(self, workflow: ChildWorkflow) -> tuple[str, str, WorkflowDefinition[Any, Any] | None]:
-        from .run_creation import resolve
-
         return resolve(workflow, self._attempt.hooks.registry)
 
 
