@@ -20,15 +20,15 @@ from sonamu_tasks.ids import new_run_id
 async def test_a_batch_refused_for_one_item_is_written_item_by_item() -> None:
     batches: list[list[str]] = []
 
-    async def flush(batch: list[str]) -> set[str]:
+    async def flush(batch: list[str]) -> list[bool]:
         batches.append(batch)
         await asyncio.sleep(0.005)
         if "bad" in batch:
             raise StorageError("refused: bad")
-        return set(batch)
+        return [True] * len(batch)
 
-    commit: GroupCommit[str] = GroupCommit(flush, in_flight=1)
-    outcomes = await asyncio.gather(*(commit.submit(key, key) for key in ["a", "bad", "b"]), return_exceptions=True)
+    commit: GroupCommit[str, bool] = GroupCommit(flush, in_flight=1)
+    outcomes = await asyncio.gather(*(commit.submit(key) for key in ["a", "bad", "b"]), return_exceptions=True)
     assert outcomes[0] is True and outcomes[2] is True
     assert isinstance(outcomes[1], StorageError)
     assert batches[0] == ["a", "bad", "b"] and ["a"] in batches and ["b"] in batches
@@ -37,13 +37,13 @@ async def test_a_batch_refused_for_one_item_is_written_item_by_item() -> None:
 async def test_an_outage_is_not_split_into_single_writes() -> None:
     calls = 0
 
-    async def flush(batch: list[str]) -> set[str]:
+    async def flush(batch: list[str]) -> list[bool]:
         nonlocal calls
         calls += 1
         raise BackendUnavailable("server went away")
 
-    commit: GroupCommit[str] = GroupCommit(flush, in_flight=1)
-    outcomes = await asyncio.gather(*(commit.submit(k, k) for k in "abc"), return_exceptions=True)
+    commit: GroupCommit[str, bool] = GroupCommit(flush, in_flight=1)
+    outcomes = await asyncio.gather(*(commit.submit(k) for k in "abc"), return_exceptions=True)
     assert all(isinstance(o, BackendUnavailable) for o in outcomes)
     assert calls == 1  # every submitter retries on its own; the batch is not hammered item by item
 
@@ -68,6 +68,23 @@ async def test_postgres_refusing_one_runs_checkpoint_fails_only_that_run(manager
     assert isinstance(bad, StorageError)
     stored = await backend.get_run(runs["good"].id, with_steps=True)
     assert stored is not None and [s.output for s in stored.steps] == ["fine"]
+
+
+@pytest.mark.parametrize("backend_name", ["postgres"])  # SQLite stores that JSON as text
+async def test_a_run_the_database_refuses_fails_only_its_own_caller_among_concurrent_calls(manager_for: Any) -> None:
+    # On PostgreSQL concurrent run() calls share one insert statement (backend.create_run batches them); the
+    # one the database refuses must not take the others down with it.
+    manager = await manager_for([], enable_worker=False)
+    backend = manager.backend
+    good = [NewRun(new_run_id(), "w", "1", f'{{"n": {n}}}') for n in range(20)]
+    bad = NewRun(new_run_id(), "w", "1", '"a\\u0000b"')  # jsonb refuses a NUL escape; the engine's check is bypassed
+    outcomes = await asyncio.gather(
+        *(backend.create_run(run) for run in [*good[:10], bad, *good[10:]]), return_exceptions=True
+    )
+    assert isinstance(outcomes[10], StorageError)
+    assert [outcome for index, outcome in enumerate(outcomes) if index != 10] == [(run.id, True) for run in good]
+    stored = {run.id: run.input for run in (await manager.list_runs(limit=100)).items}
+    assert stored == {run.id: {"n": n} for n, run in enumerate(good)}
 
 
 @pytest.mark.parametrize("backend_name", ["postgres"])

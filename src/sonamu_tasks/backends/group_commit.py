@@ -1,37 +1,41 @@
-"""Group commit: writes from concurrent runs share one transaction, one round trip and one WAL flush.
+"""Group commit: writes from concurrent callers share one transaction, one round trip and one WAL flush.
 
 Up to `in_flight` batches are committed at once, on separate connections: while PostgreSQL commits one,
 the worker's event loop goes on running steps and the writes they produce form the next, so the two
 overlap instead of taking turns. A lone write goes at once: batching costs no latency on an idle worker.
+
+Used for the checkpoints and completions of running runs (the result: whether the run's fence let the write
+in) and for the inserts of `run()` calls made concurrently (the result: the run's id and whether it is new).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from ..errors import BackendUnavailable
 
 Item = TypeVar("Item")
+Result = TypeVar("Result")
 
-Flush = Callable[[list[Item]], Awaitable[set[str]]]
-"""Commit a batch; return the keys of the items actually written (the others were fenced out)."""
+Flush = Callable[[list[Item]], Awaitable[Sequence[Result]]]
+"""Commit a batch; return one result per item, in the batch's order."""
 
 
-class GroupCommit(Generic[Item]):
-    def __init__(self, flush: Flush[Item], *, max_batch: int = 256, in_flight: int = 2) -> None:
+class GroupCommit(Generic[Item, Result]):
+    def __init__(self, flush: Flush[Item, Result], *, max_batch: int = 256, in_flight: int = 2) -> None:
         self._flush = flush
         self._max_batch = max_batch
         self._in_flight = in_flight
-        self._queue: list[tuple[str, Item, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._draining = 0  # drains running; counted down by the drain itself, never by a done-callback
         self._drains: set[asyncio.Task[None]] = set()  # strong references, so no drain is collected mid-way
 
-    async def submit(self, key: str, item: Item) -> bool:
-        """Write `item` with the next batch; False if its fence rejected it. Flush errors are raised."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append((key, item, future))
+    async def submit(self, item: Item) -> Result:
+        """Write `item` with the next batch and return its result. Flush errors are raised."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
         if self._draining < self._in_flight:
             self._draining += 1
             task = asyncio.create_task(self._drain())
@@ -49,15 +53,15 @@ class GroupCommit(Generic[Item]):
                 try:
                     await self._commit(batch)
                 except BaseException:  # cancelled: no submitter may wait forever
-                    for _, _, future in batch:
+                    for _, future in batch:
                         future.cancel()
                     raise
         finally:
             self._draining -= 1
 
-    async def _commit(self, batch: list[tuple[str, Item, asyncio.Future[bool]]]) -> None:
+    async def _commit(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
-            written = await self._flush([item for _, item, _ in batch])
+            results = await self._flush([item for item, _ in batch])
         except BackendUnavailable as error:  # the database went away: every item is retried by its submitter
             _settle(batch, error=error)
         except Exception as error:
@@ -70,19 +74,12 @@ class GroupCommit(Generic[Item]):
             for entry in batch:
                 await self._commit([entry])
         else:
-            _settle(batch, written=written)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
 
-def _settle(
-    batch: list[tuple[str, Item, asyncio.Future[bool]]],
-    *,
-    written: set[str] | None = None,
-    error: BaseException | None = None,
-) -> None:
-    for key, _, future in batch:
-        if future.done():
-            continue
-        if error is not None:
+def _settle(batch: list[tuple[Item, asyncio.Future[Result]]], *, error: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
             future.set_exception(error)
-        else:
-            future.set_result(written is not None and key in written)

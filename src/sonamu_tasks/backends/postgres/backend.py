@@ -130,7 +130,9 @@ class PostgresBackend:
         # The replica's pool; without one, lists read from the primary's.
         self._read_pool = self._new_pool(read_url, 4, f"sonamu_tasks:{schema}:read") if read_url else self._pool
         # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
-        self._writes: GroupCommit[RunWrite] = GroupCommit(self._write_runs)
+        self._writes: GroupCommit[RunWrite, bool] = GroupCommit(self._write_runs)
+        # run() calls in flight together: one insert statement, one commit.
+        self._inserts: GroupCommit[NewRun, tuple[str, bool]] = GroupCommit(self._insert_runs)
         # "Runs of these workflows are due": NOTIFYs after the inserting commits, one in flight (migration 0013).
         self._wakeups = Wakeups(self._notify_available)
 
@@ -247,54 +249,57 @@ class PostgresBackend:
 
     # runs
 
-    @_transient
     async def create_run(self, run: NewRun) -> tuple[str, bool]:
-        due = _due_now(run)
-        # With no NOTIFY of this process in flight, the insert carries it (no extra round trip, and its commit is
-        # the only one of this process that takes the notification lock); otherwise the NOTIFY in flight is
-        # followed by one for every run committed meanwhile (Wakeups).
-        along = due and self._wakeups.take_turn()
-        try:
-            params = {**_new_run_params(run), "notify": along, "channel": self.channel}
-            async with self._connection() as conn:
-                row = await (await conn.execute(QUERIES["create_run"], params)).fetchone()
-                if row is not None:
-                    if due and not along:
-                        self._wakeups.runs_due([run.workflow_name])
-                    return row[0], True
-                existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
-        finally:
-            if along:
-                self._wakeups.turn_done()
-        if existing is None:  # the colliding run was deleted in between: try once more
-            return await self.create_run(run)
-        return existing[0], False
+        # The run() calls of this process in flight together share one insert statement and one commit (a lone
+        # call goes at once): the producer's cost per run is the statement's, not a round trip and a commit.
+        return await self._inserts.submit(run)
+
+    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+        return await self._insert_runs(list(runs))
 
     @_transient
-    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
-        rows = ",".join(
-            f'{{"id":"{run.id}","workflow_name":{json.dumps(run.workflow_name)},"version":{json.dumps(run.version)},'
-            f'"input":{run.input_json},"idempotency_key":{json.dumps(run.idempotency_key)},'
-            f'"start_at":{_iso(run.start_at)},"start_delay":{_seconds(run.start_delay)},'
-            f'"deadline_at":{_iso(run.deadline_at)},"deadline_delay":{_seconds(run.deadline_delay)},'
-            f'"trace_context":{run.trace_context or "null"},"queue":{json.dumps(run.queue)},'
-            f'"priority":{run.priority},"concurrency_key":{json.dumps(run.concurrency_key)}}}'
-            for run in runs
-        )
-        async with self._connection() as conn, conn.transaction():
-            inserted = {
-                row[0] for row in await (await conn.execute(QUERIES["create_runs"], {"runs": f"[{rows}]"})).fetchall()
-            }
-            keys = [run.idempotency_key for run in runs if run.id not in inserted and run.idempotency_key]
-            existing: dict[str, str] = {}
-            if keys:
-                found = await conn.execute(QUERIES["find_runs_by_keys"], {"keys": keys})
-                existing = {key: run_id for key, run_id in await found.fetchall()}
-        self._wakeups.runs_due({run.workflow_name for run in runs if run.id in inserted and _due_now(run)})
-        return [
-            (run.id, True) if run.id in inserted else (existing.get(run.idempotency_key or "", run.id), False)
-            for run in runs
-        ]
+    async def _insert_runs(self, runs: list[NewRun]) -> list[tuple[str, bool]]:
+        """Insert `runs` in one statement; (id, created) per run, in order. A run whose id or idempotency key
+        is taken gives the run that holds it."""
+        outcome: dict[str, tuple[str, bool]] = {}
+        pending = runs
+        while pending:
+            due = sorted({run.workflow_name for run in pending if _due_now(run)})
+            # With no NOTIFY of this process in flight, the insert carries it (no extra round trip, and its
+            # commit is the only one of this process that takes the notification lock); otherwise the NOTIFY in
+            # flight is followed by one for every run committed meanwhile (Wakeups).
+            along = bool(due) and self._wakeups.take_turn()
+            try:
+                if len(pending) == 1:  # a lone call: the single-row statement, quicker than the recordset's
+                    query = QUERIES["create_run"]
+                    params = {**_new_run_params(pending[0]), "notify": along, "channel": self.channel}
+                else:
+                    query = QUERIES["create_runs"]
+                    params = {"runs": _runs_json(pending), "notify": due if along else [], "channel": self.channel}
+                async with self._connection() as conn:
+                    inserted = {row[0] for row in await (await conn.execute(query, params)).fetchall()}
+                    collided = [run for run in pending if run.id not in inserted]
+                    holders: dict[str, str] = {}
+                    if collided:
+                        keys = [run.idempotency_key for run in collided if run.idempotency_key]
+                        ids = [run.id for run in collided]
+                        found = await conn.execute(QUERIES["find_runs"], {"keys": keys, "ids": ids})
+                        for run_id, key in await found.fetchall():
+                            holders[key or run_id] = run_id
+                            holders[run_id] = run_id
+            finally:
+                if along:
+                    self._wakeups.turn_done()
+            if inserted and not along:
+                self._wakeups.runs_due({run.workflow_name for run in pending if run.id in inserted and _due_now(run)})
+            for run in pending:
+                if run.id in inserted:
+                    outcome[run.id] = (run.id, True)
+                elif (holder := holders.get(run.idempotency_key or run.id)) is not None:
+                    outcome[run.id] = (holder, False)
+            # A colliding run deleted in between leaves its item unresolved: insert it again.
+            pending = [run for run in collided if run.id not in outcome]
+        return [outcome[run.id] for run in runs]
 
     @_transient
     async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:
@@ -550,7 +555,7 @@ class PostgresBackend:
         finished_at: datetime,
     ) -> None:
         step = Checkpoint(name, output_json, started_at, finished_at)
-        if not await self._writes.submit(run_id, (run_id, lease_token, (step,), None)):
+        if not await self._writes.submit((run_id, lease_token, (step,), None)):
             raise LeaseLost(run_id)
 
     @_transient
@@ -780,11 +785,11 @@ class PostgresBackend:
     async def complete_run(
         self, run_id: str, lease_token: str, output_json: str, last_steps: Sequence[Checkpoint] = ()
     ) -> None:
-        if not await self._writes.submit(run_id, (run_id, lease_token, tuple(last_steps), output_json)):
+        if not await self._writes.submit((run_id, lease_token, tuple(last_steps), output_json)):
             raise LeaseLost(run_id)
 
     @_transient
-    async def _write_runs(self, batch: list[RunWrite]) -> set[str]:
+    async def _write_runs(self, batch: list[RunWrite]) -> list[bool]:
         # Step outputs and run outputs are JSON text already: the batch is assembled around them.
         rows = ",".join(
             f'{{"run_id":"{run_id}","lease_token":"{token}"{fields}}}'
@@ -793,7 +798,8 @@ class PostgresBackend:
         )
         async with self._connection() as conn:
             written = await (await conn.execute(QUERIES["write_runs"], {"batch": f"[{rows}]"})).fetchall()
-        return {row[0] for row in written}
+        accepted = {row[0] for row in written}
+        return [run_id in accepted for run_id, *_ in batch]
 
     @_transient
     async def fail_attempt(
@@ -965,6 +971,24 @@ def _with_cuts(row: dict[str, Any], *names: str) -> dict[str, Any]:
         if excerpt is not None:
             row[name] = CutValue(excerpt, int(length))
     return row
+
+
+def _runs_json(runs: Sequence[NewRun]) -> str:
+    """The runs as create_runs' JSON parameter; inputs and trace contexts are JSON text already."""
+    return (
+        "["
+        + ",".join(
+            f'{{"id":"{run.id}","workflow_name":{json.dumps(run.workflow_name)},"version":{json.dumps(run.version)},'
+            f'"input":{run.input_json},"idempotency_key":{json.dumps(run.idempotency_key)},'
+            f'"start_at":{_iso(run.start_at)},"start_delay":{_seconds(run.start_delay)},'
+            f'"deadline_at":{_iso(run.deadline_at)},"deadline_delay":{_seconds(run.deadline_delay)},'
+            f'"parent_id":{json.dumps(run.parent_id)},"parent_step":{json.dumps(run.parent_step)},'
+            f'"detached":{json.dumps(run.detached)},"trace_context":{run.trace_context or "null"},'
+            f'"queue":{json.dumps(run.queue)},"priority":{run.priority},"concurrency_key":{json.dumps(run.concurrency_key)}}}'
+            for run in runs
+        )
+        + "]"
+    )
 
 
 def _new_run_params(run: NewRun) -> dict[str, Any]:

@@ -65,23 +65,31 @@ RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_t
           true AS first_claim, deadline_at, requested_action, trace_context
 
 -- create_runs --
--- run_many: many pending runs in one statement (the batch is one JSON parameter, its inputs JSON already).
--- A repeated id or idempotency key inserts nothing for that item. The workers are woken by one NOTIFY after
--- the commit (0013_notify_after_commit.sql).
-INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
-                  trace_context, queue, priority, concurrency_key)
-SELECT r.id, r.workflow_name, r.version, 'pending', r.input, r.idempotency_key,
-       COALESCE(r.start_at, now() + make_interval(secs => COALESCE(r.start_delay, 0))),
-       COALESCE(r.deadline_at, now() + make_interval(secs => r.deadline_delay)), r.trace_context,
-       COALESCE(r.queue, (SELECT w.queue FROM workflow_queues w
-                          WHERE w.workflow_name = r.workflow_name AND w.version = r.version), 'default'),
-       COALESCE(r.priority, 0), r.concurrency_key
-FROM json_to_recordset(%(runs)s::json)
-     AS r(id uuid, workflow_name text, version text, input jsonb, idempotency_key text, start_at timestamptz,
-          start_delay float8, deadline_at timestamptz, deadline_delay float8, trace_context jsonb, queue text,
-          priority integer, concurrency_key text)
-ON CONFLICT DO NOTHING
-RETURNING id::text
+-- Many pending runs in one statement: a run_many, or the run() calls of this process in flight together (one
+-- commit for all of them). The batch is one JSON parameter, its inputs JSON already. A repeated id or
+-- idempotency key inserts nothing for that item. `notify`: the workflows whose workers this transaction wakes
+-- (empty when another NOTIFY of this process is in flight: see create_run and 0013_notify_after_commit.sql);
+-- only when a run was inserted.
+WITH inserted AS (
+    INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
+                      parent_id, parent_step, detached, trace_context, queue, priority, concurrency_key)
+    SELECT r.id, r.workflow_name, r.version, 'pending', r.input, r.idempotency_key,
+           COALESCE(r.start_at, now() + make_interval(secs => COALESCE(r.start_delay, 0))),
+           COALESCE(r.deadline_at, now() + make_interval(secs => r.deadline_delay)),
+           r.parent_id, r.parent_step, COALESCE(r.detached, false), r.trace_context,
+           COALESCE(r.queue, (SELECT w.queue FROM workflow_queues w
+                              WHERE w.workflow_name = r.workflow_name AND w.version = r.version), 'default'),
+           COALESCE(r.priority, 0), r.concurrency_key
+    FROM json_to_recordset(%(runs)s::json)
+         AS r(id uuid, workflow_name text, version text, input jsonb, idempotency_key text, start_at timestamptz,
+              start_delay float8, deadline_at timestamptz, deadline_delay float8, parent_id uuid, parent_step text,
+              detached boolean, trace_context jsonb, queue text, priority integer, concurrency_key text)
+    ON CONFLICT DO NOTHING
+    RETURNING id::text AS id
+), notified AS (
+    SELECT pg_notify(%(channel)s::text, 'a:' || name) FROM unnest(%(notify)s::text[]) AS name
+)
+SELECT id, (SELECT count(*) FROM notified) FROM inserted
 
 -- notify_available --
 -- After the commit of runs made due now (0013_notify_after_commit.sql): wake the workers of these workflows.
@@ -90,8 +98,10 @@ RETURNING id::text
 SELECT set_config('synchronous_commit', 'off', true), pg_notify(%(channel)s, 'a:' || name)
 FROM unnest(%(names)s::text[]) AS name
 
--- find_runs_by_keys --
-SELECT idempotency_key, id::text FROM runs WHERE idempotency_key = ANY(%(keys)s::text[])
+-- find_runs --
+-- The runs a create_runs collided with: by idempotency key, or by id (a batch sent again after its commit's
+-- answer was lost).
+SELECT id::text, idempotency_key FROM runs WHERE idempotency_key = ANY(%(keys)s::text[]) OR id = ANY(%(ids)s::uuid[])
 
 -- find_run_by_key --
 -- The run a repeated create_run collided with.

@@ -76,7 +76,7 @@ class SqliteBackend:
         else:
             self._db = Database(self.path, busy_timeout_s=busy_timeout_s, clock=lambda: micros(clock()) or 0)
         # Checkpoints and completions of concurrent runs share one write transaction and one fsync.
-        self._fenced_writes: GroupCommit[list[tuple[str, dict[str, Any]]]] = GroupCommit(
+        self._fenced_writes: GroupCommit[list[tuple[str, dict[str, Any]]], bool] = GroupCommit(
             self._write_fenced, in_flight=1
         )
 
@@ -421,7 +421,7 @@ class SqliteBackend:
         finished_at: datetime,
     ) -> None:
         params = _checkpoint_params(run_id, lease_token, Checkpoint(name, output_json, started_at, finished_at))
-        if not await self._fenced_writes.submit(run_id, [("save_step", params)]):
+        if not await self._fenced_writes.submit([("save_step", params)]):
             raise LeaseLost(run_id)
 
     async def park_run(
@@ -689,7 +689,7 @@ class SqliteBackend:
     ) -> None:
         writes = [("save_step", _checkpoint_params(run_id, lease_token, step)) for step in last_steps]
         writes.append(("complete_run", {"run_id": run_id, "lease_token": lease_token, "output": output_json}))
-        if not await self._fenced_writes.submit(run_id, writes):
+        if not await self._fenced_writes.submit(writes):
             raise LeaseLost(run_id)
 
     async def fail_attempt(
@@ -817,16 +817,15 @@ class SqliteBackend:
 
     # helpers
 
-    async def _write_fenced(self, batch: list[list[tuple[str, dict[str, Any]]]]) -> set[str]:
-        """Several runs' fenced writes in one transaction; returns the runs whose claim still held. The
+    async def _write_fenced(self, batch: list[list[tuple[str, dict[str, Any]]]]) -> list[bool]:
+        """Several runs' fenced writes in one transaction; for each, whether its claim still held. The
         writes of one run go in order (a last checkpoint, then the completion) and stop at the first fenced."""
 
-        def write(conn: sqlite3.Connection, now: int) -> set[str]:
-            written = set()
-            for writes in batch:
-                if all(_first(conn, query, {**params, "now": now}) is not None for query, params in writes):
-                    written.add(str(writes[0][1]["run_id"]))
-            return written
+        def write(conn: sqlite3.Connection, now: int) -> list[bool]:
+            return [
+                all(_first(conn, query, {**params, "now": now}) is not None for query, params in writes)
+                for writes in batch
+            ]
 
         return await self._db.write(write)
 
