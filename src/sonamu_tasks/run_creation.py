@@ -199,7 +199,6 @@ class PreparedRuns(Sequence[NewRun]):
         self._idempotency_keys = idempotency_keys
         self._concurrency_keys = concurrency_keys
         self._what = what
-        self._ids = new_run_ids(len(inputs))
 
     def __len__(self) -> int:
         return len(self._inputs)
@@ -228,10 +227,14 @@ class PreparedRuns(Sequence[NewRun]):
     def _prepare(self, stop: int) -> None:
         """Prepare the items up to `stop` (excluded) not prepared yet."""
         runs, definition, inputs, what = self._runs, self._definition, self._inputs, self._what
-        idempotency_keys, concurrency_keys, ids = self._idempotency_keys, self._concurrency_keys, self._ids
-        shared = runs[0].__dict__ if runs else {}
+        idempotency_keys, concurrency_keys = self._idempotency_keys, self._concurrency_keys
+        start = len(runs)
+        if start >= stop:
+            return
+        ids = new_run_ids(stop - start)
+        shared = runs[0].__dict__
         make = object.__new__
-        for index in range(len(runs), stop):
+        for index in range(start, stop):
             key, concurrency_key = idempotency_keys[index], concurrency_keys[index]
             try:
                 if key is not None:
@@ -247,7 +250,7 @@ class PreparedRuns(Sequence[NewRun]):
             run = make(NewRun)
             fields = run.__dict__
             fields.update(shared)
-            fields["id"] = ids[index]
+            fields["id"] = ids[index - start]
             fields["input_json"] = input_json
             fields["idempotency_key"] = key
             fields["concurrency_key"] = concurrency_key

@@ -311,7 +311,8 @@ class PostgresBackend:
                     else:
                         async with conn.transaction():
                             inserted = await self._insert_chunks(conn, pending, notify, plain)
-                    collided = [run for run in pending if run.id not in inserted]
+                    everyone = len(inserted) == len(pending)  # the common case: no per-run look-ups below
+                    collided = [] if everyone else [run for run in pending if run.id not in inserted]
                     holders: dict[str, str] = {}
                     if collided:
                         keys = [run.idempotency_key for run in collided if run.idempotency_key]
@@ -329,7 +330,9 @@ class PostgresBackend:
                 if along:
                     self._wakeups.turn_done()
             if inserted and not along:
-                self._wakeups.runs_due(_due_names([run for run in pending if run.id in inserted]))
+                self._wakeups.runs_due(_due_names(pending if everyone else [r for r in pending if r.id in inserted]))
+            if everyone and pending is runs:
+                return [(run.id, True) for run in runs]
             for run in pending:
                 if run.id in inserted:
                     outcome[run.id] = (run.id, True)
