@@ -98,19 +98,20 @@ async def stored_runs(manager: Any) -> dict[str, Any]:
             return runs
 
 
-# Past the backend's chunk (PostgreSQL inserts a large run_many 1,000 runs a statement, preparing each chunk
+# Past the backend's chunk (PostgreSQL inserts a large run_many 2,000 runs a statement, preparing each chunk
 # while the previous one is inserted, in one transaction).
-LARGE = 2500
+LARGE = 4500
 
 
 async def test_a_bad_item_in_a_later_chunk_refuses_the_whole_call_and_stores_nothing(manager_for: Any) -> None:
     manager = await manager_for([confirm], enable_worker=False)
     inputs: list[Any] = [{"order_id": i} for i in range(LARGE)]
     inputs[2345] = {"order_id": "x"}
+    inputs[4321] = {"order_id": "y"}
     with pytest.raises(InvalidInput, match=r"inputs\[2345\]: order_id"):
         await manager.run_many(confirm, inputs)
-    with pytest.raises(SerializationError, match=r"inputs\[1999\]"):
-        await manager.run_many({"name": "other", "version": "1"}, [*range(1999), object(), *range(500)])
+    with pytest.raises(SerializationError, match=r"inputs\[4100\]"):
+        await manager.run_many({"name": "other", "version": "1"}, [*range(4100), object(), *range(300)])
     keys: list[str | None] = [f"k{i}" for i in range(LARGE)]
     keys[LARGE - 1] = ""
     with pytest.raises(InvalidName, match=rf"inputs\[{LARGE - 1}\]: idempotency_key"):
@@ -122,17 +123,17 @@ async def test_a_bad_item_in_a_later_chunk_refuses_the_whole_call_and_stores_not
 
 async def test_a_large_run_many_finds_existing_runs_by_key_across_chunks(manager_for: Any) -> None:
     manager = await manager_for([confirm], enable_worker=False)
-    first = await manager.run(confirm, {"order_id": 1700}, idempotency_key="order-1700")
+    first = await manager.run(confirm, {"order_id": 2701}, idempotency_key="order-2701")
     keys: list[str | None] = [f"order-{i}" if i % 3 else None for i in range(LARGE)]
-    keys[2400] = keys[4]  # the same key in the first chunk and the third: one run
+    keys[4400] = keys[4]  # the same key in the first chunk and the third: one run
     handles = await manager.run_many(confirm, [{"order_id": i} for i in range(LARGE)], idempotency_keys=keys)
-    assert [h.id for h in handles][1700] == first.id and not handles[1700].created
-    assert handles[2400].id == handles[4].id and handles[4].created and not handles[2400].created
+    assert handles[2701].id == first.id and not handles[2701].created
+    assert handles[4400].id == handles[4].id and handles[4].created and not handles[4400].created
     assert sum(h.created for h in handles) == LARGE - 2
     assert len({h.id for h in handles}) == LARGE - 1
     stored = await stored_runs(manager)
     assert len(stored) == LARGE - 1
-    for index in (0, 999, 1000, 1001, 2001, LARGE - 1):
+    for index in (0, 1999, 2000, 2001, 4001, LARGE - 1):
         assert stored[handles[index].id].input == {"order_id": index}
         assert stored[handles[index].id].idempotency_key == keys[index]
 

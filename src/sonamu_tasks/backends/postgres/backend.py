@@ -91,8 +91,9 @@ def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
 
 # A batch of more runs than this (a run_many) is inserted a chunk at a time, in one transaction: the next chunk
 # is read, for a run_many validated and serialized (run_creation.PreparedRuns), while PostgreSQL inserts the
-# previous one, so the two overlap on two cores (10,000 runs: ~60,000/s instead of ~48,000/s, benchmarks.producer).
-_CHUNK = 1000
+# previous one, so the two overlap on two cores. A run_many of 10,000 on a 2-core machine shared with other
+# work: ~56,000 runs/s, in one statement ~49,000; chunks of 500 ~47,000, 1,000 ~50,000 (per-statement costs).
+_CHUNK = 2000
 # create_runs without its ON CONFLICT, for a chunk of runs with no idempotency key: their fresh random ids
 # collide only when a batch whose commit's answer was lost is sent again, and then PostgreSQL refuses the whole
 # statement (unique violation; the transaction stores nothing) and _insert_runs sends the runs again with ON
