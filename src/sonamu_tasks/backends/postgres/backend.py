@@ -312,6 +312,8 @@ class PostgresBackend:
     async def create_claimed_run(
         self, run: NewRun, worker_id: str, lease: timedelta
     ) -> tuple[str, bool, ClaimedRun | None]:
+        if run.queue is None:
+            raise ValueError(f"create_claimed_run needs the queue of run {run.id}: only its own process claims it")
         params = {**_new_run_params(run), "worker_id": worker_id, "lease": lease}
         async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["create_claimed_run"], params)).fetchone()

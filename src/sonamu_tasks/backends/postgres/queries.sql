@@ -40,8 +40,10 @@ RETURNING id::text, xmax = 0 AS created
 -- Insert a run claimed at once by the worker of the process that starts it: one commit instead of an
 -- insert, a notification and a claim. A repeated id or idempotency key inserts nothing. A run of a queue
 -- with limits is inserted pending instead (lease_token NULL): only the claim may weigh it against them.
+-- The queue is always given (this process has the workflow's definition): no lookup of the workflow's queue,
+-- whose folding away in custom plans made PostgreSQL plan this statement again at every call.
 WITH target AS (
-    SELECT COALESCE(%(queue)s, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s), 'default') AS queue
+    SELECT %(queue)s::text AS queue
 ), placed AS (
     SELECT t.queue, EXISTS (
         SELECT 1 FROM queues q
