@@ -696,16 +696,34 @@ class PostgresBackend:
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
     ) -> bool | None:
         params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
-        async with self._connection() as conn:
-            found, stored = await self._one(conn, "send_message", params)
+        along = self._wakeups.take_turn()  # carry the NOTIFY if the run is woken and none of ours is in flight
+        try:
+            async with self._connection() as conn:
+                found, stored, woke, _ = await self._one(
+                    conn, "send_message", {**params, "notify": along, "channel": self.channel}
+                )
+        finally:
+            if along:
+                self._wakeups.turn_done()
+        if woke is not None and not along:
+            self._wakeups.runs_due([woke])
         return None if not found else bool(stored)
 
     @_transient
     async def emit_event(self, name: str, key: str, payload_json: str) -> int:
         params = {"name": name, "key": key, "payload": payload_json}
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["lock_event"], params)
-            (woken,) = await self._one(conn, "emit_event", params)
+        along = self._wakeups.take_turn()  # as in send_message
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(QUERIES["lock_event"], params)
+                woken, workflows, _ = await self._one(
+                    conn, "emit_event", {**params, "notify": along, "channel": self.channel}
+                )
+        finally:
+            if along:
+                self._wakeups.turn_done()
+        if workflows and not along:
+            self._wakeups.runs_due(workflows)
         return int(woken)
 
     async def _one(self, conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]) -> tuple[Any, ...]:

@@ -380,26 +380,36 @@ ORDER BY id
 LIMIT %(limit)s
 
 -- send_message --
--- A message to a run: stored once per idempotency key; a waiting run is made due now (the status trigger
--- NOTIFYs a worker). Updating the run's row first orders this against a park (see lock_parking_run).
-WITH target AS (
+-- A message to a run: stored once per idempotency key; a waiting run is made due now. Updating the run's row
+-- first orders this against a park (see lock_parking_run). The woken run's workers are told by this process
+-- (0015_senders_notify_after_commit.sql): `woke` is its workflow; `notify`: this statement carries the NOTIFY.
+WITH deferred AS (
+    SELECT set_config('sonamu_tasks.wake_after_commit', 'on', true) AS setting
+), target AS (
     UPDATE runs
     SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
         available_at = CASE WHEN status = 'waiting' THEN now() ELSE available_at END,
         updated_at = CASE WHEN status = 'waiting' THEN now() ELSE updated_at END
+    FROM deferred
     WHERE id = %(run_id)s
-    RETURNING id
+    RETURNING id, CASE WHEN status = 'pending' AND updated_at = now() THEN workflow_name END AS woke  -- woken here
 ), stored AS (
     INSERT INTO messages (run_id, topic, payload, idempotency_key)
     SELECT id, %(topic)s, %(payload)s::jsonb, %(idempotency_key)s FROM target
     ON CONFLICT DO NOTHING
     RETURNING id
+), notified AS (
+    SELECT pg_notify(%(channel)s::text, 'a:' || woke) FROM target WHERE woke IS NOT NULL AND %(notify)s::boolean
 )
-SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM stored)
+SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM stored), (SELECT woke FROM target),
+       (SELECT count(*) FROM notified)
 
 -- emit_event --
--- A broadcast event (after lock_event, in the same transaction): stored, and every run parked on it woken.
-WITH emitted AS (
+-- A broadcast event (after lock_event, in the same transaction): stored, and every run parked on it woken. The
+-- woken runs' workers are told by this process, as for send_message: `woke` lists their workflows.
+WITH deferred AS (
+    SELECT set_config('sonamu_tasks.wake_after_commit', 'on', true) AS setting
+), emitted AS (
     INSERT INTO events (name, key, payload) VALUES (%(name)s, %(key)s, %(payload)s::jsonb)
     RETURNING id
 ), subscribers AS (
@@ -407,10 +417,16 @@ WITH emitted AS (
     RETURNING run_id
 ), woken AS (
     UPDATE runs SET status = 'pending', available_at = now(), updated_at = now()
+    FROM deferred
     WHERE id IN (SELECT run_id FROM subscribers) AND status = 'waiting'
-    RETURNING id
+    RETURNING id, workflow_name
+), notified AS (
+    SELECT pg_notify(%(channel)s::text, 'a:' || name)
+    FROM (SELECT DISTINCT workflow_name AS name FROM woken) AS w
+    WHERE %(notify)s::boolean
 )
-SELECT (SELECT count(*) FROM woken)
+SELECT (SELECT count(*) FROM woken), (SELECT array_agg(DISTINCT workflow_name) FROM woken),
+       (SELECT count(*) FROM notified)
 
 -- start_children --
 -- A parent's step starts its children: the child runs and the parent's step record, in one statement,
