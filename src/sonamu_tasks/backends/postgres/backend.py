@@ -131,8 +131,9 @@ class PostgresBackend:
         self._read_pool = self._new_pool(read_url, 4, f"sonamu_tasks:{schema}:read") if read_url else self._pool
         # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
         self._writes: GroupCommit[RunWrite, bool] = GroupCommit(self._write_runs)
-        # run() calls in flight together: one insert statement, one commit.
+        # run() calls in flight together: one insert statement, one commit. result() watches likewise.
         self._inserts: GroupCommit[NewRun, tuple[str, bool]] = GroupCommit(self._insert_runs)
+        self._watches: GroupCommit[str, bool] = GroupCommit(self._watch_runs)
         # "Runs of these workflows are due": NOTIFYs after the inserting commits, one in flight (migration 0013).
         self._wakeups = Wakeups(self._notify_available)
 
@@ -512,11 +513,16 @@ class PostgresBackend:
         row["status"] = RunStatus(row["status"])
         return RunRecord(**_with_cuts(row, "input", "output"), steps=tuple(steps.values()))
 
-    @_transient
     async def watch_run(self, run_id: str) -> bool:
+        # The result() calls of this process in flight together share one statement (a lone one goes at once).
+        return await self._watches.submit(run_id)
+
+    @_transient
+    async def _watch_runs(self, run_ids: list[str]) -> list[bool]:
         async with self._connection() as conn:
-            row = await (await conn.execute(QUERIES["watch_run"], {"run_id": run_id})).fetchone()
-        return row is not None
+            rows = await (await conn.execute(QUERIES["watch_runs"], {"run_ids": sorted(set(run_ids))})).fetchall()
+        watched = {row[0] for row in rows}
+        return [run_id in watched for run_id in run_ids]
 
     @_transient
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:

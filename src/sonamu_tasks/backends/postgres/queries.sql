@@ -672,17 +672,26 @@ RETURNING status
 SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
 
--- watch_run --
--- A result() waiter in another process asks for the "finished" notification of this run; a row back means the
--- run is unfinished and the watch is set by this statement (the waiter need not read the run until notified).
--- The commit does not wait for the WAL flush: the row lock it takes (which a claim skips) lasts microseconds
--- instead of a flush, and the flag is only a hint (lost in a crash, the waiter watches again when its listener
--- reconnects).
-WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS setting)
+-- watch_runs --
+-- result() waiters in another process ask for the "finished" notification of these runs (the waiters of one
+-- process in flight together share this statement); a row back means that run is unfinished and its watch is
+-- set by this statement (the waiter need not read the run until notified). The rows are locked in id order,
+-- as the group commit and the heartbeat lock them, so none of them deadlock. The commit does not wait for the
+-- WAL flush: the row locks it takes (which a claim skips) last microseconds instead of a flush, and the flag
+-- is only a hint (lost in a crash, the waiter watches again when its listener reconnects).
+WITH relaxed AS (
+    SELECT set_config('synchronous_commit', 'off', true) AS setting
+), target AS (
+    SELECT r.id FROM runs r, relaxed
+    WHERE r.id = ANY(%(run_ids)s::uuid[]) AND NOT r.notify_finish
+      AND r.status NOT IN ('completed', 'failed', 'canceled')
+    ORDER BY r.id
+    FOR NO KEY UPDATE OF r
+)
 UPDATE runs SET notify_finish = true
-FROM relaxed
-WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')
-RETURNING 1
+FROM target
+WHERE runs.id = target.id AND NOT runs.notify_finish AND runs.status NOT IN ('completed', 'failed', 'canceled')
+RETURNING runs.id::text
 
 -- due_backlog --
 -- Runs due and not claimed, per queue and workflow, and how long the oldest has waited (for the metrics).
