@@ -14,6 +14,9 @@ Each round, on one throwaway PostgreSQL (fsync on), with a fresh schema per meas
   sustained  one worker process (benchmarks.bench_worker, --worker-concurrency) and this process starting
              1-step runs at the largest N in flight for --seconds: workflows completed per second over the
              last two thirds of the window (the first third warms up), and runs started per second.
+  watched    as `sustained`, but each caller awaits its run's result() before starting the next (the web
+             request that waits for its workflow): run() + result() cycles per second, and the CPU per run of
+             this process, of the worker process and of the server.
   drain      benchmarks.throughput's backlog drain on the same server: --drain 1-step runs enqueued, then the
              same worker process (same concurrency) started: workflows/s.
 Prints each figure per round, then the median of the rounds, and the ratios the issue asks for (each taken
@@ -36,10 +39,13 @@ import psycopg
 
 from benchmarks.bench_common import (
     arguments,
+    cpu_seconds,
     database,
     median,
     new_schema,
+    postmaster_pid,
     report,
+    server_cpu_seconds,
     start_workers,
     stop_workers,
 )
@@ -148,6 +154,38 @@ async def sustained(url: str, in_flight: int, seconds: float, concurrency: int) 
     return (last - first) / (t1 - t0), started_rate
 
 
+async def watched(url: str, in_flight: int, seconds: float, concurrency: int) -> tuple[float, float, float, float]:
+    """(run() + result() cycles per second, CPU us per run of this process, of the worker, of the server)."""
+    schema = new_schema()
+    async with WorkflowManager(producer_config(url, schema, in_flight)) as client:
+        workers = start_workers(url, schema, 1, concurrency=concurrency)
+        try:
+            await (await client.run(SPEC, INPUT)).result(timeout=60)  # the worker is up and serving
+            postmaster = postmaster_pid(url)
+            assert postmaster is not None, "the server's CPU is read from /proc: run PostgreSQL on this machine"
+            cpu = (time.process_time(), cpu_seconds(workers[0].pid), server_cpu_seconds(postmaster))
+            cycles = 0
+            stop_at = time.perf_counter() + seconds
+
+            async def caller() -> None:
+                nonlocal cycles
+                while time.perf_counter() < stop_at:
+                    await (await client.run(SPEC, INPUT)).result(timeout=60)
+                    cycles += 1
+
+            began = time.perf_counter()
+            await asyncio.gather(*(caller() for _ in range(in_flight)))
+            elapsed = time.perf_counter() - began
+            used = (
+                time.process_time() - cpu[0],
+                cpu_seconds(workers[0].pid) - cpu[1],
+                server_cpu_seconds(postmaster) - cpu[2],
+            )
+        finally:
+            stop_workers(workers)
+    return cycles / elapsed, *(seconds_used / cycles * 1e6 for seconds_used in used)
+
+
 async def main() -> None:
     parser = arguments(__doc__ or "")
     parser.add_argument("--rounds", type=int, default=3)
@@ -156,7 +194,9 @@ async def main() -> None:
     parser.add_argument("--many", type=int, default=10_000)
     parser.add_argument("--worker-concurrency", type=int, default=128)
     parser.add_argument("--drain", type=int, default=10_000)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: run,many,pgbench,sustained,drain")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: run,many,pgbench,sustained,watched,drain"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     levels = [int(n) for n in args.in_flight.split(",")]
@@ -186,6 +226,14 @@ async def main() -> None:
                 labels = {"in_flight": top, "concurrency": args.worker_concurrency, "round": round_}
                 report("producer.sustained_workflows_per_s", done, "workflows/s", **labels)
                 report("producer.sustained_started_per_s", started, "runs/s", **labels)
+            if "watched" not in skip and not args.sqlite:
+                rate, mine, worker, server = await watched(url, top, args.seconds, args.worker_concurrency)
+                this["watched"] = rate
+                labels = {"in_flight": top, "concurrency": args.worker_concurrency, "round": round_}
+                report("producer.watched_cycles_per_s", rate, "runs/s", **labels)
+                report("producer.watched_cpu_per_run.producer", mine, "us", **labels)
+                report("producer.watched_cpu_per_run.worker", worker, "us", **labels)
+                report("producer.watched_cpu_per_run.server", server, "us", **labels)
             if "drain" not in skip:
                 elapsed = await one_round(url, args.drain, 1, 1, args.worker_concurrency)
                 this["drain"] = args.drain / elapsed

@@ -98,6 +98,35 @@ async def test_a_run_started_in_another_process_is_picked_up_by_its_notification
             assert loop.time() - began < 20  # far below the minute the worker would otherwise sleep
 
 
+async def test_a_message_or_event_from_another_process_wakes_a_waiting_run_by_notification_not_polling(
+    make_config: Any, start_worker: Any, database_url: str, schema: str
+) -> None:
+    # Given runs waiting for a message and for an event on a worker process that would poll only once a minute
+    start_worker("idle", poll_ms=60_000, workflows="collect,awaits_event")
+    collect = {"name": "collect", "version": "1"}
+    awaits = {"name": "awaits_event", "version": "1"}
+    async with Listener(database_url, schema) as listener, WorkflowManager(make_config(enable_worker=False)) as client:
+        await wait_until(client.list_workers, what="the worker to register")
+        receiving = await client.run(collect, {"n": 2})
+        waiting = [await client.run(awaits, "k") for _ in range(3)]
+
+        async def all_waiting() -> bool:
+            runs = [await client.get_run(h.id) for h in (receiving, *waiting)]
+            return all(run.status == "waiting" for run in runs)
+
+        await wait_until(all_waiting, what="the runs to wait")
+        await listener.until_marker()  # what the starts sent
+        # When a process without a worker sends the messages (concurrently) and emits the event
+        await asyncio.gather(client.send(receiving.id, "one", topic="t"), client.send(receiving.id, "two", topic="t"))
+        assert sorted(await receiving.result(timeout=20)) == ["one", "two"]  # far below the worker's minute of polling
+        assert await client.emit("ready", {"go": True}, key="k") == 3
+        assert [await h.result(timeout=20) for h in waiting] == [{"go": True}] * 3
+        # Then the workers were woken by the senders' NOTIFYs (sent by this process, not by the status trigger
+        # inside the sending transactions, which PostgreSQL would deliver just the same: see migration 0015)
+        received = await listener.until_marker()
+    assert {"a:collect", "a:awaits_event"} <= set(received)
+
+
 async def test_run_many_sends_one_notification_after_its_commit(
     make_config: Any, database_url: str, schema: str
 ) -> None:

@@ -233,6 +233,10 @@ class Worker:
                     for run in claimed:
                         self._start(run, definitions[(run.workflow_name, run.version)])
                     self._more_due = len(claimed) == limit
+                    if claimed:
+                        # Let them reach their first step before this loop asks the database anything more
+                        # (the question below would otherwise go first, delaying every start by its send).
+                        await asyncio.sleep(0)
                     if not self._more_due:
                         due = await self.backend.seconds_until_due(workflows, queues)
                         if due is not None and due <= 0 and not claimed:

@@ -163,3 +163,9 @@ async def _started_in() -> int:
 async def one_step(input: Any, step: Any) -> dict[str, Any]:
     """One step that returns the pid of the process that ran it."""
     return {"input": input, "ran_in": await step.define("pid", _started_in).run()}
+
+
+@workflow(version="1")
+async def awaits_event(input: Any, step: Any) -> Any:
+    """Waits for the event ("ready", input) and returns its payload."""
+    return await step.wait_for_event("ready", event="ready", key=input)

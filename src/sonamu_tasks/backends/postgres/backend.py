@@ -148,8 +148,9 @@ class PostgresBackend:
         self._read_pool = self._new_pool(read_url, 4, f"sonamu_tasks:{schema}:read") if read_url else self._pool
         # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
         self._writes: GroupCommit[RunWrite, bool] = GroupCommit(self._write_runs)
-        # run() calls in flight together: one insert statement, one commit.
+        # run() calls in flight together: one insert statement, one commit. result() watches likewise.
         self._inserts: GroupCommit[NewRun, tuple[str, bool]] = GroupCommit(self._insert_runs)
+        self._watches: GroupCommit[str, bool] = GroupCommit(self._watch_runs)
         # "Runs of these workflows are due": NOTIFYs after the inserting commits, one in flight (migration 0013).
         self._wakeups = Wakeups(self._notify_available)
 
@@ -392,6 +393,8 @@ class PostgresBackend:
     async def create_claimed_run(
         self, run: NewRun, worker_id: str, lease: timedelta
     ) -> tuple[str, bool, ClaimedRun | None]:
+        if run.queue is None:
+            raise ValueError(f"create_claimed_run needs the queue of run {run.id}: only its own process claims it")
         params = {**_new_run_params(run), "worker_id": worker_id, "lease": lease}
         async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["create_claimed_run"], params)).fetchone()
@@ -590,11 +593,16 @@ class PostgresBackend:
         row["status"] = RunStatus(row["status"])
         return RunRecord(**_with_cuts(row, "input", "output"), steps=tuple(steps.values()))
 
-    @_transient
     async def watch_run(self, run_id: str) -> bool:
+        # The result() calls of this process in flight together share one statement (a lone one goes at once).
+        return await self._watches.submit(run_id)
+
+    @_transient
+    async def _watch_runs(self, run_ids: list[str]) -> list[bool]:
         async with self._connection() as conn:
-            row = await (await conn.execute(QUERIES["watch_run"], {"run_id": run_id})).fetchone()
-        return row is not None
+            rows = await (await conn.execute(QUERIES["watch_runs"], {"run_ids": sorted(set(run_ids))})).fetchall()
+        watched = {row[0] for row in rows}
+        return [run_id in watched for run_id in run_ids]
 
     @_transient
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
@@ -774,16 +782,34 @@ class PostgresBackend:
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
     ) -> bool | None:
         params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
-        async with self._connection() as conn:
-            found, stored = await self._one(conn, "send_message", params)
+        along = self._wakeups.take_turn()  # carry the NOTIFY if the run is woken and none of ours is in flight
+        try:
+            async with self._connection() as conn:
+                found, stored, woke, _ = await self._one(
+                    conn, "send_message", {**params, "notify": along, "channel": self.channel}
+                )
+        finally:
+            if along:
+                self._wakeups.turn_done()
+        if woke is not None and not along:
+            self._wakeups.runs_due([woke])
         return None if not found else bool(stored)
 
     @_transient
     async def emit_event(self, name: str, key: str, payload_json: str) -> int:
         params = {"name": name, "key": key, "payload": payload_json}
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["lock_event"], params)
-            (woken,) = await self._one(conn, "emit_event", params)
+        along = self._wakeups.take_turn()  # as in send_message
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(QUERIES["lock_event"], params)
+                woken, workflows, _ = await self._one(
+                    conn, "emit_event", {**params, "notify": along, "channel": self.channel}
+                )
+        finally:
+            if along:
+                self._wakeups.turn_done()
+        if workflows and not along:
+            self._wakeups.runs_due(workflows)
         return int(woken)
 
     async def _one(self, conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]) -> tuple[Any, ...]:

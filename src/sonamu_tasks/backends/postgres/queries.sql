@@ -40,8 +40,10 @@ RETURNING id::text, xmax = 0 AS created
 -- Insert a run claimed at once by the worker of the process that starts it: one commit instead of an
 -- insert, a notification and a claim. A repeated id or idempotency key inserts nothing. A run of a queue
 -- with limits is inserted pending instead (lease_token NULL): only the claim may weigh it against them.
+-- The queue is always given (this process has the workflow's definition): no lookup of the workflow's queue,
+-- whose folding away in custom plans made PostgreSQL plan this statement again at every call.
 WITH target AS (
-    SELECT COALESCE(%(queue)s, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s), 'default') AS queue
+    SELECT %(queue)s::text AS queue
 ), placed AS (
     SELECT t.queue, EXISTS (
         SELECT 1 FROM queues q
@@ -412,26 +414,36 @@ ORDER BY id
 LIMIT %(limit)s
 
 -- send_message --
--- A message to a run: stored once per idempotency key; a waiting run is made due now (the status trigger
--- NOTIFYs a worker). Updating the run's row first orders this against a park (see lock_parking_run).
-WITH target AS (
+-- A message to a run: stored once per idempotency key; a waiting run is made due now. Updating the run's row
+-- first orders this against a park (see lock_parking_run). The woken run's workers are told by this process
+-- (0015_senders_notify_after_commit.sql): `woke` is its workflow; `notify`: this statement carries the NOTIFY.
+WITH deferred AS (
+    SELECT set_config('sonamu_tasks.wake_after_commit', 'on', true) AS setting
+), target AS (
     UPDATE runs
     SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
         available_at = CASE WHEN status = 'waiting' THEN now() ELSE available_at END,
         updated_at = CASE WHEN status = 'waiting' THEN now() ELSE updated_at END
+    FROM deferred
     WHERE id = %(run_id)s
-    RETURNING id
+    RETURNING id, CASE WHEN status = 'pending' AND updated_at = now() THEN workflow_name END AS woke  -- woken here
 ), stored AS (
     INSERT INTO messages (run_id, topic, payload, idempotency_key)
     SELECT id, %(topic)s, %(payload)s::jsonb, %(idempotency_key)s FROM target
     ON CONFLICT DO NOTHING
     RETURNING id
+), notified AS (
+    SELECT pg_notify(%(channel)s::text, 'a:' || woke) FROM target WHERE woke IS NOT NULL AND %(notify)s::boolean
 )
-SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM stored)
+SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM stored), (SELECT woke FROM target),
+       (SELECT count(*) FROM notified)
 
 -- emit_event --
--- A broadcast event (after lock_event, in the same transaction): stored, and every run parked on it woken.
-WITH emitted AS (
+-- A broadcast event (after lock_event, in the same transaction): stored, and every run parked on it woken. The
+-- woken runs' workers are told by this process, as for send_message: `woke` lists their workflows.
+WITH deferred AS (
+    SELECT set_config('sonamu_tasks.wake_after_commit', 'on', true) AS setting
+), emitted AS (
     INSERT INTO events (name, key, payload) VALUES (%(name)s, %(key)s, %(payload)s::jsonb)
     RETURNING id
 ), subscribers AS (
@@ -439,10 +451,16 @@ WITH emitted AS (
     RETURNING run_id
 ), woken AS (
     UPDATE runs SET status = 'pending', available_at = now(), updated_at = now()
+    FROM deferred
     WHERE id IN (SELECT run_id FROM subscribers) AND status = 'waiting'
-    RETURNING id
+    RETURNING id, workflow_name
+), notified AS (
+    SELECT pg_notify(%(channel)s::text, 'a:' || name)
+    FROM (SELECT DISTINCT workflow_name AS name FROM woken) AS w
+    WHERE %(notify)s::boolean
 )
-SELECT (SELECT count(*) FROM woken)
+SELECT (SELECT count(*) FROM woken), (SELECT array_agg(DISTINCT workflow_name) FROM woken),
+       (SELECT count(*) FROM notified)
 
 -- start_children --
 -- A parent's step starts its children: the child runs and the parent's step record, in one statement,
@@ -688,17 +706,26 @@ RETURNING status
 SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
 FROM workers ORDER BY started_at
 
--- watch_run --
--- A result() waiter in another process asks for the "finished" notification of this run; a row back means the
--- run is unfinished and the watch is set by this statement (the waiter need not read the run until notified).
--- The commit does not wait for the WAL flush: the row lock it takes (which a claim skips) lasts microseconds
--- instead of a flush, and the flag is only a hint (lost in a crash, the waiter watches again when its listener
--- reconnects).
-WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS setting)
+-- watch_runs --
+-- result() waiters in another process ask for the "finished" notification of these runs (the waiters of one
+-- process in flight together share this statement); a row back means that run is unfinished and its watch is
+-- set by this statement (the waiter need not read the run until notified). The rows are locked in id order,
+-- as the group commit and the heartbeat lock them, so none of them deadlock. The commit does not wait for the
+-- WAL flush: the row locks it takes (which a claim skips) last microseconds instead of a flush, and the flag
+-- is only a hint (lost in a crash, the waiter watches again when its listener reconnects).
+WITH relaxed AS (
+    SELECT set_config('synchronous_commit', 'off', true) AS setting
+), target AS (
+    SELECT r.id FROM runs r, relaxed
+    WHERE r.id = ANY(%(run_ids)s::uuid[]) AND NOT r.notify_finish
+      AND r.status NOT IN ('completed', 'failed', 'canceled')
+    ORDER BY r.id
+    FOR NO KEY UPDATE OF r
+)
 UPDATE runs SET notify_finish = true
-FROM relaxed
-WHERE id = %(run_id)s AND NOT notify_finish AND status NOT IN ('completed', 'failed', 'canceled')
-RETURNING 1
+FROM target
+WHERE runs.id = target.id AND NOT runs.notify_finish AND runs.status NOT IN ('completed', 'failed', 'canceled')
+RETURNING runs.id::text
 
 -- due_backlog --
 -- Runs due and not claimed, per queue and workflow, and how long the oldest has waited (for the metrics).
