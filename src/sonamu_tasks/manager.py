@@ -19,6 +19,7 @@ from .attempt import CANCELED_ERROR
 from .backends.base import (
     Backend,
     MessageRecord,
+    NewRun,
     QueueStats,
     RunEventRecord,
     RunQuery,
@@ -31,7 +32,7 @@ from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration
-from .errors import InvalidInput, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
+from .errors import InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
 from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
 from .queue import Queue, collect_queues
@@ -40,7 +41,7 @@ from .registry import Registry
 from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
 from .retention import purge as purge_runs
-from .run_creation import RunOptions, WorkflowSpec, prepare_run, resolve
+from .run_creation import RunOptions, WorkflowSpec, prepare_run, prepare_runs, resolve
 from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
 from .step import DEFAULT_TOPIC
@@ -357,8 +358,10 @@ class WorkflowManager:
         concurrency_key: str | None = None,
         concurrency_keys: Sequence[str | None] | None = None,
     ) -> list[RunHandle]:
-        """Start one run per input in one statement; the handles come back in input order. Every input is
-        validated first: a bad one refuses the whole call, naming its index, and nothing is stored.
+        """Start one run per input in one transaction; the handles come back in input order. A bad input
+        refuses the whole call, naming its index (the first bad one), and nothing is stored: on PostgreSQL the
+        inputs are validated and serialized a chunk at a time while the previous chunk is inserted, the
+        transaction rolled back at the first bad one.
         `idempotency_keys`: one per input (None for none); a repeated key gives the existing run. `queue`,
         `priority` as for `run()`; `concurrency_key` for every run, or `concurrency_keys`, one per input."""
         name, version, definition = resolve(workflow, self.registry)
@@ -371,27 +374,21 @@ class WorkflowManager:
         concurrency = list(concurrency_keys) if concurrency_keys is not None else [concurrency_key] * len(items)
         if len(concurrency) != len(items):
             raise ValueError(f"run_many: {len(items)} inputs but {len(concurrency)} concurrency_keys")
-        new_runs = []
-        context = self.telemetry.caller_context()
-        for index, (item, key, concurrency_key) in enumerate(zip(items, keys, concurrency, strict=True)):
-            try:
-                new_runs.append(
-                    prepare_run(
-                        name,
-                        version,
-                        definition,
-                        item,
-                        RunOptions(key, start_at, deadline, queue, priority, concurrency_key),
-                        what=f"inputs[{index}] of run_many({name!r})",
-                        trace_context=context,
-                    )
-                )
-            except InvalidInput as error:
-                raise InvalidInput(name, [f"inputs[{index}]: {problem}" for problem in error.problems]) from error
-            except InvalidValue as error:
-                raise type(error)(f"inputs[{index}]: {error}", field=error.field) from error
+        new_runs: Sequence[NewRun] = prepare_runs(
+            name,
+            version,
+            definition,
+            items,
+            RunOptions(start_at=start_at, deadline=deadline, queue=queue, priority=priority),
+            keys,
+            concurrency,
+            what=lambda index: f"inputs[{index}] of run_many({name!r})",
+            trace_context=self.telemetry.caller_context(),
+        )
         if not new_runs:
             return []
+        if not getattr(self.backend, "creates_runs_in_chunks", False):
+            new_runs = list(new_runs)  # every run prepared before the backend is called
         created = await until_available(
             lambda: self.backend.create_runs(new_runs), what="start runs", give_up_after_s=30
         )

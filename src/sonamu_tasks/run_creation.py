@@ -12,19 +12,20 @@ callable schema that reshapes the input all see the caller's value, never their 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, overload
 
 from . import limits, serde
 from .backends.base import NewRun
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
-from .errors import InvalidValue, WorkflowNotRegistered
-from .ids import new_run_id
+from .errors import InvalidInput, InvalidValue, WorkflowNotRegistered
+from .ids import new_run_id, new_run_ids
 from .queue import Queue, check_priority, queue_name
 from .registry import Registry
 
@@ -102,15 +103,13 @@ def prepare_run(
         queue = definition.queue_name  # else the database finds the queue the workflow registered
     check_priority(options.priority)
     if options.concurrency_key is not None:
-        limits.check_name(options.concurrency_key, field="concurrency_key", limit=limits.MAX_KEY_LENGTH)
+        _check_concurrency_key(options.concurrency_key)
     debounce = _debounce(options)
-    if definition is not None:
-        definition.validate_input(input)  # refuse a bad input now; the worker builds the value itself
     return NewRun(
         id=run_id or new_run_id(),
         workflow_name=name,
         version=version,
-        input_json=serde.dumps(input, what=what or f"the input of workflow {name!r}"),
+        input_json=_input_json(definition, input, what or f"the input of workflow {name!r}"),
         idempotency_key=options.idempotency_key,
         start_at=start_at if isinstance(start_at, datetime) else None,
         start_delay=None
@@ -130,6 +129,153 @@ def prepare_run(
         debounce_key=options.debounce_key if debounce is not None else None,
         debounce=debounce,
     )
+
+
+def prepare_runs(
+    name: str,
+    version: str,
+    definition: WorkflowDefinition[Any, Any] | None,
+    inputs: Sequence[Any],
+    options: RunOptions,
+    idempotency_keys: Sequence[str | None],
+    concurrency_keys: Sequence[str | None],
+    *,
+    what: Callable[[int], str],
+    trace_context: str | None = None,
+) -> PreparedRuns:
+    """`prepare_run` for each input, its keys from `idempotency_keys` and `concurrency_keys` (one per input;
+    `options`' own are ignored), the rest of `options` shared. A refusal names the item: "inputs[INDEX]: ...",
+    `what(index)` the input in serialization errors.
+
+    The first item is prepared now, whole, by `prepare_run`: it checks what every item shares (names, times,
+    queue, priority) exactly as a lone run() would. The others are prepared as they are read (see
+    PreparedRuns), each checking only what is its own (keys and input) and copying the first's fields: 4 us an
+    item instead of 12."""
+    if not inputs:
+        return PreparedRuns([], name, definition, inputs, idempotency_keys, concurrency_keys, what)
+    with _naming_item(0, name):
+        first = prepare_run(
+            name,
+            version,
+            definition,
+            inputs[0],
+            RunOptions(
+                idempotency_keys[0],
+                options.start_at,
+                options.deadline,
+                options.queue,
+                options.priority,
+                concurrency_keys[0],
+                options.debounce,
+                options.debounce_key,
+            ),
+            what=what(0),
+            trace_context=trace_context,
+        )
+    return PreparedRuns([first], name, definition, inputs, idempotency_keys, concurrency_keys, what)
+
+
+class PreparedRuns(Sequence[NewRun]):
+    """The runs of a run_many, each prepared (checked, validated, serialized) when first read, in order: reading
+    item i prepares every item before it, so the first bad item is the one refused (InvalidInput, InvalidValue,
+    SerializationError... naming its index), raised by the read. A backend that stores a batch in chunks reads
+    the next chunk while the database inserts the previous one (PostgreSQL: the two run on two cores); it must
+    store nothing when a read raises (one transaction). `list(runs)` prepares them all at once."""
+
+    def __init__(
+        self,
+        runs: list[NewRun],
+        name: str,
+        definition: WorkflowDefinition[Any, Any] | None,
+        inputs: Sequence[Any],
+        idempotency_keys: Sequence[str | None],
+        concurrency_keys: Sequence[str | None],
+        what: Callable[[int], str],
+    ) -> None:
+        self._runs = runs
+        self._name = name
+        self._definition = definition
+        self._inputs = inputs
+        self._idempotency_keys = idempotency_keys
+        self._concurrency_keys = concurrency_keys
+        self._what = what
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    @overload
+    def __getitem__(self, index: int) -> NewRun: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[NewRun]: ...
+
+    def __getitem__(self, index: int | slice) -> NewRun | list[NewRun]:
+        if isinstance(index, slice):
+            chosen = range(*index.indices(len(self._inputs)))
+            if chosen:
+                self._prepare(max(chosen[0], chosen[-1]) + 1)
+        else:
+            if not -len(self._inputs) <= index < len(self._inputs):
+                raise IndexError(f"run {index} of {len(self._inputs)}")
+            self._prepare(index % len(self._inputs) + 1)
+        return self._runs[index]
+
+    def __iter__(self) -> Iterator[NewRun]:
+        self._prepare(len(self._inputs))
+        return iter(self._runs)
+
+    def _prepare(self, stop: int) -> None:
+        """Prepare the items up to `stop` (excluded) not prepared yet."""
+        runs, definition, inputs, what = self._runs, self._definition, self._inputs, self._what
+        idempotency_keys, concurrency_keys = self._idempotency_keys, self._concurrency_keys
+        start = len(runs)
+        if start >= stop:
+            return
+        ids = new_run_ids(stop - start)
+        shared = runs[0].__dict__
+        make = object.__new__
+        for index in range(start, stop):
+            key, concurrency_key = idempotency_keys[index], concurrency_keys[index]
+            try:
+                if key is not None:
+                    limits.check_idempotency_key(key)
+                if concurrency_key is not None:
+                    _check_concurrency_key(concurrency_key)
+                input_json = _input_json(definition, inputs[index], what(index))
+            except (InvalidInput, InvalidValue) as error:
+                with _naming_item(index, self._name):
+                    raise error
+            # NewRun is a frozen dataclass, whose __init__ sets its 18 fields one by one through
+            # object.__setattr__ (2 us); this copies the first's at once and sets the four that differ.
+            run = make(NewRun)
+            fields = run.__dict__
+            fields.update(shared)
+            fields["id"] = ids[index - start]
+            fields["input_json"] = input_json
+            fields["idempotency_key"] = key
+            fields["concurrency_key"] = concurrency_key
+            runs.append(run)
+
+
+@contextlib.contextmanager
+def _naming_item(index: int, workflow: str) -> Iterator[None]:
+    """Name item `index` in an InvalidInput's problems or an InvalidValue's message."""
+    try:
+        yield
+    except InvalidInput as error:
+        raise InvalidInput(workflow, [f"inputs[{index}]: {problem}" for problem in error.problems]) from error
+    except InvalidValue as error:
+        raise type(error)(f"inputs[{index}]: {error}", field=error.field) from error
+
+
+def _input_json(definition: WorkflowDefinition[Any, Any] | None, input: Any, what: str) -> str:
+    if definition is not None:
+        definition.validate_input(input)  # refuse a bad input now; the worker builds the value itself
+    return serde.dumps(input, what=what)
+
+
+def _check_concurrency_key(key: str) -> None:
+    limits.check_name(key, field="concurrency_key", limit=limits.MAX_KEY_LENGTH)
 
 
 def _debounce(options: RunOptions) -> timedelta | None:
