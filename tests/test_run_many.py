@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from sonamu_tasks import InvalidInput, InvalidName, SerializationError, workflow
 from sonamu_tasks.backends.base import NewRun
-from sonamu_tasks.backends.postgres import backend as backend_module
 from sonamu_tasks.backends.postgres.backend import PostgresBackend
 from sonamu_tasks.errors import InvalidValue
 from sonamu_tasks.ids import new_run_id
@@ -98,12 +97,11 @@ async def stored_runs(manager: Any) -> dict[str, Any]:
             return runs
 
 
-# Past the backend's chunk (PostgreSQL inserts a large run_many 2,000 runs a statement, preparing each chunk
-# while the previous one is inserted, in one transaction).
+# A large run_many: every item validated first, one statement.
 LARGE = 4500
 
 
-async def test_a_bad_item_in_a_later_chunk_refuses_the_whole_call_and_stores_nothing(manager_for: Any) -> None:
+async def test_a_bad_item_far_into_a_large_call_refuses_the_whole_call_and_stores_nothing(manager_for: Any) -> None:
     manager = await manager_for([confirm], enable_worker=False)
     inputs: list[Any] = [{"order_id": i} for i in range(LARGE)]
     inputs[2345] = {"order_id": "x"}
@@ -121,11 +119,11 @@ async def test_a_bad_item_in_a_later_chunk_refuses_the_whole_call_and_stores_not
     assert len(await manager.run_many(confirm, [{"order_id": i} for i in range(LARGE)])) == LARGE
 
 
-async def test_a_large_run_many_finds_existing_runs_by_key_across_chunks(manager_for: Any) -> None:
+async def test_a_large_run_many_finds_existing_runs_by_key(manager_for: Any) -> None:
     manager = await manager_for([confirm], enable_worker=False)
     first = await manager.run(confirm, {"order_id": 2701}, idempotency_key="order-2701")
     keys: list[str | None] = [f"order-{i}" if i % 3 else None for i in range(LARGE)]
-    keys[4400] = keys[4]  # the same key in the first chunk and the third: one run
+    keys[4400] = keys[4]  # the same key twice in the call: one run
     handles = await manager.run_many(confirm, [{"order_id": i} for i in range(LARGE)], idempotency_keys=keys)
     assert handles[2701].id == first.id and not handles[2701].created
     assert handles[4400].id == handles[4].id and handles[4].created and not handles[4400].created
@@ -141,8 +139,7 @@ async def test_a_large_run_many_finds_existing_runs_by_key_across_chunks(manager
 @pytest.mark.parametrize("backend_name", ["postgres"])
 @pytest.mark.parametrize("count", [2, LARGE])
 async def test_a_batch_sent_again_gives_the_runs_it_stored(manager_for: Any, count: int) -> None:
-    # The case a run_many retried after its commit's answer was lost: the same ids again. Runs without keys go
-    # without ON CONFLICT; the collision refuses that statement and the batch goes again with it.
+    # The case a run_many retried after its commit's answer was lost: the same ids again.
     manager = await manager_for([confirm], enable_worker=False)
     runs = list(
         prepare_runs(
@@ -282,15 +279,11 @@ def comparable(row: tuple[Any, ...], run: NewRun, prefix: str) -> tuple[Any, ...
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=BATCHES)
 def test_a_batch_stores_each_run_as_a_lone_insert_does(store: Store, batch: list[dict[str, Any]]) -> None:
-    chunk, backend_module._CHUNK = backend_module._CHUNK, 3
-    try:
-        example = uuid.uuid4().hex[:8]
-        together = [new_run(fields, f"{example}-batch-") for fields in batch]
-        alone = [new_run(fields, f"{example}-alone-") for fields in batch]
-        created_together = store.call(store.backend.create_runs(together))
-        created_alone = [store.call(store.backend.create_run(run)) for run in alone]
-    finally:
-        backend_module._CHUNK = chunk
+    example = uuid.uuid4().hex[:8]
+    together = [new_run(fields, f"{example}-batch-") for fields in batch]
+    alone = [new_run(fields, f"{example}-alone-") for fields in batch]
+    created_together = store.call(store.backend.create_runs(together))
+    created_alone = [store.call(store.backend.create_run(run)) for run in alone]
     # The same runs created, the same runs found for a repeated key (by position in the batch).
     assert [created for _, created in created_together] == [created for _, created in created_alone]
     ids_together, ids_alone = [run_id for run_id, _ in created_together], [run_id for run_id, _ in created_alone]

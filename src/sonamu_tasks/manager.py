@@ -19,7 +19,6 @@ from .attempt import CANCELED_ERROR
 from .backends.base import (
     Backend,
     MessageRecord,
-    NewRun,
     QueueStats,
     RunEventRecord,
     RunQuery,
@@ -358,10 +357,8 @@ class WorkflowManager:
         concurrency_key: str | None = None,
         concurrency_keys: Sequence[str | None] | None = None,
     ) -> list[RunHandle]:
-        """Start one run per input in one transaction; the handles come back in input order. A bad input
-        refuses the whole call, naming its index (the first bad one), and nothing is stored: on PostgreSQL the
-        inputs are validated and serialized a chunk at a time while the previous chunk is inserted, the
-        transaction rolled back at the first bad one.
+        """Start one run per input in one statement; the handles come back in input order. Every input is
+        validated first: a bad one refuses the whole call, naming its index, and nothing is stored.
         `idempotency_keys`: one per input (None for none); a repeated key gives the existing run. `queue`,
         `priority` as for `run()`; `concurrency_key` for every run, or `concurrency_keys`, one per input."""
         name, version, definition = resolve(workflow, self.registry)
@@ -374,7 +371,7 @@ class WorkflowManager:
         concurrency = list(concurrency_keys) if concurrency_keys is not None else [concurrency_key] * len(items)
         if len(concurrency) != len(items):
             raise ValueError(f"run_many: {len(items)} inputs but {len(concurrency)} concurrency_keys")
-        new_runs: Sequence[NewRun] = prepare_runs(
+        new_runs = prepare_runs(
             name,
             version,
             definition,
@@ -387,8 +384,6 @@ class WorkflowManager:
         )
         if not new_runs:
             return []
-        if not getattr(self.backend, "creates_runs_in_chunks", False):
-            new_runs = list(new_runs)  # every run prepared before the backend is called
         created = await until_available(
             lambda: self.backend.create_runs(new_runs), what="start runs", give_up_after_s=30
         )

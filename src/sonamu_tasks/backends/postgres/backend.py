@@ -89,24 +89,8 @@ def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
     return wrapper
 
 
-# A batch of more runs than this (a run_many) is inserted a chunk at a time, in one transaction: the next chunk
-# is read, for a run_many validated and serialized (run_creation.PreparedRuns), while PostgreSQL inserts the
-# previous one, so the two overlap on two cores. A run_many of 10,000 on a 2-core machine shared with other
-# work: ~56,000 runs/s, in one statement ~49,000; chunks of 500 ~47,000, 1,000 ~50,000 (per-statement costs).
-_CHUNK = 2000
-# create_runs without its ON CONFLICT, for a chunk of runs with no idempotency key: their fresh random ids
-# collide only when a batch whose commit's answer was lost is sent again, and then PostgreSQL refuses the whole
-# statement (unique violation; the transaction stores nothing) and _insert_runs sends the runs again with ON
-# CONFLICT. Otherwise it saves what ON CONFLICT costs per row: a speculative insertion and a look into both
-# unique indexes first (~15% of the statement).
-assert "ON CONFLICT DO NOTHING" in QUERIES["create_runs"]
-_CREATE_NEW_RUNS = QUERIES["create_runs"].replace("ON CONFLICT DO NOTHING", "")
-
-
 class PostgresBackend:
     pushes_notifications = True
-    creates_runs_in_chunks = True
-    """create_runs reads a large batch a chunk at a time, each while the previous one is inserted (_CHUNK)."""
 
     def __init__(
         self,
@@ -277,43 +261,26 @@ class PostgresBackend:
 
     @_transient
     async def _insert_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
-        """Insert `runs` in one transaction; (id, created) per run, in order. A run whose id or idempotency key
-        is taken gives the run that holds it. A batch of more than _CHUNK runs goes in statements of _CHUNK,
-        each chunk read (for a run_many: prepared) while the database inserts the previous one."""
+        """Insert `runs` in one statement; (id, created) per run, in order. A run whose id or idempotency key
+        is taken gives the run that holds it."""
         outcome: dict[str, tuple[str, bool]] = {}
         pending = runs
-        plain = True  # a chunk with no idempotency key goes without ON CONFLICT, until an id collides
         while pending:
+            due = _due_names(pending)
             # With no NOTIFY of this process in flight, the insert carries it (no extra round trip, and its
             # commit is the only one of this process that takes the notification lock); otherwise the NOTIFY in
-            # flight is followed by one for every run committed meanwhile (Wakeups). The turn is taken by the
-            # first chunk with a run due now.
-            along: bool | None = None
-
-            def notify(chunk: Sequence[NewRun]) -> list[str]:
-                nonlocal along
-                due = _due_names(chunk)
-                if due and along is None:
-                    along = self._wakeups.take_turn()
-                return due if along else []
-
+            # flight is followed by one for every run committed meanwhile (Wakeups).
+            along = bool(due) and self._wakeups.take_turn()
             try:
+                if len(pending) == 1:  # a lone call: the single-row statement, quicker than the batch's
+                    query = QUERIES["create_run"]
+                    params = {**_new_run_params(pending[0]), "notify": along, "channel": self.channel}
+                else:
+                    query = QUERIES["create_runs"]
+                    params = {**_runs_params(pending), "notify": due if along else [], "channel": self.channel}
                 async with self._connection() as conn:
-                    if len(pending) == 1:  # a lone call: the single-row statement, quicker than the batch's
-                        params = {
-                            **_new_run_params(pending[0]),
-                            "notify": bool(notify(pending)),
-                            "channel": self.channel,
-                        }
-                        inserted = {
-                            row[0] for row in await (await conn.execute(QUERIES["create_run"], params)).fetchall()
-                        }
-                    elif len(pending) <= _CHUNK:
-                        inserted = await self._insert_chunk(conn, pending, notify(pending), plain)
-                    else:
-                        async with conn.transaction():
-                            inserted = await self._insert_chunks(conn, pending, notify, plain)
-                    everyone = len(inserted) == len(pending)  # the common case: no per-run look-ups below
+                    inserted = {row[0] for row in await (await conn.execute(query, params)).fetchall()}
+                    everyone = len(inserted) == len(pending)  # the common case: nothing to look up
                     collided = [] if everyone else [run for run in pending if run.id not in inserted]
                     holders: dict[str, str] = {}
                     if collided:
@@ -323,11 +290,6 @@ class PostgresBackend:
                         for run_id, key in await found.fetchall():
                             holders[key or run_id] = run_id
                             holders[run_id] = run_id
-            except psycopg.errors.UniqueViolation:
-                if not plain:
-                    raise
-                plain = False  # nothing was inserted: the same runs again, with ON CONFLICT
-                continue
             finally:
                 if along:
                     self._wakeups.turn_done()
@@ -343,44 +305,6 @@ class PostgresBackend:
             # A colliding run deleted in between leaves its item unresolved: insert it again.
             pending = [run for run in collided if run.id not in outcome]
         return [outcome[run.id] for run in runs]
-
-    async def _insert_chunk(
-        self, conn: psycopg.AsyncConnection[Any], runs: Sequence[NewRun], notify: list[str], plain: bool
-    ) -> set[str]:
-        """Insert `runs` (create_runs); the ids inserted. `plain`: without ON CONFLICT when no run has an
-        idempotency key (see _CREATE_NEW_RUNS)."""
-        params = {**_runs_params(runs), "notify": notify, "channel": self.channel}
-        new = plain and params["idempotency_key"] is None and params["idempotency_keys"] is None
-        query = _CREATE_NEW_RUNS if new else QUERIES["create_runs"]
-        return {row[0] for row in await (await conn.execute(query, params)).fetchall()}
-
-    async def _insert_chunks(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        runs: Sequence[NewRun],
-        notify: Callable[[Sequence[NewRun]], list[str]],
-        plain: bool,
-    ) -> set[str]:
-        """Insert `runs` _CHUNK at a time, reading each chunk while the previous one's statement runs (the
-        caller holds the transaction). When a read raises (a bad input of a run_many), the statement in flight
-        is awaited and the error raised: the caller's transaction rolls back."""
-        inserted: set[str] = set()
-        in_flight: asyncio.Future[set[str]] | None = None
-        try:
-            for start in range(0, len(runs), _CHUNK):
-                chunk = runs[start : start + _CHUNK]
-                names = notify(chunk)
-                if in_flight is not None:
-                    inserted |= await in_flight
-                in_flight = asyncio.ensure_future(self._insert_chunk(conn, chunk, names, plain))
-                await asyncio.sleep(0)  # the statement goes out before the next chunk is read
-            assert in_flight is not None
-            inserted |= await in_flight
-        except BaseException:
-            if in_flight is not None:
-                await asyncio.gather(in_flight, return_exceptions=True)
-            raise
-        return inserted
 
     @_transient
     async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:

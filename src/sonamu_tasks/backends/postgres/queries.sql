@@ -76,8 +76,6 @@ RETURNING id::text, workflow_name, version, input, attempts, recoveries, lease_t
 -- scalar, e.g. `workflow_name`, its array NULL) or one per run (a JSON array, e.g. `workflow_names`, its
 -- scalar NULL), so a run_many's shared options cost nothing per run. ROWS FROM zips the arrays (a NULL one
 -- gives NULLs). When every run has the same workflow and version, their queue is looked up once (InitPlan).
--- The backend also runs it without its ON CONFLICT, for runs with no idempotency key (_CREATE_NEW_RUNS), and
--- a run_many of more than 2,000 runs as one statement per 2,000 in one transaction (_CHUNK).
 WITH inserted AS (
     INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
                       parent_id, parent_step, detached, trace_context, queue, priority, concurrency_key)
