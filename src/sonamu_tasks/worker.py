@@ -204,7 +204,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         backoff = 0.05
-        locked_retry = 0.001
+        locked_retry = 0.0
         while not self._stopping:
             self._wake.clear()
             timeout = self._poll_s
@@ -242,13 +242,14 @@ class Worker:
                         if due is not None and due <= 0 and not claimed:
                             # Due but not claimed: a row lock made the claim skip it (another worker's claim,
                             # a result() asking to be notified, a cancel). Such locks last about one commit:
-                            # look again after 1 ms, then 2, 4 ... up to 50 ms while it stays locked.
+                            # look again at once (a result() watch just after the insert takes the row for
+                            # microseconds, as the claim arrives), then after 1 ms, 2, 4 ... up to 50 ms.
                             timeout = min(timeout, locked_retry)
-                            locked_retry = min(locked_retry * 2, 0.05)
+                            locked_retry = min(max(locked_retry * 2, 0.001), 0.05)
                         elif due is not None:
                             timeout = min(timeout, max(due, 0.001))
                         if claimed:
-                            locked_retry = 0.001
+                            locked_retry = 0.0
                     backoff = 0.05
                 except BackendUnavailable as error:
                     logger.warning("claim failed (%s); retrying in %.2fs", error, backoff)
