@@ -81,6 +81,17 @@ class Metrics:
             "How long the oldest due, unclaimed run has waited, per queue and workflow",
             ["queue", "workflow", "version"],
         )
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept for the next time: prometheus_client checks the labels and takes a
+        lock at every call, several times per step and per attempt. (Not for the backlog gauges, which are
+        cleared.)"""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     @classmethod
     def shared(cls) -> Metrics:
@@ -117,7 +128,7 @@ class Telemetry:
         began = time.perf_counter()
         metrics = self.metrics
         if metrics is not None and first:
-            metrics.runs_started.labels(workflow).inc()
+            metrics.child(metrics.runs_started, workflow).inc()
         span_scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.tracer is not None and propagate is not None:
             parent = propagate.extract(context) if context else None
@@ -139,14 +150,14 @@ class Telemetry:
                     if outcome.value == "failed" or outcome.value == "retrying":
                         span.set_status(trace.Status(trace.StatusCode.ERROR))
                 if metrics is not None:
-                    metrics.attempts.labels(workflow, outcome.value).inc()
-                    metrics.attempt_seconds.labels(workflow, outcome.value).observe(time.perf_counter() - began)
+                    metrics.child(metrics.attempts, workflow, outcome.value).inc()
+                    metrics.child(metrics.attempt_seconds, workflow, outcome.value).observe(time.perf_counter() - began)
                     if outcome.value == "completed":
-                        metrics.runs_completed.labels(workflow).inc()
+                        metrics.child(metrics.runs_completed, workflow).inc()
                     elif outcome.value == "failed":
-                        metrics.runs_failed.labels(workflow).inc()
+                        metrics.child(metrics.runs_failed, workflow).inc()
                     elif outcome.value == "lease_lost":
-                        metrics.lease_losses.labels(workflow).inc()
+                        metrics.child(metrics.lease_losses, workflow).inc()
 
     @contextlib.contextmanager
     def step(self, workflow: str, run_id: str, name: str) -> Iterator[None]:
@@ -163,8 +174,9 @@ class Telemetry:
             outcome = "failed"
             raise
         finally:
-            if self.metrics is not None:
-                self.metrics.step_seconds.labels(workflow, step_label(name), outcome).observe(
+            metrics = self.metrics
+            if metrics is not None:
+                metrics.child(metrics.step_seconds, workflow, step_label(name), outcome).observe(
                     time.perf_counter() - began
                 )
 
@@ -175,9 +187,9 @@ class Telemetry:
             return
         metrics.claim_seconds.observe(seconds)
         for workflow, taken_over in runs:
-            metrics.claimed.labels(workflow).inc()
+            metrics.child(metrics.claimed, workflow).inc()
             if taken_over:
-                metrics.take_overs.labels(workflow).inc()
+                metrics.child(metrics.take_overs, workflow).inc()
 
     def backlog(self, rows: list[tuple[str, str, str, int, float]]) -> None:
         """Due, unclaimed runs per (queue, workflow, version): how many and the oldest's wait in seconds."""
