@@ -270,8 +270,7 @@ class PostgresBackend:
             # With no NOTIFY of this process in flight, the insert carries it (no extra round trip, and its
             # commit is the only one of this process that takes the notification lock); otherwise the NOTIFY in
             # flight is followed by one for every run committed meanwhile (Wakeups).
-            along = bool(due) and self._wakeups.take_turn()
-            try:
+            with self._wakeups.turn(wanted=bool(due)) as along:
                 if len(pending) == 1:  # a lone call: the single-row statement, quicker than the batch's
                     query = QUERIES["create_run"]
                     params = {**_new_run_params(pending[0]), "notify": along, "channel": self.channel}
@@ -290,9 +289,6 @@ class PostgresBackend:
                         for run_id, key in await found.fetchall():
                             holders[key or run_id] = run_id
                             holders[run_id] = run_id
-            finally:
-                if along:
-                    self._wakeups.turn_done()
             if inserted and not along:
                 self._wakeups.runs_due(_due_names(pending if everyone else [r for r in pending if r.id in inserted]))
             if everyone and pending is runs:
@@ -706,15 +702,11 @@ class PostgresBackend:
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
     ) -> bool | None:
         params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
-        along = self._wakeups.take_turn()  # carry the NOTIFY if the run is woken and none of ours is in flight
-        try:
+        with self._wakeups.turn() as along:  # the statement carries the NOTIFY if it wakes the run
             async with self._connection() as conn:
                 found, stored, woke, _ = await self._one(
                     conn, "send_message", {**params, "notify": along, "channel": self.channel}
                 )
-        finally:
-            if along:
-                self._wakeups.turn_done()
         if woke is not None and not along:
             self._wakeups.runs_due([woke])
         return None if not found else bool(stored)
@@ -722,16 +714,12 @@ class PostgresBackend:
     @_transient
     async def emit_event(self, name: str, key: str, payload_json: str) -> int:
         params = {"name": name, "key": key, "payload": payload_json}
-        along = self._wakeups.take_turn()  # as in send_message
-        try:
+        with self._wakeups.turn() as along:  # as in send_message
             async with self._connection() as conn, conn.transaction():
                 await conn.execute(QUERIES["lock_event"], params)
                 woken, workflows, _ = await self._one(
                     conn, "emit_event", {**params, "notify": along, "channel": self.channel}
                 )
-        finally:
-            if along:
-                self._wakeups.turn_done()
         if workflows and not along:
             self._wakeups.runs_due(workflows)
         return int(woken)

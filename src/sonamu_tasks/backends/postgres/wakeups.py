@@ -9,8 +9,9 @@ workflow whose runs were committed since the previous one started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 logger = logging.getLogger("sonamu_tasks.postgres")
 
@@ -23,25 +24,28 @@ class Wakeups:
         self._send = send
         self._due: set[str] = set()
         self._sender: asyncio.Task[None] | None = None
-        self._turn = False  # a caller sends a NOTIFY with its own insert (take_turn)
+        self._turn = False  # a caller's statement carries the NOTIFY (turn)
 
     def runs_due(self, workflows: Iterable[str]) -> None:
         """Runs of `workflows` are committed and due now: wake the workers (call after the commit returned)."""
         self._due.update(workflows)
         self._start()
 
-    def take_turn(self) -> bool:
-        """True when no NOTIFY of this process is in flight: the caller sends one after its insert, on the same
-        connection (no extra round trip), and calls `turn_done` once it returned. Meanwhile `runs_due` only
-        gathers; what it gathered is sent after the turn."""
-        if self._sender is not None or self._turn:
-            return False
+    @contextlib.contextmanager
+    def turn(self, wanted: bool = True) -> Iterator[bool]:
+        """Around a statement that may carry the NOTIFY itself (no extra round trip): True when it should, that
+        is when it is `wanted` and no NOTIFY of this process is in flight. Meanwhile `runs_due` only gathers;
+        what it gathered is sent once the turn is over. False: the caller reports what it made due with
+        `runs_due` after its commit."""
+        if not wanted or self._sender is not None or self._turn:
+            yield False
+            return
         self._turn = True
-        return True
-
-    def turn_done(self) -> None:
-        self._turn = False
-        self._start()
+        try:
+            yield True
+        finally:
+            self._turn = False
+            self._start()
 
     def _start(self) -> None:
         if self._due and self._sender is None and not self._turn:
