@@ -10,10 +10,7 @@ _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def new_run_id() -> str:
-    millis = f"{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}"
-    digits = os.urandom(10).hex()
-    # The 48-bit millisecond prefix, version 7, 12 random bits, the RFC 4122 variant and 62 random bits.
-    return f"{millis[:8]}-{millis[8:]}-7{digits[:3]}-{_VARIANT[digits[3]]}{digits[4:7]}-{digits[7:19]}"
+    return new_run_ids(1)[0]
 
 
 def new_run_ids(count: int) -> list[str]:

@@ -187,7 +187,7 @@ class WorkflowManager:
                 self.registry,
                 tasks.worker_options,
                 context_provider=tasks.context_provider,
-                on_finished=self.waiters.finished_here,
+                on_finished=self.waiters.completed,
                 telemetry=self.telemetry,
             )
             await self.worker.start()

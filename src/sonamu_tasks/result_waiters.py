@@ -130,10 +130,6 @@ class ResultWaiters:
         for event in self._events.get(run_id, ()):
             event.set()
 
-    def finished_here(self, run_id: str, output_json: str | None) -> None:
-        """This process's worker let go of a run; `output_json` is set when it completed it."""
-        self.completed(run_id, output_json)
-
     def completed(self, run_id: str, output_json: str | None) -> None:
         """The run finished (a notification, or this process's worker let go of it); `output_json` is its output
         when it completed and the output came along: its waiters return it without a read."""

@@ -178,7 +178,9 @@ def prepare_runs(
 
 
 def _sibling(first: NewRun, run_id: str, input_json: str, key: str | None, concurrency_key: str | None) -> NewRun:
-    """Another run of the same run_many: the first's fields, but its own id, input and keys."""
+    """Another run of the same run_many: the first's fields, but its own id, input and keys. (Made field by
+    field: three times quicker than dataclasses.replace. The property test of prepare_runs in
+    tests/test_run_many.py compares every field with prepare_run's, so a field left out here shows there.)"""
     return NewRun(
         id=run_id,
         workflow_name=first.workflow_name,
