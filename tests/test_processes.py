@@ -23,7 +23,7 @@ WORKFLOW = {"name": "three_steps", "version": "1"}
 def start_worker(database_url: str, schema: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(name: str, **settings: float) -> WorkerProcess:
+    def start(name: str, **settings: float | str) -> WorkerProcess:
         worker = WorkerProcess(database_url, schema, tmp_path, name, **settings)
         started.append(worker)
         return worker

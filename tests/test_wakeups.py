@@ -4,10 +4,6 @@ the runs (migration 0013), never inside the inserting transaction, and none wher
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -16,7 +12,7 @@ import pytest
 from sonamu_tasks import WorkflowManager, workflow
 
 from .conftest import wait_until
-from .support.processes import WorkerProcess
+from .test_processes import start_worker  # noqa: F401 - fixture
 
 ONE_STEP = {"name": "one_step", "version": "1"}
 
@@ -33,22 +29,6 @@ async def local(input: Any, step: Any) -> Any:
 
 async def _echo(value: Any) -> Any:
     return value
-
-
-@pytest.fixture
-def start_worker(database_url: str, schema: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def start(name: str, **settings: float | str) -> WorkerProcess:
-        worker = WorkerProcess(database_url, schema, tmp_path, name, **settings)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.process.poll() is None:
-            os.kill(worker.pid, signal.SIGCONT)
-        worker.stop()
 
 
 class Listener:
@@ -82,7 +62,8 @@ class Listener:
 
 
 async def test_a_run_started_in_another_process_is_picked_up_by_its_notification_not_by_polling(
-    make_config: Any, start_worker: Any
+    make_config: Any,
+    start_worker: Any,  # noqa: F811
 ) -> None:
     # Given a worker process that would poll only once a minute, started and idle
     worker = start_worker("idle", poll_ms=60_000, workflows="one_step")
@@ -99,7 +80,10 @@ async def test_a_run_started_in_another_process_is_picked_up_by_its_notification
 
 
 async def test_a_message_or_event_from_another_process_wakes_a_waiting_run_by_notification_not_polling(
-    make_config: Any, start_worker: Any, database_url: str, schema: str
+    make_config: Any,
+    start_worker: Any,  # noqa: F811
+    database_url: str,
+    schema: str,
 ) -> None:
     # Given runs waiting for a message and for an event on a worker process that would poll only once a minute
     start_worker("idle", poll_ms=60_000, workflows="collect,awaits_event")
@@ -176,7 +160,10 @@ async def test_a_delayed_run_is_not_notified_and_is_found_at_its_start_time(mana
 
 
 async def test_result_in_another_process_gets_the_output_from_the_notification_or_by_reading(
-    make_config: Any, start_worker: Any, database_url: str, schema: str
+    make_config: Any,
+    start_worker: Any,  # noqa: F811
+    database_url: str,
+    schema: str,
 ) -> None:
     async with Listener(database_url, schema) as listener, WorkflowManager(make_config(enable_worker=False)) as client:
         # Given two runs whose result() waiters here asked to be notified, before any worker runs them
