@@ -229,3 +229,24 @@ def report_percentiles(
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def ratios(figures: dict[str, float], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """`name: over / under` for each pair whose two figures were measured."""
+    return {
+        name: figures[over] / figures[under] for name, (over, under) in pairs.items() if {over, under} <= figures.keys()
+    }
+
+
+def report_medians(prefix: str, figures: dict[str, list[float]]) -> None:
+    """The median of each figure over the rounds, with its range."""
+    print("# median of the rounds", flush=True)
+    for key, values in figures.items():
+        report(
+            f"{prefix}.median.{key}",
+            median(values),
+            "",
+            rounds=len(values),
+            low=f"{min(values):.2f}",
+            high=f"{max(values):.2f}",
+        )

@@ -31,7 +31,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.bench_common import ROOT, arguments, database, median, percentile, report
+from benchmarks.bench_common import ROOT, arguments, database, percentile, ratios, report, report_medians
 from benchmarks.latency import WARM_UP, caller, measure
 from benchmarks.throughput import one_round
 
@@ -116,29 +116,18 @@ async def main() -> None:
                     runs = ["--workflows", str(args.workflows), "--concurrency", str(args.concurrency)]
                     for figure in run_peer("dbos", "throughput", peer_url, *runs):
                         this[figure["figure"]] = figure["value"]
-            ratios = {
+            pairs = {
                 "ratio.start_p50": ("ours.run_to_start.p50", "procrastinate.defer_to_start.p50"),
                 "ratio.start_p99": ("ours.run_to_start.p99", "procrastinate.defer_to_start.p99"),
                 "ratio.result_p50_over_done_p50": ("ours.run_to_result.p50", "procrastinate.defer_to_done.p50"),
                 "ratio.throughput_over_procrastinate": ("ours.workflows_per_s", "procrastinate.jobs_per_s"),
                 "ratio.throughput_over_dbos": ("ours.workflows_per_s", "dbos.workflows_per_s"),
             }
-            for name, (over, under) in ratios.items():
-                if over in this and under in this:
-                    this[name] = this[over] / this[under]
+            this.update(ratios(this, pairs))
             for key, value in this.items():
                 report(f"peers.{key}", value, "", round=round_)
                 figures[key].append(value)
-        print("# median of the rounds", flush=True)
-        for key, values in figures.items():
-            report(
-                f"peers.median.{key}",
-                median(values),
-                "",
-                rounds=len(values),
-                low=f"{min(values):.2f}",
-                high=f"{max(values):.2f}",
-            )
+        report_medians("peers", figures)
 
 
 if __name__ == "__main__":

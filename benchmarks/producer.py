@@ -41,10 +41,11 @@ from benchmarks.bench_common import (
     arguments,
     cpu_seconds,
     database,
-    median,
     new_schema,
     postmaster_pid,
+    ratios,
     report,
+    report_medians,
     server_cpu_seconds,
     start_workers,
     stop_workers,
@@ -71,23 +72,32 @@ async def run_rate(url: str, in_flight: int, seconds: float, sample: bool) -> tu
     events: collections.Counter[str] = collections.Counter()
     async with WorkflowManager(producer_config(url, schema, in_flight)) as client:
         await asyncio.gather(*(client.run(SPEC, INPUT) for _ in range(in_flight * 2)))  # connections, warm-up
-        count = 0
-        stop_at = time.perf_counter() + seconds
-
-        async def caller() -> None:
-            nonlocal count
-            while time.perf_counter() < stop_at:
-                await client.run(SPEC, INPUT)
-                count += 1
-
         began = time.perf_counter()
         sampler = asyncio.create_task(sample_waits(url, events)) if sample else None
-        await asyncio.gather(*(caller() for _ in range(in_flight)))
+        count = await call_for(client, in_flight, seconds)
         elapsed = time.perf_counter() - began
         if sampler is not None:
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
     return count / elapsed, events
+
+
+async def call_for(client: WorkflowManager, in_flight: int, seconds: float, *, wait_for_result: bool = False) -> int:
+    """`in_flight` callers, each starting the next 1-step run when its previous run() returned (or, with
+    `wait_for_result`, when its result() did), for `seconds`: how many they started."""
+    count = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        nonlocal count
+        while time.perf_counter() < stop_at:
+            handle = await client.run(SPEC, INPUT)
+            if wait_for_result:
+                await handle.result(timeout=60)
+            count += 1
+
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    return count
 
 
 async def sample_waits(url: str, events: collections.Counter[str]) -> None:
@@ -133,20 +143,11 @@ async def sustained(url: str, in_flight: int, seconds: float, concurrency: int) 
                     if time.monotonic() > deadline:
                         raise TimeoutError("the worker completed nothing in 60 s")
                     await asyncio.sleep(0.05)
-                started = 0
-                stop_at = time.perf_counter() + seconds
-
-                async def caller() -> None:
-                    nonlocal started
-                    while time.perf_counter() < stop_at:
-                        await client.run(SPEC, INPUT)
-                        started += 1
-
                 began = time.perf_counter()
-                callers = asyncio.gather(*(caller() for _ in range(in_flight)))
+                callers = asyncio.create_task(call_for(client, in_flight, seconds))
                 await asyncio.sleep(seconds / 3)
                 first, t0 = await completed(conn, schema), time.perf_counter()
-                await callers
+                started = await callers
                 last, t1 = await completed(conn, schema), time.perf_counter()
                 started_rate = started / (t1 - began)
         finally:
@@ -164,17 +165,8 @@ async def watched(url: str, in_flight: int, seconds: float, concurrency: int) ->
             postmaster = postmaster_pid(url)
             assert postmaster is not None, "the server's CPU is read from /proc: run PostgreSQL on this machine"
             cpu = (time.process_time(), cpu_seconds(workers[0].pid), server_cpu_seconds(postmaster))
-            cycles = 0
-            stop_at = time.perf_counter() + seconds
-
-            async def caller() -> None:
-                nonlocal cycles
-                while time.perf_counter() < stop_at:
-                    await (await client.run(SPEC, INPUT)).result(timeout=60)
-                    cycles += 1
-
             began = time.perf_counter()
-            await asyncio.gather(*(caller() for _ in range(in_flight)))
+            cycles = await call_for(client, in_flight, seconds, wait_for_result=True)
             elapsed = time.perf_counter() - began
             used = (
                 time.process_time() - cpu[0],
@@ -239,28 +231,18 @@ async def main() -> None:
                 this["drain"] = args.drain / elapsed
                 labels = {"concurrency": args.worker_concurrency, "round": round_}
                 report("producer.drain_workflows_per_s", this["drain"], "workflows/s", S=1, **labels)
-            ratios = {
+            pairs = {
                 "ratio.run_top_over_16": (f"run.in_flight_{top}", "run.in_flight_16"),
                 "ratio.run_top_over_pgbench": (f"run.in_flight_{top}", "pgbench"),
                 "ratio.many_over_run_top": ("many", f"run.in_flight_{top}"),
                 "ratio.sustained_over_drain": ("sustained", "drain"),
             }
-            for name, (over, under) in ratios.items():
-                if over in this and under in this:
-                    this[name] = this[over] / this[under]
-                    report(f"producer.{name}", this[name], "x", round=round_)
+            for name, value in ratios(this, pairs).items():
+                this[name] = value
+                report(f"producer.{name}", value, "x", round=round_)
             for key, value in this.items():
                 figures[key].append(value)
-        print("# median of the rounds", flush=True)
-        for key, values in figures.items():
-            report(
-                f"producer.median.{key}",
-                median(values),
-                "",
-                rounds=len(values),
-                low=f"{min(values):.2f}",
-                high=f"{max(values):.2f}",
-            )
+        report_medians("producer", figures)
         for event, count in waits.most_common():
             report("producer.wait_event_samples_total", count, "samples", in_flight=top, event=event)
 
