@@ -7,7 +7,6 @@ import contextlib
 import functools
 import json
 import logging
-import operator
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -1006,7 +1005,6 @@ _SHARED_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("priority", "priorities", lambda value: value),
     ("concurrency_key", "concurrency_keys", lambda value: value),
 )
-_shared = operator.attrgetter(*(field for field, _, _ in _SHARED_FIELDS))
 
 
 def _runs_params(runs: Sequence[NewRun]) -> dict[str, Any]:
@@ -1016,11 +1014,6 @@ def _runs_params(runs: Sequence[NewRun]) -> dict[str, Any]:
         "ids": "{" + ",".join([run.id for run in runs]) + "}",
         "inputs": "[" + ",".join([run.input_json for run in runs]) + "]",
     }
-    if len(set(map(_shared, runs))) == 1:  # a run_many (keys aside): 3 ms for 10,000 runs
-        first = runs[0]
-        for field, plural, _ in _SHARED_FIELDS:
-            params[field], params[plural] = _scalar(getattr(first, field)), None
-        return params
     for field, plural, to_json in _SHARED_FIELDS:
         values = [getattr(run, field) for run in runs]
         if values.count(values[0]) == len(values):
