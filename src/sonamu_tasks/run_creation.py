@@ -12,11 +12,10 @@ callable schema that reshapes the input all see the caller's value, never their 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -153,7 +152,7 @@ def prepare_runs(
     take the first's other fields."""
     if not inputs:
         return []
-    with _naming_item(0, name):
+    try:
         first = prepare_run(
             name,
             version,
@@ -163,17 +162,22 @@ def prepare_runs(
             what=what(0),
             trace_context=trace_context,
         )
+    except (InvalidInput, InvalidValue) as error:
+        raise _naming_item(error, 0, name) from error
     runs = [first]
     ids = new_run_ids(len(inputs) - 1)
-    for index in range(1, len(inputs)):
-        key, concurrency_key = idempotency_keys[index], concurrency_keys[index]
-        with _naming_item(index, name):
+    index = 1
+    try:  # one try for the loop, not one context manager per item: a third of the loop's time at 10,000 items
+        for index in range(1, len(inputs)):
+            key, concurrency_key = idempotency_keys[index], concurrency_keys[index]
             if key is not None:
                 limits.check_idempotency_key(key)
             if concurrency_key is not None:
                 _check_concurrency_key(concurrency_key)
             input_json = _input_json(definition, inputs[index], what(index))
-        runs.append(_sibling(first, ids[index - 1], input_json, key, concurrency_key))
+            runs.append(_sibling(first, ids[index - 1], input_json, key, concurrency_key))
+    except (InvalidInput, InvalidValue) as error:
+        raise _naming_item(error, index, name) from error
     return runs
 
 
@@ -203,15 +207,11 @@ def _sibling(first: NewRun, run_id: str, input_json: str, key: str | None, concu
     )
 
 
-@contextlib.contextmanager
-def _naming_item(index: int, workflow: str) -> Iterator[None]:
-    """Name item `index` in an InvalidInput's problems or an InvalidValue's message."""
-    try:
-        yield
-    except InvalidInput as error:
-        raise InvalidInput(workflow, [f"inputs[{index}]: {problem}" for problem in error.problems]) from error
-    except InvalidValue as error:
-        raise type(error)(f"inputs[{index}]: {error}", field=error.field) from error
+def _naming_item(error: InvalidInput | InvalidValue, index: int, workflow: str) -> InvalidInput | InvalidValue:
+    """`error` raised for item `index`, named: in an InvalidInput's problems, or an InvalidValue's message."""
+    if isinstance(error, InvalidInput):
+        return InvalidInput(workflow, [f"inputs[{index}]: {problem}" for problem in error.problems])
+    return type(error)(f"inputs[{index}]: {error}", field=error.field)
 
 
 def _input_json(definition: WorkflowDefinition[Any, Any] | None, input: Any, what: str) -> str:
