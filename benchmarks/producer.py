@@ -9,6 +9,10 @@ Each round, on one throwaway PostgreSQL (fsync on), with a fresh schema per meas
              runs: this is the insert path alone. During the largest N, a second connection samples
              pg_stat_activity every 10 ms (the engine's active connections): wait events and their counts.
   many       run_many() of --many inputs in one call: runs/s.
+  floor      the server alone inserting --many pending runs into the engine's `runs` table, in one statement whose
+             rows the server makes itself (ids drawn as run_many draws them, no client data, no conflict
+             handling, nothing returned): runs/s. No client can start runs faster on this server, so
+             floor / run() at the largest N is the highest run_many / run() ratio there can be.
   pgbench    pgbench committing single-row INSERT transactions at the largest N clients for --seconds: the
              physical limit of one insert commit per run().
   sustained  one worker process (benchmarks.bench_worker, --worker-concurrency) and this process starting
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +58,7 @@ from benchmarks.bench_common import (
 from benchmarks.pg_limit import pgbench_commits
 from benchmarks.throughput import one_round
 from sonamu_tasks import WorkflowManager, define_config
+from sonamu_tasks.ids import new_run_ids
 
 SPEC = {"name": "steps", "version": "1"}
 INPUT = {"steps": 1}
@@ -122,6 +128,24 @@ async def many_rate(url: str, count: int) -> float:
         return count / (time.perf_counter() - began)
 
 
+async def insert_floor(url: str, count: int) -> float:
+    schema = new_schema()
+    async with WorkflowManager(producer_config(url, schema, 4)) as client:
+        await client.run_many(SPEC, [INPUT] * 10)  # the schema, as many_rate's
+    statement = (
+        "INSERT INTO runs (id, workflow_name, version, status, input, available_at, queue, priority, detached)"
+        " SELECT id, %(name)s, %(version)s, 'pending', %(input)s::jsonb, now(), 'default', 0, false"
+        " FROM unnest(%(ids)s::uuid[]) AS id"
+    )
+    params = {"name": SPEC["name"], "version": SPEC["version"], "input": json.dumps(INPUT)}
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(f"SET search_path TO {schema}")
+        ids = "{" + ",".join(new_run_ids(count)) + "}"
+        began = time.perf_counter()
+        await conn.execute(statement, {**params, "ids": ids})
+        return count / (time.perf_counter() - began)
+
+
 async def completed(conn: psycopg.AsyncConnection[Any], schema: str) -> int:
     row = await (await conn.execute("SELECT count(*) FROM runs WHERE status = 'completed'", prepare=False)).fetchone()
     assert row is not None
@@ -187,7 +211,7 @@ async def main() -> None:
     parser.add_argument("--worker-concurrency", type=int, default=128)
     parser.add_argument("--drain", type=int, default=10_000)
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to skip: run,many,pgbench,sustained,watched,drain"
+        "--skip", default="", help="comma-separated parts to skip: run,many,floor,pgbench,sustained,watched,drain"
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -209,6 +233,9 @@ async def main() -> None:
             if "many" not in skip:
                 this["many"] = await many_rate(url, args.many)
                 report("producer.run_many_per_s", this["many"], "runs/s", size=args.many, round=round_)
+            if "floor" not in skip:
+                this["floor"] = await insert_floor(url, args.many)
+                report("producer.insert_floor_per_s", this["floor"], "runs/s", size=args.many, round=round_)
             if "pgbench" not in skip:
                 this["pgbench"] = pgbench_commits(url, top, int(args.seconds), Path(tmp))
                 report("producer.pgbench_insert_tps", this["pgbench"], "tps", clients=top, round=round_)
@@ -235,6 +262,8 @@ async def main() -> None:
                 "ratio.run_top_over_16": (f"run.in_flight_{top}", "run.in_flight_16"),
                 "ratio.run_top_over_pgbench": (f"run.in_flight_{top}", "pgbench"),
                 "ratio.many_over_run_top": ("many", f"run.in_flight_{top}"),
+                "ratio.floor_over_run_top": ("floor", f"run.in_flight_{top}"),
+                "ratio.many_over_floor": ("many", "floor"),
                 "ratio.sustained_over_drain": ("sustained", "drain"),
             }
             for name, value in ratios(this, pairs).items():
