@@ -100,10 +100,11 @@ class PostgresBackend:
         listen_url: str | None = None,
         read_url: str | None = None,
         pool_mode: str = "session",
+        pool_timeout_s: float = 30.0,
     ) -> None:
         """`url`: the primary, directly or through a pooler (`pool_mode` says which kind). `listen_url`: a direct
         connection for LISTEN and the retention lock (required in transaction mode). `read_url`: a replica for
-        the lists and the metrics."""
+        the lists and the metrics. `pool_timeout_s`: how long a call waits for a pooled connection."""
         if not _SCHEMA_NAME.match(schema):
             raise ConfigError(
                 f"schema {schema!r} must be a lowercase SQL identifier (letters, digits, _) of at most 50 characters"
@@ -117,6 +118,7 @@ class PostgresBackend:
         self.read_url = read_url
         self.schema = schema
         self.channel = f"sonamu_tasks:{schema}"
+        self._pool_timeout_s = pool_timeout_s
         # In transaction mode a pooled connection carries no session state: no prepared statement (psycopg
         # prepares a query run often; the next transaction may be on another server connection, which has it
         # or lacks it), no session search_path: each checkout is one transaction that sets it (`_connection`).
@@ -144,7 +146,7 @@ class PostgresBackend:
             max_size=size,
             kwargs=self._connect_kwargs,
             open=False,
-            timeout=30,
+            timeout=self._pool_timeout_s,
             # Keep trying to reconnect for a day: the server may come back (guarantee 7). (0 would mean "give up
             # after the first failed attempt" to psycopg_pool, leaving callers to wait out their timeout.)
             reconnect_timeout=86_400,
@@ -174,18 +176,39 @@ class PostgresBackend:
         In transaction mode the unit is one transaction that first sets the search_path (a pooler gives each
         transaction whichever server connection is free); `conn.transaction()` inside it is a savepoint."""
         pool = self._read_pool if read else self._pool
-        async with pool.connection() as conn:
-            if not self._per_transaction:
-                yield conn
-                return
-            await conn.execute(self._begin)
-            try:
-                yield conn
-            except BaseException:
-                with contextlib.suppress(psycopg.Error):
-                    await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
+        try:
+            conn = await pool.getconn()
+        except psycopg_pool.PoolTimeout as error:
+            url = self.read_url if read and self.read_url else self.url
+            raise psycopg_pool.PoolTimeout(f"{error}; {await self._why_no_connection(url, pool.max_size)}") from error
+        try:
+            async with conn:  # as pool.connection() does: a transaction left open is rolled back
+                if not self._per_transaction:
+                    yield conn
+                    return
+                await conn.execute(self._begin)
+                try:
+                    yield conn
+                except BaseException:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
+        finally:
+            await pool.putconn(conn)
+
+    async def _why_no_connection(self, url: str, pool_size: int) -> str:
+        """Why a call waited out the pool's timeout: the server refuses new connections (its reason), or it
+        accepts them and the pool's connections were all taken."""
+        try:
+            probe = await psycopg.AsyncConnection.connect(url, connect_timeout=5, **self._connect_kwargs)
+        except psycopg.Error as error:
+            return f"a new connection fails: {str(error).strip()}"
+        await probe.close()
+        return (
+            f"the server accepts connections, so all {pool_size} of the pool's were in use: more calls in "
+            f"flight than the pool holds (a manager's pool holds worker_options.concurrency + 4)"
+        )
 
     # lifecycle
 

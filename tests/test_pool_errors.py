@@ -1,0 +1,42 @@
+"""A call that waited out the connection pool says why: the server refuses connections (and its reason), or
+it accepts them and every pooled connection was taken."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from sonamu_tasks.backends.postgres import PostgresBackend
+from sonamu_tasks.errors import BackendUnavailable
+from sonamu_tasks.ids import new_run_id
+from sonamu_tasks.testing.postgres_cluster import free_port
+
+
+async def test_a_server_that_refuses_connections_is_named_with_its_reason() -> None:
+    backend = PostgresBackend(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", pool_timeout_s=0.5)
+    await backend.open()
+    try:
+        with pytest.raises(BackendUnavailable) as caught:
+            await backend.get_run(new_run_id())
+    finally:
+        await backend.close()
+    message = str(caught.value)
+    assert "during get_run" in message
+    assert "a new connection fails" in message
+    assert "refused" in message.lower()  # the server's (here the OS's) own reason, not only "timed out"
+
+
+async def test_a_pool_whose_connections_are_all_taken_says_so(postgres_url: str) -> None:
+    backend = PostgresBackend(postgres_url, schema="pool_errors", pool_size=2, pool_timeout_s=0.5)
+    await backend.open()
+    try:
+        await backend.migrate()
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(2):
+                await held.enter_async_context(backend._connection())
+            with pytest.raises(BackendUnavailable, match="all 2 of the pool's were in use"):
+                await backend.get_run(new_run_id())
+        assert await backend.get_run(new_run_id()) is None  # given back, the connections serve again
+    finally:
+        await backend.close()
