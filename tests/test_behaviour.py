@@ -770,10 +770,18 @@ async def test_workers_are_listed_with_their_workflows(manager_for: Any) -> None
     @workflow(version="3")
     async def listed() -> None: ...
 
-    manager = await manager_for([listed])
+    @workflow(version="1", queue="emails")
+    async def mailed() -> None: ...
+
+    manager = await manager_for([listed, mailed])
     workers = await manager.list_workers()
-    assert [w.workflows for w in workers] == [[("listed", "3")]]
+    assert [(w.workflows, w.queues) for w in workers] == [([("listed", "3"), ("mailed", "1")], ["default", "emails"])]
     assert manager.worker is not None and workers[0].id == manager.worker.id
+    # chosen queues are recorded as chosen, in the order given
+    chosen = await manager_for([listed], queues=["emails", "default"])
+    assert chosen.worker is not None
+    (record,) = [w for w in await manager.list_workers() if w.id == chosen.worker.id]
+    assert record.queues == ["emails", "default"]
 
 
 async def _request_reached(manager: WorkflowManager, run_id: str) -> bool:

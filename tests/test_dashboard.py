@@ -124,6 +124,7 @@ async def test_dashboard_shows_runs_live_and_cancels_and_retries(manager_for: An
 
             await page.goto(base + "/workers")
             assert "quick@1" in await page.content()
+            assert await page.locator("td", has_text="default").count() == 1  # the queue it claims from
         finally:
             await browser.close()
 

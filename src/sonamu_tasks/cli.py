@@ -1342,7 +1342,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def workers(context: click.Context, as_json: bool) -> None:
-    """Workers that registered: host, pid, workflows, heartbeat age."""
+    """Workers that registered: host, pid, slots, the queues they claim from, workflows, heartbeat age."""
     config = _config(context, enable_worker=False)
 
     async def fetch() -> list[WorkerRecord]:
@@ -1360,6 +1360,7 @@ def workers(context: click.Context, as_json: bool) -> None:
                         "host": w.host,
                         "pid": w.pid,
                         "concurrency": w.concurrency,
+                        "queues": w.queues,
                         "workflows": [f"{n}@{v}" for n, v in w.workflows],
                         "started_at": w.started_at.isoformat(),
                         "heartbeat_age_s": round((now - w.heartbeat_at).total_seconds(), 3),
@@ -1376,14 +1377,14 @@ def workers(context: click.Context, as_json: bool) -> None:
             w.host,
             w.pid,
             w.concurrency,
+            ", ".join(w.queues) or "?",
             ", ".join(f"{n}@{v}" for n, v in w.workflows),
             f"{(now - w.heartbeat_at).total_seconds():.1f}s",
         ]
         for w in found
     ]
-    click.echo(
-        format_table(["ID", "HOST", "PID", "SLOTS", "WORKFLOWS", "HEARTBEAT AGE"], rows) if rows else "no workers"
-    )
+    headers = ["ID", "HOST", "PID", "SLOTS", "QUEUES", "WORKFLOWS", "HEARTBEAT AGE"]
+    click.echo(format_table(headers, rows) if rows else "no workers")
 
 
 @main.command()

@@ -76,6 +76,8 @@ class WorkerRecord:
     concurrency: int
     started_at: datetime
     heartbeat_at: datetime
+    queues: list[str] = field(default_factory=list)
+    """The queues it claims from (empty for a worker of an older release, which did not record them)."""
 
 
 @dataclass(frozen=True)

@@ -392,4 +392,5 @@ class Worker:
             concurrency=self.options.concurrency,
             started_at=now,
             heartbeat_at=now,
+            queues=served_queues(self.options.queues, self.registry),
         )

@@ -870,6 +870,7 @@ class PostgresBackend:
             "pid": worker.pid,
             "workflows": json.dumps([list(key) for key in worker.workflows]),
             "concurrency": worker.concurrency,
+            "queues": json.dumps(worker.queues),
         }
         async with self._connection() as conn:
             await conn.execute(QUERIES["register_worker"], params)
@@ -879,8 +880,8 @@ class PostgresBackend:
         async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["list_workers"])).fetchall()
         return [
-            WorkerRecord(id, host, pid, [(n, v) for n, v in workflows], concurrency, started_at, heartbeat_at)
-            for id, host, pid, workflows, concurrency, started_at, heartbeat_at in rows
+            WorkerRecord(id, host, pid, [(n, v) for n, v in workflows], concurrency, started_at, heartbeat_at, queues)
+            for id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues in rows
         ]
 
     @_transient

@@ -566,10 +566,11 @@ SET status = 'failed', error = EXCLUDED.error, attempts = s.attempts + 1,
     started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at
 
 -- register_worker --
-INSERT INTO workers (id, host, pid, workflows, concurrency)
-VALUES (%(id)s, %(host)s, %(pid)s, %(workflows)s::jsonb, %(concurrency)s)
+INSERT INTO workers (id, host, pid, workflows, concurrency, queues)
+VALUES (%(id)s, %(host)s, %(pid)s, %(workflows)s::jsonb, %(concurrency)s, %(queues)s::jsonb)
 ON CONFLICT (id) DO UPDATE
-SET workflows = EXCLUDED.workflows, concurrency = EXCLUDED.concurrency, heartbeat_at = now()
+SET workflows = EXCLUDED.workflows, concurrency = EXCLUDED.concurrency, queues = EXCLUDED.queues,
+    heartbeat_at = now()
 
 -- remove_worker --
 DELETE FROM workers WHERE id = %(worker_id)s
@@ -703,7 +704,7 @@ WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
 RETURNING status
 
 -- list_workers --
-SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
+SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues
 FROM workers ORDER BY started_at
 
 -- watch_runs --

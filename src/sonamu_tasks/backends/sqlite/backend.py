@@ -725,6 +725,7 @@ class SqliteBackend:
             "pid": worker.pid,
             "workflows": pairs(worker.workflows),
             "concurrency": worker.concurrency,
+            "queues": json.dumps(worker.queues),
         }
         await self._db.write(lambda conn, now: conn.execute(QUERIES["register_worker"], {**params, "now": now}))
 

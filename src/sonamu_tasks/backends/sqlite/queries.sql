@@ -374,10 +374,11 @@ SET status = 'failed', error = excluded.error, attempts = s.attempts + 1,
     started_at = excluded.started_at, finished_at = excluded.finished_at
 
 -- register_worker --
-INSERT INTO workers (id, host, pid, workflows, concurrency, started_at, heartbeat_at)
-VALUES (:id, :host, :pid, :workflows, :concurrency, :now, :now)
+INSERT INTO workers (id, host, pid, workflows, concurrency, queues, started_at, heartbeat_at)
+VALUES (:id, :host, :pid, :workflows, :concurrency, :queues, :now, :now)
 ON CONFLICT (id) DO UPDATE
-SET workflows = excluded.workflows, concurrency = excluded.concurrency, heartbeat_at = :now
+SET workflows = excluded.workflows, concurrency = excluded.concurrency, queues = excluded.queues,
+    heartbeat_at = :now
 
 -- remove_worker --
 DELETE FROM workers WHERE id = :worker_id
@@ -507,7 +508,7 @@ WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
 RETURNING status
 
 -- list_workers --
-SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at
+SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues
 FROM workers ORDER BY started_at
 
 -- due_backlog --
