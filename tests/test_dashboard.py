@@ -4,6 +4,7 @@ and children, messages and events, forks and stranded runs on its pages, in proc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import shutil
 import urllib.error
@@ -19,7 +20,7 @@ import uvicorn
 from playwright.async_api import async_playwright
 
 from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, WorkflowFailed, workflow
-from sonamu_tasks.dashboard import Dashboard
+from sonamu_tasks.dashboard import Dashboard, pages
 from sonamu_tasks.testing.postgres_cluster import free_port
 
 from .conftest import wait_until
@@ -80,7 +81,7 @@ async def dashboard_url(make_config: Any) -> AsyncIterator[tuple[str, Dashboard]
     await task
 
 
-async def test_dashboard_shows_runs_live_and_cancels_and_retries(manager_for: Any, dashboard_url: Any) -> None:
+async def test_dashboard_shows_runs_live_and_steers_them(manager_for: Any, dashboard_url: Any) -> None:
     assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (.ci/run installs it)"
     base, _ = dashboard_url
     broken["fragile"] = True
@@ -103,11 +104,18 @@ async def test_dashboard_shows_runs_live_and_cancels_and_retries(manager_for: An
             assert '"echo"' in await page.content()
             await page.screenshot(path=str(ARTIFACTS / "dashboard-run-page.png"), full_page=True)
 
-            # Cancel a sleeping run with its button.
+            # Pause a sleeping run and resume it, then cancel it, with its buttons.
             sleeper = await manager.run(napper)
             await wait_until(lambda: _status_is(sleeper, RunStatus.SLEEPING), what="the nap")
             await page.goto(f"{base}/runs/{sleeper.id}")
             assert await page.locator("svg.timeline rect.bar.sleep").count() == 1
+            assert await page.locator("#resume").count() == 0
+            await page.click("#pause")
+            await page.locator("#run-status").filter(has_text="paused").wait_for(timeout=10_000)
+            assert await page.locator("#pause").count() == 0
+            await page.click("#resume")
+            await page.locator("#run-status").filter(has_text="pending").wait_for(timeout=10_000)
+            assert await sleeper.status() is RunStatus.PENDING  # due again at its wake time, an hour away
             await page.click("#cancel")
             await page.locator("#run-status").filter(has_text="canceled").wait_for(timeout=10_000)
             assert await sleeper.status() is RunStatus.CANCELED
@@ -733,3 +741,17 @@ async def test_a_huge_output_is_cut_by_the_database_for_the_run_page(manager_for
         page = (await client.get(f"/runs/{handle.id}")).text
         assert "cut at 20,000 characters" in page and len(page) < 120_000
         assert (await client.get(f"/api/runs/{handle.id}")).json()["output"] == output
+
+
+async def test_a_running_run_asked_to_pause_offers_resume_which_withdraws_the_request(manager_for: Any) -> None:
+    manager = await manager_for([napper])
+    sleeper = await manager.run(napper)
+    await wait_until(lambda: _status_is(sleeper, RunStatus.SLEEPING), what="the nap")
+    record = await manager.get_run(sleeper.id, with_steps=True)
+    asked = dataclasses.replace(record, status=RunStatus.RUNNING, requested_action="pause")
+    page = pages.run_detail(asked, "token")
+    assert f"action='/runs/{sleeper.id}/resume'" in page and "/pause'" not in page
+    running = pages.run_detail(dataclasses.replace(asked, requested_action=None), "token")
+    assert f"action='/runs/{sleeper.id}/pause'" in running and "/resume'" not in running
+    finished = pages.run_detail(dataclasses.replace(record, status=RunStatus.COMPLETED), "token")
+    assert "/pause'" not in finished and "/resume'" not in finished and "/cancel'" not in finished

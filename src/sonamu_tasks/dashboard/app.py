@@ -4,8 +4,9 @@
                               a warning when some versions' unfinished runs have no live worker (stranded)
     GET  /runs/{id}           a run: status, parent and children, what it waits for, step timeline, steps (each
                               with "Fork from here"), unconsumed messages, published events, input, output or
-                              error; cancel / retry; a form to send it a message while it is unfinished
-    POST /runs/{id}/cancel    (and /retry) then back to the run page
+                              error; cancel, pause / resume, retry; a form to send it a message while it is
+                              unfinished
+    POST /runs/{id}/cancel    (and /pause, /resume, /retry) then back to the run page
     POST /runs/{id}/send      a message (topic, JSON, optional idempotency key), then back to the run page
     POST /runs/{id}/fork      a fork from a step (from_step, optional version), then to the new run's page
     GET  /queues              each queue: its limits, runs executing, due backlog and its age, the rate window
@@ -202,12 +203,18 @@ class Dashboard:
         return _json({"stale_after": STALE_AFTER, "groups": [stranded_summary(group) for group in groups]})
 
     async def steer(self, request: Request) -> Response:
-        action = request.path_params["action"]
-        if action not in ("cancel", "retry"):
+        steering = {
+            "cancel": self.manager.cancel,
+            "retry": self.manager.retry,
+            "pause": self.manager.pause,
+            "resume": self.manager.resume,
+        }
+        action = steering.get(request.path_params["action"])
+        if action is None:
             raise HTTPException(404, "not found")
         run_id = _run_id(request)
         await self._form(request)
-        await (self.manager.cancel(run_id) if action == "cancel" else self.manager.retry(run_id))
+        await action(run_id)
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
     async def send(self, request: Request) -> Response:

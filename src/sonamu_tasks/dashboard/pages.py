@@ -138,6 +138,11 @@ def run_detail(
     buttons = ""
     if not run.status.finished:
         buttons += _button(run.id, "cancel", "Cancel", csrf)
+        # Resume also withdraws a pause a running run has not reached yet (its next step boundary).
+        if run.status is RunStatus.PAUSED or run.requested_action == "pause":
+            buttons += _button(run.id, "resume", "Resume", csrf)
+        else:
+            buttons += _button(run.id, "pause", "Pause", csrf)
     if run.status in (RunStatus.FAILED, RunStatus.CANCELED):
         buttons += _button(run.id, "retry", "Retry", csrf)
     request = f" ({run.requested_action} requested)" if run.requested_action else ""
