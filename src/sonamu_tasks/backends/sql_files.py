@@ -1,5 +1,6 @@
-"""The SQL files of a backend package: `queries.sql` (each query under a `-- name --` header line) and
-numbered migrations (`migrations/0001_initial.sql`, ...), read once from the installed package."""
+"""The SQL files: `backends/queries.sql`, the queries both backends share, and each backend package's own
+`queries.sql` (each query under a `-- name --` header line) and numbered migrations
+(`migrations/0001_initial.sql`, ...), read once from the installed package."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from importlib.resources import files
 
 _HEADER = re.compile(r"^-- (\w+) --$", re.MULTILINE)
 _MIGRATION = re.compile(r"^\d{4}_\w+\.sql$")
+# In a shared query: a quoted literal (left as it is), or a `:name` placeholder (not a `::` cast).
+_LITERAL_OR_PLACEHOLDER = re.compile(r"'[^']*'|(?<![:\w]):(\w+)")
 
 
 def load_queries(text: str) -> dict[str, str]:
@@ -23,6 +26,38 @@ def load_queries(text: str) -> dict[str, str]:
 def package_queries(package: str) -> dict[str, str]:
     """The named queries of `package`'s `queries.sql`."""
     return load_queries(files(package).joinpath("queries.sql").read_text(encoding="utf-8"))
+
+
+def backend_queries(package: str, *, psycopg: bool) -> dict[str, str]:
+    """A backend's queries: the shared ones (in psycopg's placeholders when `psycopg`) and its own. A name in
+    both is refused: which one runs would depend on the order they were read in."""
+    shared = shared_queries(psycopg=psycopg)
+    own = package_queries(package)
+    if twice := sorted(shared.keys() & own.keys()):
+        raise RuntimeError(f"{package}/queries.sql defines queries that backends/queries.sql shares: {twice}")
+    return {**shared, **own}
+
+
+def shared_queries(*, psycopg: bool) -> dict[str, str]:
+    """`backends/queries.sql`, as written (SQLite's `:name` and `:now`), or with `:now` as `now()` and every
+    other `:name` as `%(name)s` for psycopg."""
+    queries = package_queries(__package__ or "sonamu_tasks.backends")
+    return {name: to_psycopg(query) for name, query in queries.items()} if psycopg else queries
+
+
+def to_psycopg(query: str) -> str:
+    """A query with SQLite's placeholders in psycopg's: `:now` -> `now()`, `:name` -> `%(name)s`; quoted
+    literals untouched. A `%` would need doubling for psycopg, so it is refused instead."""
+    if "%" in query:
+        raise ValueError(f"a shared query holds '%', which psycopg reads as a placeholder: {query[:60]!r}")
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return match.group(0)
+        return "now()" if name == "now" else f"%({name})s"
+
+    return _LITERAL_OR_PLACEHOLDER.sub(replace, query)
 
 
 def package_migrations(package: str) -> list[tuple[str, str]]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..sql_files import package_migrations, package_queries
+from ..sql_files import backend_queries, package_migrations
 
 _PACKAGE = __name__.rpartition(".")[0]
 
-QUERIES = package_queries(_PACKAGE)
+QUERIES = backend_queries(_PACKAGE, psycopg=True)
 
 
 def migrations() -> list[tuple[str, str]]:

@@ -178,9 +178,6 @@ FROM held
 WHERE runs.id = held.id
 RETURNING lease_token::text, requested_action
 
--- touch_worker --
-UPDATE workers SET heartbeat_at = now() WHERE id = %(worker_id)s
-
 -- release_runs --
 -- Hand runs back at once (graceful shutdown); the status trigger wakes the other workers.
 UPDATE runs
@@ -193,11 +190,6 @@ SELECT id::text, workflow_name, version, status, input, output, error, attempts,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
        requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step, queue, priority, concurrency_key
 FROM runs WHERE id = %(run_id)s
-
--- load_steps --
-SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
-FROM steps WHERE run_id = %(run_id)s
-ORDER BY started_at, name
 
 -- get_run_capped --
 -- get_run for a page that shows at most `limit` characters of a value: an input or output whose JSON text is
@@ -397,22 +389,6 @@ WITH owned AS (
 )
 SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM notified)
 
--- get_run_event --
--- A run's published value of `key` (found: false when not set), with the run's status.
-SELECT r.status, e.run_id IS NOT NULL AS found, e.value
-FROM runs r LEFT JOIN run_events e ON e.run_id = r.id AND e.key = %(key)s
-WHERE r.id = %(run_id)s
-
--- list_run_events --
-SELECT key, value, updated_at FROM run_events WHERE run_id = %(run_id)s ORDER BY key
-
--- list_messages --
--- A run's unconsumed messages, oldest first (what `show` lists).
-SELECT id, topic, payload, idempotency_key, created_at FROM messages
-WHERE run_id = %(run_id)s AND consumed_at IS NULL
-ORDER BY id
-LIMIT %(limit)s
-
 -- send_message --
 -- A message to a run: stored once per idempotency key; a waiting run is made due now. Updating the run's row
 -- first orders this against a park (see lock_parking_run). The woken run's workers are told by this process
@@ -542,21 +518,6 @@ WITH batch AS (
 )
 SELECT run_id::text FROM owned
 
--- retry_run --
--- A failed attempt that will be retried: pending again after the delay.
-UPDATE runs
-SET status = 'pending', attempts = attempts + 1, error = %(error)s::jsonb,
-    available_at = now() + %(delay)s::interval, lease_token = NULL, worker_id = NULL, updated_at = now()
-WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
-RETURNING 1
-
--- fail_run --
-UPDATE runs
-SET status = 'failed', attempts = attempts + 1, error = %(error)s::jsonb, lease_token = NULL,
-    finished_at = now(), updated_at = now()
-WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
-RETURNING 1
-
 -- record_step_failure --
 -- Runs in the same transaction as retry_run/fail_run, after it has checked the lease.
 INSERT INTO steps AS s (run_id, name, kind, status, error, attempts, started_at, finished_at)
@@ -571,9 +532,6 @@ VALUES (%(id)s, %(host)s, %(pid)s, %(workflows)s::jsonb, %(concurrency)s, %(queu
 ON CONFLICT (id) DO UPDATE
 SET workflows = EXCLUDED.workflows, concurrency = EXCLUDED.concurrency, queues = EXCLUDED.queues,
     heartbeat_at = now()
-
--- remove_worker --
-DELETE FROM workers WHERE id = %(worker_id)s
 
 -- upsert_schedule --
 -- A changed expression or timezone restarts the schedule from the new next fire; an unchanged one keeps
@@ -597,14 +555,6 @@ WHERE workflow_name = ANY(%(workflows)s::text[]) AND NOT (name = ANY(%(keep)s::t
 SELECT name, workflow_name, version, expression, timezone, input, next_fire_at, last_fire_at,
        last_run_id::text
 FROM schedules ORDER BY name
-
--- advance_schedule --
--- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it.
-UPDATE schedules
-SET next_fire_at = %(next_fire_at)s::timestamptz, last_fire_at = %(fire_at)s::timestamptz,
-    last_run_id = %(run_id)s::uuid, updated_at = now()
-WHERE name = %(name)s AND next_fire_at = %(expected)s::timestamptz
-RETURNING name
 
 -- list_runs --
 -- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs.
@@ -632,30 +582,12 @@ WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
 GROUP BY workflow_name, version, status
 ORDER BY workflow_name, version, status
 
--- mark_forked --
--- A fork continues the source's work: it counts as started, so its first attempt reads the checkpoints it got.
-UPDATE runs SET started_at = created_at, forked_from = %(source_id)s::uuid, forked_step = %(from_step)s
-WHERE id = %(new_id)s::uuid
-
 -- fork_steps --
 -- A fork's new run gets the source's checkpoints of these steps, as they are.
 INSERT INTO steps (run_id, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for)
 SELECT %(new_id)s::uuid, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
 FROM steps
 WHERE run_id = %(source_id)s::uuid AND name = ANY(%(names)s::text[])
-
--- cancel_run --
--- Not running: canceled at once. Running: asked to stop at its next step boundary.
-UPDATE runs
-SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
-    requested_action = CASE WHEN status = 'running' THEN 'cancel' END,
-    error = CASE WHEN status = 'running' THEN error ELSE %(error)s::jsonb END,
-    finished_at = CASE WHEN status = 'running' THEN NULL ELSE now() END,
-    lease_token = CASE WHEN status = 'running' THEN lease_token END,
-    worker_id = CASE WHEN status = 'running' THEN worker_id END,
-    updated_at = now()
-WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
-RETURNING status
 
 -- pause_run --
 -- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary. A
@@ -679,33 +611,6 @@ SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
     updated_at = now()
 WHERE id = %(run_id)s AND (status = 'paused' OR (status = 'running' AND requested_action = 'pause'))
 RETURNING status
-
--- restart_run --
--- A manual retry: a failed or canceled run starts again from its failed step, with its checkpoints and a
--- fresh retry budget.
-UPDATE runs
-SET status = 'pending', available_at = now(), attempts = 0, recoveries = 0, error = NULL,
-    finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = now()
-WHERE id = %(run_id)s AND status IN ('failed', 'canceled')
-RETURNING status
-
--- run_status --
-SELECT status FROM runs WHERE id = %(run_id)s
-
--- settle_request --
--- The worker honours a cancel or pause at a step boundary; fenced like every write of a claimed run.
-UPDATE runs
-SET status = CASE WHEN requested_action = 'cancel' THEN 'canceled' ELSE 'paused' END,
-    error = CASE WHEN requested_action = 'cancel' THEN %(error)s::jsonb ELSE error END,
-    finished_at = CASE WHEN requested_action = 'cancel' THEN now() END,
-    requested_action = NULL, lease_token = NULL, worker_id = NULL, available_at = now(), updated_at = now()
-WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
-  AND requested_action IS NOT NULL
-RETURNING status
-
--- list_workers --
-SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues
-FROM workers ORDER BY started_at
 
 -- watch_runs --
 -- result() waiters in another process ask for the "finished" notification of these runs (the waiters of one
@@ -742,9 +647,6 @@ INSERT INTO workflow_retention AS w (workflow_name, seconds)
 SELECT p.name, p.seconds FROM json_to_recordset(%(policies)s::json) AS p(name text, seconds float8)
 ON CONFLICT (workflow_name) DO UPDATE SET seconds = EXCLUDED.seconds, updated_at = now()
 WHERE w.seconds IS DISTINCT FROM EXCLUDED.seconds
-
--- list_retention --
-SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name
 
 -- try_retention_lock --
 -- Held by the one worker deleting expired runs, for as long as its session lasts (a dedicated connection).
@@ -822,11 +724,6 @@ WITH previous AS (
 )
 SELECT EXISTS (SELECT 1 FROM saved)
        AND (SELECT per_key_concurrency FROM saved) IS DISTINCT FROM (SELECT per_key_concurrency FROM previous)
-
--- unpark_queue --
--- Every run parked behind a full key of this queue goes back to the claim, which parks again what must wait.
-UPDATE runs SET key_parked = false
-WHERE queue = %(name)s AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')
 
 -- save_workflow_queues --
 -- The queue each registered (workflow, version) declares, for runs started by name elsewhere. When it is new

@@ -42,7 +42,7 @@ from ..base import (
     WorkerRecord,
 )
 from ..group_commit import GroupCommit
-from ..sql_files import package_migrations, package_queries
+from ..sql_files import backend_queries, package_migrations
 from . import records
 from .database import Database
 from .records import duration_micros, micros, pairs
@@ -50,7 +50,7 @@ from .records import duration_micros, micros, pairs
 logger = logging.getLogger("sonamu_tasks.sqlite")
 
 _PACKAGE = __name__.rpartition(".")[0]
-QUERIES = package_queries(_PACKAGE)
+QUERIES = backend_queries(_PACKAGE, psycopg=False)
 MIGRATIONS = package_migrations(_PACKAGE)
 
 # Long enough to queue behind any healthy writer (transactions take milliseconds); past it the call

@@ -153,9 +153,6 @@ WHERE (id, lease_token) IN (
   AND status = 'running'
 RETURNING lease_token, requested_action
 
--- touch_worker --
-UPDATE workers SET heartbeat_at = :now WHERE id = :worker_id
-
 -- release_runs --
 -- Hand runs back, claimable at once (graceful shutdown).
 UPDATE runs
@@ -169,11 +166,6 @@ SELECT id, workflow_name, version, status, input, output, error, attempts, recov
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
        requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue, priority, concurrency_key
 FROM runs WHERE id = :run_id
-
--- load_steps --
-SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
-FROM steps WHERE run_id = :run_id
-ORDER BY started_at, name
 
 -- get_run_capped --
 -- See the PostgreSQL query of the same name: values longer than :limit characters come as an excerpt.
@@ -296,20 +288,6 @@ INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, fin
 VALUES (:run_id, :name, 'set_event', 'completed', :value, 1, :now, :now)
 ON CONFLICT (run_id, name) DO NOTHING
 
--- get_run_event --
-SELECT r.status, e.run_id IS NOT NULL AS found, e.value
-FROM runs r LEFT JOIN run_events e ON e.run_id = r.id AND e.key = :key
-WHERE r.id = :run_id
-
--- list_run_events --
-SELECT key, value, updated_at FROM run_events WHERE run_id = :run_id ORDER BY key
-
--- list_messages --
-SELECT id, topic, payload, idempotency_key, created_at FROM messages
-WHERE run_id = :run_id AND consumed_at IS NULL
-ORDER BY id
-LIMIT :limit
-
 -- wake_for_message --
 -- A message arrives: a waiting run is due now.
 UPDATE runs
@@ -350,21 +328,6 @@ SET status = 'completed', output = :output, error = NULL, lease_token = NULL,
 WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
 RETURNING 1
 
--- retry_run --
--- A failed attempt that will be retried: pending again after the delay.
-UPDATE runs
-SET status = 'pending', attempts = attempts + 1, error = :error,
-    available_at = :now + :delay, lease_token = NULL, worker_id = NULL, updated_at = :now
-WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
-RETURNING 1
-
--- fail_run --
-UPDATE runs
-SET status = 'failed', attempts = attempts + 1, error = :error, lease_token = NULL,
-    finished_at = :now, updated_at = :now
-WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
-RETURNING 1
-
 -- record_step_failure --
 -- Runs in the same transaction as retry_run/fail_run, after it has checked the lease.
 INSERT INTO steps AS s (run_id, name, kind, status, error, attempts, started_at, finished_at)
@@ -379,9 +342,6 @@ VALUES (:id, :host, :pid, :workflows, :concurrency, :queues, :now, :now)
 ON CONFLICT (id) DO UPDATE
 SET workflows = excluded.workflows, concurrency = excluded.concurrency, queues = excluded.queues,
     heartbeat_at = :now
-
--- remove_worker --
-DELETE FROM workers WHERE id = :worker_id
 
 -- upsert_schedule --
 -- A changed expression or timezone restarts the schedule from the new next fire; an unchanged one keeps
@@ -405,13 +365,6 @@ WHERE workflow_name IN (SELECT value FROM json_each(:workflows))
 -- list_schedules --
 SELECT name, workflow_name, version, expression, timezone, input, next_fire_at, last_fire_at, last_run_id
 FROM schedules ORDER BY name
-
--- advance_schedule --
--- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it.
-UPDATE schedules
-SET next_fire_at = :next_fire_at, last_fire_at = :fire_at, last_run_id = :run_id, updated_at = :now
-WHERE name = :name AND next_fire_at = :expected
-RETURNING name
 
 -- list_runs --
 -- Newest first; keyset pagination on the time-ordered id (canonical lowercase text sorts as the UUID
@@ -439,27 +392,11 @@ WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
 GROUP BY workflow_name, version, status
 ORDER BY workflow_name, version, status
 
--- mark_forked --
-UPDATE runs SET started_at = created_at, forked_from = :source_id, forked_step = :from_step WHERE id = :new_id
-
 -- fork_steps --
 INSERT INTO steps (run_id, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for)
 SELECT :new_id, name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
 FROM steps
 WHERE run_id = :source_id AND name IN (SELECT value FROM json_each(:names))
-
--- cancel_run --
--- Not running: canceled at once. Running: asked to stop at its next step boundary.
-UPDATE runs
-SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
-    requested_action = CASE WHEN status = 'running' THEN 'cancel' END,
-    error = CASE WHEN status = 'running' THEN error ELSE :error END,
-    finished_at = CASE WHEN status = 'running' THEN NULL ELSE :now END,
-    lease_token = CASE WHEN status = 'running' THEN lease_token END,
-    worker_id = CASE WHEN status = 'running' THEN worker_id END,
-    updated_at = :now
-WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
-RETURNING status
 
 -- pause_run --
 -- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary. A
@@ -484,33 +421,6 @@ SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
 WHERE id = :run_id AND (status = 'paused' OR (status = 'running' AND requested_action = 'pause'))
 RETURNING status
 
--- restart_run --
--- A manual retry: a failed or canceled run starts again from its failed step, with its checkpoints and a
--- fresh retry budget.
-UPDATE runs
-SET status = 'pending', available_at = :now, attempts = 0, recoveries = 0, error = NULL,
-    finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = :now
-WHERE id = :run_id AND status IN ('failed', 'canceled')
-RETURNING status
-
--- run_status --
-SELECT status FROM runs WHERE id = :run_id
-
--- settle_request --
--- The worker honours a cancel or pause at a step boundary; fenced like every write of a claimed run.
-UPDATE runs
-SET status = CASE WHEN requested_action = 'cancel' THEN 'canceled' ELSE 'paused' END,
-    error = CASE WHEN requested_action = 'cancel' THEN :error ELSE error END,
-    finished_at = CASE WHEN requested_action = 'cancel' THEN :now END,
-    requested_action = NULL, lease_token = NULL, worker_id = NULL, available_at = :now, updated_at = :now
-WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
-  AND requested_action IS NOT NULL
-RETURNING status
-
--- list_workers --
-SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues
-FROM workers ORDER BY started_at
-
 -- due_backlog --
 SELECT queue, workflow_name, version, count(*) AS n, (:now - min(available_at)) / 1000000.0 AS oldest
 FROM runs
@@ -524,9 +434,6 @@ INSERT INTO workflow_retention (workflow_name, seconds, updated_at)
 SELECT json_extract(value, '$.name'), json_extract(value, '$.seconds'), :now FROM json_each(:policies) WHERE true
 ON CONFLICT (workflow_name) DO UPDATE SET seconds = excluded.seconds, updated_at = excluded.updated_at
 WHERE seconds IS NOT excluded.seconds
-
--- list_retention --
-SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name
 
 -- delete_finished_runs --
 -- One batch of retention (see the PostgreSQL query of the same name): the oldest finished runs past
@@ -570,10 +477,6 @@ ON CONFLICT (name) DO UPDATE
 SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
     rate_limit = excluded.rate_limit, rate_period = excluded.rate_period,
     per_key_concurrency = excluded.per_key_concurrency, updated_at = excluded.updated_at
-
--- unpark_queue --
-UPDATE runs SET key_parked = 0
-WHERE queue = :name AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')
 
 -- move_workflow_runs --
 -- Before save_workflow_queue: a new or changed queue of a workflow takes its unfinished runs still in the queue

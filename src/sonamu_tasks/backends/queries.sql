@@ -1,0 +1,110 @@
+-- The queries both backends run as written here: the run state machine's steering and fenced writes, and the
+-- reads that are plain SQL in both dialects. Each backend's queries.sql has the rest (the statements its
+-- dialect writes its own way: arrays, locking, time arithmetic, functions).
+--
+-- Written with SQLite's placeholders, `:name`, and the clock as `:now`: SQLite binds the one clock reading of
+-- its write transaction; for PostgreSQL, `sql_files.shared_queries` turns `:now` into `now()` (the
+-- transaction's start) and every other `:name` into psycopg's `%(name)s`. So no `%` and no `::` casts here, and
+-- a literal in quotes is left as it is. A parameter's type comes from its column or comparison (psycopg sends a
+-- str as `unknown`).
+
+-- run_status --
+SELECT status FROM runs WHERE id = :run_id
+
+-- load_steps --
+SELECT name, kind, status, output, error, attempts, wake_at, started_at, finished_at, waits_for
+FROM steps WHERE run_id = :run_id
+ORDER BY started_at, name
+
+-- list_messages --
+-- A run's unconsumed messages, oldest first (what `show` lists).
+SELECT id, topic, payload, idempotency_key, created_at FROM messages
+WHERE run_id = :run_id AND consumed_at IS NULL
+ORDER BY id
+LIMIT :limit
+
+-- get_run_event --
+-- A run's published value of `key` (found: false when not set), with the run's status.
+SELECT r.status, e.run_id IS NOT NULL AS found, e.value
+FROM runs r LEFT JOIN run_events e ON e.run_id = r.id AND e.key = :key
+WHERE r.id = :run_id
+
+-- list_run_events --
+SELECT key, value, updated_at FROM run_events WHERE run_id = :run_id ORDER BY key
+
+-- cancel_run --
+-- Not running: canceled at once. Running: asked to stop at its next step boundary.
+UPDATE runs
+SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
+    requested_action = CASE WHEN status = 'running' THEN 'cancel' END,
+    error = CASE WHEN status = 'running' THEN error ELSE :error END,
+    finished_at = CASE WHEN status = 'running' THEN NULL ELSE :now END,
+    lease_token = CASE WHEN status = 'running' THEN lease_token END,
+    worker_id = CASE WHEN status = 'running' THEN worker_id END,
+    updated_at = :now
+WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
+RETURNING status
+
+-- restart_run --
+-- A manual retry: a failed or canceled run starts again from its failed step, with its checkpoints and a
+-- fresh retry budget.
+UPDATE runs
+SET status = 'pending', available_at = :now, attempts = 0, recoveries = 0, error = NULL,
+    finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = :now
+WHERE id = :run_id AND status IN ('failed', 'canceled')
+RETURNING status
+
+-- settle_request --
+-- The worker honours a cancel or pause at a step boundary; fenced like every write of a claimed run.
+UPDATE runs
+SET status = CASE WHEN requested_action = 'cancel' THEN 'canceled' ELSE 'paused' END,
+    error = CASE WHEN requested_action = 'cancel' THEN :error ELSE error END,
+    finished_at = CASE WHEN requested_action = 'cancel' THEN :now END,
+    requested_action = NULL, lease_token = NULL, worker_id = NULL, available_at = :now, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+  AND requested_action IS NOT NULL
+RETURNING status
+
+-- retry_run --
+-- A failed attempt that will be retried: pending again after the delay.
+UPDATE runs
+SET status = 'pending', attempts = attempts + 1, error = :error,
+    available_at = :now + :delay, lease_token = NULL, worker_id = NULL, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+RETURNING 1
+
+-- fail_run --
+UPDATE runs
+SET status = 'failed', attempts = attempts + 1, error = :error, lease_token = NULL,
+    finished_at = :now, updated_at = :now
+WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
+RETURNING 1
+
+-- mark_forked --
+-- A fork continues the source's work: it counts as started, so its first attempt reads the checkpoints it got.
+UPDATE runs SET started_at = created_at, forked_from = :source_id, forked_step = :from_step WHERE id = :new_id
+
+-- unpark_queue --
+-- Every run parked behind a full key of this queue goes back to the claim, which parks again what must wait.
+UPDATE runs SET key_parked = false
+WHERE queue = :name AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')
+
+-- advance_schedule --
+-- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it.
+UPDATE schedules
+SET next_fire_at = :next_fire_at, last_fire_at = :fire_at, last_run_id = :run_id, updated_at = :now
+WHERE name = :name AND next_fire_at = :expected
+RETURNING name
+
+-- touch_worker --
+UPDATE workers SET heartbeat_at = :now WHERE id = :worker_id
+
+-- remove_worker --
+DELETE FROM workers WHERE id = :worker_id
+
+-- list_workers --
+SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues
+FROM workers ORDER BY started_at
+
+-- list_retention --
+SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name
