@@ -30,10 +30,19 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        """kill -9: a crash."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
         self._log.close()
+
+    def terminate(self, timeout: float = 20) -> int:
+        """SIGTERM, as a deploy stops a worker: it finishes what it is writing, and exits. Its exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        code = self.process.wait(timeout=timeout)
+        self._log.close()
+        return code
 
 
 def audit_lines(directory: Path) -> list[tuple[str, int]]:
