@@ -428,3 +428,23 @@ async def test_run_many_puts_every_run_in_its_queue_with_its_key(manager_for: An
     assert [(await h.info()).concurrency_key for h in shared] == ["tenant", "tenant"]
     with pytest.raises(ValueError, match="concurrency_key"):
         await manager.run_many(item, [6], concurrency_key="x", concurrency_keys=["y"])
+
+
+async def test_queue_stats_count_the_live_workers_that_claim_from_each_queue(manager_for: Any) -> None:
+    @workflow(version="1", queue=Queue("served"))
+    async def served_work(input: Any) -> Any:
+        return input
+
+    @workflow(version="1", queue=Queue("orphaned"))
+    async def orphaned_work(input: Any) -> Any:
+        return input
+
+    await manager_for([served_work], concurrency=2)
+    await manager_for([served_work], concurrency=2)
+    producer = await manager_for([orphaned_work], enable_worker=False)  # declares the queue, runs nothing
+    await producer.run(orphaned_work, 1)
+    stats = {s.name: s for s in await producer.queue_stats()}
+    assert (stats["served"].workers, stats["orphaned"].workers, stats["orphaned"].due) == (2, 0, 1)
+    # a worker whose heartbeat is older than stale_after no longer counts
+    stale = {s.name: s for s in await producer.queue_stats(stale_after=-1)}
+    assert stale["served"].workers == 0

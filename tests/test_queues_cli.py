@@ -117,6 +117,7 @@ async def test_queues_shows_limits_running_backlog_rate_window_and_parked_runs(
         "due": 3,
         "starts_in_window": 2,
         "parked_on_key": 1,
+        "workers": 1,  # this test's worker: it claims from its workflows' queues, payments and reports
     }
     assert listed["reports"] == {
         "name": "reports",
@@ -131,6 +132,7 @@ async def test_queues_shows_limits_running_backlog_rate_window_and_parked_runs(
         "oldest_due_s": None,
         "starts_in_window": None,
         "parked_on_key": 0,
+        "workers": 1,
     }
     assert as_table.exit_code == 0, as_table.output
     rows = table(as_table.stdout)
@@ -145,19 +147,20 @@ async def test_queues_shows_limits_running_backlog_rate_window_and_parked_runs(
         "OLDEST DUE",
         "RATE WINDOW",
         "PARKED ON KEY",
+        "WORKERS",
     ]
     age = rows["payments"].pop(7)
     assert re.fullmatch(r"\d+(ms|s|m)", age), age
-    assert rows["payments"] == ["payments", "2", "-", "100/1m", "1", "2", "3", "2/100", "1"]
-    assert rows["reports"] == ["reports", "1", "-", "-", "-", "0", "0", "-", "-", "0"]
-    assert rows["default"] == ["default", "-", "-", "-", "-", "0", "0", "-", "-", "0"]
+    assert rows["payments"] == ["payments", "2", "-", "100/1m", "1", "2", "3", "2/100", "1", "1"]
+    assert rows["reports"] == ["reports", "1", "-", "-", "-", "0", "0", "-", "-", "0", "1"]
+    assert rows["default"] == ["default", "-", "-", "-", "-", "0", "0", "-", "-", "0", "0"]  # nothing claims from it
 
     # and once the runs are let through, nothing runs or waits, and the window counts every start
     gate.set()
     for handle in handles:
         await handle.result(timeout=30)
     after = table((await invoke("queues")).stdout)
-    assert after["payments"] == ["payments", "2", "-", "100/1m", "1", "0", "0", "-", "5/100", "0"]
+    assert after["payments"] == ["payments", "2", "-", "100/1m", "1", "0", "0", "-", "5/100", "0", "1"]
 
 
 async def _payments_are(manager: WorkflowManager, *, running: int, due: int, parked: int) -> bool:
@@ -171,7 +174,7 @@ async def test_a_fresh_database_lists_the_default_queue_without_limits(invoke: I
     assert migrated.exit_code == 0, migrated.output
     listed = await invoke("queues")
     assert listed.exit_code == 0, listed.output
-    assert table(listed.stdout)["default"] == ["default", "-", "-", "-", "-", "0", "0", "-", "-", "0"]
+    assert table(listed.stdout)["default"] == ["default", "-", "-", "-", "-", "0", "0", "-", "-", "0", "0"]
     as_json = await invoke("queues", "--json")
     assert as_json.exit_code == 0, as_json.output
     assert [(q["name"], q["concurrency"], q["rate_limit"], q["due"]) for q in json.loads(as_json.stdout)] == [

@@ -89,6 +89,7 @@ async def test_the_queues_page_shows_limits_running_backlog_rate_window_and_park
         "oldest due",
         "rate window",
         "parked on key",
+        "workers",
     ]
     row = cells(page.text, "payments")
     age = row.pop(7)
@@ -96,8 +97,8 @@ async def test_the_queues_page_shows_limits_running_backlog_rate_window_and_park
     # The window is a second: the starts in it are the two of the last second, or none.
     window = row.pop(7)
     assert window in ("0/100", "1/100", "2/100"), window
-    assert row == ["payments", "2", "-", "100/1s", "1", "2", "3", "1"]
-    assert cells(page.text, "default") == ["default", "-", "-", "-", "-", "0", "0", "-", "-", "0"]
+    assert row == ["payments", "2", "-", "100/1s", "1", "2", "3", "1", "1"]
+    assert cells(page.text, "default") == ["default", "-", "-", "-", "-", "0", "0", "-", "-", "0", "0"]
     assert "data-refresh-ms='2000'" in page.text
     assert "<table id='queues'>" in partial.text and "<html" not in partial.text
 
@@ -106,7 +107,7 @@ async def test_the_queues_page_shows_limits_running_backlog_rate_window_and_park
     listed = {queue["name"]: queue for queue in api.json()}
     payments = listed["payments"]
     assert payments["rate_limit"] == "100/1s" and payments["rate_limit_window_s"] == 1.0
-    assert (payments["running"], payments["due"], payments["parked_on_key"]) == (2, 3, 1)
+    assert (payments["running"], payments["due"], payments["parked_on_key"], payments["workers"]) == (2, 3, 1, 1)
     assert payments["concurrency"] == 2 and payments["per_key_concurrency"] == 1
     assert payments["worker_concurrency"] is None and 0 <= payments["oldest_due_s"] < 60
 

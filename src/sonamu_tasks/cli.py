@@ -1321,7 +1321,8 @@ def queues_command(context: click.Context, as_json: bool) -> None:
     """Queues with limits or unfinished runs: their limits (CONCURRENCY across all workers, PER WORKER, RATE
     LIMIT as starts/window, PER KEY concurrency; - for none), RUNNING (executing now), DUE (due and not
     claimed, the parked ones included) and the OLDEST DUE run's wait, RATE WINDOW (starts in the current window
-    / the limit) and PARKED ON KEY (due runs waiting for their concurrency key to have a free slot)."""
+    / the limit), PARKED ON KEY (due runs waiting for their concurrency key to have a free slot) and WORKERS
+    (live workers that claim from it: 0 with runs due means nothing will run them)."""
     config = _config(context, enable_worker=False)
 
     async def fetch() -> list[QueueStats]:

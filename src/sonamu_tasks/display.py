@@ -407,6 +407,7 @@ QUEUE_COLUMNS = (
     "oldest due",
     "rate window",
     "parked on key",
+    "workers",
 )
 """The columns of `sonamu-tasks queues` and the dashboard's Queues page, in order (`queue_row`)."""
 _PERIOD_UNITS = (("w", 604_800_000_000), ("d", 86_400_000_000), ("h", 3_600_000_000), ("m", 60_000_000))
@@ -450,6 +451,7 @@ def queue_row(stats: QueueStats) -> list[str]:
         oldest,
         window,
         str(stats.parked_on_key),
+        "?" if stats.workers is None else str(stats.workers),
     ]
 
 
@@ -469,6 +471,7 @@ def queue_summary(stats: QueueStats) -> dict[str, Any]:
         "oldest_due_s": None if stats.oldest_due_seconds is None else round(max(0.0, stats.oldest_due_seconds), 3),
         "starts_in_window": stats.starts_in_window,
         "parked_on_key": stats.parked_on_key,
+        "workers": stats.workers,
     }
 
 

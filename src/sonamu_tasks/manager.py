@@ -267,10 +267,14 @@ class WorkflowManager:
         if queues or workflow_queues:
             await self.backend.register_queues(queues, workflow_queues)
 
-    async def queue_stats(self) -> list[QueueStats]:
+    async def queue_stats(self, *, stale_after: float = 60.0) -> list[QueueStats]:
         """Every queue with limits or unfinished runs: its limits, runs executing, due backlog and its age,
-        starts in the current rate window (`sonamu-tasks queues`, the dashboard's queues page)."""
-        return await self.backend.queue_stats()
+        starts in the current rate window, and how many live workers (heartbeat in the last `stale_after`
+        seconds) claim from it (`sonamu-tasks queues`, the dashboard's queues page)."""
+        stats = await until_available(self.backend.queue_stats, what="read queues", give_up_after_s=30)
+        now = datetime.now(UTC)
+        live = [w for w in await self.list_workers() if (now - w.heartbeat_at).total_seconds() <= stale_after]
+        return [dataclasses.replace(queue, workers=sum(queue.name in w.queues for w in live)) for queue in stats]
 
     def _collect(self, *, reload: bool) -> None:
         found = discover(self.config.workflows, reload=reload)

@@ -134,3 +134,6 @@ class QueueStats:
     """Starts in the last rate window (rate-limited queues only)."""
     parked_on_key: int
     """Due runs set aside until their concurrency key has a free slot."""
+    workers: int | None = None
+    """Live workers that claim from it (heartbeat in the last minute; `manager.queue_stats()` fills it in): 0
+    with runs due means nothing will run them."""

@@ -184,8 +184,8 @@ def run_detail(
 
 def queues_table(queues: Sequence[QueueStats]) -> str:
     """Each queue's limits (`-` for none), runs executing, due backlog and the oldest due run's wait, starts in
-    the current rate window over the limit, due runs parked behind a full concurrency key: the columns of
-    `sonamu-tasks queues`."""
+    the current rate window over the limit, due runs parked behind a full concurrency key, live workers that
+    claim from it: the columns of `sonamu-tasks queues`."""
     if not queues:
         return "<p class='muted'>no queues: none is declared and no unfinished run is in one</p>"
     head = "".join(f"<th>{escape(column)}</th>" for column in QUEUE_COLUMNS)
@@ -198,7 +198,8 @@ def queues_table(queues: Sequence[QueueStats]) -> str:
     return (
         f"<table id='queues'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
         "<p class='muted'>due: due and not claimed, the parked ones included; rate window: starts in the current "
-        "window / the limit; parked on key: due runs waiting for a free slot of their concurrency key "
+        "window / the limit; parked on key: due runs waiting for a free slot of their concurrency key; workers: "
+        "live workers that claim from it (0 with runs due: nothing will run them) "
         "(<a href='/api/queues'>as JSON</a>)</p>"
     )
 
