@@ -209,3 +209,60 @@ async def test_a_worker_process_continues_the_callers_trace(
     assert attempt["parent_span_id"] == request.get_span_context().span_id
     assert attempt["attributes"]["sonamu_tasks.run_id"] == handle.id
     assert {s["name"] for s in spans} >= {"step one", "step two", "step three"}
+
+
+async def test_without_a_tracer_provider_no_span_is_made_and_children_still_join_the_callers_trace(
+    make_config: Any, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process that never set a provider: OpenTelemetry's proxy would hand out spans that record
+    nothing, so the engine makes none, yet a child started by a step still carries the caller's trace."""
+
+    async def trace_id_here() -> int:
+        return trace.get_current_span().get_span_context().trace_id
+
+    @workflow(version="1", name=unique("child"))
+    async def child(step: Any) -> int:
+        return int(await step.define("where", trace_id_here).run())
+
+    @workflow(version="1", name=unique("parent"))
+    async def parent(step: Any) -> int:
+        handle = await step.start_workflow("child", child)
+        return int(await handle.result())
+
+    async with (
+        WorkflowManager(make_config(enable_worker=False)) as caller,
+        WorkflowManager(make_config(), workflows=[parent, child]),
+    ):
+        tracer = trace.get_tracer("the-callers-web-app")  # the caller's own spans are recorded
+        monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)  # for the engine: never set
+        with tracer.start_as_current_span("POST /orders") as request:
+            handle = await caller.run({"name": parent.name, "version": "1"})
+        assert await handle.result(timeout=15) == request.get_span_context().trace_id
+    assert not [s for s in spans.get_finished_spans() if s.name.startswith(("workflow ", "step "))]
+
+
+async def test_a_child_started_by_a_step_continues_its_parents_trace(
+    make_config: Any, spans: InMemorySpanExporter
+) -> None:
+    @workflow(version="1", name=unique("child"))
+    async def child(input: Any) -> Any:
+        return input
+
+    @workflow(version="1", name=unique("parent"))
+    async def parent(step: Any) -> Any:
+        return await (await step.start_workflow("child", child, 3)).result()
+
+    async with (
+        WorkflowManager(make_config(enable_worker=False)) as caller,
+        WorkflowManager(make_config(), workflows=[parent, child]),
+    ):
+        with trace.get_tracer("the-callers-web-app").start_as_current_span("POST /orders") as request:
+            handle = await caller.run({"name": parent.name, "version": "1"})
+        assert await handle.result(timeout=15) == 3
+    finished = spans.get_finished_spans()
+    parents = [s for s in finished if s.name == f"workflow {parent.name}"]
+    children = [s for s in finished if s.name == f"workflow {child.name}"]
+    assert parents and children
+    assert {s.context.trace_id for s in parents + children} == {request.get_span_context().trace_id}
+    parent_spans = {s.context.span_id for s in parents}
+    assert all(s.parent is not None and s.parent.span_id in parent_spans for s in children)

@@ -508,6 +508,7 @@ class Attempt:
             stored = record.output or {}
             return list(stored["run_ids"]) if fan_out else [stored["run_id"]]
         ids = [child_run_id(run.id, child_step) for child_step in child_steps]
+        trace_context = self.hooks.telemetry.caller_context()  # the children join this attempt's trace
         new_runs = [
             prepare_run(
                 child_name,
@@ -520,6 +521,7 @@ class Attempt:
                 parent_step=child_step,
                 detached=detached,
                 what=f"the input of child {child_step!r} of workflow {self.definition.name!r}",
+                trace_context=trace_context,
             )
             for child_id, child_step, (child_name, child_version, definition, child_input) in zip(
                 ids, child_steps, children, strict=True
