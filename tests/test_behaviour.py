@@ -766,9 +766,15 @@ async def test_retry_restarts_a_failed_run_from_its_failed_step(manager_for: Any
     assert (await handle.info()).attempts == 0
 
 
-async def test_workers_are_listed_with_their_workflows(manager_for: Any) -> None:
+async def test_workers_are_listed_with_their_workflows_queues_and_slots_in_use(manager_for: Any) -> None:
+    gate = asyncio.Event()
+
+    async def held() -> None:
+        await gate.wait()
+
     @workflow(version="3")
-    async def listed() -> None: ...
+    async def listed(step: Any) -> None:
+        await step.define("held", held).run()
 
     @workflow(version="1", queue="emails")
     async def mailed() -> None: ...
@@ -777,11 +783,22 @@ async def test_workers_are_listed_with_their_workflows(manager_for: Any) -> None
     workers = await manager.list_workers()
     assert [(w.workflows, w.queues) for w in workers] == [([("listed", "3"), ("mailed", "1")], ["default", "emails"])]
     assert manager.worker is not None and workers[0].id == manager.worker.id
+    assert (workers[0].running, workers[0].concurrency) == (0, 4)
+    handles = [await manager.run(listed) for _ in range(2)]
+    await wait_until(lambda: _running_here(manager, 2), what="two runs in the worker's slots")
+    gate.set()
+    for handle in handles:
+        await handle.result(timeout=15)
+    assert [w.running for w in await manager.list_workers()] == [0]
     # chosen queues are recorded as chosen, in the order given
     chosen = await manager_for([listed], queues=["emails", "default"])
     assert chosen.worker is not None
     (record,) = [w for w in await manager.list_workers() if w.id == chosen.worker.id]
     assert record.queues == ["emails", "default"]
+
+
+async def _running_here(manager: WorkflowManager, count: int) -> bool:
+    return [w.running for w in await manager.list_workers()] == [count]
 
 
 async def _request_reached(manager: WorkflowManager, run_id: str) -> bool:

@@ -1343,7 +1343,8 @@ def queues_command(context: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def workers(context: click.Context, as_json: bool) -> None:
-    """Workers that registered: host, pid, slots, the queues they claim from, workflows, heartbeat age."""
+    """Workers that registered: host, pid, slots in use / slots, the queues they claim from, workflows,
+    heartbeat age."""
     config = _config(context, enable_worker=False)
 
     async def fetch() -> list[WorkerRecord]:
@@ -1361,6 +1362,7 @@ def workers(context: click.Context, as_json: bool) -> None:
                         "host": w.host,
                         "pid": w.pid,
                         "concurrency": w.concurrency,
+                        "running": w.running,
                         "queues": w.queues,
                         "workflows": [f"{n}@{v}" for n, v in w.workflows],
                         "started_at": w.started_at.isoformat(),
@@ -1377,7 +1379,7 @@ def workers(context: click.Context, as_json: bool) -> None:
             w.id,
             w.host,
             w.pid,
-            w.concurrency,
+            f"{w.running}/{w.concurrency}",
             ", ".join(w.queues) or "?",
             ", ".join(f"{n}@{v}" for n, v in w.workflows),
             f"{(now - w.heartbeat_at).total_seconds():.1f}s",

@@ -78,6 +78,8 @@ class WorkerRecord:
     heartbeat_at: datetime
     queues: list[str] = field(default_factory=list)
     """The queues it claims from (empty for a worker of an older release, which did not record them)."""
+    running: int = 0
+    """Runs it executes now: its slots in use, of `concurrency`."""
 
 
 @dataclass(frozen=True)

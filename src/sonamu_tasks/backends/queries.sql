@@ -103,8 +103,13 @@ UPDATE workers SET heartbeat_at = :now WHERE id = :worker_id
 DELETE FROM workers WHERE id = :worker_id
 
 -- list_workers --
-SELECT id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues
-FROM workers ORDER BY started_at
+-- With the runs each executes now (its slots in use): running runs are few (at most the fleet's slots).
+SELECT w.id, w.host, w.pid, w.workflows, w.concurrency, w.started_at, w.heartbeat_at, w.queues,
+       COALESCE(r.running, 0) AS running
+FROM workers w
+LEFT JOIN (SELECT worker_id, count(*) AS running FROM runs WHERE status = 'running' GROUP BY worker_id) r
+       ON r.worker_id = w.id
+ORDER BY w.started_at
 
 -- list_retention --
 SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name

@@ -207,14 +207,14 @@ def queues_table(queues: Sequence[QueueStats]) -> str:
 def workers_table(workers: Sequence[WorkerRecord]) -> str:
     now = datetime.now(UTC)
     rows = "".join(
-        f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td>{w.pid}</td><td>{w.concurrency}</td>"
+        f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td>{w.pid}</td><td>{w.running}/{w.concurrency}</td>"
         f"<td>{escape(', '.join(w.queues) or '?')}</td>"
         f"<td>{escape(', '.join(f'{n}@{v}' for n, v in w.workflows))}</td>"
         f"<td>{(now - w.heartbeat_at).total_seconds():.1f}s</td></tr>"
         for w in workers
     )
     head = (
-        "<tr><th>worker</th><th>host</th><th>pid</th><th>slots</th><th>queues</th><th>workflows</th>"
+        "<tr><th>worker</th><th>host</th><th>pid</th><th>slots in use</th><th>queues</th><th>workflows</th>"
         "<th>heartbeat age</th></tr>"
     )
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no workers</p>"

@@ -880,8 +880,8 @@ class PostgresBackend:
         async with self._connection(read=True) as conn:
             rows = await (await conn.execute(QUERIES["list_workers"])).fetchall()
         return [
-            WorkerRecord(id, host, pid, [(n, v) for n, v in workflows], concurrency, started_at, heartbeat_at, queues)
-            for id, host, pid, workflows, concurrency, started_at, heartbeat_at, queues in rows
+            WorkerRecord(id, host, pid, [(n, v) for n, v in pairs], concurrency, started, heartbeat, queues, running)
+            for id, host, pid, pairs, concurrency, started, heartbeat, queues, running in rows
         ]
 
     @_transient

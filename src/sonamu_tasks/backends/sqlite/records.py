@@ -142,6 +142,7 @@ def worker_record(row: sqlite3.Row) -> WorkerRecord:
         started_at=moment(row["started_at"]),
         heartbeat_at=moment(row["heartbeat_at"]),
         queues=decoded(row["queues"]),
+        running=row["running"],
     )
 
 
