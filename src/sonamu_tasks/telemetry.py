@@ -8,8 +8,8 @@ imported and the engine skips every report (`Telemetry.enabled` is False). With 
   `step {name}` (an exception is recorded on it); a child workflow started by a step continues the step's trace.
 Spans are made only while the process has a tracer provider set (`trace.set_tracer_provider`, as the SDK or an
 exporter's setup does): without one, OpenTelemetry's API hands out spans that record nothing, and making them
-cost a worker 21 us of CPU per 3-step workflow (36 us for its telemetry, 15 now). A worker without one still carries the caller's trace
-context through each attempt, so the children it starts join the caller's trace.
+cost a worker 21 us of CPU per 3-step workflow (36 us for its telemetry, 15 now). A worker without one still
+carries the caller's trace context through each attempt, so the children it starts join the caller's trace.
 With prometheus_client installed, the counters and histograms below are kept in this process's default
 registry, served by `worker --metrics-port` (`WorkerOptions.metrics_port`) and by the dashboard's `/metrics`.
 """
