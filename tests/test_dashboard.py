@@ -753,5 +753,7 @@ async def test_a_running_run_asked_to_pause_offers_resume_which_withdraws_the_re
     assert f"action='/runs/{sleeper.id}/resume'" in page and "/pause'" not in page
     running = pages.run_detail(dataclasses.replace(asked, requested_action=None), "token")
     assert f"action='/runs/{sleeper.id}/pause'" in running and "/resume'" not in running
+    canceling = pages.run_detail(dataclasses.replace(asked, requested_action="cancel"), "token")
+    assert "/pause'" not in canceling and "/resume'" not in canceling and "/cancel'" in canceling
     finished = pages.run_detail(dataclasses.replace(record, status=RunStatus.COMPLETED), "token")
     assert "/pause'" not in finished and "/resume'" not in finished and "/cancel'" not in finished

@@ -3,8 +3,11 @@ it accepts them and every pooled connection was taken."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from typing import Any
 
+import psycopg
 import pytest
 
 from sonamu_tasks.backends.postgres import PostgresBackend
@@ -35,8 +38,30 @@ async def test_a_pool_whose_connections_are_all_taken_says_so(postgres_url: str)
         async with contextlib.AsyncExitStack() as held:
             for _ in range(2):
                 await held.enter_async_context(backend._connection())
-            with pytest.raises(BackendUnavailable, match="all 2 of the pool's were in use"):
+            with pytest.raises(BackendUnavailable, match=r"all 2 of the pool's are in use \(1 calls waiting\)"):
                 await backend.get_run(new_run_id())
         assert await backend.get_run(new_run_id()) is None  # given back, the connections serve again
     finally:
         await backend.close()
+
+
+async def test_calls_timing_out_together_share_one_probe_of_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    probes = 0
+    connect = psycopg.AsyncConnection.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal probes
+        if "connect_timeout" in kwargs:  # the probe's (the pool's own attempts pass none)
+            probes += 1
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", counted)
+    backend = PostgresBackend(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", pool_timeout_s=0.5)
+    await backend.open()
+    try:
+        failures = await asyncio.gather(*(backend.get_run(new_run_id()) for _ in range(20)), return_exceptions=True)
+    finally:
+        await backend.close()
+    assert all(isinstance(failure, BackendUnavailable) for failure in failures)
+    assert all("a new connection fails" in str(failure) for failure in failures)
+    assert probes == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from sonamu_tasks import ConfigError, InvalidValue, Queue, RunStatus, WorkflowManager, workflow
 from sonamu_tasks.queue import parse_rate
+from sonamu_tasks.records import WorkerRecord
 
 from .conftest import wait_until
 from .test_processes import client, start_worker  # noqa: F401 - fixtures
@@ -448,3 +449,7 @@ async def test_queue_stats_count_the_live_workers_that_claim_from_each_queue(man
     # a worker whose heartbeat is older than stale_after no longer counts
     stale = {s.name: s for s in await producer.queue_stats(stale_after=-1)}
     assert stale["served"].workers == 0
+    # a live worker of an older release, which did not record its queues: the counts are unknown, not 0
+    now = datetime.now(UTC)
+    await producer.backend.register_worker(WorkerRecord("old-release", "host", 1, [], 4, now, now, queues=None))
+    assert {s.workers for s in await producer.queue_stats()} == {None}

@@ -148,7 +148,9 @@ async def test_several_worker_processes_fire_each_second_once(
 
         await wait_until(lambda: _at_least(fired, 6), timeout=30, what="six fires")
         # Stopped as a deploy stops them, not killed: a fire committed as a worker goes down is still logged
-        # (kill -9 between the commit and the log line would lose the line, not the fire).
+        # (kill -9 between the commit and the log line would lose the line, not the fire). Once all three are up:
+        # SIGTERM is graceful from then on.
+        await wait_until(lambda: _at_least(client.list_workers, 3), timeout=30, what="three workers registered")
         assert [worker.terminate() for worker in workers] == [0, 0, 0]
     finally:
         for worker in workers:

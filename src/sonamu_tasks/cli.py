@@ -1380,7 +1380,7 @@ def workers(context: click.Context, as_json: bool) -> None:
             w.host,
             w.pid,
             f"{w.running}/{w.concurrency}",
-            ", ".join(w.queues) or "?",
+            "?" if w.queues is None else ", ".join(w.queues) or "-",
             ", ".join(f"{n}@{v}" for n, v in w.workflows),
             f"{(now - w.heartbeat_at).total_seconds():.1f}s",
         ]

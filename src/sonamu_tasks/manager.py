@@ -274,7 +274,13 @@ class WorkflowManager:
         stats = await until_available(self.backend.queue_stats, what="read queues", give_up_after_s=30)
         now = datetime.now(UTC)
         live = [w for w in await self.list_workers() if (now - w.heartbeat_at).total_seconds() <= stale_after]
-        return [dataclasses.replace(queue, workers=sum(queue.name in w.queues for w in live)) for queue in stats]
+        served = [w.queues for w in live]
+        if any(queues is None for queues in served):  # a worker of an older release did not record its queues
+            return stats  # workers unknown (None), rather than a 0 that says nothing serves a queue
+        return [
+            dataclasses.replace(queue, workers=sum(queue.name in queues for queues in served if queues is not None))
+            for queue in stats
+        ]
 
     def _collect(self, *, reload: bool) -> None:
         found = discover(self.config.workflows, reload=reload)

@@ -76,8 +76,8 @@ class WorkerRecord:
     concurrency: int
     started_at: datetime
     heartbeat_at: datetime
-    queues: list[str] = field(default_factory=list)
-    """The queues it claims from (empty for a worker of an older release, which did not record them)."""
+    queues: list[str] | None = None
+    """The queues it claims from; None for a worker of an older release, which did not record them."""
     running: int = 0
     """Runs it executes now: its slots in use, of `concurrency`."""
 
@@ -138,4 +138,5 @@ class QueueStats:
     """Due runs set aside until their concurrency key has a free slot."""
     workers: int | None = None
     """Live workers that claim from it (heartbeat in the last minute; `manager.queue_stats()` fills it in): 0
-    with runs due means nothing will run them."""
+    with runs due means nothing will run them. None when unknown: a live worker of an older release did not
+    record its queues."""

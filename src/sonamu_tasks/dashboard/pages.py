@@ -138,10 +138,11 @@ def run_detail(
     buttons = ""
     if not run.status.finished:
         buttons += _button(run.id, "cancel", "Cancel", csrf)
-        # Resume also withdraws a pause a running run has not reached yet (its next step boundary).
+        # Resume also withdraws a pause a running run has not reached yet (its next step boundary); a run asked to
+        # cancel is past pausing.
         if run.status is RunStatus.PAUSED or run.requested_action == "pause":
             buttons += _button(run.id, "resume", "Resume", csrf)
-        else:
+        elif run.requested_action != "cancel":
             buttons += _button(run.id, "pause", "Pause", csrf)
     if run.status in (RunStatus.FAILED, RunStatus.CANCELED):
         buttons += _button(run.id, "retry", "Retry", csrf)
@@ -208,7 +209,7 @@ def workers_table(workers: Sequence[WorkerRecord]) -> str:
     now = datetime.now(UTC)
     rows = "".join(
         f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td>{w.pid}</td><td>{w.running}/{w.concurrency}</td>"
-        f"<td>{escape(', '.join(w.queues) or '?')}</td>"
+        f"<td>{'?' if w.queues is None else escape(', '.join(w.queues) or '-')}</td>"
         f"<td>{escape(', '.join(f'{n}@{v}' for n, v in w.workflows))}</td>"
         f"<td>{(now - w.heartbeat_at).total_seconds():.1f}s</td></tr>"
         for w in workers

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -59,6 +60,8 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
 # victim (40001 serialization, 40P01 deadlock), or a lock or statement timeout (55P03, 57014). Anything else
 # (a value the column refuses: 22; a constraint: 23; a too large index row: 54 ...) fails the same way again.
 _TRANSIENT_STATES = ("08", "53", "57", "58", "40", "55P03")
+# How long one diagnosis of a pool timeout answers the calls that time out after it.
+_PROBE_REUSE_S = 5.0
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -119,6 +122,10 @@ class PostgresBackend:
         self.schema = schema
         self.channel = f"sonamu_tasks:{schema}"
         self._pool_timeout_s = pool_timeout_s
+        # Why calls wait out the pool, per URL: (when found, the answer). One probe at a time, its answer shared
+        # for a few seconds, so callers timing out together do not each open a connection to a busy server.
+        self._no_connection: dict[str, tuple[float, str]] = {}
+        self._probing = asyncio.Lock()
         # In transaction mode a pooled connection carries no session state: no prepared statement (psycopg
         # prepares a query run often; the next transaction may be on another server connection, which has it
         # or lacks it), no session search_path: each checkout is one transaction that sets it (`_connection`).
@@ -180,7 +187,7 @@ class PostgresBackend:
             conn = await pool.getconn()
         except psycopg_pool.PoolTimeout as error:
             url = self.read_url if read and self.read_url else self.url
-            raise psycopg_pool.PoolTimeout(f"{error}; {await self._why_no_connection(url, pool.max_size)}") from error
+            raise psycopg_pool.PoolTimeout(f"{error}; {await self._why_no_connection(url, pool)}") from error
         try:
             async with conn:  # as pool.connection() does: a transaction left open is rolled back
                 if not self._per_transaction:
@@ -197,18 +204,35 @@ class PostgresBackend:
         finally:
             await pool.putconn(conn)
 
-    async def _why_no_connection(self, url: str, pool_size: int) -> str:
+    async def _why_no_connection(self, url: str, pool: psycopg_pool.AsyncConnectionPool[Any]) -> str:
         """Why a call waited out the pool's timeout: the server refuses new connections (its reason), or it
-        accepts them and the pool's connections were all taken."""
-        try:
-            probe = await psycopg.AsyncConnection.connect(url, connect_timeout=5, **self._connect_kwargs)
-        except psycopg.Error as error:
-            return f"a new connection fails: {str(error).strip()}"
-        await probe.close()
-        return (
-            f"the server accepts connections, so all {pool_size} of the pool's were in use: more calls in "
-            f"flight than the pool holds (a manager's pool holds worker_options.concurrency + 4)"
-        )
+        accepts them and the pool's connections were all taken, or the pool holds fewer than it may (still
+        reconnecting, or a new connection failing its setup)."""
+        async with self._probing:
+            found = self._no_connection.get(url)
+            if found is not None and time.monotonic() - found[0] < _PROBE_REUSE_S:
+                return found[1]
+            try:
+                probe = await psycopg.AsyncConnection.connect(url, connect_timeout=5, **self._connect_kwargs)
+            except psycopg.Error as error:
+                answer = f"a new connection fails: {str(error).strip()}"
+            else:
+                await probe.close()
+                stats = pool.get_stats()
+                held, waiting = stats.get("pool_size", 0), stats.get("requests_waiting", 0)
+                if held >= pool.max_size:
+                    answer = (
+                        f"the server accepts connections, and all {pool.max_size} of the pool's are in use "
+                        f"({waiting} calls waiting): more calls in flight than the pool holds (a manager's pool "
+                        "holds worker_options.concurrency + 4)"
+                    )
+                else:
+                    answer = (
+                        f"the server accepts connections, but the pool holds {held} of its {pool.max_size} "
+                        "(reconnecting after an outage, or new connections failing their setup: see the log)"
+                    )
+            self._no_connection[url] = (time.monotonic(), answer)
+            return answer
 
     # lifecycle
 

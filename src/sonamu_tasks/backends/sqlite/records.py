@@ -141,7 +141,7 @@ def worker_record(row: sqlite3.Row) -> WorkerRecord:
         concurrency=row["concurrency"],
         started_at=moment(row["started_at"]),
         heartbeat_at=moment(row["heartbeat_at"]),
-        queues=decoded(row["queues"]),
+        queues=None if row["queues"] is None else decoded(row["queues"]),
         running=row["running"],
     )
 

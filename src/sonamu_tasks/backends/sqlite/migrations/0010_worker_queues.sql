@@ -1,3 +1,3 @@
--- A worker records the queues it claims from (see the PostgreSQL migration 0016).
+-- A worker records the queues it claims from (see the PostgreSQL migration 0016); NULL: unknown.
 
-ALTER TABLE workers ADD COLUMN queues TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE workers ADD COLUMN queues TEXT;
