@@ -19,9 +19,11 @@ def test_placeholders_become_psycopg_ones_and_the_clock_now() -> None:
     assert to_psycopg("SELECT :nowhere, :now_or_never") == "SELECT %(nowhere)s, %(now_or_never)s"
 
 
-def test_a_percent_sign_is_refused_rather_than_read_as_a_placeholder() -> None:
+def test_a_percent_sign_or_a_comment_inside_a_line_is_refused_rather_than_misread() -> None:
     with pytest.raises(ValueError, match="holds '%'"):
         to_psycopg("SELECT name FROM runs WHERE name LIKE 'a%'")
+    with pytest.raises(ValueError, match="comment at the end of a line"):
+        to_psycopg("SELECT status FROM runs -- the run's\nWHERE id = :run_id")
 
 
 def test_both_backends_run_every_shared_query_and_only_postgres_sees_it_rewritten() -> None:

@@ -47,9 +47,12 @@ def shared_queries(*, psycopg: bool) -> dict[str, str]:
 
 def to_psycopg(query: str) -> str:
     """A query with SQLite's placeholders in psycopg's: `:now` -> `now()`, `:name` -> `%(name)s`; quoted
-    literals untouched. A `%` would need doubling for psycopg, so it is refused instead."""
+    literals untouched. A `%` would need doubling for psycopg, so it is refused instead; so is a comment at the
+    end of a line (an apostrophe in it would read as a literal's start): comments go on lines of their own."""
     if "%" in query:
         raise ValueError(f"a shared query holds '%', which psycopg reads as a placeholder: {query[:60]!r}")
+    if "--" in query:
+        raise ValueError(f"a shared query has a comment at the end of a line: {query[:60]!r}")
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1)
