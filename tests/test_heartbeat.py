@@ -184,3 +184,19 @@ def _heartbeat_threads() -> list[threading.Thread]:
 
 async def _count_workers(client: Any, expected: int) -> bool:
     return len(await client.list_workers()) == expected
+
+
+async def test_a_worker_with_a_long_lease_still_heartbeats_often_enough_to_count_as_live(
+    manager_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lists take a worker silent for a minute as gone; a third of a long lease (100 s of 300) would make a
+    healthy worker look gone. The heartbeat comes at least every HEARTBEAT_AT_LEAST_EVERY_S (20 s; 0.2 here)."""
+    monkeypatch.setattr("sonamu_tasks.worker.HEARTBEAT_AT_LEAST_EVERY_S", 0.2)
+    manager = await manager_for([], lease_ms=300_000)
+    (first,) = await manager.list_workers()
+
+    async def heartbeat_moved() -> bool:
+        (now,) = await manager.list_workers()
+        return now.heartbeat_at > first.heartbeat_at
+
+    await wait_until(heartbeat_moved, timeout=5, what="a second heartbeat well before a third of the lease")

@@ -38,6 +38,7 @@ from .waiting import cancel_and_wait, wait_for_event
 logger = logging.getLogger("sonamu_tasks.worker")
 
 PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the safety net
+HEARTBEAT_AT_LEAST_EVERY_S = 20.0
 POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is how runs are found
 BACKLOG_EVERY_S = 5.0  # how often the backlog gauges are refreshed (only with the metrics extra)
 
@@ -80,7 +81,9 @@ class Worker:
         self._reserved = 0  # slots promised to runs this process is inserting already claimed
         self._publish_pending = False  # a snapshot of the runs held is due for the heartbeat thread (_publish_soon)
         self._timer: asyncio.TimerHandle | None = None  # only the earliest wake: the claim loop finds the rest
-        interval_s = options.lease_ms / 3000
+        # A third of the lease, and at least every 20 s: the lists take a worker silent for a minute as gone
+        # (`runs --stranded`, the queues' worker counts), which a long lease would otherwise make it look.
+        interval_s = min(options.lease_ms / 3000, HEARTBEAT_AT_LEAST_EVERY_S)
         if not backend.pushes_notifications:
             # No notification brings a cancel or pause here: the heartbeat does, so it comes at least every second.
             interval_s = min(interval_s, 1.0)
