@@ -660,7 +660,7 @@ class WorkflowManager:
 
     def _runs_here(self, run_id: str) -> bool:
         """True when this process's worker is executing the run: it wakes the waiter itself."""
-        return self.worker is not None and run_id in self.worker.active_runs
+        return self.worker is not None and self.worker.holds(run_id)
 
     # Notifications (from the backend's listener, or this process's worker)
 

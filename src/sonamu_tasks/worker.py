@@ -103,9 +103,9 @@ class Worker:
         """No run is executing here, and none is being started."""
         return not self._active and not self._reserved
 
-    @property
-    def active_runs(self) -> list[str]:
-        return [attempt.claimed.id for _, attempt in self._active.values()]
+    def holds(self, run_id: str) -> bool:
+        """Whether run `run_id` executes here now (without building the list of the runs held)."""
+        return any(attempt.claimed.id == run_id for _, attempt in self._active.values())
 
     async def start(self) -> None:
         await until_available(lambda: self.backend.register_worker(self._record()), what="register worker")
