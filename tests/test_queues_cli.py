@@ -169,6 +169,26 @@ async def _payments_are(manager: WorkflowManager, *, running: int, due: int, par
     return found is not None and (found.running, found.due, found.parked_on_key) == (running, due, parked)
 
 
+async def test_queues_warns_of_a_queue_with_runs_due_that_no_worker_claims_from(
+    manager_for: Any, invoke: Invoke
+) -> None:
+    @workflow(version="1", queue=Queue("orphaned"))
+    async def orphan(input: Any) -> Any:
+        return input
+
+    producer = await manager_for([orphan], enable_worker=False)  # declares the queue; no worker serves it
+    await producer.run_many(orphan, [1, 2])
+    listed = await invoke("queues")
+    assert listed.exit_code == 0, listed.output
+    assert table(listed.stdout)["orphaned"][-1] == "0"
+    assert listed.stderr.splitlines() == [
+        "warning: queue orphaned: 2 runs due and no live worker claims from it "
+        "(start one: sonamu-tasks worker --queue orphaned)"
+    ]
+    quiet = await invoke("queues", "--json")  # scripts get the count, no warning
+    assert quiet.stderr == "" and {q["name"]: q["workers"] for q in json.loads(quiet.stdout)}["orphaned"] == 0
+
+
 async def test_a_fresh_database_lists_the_default_queue_without_limits(invoke: Invoke) -> None:
     migrated = await invoke("migrate")
     assert migrated.exit_code == 0, migrated.output

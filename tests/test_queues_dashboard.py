@@ -100,6 +100,7 @@ async def test_the_queues_page_shows_limits_running_backlog_rate_window_and_park
     assert row == ["payments", "2", "-", "100/1s", "1", "2", "3", "1", "1"]
     assert cells(page.text, "default") == ["default", "-", "-", "-", "-", "0", "0", "-", "-", "0", "0"]
     assert "data-refresh-ms='2000'" in page.text
+    assert "id='unserved'" not in page.text  # the worker claims from payments: no warning
     assert "<table id='queues'>" in partial.text and "<html" not in partial.text
 
     # and the JSON says the same, as `sonamu-tasks queues --json`
@@ -186,3 +187,18 @@ async def test_the_queues_pages_are_behind_the_host_check_and_the_token(open_das
             assert allowed.headers.get("x-frame-options") == "DENY", path
             assert "default-src 'self'" in allowed.headers.get("content-security-policy", ""), path
             assert (await client.post(path, headers={**bearer, "Origin": BASE})).status_code == 405, path
+
+
+async def test_the_queues_page_warns_of_a_queue_with_runs_due_that_no_worker_claims_from(
+    manager_for: Any, open_dashboard: Any
+) -> None:
+    @workflow(version="1", queue=Queue("orphaned"))
+    async def orphan(input: Any) -> Any:
+        return input
+
+    producer = await manager_for([orphan], enable_worker=False)
+    await producer.run(orphan, 1)
+    async with open_dashboard() as client:
+        page = (await client.get("/queues")).text
+    assert "<div id='unserved' class='warning'><p>queue orphaned: 1 run due and no live worker claims from it" in page
+    assert cells(page, "orphaned")[-1] == "0"

@@ -47,6 +47,7 @@ from .display import (
     short_id,
     stranded_counts,
     stranded_summary,
+    unserved_queues,
     wake_time,
 )
 from .duration import parse_duration
@@ -1337,6 +1338,8 @@ def queues_command(context: click.Context, as_json: bool) -> None:
         click.echo("no queues: none is declared and no unfinished run is in one")
         return
     click.echo(format_table([column.upper() for column in QUEUE_COLUMNS], [queue_row(stats) for stats in found]))
+    for warning in unserved_queues(found):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()

@@ -455,6 +455,16 @@ def queue_row(stats: QueueStats) -> list[str]:
     ]
 
 
+def unserved_queues(queues: Sequence[QueueStats]) -> list[str]:
+    """A warning per queue with runs due and no live worker that claims from it: nothing will run them."""
+    return [
+        f"queue {stats.name}: {stats.due} run{'' if stats.due == 1 else 's'} due and no live worker claims from it "
+        f"(start one: sonamu-tasks worker --queue {stats.name})"
+        for stats in queues
+        if stats.due and stats.workers == 0
+    ]
+
+
 def queue_summary(stats: QueueStats) -> dict[str, Any]:
     """A queue as `sonamu-tasks queues --json` and the dashboard's /api/queues give it. `rate_limit` is spelled
     as declared (`100/1s`), and given apart as `rate_limit_starts` and `rate_limit_window_s`."""

@@ -32,6 +32,7 @@ from ..display import (
     run_queue,
     short_id,
     stranded_counts,
+    unserved_queues,
 )
 from ..limits import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 from ..manager import StrandedRuns
@@ -196,8 +197,10 @@ def queues_table(queues: Sequence[QueueStats]) -> str:
         + "</tr>"
         for stats in queues
     )
+    warnings = "".join(f"<p>{escape(warning)}</p>" for warning in unserved_queues(queues))
     return (
-        f"<table id='queues'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        (f"<div id='unserved' class='warning'>{warnings}</div>" if warnings else "")
+        + f"<table id='queues'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
         "<p class='muted'>due: due and not claimed, the parked ones included; rate window: starts in the current "
         "window / the limit; parked on key: due runs waiting for a free slot of their concurrency key; workers: "
         "live workers that claim from it (0 with runs due: nothing will run them) "
