@@ -199,6 +199,7 @@ async def test_runs_show_cancel_retry_and_workers(app_env: dict[str, str], tmp_p
         (listed_worker,) = json.loads(cli(app_env, "workers", "--json").stdout)
         assert listed_worker["workflows"] == ["confirm_order@1", "daily_report@1"]
         assert listed_worker["queues"] == ["default"]  # the queues its workflows are in
+        assert listed_worker["stale"] is False and listed_worker["heartbeat_age_s"] < 60
         table = cli(app_env, "workers").stdout.splitlines()
         assert table[0].split()[:6] == ["ID", "HOST", "PID", "SLOTS", "QUEUES", "WORKFLOWS"]
         assert table[1].split()[4:6] == ["default", "confirm_order@1,"]

@@ -27,6 +27,7 @@ from .display import (
     LISTED_EVENTS,
     NO_CHILDREN,
     QUEUE_COLUMNS,
+    STALE_AFTER,
     Children,
     ChildRow,
     Messages,
@@ -35,6 +36,7 @@ from .display import (
     children_of,
     duration_text,
     events_summary,
+    heartbeat_text,
     messages_of,
     other_waits,
     outside_wait,
@@ -134,8 +136,6 @@ def _queue_names(context: click.Context, param: click.Parameter, values: tuple[s
 
 """A run id, checked before it reaches the database (PostgreSQL answers a malformed UUID with an error)."""
 
-STALE_AFTER = 60.0
-"""Seconds since its last heartbeat after which a worker no longer counts as serving its versions."""
 _LIST_FILTERS = ("workflow", "version", "queue", "statuses", "parent_id", "since", "limit", "cursor")
 """The filters of `runs`, none of which goes with --stranded."""
 
@@ -1370,6 +1370,7 @@ def workers(context: click.Context, as_json: bool) -> None:
                         "workflows": [f"{n}@{v}" for n, v in w.workflows],
                         "started_at": w.started_at.isoformat(),
                         "heartbeat_age_s": round((now - w.heartbeat_at).total_seconds(), 3),
+                        "stale": (now - w.heartbeat_at).total_seconds() > STALE_AFTER,
                     }
                     for w in found
                 ],
@@ -1385,7 +1386,7 @@ def workers(context: click.Context, as_json: bool) -> None:
             f"{w.running}/{w.concurrency}",
             "?" if w.queues is None else ", ".join(w.queues) or "-",
             ", ".join(f"{n}@{v}" for n, v in w.workflows),
-            f"{(now - w.heartbeat_at).total_seconds():.1f}s",
+            heartbeat_text(w, now),
         ]
         for w in found
     ]

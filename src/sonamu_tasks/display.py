@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .backends.base import FOREVER
 from .errors import RunNotFound
 from .queue import DEFAULT_QUEUE
-from .records import CutValue, MessageRecord, QueueStats, RunEventRecord, RunRecord, StepRecord
+from .records import CutValue, MessageRecord, QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
 from .status import RunStatus, StepStatus
 
 if TYPE_CHECKING:
@@ -170,6 +170,17 @@ def outside_wait(step: StepRecord) -> OutsideWait | None:
         key=None if key is None else str(key),
         timeout_at=step.wake_at,
     )
+
+
+STALE_AFTER = 60.0
+"""Seconds since its last heartbeat after which a worker counts as gone: it no longer serves its versions
+(`runs --stranded`) or its queues (their worker counts). Workers heartbeat at least every 20 s."""
+
+
+def heartbeat_text(worker: WorkerRecord, now: datetime) -> str:
+    """A worker's heartbeat age, `3.2s`, and `75.0s (stale)` past STALE_AFTER: the lists take it as gone."""
+    age = (now - worker.heartbeat_at).total_seconds()
+    return f"{age:.1f}s" + (" (stale)" if age > STALE_AFTER else "")
 
 
 def age_text(moment: datetime, now: datetime | None = None) -> str:

@@ -46,6 +46,7 @@ from .. import arguments, telemetry
 from ..config import Config
 from ..display import (
     COUNTED_MESSAGES,
+    STALE_AFTER,
     children_of,
     events_summary,
     messages_of,
@@ -71,7 +72,6 @@ from .guards import (
 
 T = TypeVar("T")
 MAX_BODY = 64 * 1024  # a form holds one short field; nothing the dashboard accepts comes near this
-STALE_AFTER = 60.0  # seconds without a heartbeat after which a worker no longer serves its versions (stranded)
 QUEUES_REFRESH_MS = 2000  # the queues page counts each queue's unfinished runs: every 2 s, not every second
 _STATIC = {
     "dashboard.css": ("text/css", files(__package__).joinpath("static/dashboard.css").read_text()),

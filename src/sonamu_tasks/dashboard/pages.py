@@ -22,6 +22,7 @@ from ..display import (
     child_links,
     child_run_ids,
     duration_text,
+    heartbeat_text,
     json_excerpt,
     other_waits,
     outside_wait,
@@ -214,7 +215,7 @@ def workers_table(workers: Sequence[WorkerRecord]) -> str:
         f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td>{w.pid}</td><td>{w.running}/{w.concurrency}</td>"
         f"<td>{'?' if w.queues is None else escape(', '.join(w.queues) or '-')}</td>"
         f"<td>{escape(', '.join(f'{n}@{v}' for n, v in w.workflows))}</td>"
-        f"<td>{(now - w.heartbeat_at).total_seconds():.1f}s</td></tr>"
+        f"<td>{heartbeat_text(w, now)}</td></tr>"
         for w in workers
     )
     head = (
