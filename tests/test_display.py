@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sonamu_tasks.display import STALE_AFTER, heartbeat_text
-from sonamu_tasks.records import WorkerRecord
+from sonamu_tasks.display import heartbeat_text
+from sonamu_tasks.records import STALE_AFTER, WorkerRecord
 
 
 def worker(silent_for: float, now: datetime) -> WorkerRecord:

@@ -27,7 +27,6 @@ from .display import (
     LISTED_EVENTS,
     NO_CHILDREN,
     QUEUE_COLUMNS,
-    STALE_AFTER,
     Children,
     ChildRow,
     Messages,
@@ -56,7 +55,7 @@ from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
 from .queue import Queue, served_queues
-from .records import QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
+from .records import STALE_AFTER, QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
 from .schedule import zone
 from .status import RunStatus
 
@@ -1052,10 +1051,7 @@ def _echo_skips(bulk: _Bulk) -> None:
 async def _served(manager: WorkflowManager, workflow: str, version: str) -> bool:
     """Whether a live worker registers this workflow version (one that would execute a run of it now)."""
     now = datetime.now(UTC)
-    return any(
-        (workflow, version) in worker.workflows and (now - worker.heartbeat_at).total_seconds() <= STALE_AFTER
-        for worker in await manager.list_workers()
-    )
+    return any((workflow, version) in worker.workflows and worker.live(now) for worker in await manager.list_workers())
 
 
 def _unserved_warning(workflow: str, version: str, who: str) -> str:
@@ -1370,7 +1366,7 @@ def workers(context: click.Context, as_json: bool) -> None:
                         "workflows": [f"{n}@{v}" for n, v in w.workflows],
                         "started_at": w.started_at.isoformat(),
                         "heartbeat_age_s": round((now - w.heartbeat_at).total_seconds(), 3),
-                        "stale": (now - w.heartbeat_at).total_seconds() > STALE_AFTER,
+                        "stale": not w.live(now),
                     }
                     for w in found
                 ],

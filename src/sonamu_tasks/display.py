@@ -172,15 +172,9 @@ def outside_wait(step: StepRecord) -> OutsideWait | None:
     )
 
 
-STALE_AFTER = 60.0
-"""Seconds since its last heartbeat after which a worker counts as gone: it no longer serves its versions
-(`runs --stranded`) or its queues (their worker counts). Workers heartbeat at least every 20 s."""
-
-
 def heartbeat_text(worker: WorkerRecord, now: datetime) -> str:
-    """A worker's heartbeat age, `3.2s`, and `75.0s (stale)` past STALE_AFTER: the lists take it as gone."""
-    age = (now - worker.heartbeat_at).total_seconds()
-    return f"{age:.1f}s" + (" (stale)" if age > STALE_AFTER else "")
+    """A worker's heartbeat age, `3.2s`, and `75.0s (stale)` once it no longer counts as live."""
+    return f"{(now - worker.heartbeat_at).total_seconds():.1f}s" + ("" if worker.live(now) else " (stale)")
 
 
 def age_text(moment: datetime, now: datetime | None = None) -> str:

@@ -36,6 +36,7 @@ from .handle import RunHandle
 from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
 from .queue import Queue, collect_queues
 from .reconnect import until_available
+from .records import STALE_AFTER
 from .registry import Registry
 from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
@@ -267,20 +268,17 @@ class WorkflowManager:
         if queues or workflow_queues:
             await self.backend.register_queues(queues, workflow_queues)
 
-    async def queue_stats(self, *, stale_after: float = 60.0) -> list[QueueStats]:
+    async def queue_stats(self, *, stale_after: float = STALE_AFTER) -> list[QueueStats]:
         """Every queue with limits or unfinished runs: its limits, runs executing, due backlog and its age,
         starts in the current rate window, and how many live workers (heartbeat in the last `stale_after`
         seconds) claim from it (`sonamu-tasks queues`, the dashboard's queues page)."""
         stats = await until_available(self.backend.queue_stats, what="read queues", give_up_after_s=30)
         now = datetime.now(UTC)
-        live = [w for w in await self.list_workers() if (now - w.heartbeat_at).total_seconds() <= stale_after]
-        served = [w.queues for w in live]
-        if any(queues is None for queues in served):  # a worker of an older release did not record its queues
+        served = [w.queues for w in await self.list_workers() if w.live(now, stale_after)]
+        known = [queues for queues in served if queues is not None]
+        if len(known) < len(served):  # a worker of an older release did not record its queues
             return stats  # workers unknown (None), rather than a 0 that says nothing serves a queue
-        return [
-            dataclasses.replace(queue, workers=sum(queue.name in queues for queues in served if queues is not None))
-            for queue in stats
-        ]
+        return [dataclasses.replace(queue, workers=sum(queue.name in queues for queues in known)) for queue in stats]
 
     def _collect(self, *, reload: bool) -> None:
         found = discover(self.config.workflows, reload=reload)
@@ -542,18 +540,13 @@ class WorkflowManager:
             self.worker.wake()
         return RunHandle(self, new_run.id, source.workflow_name)
 
-    async def stranded_runs(self, *, stale_after: float = 60.0) -> list[StrandedRuns]:
+    async def stranded_runs(self, *, stale_after: float = STALE_AFTER) -> list[StrandedRuns]:
         """Unfinished runs whose (workflow, version) no live worker registers (a worker is live when it
         heartbeat in the last `stale_after` seconds), per version: they wait for a worker that will not come.
         Cancel them, or fork them onto a version that is served."""
         workers = await self.list_workers()
         now = datetime.now(UTC)
-        served = {
-            key
-            for worker in workers
-            if (now - worker.heartbeat_at).total_seconds() <= stale_after
-            for key in worker.workflows
-        }
+        served = {key for worker in workers if worker.live(now, stale_after) for key in worker.workflows}
         rows = await until_available(self.backend.unfinished_by_version, what="count runs", give_up_after_s=30)
         groups: dict[tuple[str, str], tuple[dict[RunStatus, int], datetime]] = {}
         for name, version, status, count, oldest in rows:

@@ -67,6 +67,11 @@ class RunRecord:
     concurrency_key: str | None = None
 
 
+STALE_AFTER = 60.0
+"""Seconds since its last heartbeat after which a worker counts as gone: it no longer serves its versions
+(`runs --stranded`) or its queues (their worker counts). Workers heartbeat at least every 20 s."""
+
+
 @dataclass(frozen=True)
 class WorkerRecord:
     id: str
@@ -80,6 +85,10 @@ class WorkerRecord:
     """The queues it claims from; None for a worker of an older release, which did not record them."""
     running: int = 0
     """Runs it executes now: its slots in use, of `concurrency`."""
+
+    def live(self, now: datetime, stale_after: float = STALE_AFTER) -> bool:
+        """Whether it heartbeat in the last `stale_after` seconds (else it counts as gone)."""
+        return (now - self.heartbeat_at).total_seconds() <= stale_after
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,6 @@ from .. import arguments, telemetry
 from ..config import Config
 from ..display import (
     COUNTED_MESSAGES,
-    STALE_AFTER,
     children_of,
     events_summary,
     messages_of,
@@ -56,7 +55,7 @@ from ..display import (
 )
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
 from ..manager import RunPage, WorkflowManager
-from ..records import RunRecord
+from ..records import STALE_AFTER, RunRecord
 from . import pages
 from .guards import (
     BodyLimit,
