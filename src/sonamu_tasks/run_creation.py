@@ -152,7 +152,8 @@ def prepare_runs(
     take the first's other fields."""
     if not inputs:
         return []
-    try:
+    index = 0
+    try:  # one try for every item, not one context manager per item: a third of the loop's time at 10,000 items
         first = prepare_run(
             name,
             version,
@@ -162,12 +163,8 @@ def prepare_runs(
             what=what(0),
             trace_context=trace_context,
         )
-    except (InvalidInput, InvalidValue) as error:
-        raise _naming_item(error, 0, name) from error
-    runs = [first]
-    ids = new_run_ids(len(inputs) - 1)
-    index = 1
-    try:  # one try for the loop, not one context manager per item: a third of the loop's time at 10,000 items
+        runs = [first]
+        ids = new_run_ids(len(inputs) - 1)
         for index in range(1, len(inputs)):
             key, concurrency_key = idempotency_keys[index], concurrency_keys[index]
             if key is not None:
@@ -177,7 +174,7 @@ def prepare_runs(
             input_json = _input_json(definition, inputs[index], what(index))
             runs.append(_sibling(first, ids[index - 1], input_json, key, concurrency_key))
     except (InvalidInput, InvalidValue) as error:
-        raise _naming_item(error, index, name) from error
+        raise _named(error, index, name) from error
     return runs
 
 
@@ -207,7 +204,7 @@ def _sibling(first: NewRun, run_id: str, input_json: str, key: str | None, concu
     )
 
 
-def _naming_item(error: InvalidInput | InvalidValue, index: int, workflow: str) -> InvalidInput | InvalidValue:
+def _named(error: InvalidInput | InvalidValue, index: int, workflow: str) -> InvalidInput | InvalidValue:
     """`error` raised for item `index`, named: in an InvalidInput's problems, or an InvalidValue's message."""
     if isinstance(error, InvalidInput):
         return InvalidInput(workflow, [f"inputs[{index}]: {problem}" for problem in error.problems])
