@@ -74,6 +74,67 @@ async def test_a_failing_sibling_reruns_only_the_steps_that_had_not_completed(ma
     assert (await handle.info()).attempts == 1
 
 
+async def test_gathered_steps_failing_together_are_each_retried_under_their_own_policy(manager_for: Any) -> None:
+    """The first error ends the gather; the sibling that fails while the attempt winds down must not take its
+    place: the run retries under the policy of the step whose error ended it, and names that step."""
+    calls = Calls()
+    quick = RetryPolicy(max_attempts=5, initial_interval_ms=20, backoff_coefficient=1)
+
+    async def first() -> str:
+        if calls.hit("first") < 3:
+            await asyncio.sleep(0.01)
+            raise ConnectionError(f"first, try {calls.counts['first']}")
+        return "first"
+
+    async def second() -> str:
+        if calls.hit("second") < 2:
+            await asyncio.sleep(0.2)  # fails after the first one did
+            raise ConnectionError(f"second, try {calls.counts['second']}")
+        return "second"
+
+    @workflow(version="1", retry_policy=ONCE)  # only the steps' own policies allow a retry
+    async def pair(step: Any) -> Any:
+        return await asyncio.gather(
+            step.define("first", first, retry_policy=quick).run(),
+            step.define("second", second, retry_policy=quick).run(),
+        )
+
+    manager = await manager_for([pair])
+    handle = await manager.run(pair)
+    assert await handle.result(timeout=15) == ["first", "second"]
+    assert calls.counts == {"first": 3, "second": 2}
+
+
+async def test_a_run_failed_by_gathered_steps_names_the_step_whose_error_ended_it(manager_for: Any) -> None:
+    async def soon() -> None:
+        await asyncio.sleep(0.01)
+        raise ValueError("soon broke")
+
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        raise KeyError("later broke")
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def pair(step: Any) -> Any:
+        await asyncio.gather(step.define("soon", soon).run(), step.define("later", later).run())
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def grouped(step: Any) -> Any:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(step.define("soon", soon).run())
+            group.create_task(step.define("later", later).run())
+
+    manager = await manager_for([pair, grouped])
+    for spec in (pair, grouped):
+        handle = await manager.run(spec)
+        with pytest.raises(WorkflowFailed) as failed:
+            await handle.result(timeout=15)
+        assert failed.value.error["step"] == "soon", spec
+        run = await handle.info(with_steps=True)
+        soon_record = next(s for s in run.steps if s.name == "soon")
+        assert soon_record.status.value == "failed" and soon_record.attempts == 1
+
+
 async def test_map_runs_one_step_per_item_in_order_within_its_concurrency(manager_for: Any) -> None:
     running = 0
     peak = 0

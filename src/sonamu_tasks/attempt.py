@@ -123,8 +123,9 @@ class Attempt:
         self._stop_requested = claimed.requested_action is not None
         self.steps: dict[str, StepRecord] = {}
         self._seen: set[str] = set()
-        # The step whose exception failed the attempt: name, start, the error, its own retry policy if any.
-        self._failed_step: tuple[str, datetime, BaseException, RetryPolicy | None] | None = None
+        # The steps that raised in this attempt: name, start, the error, its own retry policy if any. Several
+        # when gathered steps fail together; the one whose error ends the workflow decides the retry.
+        self._failed_steps: list[tuple[str, datetime, BaseException, RetryPolicy | None]] = []
         self._claimed_monotonic = time.monotonic()
         self.output_json: str | None = None
         """The stored output, once this attempt completed the run."""
@@ -269,8 +270,9 @@ class Attempt:
         run = self.claimed
         step = None
         policy, attempt = self.definition.retry_policy, run.attempts + 1
-        if self._failed_step is not None and self._failed_step[2] is error:
-            name, started, _, step_policy = self._failed_step
+        failed = self._failed_step(error)
+        if failed is not None:
+            name, started, _, step_policy = failed
             step = (name, started)
             if step_policy is not None:  # the step's own policy counts the step's own failures
                 previous = self.steps.get(name)
@@ -358,7 +360,7 @@ class Attempt:
                     )
                 encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
             except Exception as error:
-                self._failed_step = (name, started, error, options.retry_policy)
+                self._failed_steps.append((name, started, error, options.retry_policy))
                 raise
             finally:
                 current_step.reset(token)
@@ -701,11 +703,12 @@ class Attempt:
         try:
             await self._save(checkpoint)
         except StorageError as error:
-            self._failed_step = (checkpoint.name, checkpoint.started_at, error, None)
-            raise StorageError(
+            refused = StorageError(
                 f"the result of step {checkpoint.name!r} of workflow {self.definition.name!r} could not be stored: "
                 f"{error}"
-            ) from error
+            )
+            self._failed_steps.append((checkpoint.name, checkpoint.started_at, refused, None))
+            raise refused from error
 
     async def _save(self, checkpoint: Checkpoint) -> None:
         run = self.claimed
@@ -741,6 +744,19 @@ class Attempt:
             return
         self.logger.info("%s on request", status)
         raise Stopped
+
+    def _failed_step(self, error: BaseException) -> tuple[str, datetime, BaseException, RetryPolicy | None] | None:
+        """The step that raised `error`, the error the workflow ended with: not the last step to fail, which
+        may be a gathered sibling that failed while the attempt wound down. For an exception group (a
+        TaskGroup), the step of its first error that a step raised."""
+        for failed in self._failed_steps:
+            if failed[2] is error:
+                return failed
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                if (found := self._failed_step(inner)) is not None:
+                    return found
+        return None
 
     def _replayed(self) -> None:
         self._replays_left -= 1
