@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,62 @@ async def test_fork_keeps_the_checkpoints_before_the_step_and_runs_the_rest_on_a
     assert (await source.info()).status is RunStatus.FAILED  # the source is left as it was
     with pytest.raises(InvalidValue, match="no step 'nope' to fork from; its steps: 'load', 'charge'"):
         await manager.fork(source.id, from_step="nope")
+
+
+async def test_a_fork_keeps_children_whose_outcomes_were_seen_and_starts_a_fan_out_again_otherwise(
+    manager_for: Any,
+) -> None:
+    executed: list[int] = []
+    broken = {"finish": True, "early": True}
+
+    @workflow(version="1")
+    async def kid(input: int) -> int:
+        executed.append(input)  # the child's side effect (an email, say)
+        return input * 10
+
+    async def finish(results: Any) -> Any:
+        if broken["finish"]:
+            raise RuntimeError("bug in finish")
+        return results
+
+    async def early() -> None:
+        if broken["early"]:
+            raise RuntimeError("bug before the results were read")
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def seen(step: Any) -> Any:
+        one = await step.run_workflow("single", kid, 100)
+        handles = await step.start_workflows("many", kid, [1, 2])
+        results = await asyncio.gather(*(handle.result() for handle in handles))
+        return await step.define("finish", finish).run([one, results])
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def unseen(step: Any) -> Any:
+        handles = await step.start_workflows("many", kid, [3, 4])
+        await step.define("early", early).run()
+        return await asyncio.gather(*(handle.result() for handle in handles))
+
+    manager = await manager_for([kid, seen, unseen])
+    source = await manager.run(seen)
+    with pytest.raises(WorkflowFailed, match="bug in finish"):
+        await source.result(timeout=15)
+    steps = {s.name: s.kind for s in (await source.info(with_steps=True)).steps}
+    assert steps["many[0]"] == steps["many[1]"] == "child"  # a fan-out's outcomes are child steps
+    broken["finish"] = False
+    fork = await manager.fork(source.id, from_step="finish")
+    assert await fork.result(timeout=15) == [1000, [10, 20]]
+    assert sorted(executed) == [1, 2, 100]  # no child ran again
+    assert (await manager.list_runs(parent_id=fork.id)).items == []
+
+    # The source failed before reading its children's results: the fork starts the fan-out again, whole.
+    source = await manager.run(unseen)
+    with pytest.raises(WorkflowFailed, match="bug before the results"):
+        await source.result(timeout=15)
+    broken["early"] = False
+    fork = await manager.fork(source.id, from_step="early")
+    assert await fork.result(timeout=15) == [30, 40]
+    children = (await manager.list_runs(parent_id=fork.id)).items
+    assert sorted(child.parent_step or "" for child in children) == ["many[0]", "many[1]"]
 
 
 async def test_stranded_runs_are_those_of_versions_no_live_worker_serves(

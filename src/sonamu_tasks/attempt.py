@@ -720,6 +720,7 @@ class Attempt:
                 checkpoint.output_json,
                 checkpoint.started_at,
                 checkpoint.finished_at,
+                checkpoint.kind,
             ),
             what=f"checkpoint step {checkpoint.name!r}",
         )

@@ -36,7 +36,7 @@ from .handle import RunHandle
 from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
 from .queue import Queue, collect_queues
 from .reconnect import until_available
-from .records import STALE_AFTER
+from .records import STALE_AFTER, StepRecord
 from .registry import Registry
 from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
@@ -80,6 +80,46 @@ _OUR_KEY = "\x1fsend:"
 """The prefix of the idempotency key `send` gives a message sent without one."""
 
 _FORK_KEEPS = frozenset({"call", "sleep", "receive", "event"})
+
+
+def _kept_by_fork(steps: Sequence[StepRecord], pivot: StepRecord) -> list[str]:
+    """The checkpoints a fork from `pivot` keeps: steps completed before it started, whose results the fork's
+    replay reads back instead of executing them. A child step only with the outcome its parent saw; a fan-out
+    only whole, with every child's outcome: else the fork starts the fan-out again, all of its children (it
+    cannot wait on the source's children, nor start some of a fan-out's)."""
+
+    def before(step: StepRecord | None) -> bool:
+        return (
+            step is not None
+            and step.name != pivot.name
+            and step.status is StepStatus.COMPLETED
+            and step.started_at is not None
+            and pivot.started_at is not None
+            and step.started_at < pivot.started_at
+        )
+
+    def seen(step: StepRecord | None) -> bool:
+        return step is not None and isinstance(step.output, dict) and "outcome" in step.output
+
+    by_name = {step.name: step for step in steps}
+    fan_outs = {
+        step.name: [f"{step.name}[{index}]" for index in range(len(step.output["run_ids"]))]
+        for step in steps
+        if step.kind == "child" and isinstance(step.output, dict) and "run_ids" in step.output
+    }
+    # A fan-out's outcomes are kept with it or not at all (told by name: older releases stored them as "call").
+    members = {name for names in fan_outs.values() for name in names}
+    keep: list[str] = []
+    for step in steps:
+        if step.name in members or not before(step):
+            continue
+        if step.name in fan_outs:
+            outcomes = [by_name.get(name) for name in fan_outs[step.name]]
+            if all(before(outcome) and seen(outcome) for outcome in outcomes):
+                keep += [step.name, *fan_outs[step.name]]
+        elif step.kind in _FORK_KEEPS or (step.kind == "child" and seen(step)):
+            keep.append(step.name)
+    return keep
 
 
 def active_manager() -> WorkflowManager:
@@ -499,16 +539,7 @@ class WorkflowManager:
             raise InvalidValue(
                 f"run {run_id} has no step {from_step!r} to fork from; its steps: {known}", field="from_step"
             )
-        keep = [
-            s.name
-            for s in source.steps
-            if s.name != from_step
-            and s.status is StepStatus.COMPLETED
-            and s.started_at is not None
-            and pivot.started_at is not None
-            and s.started_at < pivot.started_at
-            and (s.kind in _FORK_KEEPS or (s.kind == "child" and isinstance(s.output, dict) and "outcome" in s.output))
-        ]
+        keep = _kept_by_fork(source.steps, pivot)
         target = source.version if version is None else check_version(version)
         definition = self.registry.find(source.workflow_name, target)
         new_run = prepare_run(

@@ -291,6 +291,7 @@ class Backend(ScheduleStore, Protocol):
         output_json: str,
         started_at: datetime,
         finished_at: datetime,
+        kind: str = "call",
     ) -> None: ...
     async def park_run(
         self, run_id: str, lease_token: str, waits: Sequence[TimedWait], children: Sequence[str]

@@ -607,8 +607,9 @@ class PostgresBackend:
         output_json: str,
         started_at: datetime,
         finished_at: datetime,
+        kind: str = "call",
     ) -> None:
-        step = Checkpoint(name, output_json, started_at, finished_at)
+        step = Checkpoint(name, output_json, started_at, finished_at, kind)
         if not await self._writes.submit((run_id, lease_token, (step,), None)):
             raise LeaseLost(run_id)
 

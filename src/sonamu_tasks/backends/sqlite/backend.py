@@ -419,8 +419,9 @@ class SqliteBackend:
         output_json: str,
         started_at: datetime,
         finished_at: datetime,
+        kind: str = "call",
     ) -> None:
-        params = _checkpoint_params(run_id, lease_token, Checkpoint(name, output_json, started_at, finished_at))
+        params = _checkpoint_params(run_id, lease_token, Checkpoint(name, output_json, started_at, finished_at, kind))
         if not await self._fenced_writes.submit([("save_step", params)]):
             raise LeaseLost(run_id)
 
