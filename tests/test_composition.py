@@ -196,6 +196,35 @@ async def test_sleeps_in_concurrent_branches_park_the_run_once_and_each_is_kept(
     assert calls.counts == {"b0": 1, "b1": 1, "a0": 1, "a1": 1}
 
 
+async def test_a_sleep_or_receive_timeout_in_a_gather_counts_from_its_call_not_from_when_the_run_parks(
+    manager_for: Any,
+) -> None:
+    """The run parks only once every branch is blocked: here after a 0.5 s sibling. The waits end at their
+    call plus their durations (1 s), as asyncio's own sleep would."""
+
+    async def slow() -> str:
+        await asyncio.sleep(0.5)
+        return "slow"
+
+    @workflow(version="1")
+    async def gathered(step: Any) -> Any:
+        return await asyncio.gather(
+            step.sleep("nap", "1s"),
+            step.receive("inbox", timeout="1s"),
+            step.define("slow", slow).run(),
+        )
+
+    manager = await manager_for([gathered])
+    handle = await manager.run(gathered)
+    assert await handle.result(timeout=15) == [None, None, "slow"]
+    steps = {s.name: s for s in (await handle.info(with_steps=True)).steps}
+    nap, inbox = steps["nap"], steps["inbox"]
+    assert nap.wake_at is not None and nap.started_at is not None
+    assert 0.95 < (nap.wake_at - nap.started_at).total_seconds() < 1.3  # parked after 0.5 s: 1.5 s before the fix
+    assert inbox.finished_at is not None and inbox.started_at is not None  # timed out: completed on waking
+    assert 0.95 < (inbox.finished_at - inbox.started_at).total_seconds() < 1.4
+
+
 async def test_a_child_runs_once_and_the_parent_waits_without_a_slot(manager_for: Any) -> None:
     calls = Calls()
 

@@ -65,6 +65,8 @@ class _Wait:
     future: asyncio.Future[None]
     timed: TimedWait | None = None
     child: str | None = None
+    since: datetime | None = None
+    """When the workflow called a timed wait (hooks.now()): a new wait's duration counts from then."""
 
 
 CANCELED_ERROR = {"type": "Canceled", "message": "canceled on request"}
@@ -94,6 +96,10 @@ class AttemptHooks(typing.Protocol):
 
     def draining(self) -> bool: ...
     def wake_in(self, seconds: float) -> None: ...
+    def now(self) -> datetime:
+        """The time the backend's transactions read."""
+        ...
+
     def runs_created(self) -> None:
         """Runs were inserted (children): look for claimable ones now, not at the next notification."""
         ...
@@ -401,7 +407,7 @@ class Attempt:
                 return
             wake_at = record.wake_at  # woken early (resumed, or by another wait): sleep on until the original time
         sleep = TimedWait(name, "sleep", datetime.now(UTC), None if wake_at is not None else delta, wake_at)
-        await self._block(_Wait(asyncio.get_running_loop().create_future(), timed=sleep))
+        await self._block(_Wait(asyncio.get_running_loop().create_future(), timed=sleep, since=self.hooks.now()))
 
     async def receive(self, name: str, topic: str, timeout: Duration | None) -> Any:
         """The oldest unconsumed message of `topic`, consumed and checkpointed in one transaction; a durable
@@ -433,6 +439,7 @@ class Attempt:
         timeout: timedelta | None,
         take: Callable[[datetime], Awaitable[tuple[bool, Any]]],
     ) -> Any:
+        called = self.hooks.now()
         self._claim_name(name)
         run = self.claimed
         record = self.steps.get(name)
@@ -461,7 +468,7 @@ class Attempt:
             return value
         wait = TimedWait(name, kind, started, timeout if record is None else None, wake_at, waits_for)
         # Parks the run (raises Suspended) once every branch is blocked; the arrival or the timeout wakes it.
-        await self._block(_Wait(asyncio.get_running_loop().create_future(), timed=wait))
+        await self._block(_Wait(asyncio.get_running_loop().create_future(), timed=wait, since=called))
 
     async def set_event(self, key: str, value: Any) -> None:
         """Publish `key` = `value` for readers outside (latest wins), once per call site and run: a replay
@@ -638,7 +645,8 @@ class Attempt:
 
     async def _park(self, waits: list[_Wait]) -> None:
         run = self.claimed
-        timed = [wait.timed for wait in waits if wait.timed is not None]
+        now = self.hooks.now()
+        timed = [_counted_from_call(wait.timed, wait.since, now) for wait in waits if wait.timed is not None]
         children = [wait.child for wait in waits if wait.child is not None]
         due = await until_available(
             lambda: self.backend.park_run(run.id, run.lease_token, timed, children), what="park run"
@@ -809,6 +817,15 @@ class Attempt:
         return StepTimeout(
             f"step {name!r} of workflow {self.definition.name!r} took longer than its timeout of {seconds:g}s"
         )
+
+
+def _counted_from_call(timed: TimedWait, since: datetime | None, now: datetime) -> TimedWait:
+    """A new timed wait as the run parks: its duration less the time since the workflow called it, as other
+    branches may run for a while before every branch is blocked (gather(sleep 1s, a 2s step) takes 2s)."""
+    if timed.duration is None or since is None:
+        return timed
+    elapsed = max(now - since, timedelta(0))  # a clock set back counts as no time
+    return dataclasses.replace(timed, duration=max(timed.duration - elapsed, timedelta(0)))
 
 
 def _retrieve_error(task: asyncio.Task[None]) -> None:

@@ -230,6 +230,7 @@ class WorkflowManager:
                 context_provider=tasks.context_provider,
                 on_finished=self.waiters.completed,
                 telemetry=self.telemetry,
+                clock=self._clock,
             )
             await self.worker.start()
             if tasks.worker_options.metrics_port is not None:

@@ -31,6 +31,7 @@ from .heartbeat import HeartbeatThread, Held
 from .queue import served_queues
 from .reconnect import until_available
 from .registry import Registry
+from .scheduler import system_clock
 from .telemetry import DISABLED, Telemetry
 from .threads import StepThreads
 from .waiting import cancel_and_wait, wait_for_event
@@ -53,8 +54,11 @@ class Worker:
         context_provider: Callable[[dict[str, Any]], Any] | None = None,
         on_finished: Callable[[str, str | None], None] | None = None,
         telemetry: Telemetry = DISABLED,
+        clock: Callable[[], datetime] = system_clock,
     ) -> None:
         self.backend = backend
+        self.now = clock
+        """The time the backend's transactions read (`testing.WorkflowTestEnv` passes its test clock)."""
         self.telemetry = telemetry
         self._metrics_task: asyncio.Task[None] | None = None
         self.registry = registry
