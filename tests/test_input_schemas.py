@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from sonamu_tasks import InvalidInput, RetryPolicy, workflow
+from sonamu_tasks import InvalidInput, RetryPolicy, WorkflowFailed, workflow
 
 RETRY_ONCE = RetryPolicy(max_attempts=2, initial_interval_ms=20, backoff_coefficient=1)
 
@@ -85,3 +85,19 @@ async def test_a_bad_input_is_refused_at_run_and_nothing_is_stored(manager_for: 
     with pytest.raises(InvalidInput, match="orderId: Input should be a valid integer"):
         await manager.run(ship, {"orderId": "seven"})
     assert (await manager.list_runs()).items == []
+
+
+async def test_a_child_with_a_bad_input_fails_its_parent_naming_which_child_and_starts_none(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=1))
+    async def fan_out(input: Any, step: Any) -> Any:
+        handles = await step.start_workflows("ships", ship, input)
+        return [await handle.result() for handle in handles]
+
+    manager = await manager_for([ship, fan_out])
+    handle = await manager.run(fan_out, [{"orderId": 1}, {"orderId": "two"}])
+    with pytest.raises(WorkflowFailed) as failed:
+        await handle.result(timeout=15)
+    message = failed.value.error["message"]
+    assert "invalid input for workflow 'ship'" in message
+    assert "child 'ships[1]' of workflow 'fan_out': orderId: Input should be a valid integer" in message
+    assert (await manager.list_runs(parent_id=handle.id)).items == []  # one statement: no child started

@@ -26,7 +26,14 @@ from . import serde
 from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRun, LeaseLost, StepRecord, TimedWait
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
-from .errors import ChildWorkflowFailed, NonRetryableError, StepNameConflict, StepTimeout, StorageError
+from .errors import (
+    ChildWorkflowFailed,
+    InvalidInput,
+    NonRetryableError,
+    StepNameConflict,
+    StepTimeout,
+    StorageError,
+)
 from .limits import MAX_ERROR_MESSAGE_LENGTH, storable_text
 from .log import RunLogger, current_step
 from .reconnect import until_available
@@ -518,24 +525,29 @@ class Attempt:
             return list(stored["run_ids"]) if fan_out else [stored["run_id"]]
         ids = [child_run_id(run.id, child_step) for child_step in child_steps]
         trace_context = self.hooks.telemetry.caller_context()  # the children join this attempt's trace
-        new_runs = [
-            prepare_run(
-                child_name,
-                child_version,
-                definition,
-                child_input,
-                options or RunOptions(),
-                run_id=child_id,
-                parent_id=run.id,
-                parent_step=child_step,
-                detached=detached,
-                what=f"the input of child {child_step!r} of workflow {self.definition.name!r}",
-                trace_context=trace_context,
-            )
-            for child_id, child_step, (child_name, child_version, definition, child_input) in zip(
-                ids, child_steps, children, strict=True
-            )
-        ]
+        new_runs = []
+        for child_id, child_step, (child_name, child_version, definition, child_input) in zip(
+            ids, child_steps, children, strict=True
+        ):
+            where = f"child {child_step!r} of workflow {self.definition.name!r}"
+            try:
+                new_runs.append(
+                    prepare_run(
+                        child_name,
+                        child_version,
+                        definition,
+                        child_input,
+                        options or RunOptions(),
+                        run_id=child_id,
+                        parent_id=run.id,
+                        parent_step=child_step,
+                        detached=detached,
+                        what=f"the input of {where}",
+                        trace_context=trace_context,
+                    )
+                )
+            except InvalidInput as error:  # which of the children: the schema's problems do not say
+                raise InvalidInput(error.workflow, [f"{where}: {problem}" for problem in error.problems]) from error
         output = {"run_ids": ids} if fan_out else {"run_id": ids[0]}
         self._enter()
         try:
