@@ -375,10 +375,17 @@ def schedules(context: click.Context, as_json: bool) -> None:
 
 
 @main.command("run")
-@click.argument("name")
-@click.option("--version", "version", help="Workflow version (needed when this process does not register it).")
+@click.argument("name", callback=_checked(arguments.workflow_name))
+@click.option(
+    "--version",
+    "version",
+    callback=_checked(arguments.version),
+    help="Workflow version (needed when this process does not register it).",
+)
 @click.option("--input", "input_json", default="null", help="Input as JSON.")
-@click.option("--idempotency-key", help="A repeated key returns the existing run.")
+@click.option(
+    "--idempotency-key", callback=_checked(arguments.idempotency_key), help="A repeated key returns the existing run."
+)
 @click.option("--start-at", help="Delay as a duration (10m) or an ISO datetime with timezone.")
 @click.option("--deadline", help="Duration (1h) or ISO datetime after which the run fails instead of running.")
 @click.option("--wait", is_flag=True, help="Wait for the result; exit 1 if the run fails.")
