@@ -113,8 +113,20 @@ def test_dynamic_policy_is_still_bounded_by_max_attempts() -> None:
 def test_values_that_are_not_json_are_refused_with_the_place_named() -> None:
     with pytest.raises(SerializationError, match=r"the result of step 'x'.*object"):
         dumps(object(), what="the result of step 'x'")
-    with pytest.raises(SerializationError, match="Out of range float"):
+    with pytest.raises(SerializationError, match=r"a value cannot be stored as JSON: nan at \$ is not a finite"):
         dumps(float("nan"), what="a value")
+    # Where in the value: the JSON path of the first part the encoder refuses.
+    refused = {"order": {"lines": [1, float("inf")]}, "ok": True}
+    with pytest.raises(SerializationError, match=r'inf at \$\["order"\]\["lines"\]\[1\] is not a finite number'):
+        dumps(refused, what="a value")
+    with pytest.raises(SerializationError, match=r'at \$\["when"\], a value of type object is not JSON'):
+        dumps({"when": object()}, what="a value")
+    with pytest.raises(SerializationError, match=r"a key of type tuple at \$\[0\]"):
+        dumps([{(1, 2): "pair"}], what="a value")
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(SerializationError, match=r'the value at \$\["x"\]\[0\] contains itself'):
+        dumps({"x": looped}, what="a value")
 
 
 def test_config_rejects_unknown_options_by_name() -> None:

@@ -160,6 +160,7 @@ def test_a_value_is_stored_as_json_that_reads_back_or_refused_as_unserializable(
         text = dumps(value, what="the value")
     except SerializationError as error:
         assert str(error).startswith("the value cannot be stored")
+        assert "at $" in str(error)  # where in the value: NaN, a lone surrogate, NUL, an object...
         assert not _storable(value)
     else:
         assert _storable(value)

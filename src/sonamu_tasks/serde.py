@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import traceback
 from collections.abc import Iterator
@@ -36,7 +37,12 @@ def dumps(value: Any, *, what: str) -> str:
     try:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as error:
-        raise SerializationError(f"{what} cannot be stored as JSON: {error}") from error
+        # Rare: find where, for the message (the encoder does not say).
+        try:
+            where = _unencodable(value, "$", set())
+        except RecursionError:
+            where = None
+        raise SerializationError(f"{what} cannot be stored as JSON: {where or error}") from error
     # json.dumps escapes everything outside ASCII, so NUL and surrogates show up only as \u escapes. Most
     # values hold no backslash at all: one memchr (~40 ns for 400 characters) and done.
     if "\\" in text and ("\\u0000" in text or "\\ud" in text):
@@ -137,6 +143,40 @@ def _unstorable_strings(value: Any, path: str) -> Iterator[str]:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _unstorable_strings(item, f"{path}[{index}]")
+
+
+def _unencodable(value: Any, path: str, enclosing: set[int]) -> str | None:
+    """Where and what, for the first part of `value` the encoder refuses, in the encoder's order (None: not
+    found, say a model whose dump raised). `enclosing`: the containers around `path`, to tell a cycle."""
+    if value is None or isinstance(value, str | int | bool):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value!r} at {path} is not a finite number"
+    if isinstance(value, dict | list | tuple):
+        if id(value) in enclosing:
+            return f"the value at {path} contains itself"
+        enclosing.add(id(value))
+        try:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if key is not None and not isinstance(key, str | int | float | bool):
+                        return f"a key of type {type(key).__name__} at {path} (keys are strings)"
+                    if found := _unencodable(item, f"{path}[{json.dumps(str(key))}]", enclosing):
+                        return found
+            else:
+                for index, item in enumerate(value):
+                    if found := _unencodable(item, f"{path}[{index}]", enclosing):
+                        return found
+            return None
+        finally:
+            enclosing.discard(id(value))
+    try:
+        encoded = _encode_object(value)
+    except TypeError as error:
+        return f"at {path}, {error}"
+    except Exception:
+        return None
+    return _unencodable(encoded, path, enclosing)
 
 
 def _describe(text: str) -> str:
