@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -114,6 +115,60 @@ async def test_a_hanging_sync_step_times_out_its_late_result_is_discarded_and_a_
     assert finished.wait(5)
     run = await handle.info(with_steps=True)
     assert run.status is RunStatus.FAILED and run.steps[0].output is None  # "late" was never stored
+
+
+async def test_a_sync_steps_timeout_counts_its_execution_not_its_wait_for_a_thread(manager_for: Any) -> None:
+    executions: list[str] = []
+
+    def work(name: str) -> str:
+        executions.append(name)
+        time.sleep(0.4)
+        return name
+
+    # Two threads, six steps of 0.4 s: the last two wait 0.8 s for a thread, then run well within 1 s.
+    @workflow(version="1", retry_policy=ONCE)
+    async def wide(step: Any) -> Any:
+        return await asyncio.gather(*(step.define(f"w{i}", work, timeout="1s").run(f"w{i}") for i in range(6)))
+
+    manager = await manager_for([wide], concurrency=2)
+    handle = await manager.run(wide)
+    names = [f"w{i}" for i in range(6)]
+    assert await handle.result(timeout=15) == names
+    assert sorted(executions) == names  # each ran once: none was abandoned and run again
+
+
+async def test_a_queued_sync_step_given_up_on_never_runs(manager_for: Any) -> None:
+    gave_up = threading.Event()
+    executions: list[str] = []
+
+    def busy() -> str:
+        gave_up.wait(15)  # holds the only thread until the other branch gave up on its queued step
+        return "busy"
+
+    def queued() -> str:
+        executions.append("queued")
+        return "queued"
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def impatient(step: Any) -> Any:
+        async def give_up() -> str:
+            try:
+                return await asyncio.wait_for(step.define("queued", queued).run(), 0.2)
+            except TimeoutError:
+                gave_up.set()
+                return "gave up"
+
+        outcome = await asyncio.gather(step.define("busy", busy).run(), give_up())
+        # The pool's one thread takes work in order: had the given-up step stayed queued, it would run first.
+        await step.define("after", lambda: executions.append("after")).run()
+        return outcome
+
+    manager = await manager_for([impatient], concurrency=1)
+    handle = await manager.run(impatient)
+    assert await handle.result(timeout=15) == ["busy", "gave up"]
+    assert executions == ["after"]
+    run = await handle.info(with_steps=True)
+    assert [s.name for s in run.steps] == ["busy", "after"]
 
 
 async def test_bad_step_options_fail_the_run_naming_the_step(manager_for: Any) -> None:

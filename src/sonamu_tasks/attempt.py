@@ -813,11 +813,29 @@ class Attempt:
                     raise self._timed_out(name, seconds) from error
                 raise
         # Sync steps run in the worker's thread pool so they never block the event loop.
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
         context = contextvars.copy_context()
-        future = self.hooks.threads.submit(context.run, functools.partial(fn, *args, **kwargs))
+
+        def execute() -> Any:
+            loop.call_soon_threadsafe(started.set_result, None)
+            return context.run(fn, *args, **kwargs)
+
+        future = self.hooks.threads.submit(execute)
+        done = asyncio.wrap_future(future)
+        try:
+            # The timeout bounds one execution: it opens when a thread takes the step, not while the step
+            # queues behind other sync steps for one of the pool's threads.
+            await asyncio.wait((started, done), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Given up while queued (its branch was cancelled): cancelled now, the work never runs. Had a
+            # thread just taken it, it runs on and its result is discarded.
+            future.cancel()
+            done.cancel()
+            raise
         try:
             async with asyncio.timeout(seconds) as limit:
-                result = await asyncio.wrap_future(future)
+                result = await done
         except TimeoutError as error:
             if not limit.expired():
                 raise
