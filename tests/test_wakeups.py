@@ -31,6 +31,21 @@ async def _echo(value: Any) -> Any:
     return value
 
 
+@workflow(version="1")
+async def receives(input: Any, step: Any) -> Any:
+    return await step.receive("message", topic="t")
+
+
+@workflow(version="1")
+async def awaits(input: Any, step: Any) -> Any:
+    return await step.wait_for_event("event", "ready", key=input)
+
+
+@workflow(version="1")
+async def parent(input: Any, step: Any) -> Any:
+    return {"child": await step.run_workflow("child", receives, input)}
+
+
 class Listener:
     """A LISTEN on the schema's channel; `until_marker` collects the payloads received before our own marker."""
 
@@ -108,7 +123,48 @@ async def test_a_message_or_event_from_another_process_wakes_a_waiting_run_by_no
         # Then the workers were woken by the senders' NOTIFYs (sent by this process, not by the status trigger
         # inside the sending transactions, which PostgreSQL would deliver just the same: see migration 0015)
         received = await listener.until_marker()
-    assert {"a:collect", "a:awaits_event"} <= set(received)
+    assert {"w:collect", "w:awaits_event"} <= set(received)  # woken runs: "w:", claimed without listen_delay
+
+
+async def test_a_woken_run_is_claimed_at_once_while_new_runs_wait_out_listen_delay(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    # Given a worker that claims new runs 5 s after their notification and polls once a minute, and a manager
+    # without a worker (a web server, say), each listening on its own connection
+    worker = WorkflowManager(
+        make_config(listen_delay=5000, poll_interval_ms=60_000), workflows=[receives, awaits, parent, local]
+    )
+    async with (
+        Listener(database_url, schema) as listener,
+        worker,
+        WorkflowManager(make_config(enable_worker=False)) as sender,
+    ):
+        # And runs started where the worker is (inserted already claimed, they start at once): a parent
+        # waiting for its child, which waits for a message, and a run waiting for an event
+        waiting_parent = await worker.run(parent, None)
+        waiting = await worker.run(awaits, "k")
+
+        async def all_waiting() -> list[Any] | None:
+            children = (await sender.list_runs(parent_id=waiting_parent.id)).items
+            runs = [await sender.get_run(h.id) for h in (waiting_parent, waiting)] + children
+            return children if [r.status for r in runs] == ["waiting"] * 3 else None
+
+        [child] = await wait_until(all_waiting, what="the runs to wait")
+        # When the other manager sends the child its message, the child resumes and finishes, and its end
+        # wakes the parent: both well within the listen_delay (each waited out the 5 s before)
+        await sender.send(child.id, "hello", topic="t")
+        assert await sender.handle(waiting_parent.id).result(timeout=2) == {"child": "hello"}
+        # And so does a run woken by an event the other manager emits
+        assert await sender.emit("ready", "go", key="k") == 1
+        assert await sender.handle(waiting.id).result(timeout=2) == "go"
+        # While a new run started elsewhere is still claimed only after listen_delay, batching claims
+        later = await sender.run(local, "later")
+        await asyncio.sleep(1)
+        assert (await sender.get_run(later.id)).status == "pending"
+        assert await later.result(timeout=20) == "later"
+        received = await listener.until_marker()
+    # Woken runs are announced as "w:", claimed at once; new runs as "a:", claimed after listen_delay
+    assert {"w:receives", "w:parent", "w:awaits", "a:local"} <= set(received)
 
 
 async def test_run_many_sends_one_notification_after_its_commit(

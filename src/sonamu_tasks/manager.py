@@ -693,6 +693,10 @@ class WorkflowManager:
         if self.worker is not None:
             self.worker.notify_available()
 
+    def run_woken(self, workflow_name: str) -> None:
+        if self.worker is not None:
+            self.worker.notify_woken()
+
     def run_finished(self, run_id: str, output_json: str | None = None) -> None:
         self.waiters.completed(run_id, output_json)
 

@@ -1,8 +1,8 @@
 """The worker: claims due runs into `concurrency` slots, keeps their leases alive, shuts down gently.
 
-Wake-ups come from three places: a notification (after `listen_delay`), a local timer for the runs this
-worker parked or scheduled for retry, and the time until the next due run read from the database,
-capped by `poll_interval_ms` as the safety net.
+Wake-ups come from three places: a notification (after `listen_delay` for new runs, at once for a waiting
+run woken), a local timer for the runs this worker parked or scheduled for retry, and the time until the
+next due run read from the database, capped by `poll_interval_ms` as the safety net.
 
 Leases are extended from the heartbeat thread (`heartbeat.py`), so a workflow that blocks the event loop
 does not lose them; only a worker whose backend was passed in as an object heartbeats from its loop.
@@ -145,6 +145,13 @@ class Worker:
             self.wake()
         else:
             self.wake_in(self.options.listen_delay / 1000)
+
+    def notify_woken(self) -> None:
+        """A notification said a waiting run was woken (a message, an event, its child's end): claim at once.
+        `listen_delay` batches the claims of new runs under load; a woken run is one run promised to resume
+        within milliseconds."""
+        if self.options.use_pub_sub:
+            self.wake()
 
     def wake_in(self, seconds: float) -> None:
         """Look for due runs in `seconds` (a retry or wake-up this worker scheduled). One timer, for the

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class WorkerProcess:
     def __init__(self, url: str, schema: str, log_dir: Path, name: str, **settings: float | str) -> None:
         self.log_path = log_dir / f"{name}.log"
-        env = {**os.environ, "SONAMU_TEST_URL": url, "SONAMU_TEST_SCHEMA": schema, "PYTHONPATH": str(ROOT)}
+        # This tree's src first: otherwise the installed package (another checkout's, in a git worktree) runs.
+        path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+        env = {**os.environ, "SONAMU_TEST_URL": url, "SONAMU_TEST_SCHEMA": schema, "PYTHONPATH": path}
         for key, value in settings.items():
             env[f"SONAMU_TEST_{key.upper()}"] = str(value)
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()

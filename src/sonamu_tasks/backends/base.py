@@ -143,7 +143,14 @@ class RunQuery:
 class Notifications(Protocol):
     """What a backend tells the engine as it happens (PostgreSQL LISTEN/NOTIFY)."""
 
-    def run_available(self, workflow_name: str) -> None: ...
+    def run_available(self, workflow_name: str) -> None:
+        """A run of this workflow became claimable (a new one, or one handed back, retried or resumed)."""
+        ...
+
+    def run_woken(self, workflow_name: str) -> None:
+        """A waiting run of this workflow was made due now (by a message, an event, its child's end)."""
+        ...
+
     def run_finished(self, run_id: str, output_json: str | None = None) -> None:
         """The run finished; `output_json` is its output when it completed and the notification carried it."""
         ...

@@ -144,7 +144,7 @@ class PostgresBackend:
         self._inserts: GroupCommit[NewRun, tuple[str, bool]] = GroupCommit(self._insert_runs)
         self._watches: GroupCommit[str, bool] = GroupCommit(self._watch_runs)
         # "Runs of these workflows are due": NOTIFYs after the inserting commits, one in flight (migration 0013).
-        self._wakeups = Wakeups(self._notify_available)
+        self._wakeups = Wakeups(self._notify_workers)
 
     def _new_pool(self, url: str, size: int, name: str) -> psycopg_pool.AsyncConnectionPool[Any]:
         return psycopg_pool.AsyncConnectionPool(
@@ -273,9 +273,9 @@ class PostgresBackend:
             logger.info("applied migration %s to schema %s", name, self.schema)
         return applied
 
-    async def _notify_available(self, workflows: list[str]) -> None:
+    async def _notify_workers(self, payloads: list[str]) -> None:
         async with self._connection() as conn:
-            await conn.execute(QUERIES["notify_available"], {"channel": self.channel, "names": workflows})
+            await conn.execute(QUERIES["notify_workers"], {"channel": self.channel, "payloads": payloads})
 
     async def listen(self, notifications: Notifications) -> None:
         delay = 0.1
@@ -755,7 +755,7 @@ class PostgresBackend:
                     conn, "send_message", {**params, "notify": along, "channel": self.channel}
                 )
         if woke is not None and not along:
-            self._wakeups.runs_due([woke])
+            self._wakeups.runs_woken([woke])
         return None if not found else bool(stored)
 
     @_transient
@@ -768,7 +768,7 @@ class PostgresBackend:
                     conn, "emit_event", {**params, "notify": along, "channel": self.channel}
                 )
         if workflows and not along:
-            self._wakeups.runs_due(workflows)
+            self._wakeups.runs_woken(workflows)
         return int(woken)
 
     async def _one(self, conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]) -> tuple[Any, ...]:
@@ -1017,6 +1017,8 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
     kind, _, value = payload.partition(":")
     if kind == "a":
         notifications.run_available(value)
+    elif kind == "w":  # a waiting run woken (migration 0017): claimed at once, not after listen_delay
+        notifications.run_woken(value)
     elif kind == "f":
         notifications.run_finished(value)
     elif kind == "o":  # completed, with its output (migration 0013): "o:" + id + ":" + output JSON

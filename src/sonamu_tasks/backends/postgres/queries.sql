@@ -127,12 +127,13 @@ WITH inserted AS (
 )
 SELECT id, (SELECT count(*) FROM notified) FROM inserted
 
--- notify_available --
--- After the commit of runs made due now (0013_notify_after_commit.sql): wake the workers of these workflows.
--- A transaction of its own that does not wait for the WAL flush (a notification is not durable anyway), so
--- PostgreSQL's notification queue lock is held for microseconds, not for a flush.
-SELECT set_config('synchronous_commit', 'off', true), pg_notify(%(channel)s, 'a:' || name)
-FROM unnest(%(names)s::text[]) AS name
+-- notify_workers --
+-- After the commit of runs made due now (0013_notify_after_commit.sql): wake the workers, one payload each
+-- ("a:" or "w:" + workflow, see 0017_woken_runs_notify_urgently.sql). A transaction of its own that does not
+-- wait for the WAL flush (a notification is not durable anyway), so PostgreSQL's notification queue lock is
+-- held for microseconds, not for a flush.
+SELECT set_config('synchronous_commit', 'off', true), pg_notify(%(channel)s, payload)
+FROM unnest(%(payloads)s::text[]) AS payload
 
 -- find_runs --
 -- The runs a create_runs collided with: by idempotency key, or by id (a batch sent again after its commit's
@@ -392,7 +393,8 @@ SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM notified)
 -- send_message --
 -- A message to a run: stored once per idempotency key; a waiting run is made due now. Updating the run's row
 -- first orders this against a park (see lock_parking_run). The woken run's workers are told by this process
--- (0015_senders_notify_after_commit.sql): `woke` is its workflow; `notify`: this statement carries the NOTIFY.
+-- (0015_senders_notify_after_commit.sql): `woke` is its workflow; `notify`: this statement carries the NOTIFY,
+-- "w:" as for any waiting run woken (0017_woken_runs_notify_urgently.sql).
 WITH deferred AS (
     SELECT set_config('sonamu_tasks.wake_after_commit', 'on', true) AS setting
 ), target AS (
@@ -409,7 +411,7 @@ WITH deferred AS (
     ON CONFLICT DO NOTHING
     RETURNING id
 ), notified AS (
-    SELECT pg_notify(%(channel)s::text, 'a:' || woke) FROM target WHERE woke IS NOT NULL AND %(notify)s::boolean
+    SELECT pg_notify(%(channel)s::text, 'w:' || woke) FROM target WHERE woke IS NOT NULL AND %(notify)s::boolean
 )
 SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM stored), (SELECT woke FROM target),
        (SELECT count(*) FROM notified)
@@ -431,7 +433,7 @@ WITH deferred AS (
     WHERE id IN (SELECT run_id FROM subscribers) AND status = 'waiting'
     RETURNING id, workflow_name
 ), notified AS (
-    SELECT pg_notify(%(channel)s::text, 'a:' || name)
+    SELECT pg_notify(%(channel)s::text, 'w:' || name)
     FROM (SELECT DISTINCT workflow_name AS name FROM woken) AS w
     WHERE %(notify)s::boolean
 )
