@@ -813,19 +813,30 @@ class Attempt:
                     raise self._timed_out(name, seconds) from error
                 raise
         # Sync steps run in the worker's thread pool so they never block the event loop.
+        context = contextvars.copy_context()
+        if seconds is None:
+            # Cancelled while queued, the wrapped future cancels the work: it never runs.
+            future = self.hooks.threads.submit(context.run, functools.partial(fn, *args, **kwargs))
+            result = await asyncio.wrap_future(future)
+        else:
+            result = await self._in_thread_within(name, seconds, context, functools.partial(fn, *args, **kwargs))
+        return await result if inspect.isawaitable(result) else result
+
+    async def _in_thread_within(
+        self, name: str, seconds: float, context: contextvars.Context, call: Callable[[], Any]
+    ) -> Any:
+        """A sync step with a timeout. The timeout bounds one execution: it opens when a thread takes the
+        step, not while the step queues behind other sync steps for one of the pool's threads."""
         loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = loop.create_future()
-        context = contextvars.copy_context()
 
         def execute() -> Any:
             loop.call_soon_threadsafe(started.set_result, None)
-            return context.run(fn, *args, **kwargs)
+            return context.run(call)
 
         future = self.hooks.threads.submit(execute)
         done = asyncio.wrap_future(future)
         try:
-            # The timeout bounds one execution: it opens when a thread takes the step, not while the step
-            # queues behind other sync steps for one of the pool's threads.
             await asyncio.wait((started, done), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             # Given up while queued (its branch was cancelled): cancelled now, the work never runs. Had a
@@ -835,13 +846,12 @@ class Attempt:
             raise
         try:
             async with asyncio.timeout(seconds) as limit:
-                result = await done
+                return await done
         except TimeoutError as error:
             if not limit.expired():
                 raise
             self.hooks.threads.abandon(future, f"step {name!r} of run {self.claimed.id}")
             raise self._timed_out(name, seconds) from error
-        return await result if inspect.isawaitable(result) else result
 
     def _timed_out(self, name: str, seconds: float | None) -> StepTimeout:
         return StepTimeout(
