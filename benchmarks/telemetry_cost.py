@@ -23,7 +23,7 @@ CALLER = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0
 def one_workflow(telemetry: Telemetry, context: dict[str, str] | None) -> None:
     with telemetry.attempt("run", "workflow", "1", 1, context, True):
         for name in ("one", "two", "three"):
-            with telemetry.step("workflow", "run", name):
+            with telemetry.step("workflow", "1", "run", 1, name):
                 pass
 
 

@@ -89,6 +89,14 @@ async def test_an_attempt_joins_the_callers_trace_through_the_database(
     assert ("step charge", by_run[handle.id].context.span_id) in steps
     refund = next(s for s in finished if s.name == "step refund")
     assert refund.events and refund.events[0].name == "exception"  # the error is recorded on the step span
+    assert refund.attributes is not None
+    assert (refund.attributes["sonamu_tasks.version"], refund.attributes["sonamu_tasks.attempt"]) == ("1", 1)
+    # ... and on the attempt's span, with its status
+    failed = by_run[failing.id]
+    assert [event.name for event in failed.events] == ["exception"]
+    assert failed.events[0].attributes is not None
+    assert failed.events[0].attributes["exception.message"] == "card declined"
+    assert failed.status.description == "ValueError: card declined"
 
 
 def metric(name: str, **labels: str) -> float:

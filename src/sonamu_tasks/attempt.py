@@ -182,10 +182,11 @@ class Attempt:
         ) as self._outcome:
             await self._execute()
 
-    def _ended(self, how: str) -> None:
-        """How the attempt ended, for its span and metrics."""
+    def _ended(self, how: str, error: BaseException | None = None) -> None:
+        """How the attempt ended (and what failed it), for its span and metrics."""
         if self._outcome is not None:
             self._outcome.value = how
+            self._outcome.error = error
 
     async def _execute(self) -> None:
         run = self.claimed
@@ -326,7 +327,7 @@ class Attempt:
                 what="record failure",
             )
         where = f" in step {step[0]!r}" if step else ""
-        self._ended("retrying" if retry_delay is not None else "failed")
+        self._ended("retrying" if retry_delay is not None else "failed", error)
         if retry_delay is not None:
             self.logger.warning(
                 "attempt %d failed%s: %s; retrying in %.3fs",
@@ -365,7 +366,13 @@ class Attempt:
             started = datetime.now(UTC)
             token = current_step.set(name)
             telemetry = self.hooks.telemetry
-            scope = telemetry.step(self.definition.name, self.claimed.id, name) if telemetry.enabled else _NO_SCOPE
+            scope = (
+                telemetry.step(
+                    self.definition.name, self.definition.version, self.claimed.id, self.claimed.attempts + 1, name
+                )
+                if telemetry.enabled
+                else _NO_SCOPE
+            )
             try:
                 with scope:
                     result = await self._invoke(

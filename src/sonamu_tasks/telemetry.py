@@ -51,6 +51,8 @@ class AttemptOutcome:
     """Filled by the attempt as it ends: completed, failed, retrying, parked, handed_back, stopped, lease_lost."""
 
     value: str = "unknown"
+    error: BaseException | None = None
+    """What failed the attempt (failed, retrying), recorded on its span."""
 
 
 class Metrics:
@@ -158,7 +160,11 @@ class Telemetry:
                 if span is not None:
                     span.set_attribute("sonamu_tasks.outcome", outcome.value)
                     if outcome.value == "failed" or outcome.value == "retrying":
-                        span.set_status(trace.Status(trace.StatusCode.ERROR))
+                        error = outcome.error
+                        if error is not None:
+                            span.record_exception(error)
+                        described = None if error is None else f"{type(error).__name__}: {error}"
+                        span.set_status(trace.Status(trace.StatusCode.ERROR, described))
                 if metrics is not None:
                     metrics.child(metrics.attempts, workflow, outcome.value).inc()
                     metrics.child(metrics.attempt_seconds, workflow, outcome.value).observe(time.perf_counter() - began)
@@ -170,14 +176,20 @@ class Telemetry:
                         metrics.child(metrics.lease_losses, workflow).inc()
 
     @contextlib.contextmanager
-    def step(self, workflow: str, run_id: str, name: str) -> Iterator[None]:
+    def step(self, workflow: str, version: str, run_id: str, attempt: int, name: str) -> Iterator[None]:
         began = time.perf_counter()
         outcome = "completed"
         span_scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         # A step span only inside a recording attempt span (whose attempt asked _recording(), which reads the
         # environment): the current span says so from a context variable.
         if self.tracer is not None and trace.get_current_span().is_recording():
-            attributes = {"sonamu_tasks.run_id": run_id, "sonamu_tasks.workflow": workflow, "sonamu_tasks.step": name}
+            attributes: dict[str, str | int] = {
+                "sonamu_tasks.run_id": run_id,
+                "sonamu_tasks.workflow": workflow,
+                "sonamu_tasks.version": version,
+                "sonamu_tasks.attempt": attempt,
+                "sonamu_tasks.step": name,
+            }
             span_scope = self.tracer.start_as_current_span(f"step {name}", attributes=attributes)
         try:
             with span_scope:
