@@ -33,8 +33,16 @@ from .discovery import DiscoveryError, discover
 from .duration import Duration
 from .errors import InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
-from .ids import stored_run_id
-from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
+from .ids import RUN_ID, stored_run_id
+from .limits import (
+    MAX_KEY_LENGTH,
+    check_idempotency_key,
+    check_name,
+    check_topic,
+    check_version,
+    has_unstorable_text,
+    shown,
+)
 from .queue import Queue, collect_queues
 from .reconnect import until_available
 from .records import STALE_AFTER
@@ -479,13 +487,20 @@ class WorkflowManager:
     ) -> RunPage:
         """Runs, newest first. Pass `page.next_cursor` as `cursor` for the next page (None: last page).
         `parent_id`: only the children of that run. `queue`: only the runs of that queue."""
-        if not 1 <= limit <= 1000:
-            raise ValueError(f"limit must be between 1 and 1000, got {limit}")
-        statuses = None
-        if status is not None:
-            statuses = tuple(RunStatus(s).value for s in ([status] if isinstance(status, str) else status))
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidValue(
+                f"list_runs limit must be a whole number from 1 to 1000, got {shown(limit)}", field="limit"
+            )
         query = RunQuery(
-            workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id, version, queue
+            _text_filter(workflow, "workflow"),
+            _status_filter(status),
+            _run_id_filter(cursor, "cursor"),
+            _time_filter(created_after, "created_after"),
+            _time_filter(created_before, "created_before"),
+            limit + 1,
+            _run_id_filter(parent_id, "parent_id"),
+            _text_filter(version, "version"),
+            _text_filter(queue, "queue"),
         )
         records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
         items = records[:limit]
@@ -681,3 +696,44 @@ class WorkflowManager:
         if self.worker is not None:
             self.worker.wake()
         self.waiters.wake_all()
+
+
+# list_runs' filters, each refused naming its argument: the backends would otherwise fail on a wrong one each
+# in its own way (an AttributeError, a cast PostgreSQL refuses), or SQLite would match nothing.
+
+
+def _text_filter(value: str | None, field: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or has_unstorable_text(value)):
+        raise InvalidValue(
+            f"list_runs {field} must be a string with no NUL or lone surrogate, got {shown(value)}", field=field
+        )
+    return value
+
+
+def _run_id_filter(value: str | None, field: str) -> str | None:
+    if value is not None and not (isinstance(value, str) and RUN_ID.fullmatch(value)):
+        raise InvalidValue(f"list_runs {field} must be a run id (a UUID), got {shown(value)}", field=field)
+    return None if value is None else value.lower()
+
+
+def _time_filter(value: datetime | None, field: str) -> datetime | None:
+    if value is not None and not (isinstance(value, datetime) and value.utcoffset() is not None):
+        raise InvalidValue(f"list_runs {field} must be a timezone-aware datetime, got {shown(value)}", field=field)
+    return value
+
+
+def _status_filter(status: RunStatus | str | Iterable[RunStatus | str] | None) -> tuple[str, ...] | None:
+    if status is None:
+        return None
+    if isinstance(status, str) or not isinstance(status, Iterable):
+        status = [status]
+    statuses = []
+    for item in status:
+        try:
+            statuses.append(RunStatus(item).value)
+        except ValueError:
+            known = ", ".join(s.value for s in RunStatus)
+            raise InvalidValue(
+                f"list_runs status {shown(item)} is not a run status; one of {known}", field="status"
+            ) from None
+    return tuple(statuses)
