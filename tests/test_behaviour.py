@@ -17,6 +17,7 @@ from sonamu_tasks import (
     ResultTimeout,
     RetryDecision,
     RetryPolicy,
+    RunNotFound,
     RunStatus,
     StepStatus,
     WorkflowFailed,
@@ -806,3 +807,41 @@ async def _request_reached(manager: WorkflowManager, run_id: str) -> bool:
     return worker is not None and any(
         attempt.claimed.id == run_id and attempt._stop_requested for _, attempt in worker._active.values()
     )
+
+
+async def test_an_id_no_run_can_have_is_run_not_found_everywhere(manager_for: Any) -> None:
+    manager = await manager_for([], enable_worker=False)
+    bad = "not-a-uuid"
+    calls = {
+        "get_run": lambda: manager.get_run(bad),
+        "cancel": lambda: manager.cancel(bad),
+        "pause": lambda: manager.pause(bad),
+        "resume": lambda: manager.resume(bad),
+        "retry": lambda: manager.retry(bad),
+        "fork": lambda: manager.fork(bad, "a-step"),
+        "send": lambda: manager.send(bad, "hi"),
+        "get_event": lambda: manager.get_event(bad, "progress", timeout=1),
+        "list_messages": lambda: manager.list_messages(bad),
+        "list_events": lambda: manager.list_events(bad),
+        "count_children": lambda: manager.count_children(bad),
+        "wait_for_result": lambda: manager.wait_for_result(bad, timeout=1),
+        "wait_until_finished": lambda: manager.wait_until_finished(bad, timeout=1),
+        "handle.result": lambda: manager.handle(bad).result(timeout=1),
+        "handle.status": lambda: manager.handle(bad).status(),
+    }
+    for name, call in calls.items():
+        try:
+            await call()
+        except RunNotFound as error:
+            assert "no run with id 'not-a-uuid'" in str(error), name
+        else:
+            pytest.fail(f"{name} raised nothing")
+
+
+async def test_a_run_id_in_capitals_finds_the_run_on_every_backend(manager_for: Any) -> None:
+    client = await manager_for([], enable_worker=False)
+    handle = await client.run({"name": "nobody_runs_this", "version": "1"})
+    assert (await client.get_run(handle.id.upper())).id == handle.id
+    assert await client.send(handle.id.upper(), "hi") is True
+    assert [m.payload for m in await client.list_messages(handle.id)] == ["hi"]
+    assert await client.cancel(handle.id.upper()) is RunStatus.CANCELED

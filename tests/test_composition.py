@@ -174,6 +174,16 @@ async def test_map_refuses_a_bad_concurrency(manager_for: Any) -> None:
         await (await manager.run(bad)).result(timeout=15)
 
 
+async def test_map_refuses_items_that_are_not_iterable_naming_the_step_and_workflow(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=ONCE)
+    async def bad_items(step: Any) -> Any:
+        return await step.map("m", str, 5)
+
+    manager = await manager_for([bad_items])
+    with pytest.raises(WorkflowFailed, match=r"step.map\('m'\) in workflow 'bad_items': items must be iterable"):
+        await (await manager.run(bad_items)).result(timeout=15)
+
+
 async def test_sleeps_in_concurrent_branches_park_the_run_once_and_each_is_kept(manager_for: Any) -> None:
     calls = Calls()
 

@@ -54,6 +54,28 @@ async def test_the_definition_stays_callable_as_the_plain_function() -> None:
     assert await add_one(input=1) == 2
 
 
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"version": "1", "retention": "forever"}, "retention"),
+        ({"version": "1", "queue": 5}, "queue"),
+        ({"version": "1", "retry_policy": {"max_retries": 3}}, "retry_policy"),
+        ({"version": 1.5}, "version"),
+        ({}, "needs a version"),
+    ],
+)
+def test_a_bad_decorator_argument_names_the_workflow(options: dict[str, Any], problem: str) -> None:
+    with pytest.raises(WorkflowDefinitionError, match=f"workflow 'send_invoice'.*{problem}"):
+
+        @workflow(**options)
+        async def sendInvoice(input: Any) -> None: ...
+
+    async def cleanup(step: Any) -> None: ...
+
+    with pytest.raises(WorkflowDefinitionError, match=f"workflow 'cleanup_task'.*{problem}"):
+        workflow(cleanup, name="cleanup_task", **options)
+
+
 def test_unknown_parameter_names_are_refused_at_definition() -> None:
     with pytest.raises(WorkflowDefinitionError, match=r"unknown parameter 'payload'.*input, step, logger"):
 

@@ -400,6 +400,34 @@ async def test_huge_or_unstorable_names_and_keys_are_refused_at_run_quickly(mana
     await assert_others_unaffected(manager)
 
 
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        ({"parent_id": 5}, "parent_id"),
+        ({"parent_id": "not-a-uuid"}, "parent_id"),
+        ({"cursor": 5}, "cursor"),
+        ({"cursor": "not-a-uuid"}, "cursor"),
+        ({"workflow": ["plain"]}, "workflow"),
+        ({"version": 1}, "version"),
+        ({"queue": "a\x00b"}, "queue"),
+        ({"status": 5}, "status"),
+        ({"status": ["done"]}, "status"),
+        ({"created_after": "2024-01-01"}, "created_after"),
+        ({"created_before": datetime(2024, 1, 1)}, "created_before"),
+        ({"limit": "50"}, "limit"),
+        ({"limit": 0}, "limit"),
+    ],
+)
+async def test_a_bad_list_runs_filter_is_refused_naming_it(
+    manager_for: Any, filters: dict[str, Any], field: str
+) -> None:
+    manager = await manager_for([plain])
+    with pytest.raises(InvalidValue, match=f"^list_runs {field}") as refused:
+        await manager.list_runs(**filters)
+    assert refused.value.field == field
+    await assert_others_unaffected(manager)
+
+
 async def test_an_error_message_holding_nul_is_recorded_and_the_run_fails_normally(manager_for: Any) -> None:
     async def explode() -> None:
         raise ValueError("card\x00declined \udc80" + "!" * 50_000)

@@ -3,13 +3,14 @@ deadlines and cron schedules follow the test clock and finish in milliseconds of
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sonamu_tasks import RetryPolicy, RunStatus, Schedule, WorkflowFailed, workflow
+from sonamu_tasks import ResultTimeout, RetryPolicy, RunStatus, Schedule, WorkflowFailed, workflow
 from sonamu_tasks.testing import WorkflowTestEnv
 
 START = datetime(2030, 1, 6, 8, 0, tzinfo=UTC)  # a Monday
@@ -145,3 +146,28 @@ async def test_a_rate_limited_queue_follows_the_test_clock() -> None:
         starts = sorted([(await handle.info()).started_at for handle in handles])  # type: ignore[type-var]
         assert starts[2] - starts[0] >= timedelta(hours=1) and starts[4] - starts[2] >= timedelta(hours=1)
     assert time.monotonic() - began < 10
+
+
+@workflow(version="1")
+async def await_approval(step: Any) -> Any:
+    return await step.receive("decision", topic="approval")  # no timeout: parked until a message comes
+
+
+@pytest.mark.parametrize("microseconds", range(4))
+async def test_result_of_a_run_waiting_with_no_timeout_keeps_waiting(microseconds: int) -> None:
+    # Such a run is due at FOREVER, which comes back through float seconds a few µs either side of it
+    # depending on the clock's microseconds: these four starts cover both sides.
+    start = START + timedelta(microseconds=microseconds)
+    async with WorkflowTestEnv(workflows=[await_approval], start=start) as env:
+        handle = await env.run(await_approval)
+        with pytest.raises(ResultTimeout):
+            await handle.result(timeout=0.2)
+        assert env.now() == start  # no time skipped: only a message can wake the run
+
+        async def approve_soon() -> None:
+            await asyncio.sleep(0.1)
+            await env.send(handle.id, {"approved": True}, topic="approval")
+
+        sender = asyncio.create_task(approve_soon())
+        assert await handle.result(timeout=10) == {"approved": True}
+        await sender

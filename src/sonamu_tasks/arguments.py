@@ -8,21 +8,19 @@ dashboard into a 400 or 404.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from typing import Any
 
-from . import limits, serde
+from . import ids, limits, serde
 from .errors import SerializationError
 from .status import RunStatus
 
-_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 MAX_LIMIT = 1000
 
 
 def run_id(text: str) -> str:
     """A run id in its canonical form (lowercase UUID with dashes), as the backends store it."""
-    if not _RUN_ID.fullmatch(text):
+    if not ids.RUN_ID.fullmatch(text):
         raise ValueError(f"{_shown(text)} is not a run id (a UUID like 0190b7e2-5c3a-7d1e-8f00-1234567890ab)")
     return text.lower()
 

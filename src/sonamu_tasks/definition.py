@@ -137,30 +137,30 @@ def workflow(
     queue: Queue | str | None = None,
 ) -> WorkflowDefinition[P, R] | Callable[[Callable[P, Awaitable[R]]], WorkflowDefinition[P, R]]:
     """Declare a workflow: `@workflow(version="1")` above an `async def`, or `workflow(fn, version="1")`."""
-    if version is None or (isinstance(version, str) and not version.strip()):
-        target = f" {getattr(fn, '__name__', '')!r}" if fn is not None else ""
-        raise WorkflowDefinitionError(
-            f'workflow{target} needs a version: write @workflow(version="1") '
-            "(runs remember the version they started with)"
-        )
-    if not isinstance(version, str | int) or isinstance(version, bool):
-        raise WorkflowDefinitionError(f"workflow version must be a string, got {type(version).__name__}")
-    policy = _retry_policy(retry_policy)
-    _retention(retention, name or str(getattr(fn, "__name__", "workflow")))  # a bad value fails at the decorator
-    _queue(queue, name or str(getattr(fn, "__name__", "workflow")))
 
+    # The arguments are checked here, not before: with the function known, an error can name its workflow.
     def decorate(function: Callable[P, Awaitable[R]]) -> WorkflowDefinition[P, R]:
         if not inspect.iscoroutinefunction(function):
             raise WorkflowDefinitionError(
                 f"workflow {getattr(function, '__name__', function)!r} must be an async def function"
             )
+        workflow_name = name or underscore_case(function.__name__)
+        if version is None or (isinstance(version, str) and not version.strip()):
+            raise WorkflowDefinitionError(
+                f'workflow {workflow_name!r} needs a version: write @workflow(version="1") '
+                "(runs remember the version they started with)"
+            )
+        if not isinstance(version, str | int) or isinstance(version, bool):
+            raise WorkflowDefinitionError(
+                f"workflow {workflow_name!r} version must be a string, got {type(version).__name__}"
+            )
         return WorkflowDefinition(
             function,
-            name=name or underscore_case(function.__name__),
+            name=workflow_name,
             version=str(version),
             schema=schema,
             schedules=schedules,
-            retry_policy=policy,
+            retry_policy=_retry_policy(retry_policy, workflow_name),
             retention=retention,
             queue=queue,
         )
@@ -205,9 +205,9 @@ def _checked(check: Callable[[object], str], value: object) -> str:
         raise WorkflowDefinitionError(str(error)) from error
 
 
-def _retry_policy(policy: RetryPolicy | Mapping[str, Any] | None) -> RetryPolicy | None:
+def _retry_policy(policy: RetryPolicy | Mapping[str, Any] | None, workflow_name: str) -> RetryPolicy | None:
     """A RetryPolicy, or the seed's plain-dict form (`{"max_attempts": 3, "initial_interval_ms": 500}`)."""
-    return coerce_retry_policy(policy, what="retry_policy", error=WorkflowDefinitionError)
+    return coerce_retry_policy(policy, what=f"workflow {workflow_name!r} retry_policy", error=WorkflowDefinitionError)
 
 
 def _queue(value: Queue | str | None, workflow_name: str) -> Queue | str:

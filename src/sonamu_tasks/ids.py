@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+
+from .errors import RunNotFound
+
+RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+"""A run id as given: a UUID in the 8-4-4-4-12 form, in either case."""
 
 # The variant digit (RFC 4122 variant: binary 10xx) for a random hex digit: its two low bits, kept.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
@@ -25,3 +31,11 @@ def new_run_ids(count: int) -> list[str]:
         f"{prefix}{digits[i : i + 3]}-{variant[digits[i + 3]]}{digits[i + 4 : i + 7]}-{digits[i + 7 : i + 19]}"
         for i in range(0, 20 * count, 20)
     ]
+
+
+def stored_run_id(run_id: object) -> str:
+    """`run_id` as runs are stored (lowercase), RunNotFound for what cannot be a run id: PostgreSQL would
+    refuse it as a uuid where SQLite finds no row, and finds "ABC..." where SQLite looks for "abc..."."""
+    if isinstance(run_id, str) and RUN_ID.fullmatch(run_id):
+        return run_id.lower()
+    raise RunNotFound(f"no run with id {run_id!r} (run ids are UUIDs)")

@@ -33,7 +33,16 @@ from .discovery import DiscoveryError, discover
 from .duration import Duration
 from .errors import InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
-from .limits import MAX_KEY_LENGTH, check_idempotency_key, check_name, check_topic, check_version
+from .ids import RUN_ID, stored_run_id
+from .limits import (
+    MAX_KEY_LENGTH,
+    check_idempotency_key,
+    check_name,
+    check_topic,
+    check_version,
+    has_unstorable_text,
+    shown,
+)
 from .queue import Queue, collect_queues
 from .reconnect import until_available
 from .records import STALE_AFTER, StepRecord
@@ -447,6 +456,7 @@ class WorkflowManager:
     async def get_run(self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None) -> RunRecord:
         """A run (and its steps). `value_limit`: inputs and outputs whose JSON text is longer than that many
         characters come as `CutValue`s (excerpt and length), without reading the values (what a page needs)."""
+        run_id = stored_run_id(run_id)
         record = await until_available(
             lambda: self.backend.get_run(run_id, with_steps=with_steps, value_limit=value_limit),
             what="read run",
@@ -461,22 +471,23 @@ class WorkflowManager:
     async def cancel(self, run_id: str) -> RunStatus:
         """Cancel a run: at once if it is pending, sleeping or paused; at its next step boundary if running
         (its worker hears of it by notification). Returns the status after (a finished run is left as is)."""
-        return await self._steer(run_id, lambda: self.backend.cancel_run(run_id, dict(CANCELED_ERROR)))
+        return await self._steer(run_id, lambda run: self.backend.cancel_run(run, dict(CANCELED_ERROR)))
 
     async def pause(self, run_id: str) -> RunStatus:
         """Pause a run: it keeps its checkpoints and is not claimed until resumed."""
-        return await self._steer(run_id, lambda: self.backend.pause_run(run_id))
+        return await self._steer(run_id, self.backend.pause_run)
 
     async def resume(self, run_id: str) -> RunStatus:
-        return await self._steer(run_id, lambda: self.backend.resume_run(run_id))
+        return await self._steer(run_id, self.backend.resume_run)
 
     async def retry(self, run_id: str) -> RunStatus:
         """Start a failed or canceled run again from its failed step, keeping its checkpoints, with a fresh
         retry budget (and no deadline)."""
-        return await self._steer(run_id, lambda: self.backend.restart_run(run_id))
+        return await self._steer(run_id, self.backend.restart_run)
 
-    async def _steer(self, run_id: str, call: Callable[[], Awaitable[RunStatus | None]]) -> RunStatus:
-        status = await until_available(call, what="steer run", give_up_after_s=30)
+    async def _steer(self, run_id: str, call: Callable[[str], Awaitable[RunStatus | None]]) -> RunStatus:
+        run_id = stored_run_id(run_id)
+        status = await until_available(lambda: call(run_id), what="steer run", give_up_after_s=30)
         if status is None:
             raise RunNotFound(f"no run with id {run_id}")
         if self.worker is not None:
@@ -517,13 +528,20 @@ class WorkflowManager:
     ) -> RunPage:
         """Runs, newest first. Pass `page.next_cursor` as `cursor` for the next page (None: last page).
         `parent_id`: only the children of that run. `queue`: only the runs of that queue."""
-        if not 1 <= limit <= 1000:
-            raise ValueError(f"limit must be between 1 and 1000, got {limit}")
-        statuses = None
-        if status is not None:
-            statuses = tuple(RunStatus(s).value for s in ([status] if isinstance(status, str) else status))
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidValue(
+                f"list_runs limit must be a whole number from 1 to 1000, got {shown(limit)}", field="limit"
+            )
         query = RunQuery(
-            workflow, statuses, cursor, created_after, created_before, limit + 1, parent_id, version, queue
+            _text_filter(workflow, "workflow"),
+            _status_filter(status),
+            _run_id_filter(cursor, "cursor"),
+            _time_filter(created_after, "created_after"),
+            _time_filter(created_before, "created_before"),
+            limit + 1,
+            _run_id_filter(parent_id, "parent_id"),
+            _text_filter(version, "version"),
+            _text_filter(queue, "queue"),
         )
         records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
         items = records[:limit]
@@ -533,6 +551,7 @@ class WorkflowManager:
         """A new run of the same workflow and input that keeps the source's checkpoints of the steps that
         started before `from_step` and executes from it, on the same version or on `version` (a bug fix). The
         source is left as it is."""
+        run_id = stored_run_id(run_id)
         source = await self.get_run(run_id, with_steps=True)
         pivot = next((s for s in source.steps if s.name == from_step), None)
         if pivot is None:
@@ -593,6 +612,7 @@ class WorkflowManager:
 
     async def count_children(self, run_id: str) -> dict[RunStatus, int]:
         """How many children run `run_id` started, per status (without reading them)."""
+        run_id = stored_run_id(run_id)
         return await until_available(
             lambda: self.backend.count_children(run_id), what="count children", give_up_after_s=30
         )
@@ -622,6 +642,7 @@ class WorkflowManager:
         """Send `message` to run `run_id` on `topic` (its `step.receive` takes it, once). Stored durably
         whatever the run is doing; a waiting run is woken. Returns False when `idempotency_key` was used for
         this run before (the message is stored once). RunNotFound for an unknown run."""
+        run_id = stored_run_id(run_id)
         topic = DEFAULT_TOPIC if topic is None else check_topic(topic)
         # Without a key of the caller's, one of ours: a send made again after a lost answer (a reconnect) then
         # finds the message it stored instead of storing it twice.
@@ -653,10 +674,11 @@ class WorkflowManager:
     async def get_event(self, run_id: str, key: str, *, timeout: float | None = None) -> Any:
         """The value run `run_id` published under `key` (`step.set_event`); waits until it is set (woken by
         a notification, not by polling). None when the run finished without setting it, or after `timeout`."""
-        return await self.waiters.wait_for_event(run_id, check_name(key, field="event key"), timeout)
+        return await self.waiters.wait_for_event(stored_run_id(run_id), check_name(key, field="event key"), timeout)
 
     async def list_messages(self, run_id: str, *, limit: int = 100) -> list[MessageRecord]:
         """A run's messages not consumed yet, oldest first."""
+        run_id = stored_run_id(run_id)
         messages = await until_available(
             lambda: self.backend.list_messages(run_id, limit), what="list messages", give_up_after_s=30
         )
@@ -667,12 +689,13 @@ class WorkflowManager:
 
     async def list_events(self, run_id: str) -> list[RunEventRecord]:
         """What a run published with `step.set_event`, the latest value per key."""
+        run_id = stored_run_id(run_id)
         return await until_available(
             lambda: self.backend.list_run_events(run_id), what="list events", give_up_after_s=30
         )
 
     async def wait_for_result(self, run_id: str, *, timeout: float | None = None) -> Any:
-        outcome = await self.waiters.wait(run_id, timeout)
+        outcome = await self.waiters.wait(stored_run_id(run_id), timeout)
         if isinstance(outcome, str):  # completed by this process's worker: its output, without a read
             return serde.loads(outcome)
         if outcome.status is RunStatus.COMPLETED:
@@ -680,6 +703,7 @@ class WorkflowManager:
         raise WorkflowFailed(outcome.id, outcome.workflow_name, outcome.status.value, outcome.error)
 
     async def wait_until_finished(self, run_id: str, *, timeout: float | None = None) -> RunRecord:
+        run_id = stored_run_id(run_id)
         outcome = await self.waiters.wait(run_id, timeout)
         return await self.get_run(run_id) if isinstance(outcome, str) else outcome
 
@@ -708,3 +732,44 @@ class WorkflowManager:
         if self.worker is not None:
             self.worker.wake()
         self.waiters.wake_all()
+
+
+# list_runs' filters, each refused naming its argument: the backends would otherwise fail on a wrong one each
+# in its own way (an AttributeError, a cast PostgreSQL refuses), or SQLite would match nothing.
+
+
+def _text_filter(value: str | None, field: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or has_unstorable_text(value)):
+        raise InvalidValue(
+            f"list_runs {field} must be a string with no NUL or lone surrogate, got {shown(value)}", field=field
+        )
+    return value
+
+
+def _run_id_filter(value: str | None, field: str) -> str | None:
+    if value is not None and not (isinstance(value, str) and RUN_ID.fullmatch(value)):
+        raise InvalidValue(f"list_runs {field} must be a run id (a UUID), got {shown(value)}", field=field)
+    return None if value is None else value.lower()
+
+
+def _time_filter(value: datetime | None, field: str) -> datetime | None:
+    if value is not None and not (isinstance(value, datetime) and value.utcoffset() is not None):
+        raise InvalidValue(f"list_runs {field} must be a timezone-aware datetime, got {shown(value)}", field=field)
+    return value
+
+
+def _status_filter(status: RunStatus | str | Iterable[RunStatus | str] | None) -> tuple[str, ...] | None:
+    if status is None:
+        return None
+    if isinstance(status, str) or not isinstance(status, Iterable):
+        status = [status]
+    statuses = []
+    for item in status:
+        try:
+            statuses.append(RunStatus(item).value)
+        except ValueError:
+            known = ", ".join(s.value for s in RunStatus)
+            raise InvalidValue(
+                f"list_runs status {shown(item)} is not a run status; one of {known}", field="status"
+            ) from None
+    return tuple(statuses)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration, parse_duration
 from .errors import InvalidValue
+from .limits import shown
 from .queue import Queue
 from .retry import RetryPolicy, coerce_retry_policy
 from .run_creation import RunOptions, resolve
@@ -131,12 +132,17 @@ class StepWrapper:
         """Run `fn(item)` as one step per item, named `"{name}[{index}]"`, at most `concurrency` at once (all
         at once when None); return the results in item order. Completed items are never run again."""
         name = _step_name(name)
+        where = f"step.map({name!r}) in workflow {self._attempt.definition.name!r}"
         if concurrency is not None and (
             isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
         ):
-            raise ValueError(f"step.map({name!r}): concurrency must be a positive int or None, got {concurrency!r}")
+            raise ValueError(f"{where}: concurrency must be a positive int or None, got {concurrency!r}")
         if not callable(fn):
-            raise TypeError(f"step.map({name!r}, fn, items): fn must be callable, got {type(fn).__name__}")
+            raise TypeError(f"{where}: fn must be callable, got {type(fn).__name__}")
+        try:
+            iterator = iter(items)
+        except TypeError:
+            raise TypeError(f"{where}: items must be iterable (a list, a tuple ...), got {shown(items)}") from None
         limit = asyncio.Semaphore(concurrency) if concurrency is not None else None
 
         async def one(index: int, item: Any) -> R:
@@ -146,7 +152,7 @@ class StepWrapper:
             async with limit:
                 return await step.run(item)
 
-        return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(items))))
+        return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(iterator))))
 
     async def start_workflow(
         self,

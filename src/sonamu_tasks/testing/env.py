@@ -40,6 +40,9 @@ from ..run_creation import WorkflowSpec
 # one worker there is nobody to take it over anyway).
 TEST_LEASE_MS = 10 * 365 * 86_400_000
 IDLE_CHECK_S = 0.002
+# A run waiting with no timeout is parked at FOREVER: only a message, event or child can wake it. Its due
+# moment comes back as float seconds from now, a few µs either side of FOREVER, so anything this close is it.
+PARKED_FOREVER = FOREVER - timedelta(days=1)
 
 
 class TestClock:
@@ -195,8 +198,7 @@ class WorkflowTestEnv:
             moments.append(self.clock.now() + timedelta(seconds=seconds))
         served = {name for name, _ in keys}
         moments.extend(s.next_fire_at for s in await self.manager.list_schedules() if s.workflow_name in served)
-        # A run waiting with no timeout is parked at FOREVER: only a message, event or child can wake it.
-        return min((moment for moment in moments if moment < FOREVER), default=None)
+        return min((moment for moment in moments if moment < PARKED_FOREVER), default=None)
 
 
 class TestRunHandle(RunHandle):
