@@ -164,24 +164,42 @@ async def test_map_runs_one_step_per_item_in_order_within_its_concurrency(manage
     assert {s.name for s in run.steps} == {f"double[{i}]" for i in range(10)} | {"nap"}
 
 
-async def test_map_refuses_a_bad_concurrency(manager_for: Any) -> None:
-    @workflow(version="1", retry_policy=ONCE)
+async def test_map_refuses_a_bad_concurrency_at_once(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=FAST_RETRY)  # not retried: the same code would fail the same way
     async def bad(step: Any) -> Any:
         return await step.map("m", str, [1], concurrency=0)
 
     manager = await manager_for([bad])
+    handle = await manager.run(bad)
     with pytest.raises(WorkflowFailed, match="concurrency must be a positive int"):
-        await (await manager.run(bad)).result(timeout=15)
+        await handle.result(timeout=15)
+    assert (await handle.info()).attempts == 1
 
 
-async def test_map_refuses_items_that_are_not_iterable_naming_the_step_and_workflow(manager_for: Any) -> None:
-    @workflow(version="1", retry_policy=ONCE)
+async def test_map_and_a_fan_out_refuse_items_that_are_not_iterable_naming_the_step_and_workflow(
+    manager_for: Any,
+) -> None:
+    @workflow(version="1", retry_policy=FAST_RETRY)
     async def bad_items(step: Any) -> Any:
         return await step.map("m", str, 5)
 
-    manager = await manager_for([bad_items])
-    with pytest.raises(WorkflowFailed, match=r"step.map\('m'\) in workflow 'bad_items': items must be iterable"):
-        await (await manager.run(bad_items)).result(timeout=15)
+    @workflow(version="1")
+    async def kid(input: Any) -> Any:
+        return input
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def bad_inputs(step: Any) -> Any:
+        return await step.start_workflows("kids", kid, 5)
+
+    manager = await manager_for([bad_items, kid, bad_inputs])
+    for spec, says in (
+        (bad_items, r"step.map\('m'\) in workflow 'bad_items': items must be iterable"),
+        (bad_inputs, r"step.start_workflows\('kids'\) in workflow 'bad_inputs': inputs must be iterable"),
+    ):
+        handle = await manager.run(spec)
+        with pytest.raises(WorkflowFailed, match=says):
+            await handle.result(timeout=15)
+        assert (await handle.info()).attempts == 1
 
 
 async def test_sleeps_in_concurrent_branches_park_the_run_once_and_each_is_kept(manager_for: Any) -> None:

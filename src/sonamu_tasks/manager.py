@@ -83,11 +83,11 @@ class StrandedRuns:
         return sum(self.counts.values())
 
 
-# A step kind whose completed record a fork keeps: its result is final. A set_event is not kept (the fork
-# publishes its own), nor a child without a recorded outcome (the fork starts its own).
 _OUR_KEY = "\x1fsend:"
 """The prefix of the idempotency key `send` gives a message sent without one."""
 
+# A step kind whose completed record a fork keeps: its result is final. A set_event is not kept (the fork
+# publishes its own), nor a child without a recorded outcome (the fork starts its own).
 _FORK_KEEPS = frozenset({"call", "sleep", "receive", "event"})
 
 

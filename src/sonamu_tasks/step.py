@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -136,13 +136,12 @@ class StepWrapper:
         if concurrency is not None and (
             isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
         ):
-            raise ValueError(f"{where}: concurrency must be a positive int or None, got {concurrency!r}")
+            raise InvalidValue(
+                f"{where}: concurrency must be a positive int or None, got {concurrency!r}", field="concurrency"
+            )
         if not callable(fn):
-            raise TypeError(f"{where}: fn must be callable, got {type(fn).__name__}")
-        try:
-            iterator = iter(items)
-        except TypeError:
-            raise TypeError(f"{where}: items must be iterable (a list, a tuple ...), got {shown(items)}") from None
+            raise InvalidValue(f"{where}: fn must be callable, got {type(fn).__name__}", field="fn")
+        iterator = _iterable(items, where, "items")
         limit = asyncio.Semaphore(concurrency) if concurrency is not None else None
 
         async def one(index: int, item: Any) -> R:
@@ -201,7 +200,8 @@ class StepWrapper:
         """The children of step `name`: one (step `name`), or one per input (steps `"{name}[{index}]"`)."""
         name = _step_name(name)
         spec = self._spec(workflow)
-        children = [(*spec, item) for item in inputs]
+        where = f"step.start_workflows({name!r}) in workflow {self._attempt.definition.name!r}"
+        children = [(*spec, item) for item in (_iterable(inputs, where, "inputs") if fan_out else inputs)]
         ids = await self._attempt.start_children(name, children, fan_out=fan_out, detached=detached, options=options)
         steps = [f"{name}[{index}]" for index in range(len(ids))] if fan_out else [name]
         return [
@@ -247,6 +247,17 @@ class ChildHandle:
     async def result(self) -> Any:
         """The child's output; raises ChildWorkflowFailed (with the child's error) if it failed or was canceled."""
         return await self._attempt.child_result(self.step_name, self.id, self.workflow_name, fan_out=self._fan_out)
+
+
+def _iterable(items: Any, where: str, field: str) -> Iterator[Any]:
+    """`items` to iterate, or InvalidValue naming the call: the same code would give the same value again, so
+    the run fails at once rather than retrying."""
+    try:
+        return iter(items)
+    except TypeError:
+        raise InvalidValue(
+            f"{where}: {field} must be iterable (a list, a tuple ...), got {shown(items)}", field=field
+        ) from None
 
 
 def _options(
