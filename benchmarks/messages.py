@@ -2,15 +2,18 @@
 unconsumed messages.
 
     python -m benchmarks.messages [--runs 200] [--rounds 3] [--waiting 10000] [--sample 10]
-                                  [--backlog 1000000] [--skip latency,waiting,backlog] [--url URL]
+                                  [--backlog 1000000] [--skip latency,waiting,backlog] [--listen-delay 0]
+                                  [--url URL]
 
-latency   one after another, on an idle worker (`listen_delay` 0, concurrency 16): a run of `receiver`
-          (step.receive on topic "t", then a step `stamp` that returns the moment it starts) is started and
-          parks as `waiting`; then `send()` -> `stamp` starts, p50/p95/p99. Two placements: `same` (the
+latency   one after another, on an idle worker (`listen_delay` 0 unless `--listen-delay`, concurrency 16): a run
+          of `receiver` (step.receive on topic "t", then a step `stamp` that returns the moment it starts) is
+          started and parks as `waiting`; then `send()` -> `stamp` starts, p50/p95/p99. Two placements: `same` (the
           sender's own WorkflowManager runs the worker; perf_counter) and `other` (a worker process of this
           script, `--serve`; the sender is a manager without a worker; time.time()). With `other`, on the
           same worker process, also run() -> the first step starts (`stamped`, as benchmarks/latency.py), and
-          the ratio send->continue p50 / run->start p50 (goal: at most 1.5).
+          the ratio send->continue p50 / run->start p50 (goal: at most 1.5). With `--listen-delay 500` (the
+          default configuration): a woken run is claimed at once whatever listen_delay (migration 0017), a new
+          run after it.
 waiting   one worker process (concurrency 16); `--waiting` runs of `receiver` are started and all park;
           worker RSS (VmRSS) before and while they wait (largest of 5 samples over `--sample` seconds), CPU%
           over that time (100 = one core); then one message to each (sent 500 at a time), and the time from
@@ -81,7 +84,8 @@ RECEIVER = {"name": "receiver", "version": "1"}
 
 
 def _worker_options() -> dict[str, Any]:
-    return {"concurrency": CONCURRENCY, "listen_delay": 0, "poll_interval_ms": POLL_INTERVAL_MS}
+    listen_delay = int(os.environ.get("BENCH_LISTEN_DELAY", "0"))  # set by main() for its worker processes too
+    return {"concurrency": CONCURRENCY, "listen_delay": listen_delay, "poll_interval_ms": POLL_INTERVAL_MS}
 
 
 async def serve() -> None:
@@ -190,10 +194,15 @@ async def latency(url: str, args: argparse.Namespace, figures: Figures) -> None:
         async with caller(url, placement) as (manager, _, _):
             across = placement == "other"
             sends = await send_to_continue(manager, args.runs, across)
-            figures.percentiles("messages.send_to_continue", sends, (50, 95, 99), placement=placement)
+            delay = args.listen_delay
+            figures.percentiles(
+                "messages.send_to_continue", sends, (50, 95, 99), placement=placement, listen_delay=delay
+            )
             if across:
                 starts = await run_to_start(manager, args.runs)
-                figures.percentiles("messages.run_to_step_start", starts, (50, 95, 99), placement=placement)
+                figures.percentiles(
+                    "messages.run_to_step_start", starts, (50, 95, 99), placement=placement, listen_delay=delay
+                )
                 ratio = percentile(sends, 50) / percentile(starts, 50)
                 figures.add("messages.send_over_run_p50", ratio, "x", placement=placement, goal="<=1.5")
 
@@ -334,8 +343,11 @@ async def main() -> None:
     parser.add_argument("--sample", type=float, default=10.0, help="seconds of RSS/CPU samples while they wait")
     parser.add_argument("--backlog", type=int, default=1_000_000, help="unconsumed messages for other runs")
     parser.add_argument("--skip", default="", help="latency, waiting and/or backlog, comma-separated")
+    parser.add_argument("--listen-delay", type=int, default=0, help="the workers' listen_delay in ms (latency)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.serve:
+        os.environ["BENCH_LISTEN_DELAY"] = str(args.listen_delay)
     if args.serve:
         await serve()
         return
