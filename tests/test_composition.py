@@ -164,6 +164,30 @@ async def test_map_runs_one_step_per_item_in_order_within_its_concurrency(manage
     assert {s.name for s in run.steps} == {f"double[{i}]" for i in range(10)} | {"nap"}
 
 
+async def test_a_failed_map_starts_no_item_waiting_for_its_turn(manager_for: Any) -> None:
+    calls = Calls()
+
+    async def item(index: int) -> int:
+        calls.hit(f"m{index}")
+        if index == 0:
+            await asyncio.sleep(0.02)  # item 1 starts meanwhile
+            raise ValueError("item 0 broke")
+        await asyncio.sleep(0.1)  # in flight when item 0 fails: it finishes and is stored
+        return index
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def mapped(step: Any) -> Any:
+        return await step.map("m", item, range(6), concurrency=2)
+
+    manager = await manager_for([mapped])
+    handle = await manager.run(mapped)
+    with pytest.raises(WorkflowFailed, match="item 0 broke"):
+        await handle.result(timeout=15)
+    assert calls.counts == {"m0": 1, "m1": 1}  # m2 had item 0's slot waiting for it: it never started
+    stored = {s.name for s in (await handle.info(with_steps=True)).steps if s.status.value == "completed"}
+    assert stored == {"m[1]"}
+
+
 async def test_map_refuses_a_bad_concurrency_at_once(manager_for: Any) -> None:
     @workflow(version="1", retry_policy=FAST_RETRY)  # not retried: the same code would fail the same way
     async def bad(step: Any) -> Any:

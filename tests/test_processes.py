@@ -87,6 +87,32 @@ async def test_a_paused_worker_cannot_overwrite_the_take_over(client: Any, start
     assert {s.name: s.output for s in run.steps}["two"] == rescuer.pid
 
 
+async def test_a_worker_stopped_past_its_lease_starts_no_step_when_it_resumes(
+    client: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    """Its pool threads resume with its loop: one would take the next queued step at once, before the loop
+    hears that the lease is gone; and a refused checkpoint must stop the map's next item too."""
+    stalled = start_worker("stalled", lease_ms=600, workflows="mapped")
+    handle = await client.run({"name": "mapped", "version": "1"}, {"dir": str(tmp_path)})
+    await wait_until(lambda: len(starts_by(tmp_path, stalled.pid)) == 2, what="two items to start (the third queues)")
+
+    os.kill(stalled.pid, signal.SIGSTOP)
+    rescuer = start_worker("rescuer", lease_ms=600, workflows="mapped")
+    await wait_until(lambda: starts_by(tmp_path, rescuer.pid), what="the take-over")
+    (tmp_path / "release").touch()
+    assert await handle.result(timeout=30) == list(range(6))
+
+    os.kill(stalled.pid, signal.SIGCONT)  # its two items finish; its queued third must not start
+    await wait_until(lambda: "lease" in stalled.log() and "lost" in stalled.log(), what="the stale worker to notice")
+    stalled.terminate()
+    assert sorted(starts_by(tmp_path, stalled.pid)) == ["m0-start", "m1-start"]
+    assert sorted(starts_by(tmp_path, rescuer.pid)) == [f"m{index}-start" for index in range(6)]
+
+
+def starts_by(directory: Path, pid: int) -> list[str]:
+    return [name for name, by in audit_lines(directory) if by == pid and name.endswith("-start")]
+
+
 async def test_sigterm_lets_the_running_step_finish_and_hands_the_run_back(
     client: Any, start_worker: Any, tmp_path: Path
 ) -> None:

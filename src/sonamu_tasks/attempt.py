@@ -10,6 +10,7 @@ with all its waits and the workflow function unwinds. It wakes when the earliest
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -102,6 +103,10 @@ class AttemptHooks(typing.Protocol):
         ...
 
     def draining(self) -> bool: ...
+    def lease_may_be_lost(self, lease_token: str) -> bool:
+        """No heartbeat extended the lease for about as long as it lasts: another worker may own the run."""
+        ...
+
     def wake_in(self, seconds: float) -> None: ...
     def now(self) -> datetime:
         """The time the backend's transactions read."""
@@ -152,6 +157,10 @@ class Attempt:
         self._waits: list[_Wait] = []
         self._park_check: asyncio.Task[None] | None = None
         self._closed = False  # the attempt is ending (parked, failing, stopping): no new step starts
+        self._lease_lost = False  # a write was refused: another worker owns the run now
+        # The sync steps handed to the thread pool and not finished: those not started yet are cancelled when
+        # the attempt ends, so that no step starts after it (a branch left running, a queue behind other steps).
+        self._submitted: set[concurrent.futures.Future[Any]] = set()
         self._parked = False
         self._children: dict[str, ChildOutcome] | None = None
         self._children_read: asyncio.Future[dict[str, ChildOutcome]] | None = None
@@ -241,7 +250,7 @@ class Attempt:
                 held = [(run.id, run.lease_token)]
                 await until_available(lambda: self.backend.release_runs(held), what="hand back run")
         except LeaseLost:
-            self._closed = True
+            self._lost()
             self._ended("lease_lost")
             self.logger.warning("lease lost: another worker owns this run now; this attempt stops")
         except Exception as error:
@@ -620,8 +629,12 @@ class Attempt:
                 self._waits.remove(wait)
 
     def _enter(self) -> None:
+        if not self._closed and self.hooks.lease_may_be_lost(self.claimed.lease_token):
+            self.logger.warning("no heartbeat kept the lease for as long as it lasts; this attempt starts no step")
+            self._lost()
         if self._closed:
-            raise Suspended  # the attempt is ending: this branch unwinds instead of starting a step
+            # The attempt is ending: this branch unwinds instead of starting a step.
+            raise LeaseLost(self.claimed.id) if self._lease_lost else Suspended
         self._executing += 1
         self._idle.clear()
 
@@ -680,7 +693,7 @@ class Attempt:
     async def _wind_down(self, *, send: bool) -> None:
         """The attempt ends: no new step starts, executing ones finish, blocked branches unwind, and (`send`)
         every completed step's checkpoint is stored."""
-        self._closed = True
+        self._close()
         await self._idle.wait()
         for wait in self._waits:
             if not wait.future.done():
@@ -729,6 +742,11 @@ class Attempt:
     async def _write_checkpoint(self, checkpoint: Checkpoint) -> None:
         try:
             await self._save(checkpoint)
+        except LeaseLost:
+            # Written in the background: the other branches must not start a step before the error reaches
+            # the workflow (a step.map's next item would, in the same turn of the loop).
+            self._lost()
+            raise
         except StorageError as error:
             refused = StorageError(
                 f"the result of step {checkpoint.name!r} of workflow {self.definition.name!r} could not be stored: "
@@ -772,6 +790,18 @@ class Attempt:
             return
         self.logger.info("%s on request", status)
         raise Stopped
+
+    def _close(self) -> None:
+        """No new step starts: branches unwind at their next step, and the sync steps still queued for a
+        thread never run."""
+        self._closed = True
+        for future in list(self._submitted):
+            future.cancel()  # only one not started yet: a running step finishes
+
+    def _lost(self) -> None:
+        """Another worker owns the run: this attempt starts nothing more (its writes are refused anyway)."""
+        self._lease_lost = True
+        self._close()
 
     def _failed_step(self, error: BaseException) -> tuple[str, datetime, BaseException, RetryPolicy | None] | None:
         """The step that raised `error`, the error the workflow ended with: not the last step to fail, which
@@ -821,17 +851,38 @@ class Attempt:
                 raise
         # Sync steps run in the worker's thread pool so they never block the event loop.
         context = contextvars.copy_context()
-        if seconds is None:
-            # Cancelled while queued, the wrapped future cancels the work: it never runs.
-            future = self.hooks.threads.submit(context.run, functools.partial(fn, *args, **kwargs))
-            result = await asyncio.wrap_future(future)
-        else:
-            result = await self._in_thread_within(name, seconds, context, functools.partial(fn, *args, **kwargs))
+        try:
+            call = self._unless_lease_lost(context, functools.partial(fn, *args, **kwargs))
+            if seconds is None:
+                # Cancelled while queued, the wrapped future cancels the work: it never runs.
+                result = await asyncio.wrap_future(self._submit(call))
+            else:
+                result = await self._in_thread_within(name, seconds, call)
+        except LeaseLost:  # refused to start in its thread (see _unless_lease_lost): no other step starts either
+            self._lost()
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                # Never started: the attempt ended while the step queued for a thread (see _close). The branch
+                # unwinds as any branch of an ending attempt does, not as a cancelled task.
+                raise LeaseLost(self.claimed.id) if self._lease_lost else Suspended() from None
+            raise
         return await result if inspect.isawaitable(result) else result
 
-    async def _in_thread_within(
-        self, name: str, seconds: float, context: contextvars.Context, call: Callable[[], Any]
-    ) -> Any:
+    def _unless_lease_lost(self, context: contextvars.Context, call: Callable[[], Any]) -> Callable[[], Any]:
+        """`call` in `context`, for a pool thread: not started when the lease may have run out meanwhile (the
+        thread may take it from the queue before the loop, stopped with the thread, hears the lease was lost)."""
+        token, leases = self.claimed.lease_token, self.hooks
+
+        def guarded() -> Any:
+            if leases.lease_may_be_lost(token):
+                raise LeaseLost(self.claimed.id)
+            return context.run(call)
+
+        return guarded
+
+    async def _in_thread_within(self, name: str, seconds: float, call: Callable[[], Any]) -> Any:
         """A sync step with a timeout. The timeout bounds one execution: it opens when a thread takes the
         step, not while the step queues behind other sync steps for one of the pool's threads."""
         loop = asyncio.get_running_loop()
@@ -839,9 +890,9 @@ class Attempt:
 
         def execute() -> Any:
             loop.call_soon_threadsafe(started.set_result, None)
-            return context.run(call)
+            return call()
 
-        future = self.hooks.threads.submit(execute)
+        future = self._submit(execute)
         done = asyncio.wrap_future(future)
         try:
             await asyncio.wait((started, done), return_when=asyncio.FIRST_COMPLETED)
@@ -859,6 +910,14 @@ class Attempt:
                 raise
             self.hooks.threads.abandon(future, f"step {name!r} of run {self.claimed.id}")
             raise self._timed_out(name, seconds) from error
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        future = self.hooks.threads.submit(fn, *args)
+        self._submitted.add(future)
+        future.add_done_callback(self._submitted.discard)  # from the thread: a set's discard is atomic
+        if self._closed:  # the attempt ended while this branch was on its way here
+            future.cancel()
+        return future
 
     def _timed_out(self, name: str, seconds: float | None) -> StepTimeout:
         return StepTimeout(

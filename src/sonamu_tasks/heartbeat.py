@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from .backends.base import Backend
@@ -38,6 +38,35 @@ Held = tuple[tuple[str, str], ...]
 """(run id, lease token) of every run a worker executes."""
 
 Answer = Callable[[Held, dict[str, str | None]], None]
+
+# How much of a lease a worker trusts without a newer heartbeat: the database counts it from its own commit,
+# a little after the moment this process measures from (the sending of the claim or heartbeat).
+TRUSTED_SHARE = 0.9
+
+
+class LeaseTimes:
+    """When each lease a worker holds was last known to be extended (monotonic, taken as its heartbeat was
+    sent). Written by whoever heartbeats (the thread, or the loop), read by attempts and the step threads:
+    a step must not start once the lease may have run out, even before the loop hears it was lost. A process
+    stopped past its lease (SIGSTOP, a paused VM) resumes all its threads at once: a pool thread would take
+    its next queued step before the loop could learn that another worker owns the run."""
+
+    def __init__(self, lease: timedelta) -> None:
+        self._trusted_s = lease.total_seconds() * TRUSTED_SHARE
+        self._since: dict[str, float] = {}  # by lease token; a float assigned whole: no lock needed
+
+    def kept(self, tokens: Iterable[str], since: float) -> None:
+        for token in tokens:
+            self._since[token] = since
+
+    def forget(self, token: str) -> None:
+        self._since.pop(token, None)
+
+    def may_be_lost(self, token: str) -> bool:
+        since = self._since.get(token)
+        return since is not None and time.monotonic() - since > self._trusted_s
+
+
 """Called on the worker's loop with what was sent and the backend's answer (see `Backend.heartbeat`)."""
 
 STAMP_INTERVAL_S = 0.1  # how often the loop says it is alive
@@ -56,6 +85,7 @@ class HeartbeatThread:
         blocked_limit_s: float,
         open_backend: Callable[[], Backend] | None,
         on_answer: Answer,
+        leases: LeaseTimes,
     ) -> None:
         self.worker_id = worker_id
         self._lease = lease
@@ -63,6 +93,7 @@ class HeartbeatThread:
         self._blocked_limit_s = max(blocked_limit_s, lease.total_seconds())
         self._open_backend = open_backend
         self._on_answer = on_answer
+        self._leases = leases
         self._held: Held = ()  # replaced whole by the loop, read by the thread: no lock needed
         self._stamped_at = time.monotonic()  # written by the loop, read by the thread
         self._stamper: asyncio.TimerHandle | None = None
@@ -198,6 +229,7 @@ class HeartbeatThread:
 
     async def _beat(self, backend: Backend) -> None:
         held = self._held
+        sent = time.monotonic()
         try:
             # A heartbeat answered after the lease is over keeps nothing: do not wait longer for it.
             async with asyncio.timeout(self._lease.total_seconds()):
@@ -211,6 +243,7 @@ class HeartbeatThread:
         except Exception:
             logger.exception("heartbeat failed unexpectedly")
             return
+        self._leases.kept(still_held, sent)  # now, from this thread: the loop may be blocked
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop closed: the worker is gone, nobody to tell
             self._loop.call_soon_threadsafe(self._on_answer, held, still_held)

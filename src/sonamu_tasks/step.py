@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration, parse_duration
@@ -143,13 +143,20 @@ class StepWrapper:
             raise InvalidValue(f"{where}: fn must be callable, got {type(fn).__name__}", field="fn")
         iterator = _iterable(items, where, "items")
         limit = asyncio.Semaphore(concurrency) if concurrency is not None else None
+        failed: list[BaseException] = []
 
         async def one(index: int, item: Any) -> R:
             step = Step[R](self._attempt, _step_name(f"{name}[{index}]"), fn)
             if limit is None:
                 return await step.run(item)
             async with limit:
-                return await step.run(item)
+                if failed:  # the map has failed: an item waiting for its turn does not start (gather raises)
+                    return cast(R, None)
+                try:
+                    return await step.run(item)
+                except BaseException as error:
+                    failed.append(error)
+                    raise
 
         return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(iterator))))
 

@@ -27,7 +27,7 @@ from .backends.factory import another_like
 from .config import WorkerOptions
 from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
-from .heartbeat import HeartbeatThread, Held
+from .heartbeat import HeartbeatThread, Held, LeaseTimes
 from .queue import served_queues
 from .reconnect import until_available
 from .registry import Registry
@@ -70,6 +70,8 @@ class Worker:
         self.step_mocks: dict[str, Callable[..., Any]] = {}
         """Stand-ins by step name, called instead of the step's function (`testing.WorkflowTestEnv.mock_step`)."""
         self._lease = timedelta(milliseconds=options.lease_ms)
+        self.leases = LeaseTimes(self._lease)
+        """When each held lease was last extended: no step starts once one may have run out."""
         poll_ms = options.poll_interval_ms
         if poll_ms is None:
             poll_ms = PUSHED_POLL_MS if backend.pushes_notifications else POLLED_POLL_MS
@@ -100,6 +102,7 @@ class Worker:
             # None for a backend passed in as an object: the loop heartbeats, the thread only watches.
             open_backend=another_like(backend),
             on_answer=self._heard,
+            leases=self.leases,
         )
 
     @property
@@ -203,6 +206,9 @@ class Worker:
     def draining(self) -> bool:
         return self._draining
 
+    def lease_may_be_lost(self, lease_token: str) -> bool:
+        return self.leases.may_be_lost(lease_token)
+
     def runs_created(self) -> None:
         self.wake()
 
@@ -282,6 +288,7 @@ class Worker:
     def _start(self, claimed: ClaimedRun, definition: WorkflowDefinition[Any, Any], *, publish: bool = True) -> None:
         """Start an attempt. The heartbeat thread must see the run before its first step can block the loop:
         `publish` now, or the caller publishes once for the runs it started together."""
+        self.leases.kept([claimed.lease_token], time.monotonic())  # just claimed: the lease starts about now
         attempt = Attempt(self.backend, definition, claimed, self)
         task = asyncio.create_task(self._run(attempt), name=claimed.id)
         self._active[claimed.lease_token] = (task, attempt)
@@ -295,6 +302,7 @@ class Worker:
             # The slot is free and the run has left this worker (finished, parked, handed back, or taken):
             # waiters in this process re-read it now.
             self._active.pop(attempt.claimed.lease_token, None)
+            self.leases.forget(attempt.claimed.lease_token)
             self._publish_soon()
             if self._more_due and not self._stopping:
                 self._wake.set()
@@ -321,6 +329,7 @@ class Worker:
         while True:
             await asyncio.sleep(self._heartbeat_interval_s)
             held = self._held()
+            sent = time.monotonic()
             try:
                 still_held = await self.backend.heartbeat(self.id, held, self._lease)
             except BackendUnavailable as error:
@@ -329,6 +338,7 @@ class Worker:
             except Exception:
                 logger.exception("heartbeat failed unexpectedly")
                 continue
+            self.leases.kept(still_held, sent)
             self._heard(held, still_held)
 
     def _heard(self, held: Held, still_held: dict[str, str | None]) -> None:

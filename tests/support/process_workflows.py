@@ -103,6 +103,21 @@ async def gather_and_child(input: Any, step: Any) -> dict[str, Any]:
     return {"steps": names, "child": await child.result(), "finished_in": os.getpid()}
 
 
+def blocking_item(item: dict[str, Any]) -> int:
+    """A step.map item: audited, then blocks until `<dir>/release` exists."""
+    audit(item["dir"], f"m{item['index']}-start")
+    while not (Path(item["dir"]) / "release").exists():
+        time.sleep(0.02)
+    return int(item["index"])
+
+
+@workflow(version="1")
+async def mapped(input: Any, step: Any) -> list[int]:
+    """Six blocking sync items, three at a time: on a worker of concurrency 2 one of them queues for a thread."""
+    items = [{"dir": input["dir"], "index": index} for index in range(6)]
+    return await step.map("m", blocking_item, items, concurrency=3)  # type: ignore[no-any-return]
+
+
 @workflow(version="1")
 async def collect(input: Any, step: Any) -> list[Any]:
     """Receives `n` messages on topic "t", one step each, and returns them in order."""
