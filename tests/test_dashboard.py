@@ -137,6 +137,35 @@ async def test_dashboard_shows_runs_live_and_steers_them(manager_for: Any, dashb
             await browser.close()
 
 
+async def test_the_live_refresh_asks_again_only_once_answered(dashboard_url: Any) -> None:
+    """live.js plans each refresh after the previous answer: a slow dashboard (a busy database) gets one
+    refresh at a time, not one more every second piling up behind the others."""
+    base, _ = dashboard_url
+    asked, in_flight, most = 0, 0, 0
+
+    async def slow(route: Any) -> None:
+        nonlocal asked, in_flight, most
+        if route.request.headers.get("x-partial") != "1":
+            await route.continue_()
+            return
+        asked, in_flight = asked + 1, in_flight + 1
+        most = max(most, in_flight)
+        await asyncio.sleep(2.5)  # each answer takes 2.5 refresh periods
+        in_flight -= 1
+        await route.continue_()
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.route("**/*", slow)
+            await page.goto(base + "/")
+            await page.wait_for_timeout(6_000)
+        finally:
+            await browser.close()
+    assert asked >= 2 and most == 1, (asked, most)
+
+
 async def test_a_token_is_required_when_set(make_config: Any) -> None:
     port = free_port()
     app = Dashboard(make_config(enable_worker=False), token="s3cret", port=port)
@@ -741,6 +770,33 @@ async def test_a_huge_output_is_cut_by_the_database_for_the_run_page(manager_for
         page = (await client.get(f"/runs/{handle.id}")).text
         assert "cut at 20,000 characters" in page and len(page) < 120_000
         assert (await client.get(f"/api/runs/{handle.id}")).json()["output"] == output
+
+
+async def test_the_runs_list_and_api_runs_read_no_input(manager_for: Any, make_config: Any) -> None:
+    """The runs list, refreshed every second, and /api/runs show no value, and read none (`value_limit=0`: an
+    empty CutValue, not even measured): 2 MB inputs are not read at each refresh; /api/runs/{id} has them."""
+    from sonamu_tasks.records import CutValue
+
+    manager = await manager_for(enable_worker=False)
+    bulky = await manager.run({"name": "bulky", "version": "1"}, {"blob": "y" * 500_000})
+    app = Dashboard(make_config(enable_worker=False), port=8765)
+    listed: list[Any] = []
+    read = app.manager.backend.list_runs
+
+    async def spied(query: Any) -> Any:
+        found = await read(query)
+        listed.extend(found)
+        return found
+
+    app.manager.backend.list_runs = spied  # type: ignore[method-assign]
+    async with in_process(make_config, app) as client:
+        page = await client.get("/?workflow=bulky", headers={"X-Partial": "1"})
+        assert bulky.id in page.text and len(page.text) < 5_000
+        api = await client.get("/api/runs?workflow=bulky")
+        [item] = api.json()["items"]
+        assert item["id"] == bulky.id and "input" not in item and len(api.content) < 5_000
+        assert (await client.get(f"/api/runs/{bulky.id}")).json()["input"] == {"blob": "y" * 500_000}
+    assert len(listed) == 2 and all(run.input == CutValue("", None) for run in listed)
 
 
 async def test_a_running_run_asked_to_pause_offers_resume_which_withdraws_the_request(manager_for: Any) -> None:

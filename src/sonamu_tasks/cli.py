@@ -26,6 +26,7 @@ from .config_loader import load_config
 from .display import (
     LISTED_EVENTS,
     NO_CHILDREN,
+    NO_VALUES,
     QUEUE_COLUMNS,
     Children,
     ChildRow,
@@ -497,6 +498,7 @@ def runs(
                 cursor=cursor,
                 parent_id=parent_id,
                 queue=queue,
+                value_limit=NO_VALUES,  # neither the table nor --json shows a value
             )
 
     page = _steering(fetch())
@@ -656,7 +658,7 @@ def fork(
     async def start_fork() -> tuple[RunRecord, bool]:
         async with WorkflowManager(config) as manager:
             handle = await manager.fork(run_id, from_step, target)
-            forked = await manager.get_run(handle.id)
+            forked = await manager.get_run(handle.id, value_limit=NO_VALUES)
             return forked, await _served(manager, forked.workflow_name, forked.version)
 
     with _quiet_forks(context):
@@ -831,6 +833,7 @@ async def _matching(manager: WorkflowManager, selection: _Selection) -> list[tup
             status=selection.statuses,
             limit=arguments.MAX_LIMIT,
             cursor=cursor,
+            value_limit=NO_VALUES,
         )
         found.extend((run.id, run.status) for run in page.items)
         if page.next_cursor is None:
@@ -978,7 +981,7 @@ async def _fork_one(
 ) -> None:
     if bulk.dry_run:  # the same check the fork makes: the step is one of the run's
         try:
-            run = await manager.get_run(run_id, with_steps=True)
+            run = await manager.get_run(run_id, with_steps=True, value_limit=NO_VALUES)
         except RunNotFound:
             bulk.skip(run_id, status, "no longer stored", "deleted since it was listed")
             return
@@ -1290,7 +1293,7 @@ def get_event(context: click.Context, run_id: str, key: str, timeout: float | No
             value = await manager.get_event(run_id, key, timeout=timeout)
             # None is also a value a run may set: look whether the key is there.
             found = value is not None or any(e.key == key for e in await manager.list_events(run_id))
-            return found, value, await manager.get_run(run_id)
+            return found, value, await manager.get_run(run_id, value_limit=NO_VALUES)
 
     found, value, run = _steering(read())
     if not found:
@@ -1617,10 +1620,11 @@ def _moment(text: str | None, option: str) -> datetime | timedelta | None:
 
 
 async def _run_or_none(manager: WorkflowManager, run_id: str | None) -> RunRecord | None:
+    """Another run, for its name and status (a parent, a schedule's last run): none of its values is read."""
     if run_id is None:
         return None
     try:
-        return await manager.get_run(run_id)
+        return await manager.get_run(run_id, value_limit=NO_VALUES)
     except RunNotFound:
         return None
 

@@ -33,6 +33,9 @@ LISTED_EVENTS = 20
 """Published events shown one by one on a page (`show --json` and /api/runs/{id} have all of them)."""
 WAIT_KINDS = ("receive", "event")
 """Step kinds of a wait for something from outside: `step.receive` and `step.wait_for_event`."""
+NO_VALUES = 0
+"""The `value_limit` of a read that shows none of a run's values (a runs list, a parent's or a child's status):
+the database neither sends nor measures them (each comes as an empty CutValue), so a 50 MB input costs nothing."""
 
 
 def duration_text(start: datetime | None, end: datetime | None) -> str:
@@ -338,7 +341,7 @@ async def children_of(manager: WorkflowManager, run: RunRecord, *, listed: int =
     if len(unfinished) < wanted and unfinished_count <= listed:
         # Few unfinished children: one read of all of them, by status.
         statuses = [s for s in RunStatus if not s.finished]
-        page = await manager.list_runs(parent_id=run.id, status=statuses, limit=listed)
+        page = await manager.list_runs(parent_id=run.id, status=statuses, limit=listed, value_limit=NO_VALUES)
         unfinished = sorted((_row(child) for child in page.items), key=lambda row: _step_order(row.step))
     else:
         position = listed
@@ -383,7 +386,7 @@ async def _read_children(manager: WorkflowManager, started: Sequence[tuple[str, 
     rows = []
     for step, run_id in started:
         try:
-            rows.append(_row(await manager.get_run(run_id), step))
+            rows.append(_row(await manager.get_run(run_id, value_limit=NO_VALUES), step))
         except RunNotFound:
             continue
     return rows

@@ -46,6 +46,7 @@ from .. import arguments, telemetry
 from ..config import Config
 from ..display import (
     COUNTED_MESSAGES,
+    NO_VALUES,
     children_of,
     events_summary,
     messages_of,
@@ -158,7 +159,7 @@ class Dashboard:
 
     async def runs_json(self, request: Request) -> Response:
         page = await self._runs(request)
-        items = [_jsonable(run) for run in page.items]
+        items = [_listed(run) for run in page.items]
         return _json({"items": items, "next_cursor": page.next_cursor})
 
     async def run_page(self, request: Request) -> Response:
@@ -274,8 +275,15 @@ class Dashboard:
         cursor = _parameter(query, "cursor", arguments.run_id)
         parent = _parameter(query, "parent", arguments.run_id)
         version = _parameter(query, "version", arguments.version)
+        # The list shows no value (nor does /api/runs): refreshed every second, it must not read 50 huge inputs.
         return await self.manager.list_runs(
-            workflow=workflow, version=version, status=status, limit=limit or 50, cursor=cursor, parent_id=parent
+            workflow=workflow,
+            version=version,
+            status=status,
+            limit=limit or 50,
+            cursor=cursor,
+            parent_id=parent,
+            value_limit=NO_VALUES,
         )
 
     async def _form(self, request: Request) -> dict[str, list[str]]:
@@ -292,7 +300,7 @@ class Dashboard:
         if run_id is None:
             return None
         try:
-            return await self.manager.get_run(run_id)
+            return await self.manager.get_run(run_id, value_limit=NO_VALUES)  # its name and status only
         except RunNotFound:
             return None  # deleted since (retention): the page still names its id
 
@@ -365,6 +373,13 @@ def _jsonable(run: RunRecord) -> Any:
     """A run as JSON; `available_at` is null when only a child can wake it (never the far-future park time)."""
     value = json.loads(json.dumps(dataclasses.asdict(run), default=str))
     value["available_at"] = None if wake_time(run.available_at) is None else value["available_at"]
+    return value
+
+
+def _listed(run: RunRecord) -> Any:
+    """A run of /api/runs: as `_jsonable`, without its input and output (read cut; `/api/runs/{id}` has them)."""
+    value = _jsonable(dataclasses.replace(run, input=None, output=None))
+    del value["input"], value["output"]
     return value
 
 
