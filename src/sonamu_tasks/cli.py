@@ -52,6 +52,7 @@ from .display import (
     unserved_queues,
     wake_time,
 )
+from .display_text import escaped
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
@@ -1143,9 +1144,11 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     if run.status is RunStatus.COMPLETED:
         click.echo(f"output    {preview(run.output, 2000)}")
     if run.error:
+        # An error's text is whatever the code raised: its control characters must not act on the terminal.
+        message = escaped(str(run.error.get("message")), keep="\n")
         click.echo(
-            f"error     {run.error.get('type')}: {run.error.get('message')}"
-            + (f" (step {run.error['step']})" if run.error.get("step") else "")
+            f"error     {escaped(str(run.error.get('type')))}: {message}"
+            + (f" (step {escaped(str(run.error['step']))})" if run.error.get("step") else "")
         )
     rows = [
         [
@@ -1177,7 +1180,7 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
         if children.more > 0:
             click.echo(f"and {children.more} more: sonamu-tasks runs --parent {run.id}")
     if run.error and run.error.get("traceback"):
-        click.echo("\n" + run.error["traceback"].rstrip())
+        click.echo("\n" + escaped(run.error["traceback"].rstrip(), keep="\n"))
 
 
 def _queue_part(label: str, value: str) -> str:

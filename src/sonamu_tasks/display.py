@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import FOREVER
+from .display_text import escaped_json, readable_json, whole_escapes
 from .errors import RunNotFound
 from .queue import DEFAULT_QUEUE
 from .records import CutValue, MessageRecord, QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
@@ -53,21 +54,25 @@ def preview(value: Any, width: int) -> str:
 
 
 def json_excerpt(value: Any, limit: int, *, indent: int | None = None) -> tuple[str, bool]:
-    """The first `limit` characters of `value` as JSON, and whether there was more.
+    """The first `limit` characters of `value` as JSON, and whether there was more. Characters are shown as
+    they are (`"김철수"`), but those that would act on a terminal or reorder a line stay escaped
+    (`display_text`); a cut never ends inside an escape sequence.
 
     Encoded piece by piece and stopped at the limit, so a 50 MB list of values is not serialized whole to
     show a line of it (one huge string is still encoded in one piece, at C speed).
     """
-    if isinstance(value, CutValue):  # cut by the database already (a capped read)
-        return value.excerpt[:limit], True
+    if isinstance(value, CutValue):  # cut by the database already (a capped read), maybe with ASCII escapes
+        return whole_escapes(readable_json(value.excerpt)[:limit]), True
     pieces: list[str] = []
     size = 0
-    for piece in json.JSONEncoder(indent=indent, default=str).iterencode(value):
+    for piece in json.JSONEncoder(ensure_ascii=False, indent=indent, default=str).iterencode(value):
         pieces.append(piece)
         size += len(piece)
         if size > limit:
-            return "".join(pieces)[:limit], True
-    return "".join(pieces), False
+            # Cut before escaping (a 50 MB string is not scanned whole), and again after: escapes only lengthen.
+            return whole_escapes(escaped_json("".join(pieces)[:limit])[:limit]), True
+    text = escaped_json("".join(pieces))
+    return (whole_escapes(text[:limit]), True) if len(text) > limit else (text, False)
 
 
 def short_id(run_id: str) -> str:
