@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sonamu_tasks.display import heartbeat_text, json_excerpt, preview
-from sonamu_tasks.display_text import escaped, readable_json
+from sonamu_tasks.display_text import MAX_CELL_WIDTH, escaped, fit, format_table, readable_json, width
+from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.records import STALE_AFTER, CutValue, WorkerRecord
 
 # An escape sequence a cut split: a lone backslash (not itself escaped) at the end, or `\u` and fewer than 4 hex.
@@ -76,3 +77,37 @@ def test_an_excerpt_cut_by_the_database_shows_its_characters_too() -> None:
 )
 def test_plain_text_keeps_its_characters_and_escapes_controls(text: str, keep: str, shown: str) -> None:
     assert escaped(text, keep=keep) == shown
+
+
+def test_width_counts_the_columns_a_terminal_gives_each_character() -> None:
+    assert width("abc") == 3
+    assert width("김철수") == 6 and width("日本") == 4  # wide: 2 each
+    assert width("\uff46\uff55\uff4c\uff4c") == 8  # fullwidth letters: 2 each
+    assert width("😀") == 2
+    assert width("e\u0301") == 1 and width("a\u200db") == 2  # a combining mark, a zero-width joiner: 0
+    assert fit("김철수입니다", 7) == "김철수…" and width(fit("김철수입니다", 7)) == 7
+    assert fit("short", 7) == "short" and fit("a" * 8, 7) == "aaaaaa…"
+
+
+def test_a_table_aligns_wide_characters_by_the_columns_they_take() -> None:
+    table = format_table(["WORKFLOW", "STATUS"], [["주문_처리@1", "failed"], ["filler@1", "pending"]])
+    lines = table.splitlines()
+    starts = {width(line[: line.rindex("  ") + 2]) for line in lines}
+    assert len(starts) == 1, table  # STATUS starts at the same column on every row
+    assert lines[1] == "주문_처리@1  failed"
+
+
+def test_a_long_cell_is_cut_but_a_run_id_and_a_whole_column_are_kept() -> None:
+    run_id = new_run_id()
+    rows = [[run_id, "w" * 190, "x" * 50 + " " + run_id, "host-" * 20]]
+    _, line = format_table(["ID", "WORKFLOW", "LAST RUN", "HOST"], rows, whole=("HOST",)).splitlines()
+    cells = line.split("  ")
+    assert cells[0] == run_id
+    assert cells[1] == "w" * (MAX_CELL_WIDTH - 1) + "…"
+    assert cells[2] == "x" * 50 + " " + run_id  # holds a run id: never cut, the id must stay copyable
+    assert cells[3] == "host-" * 20
+
+
+def test_a_cell_cannot_break_its_row() -> None:
+    table = format_table(["STEP", "OUTPUT"], [["a\nb", "x\x1b[2J"], ["c", None]])
+    assert table.splitlines() == ["STEP  OUTPUT", "a\\nb  x\\u001b[2J", "c"]

@@ -52,7 +52,7 @@ from .display import (
     unserved_queues,
     wake_time,
 )
-from .display_text import escaped
+from .display_text import escaped, format_table
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
@@ -1400,7 +1400,7 @@ def workers(context: click.Context, as_json: bool) -> None:
         for w in found
     ]
     headers = ["ID", "HOST", "PID", "SLOTS", "QUEUES", "WORKFLOWS", "HEARTBEAT AGE"]
-    click.echo(format_table(headers, rows) if rows else "no workers")
+    click.echo(format_table(headers, rows, whole=("ID",)) if rows else "no workers")
 
 
 @main.command()
@@ -1586,14 +1586,6 @@ def _since(text: str | None) -> datetime | None:
         except SonamuTasksError as error:
             raise click.BadParameter(str(error), param_hint="--since") from error
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns padded to their widest cell: readable in a terminal, stable for eyes and diffs."""
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
-    return "\n".join(lines)
 
 
 def _local(moment: datetime, timezone: str) -> str:

@@ -1,10 +1,20 @@
 """Text for people, in a terminal or a page: a value's JSON with its characters as they are (`김철수`, not
 `\\uae40\\ucca0\\uc218`), but every character that would act on a terminal or reorder a line escaped, so that
-no stored value can clear a screen, hide what follows it or break a table."""
+no stored value can clear a screen, hide what follows it or break a table; and the command line's tables,
+aligned by the columns characters take in a terminal (two for `김`), long cells cut."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from .ids import RUN_ID
+
+MAX_CELL_WIDTH = 60
+"""Terminal columns a table cell takes at most (the previews `show` prints are as wide): a longer name or list
+is cut with an ellipsis, so that one 190-character workflow name does not make every row 290 columns wide."""
 
 # What JSON leaves as it is inside a string once it may hold any character (ensure_ascii=False): DEL and the C1
 # controls (U+009B starts an escape sequence in many terminals), the line and paragraph separators, the
@@ -66,3 +76,51 @@ def whole_escapes(text: str) -> str:
     if not tail or (tail[0] == "u" and len(tail) < 5):
         return head
     return text
+
+
+def width(text: str) -> int:
+    """The columns `text` takes in a terminal: two for a wide (East Asian) character, none for a combining
+    mark or a zero-width one, one for any other."""
+    if text.isascii():
+        return len(text)  # the common case, and exact: the control characters are escaped before
+    return sum(_char_width(char) for char in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or (unicodedata.category(char) in ("Mn", "Me", "Cf") and char != "\xad"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def fit(text: str, most: int) -> str:
+    """`text` cut to at most `most` columns, its end replaced by an ellipsis when it was longer."""
+    if width(text) <= most:
+        return text
+    kept, used = [], 0
+    for char in text:
+        used += _char_width(char)
+        if used > most - 1:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, whole: Collection[str] = ()) -> str:
+    """Columns padded to their widest cell, in terminal columns: readable in a terminal, stable for eyes and
+    diffs. A cell is cut at MAX_CELL_WIDTH columns, unless it holds a run id (which must stay whole to be
+    copied) or its column is one of `whole`; its control characters are escaped (a newline would break the
+    row)."""
+    keep = [header in whole for header in headers]
+
+    def cell(value: Any, column: int) -> str:
+        text = escaped("" if value is None else str(value))
+        return text if keep[column] or RUN_ID.search(text) else fit(text, MAX_CELL_WIDTH)
+
+    cells = [[escaped(str(h)) for h in headers], *[[cell(c, i) for i, c in enumerate(row)] for row in rows]]
+    sizes = [[width(text) for text in row] for row in cells]
+    widths = [max(row[i] for row in sizes) for i in range(len(headers))]
+    lines = [
+        "  ".join(text + " " * (widths[i] - size[i]) for i, text in enumerate(row)).rstrip()
+        for row, size in zip(cells, sizes, strict=True)
+    ]
+    return "\n".join(lines)
