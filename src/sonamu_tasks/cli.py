@@ -84,6 +84,8 @@ class _Commands(click.Group):
             raise _one_line(error) from error
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:
+            raise  # the reader of stdout is gone (`runs | head -1`): click's main ends quietly, exit 1
         except SonamuTasksError as error:
             raise click.ClickException(_flat(str(error))) from error
         except Exception as error:
