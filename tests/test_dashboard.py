@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -17,9 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from click.testing import CliRunner
 from playwright.async_api import async_playwright
 
 from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, WorkflowFailed, workflow
+from sonamu_tasks.cli import main
 from sonamu_tasks.dashboard import Dashboard, pages
 from sonamu_tasks.testing.postgres_cluster import free_port
 
@@ -517,6 +521,57 @@ async def test_a_waiting_run_page_shows_its_topic_its_messages_and_its_events(
         detail = (await client.get(f"/api/runs/{handle.id}")).json()
         assert detail["messages"]["total"] == 22 and len(detail["messages"]["listed"]) == 22
         assert detail["events"][0]["key"] == "progress" and detail["events"][0]["value"] == {"done": 40}
+
+
+@workflow(version="1")
+async def approving_parent(step: Any) -> Any:
+    return await step.run_workflow("approve", approval)
+
+
+cli_config: Any = None  # the config `sonamu-tasks --config tests.test_dashboard:cli_config` reads
+
+
+async def test_the_json_of_a_run_is_the_command_lines_for_a_waiting_child(
+    manager_for: Any, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/api/runs/{id} is `show --json` and /api/runs's items are `runs --json`'s, field for field (one function
+    builds each for both): for a child run waiting for a message, its parent, what it waits for, its steps."""
+    manager = await manager_for([approving_parent, approval])
+    parent = await manager.run(approving_parent)
+    child = await wait_until(
+        lambda: _waiting_child(manager, parent.id), what="the child to wait for its message", timeout=20
+    )
+    monkeypatch.setattr(sys.modules[__name__], "cli_config", make_config(enable_worker=False))
+
+    def command(*args: str) -> Any:
+        done = CliRunner().invoke(main, ["--config", f"{__name__}:cli_config", *args])
+        assert done.exit_code == 0, (args, done.output)
+        return json.loads(done.stdout)
+
+    shown = await asyncio.to_thread(command, "show", child, "--json")
+    listed = await asyncio.to_thread(command, "runs", "--parent", parent.id, "--json")
+    async with in_process(make_config) as client:
+        api = (await client.get(f"/api/runs/{child}")).json()
+        api_list = (await client.get(f"/api/runs?parent={parent.id}")).json()
+    assert api == shown
+    assert api_list == listed
+    assert shown["workflow"] == "approval" and "workflow_name" not in shown
+    assert shown["parent"] == {
+        "id": parent.id,
+        "workflow": "approving_parent",
+        "version": "1",
+        "status": "waiting",
+        "step": "approve",
+        "detached": False,
+    }
+    assert [wait["topic"] for wait in shown["waiting_for"]["messages"]] == ["approval"]
+    assert shown["steps"][0]["waits_for"] == {"topic": "approval"}
+    assert [item["id"] for item in listed["items"]] == [child]
+
+
+async def _waiting_child(manager: Any, parent_id: str) -> str | None:
+    page = await manager.list_runs(parent_id=parent_id, status="waiting")
+    return page.items[0].id if page.items else None
 
 
 async def test_the_message_form_sends_a_message_the_run_receives(manager_for: Any, make_config: Any) -> None:

@@ -35,7 +35,6 @@ from .display import (
     child_step_text,
     children_of,
     duration_text,
-    events_summary,
     heartbeat_text,
     messages_of,
     other_waits,
@@ -58,6 +57,7 @@ from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, 
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
 from .queue import Queue, served_queues
 from .records import STALE_AFTER, QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
+from .run_json import run_detail, run_summary
 from .schedule import zone
 from .status import RunStatus
 
@@ -506,7 +506,7 @@ def runs(
 
     page = _steering(fetch())
     if as_json:
-        payload = {"items": [_run_summary(run) for run in page.items], "next_cursor": page.next_cursor}
+        payload = {"items": [run_summary(run) for run in page.items], "next_cursor": page.next_cursor}
         click.echo(json.dumps(payload, indent=2))
         return
     # Children of one parent: the step that started each says more than the parent's id, the same on every row.
@@ -1110,18 +1110,7 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     shown = _steering(fetch())
     run, parent, children = shown.run, shown.parent, shown.children
     if as_json:
-        detail = {
-            **_run_summary(run),
-            "parent": _parent_summary(run, parent),
-            "children": children.summary() if children is not NO_CHILDREN else None,
-            "waiting_for": _waiting_for(run, children),
-            "messages": shown.messages.summary(),
-            "events": events_summary(shown.events),
-            "input": run.input,
-            "output": run.output,
-            "error": run.error,
-            "steps": [_step_summary(step) for step in run.steps],
-        }
+        detail = run_detail(run, parent=parent, children=children, messages=shown.messages, events=shown.events)
         click.echo(json.dumps(detail, indent=2, default=str))
         return
     click.echo(f"run       {run.id}")
@@ -1448,68 +1437,14 @@ def _steering(coroutine: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(_flat(str(error))) from error
 
 
-def _run_summary(run: RunRecord) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "workflow": run.workflow_name,
-        "version": run.version,
-        "status": run.status.value,
-        "requested_action": run.requested_action,
-        "attempts": run.attempts,
-        "recoveries": run.recoveries,
-        "created_at": _iso(run.created_at),
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
-        "available_at": _iso(wake_time(run.available_at)),  # null: only a child can wake it
-        "parent_id": run.parent_id,
-        "parent_step": run.parent_step,
-        "detached": run.detached,
-        "forked_from": run.forked_from,
-        "forked_step": run.forked_step,
-        "queue": run.queue,
-        "priority": run.priority,
-        "concurrency_key": run.concurrency_key,
-    }
-
-
 def _parent_text(run: RunRecord) -> str:
     return short_id(run.parent_id) if run.parent_id else "-"
-
-
-def _parent_summary(run: RunRecord, parent: RunRecord | None) -> dict[str, Any] | None:
-    if run.parent_id is None:
-        return None
-    return {
-        "id": run.parent_id,
-        "workflow": parent.workflow_name if parent else None,
-        "version": parent.version if parent else None,
-        "status": parent.status.value if parent else None,
-        "step": run.parent_step,
-        "detached": run.detached,
-    }
 
 
 def _parent_line(run: RunRecord, parent: RunRecord | None) -> str:
     shown = f"{parent.workflow_name}@{parent.version}, {parent.status.value}" if parent else "no longer stored"
     detached = ", detached" if run.detached else ""
     return f"{run.parent_id} ({shown}; started by its step {run.parent_step!r}{detached})"
-
-
-def _waiting_for(run: RunRecord, children: Children) -> dict[str, Any] | None:
-    """What a waiting run waits for: its unfinished children, its first sleep to wake if one is pending, its
-    receives (topic, timeout) and event waits (event, key, timeout)."""
-    if run.status is not RunStatus.WAITING:
-        return None
-    sleep = pending_sleep(run)
-    waits = outside_waits(run)
-    return {
-        "unfinished_children": children.unfinished_count,
-        "children": [row.summary() for row in children.unfinished],
-        "sleep": {"step": sleep.name, "wake_at": _iso(sleep.wake_at)} if sleep else None,
-        "messages": [wait.summary() for wait in waits if wait.kind == "receive"],
-        "events": [wait.summary() for wait in waits if wait.kind == "event"],
-        "steps": other_waits(run),
-    }
 
 
 def _waiting_lines(run: RunRecord, children: Children) -> list[str]:
@@ -1551,26 +1486,8 @@ def _step_detail(step: StepRecord) -> str:
     return preview(step.output if step.error is None else step.error.get("message"), 60)
 
 
-def _step_summary(step: StepRecord) -> dict[str, Any]:
-    return {
-        "name": step.name,
-        "kind": step.kind,
-        "status": step.status.value,
-        "attempts": step.attempts,
-        "started_at": _iso(step.started_at),
-        "finished_at": _iso(step.finished_at),
-        "wake_at": _iso(step.wake_at),
-        "output": step.output,
-        "error": step.error,
-    }
-
-
 def _status_text(run: RunRecord) -> str:
     return run.status.value + (f" ({run.requested_action} requested)" if run.requested_action else "")
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
 
 
 def _time(moment: datetime | None) -> str:
