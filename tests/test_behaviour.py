@@ -13,6 +13,7 @@ import pytest
 
 from sonamu_tasks import (
     InvalidInput,
+    InvalidValue,
     NonRetryableError,
     ResultTimeout,
     RetryDecision,
@@ -26,6 +27,7 @@ from sonamu_tasks import (
 )
 from sonamu_tasks.backends.base import LeaseLost, NewRun, TimedWait
 from sonamu_tasks.ids import new_run_id
+from sonamu_tasks.records import CutValue
 
 from .conftest import BACKENDS, PGBOUNCER_BACKENDS, wait_until
 
@@ -845,3 +847,33 @@ async def test_a_run_id_in_capitals_finds_the_run_on_every_backend(manager_for: 
     assert await client.send(handle.id.upper(), "hi") is True
     assert [m.payload for m in await client.list_messages(handle.id)] == ["hi"]
     assert await client.cancel(handle.id.upper()) is RunStatus.CANCELED
+
+
+async def test_a_list_with_a_value_limit_cuts_a_huge_input_in_the_database(manager_for: Any) -> None:
+    """With `value_limit` a listed run's long input comes as an excerpt of that many characters and its length,
+    cut by the database (the whole input is not sent over), as `get_run`'s capped read; shorter ones come
+    whole, and without `value_limit` everything does."""
+    manager = await manager_for(enable_worker=False)
+    spec = {"name": "listed", "version": "1"}
+    huge = await manager.run(spec, {"blob": "y" * 300_000})
+    small = await manager.run(spec, {"n": 1})
+
+    capped = {run.id: run for run in (await manager.list_runs(workflow="listed", value_limit=1000)).items}
+    cut = capped[huge.id].input
+    assert isinstance(cut, CutValue) and len(cut.excerpt) == 1000 and cut.length > 300_000
+    assert cut.excerpt.startswith('{"blob"') and set(cut.excerpt[-100:]) == {"y"}
+    assert capped[small.id].input == {"n": 1} and capped[huge.id].output is None  # short ones come whole
+
+    # 0: a list that shows no value reads none; each is only said to be there (not even measured).
+    nothing = (await manager.list_runs(workflow="listed", value_limit=0)).items
+    assert [(run.id, run.input, run.output) for run in nothing] == [
+        (small.id, CutValue("", None), None),
+        (huge.id, CutValue("", None), None),
+    ]
+    assert (await manager.get_run(huge.id, value_limit=0)).input == CutValue("", None)
+
+    whole = {run.id: run for run in (await manager.list_runs(workflow="listed")).items}
+    assert whole[huge.id].input == {"blob": "y" * 300_000}
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(InvalidValue, match="value_limit"):
+            await manager.list_runs(value_limit=bad)

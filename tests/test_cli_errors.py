@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sonamu_tasks import WorkflowManager, define_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -131,6 +133,31 @@ def test_a_run_that_does_not_exist_is_one_line_and_exit_1(sqlite_env: dict[str, 
         done = python_m(command, "0190B7E2-5C3A-7D1E-8F00-1234567890AB", *key, *options, env=sqlite_env, cwd=tmp_path)
         assert done.returncode == 1, (command, done.stderr)
         assert_one_error_line(done, "no run with id 0190b7e2-5c3a-7d1e-8f00-1234567890ab")
+
+
+async def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(
+    sqlite_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`sonamu-tasks runs | head -1`: once the reader is gone, the command stops without an error line or a
+    traceback, exit 1 (click's, and Python's, for EPIPE)."""
+    config = define_config(database_url=sqlite_env["SONAMU_TASKS_DATABASE_URL"], tasks={"enable_worker": False})
+    async with WorkflowManager(config) as manager:
+        await manager.run_many({"name": "filler", "version": "1"}, [{}] * 30)
+    for args in (["runs"], ["runs", "--json"], ["workers"]):
+        command = subprocess.Popen(
+            [sys.executable, "-m", "sonamu_tasks", *args],
+            cwd=tmp_path,
+            env=sqlite_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert command.stdout is not None and command.stderr is not None
+        # Gone before the first line is written: a pipe may hold a whole page of output, so a reader that
+        # leaves after reading some would not always be left while the command still writes.
+        command.stdout.close()
+        stderr = command.stderr.read().decode()
+        assert command.wait(timeout=60) == 1, (args, stderr)
+        assert stderr == "", args
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess[str], says: str) -> None:

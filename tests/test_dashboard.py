@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -17,9 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from click.testing import CliRunner
 from playwright.async_api import async_playwright
 
 from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, WorkflowFailed, workflow
+from sonamu_tasks.cli import main
 from sonamu_tasks.dashboard import Dashboard, pages
 from sonamu_tasks.testing.postgres_cluster import free_port
 
@@ -135,6 +139,35 @@ async def test_dashboard_shows_runs_live_and_steers_them(manager_for: Any, dashb
             assert await page.locator("td", has_text="default").count() == 1  # the queue it claims from
         finally:
             await browser.close()
+
+
+async def test_the_live_refresh_asks_again_only_once_answered(dashboard_url: Any) -> None:
+    """live.js plans each refresh after the previous answer: a slow dashboard (a busy database) gets one
+    refresh at a time, not one more every second piling up behind the others."""
+    base, _ = dashboard_url
+    asked, in_flight, most = 0, 0, 0
+
+    async def slow(route: Any) -> None:
+        nonlocal asked, in_flight, most
+        if route.request.headers.get("x-partial") != "1":
+            await route.continue_()
+            return
+        asked, in_flight = asked + 1, in_flight + 1
+        most = max(most, in_flight)
+        await asyncio.sleep(2.5)  # each answer takes 2.5 refresh periods
+        in_flight -= 1
+        await route.continue_()
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.route("**/*", slow)
+            await page.goto(base + "/")
+            await page.wait_for_timeout(6_000)
+        finally:
+            await browser.close()
+    assert asked >= 2 and most == 1, (asked, most)
 
 
 async def test_a_token_is_required_when_set(make_config: Any) -> None:
@@ -490,6 +523,57 @@ async def test_a_waiting_run_page_shows_its_topic_its_messages_and_its_events(
         assert detail["events"][0]["key"] == "progress" and detail["events"][0]["value"] == {"done": 40}
 
 
+@workflow(version="1")
+async def approving_parent(step: Any) -> Any:
+    return await step.run_workflow("approve", approval)
+
+
+cli_config: Any = None  # the config `sonamu-tasks --config tests.test_dashboard:cli_config` reads
+
+
+async def test_the_json_of_a_run_is_the_command_lines_for_a_waiting_child(
+    manager_for: Any, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/api/runs/{id} is `show --json` and /api/runs's items are `runs --json`'s, field for field (one function
+    builds each for both): for a child run waiting for a message, its parent, what it waits for, its steps."""
+    manager = await manager_for([approving_parent, approval])
+    parent = await manager.run(approving_parent)
+    child = await wait_until(
+        lambda: _waiting_child(manager, parent.id), what="the child to wait for its message", timeout=20
+    )
+    monkeypatch.setattr(sys.modules[__name__], "cli_config", make_config(enable_worker=False))
+
+    def command(*args: str) -> Any:
+        done = CliRunner().invoke(main, ["--config", f"{__name__}:cli_config", *args])
+        assert done.exit_code == 0, (args, done.output)
+        return json.loads(done.stdout)
+
+    shown = await asyncio.to_thread(command, "show", child, "--json")
+    listed = await asyncio.to_thread(command, "runs", "--parent", parent.id, "--json")
+    async with in_process(make_config) as client:
+        api = (await client.get(f"/api/runs/{child}")).json()
+        api_list = (await client.get(f"/api/runs?parent={parent.id}")).json()
+    assert api == shown
+    assert api_list == listed
+    assert shown["workflow"] == "approval" and "workflow_name" not in shown
+    assert shown["parent"] == {
+        "id": parent.id,
+        "workflow": "approving_parent",
+        "version": "1",
+        "status": "waiting",
+        "step": "approve",
+        "detached": False,
+    }
+    assert [wait["topic"] for wait in shown["waiting_for"]["messages"]] == ["approval"]
+    assert shown["steps"][0]["waits_for"] == {"topic": "approval"}
+    assert [item["id"] for item in listed["items"]] == [child]
+
+
+async def _waiting_child(manager: Any, parent_id: str) -> str | None:
+    page = await manager.list_runs(parent_id=parent_id, status="waiting")
+    return page.items[0].id if page.items else None
+
+
 async def test_the_message_form_sends_a_message_the_run_receives(manager_for: Any, make_config: Any) -> None:
     manager = await manager_for([inbox])
     handle = await waiting(manager, inbox)
@@ -741,6 +825,33 @@ async def test_a_huge_output_is_cut_by_the_database_for_the_run_page(manager_for
         page = (await client.get(f"/runs/{handle.id}")).text
         assert "cut at 20,000 characters" in page and len(page) < 120_000
         assert (await client.get(f"/api/runs/{handle.id}")).json()["output"] == output
+
+
+async def test_the_runs_list_and_api_runs_read_no_input(manager_for: Any, make_config: Any) -> None:
+    """The runs list, refreshed every second, and /api/runs show no value, and read none (`value_limit=0`: an
+    empty CutValue, not even measured): 2 MB inputs are not read at each refresh; /api/runs/{id} has them."""
+    from sonamu_tasks.records import CutValue
+
+    manager = await manager_for(enable_worker=False)
+    bulky = await manager.run({"name": "bulky", "version": "1"}, {"blob": "y" * 500_000})
+    app = Dashboard(make_config(enable_worker=False), port=8765)
+    listed: list[Any] = []
+    read = app.manager.backend.list_runs
+
+    async def spied(query: Any) -> Any:
+        found = await read(query)
+        listed.extend(found)
+        return found
+
+    app.manager.backend.list_runs = spied  # type: ignore[method-assign]
+    async with in_process(make_config, app) as client:
+        page = await client.get("/?workflow=bulky", headers={"X-Partial": "1"})
+        assert bulky.id in page.text and len(page.text) < 5_000
+        api = await client.get("/api/runs?workflow=bulky")
+        [item] = api.json()["items"]
+        assert item["id"] == bulky.id and "input" not in item and len(api.content) < 5_000
+        assert (await client.get(f"/api/runs/{bulky.id}")).json()["input"] == {"blob": "y" * 500_000}
+    assert len(listed) == 2 and all(run.input == CutValue("", None) for run in listed)
 
 
 async def test_a_running_run_asked_to_pause_offers_resume_which_withdraws_the_request(manager_for: Any) -> None:

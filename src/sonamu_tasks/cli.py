@@ -26,6 +26,7 @@ from .config_loader import load_config
 from .display import (
     LISTED_EVENTS,
     NO_CHILDREN,
+    NO_VALUES,
     QUEUE_COLUMNS,
     Children,
     ChildRow,
@@ -34,7 +35,6 @@ from .display import (
     child_step_text,
     children_of,
     duration_text,
-    events_summary,
     heartbeat_text,
     messages_of,
     other_waits,
@@ -51,11 +51,13 @@ from .display import (
     unserved_queues,
     wake_time,
 )
+from .display_text import escaped, format_table
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
 from .queue import Queue, served_queues
 from .records import STALE_AFTER, QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
+from .run_json import run_detail, run_summary
 from .schedule import zone
 from .status import RunStatus
 
@@ -82,6 +84,8 @@ class _Commands(click.Group):
             raise _one_line(error) from error
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:
+            raise  # the reader of stdout is gone (`runs | head -1`): click's main ends quietly, exit 1
         except SonamuTasksError as error:
             raise click.ClickException(_flat(str(error))) from error
         except Exception as error:
@@ -497,11 +501,12 @@ def runs(
                 cursor=cursor,
                 parent_id=parent_id,
                 queue=queue,
+                value_limit=NO_VALUES,  # neither the table nor --json shows a value
             )
 
     page = _steering(fetch())
     if as_json:
-        payload = {"items": [_run_summary(run) for run in page.items], "next_cursor": page.next_cursor}
+        payload = {"items": [run_summary(run) for run in page.items], "next_cursor": page.next_cursor}
         click.echo(json.dumps(payload, indent=2))
         return
     # Children of one parent: the step that started each says more than the parent's id, the same on every row.
@@ -656,7 +661,7 @@ def fork(
     async def start_fork() -> tuple[RunRecord, bool]:
         async with WorkflowManager(config) as manager:
             handle = await manager.fork(run_id, from_step, target)
-            forked = await manager.get_run(handle.id)
+            forked = await manager.get_run(handle.id, value_limit=NO_VALUES)
             return forked, await _served(manager, forked.workflow_name, forked.version)
 
     with _quiet_forks(context):
@@ -831,6 +836,7 @@ async def _matching(manager: WorkflowManager, selection: _Selection) -> list[tup
             status=selection.statuses,
             limit=arguments.MAX_LIMIT,
             cursor=cursor,
+            value_limit=NO_VALUES,
         )
         found.extend((run.id, run.status) for run in page.items)
         if page.next_cursor is None:
@@ -978,7 +984,7 @@ async def _fork_one(
 ) -> None:
     if bulk.dry_run:  # the same check the fork makes: the step is one of the run's
         try:
-            run = await manager.get_run(run_id, with_steps=True)
+            run = await manager.get_run(run_id, with_steps=True, value_limit=NO_VALUES)
         except RunNotFound:
             bulk.skip(run_id, status, "no longer stored", "deleted since it was listed")
             return
@@ -1104,18 +1110,7 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     shown = _steering(fetch())
     run, parent, children = shown.run, shown.parent, shown.children
     if as_json:
-        detail = {
-            **_run_summary(run),
-            "parent": _parent_summary(run, parent),
-            "children": children.summary() if children is not NO_CHILDREN else None,
-            "waiting_for": _waiting_for(run, children),
-            "messages": shown.messages.summary(),
-            "events": events_summary(shown.events),
-            "input": run.input,
-            "output": run.output,
-            "error": run.error,
-            "steps": [_step_summary(step) for step in run.steps],
-        }
+        detail = run_detail(run, parent=parent, children=children, messages=shown.messages, events=shown.events)
         click.echo(json.dumps(detail, indent=2, default=str))
         return
     click.echo(f"run       {run.id}")
@@ -1140,9 +1135,11 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     if run.status is RunStatus.COMPLETED:
         click.echo(f"output    {preview(run.output, 2000)}")
     if run.error:
+        # An error's text is whatever the code raised: its control characters must not act on the terminal.
+        message = escaped(str(run.error.get("message")), keep="\n")
         click.echo(
-            f"error     {run.error.get('type')}: {run.error.get('message')}"
-            + (f" (step {run.error['step']})" if run.error.get("step") else "")
+            f"error     {escaped(str(run.error.get('type')))}: {message}"
+            + (f" (step {escaped(str(run.error['step']))})" if run.error.get("step") else "")
         )
     rows = [
         [
@@ -1174,7 +1171,7 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
         if children.more > 0:
             click.echo(f"and {children.more} more: sonamu-tasks runs --parent {run.id}")
     if run.error and run.error.get("traceback"):
-        click.echo("\n" + run.error["traceback"].rstrip())
+        click.echo("\n" + escaped(run.error["traceback"].rstrip(), keep="\n"))
 
 
 def _queue_part(label: str, value: str) -> str:
@@ -1290,7 +1287,7 @@ def get_event(context: click.Context, run_id: str, key: str, timeout: float | No
             value = await manager.get_event(run_id, key, timeout=timeout)
             # None is also a value a run may set: look whether the key is there.
             found = value is not None or any(e.key == key for e in await manager.list_events(run_id))
-            return found, value, await manager.get_run(run_id)
+            return found, value, await manager.get_run(run_id, value_limit=NO_VALUES)
 
     found, value, run = _steering(read())
     if not found:
@@ -1394,7 +1391,7 @@ def workers(context: click.Context, as_json: bool) -> None:
         for w in found
     ]
     headers = ["ID", "HOST", "PID", "SLOTS", "QUEUES", "WORKFLOWS", "HEARTBEAT AGE"]
-    click.echo(format_table(headers, rows) if rows else "no workers")
+    click.echo(format_table(headers, rows, whole=("ID",)) if rows else "no workers")
 
 
 @main.command()
@@ -1440,68 +1437,14 @@ def _steering(coroutine: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(_flat(str(error))) from error
 
 
-def _run_summary(run: RunRecord) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "workflow": run.workflow_name,
-        "version": run.version,
-        "status": run.status.value,
-        "requested_action": run.requested_action,
-        "attempts": run.attempts,
-        "recoveries": run.recoveries,
-        "created_at": _iso(run.created_at),
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
-        "available_at": _iso(wake_time(run.available_at)),  # null: only a child can wake it
-        "parent_id": run.parent_id,
-        "parent_step": run.parent_step,
-        "detached": run.detached,
-        "forked_from": run.forked_from,
-        "forked_step": run.forked_step,
-        "queue": run.queue,
-        "priority": run.priority,
-        "concurrency_key": run.concurrency_key,
-    }
-
-
 def _parent_text(run: RunRecord) -> str:
     return short_id(run.parent_id) if run.parent_id else "-"
-
-
-def _parent_summary(run: RunRecord, parent: RunRecord | None) -> dict[str, Any] | None:
-    if run.parent_id is None:
-        return None
-    return {
-        "id": run.parent_id,
-        "workflow": parent.workflow_name if parent else None,
-        "version": parent.version if parent else None,
-        "status": parent.status.value if parent else None,
-        "step": run.parent_step,
-        "detached": run.detached,
-    }
 
 
 def _parent_line(run: RunRecord, parent: RunRecord | None) -> str:
     shown = f"{parent.workflow_name}@{parent.version}, {parent.status.value}" if parent else "no longer stored"
     detached = ", detached" if run.detached else ""
     return f"{run.parent_id} ({shown}; started by its step {run.parent_step!r}{detached})"
-
-
-def _waiting_for(run: RunRecord, children: Children) -> dict[str, Any] | None:
-    """What a waiting run waits for: its unfinished children, its first sleep to wake if one is pending, its
-    receives (topic, timeout) and event waits (event, key, timeout)."""
-    if run.status is not RunStatus.WAITING:
-        return None
-    sleep = pending_sleep(run)
-    waits = outside_waits(run)
-    return {
-        "unfinished_children": children.unfinished_count,
-        "children": [row.summary() for row in children.unfinished],
-        "sleep": {"step": sleep.name, "wake_at": _iso(sleep.wake_at)} if sleep else None,
-        "messages": [wait.summary() for wait in waits if wait.kind == "receive"],
-        "events": [wait.summary() for wait in waits if wait.kind == "event"],
-        "steps": other_waits(run),
-    }
 
 
 def _waiting_lines(run: RunRecord, children: Children) -> list[str]:
@@ -1543,26 +1486,8 @@ def _step_detail(step: StepRecord) -> str:
     return preview(step.output if step.error is None else step.error.get("message"), 60)
 
 
-def _step_summary(step: StepRecord) -> dict[str, Any]:
-    return {
-        "name": step.name,
-        "kind": step.kind,
-        "status": step.status.value,
-        "attempts": step.attempts,
-        "started_at": _iso(step.started_at),
-        "finished_at": _iso(step.finished_at),
-        "wake_at": _iso(step.wake_at),
-        "output": step.output,
-        "error": step.error,
-    }
-
-
 def _status_text(run: RunRecord) -> str:
     return run.status.value + (f" ({run.requested_action} requested)" if run.requested_action else "")
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
 
 
 def _time(moment: datetime | None) -> str:
@@ -1580,14 +1505,6 @@ def _since(text: str | None) -> datetime | None:
         except SonamuTasksError as error:
             raise click.BadParameter(str(error), param_hint="--since") from error
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns padded to their widest cell: readable in a terminal, stable for eyes and diffs."""
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
-    return "\n".join(lines)
 
 
 def _local(moment: datetime, timezone: str) -> str:
@@ -1617,10 +1534,11 @@ def _moment(text: str | None, option: str) -> datetime | timedelta | None:
 
 
 async def _run_or_none(manager: WorkflowManager, run_id: str | None) -> RunRecord | None:
+    """Another run, for its name and status (a parent, a schedule's last run): none of its values is read."""
     if run_id is None:
         return None
     try:
-        return await manager.get_run(run_id)
+        return await manager.get_run(run_id, value_limit=NO_VALUES)
     except RunNotFound:
         return None
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import FOREVER
+from .display_text import escaped_json, readable_json, whole_escapes
 from .errors import RunNotFound
 from .queue import DEFAULT_QUEUE
 from .records import CutValue, MessageRecord, QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
@@ -33,6 +34,9 @@ LISTED_EVENTS = 20
 """Published events shown one by one on a page (`show --json` and /api/runs/{id} have all of them)."""
 WAIT_KINDS = ("receive", "event")
 """Step kinds of a wait for something from outside: `step.receive` and `step.wait_for_event`."""
+NO_VALUES = 0
+"""The `value_limit` of a read that shows none of a run's values (a runs list, a parent's or a child's status):
+the database neither sends nor measures them (each comes as an empty CutValue), so a 50 MB input costs nothing."""
 
 
 def duration_text(start: datetime | None, end: datetime | None) -> str:
@@ -50,21 +54,25 @@ def preview(value: Any, width: int) -> str:
 
 
 def json_excerpt(value: Any, limit: int, *, indent: int | None = None) -> tuple[str, bool]:
-    """The first `limit` characters of `value` as JSON, and whether there was more.
+    """The first `limit` characters of `value` as JSON, and whether there was more. Characters are shown as
+    they are (`"김철수"`), but those that would act on a terminal or reorder a line stay escaped
+    (`display_text`); a cut never ends inside an escape sequence.
 
     Encoded piece by piece and stopped at the limit, so a 50 MB list of values is not serialized whole to
     show a line of it (one huge string is still encoded in one piece, at C speed).
     """
-    if isinstance(value, CutValue):  # cut by the database already (a capped read)
-        return value.excerpt[:limit], True
+    if isinstance(value, CutValue):  # cut by the database already (a capped read), maybe with ASCII escapes
+        return whole_escapes(readable_json(value.excerpt)[:limit]), True
     pieces: list[str] = []
     size = 0
-    for piece in json.JSONEncoder(indent=indent, default=str).iterencode(value):
+    for piece in json.JSONEncoder(ensure_ascii=False, indent=indent, default=str).iterencode(value):
         pieces.append(piece)
         size += len(piece)
         if size > limit:
-            return "".join(pieces)[:limit], True
-    return "".join(pieces), False
+            # Cut before escaping (a 50 MB string is not scanned whole), and again after: escapes only lengthen.
+            return whole_escapes(escaped_json("".join(pieces)[:limit])[:limit]), True
+    text = escaped_json("".join(pieces))
+    return (whole_escapes(text[:limit]), True) if len(text) > limit else (text, False)
 
 
 def short_id(run_id: str) -> str:
@@ -338,7 +346,7 @@ async def children_of(manager: WorkflowManager, run: RunRecord, *, listed: int =
     if len(unfinished) < wanted and unfinished_count <= listed:
         # Few unfinished children: one read of all of them, by status.
         statuses = [s for s in RunStatus if not s.finished]
-        page = await manager.list_runs(parent_id=run.id, status=statuses, limit=listed)
+        page = await manager.list_runs(parent_id=run.id, status=statuses, limit=listed, value_limit=NO_VALUES)
         unfinished = sorted((_row(child) for child in page.items), key=lambda row: _step_order(row.step))
     else:
         position = listed
@@ -383,7 +391,7 @@ async def _read_children(manager: WorkflowManager, started: Sequence[tuple[str, 
     rows = []
     for step, run_id in started:
         try:
-            rows.append(_row(await manager.get_run(run_id), step))
+            rows.append(_row(await manager.get_run(run_id, value_limit=NO_VALUES), step))
         except RunNotFound:
             continue
     return rows

@@ -525,12 +525,21 @@ class WorkflowManager:
         parent_id: str | None = None,
         version: str | None = None,
         queue: str | None = None,
+        value_limit: int | None = None,
     ) -> RunPage:
         """Runs, newest first. Pass `page.next_cursor` as `cursor` for the next page (None: last page).
-        `parent_id`: only the children of that run. `queue`: only the runs of that queue."""
+        `parent_id`: only the children of that run. `queue`: only the runs of that queue. `value_limit`: as
+        `get_run`'s, inputs and outputs longer than that come as `CutValue`s (0: a list that shows none)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidValue(
                 f"list_runs limit must be a whole number from 1 to 1000, got {shown(limit)}", field="limit"
+            )
+        if value_limit is not None and (
+            isinstance(value_limit, bool) or not isinstance(value_limit, int) or value_limit < 0
+        ):
+            raise InvalidValue(
+                f"list_runs value_limit must be a whole number, 0 or more, got {shown(value_limit)}",
+                field="value_limit",
             )
         query = RunQuery(
             _text_filter(workflow, "workflow"),
@@ -542,6 +551,7 @@ class WorkflowManager:
             _run_id_filter(parent_id, "parent_id"),
             _text_filter(version, "version"),
             _text_filter(queue, "queue"),
+            value_limit,
         )
         records = await until_available(lambda: self.backend.list_runs(query), what="list runs", give_up_after_s=30)
         items = records[:limit]

@@ -27,11 +27,12 @@ class StepRecord:
 @dataclass(frozen=True)
 class CutValue:
     """A stored JSON value longer than a capped read wanted (`manager.get_run(..., value_limit=N)`, what the
-    dashboard's run page reads): the first N characters of its JSON text, and the whole text's length. The value
-    itself was left in the database."""
+    dashboard's run page reads; `list_runs(value_limit=N)`): the first N characters of its JSON text, and the
+    whole text's length. The value itself was left in the database."""
 
     excerpt: str
-    length: int
+    length: int | None
+    """None after a read with `value_limit=0` (a list that shows no value): the value was not even measured."""
 
 
 @dataclass(frozen=True)

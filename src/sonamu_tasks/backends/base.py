@@ -138,6 +138,8 @@ class RunQuery:
     """Only the children of this run."""
     version: str | None = None
     queue: str | None = None
+    value_limit: int | None = None
+    """Inputs and outputs whose JSON text is longer come as CutValues, as `get_run`'s `value_limit` cuts them."""
 
 
 class Notifications(Protocol):

@@ -12,7 +12,8 @@
     GET  /queues              each queue: its limits, runs executing, due backlog and its age, the rate window
                               used, runs parked behind a full concurrency key
     GET  /workers, /schedules
-    GET  /api/runs, /api/runs/{id}   the same as JSON (the run in full: a page cuts long values)
+    GET  /api/runs, /api/runs/{id}   the same as JSON, as `runs --json` and `show --json` (the run in full: a
+                              page cuts long values)
     GET  /api/queues          the queues as JSON (as `sonamu-tasks queues --json`)
     GET  /api/stranded        unfinished runs per (workflow, version) that no live worker registers
     GET  /metrics             this process's Prometheus metrics (needs the `metrics` extra; 404 without it)
@@ -46,16 +47,16 @@ from .. import arguments, telemetry
 from ..config import Config
 from ..display import (
     COUNTED_MESSAGES,
+    NO_VALUES,
     children_of,
-    events_summary,
     messages_of,
     queue_summary,
     stranded_summary,
-    wake_time,
 )
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
 from ..manager import RunPage, WorkflowManager
 from ..records import STALE_AFTER, RunRecord
+from ..run_json import run_detail, run_summary
 from . import pages
 from .guards import (
     BodyLimit,
@@ -158,8 +159,7 @@ class Dashboard:
 
     async def runs_json(self, request: Request) -> Response:
         page = await self._runs(request)
-        items = [_jsonable(run) for run in page.items]
-        return _json({"items": items, "next_cursor": page.next_cursor})
+        return _json({"items": [run_summary(run) for run in page.items], "next_cursor": page.next_cursor})
 
     async def run_page(self, request: Request) -> Response:
         # Values longer than the page shows are cut by the database: a page refreshed every second never
@@ -185,17 +185,17 @@ class Dashboard:
         return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh, before=before, after=form))
 
     async def run_json(self, request: Request) -> Response:
+        """The run in full, as `show --json` has it (the same function builds both); but every message counted
+        is listed whole (up to 100), where `show --json` lists the oldest 20."""
         run = await self.manager.get_run(_run_id(request), with_steps=True)
-        children = await children_of(self.manager, run)
-        messages = await messages_of(self.manager, run.id, listed=COUNTED_MESSAGES)
-        return _json(
-            {
-                **_jsonable(run),
-                "children": children.summary() if children.total else None,
-                "messages": messages.summary(),
-                "events": events_summary(await self.manager.list_events(run.id)),
-            }
+        detail = run_detail(
+            run,
+            parent=await self._parent(run.parent_id),
+            children=await children_of(self.manager, run),
+            messages=await messages_of(self.manager, run.id, listed=COUNTED_MESSAGES),
+            events=await self.manager.list_events(run.id),
         )
+        return _json(detail)
 
     async def stranded_json(self, request: Request) -> Response:
         groups = await self.manager.stranded_runs(stale_after=STALE_AFTER)
@@ -274,8 +274,15 @@ class Dashboard:
         cursor = _parameter(query, "cursor", arguments.run_id)
         parent = _parameter(query, "parent", arguments.run_id)
         version = _parameter(query, "version", arguments.version)
+        # The list shows no value (nor does /api/runs): refreshed every second, it must not read 50 huge inputs.
         return await self.manager.list_runs(
-            workflow=workflow, version=version, status=status, limit=limit or 50, cursor=cursor, parent_id=parent
+            workflow=workflow,
+            version=version,
+            status=status,
+            limit=limit or 50,
+            cursor=cursor,
+            parent_id=parent,
+            value_limit=NO_VALUES,
         )
 
     async def _form(self, request: Request) -> dict[str, list[str]]:
@@ -292,7 +299,7 @@ class Dashboard:
         if run_id is None:
             return None
         try:
-            return await self.manager.get_run(run_id)
+            return await self.manager.get_run(run_id, value_limit=NO_VALUES)  # its name and status only
         except RunNotFound:
             return None  # deleted since (retention): the page still names its id
 
@@ -359,13 +366,6 @@ def _partial(request: Request) -> bool:
 
 def _json(value: Any) -> Response:
     return Response(json.dumps(value), media_type="application/json")
-
-
-def _jsonable(run: RunRecord) -> Any:
-    """A run as JSON; `available_at` is null when only a child can wake it (never the far-future park time)."""
-    value = json.loads(json.dumps(dataclasses.asdict(run), default=str))
-    value["available_at"] = None if wake_time(run.available_at) is None else value["available_at"]
-    return value
 
 
 async def _http_error(request: Request, error: Exception) -> Response:

@@ -195,30 +195,39 @@ FROM runs WHERE id = %(run_id)s
 -- get_run_capped --
 -- get_run for a page that shows at most `limit` characters of a value: an input or output whose JSON text is
 -- longer comes as its first `limit` characters and its length (the *_excerpt and *_length columns) instead of
--- the value, so a page refreshing every second never reads a 50 MB output to show 20 kB of it.
+-- the value, so a page refreshing every second never reads a 50 MB output to show 20 kB of it. Each value is
+-- turned into text once (OFFSET 0 keeps the planner from inlining `t` and converting it again at every use);
+-- with a limit of 0 never: a value is only said to be there, by an empty excerpt without a length (a read of
+-- another run's status, which shows none of its values).
 SELECT r.id::text, r.workflow_name, r.version, r.status,
-       CASE WHEN length(v.input) <= %(limit)s THEN r.input END AS input,
-       CASE WHEN length(v.output) <= %(limit)s THEN r.output END AS output,
+       CASE WHEN n.input <= %(limit)s THEN r.input END AS input,
+       CASE WHEN n.output <= %(limit)s THEN r.output END AS output,
        r.error, r.attempts, r.recoveries, r.available_at, r.worker_id, r.idempotency_key, r.deadline_at,
        r.created_at, r.started_at, r.finished_at, r.updated_at, r.requested_action, r.parent_id::text,
        r.parent_step, r.detached, r.forked_from::text, r.forked_step, r.queue, r.priority, r.concurrency_key,
-       CASE WHEN length(v.input) > %(limit)s THEN left(v.input, %(limit)s) END AS input_excerpt,
-       length(v.input) AS input_length,
-       CASE WHEN length(v.output) > %(limit)s THEN left(v.output, %(limit)s) END AS output_excerpt,
-       length(v.output) AS output_length
-FROM runs r, LATERAL (SELECT r.input::text AS input, r.output::text AS output) AS v
+       CASE WHEN r.input IS NOT NULL AND (n.input IS NULL OR n.input > %(limit)s)
+            THEN COALESCE(left(t.input, %(limit)s), '') END AS input_excerpt,
+       n.input AS input_length,
+       CASE WHEN r.output IS NOT NULL AND (n.output IS NULL OR n.output > %(limit)s)
+            THEN COALESCE(left(t.output, %(limit)s), '') END AS output_excerpt,
+       n.output AS output_length
+FROM runs r,
+     LATERAL (SELECT CASE WHEN %(limit)s > 0 THEN r.input::text END AS input,
+                     CASE WHEN %(limit)s > 0 THEN r.output::text END AS output OFFSET 0) AS t,
+     LATERAL (SELECT length(t.input) AS input, length(t.output) AS output OFFSET 0) AS n
 WHERE r.id = %(run_id)s
 
 -- load_steps_capped --
 -- load_steps, with outputs cut as get_run_capped cuts a run's values; but a child step's output (the ids of
 -- the children it started, which the page lists) always comes whole.
-SELECT s.name, s.kind, s.status, CASE WHEN v.cut THEN NULL ELSE s.output END AS output, s.error,
-       s.attempts, s.wake_at, s.started_at, s.finished_at, s.waits_for,
-       CASE WHEN v.cut THEN left(v.output, %(limit)s) END AS output_excerpt,
-       length(v.output) AS output_length
+SELECT s.name, s.kind, s.status, CASE WHEN s.kind = 'child' OR n.output <= %(limit)s THEN s.output END AS output,
+       s.error, s.attempts, s.wake_at, s.started_at, s.finished_at, s.waits_for,
+       CASE WHEN s.kind <> 'child' AND s.output IS NOT NULL AND (n.output IS NULL OR n.output > %(limit)s)
+            THEN COALESCE(left(t.output, %(limit)s), '') END AS output_excerpt,
+       n.output AS output_length
 FROM steps s,
-     LATERAL (SELECT s.output::text AS output) AS t,
-     LATERAL (SELECT t.output, s.kind <> 'child' AND length(t.output) > %(limit)s AS cut) AS v
+     LATERAL (SELECT CASE WHEN %(limit)s > 0 AND s.kind <> 'child' THEN s.output::text END AS output OFFSET 0) AS t,
+     LATERAL (SELECT length(t.output) AS output OFFSET 0) AS n
 WHERE s.run_id = %(run_id)s
 ORDER BY s.started_at, s.name
 
@@ -574,6 +583,38 @@ WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
 ORDER BY runs.id DESC
 LIMIT %(limit)s
+
+-- list_runs_capped --
+-- list_runs for a list that shows at most `value_limit` characters of a value (a runs list shows none: 0),
+-- cut as get_run_capped cuts them: the runs list a dashboard refreshes every second does not read 50 inputs of
+-- 2 MB each. The page is chosen first (`r`), so that only its runs' values are measured.
+SELECT r.id::text, r.workflow_name, r.version, r.status,
+       CASE WHEN n.input <= %(value_limit)s THEN r.input END AS input,
+       CASE WHEN n.output <= %(value_limit)s THEN r.output END AS output,
+       r.error, r.attempts, r.recoveries, r.available_at, r.worker_id, r.idempotency_key, r.deadline_at,
+       r.created_at, r.started_at, r.finished_at, r.updated_at, r.requested_action, r.parent_id::text,
+       r.parent_step, r.detached, r.forked_from::text, r.forked_step, r.queue, r.priority, r.concurrency_key,
+       CASE WHEN r.input IS NOT NULL AND (n.input IS NULL OR n.input > %(value_limit)s)
+            THEN COALESCE(left(t.input, %(value_limit)s), '') END AS input_excerpt,
+       n.input AS input_length,
+       CASE WHEN r.output IS NOT NULL AND (n.output IS NULL OR n.output > %(value_limit)s)
+            THEN COALESCE(left(t.output, %(value_limit)s), '') END AS output_excerpt,
+       n.output AS output_length
+FROM (SELECT * FROM runs
+      WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
+        AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
+        AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
+        AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
+        AND (%(version)s::text IS NULL OR version = %(version)s::text)
+        AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+        AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
+        AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
+      ORDER BY runs.id DESC
+      LIMIT %(limit)s) AS r,
+     LATERAL (SELECT CASE WHEN %(value_limit)s > 0 THEN r.input::text END AS input,
+                     CASE WHEN %(value_limit)s > 0 THEN r.output::text END AS output OFFSET 0) AS t,
+     LATERAL (SELECT length(t.input) AS input, length(t.output) AS output OFFSET 0) AS n
+ORDER BY r.id DESC
 
 -- unfinished_by_version --
 -- Unfinished runs per (workflow, version, status), with the oldest's creation: what `runs --stranded`

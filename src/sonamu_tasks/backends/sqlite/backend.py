@@ -399,10 +399,15 @@ class SqliteBackend:
             "parent_id": None if query.parent_id is None else str(uuid.UUID(query.parent_id)),
             "version": query.version,
             "queue": query.queue,
+            "value_limit": query.value_limit,
         }
+        sql = QUERIES["list_runs" if query.value_limit is None else "list_runs_capped"]
 
         def read(conn: sqlite3.Connection, now: int) -> list[RunRecord]:
-            return [records.run_record(row, ()) for row in conn.execute(QUERIES["list_runs"], params)]
+            return [
+                records.with_cut_values(records.run_record(row, ()), row, "input", "output")
+                for row in conn.execute(sql, params)
+            ]
 
         return await self._db.read(read)
 

@@ -168,25 +168,31 @@ SELECT id, workflow_name, version, status, input, output, error, attempts, recov
 FROM runs WHERE id = :run_id
 
 -- get_run_capped --
--- See the PostgreSQL query of the same name: values longer than :limit characters come as an excerpt.
+-- See the PostgreSQL query of the same name: values longer than :limit characters come as an excerpt; with a
+-- limit of 0 they are not read at all (typeof() looks at the record's header only), an empty excerpt without
+-- a length saying that there is one.
 SELECT id, workflow_name, version, status,
-       CASE WHEN length(input) <= :limit THEN input END AS input,
-       CASE WHEN length(output) <= :limit THEN output END AS output,
+       CASE WHEN :limit > 0 AND length(input) <= :limit THEN input END AS input,
+       CASE WHEN :limit > 0 AND length(output) <= :limit THEN output END AS output,
        error, attempts, recoveries, available_at, worker_id, idempotency_key, deadline_at, created_at, started_at,
        finished_at, updated_at, requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue,
        priority, concurrency_key,
-       CASE WHEN length(input) > :limit THEN substr(input, 1, :limit) END AS input_excerpt,
-       length(input) AS input_length,
-       CASE WHEN length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
-       length(output) AS output_length
+       CASE WHEN typeof(input) = 'null' THEN NULL WHEN :limit = 0 THEN ''
+            WHEN length(input) > :limit THEN substr(input, 1, :limit) END AS input_excerpt,
+       CASE WHEN :limit > 0 THEN length(input) END AS input_length,
+       CASE WHEN typeof(output) = 'null' THEN NULL WHEN :limit = 0 THEN ''
+            WHEN length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
+       CASE WHEN :limit > 0 THEN length(output) END AS output_length
 FROM runs WHERE id = :run_id
 
 -- load_steps_capped --
 -- A child step's output (its children's ids, listed by the page) always comes whole.
-SELECT name, kind, status, CASE WHEN kind = 'child' OR length(output) <= :limit THEN output END AS output, error,
-       attempts, wake_at, started_at, finished_at, waits_for,
-       CASE WHEN kind <> 'child' AND length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
-       length(output) AS output_length
+SELECT name, kind, status,
+       CASE WHEN kind = 'child' OR (:limit > 0 AND length(output) <= :limit) THEN output END AS output,
+       error, attempts, wake_at, started_at, finished_at, waits_for,
+       CASE WHEN kind = 'child' OR typeof(output) = 'null' THEN NULL WHEN :limit = 0 THEN ''
+            WHEN length(output) > :limit THEN substr(output, 1, :limit) END AS output_excerpt,
+       CASE WHEN :limit > 0 AND kind <> 'child' THEN length(output) END AS output_length
 FROM steps WHERE run_id = :run_id
 ORDER BY started_at, name
 
@@ -373,6 +379,33 @@ FROM schedules ORDER BY name
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
        requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue, priority, concurrency_key
+FROM runs
+WHERE (:workflow IS NULL OR workflow_name = :workflow)
+  AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
+  AND id < COALESCE(:before_id, 'g')
+  AND (:parent_id IS NULL OR parent_id = :parent_id)
+  AND (:version IS NULL OR version = :version)
+  AND (:queue IS NULL OR queue = :queue)
+  AND (:created_after IS NULL OR created_at >= :created_after)
+  AND (:created_before IS NULL OR created_at < :created_before)
+ORDER BY id DESC
+LIMIT :limit
+
+-- list_runs_capped --
+-- See the PostgreSQL query of the same name, and get_run_capped here: list_runs with values longer than
+-- :value_limit characters as an excerpt and a length, and with 0 none read.
+SELECT id, workflow_name, version, status,
+       CASE WHEN :value_limit > 0 AND length(input) <= :value_limit THEN input END AS input,
+       CASE WHEN :value_limit > 0 AND length(output) <= :value_limit THEN output END AS output,
+       error, attempts, recoveries, available_at, worker_id, idempotency_key, deadline_at, created_at, started_at,
+       finished_at, updated_at, requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue,
+       priority, concurrency_key,
+       CASE WHEN typeof(input) = 'null' THEN NULL WHEN :value_limit = 0 THEN ''
+            WHEN length(input) > :value_limit THEN substr(input, 1, :value_limit) END AS input_excerpt,
+       CASE WHEN :value_limit > 0 THEN length(input) END AS input_length,
+       CASE WHEN typeof(output) = 'null' THEN NULL WHEN :value_limit = 0 THEN ''
+            WHEN length(output) > :value_limit THEN substr(output, 1, :value_limit) END AS output_excerpt,
+       CASE WHEN :value_limit > 0 THEN length(output) END AS output_length
 FROM runs
 WHERE (:workflow IS NULL OR workflow_name = :workflow)
   AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))

@@ -147,10 +147,11 @@ def worker_record(row: sqlite3.Row) -> WorkerRecord:
 
 
 def with_cut_values(record: T, row: sqlite3.Row, *names: str) -> T:
-    """`record` with the values a capped read (get_run_capped, load_steps_capped) cut, as CutValues."""
+    """`record` with the values a capped read (get_run_capped, load_steps_capped, list_runs_capped) cut, as
+    CutValues."""
     keys = row.keys()
     cuts: dict[str, Any] = {
-        name: CutValue(row[f"{name}_excerpt"], int(row[f"{name}_length"]))
+        name: CutValue(row[f"{name}_excerpt"], None if row[f"{name}_length"] is None else int(row[f"{name}_length"]))
         for name in names
         if f"{name}_excerpt" in keys and row[f"{name}_excerpt"] is not None
     }

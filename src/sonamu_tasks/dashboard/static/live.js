@@ -11,10 +11,19 @@
     document.querySelectorAll("[data-unfinished-only]").forEach((element) => element.remove());
     return true;
   };
-  const timer = setInterval(async () => {
-    const response = await fetch(location.href, {headers: {"X-Partial": "1"}});
-    if (!response.ok) return;
-    live.innerHTML = await response.text();
-    if (finished()) clearInterval(timer);
-  }, every);
+  // The next fetch is planned once the previous one has answered, never on a fixed clock: a slow answer (a
+  // busy database) must not pile up requests behind it, each one slowing the others further.
+  const refresh = async () => {
+    try {
+      const response = await fetch(location.href, {headers: {"X-Partial": "1"}});
+      if (response.ok) {
+        live.innerHTML = await response.text();
+        if (finished()) return;
+      }
+    } catch (error) {
+      // The dashboard restarting, the network gone: try again at the next tick.
+    }
+    setTimeout(refresh, every);
+  };
+  setTimeout(refresh, every);
 })();
