@@ -584,10 +584,9 @@ class PostgresBackend:
             "version": query.version,
             "value_limit": query.value_limit,
         }
-        sql = QUERIES["list_runs" if query.value_limit is None else "list_runs_capped"]
         async with self._connection(read=True) as conn:
             cursor = conn.cursor(row_factory=dict_row)
-            rows = await (await cursor.execute(sql, params)).fetchall()
+            rows = await (await cursor.execute(QUERIES["list_runs"], params)).fetchall()
         records = []
         for row in rows:
             row["status"] = RunStatus(row["status"])
@@ -1031,7 +1030,7 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
 
 
 def _with_cuts(row: dict[str, Any], *names: str) -> dict[str, Any]:
-    """A row of a capped read (get_run_capped, load_steps_capped, list_runs_capped) as the record's fields: a
+    """A row of a capped read (get_run_capped, load_steps_capped, list_runs with a value limit) as the record's fields: a
     value cut there becomes a CutValue of its excerpt and length (None: not measured, with a limit of 0)."""
     for name in names:
         excerpt, length = row.pop(f"{name}_excerpt", None), row.pop(f"{name}_length", None)

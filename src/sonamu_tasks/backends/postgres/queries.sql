@@ -568,36 +568,22 @@ SELECT name, workflow_name, version, expression, timezone, input, next_fire_at, 
 FROM schedules ORDER BY name
 
 -- list_runs --
--- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs.
-SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
-       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id::text, parent_step, detached, forked_from::text, forked_step, queue, priority, concurrency_key
-FROM runs
-WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
-  AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
-  AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
-  AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
-  AND (%(version)s::text IS NULL OR version = %(version)s::text)
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
-  AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s::timestamptz)
-  AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s::timestamptz)
-ORDER BY runs.id DESC
-LIMIT %(limit)s
-
--- list_runs_capped --
--- list_runs for a list that shows at most `value_limit` characters of a value (a runs list shows none: 0),
--- cut as get_run_capped cuts them: the runs list a dashboard refreshes every second does not read 50 inputs of
--- 2 MB each. The page is chosen first (`r`), so that only its runs' values are measured.
+-- Newest first; keyset pagination on the time-ordered id, so page N costs what page 1 costs. With a
+-- `value_limit`, inputs and outputs longer than that many characters come cut, as get_run_capped cuts them
+-- (0: none read, what a runs list shows): the list a dashboard refreshes every second does not read 50 inputs
+-- of 2 MB each. NULL: whole values. The page is chosen first (`r`), so that only its runs' values are measured.
 SELECT r.id::text, r.workflow_name, r.version, r.status,
-       CASE WHEN n.input <= %(value_limit)s THEN r.input END AS input,
-       CASE WHEN n.output <= %(value_limit)s THEN r.output END AS output,
+       CASE WHEN %(value_limit)s::integer IS NULL OR n.input <= %(value_limit)s THEN r.input END AS input,
+       CASE WHEN %(value_limit)s::integer IS NULL OR n.output <= %(value_limit)s THEN r.output END AS output,
        r.error, r.attempts, r.recoveries, r.available_at, r.worker_id, r.idempotency_key, r.deadline_at,
        r.created_at, r.started_at, r.finished_at, r.updated_at, r.requested_action, r.parent_id::text,
        r.parent_step, r.detached, r.forked_from::text, r.forked_step, r.queue, r.priority, r.concurrency_key,
-       CASE WHEN r.input IS NOT NULL AND (n.input IS NULL OR n.input > %(value_limit)s)
+       CASE WHEN %(value_limit)s::integer IS NOT NULL AND r.input IS NOT NULL
+                 AND (n.input IS NULL OR n.input > %(value_limit)s)
             THEN COALESCE(left(t.input, %(value_limit)s), '') END AS input_excerpt,
        n.input AS input_length,
-       CASE WHEN r.output IS NOT NULL AND (n.output IS NULL OR n.output > %(value_limit)s)
+       CASE WHEN %(value_limit)s::integer IS NOT NULL AND r.output IS NOT NULL
+                 AND (n.output IS NULL OR n.output > %(value_limit)s)
             THEN COALESCE(left(t.output, %(value_limit)s), '') END AS output_excerpt,
        n.output AS output_length
 FROM (SELECT * FROM runs

@@ -401,12 +401,11 @@ class SqliteBackend:
             "queue": query.queue,
             "value_limit": query.value_limit,
         }
-        sql = QUERIES["list_runs" if query.value_limit is None else "list_runs_capped"]
 
         def read(conn: sqlite3.Connection, now: int) -> list[RunRecord]:
             return [
                 records.with_cut_values(records.run_record(row, ()), row, "input", "output")
-                for row in conn.execute(sql, params)
+                for row in conn.execute(QUERIES["list_runs"], params)
             ]
 
         return await self._db.read(read)

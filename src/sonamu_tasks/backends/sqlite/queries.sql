@@ -376,34 +376,19 @@ FROM schedules ORDER BY name
 -- Newest first; keyset pagination on the time-ordered id (canonical lowercase text sorts as the UUID
 -- does), so page N costs what page 1 costs. Without a cursor the bound is 'g', which sorts after every
 -- id (hex digits and dashes): a plain range the primary key serves, where "IS NULL OR" would scan.
-SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
-       worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
-       requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue, priority, concurrency_key
-FROM runs
-WHERE (:workflow IS NULL OR workflow_name = :workflow)
-  AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
-  AND id < COALESCE(:before_id, 'g')
-  AND (:parent_id IS NULL OR parent_id = :parent_id)
-  AND (:version IS NULL OR version = :version)
-  AND (:queue IS NULL OR queue = :queue)
-  AND (:created_after IS NULL OR created_at >= :created_after)
-  AND (:created_before IS NULL OR created_at < :created_before)
-ORDER BY id DESC
-LIMIT :limit
-
--- list_runs_capped --
--- See the PostgreSQL query of the same name, and get_run_capped here: list_runs with values longer than
--- :value_limit characters as an excerpt and a length, and with 0 none read.
+-- With :value_limit, values longer than that as an excerpt and a length, as get_run_capped here (0: none read);
+-- NULL: whole values.
 SELECT id, workflow_name, version, status,
-       CASE WHEN :value_limit > 0 AND length(input) <= :value_limit THEN input END AS input,
-       CASE WHEN :value_limit > 0 AND length(output) <= :value_limit THEN output END AS output,
+       CASE WHEN :value_limit IS NULL OR (:value_limit > 0 AND length(input) <= :value_limit) THEN input END AS input,
+       CASE WHEN :value_limit IS NULL OR (:value_limit > 0 AND length(output) <= :value_limit) THEN output END
+           AS output,
        error, attempts, recoveries, available_at, worker_id, idempotency_key, deadline_at, created_at, started_at,
        finished_at, updated_at, requested_action, parent_id, parent_step, detached, forked_from, forked_step, queue,
        priority, concurrency_key,
-       CASE WHEN typeof(input) = 'null' THEN NULL WHEN :value_limit = 0 THEN ''
+       CASE WHEN :value_limit IS NULL OR typeof(input) = 'null' THEN NULL WHEN :value_limit = 0 THEN ''
             WHEN length(input) > :value_limit THEN substr(input, 1, :value_limit) END AS input_excerpt,
        CASE WHEN :value_limit > 0 THEN length(input) END AS input_length,
-       CASE WHEN typeof(output) = 'null' THEN NULL WHEN :value_limit = 0 THEN ''
+       CASE WHEN :value_limit IS NULL OR typeof(output) = 'null' THEN NULL WHEN :value_limit = 0 THEN ''
             WHEN length(output) > :value_limit THEN substr(output, 1, :value_limit) END AS output_excerpt,
        CASE WHEN :value_limit > 0 THEN length(output) END AS output_length
 FROM runs

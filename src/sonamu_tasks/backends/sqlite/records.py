@@ -147,7 +147,7 @@ def worker_record(row: sqlite3.Row) -> WorkerRecord:
 
 
 def with_cut_values(record: T, row: sqlite3.Row, *names: str) -> T:
-    """`record` with the values a capped read (get_run_capped, load_steps_capped, list_runs_capped) cut, as
+    """`record` with the values a capped read (get_run_capped, load_steps_capped, list_runs with a value limit) cut, as
     CutValues."""
     keys = row.keys()
     cuts: dict[str, Any] = {
