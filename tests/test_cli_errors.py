@@ -135,6 +135,19 @@ def test_a_run_that_does_not_exist_is_one_line_and_exit_1(sqlite_env: dict[str, 
         assert_one_error_line(done, "no run with id 0190b7e2-5c3a-7d1e-8f00-1234567890ab")
 
 
+def test_a_command_about_stored_runs_does_not_create_a_database_at_a_mistyped_path(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "tasks.db"
+    env = {**os.environ, "SONAMU_TASKS_DATABASE_URL": f"sqlite:///{missing}"}
+    some_run = "0190b7e2-5c3a-7d1e-8f00-1234567890ab"
+    for args in (["runs"], ["show", some_run], ["workers", "--json"], ["queues"], ["schedules"]):
+        done = python_m(*args, env=env, cwd=tmp_path)
+        assert done.returncode == 1, (args, done.stderr)
+        assert_one_error_line(done, f"no database at {missing}: nothing has used it yet")
+    assert not missing.exists() and not missing.parent.exists()
+    created = python_m("migrate", env={**env, "SONAMU_TASKS_DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"})
+    assert created.returncode == 0, created.stderr  # a command that may create it still does
+
+
 async def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(
     sqlite_env: dict[str, str], tmp_path: Path
 ) -> None:

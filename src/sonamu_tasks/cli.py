@@ -169,16 +169,25 @@ class _Options:
     verbose: bool
 
 
-def _config(context: click.Context, *, enable_worker: bool, announce: bool = False) -> Config:
+def _config(context: click.Context, *, enable_worker: bool, announce: bool = False, existing: bool = False) -> Config:
     """The config; `announce` (or -v) names it and its database on stderr. The one-shot commands (run, runs,
-    show, cancel ...) stay quiet unless -v, so that a failure's stderr is its one error line."""
+    show, cancel ...) stay quiet unless -v, so that a failure's stderr is its one error line. `existing`: a
+    command about runs already stored, which must not create a SQLite file where none is (a mistyped path
+    would answer "no runs" and leave an empty database behind)."""
     options: _Options = context.obj
     try:
         config, origin = load_config(options.config_spec)
     except ConfigError as error:
         raise click.ClickException(_flat(str(error))) from error
+    url = config.resolved_database_url()
     if announce or options.verbose:
-        click.echo(f"config: {origin}; database: {_redact(config.resolved_database_url())}", err=True)
+        click.echo(f"config: {origin}; database: {_redact(url)}", err=True)
+    path = url.removeprefix("sqlite:///")
+    if existing and path != url and path != ":memory:" and not os.path.exists(path):
+        raise click.ClickException(
+            f"no database at {path}: nothing has used it yet (a mistyped path? `sonamu-tasks migrate` or a "
+            "worker creates it)"
+        )
     config.tasks.enable_worker = enable_worker
     return config
 
@@ -333,7 +342,7 @@ def migrate(context: click.Context) -> None:
 @click.pass_context
 def schedules(context: click.Context, as_json: bool) -> None:
     """List cron schedules: name, expression, timezone, next fire, last run."""
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def collect() -> list[dict[str, Any]]:
         async with WorkflowManager(config) as manager:
@@ -487,7 +496,7 @@ def runs(
         return
     if stale_after is not None:
         raise click.UsageError("--stale-after goes with --stranded", context)
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
     created_after = _since(since)
 
     async def fetch() -> RunPage:
@@ -540,7 +549,7 @@ def _given(context: click.Context, names: Sequence[str]) -> list[str]:
 
 def _stranded(context: click.Context, stale_after: float, as_json: bool) -> None:
     """`runs --stranded`: per (workflow, version) no live worker registers, its unfinished runs per status."""
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def fetch() -> list[StrandedRuns]:
         async with WorkflowManager(config) as manager:
@@ -656,7 +665,7 @@ def fork(
     if version is not None and to_version is not None and version != to_version:
         raise click.UsageError(f"--version {version!r} and --to-version {to_version!r} disagree; give one", context)
     target = to_version or version
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def start_fork() -> tuple[RunRecord, bool]:
         async with WorkflowManager(config) as manager:
@@ -719,7 +728,7 @@ def cancel(
         )
         return
     _refuse_bulk_options(context, ("workflow", "version", "statuses", "dry_run"))
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def act() -> RunStatus:
         async with WorkflowManager(config) as manager:
@@ -860,7 +869,7 @@ class _Progress:
 
 
 def _cancel_many(context: click.Context, selection: _Selection, dry_run: bool, as_json: bool) -> None:
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
     bulk = _Bulk(selection, dry_run)
 
     async def act() -> None:
@@ -940,7 +949,7 @@ def _echo_cancels(bulk: _Bulk) -> None:
 def _fork_many(
     context: click.Context, selection: _Selection, from_step: str, to_version: str, dry_run: bool, as_json: bool
 ) -> None:
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
     bulk = _Bulk(selection, dry_run)
     onto = f"from step {from_step!r} onto version {to_version}"
 
@@ -1097,7 +1106,7 @@ class _Shown:
 def show(context: click.Context, run_id: str, as_json: bool) -> None:
     """A run: its parent and children, what it waits for, input, output or error (with traceback), every step,
     its unconsumed messages and the events it published."""
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def fetch() -> _Shown:
         async with WorkflowManager(config) as manager:
@@ -1233,7 +1242,7 @@ def send(
 ) -> None:
     """Send a message to run RUN_ID: its `step.receive` on that topic takes it, once (a waiting run wakes)."""
     message = _json_option(message_json, "--message")
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def deliver() -> bool:
         async with WorkflowManager(config) as manager:
@@ -1258,7 +1267,7 @@ def emit(context: click.Context, event: str, key: str | None, payload_json: str,
     """Broadcast EVENT: every run waiting for it (and its key) in `step.wait_for_event` receives the payload,
     and so does every run created before now that reaches such a wait later."""
     payload = _json_option(payload_json, "--payload")
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def broadcast() -> int:
         async with WorkflowManager(config) as manager:
@@ -1280,7 +1289,7 @@ def emit(context: click.Context, event: str, key: str | None, payload_json: str,
 def get_event(context: click.Context, run_id: str, key: str, timeout: float | None) -> None:
     """Print, as JSON, the value run RUN_ID published under KEY (`step.set_event`), waiting until it is set.
     Exit 1 if the run finished without setting it, or it was not set within --timeout."""
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def read() -> tuple[bool, Any, RunRecord]:
         async with WorkflowManager(config) as manager:
@@ -1301,7 +1310,7 @@ def _steer_command(name: str, doc: str) -> None:
     @click.argument("run_id", callback=_run_id)
     @click.pass_context
     def command(context: click.Context, run_id: str) -> None:
-        config = _config(context, enable_worker=False)
+        config = _config(context, enable_worker=False, existing=True)
 
         async def act() -> RunStatus:
             async with WorkflowManager(config) as manager:
@@ -1324,7 +1333,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
     claimed, the parked ones included) and the OLDEST DUE run's wait, RATE WINDOW (starts in the current window
     / the limit), PARKED ON KEY (due runs waiting for their concurrency key to have a free slot) and WORKERS
     (live workers that claim from it: 0 with runs due means nothing will run them)."""
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def fetch() -> list[QueueStats]:
         async with WorkflowManager(config) as manager:
@@ -1348,7 +1357,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
 def workers(context: click.Context, as_json: bool) -> None:
     """Workers that registered: host, pid, slots in use / slots, the queues they claim from, workflows,
     heartbeat age."""
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, existing=True)
 
     async def fetch() -> list[WorkerRecord]:
         async with WorkflowManager(config) as manager:

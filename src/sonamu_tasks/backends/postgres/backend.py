@@ -1030,8 +1030,9 @@ def _dispatch(payload: str, notifications: Notifications) -> None:
 
 
 def _with_cuts(row: dict[str, Any], *names: str) -> dict[str, Any]:
-    """A row of a capped read (get_run_capped, load_steps_capped, list_runs with a value limit) as the record's fields: a
-    value cut there becomes a CutValue of its excerpt and length (None: not measured, with a limit of 0)."""
+    """A row of a capped read (get_run_capped, load_steps_capped, list_runs with a value limit) as the record's
+    fields: a value cut there becomes a CutValue of its excerpt and length (None: not measured, with a limit
+    of 0)."""
     for name in names:
         excerpt, length = row.pop(f"{name}_excerpt", None), row.pop(f"{name}_length", None)
         if excerpt is not None:
