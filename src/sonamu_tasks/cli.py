@@ -46,10 +46,12 @@ from .display import (
     queue_summary,
     run_queue,
     short_id,
+    slots_text,
     stranded_counts,
     stranded_summary,
     unserved_queues,
     wake_time,
+    worker_queues_text,
 )
 from .display_text import escaped, format_table
 from .duration import parse_duration
@@ -169,11 +171,11 @@ class _Options:
     verbose: bool
 
 
-def _config(context: click.Context, *, enable_worker: bool, announce: bool = False, existing: bool = False) -> Config:
+def _config(context: click.Context, *, enable_worker: bool, announce: bool = False, creates: bool = False) -> Config:
     """The config; `announce` (or -v) names it and its database on stderr. The one-shot commands (run, runs,
-    show, cancel ...) stay quiet unless -v, so that a failure's stderr is its one error line. `existing`: a
-    command about runs already stored, which must not create a SQLite file where none is (a mistyped path
-    would answer "no runs" and leave an empty database behind)."""
+    show, cancel ...) stay quiet unless -v, so that a failure's stderr is its one error line. Only a command
+    that `creates` the database (worker, dev, migrate, run, dashboard) may open a SQLite file that is not there:
+    a command about stored runs would answer "no runs" for a mistyped path and leave an empty database behind."""
     options: _Options = context.obj
     try:
         config, origin = load_config(options.config_spec)
@@ -183,7 +185,7 @@ def _config(context: click.Context, *, enable_worker: bool, announce: bool = Fal
     if announce or options.verbose:
         click.echo(f"config: {origin}; database: {_redact(url)}", err=True)
     path = url.removeprefix("sqlite:///")
-    if existing and path != url and path != ":memory:" and not os.path.exists(path):
+    if not creates and path != url and path != ":memory:" and not os.path.exists(path):
         raise click.ClickException(
             f"no database at {path}: nothing has used it yet (a mistyped path? `sonamu-tasks migrate` or a "
             "worker creates it)"
@@ -229,7 +231,7 @@ def worker(
     worker processes under a supervisor."""
     from .supervisor import WORKER_INDEX_ENV, Supervisor, stop_when_orphaned, worker_command
 
-    config = _config(context, enable_worker=True, announce=True)
+    config = _config(context, enable_worker=True, announce=True, creates=True)
     if concurrency is not None:
         config.tasks.worker_options.concurrency = concurrency
     if queues:
@@ -256,7 +258,7 @@ def worker(
 @click.pass_context
 def dev(context: click.Context) -> None:
     """Like `worker`, and re-register workflows when their files change (runs in flight keep going)."""
-    config = _config(context, enable_worker=True, announce=True)
+    config = _config(context, enable_worker=True, announce=True, creates=True)
     asyncio.run(_serve(config, reload=True))
 
 
@@ -331,7 +333,7 @@ def _report_queues(manager: WorkflowManager) -> None:
 @click.pass_context
 def migrate(context: click.Context) -> None:
     """Create or upgrade the database schema (safe to run from many processes at once)."""
-    config = _config(context, enable_worker=False, announce=True)
+    config = _config(context, enable_worker=False, announce=True, creates=True)
 
     applied = _steering(WorkflowManager(config).migrate())
     click.echo(f"applied: {', '.join(applied)}" if applied else "already up to date")
@@ -342,7 +344,7 @@ def migrate(context: click.Context) -> None:
 @click.pass_context
 def schedules(context: click.Context, as_json: bool) -> None:
     """List cron schedules: name, expression, timezone, next fire, last run."""
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def collect() -> list[dict[str, Any]]:
         async with WorkflowManager(config) as manager:
@@ -419,7 +421,7 @@ def run_command(
     value = _json_option(input_json, "--input")
     start = _moment(start_at, "--start-at")
     end = _moment(deadline, "--deadline")
-    config = _config(context, enable_worker=False)
+    config = _config(context, enable_worker=False, creates=True)
 
     async def start_run() -> int:
         async with WorkflowManager(config) as manager:
@@ -496,7 +498,7 @@ def runs(
         return
     if stale_after is not None:
         raise click.UsageError("--stale-after goes with --stranded", context)
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
     created_after = _since(since)
 
     async def fetch() -> RunPage:
@@ -549,7 +551,7 @@ def _given(context: click.Context, names: Sequence[str]) -> list[str]:
 
 def _stranded(context: click.Context, stale_after: float, as_json: bool) -> None:
     """`runs --stranded`: per (workflow, version) no live worker registers, its unfinished runs per status."""
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def fetch() -> list[StrandedRuns]:
         async with WorkflowManager(config) as manager:
@@ -665,7 +667,7 @@ def fork(
     if version is not None and to_version is not None and version != to_version:
         raise click.UsageError(f"--version {version!r} and --to-version {to_version!r} disagree; give one", context)
     target = to_version or version
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def start_fork() -> tuple[RunRecord, bool]:
         async with WorkflowManager(config) as manager:
@@ -728,7 +730,7 @@ def cancel(
         )
         return
     _refuse_bulk_options(context, ("workflow", "version", "statuses", "dry_run"))
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def act() -> RunStatus:
         async with WorkflowManager(config) as manager:
@@ -869,7 +871,7 @@ class _Progress:
 
 
 def _cancel_many(context: click.Context, selection: _Selection, dry_run: bool, as_json: bool) -> None:
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
     bulk = _Bulk(selection, dry_run)
 
     async def act() -> None:
@@ -949,7 +951,7 @@ def _echo_cancels(bulk: _Bulk) -> None:
 def _fork_many(
     context: click.Context, selection: _Selection, from_step: str, to_version: str, dry_run: bool, as_json: bool
 ) -> None:
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
     bulk = _Bulk(selection, dry_run)
     onto = f"from step {from_step!r} onto version {to_version}"
 
@@ -1106,7 +1108,7 @@ class _Shown:
 def show(context: click.Context, run_id: str, as_json: bool) -> None:
     """A run: its parent and children, what it waits for, input, output or error (with traceback), every step,
     its unconsumed messages and the events it published."""
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def fetch() -> _Shown:
         async with WorkflowManager(config) as manager:
@@ -1242,7 +1244,7 @@ def send(
 ) -> None:
     """Send a message to run RUN_ID: its `step.receive` on that topic takes it, once (a waiting run wakes)."""
     message = _json_option(message_json, "--message")
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def deliver() -> bool:
         async with WorkflowManager(config) as manager:
@@ -1267,7 +1269,7 @@ def emit(context: click.Context, event: str, key: str | None, payload_json: str,
     """Broadcast EVENT: every run waiting for it (and its key) in `step.wait_for_event` receives the payload,
     and so does every run created before now that reaches such a wait later."""
     payload = _json_option(payload_json, "--payload")
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def broadcast() -> int:
         async with WorkflowManager(config) as manager:
@@ -1289,7 +1291,7 @@ def emit(context: click.Context, event: str, key: str | None, payload_json: str,
 def get_event(context: click.Context, run_id: str, key: str, timeout: float | None) -> None:
     """Print, as JSON, the value run RUN_ID published under KEY (`step.set_event`), waiting until it is set.
     Exit 1 if the run finished without setting it, or it was not set within --timeout."""
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def read() -> tuple[bool, Any, RunRecord]:
         async with WorkflowManager(config) as manager:
@@ -1310,7 +1312,7 @@ def _steer_command(name: str, doc: str) -> None:
     @click.argument("run_id", callback=_run_id)
     @click.pass_context
     def command(context: click.Context, run_id: str) -> None:
-        config = _config(context, enable_worker=False, existing=True)
+        config = _config(context, enable_worker=False)
 
         async def act() -> RunStatus:
             async with WorkflowManager(config) as manager:
@@ -1333,7 +1335,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
     claimed, the parked ones included) and the OLDEST DUE run's wait, RATE WINDOW (starts in the current window
     / the limit), PARKED ON KEY (due runs waiting for their concurrency key to have a free slot) and WORKERS
     (live workers that claim from it: 0 with runs due means nothing will run them)."""
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def fetch() -> list[QueueStats]:
         async with WorkflowManager(config) as manager:
@@ -1357,7 +1359,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
 def workers(context: click.Context, as_json: bool) -> None:
     """Workers that registered: host, pid, slots in use / slots, the queues they claim from, workflows,
     heartbeat age."""
-    config = _config(context, enable_worker=False, existing=True)
+    config = _config(context, enable_worker=False)
 
     async def fetch() -> list[WorkerRecord]:
         async with WorkflowManager(config) as manager:
@@ -1392,8 +1394,8 @@ def workers(context: click.Context, as_json: bool) -> None:
             w.id,
             w.host,
             w.pid,
-            f"{w.running}/{w.concurrency}",
-            "?" if w.queues is None else ", ".join(w.queues) or "-",
+            slots_text(w),
+            worker_queues_text(w),
             ", ".join(f"{n}@{v}" for n, v in w.workflows),
             heartbeat_text(w, now),
         ]
@@ -1427,7 +1429,7 @@ def dashboard(context: click.Context, host: str, port: int, token: str | None, a
         ) from error
     try:
         check_token(token, host)  # before the config is loaded: the first thing a mistake should hit
-        config = _config(context, enable_worker=False, announce=True)
+        config = _config(context, enable_worker=False, announce=True, creates=True)
         app = Dashboard(config, token=token, host=host, port=port, allowed_hosts=allowed_hosts)
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
