@@ -20,9 +20,10 @@ MAX_LIMIT = 1000
 
 def run_id(text: str) -> str:
     """A run id in its canonical form (lowercase UUID with dashes), as the backends store it."""
-    if not ids.RUN_ID.fullmatch(text):
+    canonical = ids.canonical_run_id(text)
+    if canonical is None:
         raise ValueError(f"{_shown(text)} is not a run id (a UUID like 0190b7e2-5c3a-7d1e-8f00-1234567890ab)")
-    return text.lower()
+    return canonical
 
 
 def plain_text(text: str) -> str:

@@ -33,9 +33,15 @@ def new_run_ids(count: int) -> list[str]:
     ]
 
 
+def canonical_run_id(value: object) -> str | None:
+    """`value` as run ids are stored (lowercase), or None when it cannot be a run id: PostgreSQL would refuse
+    it as a uuid where SQLite finds no row, and finds "ABC..." where SQLite looks for "abc..."."""
+    return value.lower() if isinstance(value, str) and RUN_ID.fullmatch(value) else None
+
+
 def stored_run_id(run_id: object) -> str:
-    """`run_id` as runs are stored (lowercase), RunNotFound for what cannot be a run id: PostgreSQL would
-    refuse it as a uuid where SQLite finds no row, and finds "ABC..." where SQLite looks for "abc..."."""
-    if isinstance(run_id, str) and RUN_ID.fullmatch(run_id):
-        return run_id.lower()
-    raise RunNotFound(f"no run with id {run_id!r} (run ids are UUIDs)")
+    """`run_id` as runs are stored, RunNotFound for what cannot be a run id."""
+    canonical = canonical_run_id(run_id)
+    if canonical is None:
+        raise RunNotFound(f"no run with id {run_id!r} (run ids are UUIDs)")
+    return canonical

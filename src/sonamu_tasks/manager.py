@@ -33,7 +33,7 @@ from .discovery import DiscoveryError, discover
 from .duration import Duration
 from .errors import InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
-from .ids import RUN_ID, stored_run_id
+from .ids import canonical_run_id, stored_run_id
 from .limits import (
     MAX_KEY_LENGTH,
     check_idempotency_key,
@@ -561,8 +561,8 @@ class WorkflowManager:
         """A new run of the same workflow and input that keeps the source's checkpoints of the steps that
         started before `from_step` and executes from it, on the same version or on `version` (a bug fix). The
         source is left as it is."""
-        run_id = stored_run_id(run_id)
         source = await self.get_run(run_id, with_steps=True)
+        run_id = source.id  # as stored (get_run checked it)
         pivot = next((s for s in source.steps if s.name == from_step), None)
         if pivot is None:
             known = ", ".join(repr(s.name) for s in source.steps) or "none"
@@ -757,9 +757,12 @@ def _text_filter(value: str | None, field: str) -> str | None:
 
 
 def _run_id_filter(value: str | None, field: str) -> str | None:
-    if value is not None and not (isinstance(value, str) and RUN_ID.fullmatch(value)):
+    if value is None:
+        return None
+    canonical = canonical_run_id(value)
+    if canonical is None:
         raise InvalidValue(f"list_runs {field} must be a run id (a UUID), got {shown(value)}", field=field)
-    return None if value is None else value.lower()
+    return canonical
 
 
 def _time_filter(value: datetime | None, field: str) -> datetime | None:
