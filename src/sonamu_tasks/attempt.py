@@ -633,8 +633,7 @@ class Attempt:
             self.logger.warning("no heartbeat kept the lease for as long as it lasts; this attempt starts no step")
             self._lost()
         if self._closed:
-            # The attempt is ending: this branch unwinds instead of starting a step.
-            raise LeaseLost(self.claimed.id) if self._lease_lost else Suspended
+            raise self._unwinding()  # the attempt is ending: this branch unwinds instead of starting a step
         self._executing += 1
         self._idle.clear()
 
@@ -798,6 +797,10 @@ class Attempt:
         for future in list(self._submitted):
             future.cancel()  # only one not started yet: a running step finishes
 
+    def _unwinding(self) -> BaseException:
+        """What a branch of an ending attempt raises as it unwinds: LeaseLost when another worker owns the run."""
+        return LeaseLost(self.claimed.id) if self._lease_lost else Suspended()
+
     def _lost(self) -> None:
         """Another worker owns the run: this attempt starts nothing more (its writes are refused anyway)."""
         self._lease_lost = True
@@ -866,7 +869,7 @@ class Attempt:
             if self._closed and not (task is not None and task.cancelling()):
                 # Never started: the attempt ended while the step queued for a thread (see _close). The branch
                 # unwinds as any branch of an ending attempt does, not as a cancelled task.
-                raise LeaseLost(self.claimed.id) if self._lease_lost else Suspended() from None
+                raise self._unwinding() from None
             raise
         return await result if inspect.isawaitable(result) else result
 
@@ -911,8 +914,8 @@ class Attempt:
             self.hooks.threads.abandon(future, f"step {name!r} of run {self.claimed.id}")
             raise self._timed_out(name, seconds) from error
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        future = self.hooks.threads.submit(fn, *args)
+    def _submit(self, call: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        future = self.hooks.threads.submit(call)
         self._submitted.add(future)
         future.add_done_callback(self._submitted.discard)  # from the thread: a set's discard is atomic
         if self._closed:  # the attempt ended while this branch was on its way here

@@ -143,9 +143,10 @@ class StepWrapper:
             raise InvalidValue(f"{where}: fn must be callable, got {type(fn).__name__}", field="fn")
         iterator = _iterable(items, where, "items")
         limit = asyncio.Semaphore(concurrency) if concurrency is not None else None
-        failed: list[BaseException] = []
+        failed = False
 
         async def one(index: int, item: Any) -> R:
+            nonlocal failed
             step = Step[R](self._attempt, _step_name(f"{name}[{index}]"), fn)
             if limit is None:
                 return await step.run(item)
@@ -154,8 +155,8 @@ class StepWrapper:
                     return cast(R, None)
                 try:
                     return await step.run(item)
-                except BaseException as error:
-                    failed.append(error)
+                except BaseException:
+                    failed = True
                     raise
 
         return list(await asyncio.gather(*(one(index, item) for index, item in enumerate(iterator))))
