@@ -180,6 +180,16 @@ def outside_wait(step: StepRecord) -> OutsideWait | None:
     )
 
 
+def slots_text(worker: WorkerRecord) -> str:
+    """A worker's slots in use of its slots: `2/16`."""
+    return f"{worker.running}/{worker.concurrency}"
+
+
+def worker_queues_text(worker: WorkerRecord) -> str:
+    """The queues a worker claims from; `?` for a worker of an older release, which did not record them."""
+    return "?" if worker.queues is None else ", ".join(worker.queues) or "-"
+
+
 def heartbeat_text(worker: WorkerRecord, now: datetime) -> str:
     """A worker's heartbeat age, `3.2s`, and `75.0s (stale)` once it no longer counts as live."""
     return f"{(now - worker.heartbeat_at).total_seconds():.1f}s" + ("" if worker.live(now) else " (stale)")

@@ -38,6 +38,12 @@ Held = tuple[tuple[str, str], ...]
 """(run id, lease token) of every run a worker executes."""
 
 Answer = Callable[[Held, dict[str, str | None]], None]
+"""Called on the worker's loop with what was sent and the backend's answer (see `Backend.heartbeat`)."""
+
+STAMP_INTERVAL_S = 0.1  # how often the loop says it is alive
+WATCH_INTERVAL_S = 0.1  # how often the thread looks (and notices a stop)
+BLOCKED_WARNING_S = 1.0  # asyncio's debug mode warns at 100 ms; a worker's steps batch for longer than that
+STOP_TIMEOUT_S = 10.0  # a heartbeat in flight is bounded by the lease; this bounds the wait for the thread
 
 # How much of a lease a worker trusts without a newer heartbeat: the database counts it from its own commit,
 # a little after the moment this process measures from (the sending of the claim or heartbeat).
@@ -65,14 +71,6 @@ class LeaseTimes:
     def may_be_lost(self, token: str) -> bool:
         since = self._since.get(token)
         return since is not None and time.monotonic() - since > self._trusted_s
-
-
-"""Called on the worker's loop with what was sent and the backend's answer (see `Backend.heartbeat`)."""
-
-STAMP_INTERVAL_S = 0.1  # how often the loop says it is alive
-WATCH_INTERVAL_S = 0.1  # how often the thread looks (and notices a stop)
-BLOCKED_WARNING_S = 1.0  # asyncio's debug mode warns at 100 ms; a worker's steps batch for longer than that
-STOP_TIMEOUT_S = 10.0  # a heartbeat in flight is bounded by the lease; this bounds the wait for the thread
 
 
 class HeartbeatThread:

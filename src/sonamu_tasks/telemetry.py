@@ -142,14 +142,11 @@ class Telemetry:
         if self.tracer is not None and propagate is not None:
             parent = propagate.extract(context) if context else None
             if _recording():
-                attributes: dict[str, str | int] = {
-                    "sonamu_tasks.run_id": run_id,
-                    "sonamu_tasks.workflow": workflow,
-                    "sonamu_tasks.version": version,
-                    "sonamu_tasks.attempt": attempt,
-                }
                 span_scope = self.tracer.start_as_current_span(
-                    f"workflow {workflow}", context=parent, attributes=attributes, record_exception=False
+                    f"workflow {workflow}",
+                    context=parent,
+                    attributes=_run_attributes(run_id, workflow, version, attempt),
+                    record_exception=False,
                 )
             elif parent is not None:  # no span here, but the children this attempt starts join the caller's trace
                 span_scope = _attached(parent)
@@ -183,13 +180,7 @@ class Telemetry:
         # A step span only inside a recording attempt span (whose attempt asked _recording(), which reads the
         # environment): the current span says so from a context variable.
         if self.tracer is not None and trace.get_current_span().is_recording():
-            attributes: dict[str, str | int] = {
-                "sonamu_tasks.run_id": run_id,
-                "sonamu_tasks.workflow": workflow,
-                "sonamu_tasks.version": version,
-                "sonamu_tasks.attempt": attempt,
-                "sonamu_tasks.step": name,
-            }
+            attributes = {**_run_attributes(run_id, workflow, version, attempt), "sonamu_tasks.step": name}
             span_scope = self.tracer.start_as_current_span(f"step {name}", attributes=attributes)
         try:
             with span_scope:
@@ -229,6 +220,16 @@ class Telemetry:
 
 DISABLED = Telemetry(tracing=False, metrics=False)
 """Reports nothing (for tests and for backends given without a manager)."""
+
+
+def _run_attributes(run_id: str, workflow: str, version: str, attempt: int) -> dict[str, str | int]:
+    """What an attempt's span and its steps' spans say of the run."""
+    return {
+        "sonamu_tasks.run_id": run_id,
+        "sonamu_tasks.workflow": workflow,
+        "sonamu_tasks.version": version,
+        "sonamu_tasks.attempt": attempt,
+    }
 
 
 def _recording() -> bool:

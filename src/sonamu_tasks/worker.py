@@ -39,8 +39,8 @@ from .waiting import cancel_and_wait, wait_for_event
 logger = logging.getLogger("sonamu_tasks.worker")
 
 PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the safety net
-HEARTBEAT_AT_LEAST_EVERY_S = 20.0
 POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is how runs are found
+HEARTBEAT_AT_LEAST_EVERY_S = 20.0  # whatever the lease: the lists take a worker silent for a minute as gone
 BACKLOG_EVERY_S = 5.0  # how often the backlog gauges are refreshed (only with the metrics extra)
 
 

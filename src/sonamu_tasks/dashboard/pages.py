@@ -32,8 +32,10 @@ from ..display import (
     queue_row,
     run_queue,
     short_id,
+    slots_text,
     stranded_counts,
     unserved_queues,
+    worker_queues_text,
 )
 from ..limits import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 from ..manager import StrandedRuns
@@ -212,8 +214,8 @@ def queues_table(queues: Sequence[QueueStats]) -> str:
 def workers_table(workers: Sequence[WorkerRecord]) -> str:
     now = datetime.now(UTC)
     rows = "".join(
-        f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td>{w.pid}</td><td>{w.running}/{w.concurrency}</td>"
-        f"<td>{'?' if w.queues is None else escape(', '.join(w.queues) or '-')}</td>"
+        f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td>{w.pid}</td><td>{slots_text(w)}</td>"
+        f"<td>{escape(worker_queues_text(w))}</td>"
         f"<td>{escape(', '.join(f'{n}@{v}' for n, v in w.workflows))}</td>"
         f"<td>{heartbeat_text(w, now)}</td></tr>"
         for w in workers

@@ -147,8 +147,8 @@ def worker_record(row: sqlite3.Row) -> WorkerRecord:
 
 
 def with_cut_values(record: T, row: sqlite3.Row, *names: str) -> T:
-    """`record` with the values a capped read (get_run_capped, load_steps_capped, list_runs with a value limit) cut, as
-    CutValues."""
+    """`record` with the values a capped read (get_run_capped, load_steps_capped, list_runs with a value limit)
+    cut, as CutValues."""
     keys = row.keys()
     cuts: dict[str, Any] = {
         name: CutValue(row[f"{name}_excerpt"], None if row[f"{name}_length"] is None else int(row[f"{name}_length"]))
