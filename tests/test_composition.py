@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from sonamu_tasks import ChildWorkflowFailed, RetryPolicy, RunStatus, WorkflowFailed, workflow
+from sonamu_tasks import ChildWorkflowFailed, InvalidValue, RetryPolicy, RunStatus, WorkflowFailed, workflow
 
 from .conftest import wait_until
 
@@ -479,3 +480,71 @@ async def test_children_are_counted_per_status(manager_for: Any) -> None:
     assert await handle.result(timeout=15) == [0, 1, "failed"]
     assert await manager.count_children(handle.id) == {RunStatus.COMPLETED: 2, RunStatus.FAILED: 1}
     assert await manager.count_children(handle.id.replace("0", "1", 1)) == {}
+
+
+async def test_a_child_handle_is_a_run_handle_that_steers_and_reads_the_child(manager_for: Any) -> None:
+    """API.md: start_workflow gives a RunHandle. Its result() is the durable wait; the rest acts at once."""
+
+    @workflow(version="1")
+    async def inbox(step: Any) -> Any:
+        await step.set_event("ready", True)
+        message = await step.receive("wait", topic="go", timeout="1h")
+        return {"got": message}
+
+    @workflow(version="1")
+    async def parent(step: Any) -> Any:
+        child = await step.start_workflow("inbox", inbox)
+        ready = await step.define("ready", child.get_event).run("ready", 10)
+        sent = await step.define("send", child.send).run({"n": 1}, topic="go")
+        info = await child.info()
+        out = await child.result()
+        return {"ready": ready, "sent": sent, "out": out, "parent_of_child": info.parent_id, "is": child.workflow_name}
+
+    manager = await manager_for([parent, inbox])
+    handle = await manager.run(parent)
+    out = await handle.result(timeout=20)
+    assert out == {"ready": True, "sent": True, "out": {"got": {"n": 1}}, "parent_of_child": handle.id, "is": "inbox"}
+
+
+async def test_a_child_canceled_through_its_handle_fails_the_parents_wait(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def slow(step: Any) -> Any:
+        await step.sleep("long", "1h")
+
+    @workflow(version="1")
+    async def parent(step: Any) -> Any:
+        child = await step.start_workflow("slow", slow)
+        await step.define("cancel", child.cancel).run()  # at once, or at the child's next step if it is running
+        try:
+            await child.result()
+        except ChildWorkflowFailed as error:
+            return {"seen": error.status}
+        return "not raised"
+
+    manager = await manager_for([parent, slow])
+    out = await (await manager.run(parent)).result(timeout=20)
+    assert out == {"seen": "canceled"}
+
+
+async def test_a_child_deadline_fails_the_child_and_a_child_result_takes_no_timeout(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def never_claimed_in_time(step: Any) -> Any:
+        return "late"
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def parent(step: Any) -> Any:
+        late = await step.start_workflow("late", never_claimed_in_time, deadline=datetime(2000, 1, 1, tzinfo=UTC))
+        try:
+            await late.result()
+        except ChildWorkflowFailed as error:
+            outcome = error.error["message"]
+        try:
+            await late.result(timeout=5)
+        except InvalidValue as error:
+            return {"outcome": outcome, "refused": str(error)}
+        return "not refused"
+
+    manager = await manager_for([parent, never_claimed_in_time])
+    out = await (await manager.run(parent)).result(timeout=20)
+    assert out["outcome"].startswith("deadline exceeded")
+    assert "'late'" in out["refused"] and "'parent'" in out["refused"] and "no timeout" in out["refused"]

@@ -46,6 +46,9 @@ from .step import NO_OPTIONS, StepOptions, StepWrapper
 from .telemetry import AttemptOutcome, Telemetry
 from .threads import StepThreads
 
+if typing.TYPE_CHECKING:
+    from .manager import WorkflowManager
+
 logger = logging.getLogger("sonamu_tasks.attempt")
 
 
@@ -93,6 +96,7 @@ class AttemptHooks(typing.Protocol):
 
     threads: StepThreads
     registry: Registry
+    manager: WorkflowManager
     telemetry: Telemetry
     max_recoveries: int
     context_provider: Callable[[dict[str, Any]], Any] | None

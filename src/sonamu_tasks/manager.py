@@ -236,6 +236,7 @@ class WorkflowManager:
                 self.backend,
                 self.registry,
                 tasks.worker_options,
+                self,
                 context_provider=tasks.context_provider,
                 on_finished=self.waiters.completed,
                 telemetry=self.telemetry,

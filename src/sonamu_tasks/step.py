@@ -9,12 +9,13 @@ import asyncio
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration, parse_duration
 from .errors import InvalidValue
+from .handle import RunHandle
 from .limits import shown
 from .queue import Queue
 from .retry import RetryPolicy, coerce_retry_policy
@@ -171,12 +172,14 @@ class StepWrapper:
         queue: Queue | str | None = None,
         priority: int = 0,
         concurrency_key: str | None = None,
+        deadline: datetime | Duration | None = None,
     ) -> ChildHandle:
         """Start a child run in step `name`, once: its id comes from (this run, `name`), so a replay or a
         take-over finds it instead of starting another. `await handle.result()` waits for it durably.
         Canceling this run cancels the child unless `detached`. `queue`, `priority`, `concurrency_key`: as
-        for `run()` (the child's own workflow queue by default)."""
-        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key)
+        for `run()` (the child's own workflow queue by default); `deadline`: as for `run()`, counted from when
+        the child is first started (a replay does not move it)."""
+        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key, deadline=deadline)
         [child] = await self._start_children(name, workflow, [input], fan_out=False, detached=detached, options=options)
         return child
 
@@ -190,9 +193,10 @@ class StepWrapper:
         queue: Queue | str | None = None,
         priority: int = 0,
         concurrency_key: str | None = None,
+        deadline: datetime | Duration | None = None,
     ) -> list[ChildHandle]:
         """Start one child per input in one statement; the children are steps `"{name}[{index}]"`."""
-        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key)
+        options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key, deadline=deadline)
         return await self._start_children(name, workflow, inputs, fan_out=True, detached=detached, options=options)
 
     async def _start_children(
@@ -227,10 +231,18 @@ class StepWrapper:
         queue: Queue | str | None = None,
         priority: int = 0,
         concurrency_key: str | None = None,
+        deadline: datetime | Duration | None = None,
     ) -> Any:
         """`start_workflow` and wait for the child's output (ChildWorkflowFailed if it failed)."""
         child = await self.start_workflow(
-            name, workflow, input, detached=detached, queue=queue, priority=priority, concurrency_key=concurrency_key
+            name,
+            workflow,
+            input,
+            detached=detached,
+            queue=queue,
+            priority=priority,
+            concurrency_key=concurrency_key,
+            deadline=deadline,
         )
         return await child.result()
 
@@ -238,22 +250,34 @@ class StepWrapper:
         return resolve(workflow, self._attempt.hooks.registry)
 
 
-class ChildHandle:
-    """A child run started by a workflow step. `await result()` is a durable wait: the parent parks without a
-    worker slot until the child finishes, and every replay sees the same outcome."""
+class ChildHandle(RunHandle):
+    """A child run started by a workflow step: a `RunHandle` whose `await result()` is a durable wait (the
+    parent parks without a worker slot until the child finishes, and every replay sees the same outcome).
+
+    The other methods (`info`, `status`, `get_event`, `send`, `cancel`, `pause`, `resume`, `retry`) act at
+    once, as from outside the workflow: they are not checkpointed, so a replay calls them again. Call them
+    inside a step when that matters."""
 
     def __init__(self, attempt: Attempt, run_id: str, workflow_name: str, step_name: str, *, fan_out: bool) -> None:
+        super().__init__(attempt.hooks.manager, run_id, workflow_name)
         self._attempt = attempt
-        self.id = run_id
-        self.workflow_name = workflow_name
         self.step_name = step_name
         self._fan_out = fan_out
 
     def __repr__(self) -> str:
         return f"<ChildHandle {self.workflow_name} {self.id} (step {self.step_name!r})>"
 
-    async def result(self) -> Any:
-        """The child's output; raises ChildWorkflowFailed (with the child's error) if it failed or was canceled."""
+    async def result(self, timeout: float | None = None) -> Any:
+        """The child's output; raises ChildWorkflowFailed (with the child's error) if it failed or was canceled.
+
+        No `timeout`: the wait is durable and lasts as long as the child does (which a `deadline` given to
+        `start_workflow` can bound, as for `run()`)."""
+        if timeout is not None:
+            raise InvalidValue(
+                f"child {self.step_name!r} of workflow {self._attempt.definition.name!r}: result() inside a workflow"
+                " takes no timeout (the wait is durable: it lasts as long as the child)",
+                field="timeout",
+            )
         return await self._attempt.child_result(self.step_name, self.id, self.workflow_name, fan_out=self._fan_out)
 
 

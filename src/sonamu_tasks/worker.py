@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .attempt import Attempt
 from .backends.base import Backend, ClaimedRun, WorkerRecord
@@ -36,6 +36,9 @@ from .telemetry import DISABLED, Telemetry
 from .threads import StepThreads
 from .waiting import cancel_and_wait, wait_for_event
 
+if TYPE_CHECKING:
+    from .manager import WorkflowManager
+
 logger = logging.getLogger("sonamu_tasks.worker")
 
 PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the safety net
@@ -50,6 +53,7 @@ class Worker:
         backend: Backend,
         registry: Registry,
         options: WorkerOptions,
+        manager: WorkflowManager,
         *,
         context_provider: Callable[[dict[str, Any]], Any] | None = None,
         on_finished: Callable[[str, str | None], None] | None = None,
@@ -57,6 +61,8 @@ class Worker:
         clock: Callable[[], datetime] = system_clock,
     ) -> None:
         self.backend = backend
+        self.manager = manager
+        """The manager this worker runs in: a child's handle steers the child through it."""
         self.now = clock
         """The time the backend's transactions read (`testing.WorkflowTestEnv` passes its test clock)."""
         self.telemetry = telemetry

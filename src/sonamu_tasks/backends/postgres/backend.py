@@ -793,7 +793,8 @@ class PostgresBackend:
             f'"version":{json.dumps(child.version)},"input":{child.input_json},'
             f'"parent_step":{json.dumps(child.parent_step)},"detached":{json.dumps(child.detached)},'
             f'"trace_context":{child.trace_context or "null"},"queue":{json.dumps(child.queue)},'
-            f'"priority":{child.priority},"concurrency_key":{json.dumps(child.concurrency_key)}}}'
+            f'"priority":{child.priority},"concurrency_key":{json.dumps(child.concurrency_key)},'
+            f'"deadline_at":{_json_moment(child.deadline_at)},"deadline_delay":{_json_seconds(child.deadline_delay)}}}'
             for child in children
         )
         params = {
@@ -1115,3 +1116,11 @@ def _selection_params(selection: FinishedRuns) -> dict[str, Any]:
         "workflow": selection.workflow,
         "excluded": list(selection.excluded),
     }
+
+
+def _json_moment(moment: datetime | None) -> str:
+    return "null" if moment is None else f'"{moment.isoformat()}"'
+
+
+def _json_seconds(delay: timedelta | None) -> str:
+    return "null" if delay is None else repr(delay.total_seconds())

@@ -457,16 +457,18 @@ WITH owned AS (
     WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
     FOR NO KEY UPDATE
 ), children AS (
-    INSERT INTO runs (id, workflow_name, version, status, input, available_at, parent_id, parent_step, detached,
-                      trace_context, queue, priority, concurrency_key)
-    SELECT c.id, c.workflow_name, c.version, 'pending', c.input, now(), owned.id, c.parent_step, c.detached,
-           c.trace_context,
+    INSERT INTO runs (id, workflow_name, version, status, input, available_at, deadline_at, parent_id, parent_step,
+                      detached, trace_context, queue, priority, concurrency_key)
+    SELECT c.id, c.workflow_name, c.version, 'pending', c.input, now(),
+           COALESCE(c.deadline_at, now() + make_interval(secs => c.deadline_delay)), owned.id, c.parent_step,
+           c.detached, c.trace_context,
            COALESCE(c.queue, (SELECT w.queue FROM workflow_queues w
                               WHERE w.workflow_name = c.workflow_name AND w.version = c.version), 'default'),
            COALESCE(c.priority, 0), c.concurrency_key
     FROM owned, json_to_recordset(%(children)s::json)
          AS c(id uuid, workflow_name text, version text, input jsonb, parent_step text, detached boolean,
-              trace_context jsonb, queue text, priority integer, concurrency_key text)
+              trace_context jsonb, queue text, priority integer, concurrency_key text, deadline_at timestamptz,
+              deadline_delay float8)
     ON CONFLICT DO NOTHING
 ), step AS (
     INSERT INTO steps (run_id, name, kind, status, output, attempts, started_at, finished_at)
