@@ -139,7 +139,9 @@ def test_a_command_about_stored_runs_does_not_create_a_database_at_a_mistyped_pa
     missing = tmp_path / "typo" / "tasks.db"
     env = {**os.environ, "SONAMU_TASKS_DATABASE_URL": f"sqlite:///{missing}"}
     some_run = "0190b7e2-5c3a-7d1e-8f00-1234567890ab"
-    for args in (["runs"], ["show", some_run], ["workers", "--json"], ["queues"], ["schedules"]):
+    commands = [["runs"], ["show", some_run], ["workers", "--json"], ["queues"], ["schedules"]]
+    commands += [["purge", "--older-than", "30d"], ["purge", "--older-than", "30d", "--dry-run"]]
+    for args in commands:
         done = python_m(*args, env=env, cwd=tmp_path)
         assert done.returncode == 1, (args, done.stderr)
         assert_one_error_line(done, f"no database at {missing}: nothing has used it yet")

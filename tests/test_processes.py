@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections import Counter
@@ -87,6 +88,33 @@ async def test_a_paused_worker_cannot_overwrite_the_take_over(client: Any, start
     assert {s.name: s.output for s in run.steps}["two"] == rescuer.pid
 
 
+async def test_a_worker_told_by_its_heartbeat_that_it_lost_a_lease_counts_the_loss(
+    client: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    """The heartbeat's answer, not a refused write, stops the attempt (its step is still in flight): its span
+    says lease_lost, the outcome the lease-losses metric counts. It said "unknown"."""
+    spans_file = tmp_path / "stalled-spans.jsonl"
+    stalled = start_worker("stalled", lease_ms=600, spans_file=str(spans_file))
+    handle = await client.run(WORKFLOW, {"dir": str(tmp_path)})
+    await wait_until(lambda: steps_started(tmp_path, "two-start"), what="step two to start")
+
+    os.kill(stalled.pid, signal.SIGSTOP)
+    rescuer = start_worker("rescuer", lease_ms=600)
+    await wait_until(lambda: rescuer.pid in steps_started(tmp_path, "two-start"), what="the take-over")
+    os.kill(stalled.pid, signal.SIGCONT)  # step two still waits for the release file
+    await wait_until(lambda: "lost the lease" in stalled.log(), what="the heartbeat to tell the stale worker")
+    outcomes = await wait_until(lambda: attempt_outcomes(spans_file), what="the stale worker's attempt span")
+    assert outcomes == ["lease_lost"]
+    (tmp_path / "release").touch()
+    assert await handle.result(timeout=30) == {"two_ran_in": rescuer.pid, "finished_in": rescuer.pid}
+
+
+def attempt_outcomes(spans_file: Path) -> list[str]:
+    lines = spans_file.read_text().splitlines() if spans_file.exists() else []
+    spans = [json.loads(line) for line in lines]
+    return [s["attributes"]["sonamu_tasks.outcome"] for s in spans if s["name"].startswith("workflow ")]
+
+
 async def test_a_worker_stopped_past_its_lease_starts_no_step_when_it_resumes(
     client: Any, start_worker: Any, tmp_path: Path
 ) -> None:
@@ -142,13 +170,15 @@ async def test_sigterm_lets_the_running_step_finish_and_hands_the_run_back(
 async def test_sigterm_after_the_grace_period_releases_the_run_at_once(
     client: Any, start_worker: Any, tmp_path: Path
 ) -> None:
-    leaving = start_worker("leaving", lease_ms=60_000, grace_ms=300)
+    spans_file = tmp_path / "leaving-spans.jsonl"
+    leaving = start_worker("leaving", lease_ms=60_000, grace_ms=300, spans_file=str(spans_file))
     handle = await client.run(WORKFLOW, {"dir": str(tmp_path)})
     await wait_until(lambda: steps_started(tmp_path, "two-start"), what="step two to start")
 
     leaving.process.send_signal(signal.SIGTERM)  # step two never finishes within 300 ms
     assert leaving.process.wait(timeout=20) == 0
     assert await handle.status() is RunStatus.PENDING
+    assert attempt_outcomes(spans_file) == ["handed_back"]  # its span and metrics said "unknown"
 
     (tmp_path / "release").touch()
     successor = start_worker("successor", lease_ms=60_000)

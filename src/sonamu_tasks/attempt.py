@@ -195,6 +195,13 @@ class Attempt:
         ) as self._outcome:
             await self._execute()
 
+    def abandon(self, how: str) -> None:
+        """The worker is about to cancel this attempt's task: `how` is what its span and metrics say
+        ("lease_lost": another worker took the run; "handed_back": still in a step after the shutdown grace)."""
+        if how == "lease_lost":
+            self._lost()
+        self._ended(how)
+
     def _ended(self, how: str, error: BaseException | None = None) -> None:
         """How the attempt ended (and what failed it), for its span and metrics."""
         if self._outcome is not None:

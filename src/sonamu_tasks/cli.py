@@ -21,8 +21,8 @@ import click
 from click.core import ParameterSource
 
 from . import arguments, limits
+from .cli_config import CliOptions, command_config, flat
 from .config import Config
-from .config_loader import load_config
 from .display import (
     LISTED_EVENTS,
     NO_CHILDREN,
@@ -89,11 +89,11 @@ class _Commands(click.Group):
         except BrokenPipeError:
             raise  # the reader of stdout is gone (`runs | head -1`): click's main ends quietly, exit 1
         except SonamuTasksError as error:
-            raise click.ClickException(_flat(str(error))) from error
+            raise click.ClickException(flat(str(error))) from error
         except Exception as error:
             logger.debug("unexpected error", exc_info=True)
             raise click.ClickException(
-                f"{type(error).__name__}: {_flat(str(error))} (run with -v for the traceback)"
+                f"{type(error).__name__}: {flat(str(error))} (run with -v for the traceback)"
             ) from error
 
 
@@ -108,11 +108,7 @@ class _UsageError(click.UsageError):
 def _one_line(error: click.UsageError) -> click.UsageError:
     if isinstance(error, (_UsageError, getattr(click.exceptions, "NoArgsIsHelpError", ()))):
         return error  # already one line, or the help text asked for by giving no arguments
-    return _UsageError(_flat(error.format_message()), error.ctx)
-
-
-def _flat(message: str) -> str:
-    return " ".join(message.split())
+    return _UsageError(flat(error.format_message()), error.ctx)
 
 
 def _checked(check: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, str | None], Any]:
@@ -162,36 +158,7 @@ def main(context: click.Context, config_spec: str | None, verbose: bool) -> None
         stream=sys.stderr,
     )
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # we log reconnects ourselves
-    context.obj = _Options(config_spec, verbose)
-
-
-@dataclass(frozen=True)
-class _Options:
-    config_spec: str | None
-    verbose: bool
-
-
-def _config(context: click.Context, *, enable_worker: bool, announce: bool = False, creates: bool = False) -> Config:
-    """The config; `announce` (or -v) names it and its database on stderr. The one-shot commands (run, runs,
-    show, cancel ...) stay quiet unless -v, so that a failure's stderr is its one error line. Only a command
-    that `creates` the database (worker, dev, migrate, run, dashboard) may open a SQLite file that is not there:
-    a command about stored runs would answer "no runs" for a mistyped path and leave an empty database behind."""
-    options: _Options = context.obj
-    try:
-        config, origin = load_config(options.config_spec)
-    except ConfigError as error:
-        raise click.ClickException(_flat(str(error))) from error
-    url = config.resolved_database_url()
-    if announce or options.verbose:
-        click.echo(f"config: {origin}; database: {_redact(url)}", err=True)
-    path = url.removeprefix("sqlite:///")
-    if not creates and path != url and path != ":memory:" and not os.path.exists(path):
-        raise click.ClickException(
-            f"no database at {path}: nothing has used it yet (a mistyped path? `sonamu-tasks migrate` or a "
-            "worker creates it)"
-        )
-    config.tasks.enable_worker = enable_worker
-    return config
+    context.obj = CliOptions(config_spec, verbose)
 
 
 @main.command()
@@ -231,7 +198,7 @@ def worker(
     worker processes under a supervisor."""
     from .supervisor import WORKER_INDEX_ENV, Supervisor, stop_when_orphaned, worker_command
 
-    config = _config(context, enable_worker=True, announce=True, creates=True)
+    config = command_config(context, enable_worker=True, announce=True, creates=True)
     if concurrency is not None:
         config.tasks.worker_options.concurrency = concurrency
     if queues:
@@ -239,7 +206,7 @@ def worker(
     if metrics_port is not None and processes == 1:
         config.tasks.worker_options.metrics_port = metrics_port + int(os.environ.get(WORKER_INDEX_ENV, "0"))
     if processes > 1:
-        options: _Options = context.obj
+        options: CliOptions = context.obj
         command = worker_command(
             config_spec=options.config_spec,
             verbose=options.verbose,
@@ -258,7 +225,7 @@ def worker(
 @click.pass_context
 def dev(context: click.Context) -> None:
     """Like `worker`, and re-register workflows when their files change (runs in flight keep going)."""
-    config = _config(context, enable_worker=True, announce=True, creates=True)
+    config = command_config(context, enable_worker=True, announce=True, creates=True)
     asyncio.run(_serve(config, reload=True))
 
 
@@ -333,7 +300,7 @@ def _report_queues(manager: WorkflowManager) -> None:
 @click.pass_context
 def migrate(context: click.Context) -> None:
     """Create or upgrade the database schema (safe to run from many processes at once)."""
-    config = _config(context, enable_worker=False, announce=True, creates=True)
+    config = command_config(context, enable_worker=False, announce=True, creates=True)
 
     applied = _steering(WorkflowManager(config).migrate())
     click.echo(f"applied: {', '.join(applied)}" if applied else "already up to date")
@@ -344,7 +311,7 @@ def migrate(context: click.Context) -> None:
 @click.pass_context
 def schedules(context: click.Context, as_json: bool) -> None:
     """List cron schedules: name, expression, timezone, next fire, last run."""
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def collect() -> list[dict[str, Any]]:
         async with WorkflowManager(config) as manager:
@@ -421,7 +388,7 @@ def run_command(
     value = _json_option(input_json, "--input")
     start = _moment(start_at, "--start-at")
     end = _moment(deadline, "--deadline")
-    config = _config(context, enable_worker=False, creates=True)
+    config = command_config(context, enable_worker=False, creates=True)
 
     async def start_run() -> int:
         async with WorkflowManager(config) as manager:
@@ -498,7 +465,7 @@ def runs(
         return
     if stale_after is not None:
         raise click.UsageError("--stale-after goes with --stranded", context)
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
     created_after = _since(since)
 
     async def fetch() -> RunPage:
@@ -551,7 +518,7 @@ def _given(context: click.Context, names: Sequence[str]) -> list[str]:
 
 def _stranded(context: click.Context, stale_after: float, as_json: bool) -> None:
     """`runs --stranded`: per (workflow, version) no live worker registers, its unfinished runs per status."""
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def fetch() -> list[StrandedRuns]:
         async with WorkflowManager(config) as manager:
@@ -667,7 +634,7 @@ def fork(
     if version is not None and to_version is not None and version != to_version:
         raise click.UsageError(f"--version {version!r} and --to-version {to_version!r} disagree; give one", context)
     target = to_version or version
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def start_fork() -> tuple[RunRecord, bool]:
         async with WorkflowManager(config) as manager:
@@ -730,7 +697,7 @@ def cancel(
         )
         return
     _refuse_bulk_options(context, ("workflow", "version", "statuses", "dry_run"))
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def act() -> RunStatus:
         async with WorkflowManager(config) as manager:
@@ -871,7 +838,7 @@ class _Progress:
 
 
 def _cancel_many(context: click.Context, selection: _Selection, dry_run: bool, as_json: bool) -> None:
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
     bulk = _Bulk(selection, dry_run)
 
     async def act() -> None:
@@ -890,7 +857,7 @@ def _cancel_many(context: click.Context, selection: _Selection, dry_run: bool, a
                 try:
                     await _cancel_one(manager, bulk, run_id, status)
                 except BackendUnavailable as error:
-                    bulk.stopped = f"stopped after {index - 1} of {len(bulk.matched)} runs: {_flat(str(error))}"
+                    bulk.stopped = f"stopped after {index - 1} of {len(bulk.matched)} runs: {flat(str(error))}"
                     return
                 progress(index)
 
@@ -951,7 +918,7 @@ def _echo_cancels(bulk: _Bulk) -> None:
 def _fork_many(
     context: click.Context, selection: _Selection, from_step: str, to_version: str, dry_run: bool, as_json: bool
 ) -> None:
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
     bulk = _Bulk(selection, dry_run)
     onto = f"from step {from_step!r} onto version {to_version}"
 
@@ -968,7 +935,7 @@ def _fork_many(
                 try:
                     await _fork_one(manager, bulk, run_id, status, from_step, to_version)
                 except BackendUnavailable as error:
-                    bulk.stopped = f"stopped after {index - 1} of {len(bulk.matched)} runs: {_flat(str(error))}"
+                    bulk.stopped = f"stopped after {index - 1} of {len(bulk.matched)} runs: {flat(str(error))}"
                     return
                 if not dry_run:
                     progress(index)
@@ -1024,14 +991,14 @@ async def _fork_one(
 
 def _about_run(run_id: str, error: Exception) -> str:
     """An error's message about one run, without the run's id in front (its line names it already)."""
-    return _flat(str(error)).removeprefix(f"run {run_id} ")
+    return flat(str(error)).removeprefix(f"run {run_id} ")
 
 
 @contextmanager
 def _quiet_forks(context: click.Context) -> Iterator[None]:
     """The manager logs each fork it makes; on the command line the output says it already (and a thousand
     such lines would bury the progress). `-v` keeps them."""
-    options: _Options = context.obj
+    options: CliOptions = context.obj
     log = logging.getLogger("sonamu_tasks.manager")
     level = log.level
     if not options.verbose:
@@ -1108,7 +1075,7 @@ class _Shown:
 def show(context: click.Context, run_id: str, as_json: bool) -> None:
     """A run: its parent and children, what it waits for, input, output or error (with traceback), every step,
     its unconsumed messages and the events it published."""
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def fetch() -> _Shown:
         async with WorkflowManager(config) as manager:
@@ -1244,7 +1211,7 @@ def send(
 ) -> None:
     """Send a message to run RUN_ID: its `step.receive` on that topic takes it, once (a waiting run wakes)."""
     message = _json_option(message_json, "--message")
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def deliver() -> bool:
         async with WorkflowManager(config) as manager:
@@ -1269,7 +1236,7 @@ def emit(context: click.Context, event: str, key: str | None, payload_json: str,
     """Broadcast EVENT: every run waiting for it (and its key) in `step.wait_for_event` receives the payload,
     and so does every run created before now that reaches such a wait later."""
     payload = _json_option(payload_json, "--payload")
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def broadcast() -> int:
         async with WorkflowManager(config) as manager:
@@ -1291,7 +1258,7 @@ def emit(context: click.Context, event: str, key: str | None, payload_json: str,
 def get_event(context: click.Context, run_id: str, key: str, timeout: float | None) -> None:
     """Print, as JSON, the value run RUN_ID published under KEY (`step.set_event`), waiting until it is set.
     Exit 1 if the run finished without setting it, or it was not set within --timeout."""
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def read() -> tuple[bool, Any, RunRecord]:
         async with WorkflowManager(config) as manager:
@@ -1312,7 +1279,7 @@ def _steer_command(name: str, doc: str) -> None:
     @click.argument("run_id", callback=_run_id)
     @click.pass_context
     def command(context: click.Context, run_id: str) -> None:
-        config = _config(context, enable_worker=False)
+        config = command_config(context, enable_worker=False)
 
         async def act() -> RunStatus:
             async with WorkflowManager(config) as manager:
@@ -1335,7 +1302,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
     claimed, the parked ones included) and the OLDEST DUE run's wait, RATE WINDOW (starts in the current window
     / the limit), PARKED ON KEY (due runs waiting for their concurrency key to have a free slot) and WORKERS
     (live workers that claim from it: 0 with runs due means nothing will run them)."""
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def fetch() -> list[QueueStats]:
         async with WorkflowManager(config) as manager:
@@ -1359,7 +1326,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
 def workers(context: click.Context, as_json: bool) -> None:
     """Workers that registered: host, pid, slots in use / slots, the queues they claim from, workflows,
     heartbeat age."""
-    config = _config(context, enable_worker=False)
+    config = command_config(context, enable_worker=False)
 
     async def fetch() -> list[WorkerRecord]:
         async with WorkflowManager(config) as manager:
@@ -1429,7 +1396,7 @@ def dashboard(context: click.Context, host: str, port: int, token: str | None, a
         ) from error
     try:
         check_token(token, host)  # before the config is loaded: the first thing a mistake should hit
-        config = _config(context, enable_worker=False, announce=True, creates=True)
+        config = command_config(context, enable_worker=False, announce=True, creates=True)
         app = Dashboard(config, token=token, host=host, port=port, allowed_hosts=allowed_hosts)
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
@@ -1445,7 +1412,7 @@ def _steering(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coroutine)
     except SonamuTasksError as error:
-        raise click.ClickException(_flat(str(error))) from error
+        raise click.ClickException(flat(str(error))) from error
 
 
 def _parent_text(run: RunRecord) -> str:
@@ -1552,15 +1519,6 @@ async def _run_or_none(manager: WorkflowManager, run_id: str | None) -> RunRecor
         return await manager.get_run(run_id, value_limit=NO_VALUES)
     except RunNotFound:
         return None
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}@{host}"
-    return url
 
 
 from .cli_purge import purge  # noqa: E402 - a command of its own module, registered on the group above

@@ -16,10 +16,9 @@ from typing import Any
 import click
 
 from .backends.base import FINISHED_STATUSES
-from .config import Config
-from .config_loader import load_config
+from .cli_config import command_config
 from .duration import parse_duration
-from .errors import ConfigError, InvalidValue
+from .errors import InvalidValue
 from .limits import check_workflow_name
 from .manager import WorkflowManager
 from .retention import BATCH_SIZE, MAX_BATCH_SIZE
@@ -80,7 +79,7 @@ def purge(
     """Delete finished runs older than --older-than, with their steps, messages and events, whatever their
     workflow's retention. Never an unfinished run, nor a child whose parent is unfinished. In batches, one short
     transaction each, with a progress bar on stderr; then one summary line."""
-    config = _config(context)
+    config = command_config(context, enable_worker=False)
     chosen = [status for status in FINISHED_STATUSES if status in statuses] or list(FINISHED_STATUSES)
     bar = _Bar(enabled=not as_json and not dry_run)
 
@@ -138,16 +137,3 @@ class _Bar:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None
-
-
-def _config(context: click.Context) -> Config:
-    """The config of the `--config` option given to the group (or its defaults), without a worker."""
-    spec = getattr(context.obj, "config_spec", None)
-    try:
-        config, origin = load_config(spec)
-    except ConfigError as error:
-        raise click.ClickException(" ".join(str(error).split())) from error
-    if getattr(context.obj, "verbose", False):
-        click.echo(f"config: {origin}", err=True)
-    config.tasks.enable_worker = False
-    return config

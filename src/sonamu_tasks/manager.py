@@ -218,20 +218,23 @@ class WorkflowManager:
             self._collect(reload=False)
         await self.backend.open()
         try:
-            await until_available(self.backend.migrate, what="migrate", give_up_after_s=30)
-        except BaseException:
-            await self.backend.close()
+            await self._start_parts()
+        except BaseException:  # nothing half-started stays behind: no claiming worker, no open pool
+            await self._stop_parts()
             raise
-        try:
-            await until_available(self._register_queues, what="store queues", give_up_after_s=30)
-        except BaseException:
-            await self.backend.close()
-            raise
+        self._started = True
+        _active.append(self)
+
+    async def _start_parts(self) -> None:
+        await until_available(self.backend.migrate, what="migrate", give_up_after_s=30)
+        await until_available(self._register_queues, what="store queues", give_up_after_s=30)
         if self.backend.pushes_notifications:
             self._listener = asyncio.create_task(self.backend.listen(self), name="sonamu-listen")
             self.waiters.listening = True
         tasks = self.config.tasks
         if tasks.enable_worker:
+            if tasks.worker_options.metrics_port is not None:  # a busy port fails the start before any claim
+                self._stop_metrics = serve_metrics(tasks.worker_options.metrics_port)
             self.worker = Worker(
                 self.backend,
                 self.registry,
@@ -243,8 +246,6 @@ class WorkflowManager:
                 clock=self._clock,
             )
             await self.worker.start()
-            if tasks.worker_options.metrics_port is not None:
-                self._stop_metrics = serve_metrics(tasks.worker_options.metrics_port)
             self.scheduler = Scheduler(self.backend, self.registry, self.config.timezone, clock=self._clock)
             await until_available(self.scheduler.synchronize, what="synchronize schedules")
             self.scheduler.start()
@@ -253,8 +254,6 @@ class WorkflowManager:
             )
             await until_available(self.retention.publish, what="store retention")
             self.retention.start()
-        self._started = True
-        _active.append(self)
 
     async def stop(self) -> None:
         """Graceful: the worker stops claiming, lets running steps finish, and hands back the rest."""
@@ -263,6 +262,10 @@ class WorkflowManager:
         self._started = False
         if self in _active:
             _active.remove(self)
+        await self._stop_parts()
+
+    async def _stop_parts(self) -> None:
+        """Stop what is started, in reverse order (also what a failed start had started)."""
         if self.retention is not None:
             await self.retention.stop()
             self.retention = None
@@ -278,6 +281,7 @@ class WorkflowManager:
         if self._listener is not None:
             self.waiters.listening = False
             await cancel_and_wait(self._listener)
+            self._listener = None
         await self.backend.close()
 
     async def serve(self) -> None:

@@ -358,6 +358,7 @@ class Worker:
             if token not in still_held and entry is not None and not entry[0].done() and not entry[1].ending:
                 # Another worker took it over (we stalled past the lease): stop wasting work on it.
                 logger.warning("lost the lease of run %s; stopping its attempt", run_id)
+                entry[1].abandon("lease_lost")
                 entry[0].cancel()
 
     async def _backlog_loop(self) -> None:
@@ -391,6 +392,8 @@ class Worker:
             )
             await asyncio.wait(running, timeout=self.options.shutdown_grace_ms / 1000)
         leftover = [(attempt.claimed.id, token, task) for token, (task, attempt) in self._active.items()]
+        for _, attempt in self._active.values():
+            attempt.abandon("handed_back")
         for _, _, task in leftover:
             task.cancel()
         if leftover:
