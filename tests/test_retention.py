@@ -91,6 +91,16 @@ async def brief(step: Any) -> Any:
 ALL = [chatty, broken, listener, sleeper, kid, parent, kept, brief]
 
 
+async def _report(step: Any) -> Any:
+    return await step.define("one", _one).run()
+
+
+# One workflow, `ret_report`, in three versions, each with its own retention (or none), served by different workers.
+report_brief = workflow(_report, version="1", name="ret_report", retention="1d")
+report_kept = workflow(_report, version="2", name="ret_report", retention="90d")
+report_plain = workflow(_report, version="3", name="ret_report")
+
+
 class Database:
     """Direct access to the test's tables: to make runs look old, and to count the rows a run left."""
 
@@ -131,6 +141,23 @@ class Database:
                     row = conn.execute(query, {"ids": json.dumps(run_ids)}).fetchone()
             counts[table] = int(row[0]) if row else 0
         return counts
+
+    def store_retention_by_name_only(self, workflow_name: str, seconds: float) -> None:
+        """What a worker of an older release stores: the workflow's retention by name alone (table
+        workflow_retention), and no row per version."""
+        if self.backend_name == "postgres":
+            with psycopg.connect(self.url, autocommit=True, options=f"-c search_path={self.schema}") as conn:
+                conn.execute("DELETE FROM workflow_version_retention WHERE workflow_name = %s", [workflow_name])
+                conn.execute(
+                    "INSERT INTO workflow_retention (workflow_name, seconds) VALUES (%s, %s)", [workflow_name, seconds]
+                )
+            return
+        with sqlite3.connect(self.url.removeprefix("sqlite:///")) as conn:
+            conn.execute("DELETE FROM workflow_version_retention WHERE workflow_name = ?", [workflow_name])
+            conn.execute(
+                "INSERT INTO workflow_retention (workflow_name, seconds, updated_at) VALUES (?, ?, ?)",
+                [workflow_name, seconds, time.time_ns() // 1000],
+            )
 
 
 @pytest.fixture
@@ -271,6 +298,83 @@ async def test_a_workflows_own_retention_overrides_the_default_even_where_it_is_
     db.age([long_kept.id], days=60)  # 100 days
     assert await _sweep(other) == 1
     assert not await _exists(manager, long_kept.id)
+
+
+async def _finished(manager: WorkflowManager, definition: Any) -> str:
+    handle = await manager.run(definition)
+    await handle.result(timeout=15)
+    return handle.id
+
+
+async def test_the_longest_retention_of_any_version_holds_for_all_runs_of_the_workflow_on_every_worker(
+    start: Start, db: Database
+) -> None:
+    # Given two workers serving two versions of one workflow, version 1 kept a day, version 2 ninety days.
+    brief_worker = await start([report_brief])
+    kept_worker = await start([report_kept])
+    runs = [await _finished(brief_worker, report_brief), await _finished(kept_worker, report_kept)]
+    db.age(runs, days=2)
+    # When either sweeps (each storing its own version's retention first), then neither deletes a run of either
+    # version: version 2's ninety days hold for the workflow.
+    assert await _sweep(brief_worker) == 0
+    assert await _sweep(kept_worker) == 0
+    assert await _sweep(brief_worker) == 0
+    assert all([await _exists(brief_worker, run_id) for run_id in runs])
+    # Past the longest, both go.
+    db.age(runs, days=89)
+    assert await _sweep(brief_worker) == 2
+    assert not any([await _exists(brief_worker, run_id) for run_id in runs])
+
+
+async def test_a_version_no_worker_serves_any_more_keeps_its_retention_until_it_is_declared_again(
+    start: Start, db: Database
+) -> None:
+    # Given version 2 (ninety days) served once, then only version 1 (a day): version 2's declaration stays.
+    retired = await start([report_kept])
+    old_run = await _finished(retired, report_kept)
+    await retired.stop()
+    worker = await start([report_brief])
+    new_run = await _finished(worker, report_brief)
+    db.age([old_run, new_run], days=2)
+    assert await _sweep(worker) == 0
+    # When a worker declares version 2 again, with a day, that replaces it: both runs are past it.
+    await start([workflow(_report, version="2", name="ret_report", retention="1d")])
+    assert await _sweep(worker) == 2
+    assert not await _exists(worker, old_run) and not await _exists(worker, new_run)
+
+
+async def test_a_version_declaring_no_retention_counts_as_the_default_and_without_one_as_forever(
+    start: Start, db: Database
+) -> None:
+    # Given version 1 with a day of its own and version 3 with none, and no default: kept forever.
+    worker = await start([report_brief, report_plain])
+    runs = [await _finished(worker, report_brief), await _finished(worker, report_plain)]
+    db.age(runs, days=2)
+    assert await _sweep(worker) == 0
+    # With a default of ten days (the deleting worker's), version 3 counts as ten days: the longest.
+    with_default = await start([], retention="10d")
+    assert await _sweep(with_default) == 0
+    db.age(runs, days=9)
+    assert await _sweep(with_default) == 2
+    assert not any([await _exists(worker, run_id) for run_id in runs])
+
+
+async def test_a_retention_an_older_release_stored_by_name_counts_until_a_version_of_it_is_declared(
+    start: Start, db: Database
+) -> None:
+    # Given a run of a workflow whose retention only a worker of an older release stored: ninety days, by name.
+    worker = await start([report_plain])
+    run_id = await _finished(worker, report_plain)
+    await worker.stop()
+    db.store_retention_by_name_only("ret_report", 90 * 86_400)
+    deleting = await start([], retention="1d")
+    db.age([run_id], days=2)
+    # Then the deleting worker applies the ninety days, not its default.
+    assert await _sweep(deleting) == 0
+    # When a worker of this release declares a version of it (a day), that declaration holds instead.
+    await start([report_brief])
+    assert await _sweep(deleting) == 1
+    assert not await _exists(deleting, run_id)
 
 
 async def test_without_a_retention_runs_are_kept_forever(start: Start, db: Database) -> None:

@@ -7,15 +7,20 @@ published events and event waits. Never deleted: an unfinished run, whatever its
 child whose parent is unfinished or finished more recently than the child's cutoff (the parent may still read
 the child's outcome; the child goes once the parent is past it too, or gone).
 
-Who deletes: every worker runs a RetentionSweeper. Each stores the retention its workflows declare (table
-`workflow_retention`, by workflow name; when versions differ, the longest), so the worker that deletes applies
-every workflow's own retention, also of workflows it does not register itself. Every `retention_interval` a
-worker makes one pass, under a lock one worker holds at a time (on PostgreSQL an advisory lock on a connection
-of its own; on SQLite the file's single writer serializes the batches anyway). A pass deletes in batches of
-BATCH_SIZE runs, each one short transaction that waits on no lock (PostgreSQL: SKIP LOCKED; its commit does not
-wait for the WAL flush, a deletion lost to a crash is simply made again), and pauses after each batch four times
-as long as the batch took: deleting takes at most a fifth of one connection's time, and claims and checkpoints
-go on between the batches (`benchmarks/purge.py` measures what it costs them).
+Who deletes: every worker runs a RetentionSweeper. Each stores the retention its workflows declare, one row per
+workflow name and version (table `workflow_version_retention`), so the worker that deletes applies every workflow's
+own retention, also of workflows it does not register itself. A worker replaces only the versions it declares:
+another version's row, also one no worker serves any more, keeps counting. The runs of one workflow name, whatever
+their version, go by the longest retention its versions declare; a version that declares none counts as the
+deleting worker's default, and as forever when there is none (`deletion_plan`). So a retention is never shortened
+by a worker that does not serve the version declaring the longer one. (What a worker of an older release stored by
+workflow name alone, table `workflow_retention`, counts until a version of it is declared.) Every
+`retention_interval` a worker makes one pass, under a lock one worker holds at a time (on PostgreSQL an advisory
+lock on a connection of its own; on SQLite the file's single writer serializes the batches anyway). A pass deletes
+in batches of BATCH_SIZE runs, each one short transaction that waits on no lock (PostgreSQL: SKIP LOCKED; its
+commit does not wait for the WAL flush, a deletion lost to a crash is simply made again), and pauses after each
+batch four times as long as the batch took: deleting takes at most a fifth of one connection's time, and claims and
+checkpoints go on between the batches (`benchmarks/purge.py` measures what it costs them).
 
 `WorkflowManager.purge` (the `purge` command) deletes on demand by age, status and workflow, in the same
 batches, whatever the retention says.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 
 from .backends.base import FINISHED_STATUSES, Backend, FinishedRuns
@@ -141,23 +146,32 @@ class RetentionSweeper:
                 logger.exception("retention pass failed; trying again in %s", self.interval)
 
 
-def declared_retention(registry: Registry) -> dict[str, timedelta | None]:
-    """The retention per workflow name; when versions differ, the longest one declared."""
-    declared: dict[str, timedelta | None] = {}
-    for definition in registry:
-        current = declared.get(definition.name)
-        retention = definition.retention
-        if current is None or (retention is not None and retention > current):
-            declared[definition.name] = retention
-    return declared
+def declared_retention(registry: Registry) -> dict[tuple[str, str], timedelta | None]:
+    """The retention each registered (workflow name, version) declares; None: the default applies to it."""
+    return {definition.key: definition.retention for definition in registry}
 
 
 def deletion_plan(
-    policies: Mapping[str, timedelta | None], default: timedelta | None
+    declarations: Mapping[str, Sequence[timedelta | None]], default: timedelta | None
 ) -> list[tuple[str, FinishedRuns]]:
     """What one pass deletes: each workflow with a retention of its own by it, then every other workflow by
-    the default (none when there is no default)."""
-    own = {name: retention for name, retention in policies.items() if retention is not None}
+    the default (none when there is no default).
+
+    `declarations` holds, per workflow name, what each of its versions declares. A workflow's runs all go by the
+    longest: the runs of one version are no different to keep than another's, and a worker serving only the
+    shorter version must not delete what the longer one keeps. A version declaring none counts as the default;
+    without a default that is forever, so its workflow's runs are kept (as they were before any version declared
+    one). A workflow none of whose versions declares one goes with the default's batch."""
+    own: dict[str, timedelta] = {}
+    for name, retentions in declarations.items():
+        declared = [retention for retention in retentions if retention is not None]
+        if not declared:
+            continue
+        if len(declared) < len(retentions):
+            if default is None:
+                continue  # kept forever; without a default there is no default batch to exclude it from
+            declared.append(default)
+        own[name] = max(declared)
     plan = [(f"workflow {name!r}", FinishedRuns(older_than, workflow=name)) for name, older_than in sorted(own.items())]
     if default is not None:
         what = "the workflows without a retention of their own"

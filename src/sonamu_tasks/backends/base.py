@@ -8,7 +8,7 @@ BackendUnavailable; every method is safe to call again after one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -412,12 +412,14 @@ class Backend(ScheduleStore, Protocol):
     async def list_workers(self) -> list[WorkerRecord]: ...
 
     # retention (finished runs deleted once expired)
-    async def save_retention(self, policies: Mapping[str, timedelta | None]) -> None:
-        """Store the retention each of these workflows declares (None: the default applies)."""
+    async def save_retention(self, policies: Mapping[tuple[str, str], timedelta | None]) -> None:
+        """Store the retention each of these (workflow name, version) declares (None: the default applies),
+        replacing only these versions' earlier declarations."""
         ...
 
-    async def list_retention(self) -> dict[str, timedelta | None]:
-        """The retention every workflow declared, as the workers that register them stored it."""
+    async def list_retention(self) -> dict[str, list[timedelta | None]]:
+        """Per workflow name, the retention each of its versions declared, as the workers that registered them
+        stored it (also versions no worker registers any more)."""
         ...
 
     def retention_lock(self) -> AbstractAsyncContextManager[bool]:
@@ -450,3 +452,11 @@ class FinishedRuns:
     statuses: tuple[str, ...] = FINISHED_STATUSES
     workflow: str | None = None
     excluded: tuple[str, ...] = ()
+
+
+def retention_declarations(rows: Iterable[Sequence[Any]]) -> dict[str, list[timedelta | None]]:
+    """`list_retention`'s rows (workflow name, seconds or NULL), one per version declared, by workflow name."""
+    declared: dict[str, list[timedelta | None]] = {}
+    for name, seconds in rows:
+        declared.setdefault(name, []).append(None if seconds is None else timedelta(seconds=seconds))
+    return declared

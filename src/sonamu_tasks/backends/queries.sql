@@ -112,4 +112,10 @@ LEFT JOIN (SELECT worker_id, count(*) AS running FROM runs WHERE status = 'runni
 ORDER BY w.started_at
 
 -- list_retention --
-SELECT workflow_name, seconds FROM workflow_retention ORDER BY workflow_name
+-- Every retention declared: one row per (workflow, version) declared (NULL: declared none, the default applies),
+-- and the row an older release stored for a workflow by name (0010/0007), until a version of it is declared here.
+SELECT workflow_name, seconds FROM workflow_version_retention
+UNION ALL
+SELECT o.workflow_name, o.seconds FROM workflow_retention o
+WHERE NOT EXISTS (SELECT 1 FROM workflow_version_retention v WHERE v.workflow_name = o.workflow_name)
+ORDER BY workflow_name

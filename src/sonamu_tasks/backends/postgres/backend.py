@@ -41,6 +41,7 @@ from ..base import (
     StepRecord,
     TimedWait,
     WorkerRecord,
+    retention_declarations,
 )
 from ..group_commit import GroupCommit
 from .queries import QUERIES, migrations
@@ -940,19 +941,19 @@ class PostgresBackend:
     # retention
 
     @_transient
-    async def save_retention(self, policies: Mapping[str, timedelta | None]) -> None:
+    async def save_retention(self, policies: Mapping[tuple[str, str], timedelta | None]) -> None:
         rows = [
-            {"name": name, "seconds": None if retention is None else retention.total_seconds()}
-            for name, retention in sorted(policies.items())
+            {"name": name, "version": version, "seconds": None if retention is None else retention.total_seconds()}
+            for (name, version), retention in sorted(policies.items())
         ]
         async with self._connection() as conn:
             await conn.execute(QUERIES["save_retention"], {"policies": json.dumps(rows)})
 
     @_transient
-    async def list_retention(self) -> dict[str, timedelta | None]:
+    async def list_retention(self) -> dict[str, list[timedelta | None]]:
         async with self._connection() as conn:
             rows = await (await conn.execute(QUERIES["list_retention"])).fetchall()
-        return {name: None if seconds is None else timedelta(seconds=seconds) for name, seconds in rows}
+        return retention_declarations(rows)
 
     @contextlib.asynccontextmanager
     async def retention_lock(self) -> AsyncIterator[bool]:

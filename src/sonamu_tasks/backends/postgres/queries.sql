@@ -672,11 +672,14 @@ WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <
 GROUP BY queue, workflow_name, version
 
 -- save_retention --
--- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever
--- worker deletes expired runs. The latest writer wins; an unchanged row is not rewritten.
-INSERT INTO workflow_retention AS w (workflow_name, seconds)
-SELECT p.name, p.seconds FROM json_to_recordset(%(policies)s::json) AS p(name text, seconds float8)
-ON CONFLICT (workflow_name) DO UPDATE SET seconds = EXCLUDED.seconds, updated_at = now()
+-- The retention each workflow version registered here declares (seconds; NULL: the default applies), for
+-- whichever worker deletes expired runs. One row per (workflow, version): a worker replaces only the versions it
+-- declares, never another version's row. An unchanged row is not rewritten; the rows come sorted, so two workers
+-- storing the same versions at once lock them in the same order.
+INSERT INTO workflow_version_retention AS w (workflow_name, version, seconds)
+SELECT p.name, p.version, p.seconds
+FROM json_to_recordset(%(policies)s::json) AS p(name text, version text, seconds float8)
+ON CONFLICT (workflow_name, version) DO UPDATE SET seconds = EXCLUDED.seconds, updated_at = now()
 WHERE w.seconds IS DISTINCT FROM EXCLUDED.seconds
 
 -- try_retention_lock --

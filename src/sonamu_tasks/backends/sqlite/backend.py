@@ -40,6 +40,7 @@ from ..base import (
     StepRecord,
     TimedWait,
     WorkerRecord,
+    retention_declarations,
 )
 from ..group_commit import GroupCommit
 from ..sql_files import backend_queries, package_migrations
@@ -842,21 +843,17 @@ class SqliteBackend:
 
     # retention
 
-    async def save_retention(self, policies: Mapping[str, timedelta | None]) -> None:
+    async def save_retention(self, policies: Mapping[tuple[str, str], timedelta | None]) -> None:
         rows = [
-            {"name": name, "seconds": None if retention is None else retention.total_seconds()}
-            for name, retention in sorted(policies.items())
+            {"name": name, "version": version, "seconds": None if retention is None else retention.total_seconds()}
+            for (name, version), retention in sorted(policies.items())
         ]
         params = {"policies": json.dumps(rows)}
         await self._db.write(lambda conn, now: conn.execute(QUERIES["save_retention"], {**params, "now": now}))
 
-    async def list_retention(self) -> dict[str, timedelta | None]:
-        def read(conn: sqlite3.Connection, now: int) -> dict[str, timedelta | None]:
-            rows = conn.execute(QUERIES["list_retention"]).fetchall()
-            return {
-                row["workflow_name"]: None if row["seconds"] is None else timedelta(seconds=row["seconds"])
-                for row in rows
-            }
+    async def list_retention(self) -> dict[str, list[timedelta | None]]:
+        def read(conn: sqlite3.Connection, now: int) -> dict[str, list[timedelta | None]]:
+            return retention_declarations(conn.execute(QUERIES["list_retention"]).fetchall())
 
         return await self._db.read(read)
 

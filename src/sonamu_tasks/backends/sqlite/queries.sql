@@ -446,11 +446,12 @@ WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <
 GROUP BY queue, workflow_name, version
 
 -- save_retention --
--- The retention each workflow registered here declares (seconds; NULL: the default applies), for whichever
--- worker deletes expired runs. The latest writer wins.
-INSERT INTO workflow_retention (workflow_name, seconds, updated_at)
-SELECT json_extract(value, '$.name'), json_extract(value, '$.seconds'), :now FROM json_each(:policies) WHERE true
-ON CONFLICT (workflow_name) DO UPDATE SET seconds = excluded.seconds, updated_at = excluded.updated_at
+-- The retention each workflow version registered here declares (see the PostgreSQL query of the same name):
+-- one row per (workflow, version), a worker replacing only the versions it declares.
+INSERT INTO workflow_version_retention (workflow_name, version, seconds, updated_at)
+SELECT json_extract(value, '$.name'), json_extract(value, '$.version'), json_extract(value, '$.seconds'), :now
+FROM json_each(:policies) WHERE true
+ON CONFLICT (workflow_name, version) DO UPDATE SET seconds = excluded.seconds, updated_at = excluded.updated_at
 WHERE seconds IS NOT excluded.seconds
 
 -- delete_finished_runs --
