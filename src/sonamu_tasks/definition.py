@@ -6,7 +6,7 @@ import functools
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import limits, serde
@@ -79,11 +79,34 @@ class WorkflowDefinition(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<workflow {self.name!r} version {self.version!r}>"
 
-    async def run(self, input: Any = None, **options: Any) -> RunHandle:
-        """Start a run through the active WorkflowManager; see `WorkflowManager.run` for `options`."""
+    async def run(
+        self,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        start_at: datetime | Duration | None = None,
+        deadline: datetime | Duration | None = None,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        debounce: Duration | None = None,
+        debounce_key: str | None = None,
+    ) -> RunHandle:
+        """Start a run through the active WorkflowManager; see `WorkflowManager.run` for the options."""
         from .manager import active_manager
 
-        return await active_manager().run(self, input, **options)
+        return await active_manager().run(
+            self,
+            input,
+            idempotency_key=idempotency_key,
+            start_at=start_at,
+            deadline=deadline,
+            queue=queue,
+            priority=priority,
+            concurrency_key=concurrency_key,
+            debounce=debounce,
+            debounce_key=debounce_key,
+        )
 
     def validate_input(self, value: Any) -> Any:
         """Return the input as the workflow will see it, or raise InvalidInput naming the fields."""

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration, parse_duration
@@ -24,6 +24,7 @@ from .run_creation import RunOptions, resolve
 if TYPE_CHECKING:
     from .attempt import Attempt
 
+P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -51,16 +52,20 @@ class StepOptions:
 NO_OPTIONS = StepOptions()
 
 
-class Step(Generic[R]):
-    """A named step; `await step.run(*args, **kwargs)` executes it once per run and checkpoints the result."""
+class Step(Generic[P, R]):
+    """A named step; `await step.run(*args, **kwargs)` executes it once per run and checkpoints the result.
 
-    def __init__(self, attempt: Attempt, name: str, fn: Callable[..., Any], options: StepOptions = NO_OPTIONS) -> None:
+    Typed as its function: `run` takes the function's parameters and gives what it returns (awaited, for an
+    async function): `step.define("load", load)` with `async def load(order_id: int) -> Order` is a
+    `Step[[int], Order]`."""
+
+    def __init__(self, attempt: Attempt, name: str, fn: Callable[P, Any], options: StepOptions = NO_OPTIONS) -> None:
         self.name = name
         self.fn = fn
         self.options = options
         self._attempt = attempt
 
-    async def run(self, *args: Any, **kwargs: Any) -> R:
+    async def run(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._attempt.run_step(self.name, self.fn, args, kwargs, self.options)  # type: ignore[no-any-return]
 
 
@@ -68,13 +73,32 @@ class StepWrapper:
     def __init__(self, attempt: Attempt) -> None:
         self._attempt = attempt
 
+    # An async function's step gives what its coroutine returns; a sync function's, what it returns.
+    @overload
     def define(
         self,
         name: str | Mapping[str, Any],
-        fn: Callable[..., R],
+        fn: Callable[P, Awaitable[R]],
         retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
-    ) -> Step[R]:
+    ) -> Step[P, R]: ...
+
+    @overload
+    def define(
+        self,
+        name: str | Mapping[str, Any],
+        fn: Callable[P, R],
+        retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
+        timeout: Duration | None = None,
+    ) -> Step[P, R]: ...
+
+    def define(
+        self,
+        name: str | Mapping[str, Any],
+        fn: Callable[..., Any],
+        retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
+        timeout: Duration | None = None,
+    ) -> Step[..., Any]:
         """`step.define("load-order", load_order)`; the seed's `{"name": ...}` form is accepted too.
 
         `retry_policy`: this step's own policy, instead of the workflow's, when it raises. `timeout`: how long
@@ -93,8 +117,9 @@ class StepWrapper:
         *,
         retry_policy: RetryPolicy | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
-    ) -> Step[Any]:
-        """Wrap `obj.method_name` (class or instance); the step is named after the method unless `name`."""
+    ) -> Step[..., Any]:
+        """Wrap `obj.method_name` (class or instance); the step is named after the method unless `name`.
+        Named by a string, the method is not typed: `step.define("name", obj.method)` is."""
         method = _bound_method(obj, method_name)
         step_name = _step_name(name or underscore_case(method_name))
         return Step(self._attempt, step_name, method, _options(step_name, retry_policy, timeout))
@@ -127,9 +152,19 @@ class StepWrapper:
         event_key = "" if key is None else check_name(key, field="event key", limit=255)
         return await self._attempt.wait_for_event(_step_name(name), event, event_key, timeout)
 
+    @overload
     async def map(
-        self, name: str, fn: Callable[[Any], R], items: Iterable[Any], concurrency: int | None = None
-    ) -> list[R]:
+        self, name: str, fn: Callable[[T], Awaitable[R]], items: Iterable[T], concurrency: int | None = None
+    ) -> list[R]: ...
+
+    @overload
+    async def map(
+        self, name: str, fn: Callable[[T], R], items: Iterable[T], concurrency: int | None = None
+    ) -> list[R]: ...
+
+    async def map(
+        self, name: str, fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int | None = None
+    ) -> list[Any]:
         """Run `fn(item)` as one step per item, named `"{name}[{index}]"`, at most `concurrency` at once (all
         at once when None); return the results in item order. Completed items are never run again."""
         name = _step_name(name)
@@ -146,14 +181,14 @@ class StepWrapper:
         limit = asyncio.Semaphore(concurrency) if concurrency is not None else None
         failed = False
 
-        async def one(index: int, item: Any) -> R:
+        async def one(index: int, item: Any) -> Any:
             nonlocal failed
-            step = Step[R](self._attempt, _step_name(f"{name}[{index}]"), fn)
+            step = Step[[Any], Any](self._attempt, _step_name(f"{name}[{index}]"), fn)
             if limit is None:
                 return await step.run(item)
             async with limit:
                 if failed:  # the map has failed: an item waiting for its turn does not start (gather raises)
-                    return cast(R, None)
+                    return None
                 try:
                     return await step.run(item)
                 except BaseException:

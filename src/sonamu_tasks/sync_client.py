@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from .backends.base import RunRecord
 from .config import Config, define_config
+from .duration import Duration
 from .manager import WorkflowManager
+from .queue import Queue
 from .run_creation import WorkflowSpec
 from .status import RunStatus
 
@@ -86,9 +89,35 @@ class SyncClient:
     ) -> None:
         self.close()
 
-    def run(self, workflow: WorkflowSpec, input: Any = None, **options: Any) -> SyncRunHandle:
+    def run(
+        self,
+        workflow: WorkflowSpec,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        start_at: datetime | Duration | None = None,
+        deadline: datetime | Duration | None = None,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        debounce: Duration | None = None,
+        debounce_key: str | None = None,
+    ) -> SyncRunHandle:
         """Start a run (see `WorkflowManager.run` for the options) and return its handle at once."""
-        handle = self._call(self.manager.run(workflow, input, **options))
+        handle = self._call(
+            self.manager.run(
+                workflow,
+                input,
+                idempotency_key=idempotency_key,
+                start_at=start_at,
+                deadline=deadline,
+                queue=queue,
+                priority=priority,
+                concurrency_key=concurrency_key,
+                debounce=debounce,
+                debounce_key=debounce_key,
+            )
+        )
         return SyncRunHandle(self, handle.id, handle.created)
 
     def send(
@@ -105,9 +134,33 @@ class SyncClient:
         """A value a run published (see `WorkflowManager.get_event`); blocks this thread only."""
         return self._call(self.manager.get_event(run_id, key, timeout=timeout))
 
-    def run_many(self, workflow: WorkflowSpec, inputs: Any, **options: Any) -> list[SyncRunHandle]:
+    def run_many(
+        self,
+        workflow: WorkflowSpec,
+        inputs: Iterable[Any],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+        start_at: datetime | Duration | None = None,
+        deadline: datetime | Duration | None = None,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        concurrency_keys: Sequence[str | None] | None = None,
+    ) -> list[SyncRunHandle]:
         """Start many runs in one statement (see `WorkflowManager.run_many`)."""
-        handles = self._call(self.manager.run_many(workflow, inputs, **options))
+        handles = self._call(
+            self.manager.run_many(
+                workflow,
+                inputs,
+                idempotency_keys=idempotency_keys,
+                start_at=start_at,
+                deadline=deadline,
+                queue=queue,
+                priority=priority,
+                concurrency_key=concurrency_key,
+                concurrency_keys=concurrency_keys,
+            )
+        )
         return [SyncRunHandle(self, handle.id, handle.created) for handle in handles]
 
     def handle(self, run_id: str) -> SyncRunHandle:

@@ -33,7 +33,7 @@ from ..duration import Duration, parse_duration
 from ..errors import ResultTimeout
 from ..handle import RunHandle
 from ..manager import WorkflowManager
-from ..queue import served_queues
+from ..queue import Queue, served_queues
 from ..run_creation import WorkflowSpec
 
 # Leases far longer than any advance: a run executing while the test moves the clock keeps its claim (with
@@ -119,16 +119,42 @@ class WorkflowTestEnv:
         if worker is not None:
             worker.wake()
 
-    async def run(self, workflow: WorkflowSpec, input: Any = None, **options: Any) -> TestRunHandle:
-        """Start a run (`WorkflowManager.run` options: idempotency_key, start_at, deadline ...)."""
-        handle = await self.manager.run(workflow, input, **options)
+    async def run(
+        self,
+        workflow: WorkflowSpec,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        start_at: datetime | Duration | None = None,
+        deadline: datetime | Duration | None = None,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        debounce: Duration | None = None,
+        debounce_key: str | None = None,
+    ) -> TestRunHandle:
+        """Start a run (see `WorkflowManager.run` for the options)."""
+        handle = await self.manager.run(
+            workflow,
+            input,
+            idempotency_key=idempotency_key,
+            start_at=start_at,
+            deadline=deadline,
+            queue=queue,
+            priority=priority,
+            concurrency_key=concurrency_key,
+            debounce=debounce,
+            debounce_key=debounce_key,
+        )
         return TestRunHandle(self, handle.id, handle.workflow_name, created=handle.created)
 
     def handle(self, run_id: str) -> TestRunHandle:
         return TestRunHandle(self, run_id, "")
 
-    async def send(self, run_id: str, message: Any = None, **options: Any) -> bool:
-        return await self.manager.send(run_id, message, **options)
+    async def send(
+        self, run_id: str, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None
+    ) -> bool:
+        return await self.manager.send(run_id, message, topic=topic, idempotency_key=idempotency_key)
 
     async def emit(self, event: str, payload: Any = None, *, key: str | None = None) -> int:
         return await self.manager.emit(event, payload, key=key)
