@@ -279,6 +279,26 @@ async def test_sync_steps_run_off_the_event_loop(manager_for: Any) -> None:
     assert ran_in and ran_in[0] != loop_thread
 
 
+async def test_a_sync_step_raising_stop_iteration_fails_and_is_retried_like_any_error(manager_for: Any) -> None:
+    """`next()` on an empty iterator: asyncio refuses StopIteration in a future, and the run hung, running."""
+    calls = Calls()
+
+    def first_line(lines: list[str]) -> str:
+        if calls.hit("first_line") == 1:
+            return next(iter([]))
+        return lines[0]
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=2, initial_interval_ms=10))
+    async def reads(step: Any) -> str:
+        return str(await step.define("first-line", first_line).run(["a", "b"]))
+
+    manager = await manager_for([reads])
+    handle = await manager.run(reads)
+    assert await handle.result(timeout=15) == "a"
+    run = await handle.info(with_steps=True)
+    assert run.attempts == 1 and calls.counts == {"first_line": 2}
+
+
 async def test_step_get_wraps_methods_and_names_them_in_underscore_case(manager_for: Any) -> None:
     class InvoiceService:
         def renderPdf(self, order: int) -> str:

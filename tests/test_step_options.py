@@ -57,6 +57,61 @@ async def test_a_steps_own_policy_counts_that_steps_failures_and_can_give_up_soo
     assert run.steps[0].status is StepStatus.FAILED and run.steps[0].attempts == 2
 
 
+async def test_failures_a_steps_own_policy_counted_leave_the_workflows_budget_whole(manager_for: Any) -> None:
+    """The docs: a flaky call retried ten times while the rest of the workflow keeps its own budget. The
+    step's seven failures used to count against the workflow's two attempts: the next step's first failure
+    failed the run."""
+    calls = {"charge": 0, "notify": 0}
+
+    async def charge() -> str:
+        calls["charge"] += 1
+        if calls["charge"] <= 7:
+            raise ConnectionError(f"gateway busy ({calls['charge']})")
+        return "charged"
+
+    async def notify() -> str:
+        calls["notify"] += 1
+        if calls["notify"] == 1:
+            raise ConnectionError("mail server busy")
+        return "sent"
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=2, initial_interval_ms=20))
+    async def checkout(step: Any) -> Any:
+        own = RetryPolicy(max_attempts=10, initial_interval_ms=10, backoff_coefficient=1)
+        charged = await step.define("charge", charge, retry_policy=own).run()
+        return [charged, await step.define("notify", notify).run()]
+
+    manager = await manager_for([checkout])
+    handle = await manager.run(checkout)
+    assert await handle.result(timeout=20) == ["charged", "sent"]
+    assert calls == {"charge": 8, "notify": 2}
+    assert (await handle.info()).attempts == 8  # every failed attempt is still counted on the run
+
+
+async def test_a_manual_retry_gives_a_step_with_its_own_policy_a_fresh_budget(manager_for: Any) -> None:
+    calls = {"n": 0}
+
+    async def broken() -> None:
+        calls["n"] += 1
+        raise ValueError("never works")
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def strict(step: Any) -> Any:
+        await step.define("broken", broken, retry_policy=RetryPolicy(max_attempts=3, initial_interval_ms=10)).run()
+
+    manager = await manager_for([strict])
+    handle = await manager.run(strict)
+    with pytest.raises(WorkflowFailed, match="never works"):
+        await handle.result(timeout=15)
+    assert calls["n"] == 3
+    assert await handle.retry() is RunStatus.PENDING
+    with pytest.raises(WorkflowFailed, match="never works"):
+        await handle.result(timeout=15)
+    assert calls["n"] == 6  # three more, not one
+    run = await handle.info(with_steps=True)
+    assert run.steps[0].attempts == 3  # counted since the retry
+
+
 async def test_a_hanging_async_step_is_cancelled_at_its_timeout_and_retried(manager_for: Any, caplog: Any) -> None:
     calls = {"n": 0}
     cancelled = asyncio.Event()

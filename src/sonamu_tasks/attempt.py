@@ -162,6 +162,7 @@ class Attempt:
         self._park_check: asyncio.Task[None] | None = None
         self._closed = False  # the attempt is ending (parked, failing, stopping): no new step starts
         self._lease_lost = False  # a write was refused: another worker owns the run now
+        self._own_policy_steps: set[str] = set()  # steps met with a retry policy of their own
         # The sync steps handed to the thread pool and not finished: those not started yet are cancelled when
         # the attempt ends, so that no step starts after it (a branch left running, a queue behind other steps).
         self._submitted: set[concurrent.futures.Future[Any]] = set()
@@ -303,7 +304,8 @@ class Attempt:
         await self._wind_down(send=True)
         run = self.claimed
         step = None
-        policy, attempt = self.definition.retry_policy, run.attempts + 1
+        # The workflow's budget: the run's failed attempts, less those a step's own policy counted.
+        policy, attempt = self.definition.retry_policy, max(1, run.attempts - self._counted_by_step_policies() + 1)
         failed = self._failed_step(error)
         if failed is not None:
             name, started, _, step_policy = failed
@@ -360,6 +362,17 @@ class Attempt:
         else:
             self.logger.error("run failed after %d attempt(s)%s: %r", attempt, where, error)
 
+    def _counted_by_step_policies(self) -> int:
+        """The failed attempts the steps with a retry policy of their own counted (their stored failures): the
+        workflow's policy does not count them. Steps are met in order, so every such step that failed before is
+        known by the time a later failure is recorded."""
+        total = 0
+        for name in self._own_policy_steps:
+            record = self.steps.get(name)
+            if record is not None and record.kind == "call":
+                total += record.attempts - (1 if record.status is StepStatus.COMPLETED else 0)
+        return total
+
     # what the StepWrapper calls
 
     async def run_step(
@@ -371,6 +384,8 @@ class Attempt:
         options: StepOptions = NO_OPTIONS,
     ) -> Any:
         self._claim_name(name)
+        if options.retry_policy is not None:
+            self._own_policy_steps.add(name)
         annotation = _return_annotation(fn)
         record = self.steps.get(name)
         if record is not None:
@@ -892,7 +907,10 @@ class Attempt:
         def guarded() -> Any:
             if leases.lease_may_be_lost(token):
                 raise LeaseLost(self.claimed.id)
-            return context.run(call)
+            try:
+                return context.run(call)
+            except StopIteration as error:  # asyncio cannot put it in a future: the step would never end
+                raise RuntimeError(f"the step raised StopIteration{f' ({error})' if str(error) else ''}") from error
 
         return guarded
 

@@ -54,6 +54,14 @@ SET status = 'pending', available_at = :now, attempts = 0, recoveries = 0, error
 WHERE id = :run_id AND status IN ('failed', 'canceled')
 RETURNING status
 
+-- restart_steps --
+-- With restart_run, in its transaction: the steps' retry budgets start afresh too. A step with a retry policy
+-- of its own counts its failures in `attempts`; a failed step's count goes back to 0, a completed one's to 1
+-- (its one execution that counts), so that the workflow's budget, which is the run's failed attempts less
+-- those its steps' own policies took (attempt.py, _record_failure), starts at 0 as well.
+UPDATE steps SET attempts = CASE WHEN status = 'failed' THEN 0 ELSE 1 END
+WHERE run_id = :run_id AND kind = 'call' AND attempts <> CASE WHEN status = 'failed' THEN 0 ELSE 1 END
+
 -- settle_request --
 -- The worker honours a cancel or pause at a step boundary; fenced like every write of a claimed run.
 UPDATE runs

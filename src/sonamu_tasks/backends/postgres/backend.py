@@ -523,7 +523,14 @@ class PostgresBackend:
 
     @_transient
     async def restart_run(self, run_id: str) -> RunStatus | None:
-        return await self._steer("restart_run", {"run_id": run_id})
+        params = {"run_id": run_id}
+        async with self._connection() as conn, conn.transaction():
+            row = await (await conn.execute(QUERIES["restart_run"], params)).fetchone()
+            if row is None:
+                row = await (await conn.execute(QUERIES["run_status"], params)).fetchone()
+            else:
+                await conn.execute(QUERIES["restart_steps"], params)
+        return None if row is None else RunStatus(row[0])
 
     @_transient
     async def settle_request(self, run_id: str, lease_token: str, error: dict[str, Any]) -> RunStatus:

@@ -753,7 +753,17 @@ class SqliteBackend:
         return await self._steer("resume_run", {"run_id": run_id})
 
     async def restart_run(self, run_id: str) -> RunStatus | None:
-        return await self._steer("restart_run", {"run_id": run_id})
+        params = {"run_id": run_id}
+
+        def restart(conn: sqlite3.Connection, now: int) -> RunStatus | None:
+            row = _first(conn, "restart_run", {**params, "now": now})
+            if row is None:
+                row = _first(conn, "run_status", params)
+            else:
+                conn.execute(QUERIES["restart_steps"], params)
+            return None if row is None else RunStatus(row["status"])
+
+        return await self._db.write(restart)
 
     async def settle_request(self, run_id: str, lease_token: str, error: dict[str, Any]) -> RunStatus:
         params = {"run_id": run_id, "lease_token": lease_token, "error": json.dumps(error)}
