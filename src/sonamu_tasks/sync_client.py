@@ -1,7 +1,9 @@
 """SyncClient: start runs and wait for their results from synchronous code (a Flask or Django view).
 
 It runs a WorkflowManager without a worker on an event loop in a background thread of its own; every
-method blocks the calling thread only. One client per process is enough; it is thread-safe.
+method blocks the calling thread only. One client per process is enough; it is thread-safe. It has every
+manager method a web process calls, taking the same parameters and returning or raising the same (its
+handles are SyncRunHandles); tests/test_sync_client.py lists the manager's methods it leaves out, and why.
 
     client = SyncClient(config)                 # at start-up
     handle = client.run({"name": "send_invoice", "version": "1"}, {"order_id": 7})
@@ -19,11 +21,14 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from .backends.base import RunRecord
+from .backends.base import MessageRecord, QueueStats, RunEventRecord, RunRecord, ScheduleRecord, WorkerRecord
 from .config import Config, define_config
 from .duration import Duration
-from .manager import WorkflowManager
+from .handle import RunHandle
+from .manager import RunPage, StrandedRuns, WorkflowManager
 from .queue import Queue
+from .records import STALE_AFTER
+from .retention import BATCH_SIZE, Progress
 from .run_creation import WorkflowSpec
 from .status import RunStatus
 
@@ -31,34 +36,42 @@ T = TypeVar("T")
 
 
 class SyncRunHandle:
-    def __init__(self, client: SyncClient, run_id: str, created: bool) -> None:
+    """`RunHandle` for synchronous code: the same attributes and methods, each blocking the calling thread."""
+
+    def __init__(self, client: SyncClient, run_id: str, workflow_name: str, *, created: bool = True) -> None:
         self._client = client
         self.id = run_id
+        self.workflow_name = workflow_name
+        """The workflow's name; "" for a handle made by `handle(run_id)` without one."""
         self.created = created
+        """False when `run()` found an existing run for the idempotency key."""
+
+    def __repr__(self) -> str:
+        return f"<SyncRunHandle {self.workflow_name} {self.id}>"
 
     def status(self) -> RunStatus:
         return self.info().status
 
     def info(self, *, with_steps: bool = False) -> RunRecord:
-        return self._client._call(self._client.manager.get_run(self.id, with_steps=with_steps))
+        return self._client.get_run(self.id, with_steps=with_steps)
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._client._call(self._client.manager.wait_for_result(self.id, timeout=timeout))
+        return self._client.wait_for_result(self.id, timeout=timeout)
 
     def get_event(self, key: str, timeout: float | None = None) -> Any:
         return self._client.get_event(self.id, key, timeout=timeout)
 
     def cancel(self) -> RunStatus:
-        return self._client._call(self._client.manager.cancel(self.id))
+        return self._client.cancel(self.id)
 
     def pause(self) -> RunStatus:
-        return self._client._call(self._client.manager.pause(self.id))
+        return self._client.pause(self.id)
 
     def resume(self) -> RunStatus:
-        return self._client._call(self._client.manager.resume(self.id))
+        return self._client.resume(self.id)
 
     def retry(self) -> RunStatus:
-        return self._client._call(self._client.manager.retry(self.id))
+        return self._client.retry(self.id)
 
     def send(self, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
         return self._client.send(self.id, message, topic=topic, idempotency_key=idempotency_key)
@@ -118,7 +131,7 @@ class SyncClient:
                 debounce_key=debounce_key,
             )
         )
-        return SyncRunHandle(self, handle.id, handle.created)
+        return self._sync(handle)
 
     def send(
         self, run_id: str, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None
@@ -161,10 +174,123 @@ class SyncClient:
                 concurrency_keys=concurrency_keys,
             )
         )
-        return [SyncRunHandle(self, handle.id, handle.created) for handle in handles]
+        return [self._sync(handle) for handle in handles]
 
-    def handle(self, run_id: str) -> SyncRunHandle:
-        return SyncRunHandle(self, run_id, created=False)
+    def handle(self, run_id: str, workflow_name: str = "") -> SyncRunHandle:
+        """A handle for a run started elsewhere."""
+        return SyncRunHandle(self, run_id, workflow_name, created=False)
+
+    # reading runs
+
+    def get_run(self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None) -> RunRecord:
+        """A run (and its steps); see `WorkflowManager.get_run`. RunNotFound for an unknown run."""
+        return self._call(self.manager.get_run(run_id, with_steps=with_steps, value_limit=value_limit))
+
+    def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        parent_id: str | None = None,
+        version: str | None = None,
+        queue: str | None = None,
+        value_limit: int | None = None,
+    ) -> RunPage:
+        """Runs, newest first, a page at a time (see `WorkflowManager.list_runs`). InvalidValue for a bad filter."""
+        return self._call(
+            self.manager.list_runs(
+                workflow=workflow,
+                status=status,
+                created_after=created_after,
+                created_before=created_before,
+                limit=limit,
+                cursor=cursor,
+                parent_id=parent_id,
+                version=version,
+                queue=queue,
+                value_limit=value_limit,
+            )
+        )
+
+    def count_children(self, run_id: str) -> dict[RunStatus, int]:
+        """How many children a run started, per status (see `WorkflowManager.count_children`)."""
+        return self._call(self.manager.count_children(run_id))
+
+    def wait_for_result(self, run_id: str, *, timeout: float | None = None) -> Any:
+        """A run's output once it finishes (`handle.result()` by id): WorkflowFailed if it failed or was
+        canceled, ResultTimeout after `timeout` seconds. Blocks this thread only."""
+        return self._call(self.manager.wait_for_result(run_id, timeout=timeout))
+
+    def wait_until_finished(self, run_id: str, *, timeout: float | None = None) -> RunRecord:
+        """A run's record once it finishes, whatever its outcome; ResultTimeout after `timeout` seconds."""
+        return self._call(self.manager.wait_until_finished(run_id, timeout=timeout))
+
+    # steering
+
+    def cancel(self, run_id: str) -> RunStatus:
+        """Cancel a run (see `WorkflowManager.cancel`); returns the status after."""
+        return self._call(self.manager.cancel(run_id))
+
+    def pause(self, run_id: str) -> RunStatus:
+        """Pause a run (see `WorkflowManager.pause`); returns the status after."""
+        return self._call(self.manager.pause(run_id))
+
+    def resume(self, run_id: str) -> RunStatus:
+        """Resume a paused run; returns the status after."""
+        return self._call(self.manager.resume(run_id))
+
+    def retry(self, run_id: str) -> RunStatus:
+        """Start a failed or canceled run again from its failed step (see `WorkflowManager.retry`)."""
+        return self._call(self.manager.retry(run_id))
+
+    def fork(self, run_id: str, from_step: str, version: str | None = None) -> SyncRunHandle:
+        """A new run that keeps the source's checkpoints before `from_step` (see `WorkflowManager.fork`)."""
+        return self._sync(self._call(self.manager.fork(run_id, from_step, version)))
+
+    # messages and events
+
+    def list_messages(self, run_id: str, *, limit: int = 100) -> list[MessageRecord]:
+        """A run's messages not consumed yet, oldest first."""
+        return self._call(self.manager.list_messages(run_id, limit=limit))
+
+    def list_events(self, run_id: str) -> list[RunEventRecord]:
+        """What a run published with `step.set_event`, the latest value per key."""
+        return self._call(self.manager.list_events(run_id))
+
+    # operations
+
+    def purge(
+        self,
+        older_than: Duration,
+        statuses: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        dry_run: bool = False,
+        batch_size: int = BATCH_SIZE,
+        progress: Progress | None = None,
+    ) -> int:
+        """Delete finished runs older than `older_than` (see `WorkflowManager.purge`); the number deleted.
+        `progress` is called on the client's own thread, not the caller's."""
+        return self._call(self.manager.purge(older_than, statuses, workflow, dry_run, batch_size, progress))
+
+    def queue_stats(self, *, stale_after: float = STALE_AFTER) -> list[QueueStats]:
+        """Every queue with limits or unfinished runs (see `WorkflowManager.queue_stats`)."""
+        return self._call(self.manager.queue_stats(stale_after=stale_after))
+
+    def list_workers(self) -> list[WorkerRecord]:
+        """Workers that registered, with their workflows and last heartbeat."""
+        return self._call(self.manager.list_workers())
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        """The stored cron schedules, with their next and last fire times."""
+        return self._call(self.manager.list_schedules())
+
+    def stranded_runs(self, *, stale_after: float = STALE_AFTER) -> list[StrandedRuns]:
+        """Unfinished runs of versions no live worker registers (see `WorkflowManager.stranded_runs`)."""
+        return self._call(self.manager.stranded_runs(stale_after=stale_after))
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -176,6 +302,9 @@ class SyncClient:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+    def _sync(self, handle: RunHandle) -> SyncRunHandle:
+        return SyncRunHandle(self, handle.id, handle.workflow_name, created=handle.created)
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
