@@ -4,6 +4,7 @@ enforces them in the database. Real worker processes show the fleet-wide limit a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -286,6 +287,46 @@ async def test_two_worker_processes_never_run_more_than_the_queues_limit_at_once
     for handle in handles:
         await handle.result(timeout=60)
     assert most_at_once(process_spans(tmp_path)) == 3
+
+
+async def test_a_freed_key_slot_starts_the_next_run_of_the_key_at_once_whatever_the_listen_delay(
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+    backend_name: str,
+) -> None:
+    """The run that waited for its key is woken, as a run waiting for a message is: not a new run, whose claim
+    `listen_delay` batches."""
+    start_worker("w", workflows="keyed", concurrency=4, listen_delay=3000)
+    # Each run long enough for the next ones to be claimed meanwhile and set aside to wait for the key.
+    handles = [await client.run({"name": "keyed", "version": "1"}, 0.3, concurrency_key="k") for _ in range(4)]
+    for handle in handles:
+        await handle.result(timeout=60)
+    runs = sorted([await handle.info() for handle in handles], key=lambda run: run.started_at or datetime.max)
+    gaps = [
+        (later.started_at - earlier.finished_at).total_seconds()
+        for earlier, later in itertools.pairwise(runs)
+        if later.started_at is not None and earlier.finished_at is not None
+    ]
+    assert len(gaps) == 3, gaps
+    if backend_name == "postgres":  # notified (a few ms; it was 0.7 s); SQLite's workers poll every 250 ms
+        assert max(gaps) < 0.5, gaps
+
+
+async def test_a_debounced_run_starts_when_its_window_ends_on_a_worker_of_another_process(
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+) -> None:
+    """Not at the worker's next poll, up to 5 s later on PostgreSQL (which also let a call made after the
+    window merge into the run that should have started). The run is started just after the worker's first
+    claim, so that its next poll is about 5 s away."""
+    start_worker("w", workflows="one_step")
+    await wait_until(client.list_workers, what="the worker to register")
+    handle = await client.run({"name": "one_step", "version": "1"}, 1, debounce="1s", debounce_key="customer-7")
+    await handle.result(timeout=30)
+    run = await handle.info()
+    assert run.started_at is not None
+    waited = (run.started_at - run.created_at).total_seconds()
+    assert 1.0 <= waited < 3.0, waited
 
 
 async def test_a_killed_workers_slots_come_back_when_its_leases_expire(

@@ -9,6 +9,7 @@ each step really executed. Step "two" blocks until the file `<dir>/release` exis
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -168,6 +169,21 @@ async def limited(input: Any, step: Any) -> int:
     """One timed step in a queue that lets three runs execute at once across every worker."""
     pid: int = await step.define("work", timed_step).run(input["dir"], input.get("seconds", 0.2))
     return pid
+
+
+ONE_PER_KEY = Queue("one-per-key", per_key_concurrency=1)
+
+
+@workflow(version="1", queue=ONE_PER_KEY)
+async def keyed(input: Any, step: Any) -> int:
+    """One step of `input` seconds in a queue that runs one run per concurrency key at a time."""
+    pid: int = await step.define("pid", _pid_after).run(float(input))
+    return pid
+
+
+async def _pid_after(seconds: float) -> int:
+    await asyncio.sleep(seconds)
+    return os.getpid()
 
 
 async def _started_in() -> int:

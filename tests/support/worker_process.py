@@ -19,7 +19,7 @@ def main() -> None:
     )
     worker_options = {
         "concurrency": int(os.environ.get("SONAMU_TEST_CONCURRENCY", "2")),
-        "listen_delay": 0,
+        "listen_delay": float(os.environ.get("SONAMU_TEST_LISTEN_DELAY", "0")),
         "lease_ms": float(os.environ.get("SONAMU_TEST_LEASE_MS", "1000")),
         "shutdown_grace_ms": float(os.environ.get("SONAMU_TEST_GRACE_MS", "10000")),
     }

@@ -354,7 +354,10 @@ class PostgresBackend:
         async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["create_debounced_run"], _new_run_params(run))).fetchone()
         assert row is not None  # inserted or updated: the statement always returns the run
-        return row[0], bool(row[1])
+        created = bool(row[1])
+        if created and _due_soon(run):  # its start is fixed by the first call: the later ones change no timer
+            self._wakeups.runs_due([run.workflow_name])
+        return row[0], created
 
     @_transient
     async def create_claimed_run(
@@ -826,7 +829,7 @@ class PostgresBackend:
             params = {"new_id": run.id, "source_id": source_id, "names": list(step_names), "from_step": from_step}
             await conn.execute(QUERIES["fork_steps"], params)
             await conn.execute(QUERIES["mark_forked"], params)
-        if _due_now(run):
+        if _due_soon(run):
             self._wakeups.runs_due([run.workflow_name])
 
     @_transient
@@ -1011,16 +1014,25 @@ def _awaited(waits: Sequence[TimedWait]) -> tuple[list[str], list[tuple[str, str
     return sorted(topics), sorted(events)
 
 
+WAKE_HORIZON = timedelta(seconds=5)
+"""Runs due sooner than this wake the workers: a worker's claim loop otherwise looks again only at its next
+poll (worker.PUSHED_POLL_MS, 5 s), and would start a run due in 1 s up to 5 s late. One due later is found in
+time by that poll, which reads the next due time."""
+
+
 def _due_names(runs: Sequence[NewRun]) -> list[str]:
-    """The workflows of `runs` that have a run due now, sorted."""
-    return sorted({run.workflow_name for run in runs if _due_now(run)})
+    """The workflows of `runs` whose workers must hear of them, sorted."""
+    return sorted({run.workflow_name for run in runs if _due_soon(run)})
 
 
-def _due_now(run: NewRun) -> bool:
-    """Whether a new run is claimable at once (else the workers' claim loops find it at its start time)."""
-    if run.start_delay is not None and run.start_delay.total_seconds() > 0:
-        return False
-    return run.start_at is None or run.start_at <= datetime.now(UTC)
+def _due_soon(run: NewRun) -> bool:
+    """Whether a new run is due within WAKE_HORIZON: its workers must hear of it, to claim it now or to set
+    their timer to its start time (a claim that finds nothing reads when the next run is due)."""
+    if run.debounce is not None:  # due a window after the first call of its key
+        return run.debounce < WAKE_HORIZON
+    if run.start_delay is not None:
+        return run.start_delay < WAKE_HORIZON
+    return run.start_at is None or run.start_at < datetime.now(UTC) + WAKE_HORIZON
 
 
 def _dispatch(payload: str, notifications: Notifications) -> None:
