@@ -9,7 +9,7 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -175,7 +175,8 @@ class WorkflowManager:
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         """`backend`: a Backend object instead of the one `config.database_url` names. `clock`: the time the
-        cron scheduler reads (default: this machine's; `testing.WorkflowTestEnv` passes its test clock)."""
+        cron scheduler reads and workers' heartbeats are compared with (default: this machine's;
+        `testing.WorkflowTestEnv` passes its test clock)."""
         if config is None:
             config = define_config()
         elif isinstance(config, Mapping):
@@ -294,6 +295,8 @@ class WorkflowManager:
     # registration
 
     def register(self, *definitions: WorkflowDefinition[Any, Any]) -> None:
+        """Add workflows before `start`, which stores their queues and schedules. A started manager only adds
+        them to its registry: `synchronize` stores the rest and tells the worker."""
         for definition in definitions:
             self.registry.register(definition)
 
@@ -328,7 +331,7 @@ class WorkflowManager:
         starts in the current rate window, and how many live workers (heartbeat in the last `stale_after`
         seconds) claim from it (`sonamu-tasks queues`, the dashboard's queues page)."""
         stats = await until_available(self.backend.queue_stats, what="read queues", give_up_after_s=30)
-        now = datetime.now(UTC)
+        now = self._clock()
         served = [w.queues for w in await self.list_workers() if w.live(now, stale_after)]
         known = [queues for queues in served if queues is not None]
         if len(known) < len(served):  # a worker of an older release did not record its queues
@@ -611,7 +614,7 @@ class WorkflowManager:
         heartbeat in the last `stale_after` seconds), per version: they wait for a worker that will not come.
         Cancel them, or fork them onto a version that is served."""
         workers = await self.list_workers()
-        now = datetime.now(UTC)
+        now = self._clock()
         served = {key for worker in workers if worker.live(now, stale_after) for key in worker.workflows}
         rows = await until_available(self.backend.unfinished_by_version, what="count runs", give_up_after_s=30)
         groups: dict[tuple[str, str], tuple[dict[RunStatus, int], datetime]] = {}

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from .env import TestClock, TestRunHandle, WorkflowTestEnv
+from .env import Registration, TestClock, TestRunHandle, WorkflowTestEnv
+from .mocks import MockExhausted
 from .pgbouncer import PgBouncer, PgBouncerNotInstalled
 from .postgres_cluster import PostgresCluster, PostgresNotInstalled, StandbyCluster, find_postgres_bin
 
 __all__ = [
+    "MockExhausted",
     "PgBouncer",
     "PgBouncerNotInstalled",
     "PostgresCluster",
     "PostgresNotInstalled",
+    "Registration",
     "StandbyCluster",
     "TestClock",
     "TestRunHandle",

@@ -30,6 +30,7 @@ else:
 
     @pytest_asyncio.fixture
     async def workflow_env() -> AsyncIterator[WorkflowTestEnv]:  # type: ignore[misc]
-        """A WorkflowTestEnv with no workflows yet (`register` them), on a test clock, stopped afterwards."""
+        """A WorkflowTestEnv with no workflows yet (`register` them), on a test clock, stopped afterwards
+        (failing the test if a mock stood in for no step)."""
         async with WorkflowTestEnv() as env:
             yield env
