@@ -22,7 +22,7 @@ import uvicorn
 from click.testing import CliRunner
 from playwright.async_api import async_playwright
 
-from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, WorkflowFailed, workflow
+from sonamu_tasks import NonRetryableError, RetryPolicy, RunStatus, WorkflowFailed, WorkflowManager, workflow
 from sonamu_tasks.cli import main
 from sonamu_tasks.dashboard import Dashboard, pages
 from sonamu_tasks.testing.postgres_cluster import free_port
@@ -798,6 +798,17 @@ async def test_the_dashboard_serves_prometheus_metrics(manager_for: Any, make_co
         response = await client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     assert 'sonamu_tasks_runs_failed_total{workflow="checkout"}' in response.text
+
+
+async def test_the_dashboards_metrics_show_the_due_backlog_per_queue(make_config: Any) -> None:
+    """The dashboard runs no worker, whose loop refreshes the backlog gauges: it reads them as it is scraped."""
+    async with WorkflowManager(make_config(enable_worker=False)) as producer:
+        for _ in range(3):
+            await producer.run({"name": "nobody-serves-this", "version": "1"}, None)
+    async with in_process(make_config) as client:
+        response = await client.get("/metrics")
+    sample = 'sonamu_tasks_backlog{queue="default",version="1",workflow="nobody-serves-this"} 3.0'
+    assert sample in response.text, [line for line in response.text.splitlines() if "backlog" in line]
 
 
 async def test_a_huge_output_is_cut_by_the_database_for_the_run_page(manager_for: Any, make_config: Any) -> None:

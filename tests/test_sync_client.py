@@ -40,6 +40,7 @@ T = TypeVar("T")
 NOBODY_SERVES_THIS = {"name": "nobody_serves_this", "version": "1"}
 
 NOT_MIRRORED = {
+    "metrics_text": "what the dashboard's /metrics serves; a web process serves its metrics with prometheus_client",
     "start": "SyncClient() starts its manager when it is made",
     "stop": "SyncClient.close() stops its manager",
     "serve": "runs a worker until SIGTERM: a worker process's job; a SyncClient runs no worker",

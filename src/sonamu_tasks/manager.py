@@ -54,7 +54,7 @@ from .run_creation import RunOptions, WorkflowSpec, prepare_run, prepare_runs, r
 from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
 from .step import DEFAULT_TOPIC
-from .telemetry import Telemetry, serve_metrics
+from .telemetry import Telemetry, metrics_text, serve_metrics
 from .waiting import cancel_and_wait
 from .worker import Worker
 
@@ -325,6 +325,13 @@ class WorkflowManager:
         )
         if queues or workflow_queues:
             await self.backend.register_queues(queues, workflow_queues)
+
+    async def metrics_text(self) -> tuple[bytes, str]:
+        """This process's Prometheus metrics (the `metrics` extra) and their content type, with the due backlog
+        per queue read now: a process without a worker (the dashboard) has no loop refreshing those gauges."""
+        if self.worker is None and self.telemetry.metrics is not None:
+            self.telemetry.backlog(await until_available(self.backend.due_backlog, what="read the backlog"))
+        return metrics_text()
 
     async def queue_stats(self, *, stale_after: float = STALE_AFTER) -> list[QueueStats]:
         """Every queue with limits or unfinished runs: its limits, runs executing, due backlog and its age,

@@ -256,7 +256,7 @@ class Dashboard:
     async def metrics(self, request: Request) -> Response:
         if not telemetry.metrics_available():
             raise HTTPException(404, "metrics need prometheus_client: pip install 'sonamu-tasks[metrics]'")
-        body, content_type = telemetry.metrics_text()
+        body, content_type = await self.manager.metrics_text()
         return Response(body, media_type=content_type)
 
     async def static(self, request: Request) -> Response:
