@@ -296,9 +296,9 @@ async def test_a_freed_key_slot_starts_the_next_run_of_the_key_at_once_whatever_
 ) -> None:
     """The run that waited for its key is woken, as a run waiting for a message is: not a new run, whose claim
     `listen_delay` batches."""
-    start_worker("w", workflows="keyed", concurrency=4, listen_delay=3000)
+    start_worker("w", workflows="keyed_sleep", concurrency=4, listen_delay=3000)
     # Each run long enough for the next ones to be claimed meanwhile and set aside to wait for the key.
-    handles = [await client.run({"name": "keyed", "version": "1"}, 0.3, concurrency_key="k") for _ in range(4)]
+    handles = [await client.run({"name": "keyed_sleep", "version": "1"}, 0.3, concurrency_key="k") for _ in range(4)]
     for handle in handles:
         await handle.result(timeout=60)
     runs = sorted([await handle.info() for handle in handles], key=lambda run: run.started_at or datetime.max)

@@ -175,7 +175,7 @@ ONE_PER_KEY = Queue("one-per-key", per_key_concurrency=1)
 
 
 @workflow(version="1", queue=ONE_PER_KEY)
-async def keyed(input: Any, step: Any) -> int:
+async def keyed_sleep(input: Any, step: Any) -> int:
     """One step of `input` seconds in a queue that runs one run per concurrency key at a time."""
     pid: int = await step.define("pid", _pid_after).run(float(input))
     return pid
