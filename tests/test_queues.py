@@ -20,6 +20,7 @@ from sonamu_tasks.queue import parse_rate
 from sonamu_tasks.records import WorkerRecord
 
 from .conftest import wait_until
+from .support.process_workflows import PER_TENANT
 from .test_processes import client, start_worker  # noqa: F401 - fixtures
 
 
@@ -108,6 +109,49 @@ async def test_per_key_concurrency_runs_one_run_per_key_and_other_keys_alongside
     assert spans.most_at_once() >= 2  # "b" and "c" did not wait for the four runs of "a"
     stats = {s.name: s for s in await manager.queue_stats()}
     assert stats["tenants"].per_key_concurrency == 1 and stats["tenants"].parked_on_key == 0
+
+
+async def test_a_key_freed_for_a_version_nobody_serves_reaches_the_parked_run_of_a_served_one(
+    manager_for: Any,
+) -> None:
+    # A rolling deploy: version 1's workers are gone, version 2's serve the queue.
+    gate = asyncio.Event()
+    tenants = Queue("deploying", per_key_concurrency=1)
+
+    async def work(tag: str) -> str:
+        if tag == "holder":
+            await gate.wait()
+        return tag
+
+    @workflow(version="1", name="sync_tenant", queue=tenants)
+    async def old(input: Any, step: Any) -> str:
+        return str(await step.define("work", work).run(input))
+
+    @workflow(version="2", name="sync_tenant", queue=tenants)
+    async def new(input: Any, step: Any) -> str:
+        return str(await step.define("work", work).run(input))
+
+    new_workers = await manager_for([new], poll_interval_ms=100)
+    old_workers = await manager_for([old], poll_interval_ms=100)
+    holder = await new_workers.run(new, "holder", concurrency_key="t-1")
+    await wait_until(lambda: running_count(new_workers, "deploying", 1), what="the holder to take the key")
+    # Given: the key's oldest parked run is of version 1, the next one of version 2.
+    orphan = await old_workers.run(old, "orphan", concurrency_key="t-1")
+    await wait_until(lambda: parked_on_key(new_workers, "deploying", 1), what="version 1's run parked")
+    served = await new_workers.run(new, "served", concurrency_key="t-1")
+    await wait_until(lambda: parked_on_key(new_workers, "deploying", 2), what="version 2's run parked")
+    await old_workers.stop()
+    # When: the holder finishes, and its key's slot goes to the oldest parked run, which nobody serves.
+    gate.set()
+    assert await holder.result(timeout=15) == "holder"
+    # Then: the claim's periodic sweep (every 5 s per queue) brings back version 2's run, which runs.
+    assert await served.result(timeout=20) == "served"
+    assert (await new_workers.get_run(orphan.id)).status is RunStatus.PENDING  # the slot went to it: unused
+
+
+async def parked_on_key(manager: WorkflowManager, queue: str, expected: int) -> bool:
+    stats = {s.name: s for s in await manager.queue_stats()}
+    return queue in stats and stats[queue].parked_on_key == expected
 
 
 async def test_a_rate_limit_never_lets_more_starts_into_any_window(manager_for: Any) -> None:
@@ -350,6 +394,40 @@ async def test_a_killed_workers_slots_come_back_when_its_leases_expire(
     assert [(await h.info()).recoveries for h in blocked] == [1, 1, 1]
     spans = process_spans(tmp_path, leaving_out=doomed.pid)
     assert len(spans) == 6 and most_at_once(spans) <= 3
+
+
+async def test_a_killed_workers_key_reaches_a_parked_run_of_another_version_when_its_lease_expires(
+    manager_for: Any,
+    client: Any,  # noqa: F811
+    start_worker: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Given: version 1's only worker runs the holder of key t-1; version 2's run of the key is parked.
+    doomed = start_worker("doomed", workflows="keyed", lease_ms=1000)
+    holder = await client.run(
+        {"name": "keyed", "version": "1"}, {"dir": str(tmp_path), "seconds": -1}, concurrency_key="t-1"
+    )
+    await wait_until(lambda: process_starts(tmp_path) == 1, what="the holder to take the key")
+
+    async def work() -> str:
+        return "ran"
+
+    @workflow(version="2", name="keyed", queue=PER_TENANT)
+    async def keyed_v2(input: Any, step: Any) -> str:
+        return str(await step.define("work", work).run())
+
+    manager = await manager_for([keyed_v2], poll_interval_ms=100)
+    waiting = await manager.run(keyed_v2, concurrency_key="t-1")
+    await wait_until(lambda: parked_on_key(manager, "per-tenant", 1), what="version 2's run parked")
+    # When: the worker is killed, and no worker of version 1 is left to take its run over.
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+    # Then: the key's slot comes back when the lease expires, not before, and the parked run takes it.
+    assert await waiting.result(timeout=20) == "ran"
+    held = await manager.backend.get_run(holder.id)
+    started = (await waiting.info()).started_at
+    assert held.status is RunStatus.RUNNING and held.worker_id is not None  # nobody took it over
+    assert started is not None and started >= held.available_at  # held.available_at: when the lease expired
 
 
 def process_spans(directory: Path, *, leaving_out: int | None = None) -> list[tuple[float, float]]:

@@ -186,6 +186,17 @@ async def _pid_after(seconds: float) -> int:
     return os.getpid()
 
 
+PER_TENANT = Queue("per-tenant", per_key_concurrency=1)
+
+
+@workflow(version="1", queue=PER_TENANT)
+async def keyed(input: Any, step: Any) -> int:
+    """Version 1 of a workflow that runs one at a time per concurrency key: one timed step (the tests declare
+    version 2 in their own process)."""
+    pid: int = await step.define("work", timed_step).run(input["dir"], input.get("seconds", 0.2))
+    return pid
+
+
 async def _started_in() -> int:
     return os.getpid()
 

@@ -58,6 +58,10 @@ MIGRATIONS = package_migrations(_PACKAGE)
 # raises BackendUnavailable and the engine retries it with backoff.
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 
+# How often a queue's claims look for parked runs whose key has a free slot (sweep_parked_keys in queries.sql):
+# PostgreSQL's claim_runs uses the same cadence.
+KEY_SWEEP_EVERY_US = 5_000_000
+
 
 class SqliteBackend:
     pushes_notifications = False
@@ -219,6 +223,13 @@ class SqliteBackend:
                         conn.execute(QUERIES["forget_old_starts"], window)
                         budget = limits["rate_limit"] - conn.execute(QUERIES["count_starts"], window).fetchone()[0]
                     per_key = limits["per_key_concurrency"]
+                    if per_key is not None and not now - KEY_SWEEP_EVERY_US < limits["swept_at"] <= now:
+                        # The trigger brings a parked run back only when a run of its key leaves 'running': every
+                        # few seconds, one claim also brings back the oldest parked run of each key with a free
+                        # slot (freed by an expired lease, or handed to a parked run no live worker serves). A
+                        # swept_at ahead of the clock (set back since) does not hold the sweep off either.
+                        conn.execute(QUERIES["mark_queue_swept"], {"queue": queue, "now": now})
+                        conn.execute(QUERIES["sweep_parked_keys"], {"queue": queue, "now": now, "per_key": per_key})
                 level = -(2**31) - 1
                 while cap > 0:
                     found = conn.execute(

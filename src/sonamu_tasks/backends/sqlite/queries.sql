@@ -66,7 +66,8 @@ RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, 
 SELECT id FROM runs WHERE idempotency_key = :idempotency_key OR id = :id
 
 -- queue_limits --
-SELECT concurrency, worker_concurrency, rate_limit, rate_period, per_key_concurrency FROM queues WHERE name = :queue
+SELECT concurrency, worker_concurrency, rate_limit, rate_period, per_key_concurrency, swept_at
+FROM queues WHERE name = :queue
 
 -- count_executing --
 -- Runs of the queue executing now (a lease still live); with :worker_id, this worker's; with :key, that key's.
@@ -112,6 +113,27 @@ LIMIT :limit
 
 -- park_on_key --
 UPDATE runs SET key_parked = 1 WHERE id = :id
+
+-- mark_queue_swept --
+UPDATE queues SET swept_at = :now WHERE name = :queue
+
+-- sweep_parked_keys --
+-- The claim's periodic sweep (see claim_runs in the backend and the PostgreSQL function): the oldest parked run
+-- of every key of the queue with fewer than :per_key runs executing (a live lease) goes back into the claim
+-- index. It brings back what the trigger runs_release_key_slot cannot: a key freed by a lease that expired, or
+-- by the trigger handing the slot to a parked run of a version no live worker serves.
+UPDATE runs SET key_parked = 0
+WHERE id IN (
+    SELECT (SELECT p.id FROM runs AS p INDEXED BY runs_key_parked
+            WHERE p.queue = :queue AND p.concurrency_key = k.concurrency_key AND p.key_parked
+              AND p.status IN ('pending', 'running', 'sleeping', 'waiting')
+            ORDER BY p.priority, p.available_at
+            LIMIT 1)
+    FROM (SELECT DISTINCT concurrency_key FROM runs INDEXED BY runs_key_parked
+          WHERE queue = :queue AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')) AS k
+    WHERE (SELECT count(*) FROM runs AS x INDEXED BY runs_executing
+           WHERE x.queue = :queue AND x.concurrency_key = k.concurrency_key AND x.status = 'running'
+             AND x.available_at > :now) < :per_key)
 
 -- claim_run --
 -- Lease one due run to this worker under a fresh fencing token; a take-over counts as a recovery.
