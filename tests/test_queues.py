@@ -111,6 +111,33 @@ async def test_per_key_concurrency_runs_one_run_per_key_and_other_keys_alongside
     assert stats["tenants"].per_key_concurrency == 1 and stats["tenants"].parked_on_key == 0
 
 
+async def test_a_queue_given_only_to_run_has_its_limits_stored_and_held(manager_for: Any) -> None:
+    """`run(queue=Queue(...))` for a queue neither the config nor a workflow declares: its limits were dropped
+    (only the name was kept) and the runs ran four at once."""
+    spans = Spans()
+    adhoc = Queue("adhoc", concurrency=1)
+
+    @workflow(version="1")
+    async def export(input: Any, step: Any) -> str:
+        return str(await step.define("work", spans.run).run(input, 0.1))
+
+    @workflow(version="1")
+    async def exports(step: Any) -> list[str]:
+        children = await step.start_workflows("each", export, ["c0", "c1"], queue=adhoc)
+        return [str(await child.result()) for child in children]
+
+    manager = await manager_for([export, exports], concurrency=6, queues=["default", "adhoc"])
+    handles = [await manager.run(export, f"r{i}", queue=adhoc) for i in range(3)]
+    parent = await manager.run(exports)
+    assert [await h.result(timeout=30) for h in handles] == ["r0", "r1", "r2"]
+    assert await parent.result(timeout=30) == ["c0", "c1"]
+    assert spans.most_at_once() == 1
+    stats = {s.name: s for s in await manager.queue_stats()}
+    assert stats["adhoc"].concurrency == 1
+    with pytest.raises(InvalidValue, match=r"'adhoc'.*differs"):
+        await manager.run(export, "r9", queue=Queue("adhoc", concurrency=5))
+
+
 async def test_a_key_freed_for_a_version_nobody_serves_reaches_the_parked_run_of_a_served_one(
     manager_for: Any,
 ) -> None:

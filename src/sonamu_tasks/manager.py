@@ -184,6 +184,7 @@ class WorkflowManager:
         self.config = config
         self.registry = Registry()
         self._explicit = list(workflows)
+        self._stored_queues: dict[str, Queue] = {}  # by name: what this process stored (declare_queue)
         for definition in self._explicit:
             self.registry.register(definition)
         self.backend = backend or backend_for(config)
@@ -325,6 +326,24 @@ class WorkflowManager:
         )
         if queues or workflow_queues:
             await self.backend.register_queues(queues, workflow_queues)
+        self._stored_queues = {queue.name: queue for queue in queues}
+
+    async def declare_queue(self, queue: Queue) -> None:
+        """Store `queue`'s limits, as those of the config's and the workflows' queues are at start: `run(...,
+        queue=Queue(...))` (and a child's start) calls it for a Queue neither declares, whose limits would
+        otherwise hold nowhere. Once per process and queue. InvalidValue when this process declares a queue of
+        that name with other limits (which would hold would depend on who stored last)."""
+        known = self._stored_queues.get(queue.name)
+        if known == queue:
+            return
+        if known is not None:
+            raise InvalidValue(
+                f"queue {queue.name!r}: {queue} differs from the queue declared here, {known}; pass its name or "
+                "the declared Queue",
+                field="queue",
+            )
+        await until_available(lambda: self.backend.register_queues([queue], []), what="store queue")
+        self._stored_queues[queue.name] = queue
 
     async def metrics_text(self) -> tuple[bytes, str]:
         """This process's Prometheus metrics (the `metrics` extra) and their content type, with the due backlog
@@ -381,6 +400,8 @@ class WorkflowManager:
         options = RunOptions(
             idempotency_key, start_at, deadline, queue, priority, concurrency_key, debounce, debounce_key
         )
+        if isinstance(queue, Queue):
+            await self.declare_queue(queue)
         new_run = prepare_run(name, version, definition, input, options, trace_context=self.telemetry.caller_context())
         worker = self.worker
         local = self.registry.find(name, version)
@@ -457,6 +478,8 @@ class WorkflowManager:
         )
         if not new_runs:
             return []
+        if isinstance(queue, Queue):
+            await self.declare_queue(queue)
         created = await until_available(
             lambda: self.backend.create_runs(new_runs), what="start runs", give_up_after_s=30
         )

@@ -276,6 +276,10 @@ class SyncClient:
         `progress` is called on the client's own thread, not the caller's."""
         return self._call(self.manager.purge(older_than, statuses, workflow, dry_run, batch_size, progress))
 
+    def declare_queue(self, queue: Queue) -> None:
+        """Store a Queue's limits (see `WorkflowManager.declare_queue`; `run(queue=Queue(...))` does it)."""
+        self._call(self.manager.declare_queue(queue))
+
     def queue_stats(self, *, stale_after: float = STALE_AFTER) -> list[QueueStats]:
         """Every queue with limits or unfinished runs (see `WorkflowManager.queue_stats`)."""
         return self._call(self.manager.queue_stats(stale_after=stale_after))
