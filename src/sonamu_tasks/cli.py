@@ -566,7 +566,8 @@ def _stranded_hint(group: StrandedRuns, groups: int) -> str:
         f"Start a worker that registers the version, or act on them{others}:\n"
         f"  list:   sonamu-tasks runs {select}\n"
         f"  cancel: sonamu-tasks cancel {select} --dry-run   (then again without --dry-run)\n"
-        f"  fork:   sonamu-tasks fork {select} {statuses} --from-step STEP --to-version V --dry-run"
+        f"  fork:   sonamu-tasks fork {select} {statuses} --from-step STEP --to-version V --dry-run\n"
+        "          (a run that never started has no step to fork from: cancel it and start its input again)"
     )
 
 
