@@ -13,6 +13,7 @@ import json
 import math
 import threading
 import time
+import uuid
 from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ from sonamu_tasks import (
     WorkflowFailed,
     WorkflowManager,
     define_config,
+    ids,
     parse_duration,
     workflow,
 )
@@ -190,6 +192,39 @@ def test_a_cron_expression_is_refused_at_definition_or_has_fire_times(expression
     now = datetime.now(UTC)
     assert next_fire_after(schedule.expression, "Asia/Seoul", now) > now
     assert latest_fire_at_or_before(schedule.expression, "UTC", now) <= now
+
+
+# The last id a process made: its millisecond (a moment ago, now, or ahead of the clock, which was set back)
+# and its 74 counter bits, random or at the edges where they carry into the next group or run out.
+LAST_ID = st.tuples(
+    st.integers(min_value=-3, max_value=3),
+    st.integers(min_value=0, max_value=2**74 - 1)
+    | st.sampled_from([0, 2**48 - 2, 2**62 - 1, 2**74 - 2**33, 2**74 - 1])
+    | st.integers(min_value=2**74 - 2**40, max_value=2**74 - 1),
+)
+
+
+@PURE
+@given(LAST_ID, st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=4))
+def test_run_ids_are_uuidv7_each_greater_than_the_one_made_before(last: tuple[int, int], counts: list[int]) -> None:
+    offset, counter = last
+    clock = ids._Clock()
+    clock.millis = time.time_ns() // 1_000_000 + offset
+    clock.counter = counter
+    before = uuid.UUID(int=clock.millis << 80 | 0x7 << 76 | (counter >> 62) << 64 | 0b10 << 62 | counter % 2**62)
+    kept, ids._clock = ids._clock, clock
+    try:
+        made = [run_id for count in counts for run_id in ids.new_run_ids(count)]
+        made.append(ids.new_run_id())
+        after = time.time_ns() // 1_000_000
+    finally:
+        ids._clock = kept
+    assert made == sorted(set(made)) and str(before) < made[0]  # strictly increasing, within a batch and across
+    for run_id in made:
+        parsed = uuid.UUID(run_id)
+        assert str(parsed) == run_id and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        # its millisecond: the clock's (or the last id's, ahead of it), one more if the counter ran out
+        assert before.int >> 80 <= parsed.int >> 80 <= max(after, before.int >> 80) + 1
 
 
 # the engine

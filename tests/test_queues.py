@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sonamu_tasks import ConfigError, InvalidValue, Queue, RunStatus, WorkflowManager, workflow
+from sonamu_tasks import ConfigError, InvalidValue, Queue, ResultTimeout, RunStatus, WorkflowManager, workflow
 from sonamu_tasks.queue import parse_rate
 from sonamu_tasks.records import WorkerRecord
 
@@ -213,6 +213,53 @@ async def test_priority_orders_a_queue_and_is_fifo_within_a_priority(manager_for
         await manager_for([job], concurrency=1)
         await wait_until(lambda: len(order) == 6, what="every run")
     assert order == ["p-2", "p0", "p1-first", "p1-second", "p3", "p5"]
+
+
+def one_at_a_time(started: list[Any]) -> Any:
+    """A workflow of a concurrency=1 queue that records the order its runs start in: the claim order."""
+
+    @workflow(version="1", name="in_line", queue=Queue("in-line", concurrency=1))
+    async def in_line(input: Any) -> Any:
+        started.append(input)
+        return input
+
+    return in_line
+
+
+async def watch_for_a_moment(handles: list[Any]) -> None:
+    """result() on runs still pending, until it times out: on PostgreSQL it marks each run's row (notify_finish),
+    and an updated row moves on disk, which decided the order of runs due at the same moment before."""
+    for handle in handles:
+        with pytest.raises(ResultTimeout):
+            await handle.result(timeout=0.05)
+
+
+async def test_runs_created_by_one_run_many_start_in_creation_order_within_a_priority(
+    manager_for: Any, make_config: Any
+) -> None:
+    started: list[Any] = []
+    in_line = one_at_a_time(started)
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[in_line]) as producer:
+        batch = await producer.run_many(in_line, [f"b{i:02d}" for i in range(40)])
+        urgent = await producer.run_many(in_line, [f"u{i:02d}" for i in range(10)], priority=-1)
+        await watch_for_a_moment([batch[0], batch[17], urgent[0], urgent[5]])
+        await manager_for([in_line], concurrency=4)
+        await asyncio.gather(*(h.result(timeout=60) for h in batch + urgent))
+    assert started == [f"u{i:02d}" for i in range(10)] + [f"b{i:02d}" for i in range(40)]
+
+
+async def test_runs_started_together_by_gathered_run_calls_start_in_call_order(
+    manager_for: Any, make_config: Any
+) -> None:
+    started: list[Any] = []
+    in_line = one_at_a_time(started)
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[in_line]) as producer:
+        # In flight together: on PostgreSQL one insert (the group commit), so one available_at for them all.
+        handles = await asyncio.gather(*(producer.run(in_line, i) for i in range(40)))
+        await watch_for_a_moment([handles[0], handles[1], handles[30]])
+        await manager_for([in_line], concurrency=4)
+        await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    assert started == list(range(40))
 
 
 async def test_debounce_collapses_runs_with_one_key_into_one_run_with_the_latest_input(manager_for: Any) -> None:

@@ -97,7 +97,8 @@ ORDER BY priority
 LIMIT 1
 
 -- due_runs --
--- One priority level's due runs, oldest first; a run still "running" here had its lease expire.
+-- One priority level's due runs, oldest first (runs due at the same moment by id: in creation order); a run
+-- still "running" here had its lease expire.
 -- INDEXED BY: walk the due end of the level and stop at the limit, whatever the planner guesses from a
 -- table it has no statistics of.
 SELECT id, status = 'running' AS lease_expired, status = 'pending' AS starting, started_at IS NULL AS first_claim,
@@ -108,7 +109,7 @@ WHERE queue = :queue AND priority = :level
   AND available_at <= :now
   AND (workflow_name, version) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows))
-ORDER BY available_at
+ORDER BY available_at, id
 LIMIT :limit
 
 -- park_on_key --
