@@ -262,6 +262,26 @@ async def test_runs_started_together_by_gathered_run_calls_start_in_call_order(
     assert started == list(range(40))
 
 
+async def test_runs_of_one_key_created_together_get_its_slot_in_creation_order(
+    manager_for: Any, make_config: Any
+) -> None:
+    """The run a freed key slot goes to (the trigger, the claim's sweep) breaks ties by id as the claim does."""
+    started: list[Any] = []
+
+    @workflow(version="1", name="per_tenant", queue=Queue("per-tenant-order", per_key_concurrency=1))
+    async def per_tenant(input: Any) -> Any:
+        started.append(input)
+        await asyncio.sleep(0.01)  # the others are claimed meanwhile and set aside for the key
+        return input
+
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[per_tenant]) as producer:
+        handles = await producer.run_many(per_tenant, list(range(20)), concurrency_key="tenant-1")
+        await watch_for_a_moment([handles[0], handles[7], handles[13]])
+        await manager_for([per_tenant], concurrency=8)
+        await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    assert started == list(range(20))
+
+
 async def test_debounce_collapses_runs_with_one_key_into_one_run_with_the_latest_input(manager_for: Any) -> None:
     @workflow(version="1")
     async def sync_account(input: Any) -> Any:

@@ -128,7 +128,7 @@ WHERE id IN (
     SELECT (SELECT p.id FROM runs AS p INDEXED BY runs_key_parked
             WHERE p.queue = :queue AND p.concurrency_key = k.concurrency_key AND p.key_parked
               AND p.status IN ('pending', 'running', 'sleeping', 'waiting')
-            ORDER BY p.priority, p.available_at
+            ORDER BY p.priority, p.available_at, p.id
             LIMIT 1)
     FROM (SELECT DISTINCT concurrency_key FROM runs INDEXED BY runs_key_parked
           WHERE queue = :queue AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')) AS k
