@@ -117,3 +117,18 @@ async def test_synchronize_picks_up_changed_code_and_keeps_runs_in_flight(
 
 async def _is_running(handle: Any) -> bool:
     return str(await handle.status()) == "running"
+
+
+async def test_a_workflow_registered_after_the_start_survives_synchronize(manager_for: Any) -> None:
+    """register() then synchronize(), as the docstring says: the workflow was dropped by the re-import."""
+    from sonamu_tasks import workflow
+
+    @workflow(version="1")
+    async def added_later(input: Any) -> Any:
+        return {"echo": input}
+
+    manager = await manager_for([])
+    manager.register(added_later)
+    await manager.synchronize()
+    assert manager.registry.find("added_later", "1") is not None
+    assert await (await manager.run(added_later, 7)).result(timeout=15) == {"echo": 7}

@@ -297,9 +297,12 @@ class WorkflowManager:
 
     def register(self, *definitions: WorkflowDefinition[Any, Any]) -> None:
         """Add workflows before `start`, which stores their queues and schedules. A started manager only adds
-        them to its registry: `synchronize` stores the rest and tells the worker."""
+        them to its registry: `synchronize` stores the rest and tells the worker (they stay registered when it
+        imports the configured packages afresh, as the workflows given to the constructor do)."""
         for definition in definitions:
             self.registry.register(definition)
+            if definition not in self._explicit:
+                self._explicit.append(definition)
 
     async def synchronize(self, definitions: Iterable[WorkflowDefinition[Any, Any]] | None = None) -> None:
         """Re-register after a code change (the seed's HMR) and keep schedules in step with the code.
