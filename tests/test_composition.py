@@ -548,3 +548,31 @@ async def test_a_child_deadline_fails_the_child_and_a_child_result_takes_no_time
     out = await (await manager.run(parent)).result(timeout=20)
     assert out["outcome"].startswith("deadline exceeded")
     assert "'late'" in out["refused"] and "'parent'" in out["refused"] and "no timeout" in out["refused"]
+
+
+async def test_a_parent_resumes_as_soon_as_its_child_ends_in_the_same_process(manager_for: Any) -> None:
+    """A guard: the child's end makes its parent due, and the worker that ran the child claims the parent
+    without waiting for a poll (set to 5 s here, so that waiting for one would show)."""
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def quick(input: Any) -> Any:
+        if input == "fail":
+            raise ValueError("no")
+        return input
+
+    @workflow(version="1")
+    async def waits(step: Any) -> Any:
+        done = await step.run_workflow("ok", quick, "fine")
+        try:
+            await step.run_workflow("bad", quick, "fail")
+        except ChildWorkflowFailed:
+            return done
+        return "not raised"
+
+    manager = await manager_for([waits, quick], poll_interval_ms=5000)
+    handle = await manager.run(waits)
+    assert await handle.result(timeout=30) == "fine"
+    parent = await handle.info()
+    children = (await manager.list_runs(parent_id=handle.id)).items
+    assert parent.finished_at is not None and all(child.finished_at is not None for child in children)
+    assert (parent.finished_at - parent.created_at).total_seconds() < 3, "the parent waited for a poll"
