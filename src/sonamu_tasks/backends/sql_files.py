@@ -68,3 +68,16 @@ def package_migrations(package: str) -> list[tuple[str, str]]:
     folder = files(package).joinpath("migrations")
     names = sorted(entry.name for entry in folder.iterdir() if _MIGRATION.match(entry.name))
     return [(name.removesuffix(".sql"), folder.joinpath(name).read_text(encoding="utf-8")) for name in names]
+
+
+def newer_than_code(applied: set[str], known: list[tuple[str, str]]) -> str | None:
+    """A warning when the database has migrations this code does not know (a newer release applied them): this
+    release's statements may not fit the schema, and it cannot tell. None when there are none."""
+    unknown = sorted(applied - {name for name, _ in known})
+    if not unknown:
+        return None
+    return (
+        f"the database has {len(unknown)} migration(s) this release of sonamu-tasks does not have "
+        f"({', '.join(unknown)}): a newer release migrated it; this process may misbehave on it (upgrade it to "
+        "the release that wrote them)"
+    )

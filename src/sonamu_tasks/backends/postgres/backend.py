@@ -44,6 +44,7 @@ from ..base import (
     retention_declarations,
 )
 from ..group_commit import GroupCommit
+from ..sql_files import newer_than_code
 from .queries import QUERIES, migrations
 from .types import register_loaders
 from .wakeups import Wakeups
@@ -264,6 +265,8 @@ class PostgresBackend:
             )
             cursor = await conn.execute("SELECT name FROM migrations")
             done = {row[0] for row in await cursor.fetchall()}
+            if (newer := newer_than_code(done, migrations())) is not None:
+                logger.warning("schema %s: %s", self.schema, newer)
             for name, text in migrations():
                 if name in done:
                     continue

@@ -43,7 +43,7 @@ from ..base import (
     retention_declarations,
 )
 from ..group_commit import GroupCommit
-from ..sql_files import backend_queries, package_migrations
+from ..sql_files import backend_queries, newer_than_code, package_migrations
 from . import records
 from .database import Database
 from .records import duration_micros, micros, pairs
@@ -109,6 +109,8 @@ class SqliteBackend:
             # Under BEGIN IMMEDIATE: every other process migrating at once waits, then finds it done.
             conn.execute(QUERIES["create_migrations_table"])
             done = {row["name"] for row in conn.execute(QUERIES["applied_migrations"])}
+            if (newer := newer_than_code(done, MIGRATIONS)) is not None:
+                logger.warning("%s: %s", self.path, newer)
             applied = []
             for name, text in MIGRATIONS:
                 if name not in done:
