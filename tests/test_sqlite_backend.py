@@ -175,3 +175,48 @@ def test_a_sync_client_closed_from_an_atexit_handler_exits_cleanly(tmp_path: Any
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+async def test_a_start_on_an_up_to_date_file_does_not_wait_for_another_processs_write_lock(tmp_path: Path) -> None:
+    """Every process migrates and stores its queues as it starts, the CLI's `runs` too: both took the write
+    lock even with nothing to change, so a reading command waited for a long write (30 s, then failed)."""
+    from sonamu_tasks import Queue, WorkflowManager, define_config, workflow
+
+    @workflow(version="1", queue=Queue("reports", concurrency=2))
+    async def report(input: Any) -> Any:
+        return input
+
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    config = define_config(database_url=url, tasks={"enable_worker": False})
+    async with WorkflowManager(config, workflows=[report]) as first:
+        await first.run(report, 1)
+    writer = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process in a long write transaction
+    try:
+        async with asyncio.timeout(5):  # the busy timeout is 10 s: waiting for the lock would show
+            async with WorkflowManager(config, workflows=[report]) as reader:
+                assert len((await reader.list_runs()).items) == 1
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+async def test_a_read_only_database_is_a_clear_error_naming_it(tmp_path: Path) -> None:
+    from sonamu_tasks.backends.sqlite.database import Database
+
+    database = Database(str(tmp_path / "tasks.db"), busy_timeout_s=1)
+    refused = sqlite3.OperationalError("attempt to write a readonly database")
+    refused.sqlite_errorcode = sqlite3.SQLITE_READONLY_DBMOVED  # an extended code of SQLITE_READONLY
+    with pytest.raises(ConfigError, match=r"tasks\.db is read-only .* must be writable"), database._translated_errors():
+        raise refused
+
+
+def test_a_schema_given_with_a_sqlite_url_is_said_to_be_ignored(tmp_path: Path, caplog: Any) -> None:
+    from sonamu_tasks import define_config
+    from sonamu_tasks.backends.factory import backend_for
+
+    config = define_config(database_url=f"sqlite:///{tmp_path / 'shared.db'}", schema="app_b")
+    backend_for(config)
+    backend_for(config)
+    said = [r.getMessage() for r in caplog.records if "is ignored on SQLite" in r.getMessage()]
+    assert len(said) == 1 and "'app_b'" in said[0] and "shared.db" in said[0]

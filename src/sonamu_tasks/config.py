@@ -30,6 +30,10 @@ def _default_concurrency() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+DEFAULT_SCHEMA = "sonamu_tasks"
+"""The PostgreSQL schema of the engine's tables when the config names none."""
+
+
 @dataclass
 class WorkerOptions:
     concurrency: int = field(default_factory=_default_concurrency)
@@ -127,7 +131,7 @@ class TasksConfig:
 class Config:
     database_url: str | None = None
     """PostgreSQL URL (`postgresql://...`) or `sqlite:///path`; None: the embedded SQLite file."""
-    schema: str = "sonamu_tasks"
+    schema: str = DEFAULT_SCHEMA
     """PostgreSQL schema holding the engine's tables."""
     timezone: str = "UTC"
     workflows: Sequence[str] = ()
@@ -174,7 +178,7 @@ class Config:
 def define_config(
     *,
     database_url: str | None = None,
-    schema: str = "sonamu_tasks",
+    schema: str = DEFAULT_SCHEMA,
     timezone: str = "UTC",
     workflows: Sequence[str] = (),
     tasks: TasksConfig | Mapping[str, Any] | None = None,

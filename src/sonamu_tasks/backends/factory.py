@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import DEFAULT_SCHEMA, Config
 from ..errors import ConfigError
 from .base import Backend
 
@@ -54,6 +55,10 @@ class _Recipe:
     pool_mode: str = "session"
 
 
+logger = logging.getLogger("sonamu_tasks.config")
+
+_schema_warned: set[str] = set()  # SQLite files whose ignored schema was said once in this process
+
 # How each backend made by `backend_for` was made; weak, so it never keeps a closed backend alive.
 _recipes: weakref.WeakKeyDictionary[Backend, _Recipe] = weakref.WeakKeyDictionary()
 
@@ -78,6 +83,15 @@ def _build(recipe: _Recipe) -> Backend:
         except ImportError as error:
             raise ConfigError("the SQLite backend is not available in this build; use a PostgreSQL URL") from error
         sqlite = SqliteBackend.from_url(url)
+        if recipe.schema != DEFAULT_SCHEMA and sqlite.path not in _schema_warned:
+            _schema_warned.add(sqlite.path)
+            logger.warning(
+                "schema=%r is ignored on SQLite: apps sharing the file %s share its runs (workers run each other's "
+                "workflows of the same name and version, and retention deletes by either's rules); give each app "
+                "its own file",
+                recipe.schema,
+                sqlite.path,
+            )
         if sqlite.path == ":memory:":
             return sqlite  # a second connection would open another, empty database: no recipe
         # The absolute path: a relative one would name another file after a change of directory.

@@ -105,12 +105,24 @@ class SqliteBackend:
         await self._db.close()
 
     async def migrate(self) -> list[str]:
+        def recorded(conn: sqlite3.Connection, now: int) -> set[str] | None:
+            if _first(conn, "migrations_table", {}) is None:
+                return None  # a new file
+            return {row["name"] for row in conn.execute(QUERIES["applied_migrations"])}
+
+        # Every process migrates as it starts, the CLI's reading commands too: the write lock only when there
+        # is something to apply, so a start does not wait for a busy writer (nor make one wait).
+        done = await self._db.read(recorded)
+        if done is not None:
+            if (newer := newer_than_code(done, MIGRATIONS)) is not None:
+                logger.warning("%s: %s", self.path, newer)
+            if all(name in done for name, _ in MIGRATIONS):
+                return []
+
         def apply(conn: sqlite3.Connection, now: int) -> list[str]:
             # Under BEGIN IMMEDIATE: every other process migrating at once waits, then finds it done.
             conn.execute(QUERIES["create_migrations_table"])
             done = {row["name"] for row in conn.execute(QUERIES["applied_migrations"])}
-            if (newer := newer_than_code(done, MIGRATIONS)) is not None:
-                logger.warning("%s: %s", self.path, newer)
             applied = []
             for name, text in MIGRATIONS:
                 if name not in done:
@@ -339,7 +351,29 @@ class SqliteBackend:
                 conn.execute(QUERIES["move_workflow_runs"], params)
                 conn.execute(QUERIES["save_workflow_queue"], params)
 
-        await self._db.write(save)
+        def unchanged(conn: sqlite3.Connection, now: int) -> bool:
+            for queue in queues:
+                row = _first(conn, "queue_limits", {"queue": queue.name})
+                rate = queue.rate
+                limits = (
+                    queue.concurrency,
+                    queue.worker_concurrency,
+                    rate[0] if rate else None,
+                    duration_micros(rate[1]) if rate else None,
+                    queue.per_key_concurrency,
+                )
+                if row is None or tuple(row)[:5] != limits:
+                    return False
+            for name, version, queue_name in workflow_queues:
+                row = _first(conn, "workflow_queue", {"name": name, "version": version})
+                if row is None or row["queue"] != queue_name:
+                    return False
+            return True
+
+        # Every process stores its queues as it starts: the write lock (and move_workflow_runs, which reads
+        # every run of a workflow whose queue changed) only when something did change.
+        if not await self._db.read(unchanged):
+            await self._db.write(save)
 
     async def queue_stats(self) -> list[QueueStats]:
         def stats(conn: sqlite3.Connection, now: int) -> list[QueueStats]:

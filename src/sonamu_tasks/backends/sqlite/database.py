@@ -29,6 +29,9 @@ MINIMUM_VERSION = (3, 35, 0)
 
 # Failures after which the same call can simply be made again: another process holds the write lock
 # past the busy timeout, or the disk is briefly full or failing. Anything else is a bug or a bad path.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+"""Bytes the WAL file is truncated to after a checkpoint that empties it."""
+
 _TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_FULL}
 _RECONNECT = {sqlite3.SQLITE_IOERR}
 
@@ -116,6 +119,9 @@ class Database:
             connection.row_factory = sqlite3.Row
             # WAL lets readers work while one process writes; it is a property of the file, set once.
             connection.execute("PRAGMA journal_mode = WAL")
+            # The WAL file keeps its largest size after a checkpoint unless told otherwise: a burst of writes
+            # under steady readers would leave it tens of MB for good.
+            connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             # FULL: a commit is on disk when it returns, so a power cut cannot lose a checkpoint either.
             connection.execute("PRAGMA synchronous = FULL")
             connection.execute("PRAGMA foreign_keys = ON")  # steps go with their run
@@ -155,5 +161,10 @@ class Database:
                 raise ConfigError(
                     f"cannot open the SQLite database {self.path} ({error}): does its directory exist and "
                     "is it writable?"
+                ) from error
+            if code == sqlite3.SQLITE_READONLY:
+                raise ConfigError(
+                    f"the SQLite database {self.path} is read-only ({error}): every process using it writes "
+                    "(claims, leases, migrations), so it and its directory must be writable"
                 ) from error
             raise

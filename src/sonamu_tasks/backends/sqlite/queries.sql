@@ -7,6 +7,9 @@
 -- create_migrations_table --
 CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)
 
+-- migrations_table --
+SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'
+
 -- applied_migrations --
 SELECT name FROM migrations
 
@@ -529,6 +532,9 @@ WHERE workflow_name = :name AND version = :version
                        'default')
   AND queue <> :queue
   AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
+
+-- workflow_queue --
+SELECT queue FROM workflow_queues WHERE workflow_name = :name AND version = :version
 
 -- save_workflow_queue --
 INSERT INTO workflow_queues (workflow_name, version, queue) VALUES (:name, :version, :queue)
