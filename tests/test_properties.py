@@ -18,8 +18,10 @@ from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import pytest
+from croniter import croniter
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -182,16 +184,102 @@ def test_an_error_is_always_storable_and_within_its_limits(message: str, padding
 @settings(max_examples=200, deadline=None, database=None)
 @given(CRONS)
 def test_a_cron_expression_is_refused_at_definition_or_has_fire_times(expression: str) -> None:
+    async def report() -> None: ...
+
     try:
-        schedule = Schedule(expression)
+        (schedule,) = workflow(report, version="1", schedules=[Schedule(expression)]).schedules
     except WorkflowDefinitionError as error:
-        assert "schedule " in str(error)
+        assert "workflow 'report': schedule " in str(error)
         event("refused")
         return
     event("accepted")
     now = datetime.now(UTC)
     assert next_fire_after(schedule.expression, "Asia/Seoul", now) > now
     assert latest_fire_at_or_before(schedule.expression, "UTC", now) <= now
+
+
+# Fire times around DST changes: the fast walk (schedule._nearest_fire) against the plain one it replaced, which
+# stepped through every match from an hour before the moment: the same answer, to the microsecond, in zones
+# whose clocks jump by an hour, half an hour (Lord Howe), 45 minutes' offset (Chatham), a whole day (Samoa,
+# 2011), or not at all.
+DST_ZONES = (
+    "America/New_York",
+    "Europe/London",
+    "Europe/Berlin",
+    "Australia/Lord_Howe",
+    "Pacific/Chatham",
+    "America/Santiago",
+    "America/St_Johns",
+    "Pacific/Apia",
+    "Asia/Seoul",
+)
+DST_CRONS = (
+    "* * * * * *",
+    "*/7 * * * * *",
+    "30 * * * * *",
+    "* * * * *",
+    "*/15 * * * *",
+    "0 * * * *",
+    "30 2 * * *",
+    "59 1 * * *",
+    "0,30 1-3 * * *",
+    "15 2 * * * *",
+    "0 0 * * *",
+    "30 1 * * sun",
+)
+
+
+def _offset_changes(zone_name: str) -> list[datetime]:
+    """The moments (to the second) the zone's UTC offset changed, 2011 to 2012 and 2025 to 2027; one for a zone
+    without DST (Seoul), so that it is sampled too."""
+    tz = ZoneInfo(zone_name)
+    changes = []
+    for start in (datetime(2011, 1, 1, tzinfo=UTC), datetime(2025, 1, 1, tzinfo=UTC)):
+        day = start
+        while day < start.replace(year=start.year + 2):
+            after = day + timedelta(days=1)
+            if day.astimezone(tz).utcoffset() != after.astimezone(tz).utcoffset():
+                low, high = day, after
+                while high - low > timedelta(seconds=1):
+                    middle = low + (high - low) / 2
+                    same = middle.astimezone(tz).utcoffset() == low.astimezone(tz).utcoffset()
+                    low, high = (middle, high) if same else (low, middle)
+                changes.append(high.replace(microsecond=0))
+            day = after
+    return changes or [datetime(2026, 3, 8, 7, tzinfo=UTC)]
+
+
+DST_CHANGES = [(zone, change) for zone in DST_ZONES for change in _offset_changes(zone)]
+
+
+def _plain_wall_times(expression: str, timezone: str, moment: datetime, *, backwards: bool) -> Iterator[datetime]:
+    """The walk before: every match from an hour to the near side of `moment`, each at its first occurrence."""
+    tz = ZoneInfo(timezone)
+    local = moment.astimezone(tz).replace(tzinfo=None)
+    local += timedelta(hours=1) if backwards else -timedelta(hours=1)
+    cron = croniter(expression, local, second_at_beginning=len(expression.split()) == 6)
+    while True:
+        wall: datetime = cron.get_prev(datetime) if backwards else cron.get_next(datetime)
+        yield wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    st.sampled_from(DST_CHANGES),
+    st.sampled_from(DST_CRONS),
+    st.integers(min_value=-3 * 3600, max_value=3 * 3600),
+    st.sampled_from([0, 0, 1, 500_000, 999_999]),
+)
+def test_fire_times_around_a_dst_change_are_those_of_the_plain_walk(
+    change: tuple[str, datetime], expression: str, seconds: int, microseconds: int
+) -> None:
+    zone_name, moment = change
+    moment += timedelta(seconds=seconds, microseconds=microseconds)
+    plain_next = next(f for f in _plain_wall_times(expression, zone_name, moment, backwards=False) if f > moment)
+    after = moment + timedelta(microseconds=1)
+    plain_latest = next(f for f in _plain_wall_times(expression, zone_name, after, backwards=True) if f <= moment)
+    assert next_fire_after(expression, zone_name, moment) == plain_next
+    assert latest_fire_at_or_before(expression, zone_name, moment) == plain_latest
 
 
 # The last id a process made: its millisecond (a moment ago, now, or ahead of the clock, which was set back)

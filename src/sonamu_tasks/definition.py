@@ -56,7 +56,7 @@ class WorkflowDefinition(Generic[P, R]):
         self.name = _checked(limits.check_workflow_name, name)
         self.version = _checked(limits.check_version, version)
         self.schema = schema
-        self.schedules = tuple(_schedule(item, name) for item in schedules)
+        self.schedules = _schedules(schedules, name)
         self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self.parameters = _injected_parameters(fn, name)
         self.retention = _retention(retention, name)
@@ -252,6 +252,20 @@ def _retention(value: Duration | None, workflow_name: str) -> timedelta | None:
         raise WorkflowDefinitionError(str(error)) from error
 
 
+def _schedules(items: Iterable[Schedule | Mapping[str, Any] | str], workflow_name: str) -> tuple[Schedule, ...]:
+    schedules = tuple(_schedule(item, workflow_name) for item in items)
+    seen: set[str] = set()
+    for schedule in schedules:
+        name = schedule.name_for(workflow_name)
+        if name in seen:
+            raise WorkflowDefinitionError(
+                f"workflow {workflow_name!r} declares schedule {name!r} twice; schedule names are unique: give "
+                "each schedule its own name="
+            )
+        seen.add(name)
+    return schedules
+
+
 def _schedule(item: Schedule | Mapping[str, Any] | str, workflow_name: str) -> Schedule:
     if isinstance(item, Schedule):
         schedule = item
@@ -266,6 +280,7 @@ def _schedule(item: Schedule | Mapping[str, Any] | str, workflow_name: str) -> S
         raise WorkflowDefinitionError(
             f"workflow {workflow_name!r}: a schedule must be a Schedule, a dict or a cron string, got {item!r}"
         )
+    schedule.check(workflow_name)
     name = schedule.name_for(workflow_name)
     if schedule.name is None and len(name) > limits.MAX_NAME_LENGTH:
         raise WorkflowDefinitionError(

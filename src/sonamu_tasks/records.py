@@ -94,9 +94,13 @@ class WorkerRecord:
 
 @dataclass(frozen=True)
 class ScheduleRecord:
+    """A stored schedule: what the last worker to synchronize declared. Any worker whose code declares a
+    schedule of this name for this workflow fires it, with its own version of the workflow."""
+
     name: str
     workflow_name: str
     version: str
+    """The version its last fire ran; before the first, the version of the worker that stored it."""
     expression: str
     timezone: str
     input: Any

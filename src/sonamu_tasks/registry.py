@@ -27,7 +27,23 @@ class Registry:
                 f"{existing.fn.__module__}.{existing.fn.__qualname__} and "
                 f"{definition.fn.__module__}.{definition.fn.__qualname__}"
             )
+        self._check_schedule_names(definition)
         self._definitions[definition.key] = definition
+
+    def _check_schedule_names(self, definition: WorkflowDefinition[Any, Any]) -> None:
+        """A schedule name belongs to one workflow (its versions may each declare it): two workflows declaring
+        the same name would share one stored schedule, which fires only one of them."""
+        declared = {schedule.name_for(definition.name) for schedule in definition.schedules}
+        for other in self._definitions.values():
+            if other.name == definition.name:
+                continue
+            for schedule in other.schedules:
+                name = schedule.name_for(other.name)
+                if name in declared:
+                    raise WorkflowDefinitionError(
+                        f"schedule {name!r} is declared by two workflows, {other.name!r} and {definition.name!r}; "
+                        "schedule names are unique: give one of them another name="
+                    )
 
     def replace_all(self, definitions: Iterable[WorkflowDefinition[Any, Any]]) -> None:
         """Swap in a new set of definitions at once (a dev-mode reload)."""

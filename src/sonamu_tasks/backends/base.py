@@ -176,8 +176,9 @@ class ScheduleStore(Protocol):
     async def fire_schedule(
         self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
     ) -> bool:
-        """Advance the schedule from `expected` and start `run`, in one transaction; False if another
-        worker fired it first (nothing is written then)."""
+        """Advance the schedule from `expected` and start `run`, in one transaction (the schedule's version
+        becomes the run's); False if another worker fired it first, or holds it now (it is firing it: PostgreSQL
+        skips a locked row rather than wait), and nothing is written then."""
         ...
 
 

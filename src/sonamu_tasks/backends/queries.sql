@@ -97,13 +97,6 @@ UPDATE runs SET started_at = created_at, forked_from = :source_id, forked_step =
 UPDATE runs SET key_parked = false
 WHERE queue = :name AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')
 
--- advance_schedule --
--- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it.
-UPDATE schedules
-SET next_fire_at = :next_fire_at, last_fire_at = :fire_at, last_run_id = :run_id, updated_at = :now
-WHERE name = :name AND next_fire_at = :expected
-RETURNING name
-
 -- touch_worker --
 UPDATE workers SET heartbeat_at = :now WHERE id = :worker_id
 

@@ -452,6 +452,7 @@ class PostgresBackend:
             "fire_at": fire_at,
             "next_fire_at": next_fire_at,
             "run_id": run.id if run else None,
+            "version": run.version if run else None,
         }
         async with self._connection() as conn, conn.transaction():
             if await (await conn.execute(QUERIES["advance_schedule"], params)).fetchone() is None:

@@ -559,6 +559,19 @@ SET workflow_name = EXCLUDED.workflow_name, version = EXCLUDED.version, input = 
                         THEN s.next_fire_at ELSE EXCLUDED.next_fire_at END,
     updated_at = now()
 
+-- advance_schedule --
+-- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it. A row
+-- another transaction holds is skipped, not waited for: a worker is firing it, and one stuck between this
+-- update and its commit (a paused VM, a half-open connection) must not stall the other schedules' fires.
+-- The version becomes the one this fire runs (workers of several releases may fire a schedule).
+UPDATE schedules AS s
+SET next_fire_at = %(next_fire_at)s, last_fire_at = %(fire_at)s, last_run_id = %(run_id)s,
+    version = COALESCE(%(version)s::text, s.version), updated_at = now()
+FROM (SELECT name FROM schedules WHERE name = %(name)s AND next_fire_at = %(expected)s
+      FOR UPDATE SKIP LOCKED) AS due
+WHERE s.name = due.name
+RETURNING s.name
+
 -- delete_stale_schedules --
 -- Schedules of these workflows that the code no longer declares.
 DELETE FROM schedules

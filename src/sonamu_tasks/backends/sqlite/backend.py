@@ -867,6 +867,7 @@ class SqliteBackend:
             "fire_at": micros(fire_at),
             "next_fire_at": micros(next_fire_at),
             "run_id": run.id if run else None,
+            "version": run.version if run else None,
         }
 
         def fire(conn: sqlite3.Connection, now: int) -> bool:

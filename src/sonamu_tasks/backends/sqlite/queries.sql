@@ -388,6 +388,16 @@ SET workflow_name = excluded.workflow_name, version = excluded.version, input = 
                         THEN s.next_fire_at ELSE excluded.next_fire_at END,
     updated_at = :now
 
+-- advance_schedule --
+-- Compare-and-set on next_fire_at: of the workers that read the same due time, exactly one advances it. (No
+-- row locks to skip here: the one writer at a time holds the whole file, for a transaction this short.)
+-- The version becomes the one this fire runs (workers of several releases may fire a schedule).
+UPDATE schedules
+SET next_fire_at = :next_fire_at, last_fire_at = :fire_at, last_run_id = :run_id,
+    version = COALESCE(:version, version), updated_at = :now
+WHERE name = :name AND next_fire_at = :expected
+RETURNING name
+
 -- delete_stale_schedules --
 -- Schedules of these workflows that the code no longer declares.
 DELETE FROM schedules
