@@ -16,6 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sonamu_tasks import ConfigError, InvalidValue, Queue, ResultTimeout, RunStatus, WorkflowManager, workflow
+from sonamu_tasks.backends.base import NewRun
+from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.queue import parse_rate
 from sonamu_tasks.records import WorkerRecord
 
@@ -213,6 +215,55 @@ async def test_priority_orders_a_queue_and_is_fifo_within_a_priority(manager_for
         await manager_for([job], concurrency=1)
         await wait_until(lambda: len(order) == 6, what="every run")
     assert order == ["p-2", "p0", "p1-first", "p1-second", "p3", "p5"]
+
+
+async def test_a_claim_takes_its_workflows_runs_in_one_order_and_passes_over_runs_nobody_serves(
+    manager_for: Any,
+) -> None:
+    """The claim reads each (workflow, version) it serves on its own and merges them into one order: priority,
+    then due time, then creation. Runs of a version nobody serves are neither taken nor waited for, even at a
+    better priority, and the worker's next due time ignores them too."""
+    backend = (await manager_for([], enable_worker=False)).backend
+    now = datetime.now(UTC)
+    served = [("a", "1"), ("b", "1")]
+    # given, created in this order by one call: due at one moment unless told otherwise
+    given = {
+        "a p5": ("a", "1", 5, None),
+        "b p0": ("b", "1", 0, None),
+        "a@2 p0": ("a", "2", 0, None),
+        "a p0": ("a", "1", 0, None),
+        "ghost p-1": ("ghost", "1", -1, None),
+        "b p5": ("b", "1", 5, None),
+        "a p0 again": ("a", "1", 0, None),
+        "b p0 due an hour ago": ("b", "1", 0, now - timedelta(hours=1)),
+        "ghost p-1 due an hour ago": ("ghost", "1", -1, now - timedelta(hours=1)),
+    }
+    runs = {
+        label: NewRun(new_run_id(), name, version, "null", priority=priority, start_at=start_at)
+        for label, (name, version, priority, start_at) in given.items()
+    }
+    await backend.create_runs(list(runs.values()))
+    label_of = {run.id: label for label, run in runs.items()}
+
+    # when claims of 1, 2, 2 and 10 take them (the runs of one claim come in no promised order)
+    taken = [
+        {label_of[run.id] for run in await backend.claim_runs("w", served, limit, timedelta(seconds=30))}
+        for limit in (1, 2, 2, 10)
+    ]
+
+    # then
+    assert taken == [{"b p0 due an hour ago"}, {"b p0", "a p0"}, {"a p0 again", "a p5"}, {"b p5"}]
+    assert await backend.claim_runs("w", served, 10, timedelta(seconds=30)) == []
+
+    # and the next due time: a later level's earlier run counts, runs nobody serves do not
+    later = {
+        "c p0 in an hour": NewRun(new_run_id(), "c", "1", "null", start_at=now + timedelta(hours=1)),
+        "c p5 in a minute": NewRun(new_run_id(), "c", "1", "null", priority=5, start_at=now + timedelta(minutes=1)),
+        "c@2 due now": NewRun(new_run_id(), "c", "2", "null"),
+    }
+    await backend.create_runs(list(later.values()))
+    assert await backend.seconds_until_due([("c", "1")]) == pytest.approx(60, abs=10)
+    assert await backend.seconds_until_due([("nobody", "1")]) is None
 
 
 def one_at_a_time(started: list[Any]) -> Any:

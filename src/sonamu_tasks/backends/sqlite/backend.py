@@ -308,7 +308,7 @@ class SqliteBackend:
             earliest: int | None = None
             for queue in queues:
                 row = conn.execute(QUERIES["next_due_at"], {"queue": queue, "workflows": streams}).fetchone()
-                if row is None:
+                if row["available_at"] is None:
                     continue
                 due = int(row["available_at"])
                 limits = _first(conn, "queue_limits", {"queue": queue})
