@@ -96,6 +96,7 @@ async def test_worker_runs_what_the_cli_starts_and_lists_schedules(app_env: dict
         assert set(schedules) == {"daily-report", "daily_report[*/10 * * * * *]"}
         assert schedules["daily-report"]["timezone"] == "Asia/Seoul"
         assert schedules["daily-report"]["next_fire_local"].endswith("09:00:00 KST")
+        assert schedules["daily-report"]["served"] is True  # the worker registers its workflow
         table = cli(app_env, "schedules").stdout
         assert table.splitlines()[0].split() == [
             "NAME",
@@ -107,10 +108,19 @@ async def test_worker_runs_what_the_cli_starts_and_lists_schedules(app_env: dict
             "(LOCAL)",
             "LAST",
             "RUN",
+            "FIRED",
+            "BY",
         ]
+        assert "fired by nobody" not in table
     finally:
         assert worker.stop() == 0
     assert "worker" in worker.log() and "stopped" in worker.log()
+    # No live worker registers the workflows now: their stored schedules are fired by nobody, and said so.
+    after = cli(app_env, "schedules")
+    assert after.returncode == 0, after.stderr
+    assert all(line.rstrip().endswith("nobody") for line in after.stdout.splitlines()[1:3])
+    assert "A schedule fired by nobody" in after.stdout
+    assert all(row["served"] is False for row in json.loads(cli(app_env, "schedules", "--json").stdout))
 
 
 async def test_a_failed_run_under_wait_exits_non_zero_with_the_error(app_env: dict[str, str], tmp_path: Path) -> None:

@@ -800,6 +800,27 @@ async def test_the_dashboard_serves_prometheus_metrics(manager_for: Any, make_co
     assert 'sonamu_tasks_runs_failed_total{workflow="checkout"}' in response.text
 
 
+async def test_the_schedules_page_says_which_schedules_no_live_worker_fires(manager_for: Any, make_config: Any) -> None:
+    from sonamu_tasks import Schedule
+
+    @workflow(version="1", schedules=[Schedule("0 9 * * *", name="morning")])
+    async def served(input: Any) -> Any:
+        return input
+
+    @workflow(version="1", schedules=[Schedule("0 18 * * *", name="evening")])
+    async def gone(input: Any) -> Any:
+        return input
+
+    async with WorkflowManager(make_config(), workflows=[gone]):
+        pass  # its worker stored the schedule, then left
+    await manager_for([served])
+    async with in_process(make_config) as client:
+        page = (await client.get("/schedules")).text
+    rows = {row.split("</td>")[0].rsplit(">", 1)[-1]: row for row in page.split("<tr><td>")[1:]}
+    assert "live workers" in rows["morning"] and "nobody" not in rows["morning"]
+    assert "<strong>nobody</strong>" in rows["evening"]
+
+
 async def test_the_dashboards_metrics_show_the_due_backlog_per_queue(make_config: Any) -> None:
     """The dashboard runs no worker, whose loop refreshes the backlog gauges: it reads them as it is scraped."""
     async with WorkflowManager(make_config(enable_worker=False)) as producer:

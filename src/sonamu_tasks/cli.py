@@ -58,7 +58,15 @@ from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
 from .queue import Queue, served_queues
-from .records import STALE_AFTER, QueueStats, RunEventRecord, RunRecord, StepRecord, WorkerRecord
+from .records import (
+    STALE_AFTER,
+    QueueStats,
+    RunEventRecord,
+    RunRecord,
+    StepRecord,
+    WorkerRecord,
+    served_workflows,
+)
 from .run_json import run_detail, run_summary
 from .schedule import zone
 from .status import RunStatus
@@ -316,6 +324,7 @@ def schedules(context: click.Context, as_json: bool) -> None:
     async def collect() -> list[dict[str, Any]]:
         async with WorkflowManager(config) as manager:
             records = await manager.list_schedules()
+            served = served_workflows(await manager.list_workers(), datetime.now(UTC))
             rows = []
             for record in records:
                 last = await _run_or_none(manager, record.last_run_id)
@@ -323,6 +332,7 @@ def schedules(context: click.Context, as_json: bool) -> None:
                     {
                         "name": record.name,
                         "workflow": f"{record.workflow_name}@{record.version}",
+                        "served": record.workflow_name in served,
                         "expression": record.expression,
                         "timezone": record.timezone,
                         "next_fire_at": record.next_fire_at.isoformat(),
@@ -341,7 +351,7 @@ def schedules(context: click.Context, as_json: bool) -> None:
     if not rows:
         click.echo("no schedules")
         return
-    headers = ["NAME", "WORKFLOW", "EXPRESSION", "TIMEZONE", "NEXT FIRE (LOCAL)", "LAST RUN"]
+    headers = ["NAME", "WORKFLOW", "EXPRESSION", "TIMEZONE", "NEXT FIRE (LOCAL)", "LAST RUN", "FIRED BY"]
     table = [
         [
             r["name"],
@@ -350,10 +360,17 @@ def schedules(context: click.Context, as_json: bool) -> None:
             r["timezone"],
             r["next_fire_local"],
             f"{r['last_run_id']} {r['last_run_status']}" if r["last_run_id"] else "-",
+            "live workers" if r["served"] else "nobody",
         ]
         for r in rows
     ]
     click.echo(format_table(headers, table))
+    if not all(r["served"] for r in rows):
+        click.echo(
+            "\nA schedule fired by nobody: no live worker registers its workflow (its fleet is down, or the workflow "
+            "left the code and its schedule stays stored). It fires again, once for the latest missed time, when a "
+            "worker whose code declares it starts."
+        )
 
 
 @main.command("run")

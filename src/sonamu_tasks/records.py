@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -90,6 +91,12 @@ class WorkerRecord:
     def live(self, now: datetime, stale_after: float = STALE_AFTER) -> bool:
         """Whether it heartbeat in the last `stale_after` seconds (else it counts as gone)."""
         return (now - self.heartbeat_at).total_seconds() <= stale_after
+
+
+def served_workflows(workers: Sequence[WorkerRecord], now: datetime, stale_after: float = STALE_AFTER) -> set[str]:
+    """The workflow names some live worker registers: a stored schedule of any other workflow is fired by no
+    one (its workflow left the code, or its fleet is down)."""
+    return {name for worker in workers if worker.live(now, stale_after) for name, _ in worker.workflows}
 
 
 @dataclass(frozen=True)

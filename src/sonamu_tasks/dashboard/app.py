@@ -31,6 +31,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode
@@ -55,7 +56,7 @@ from ..display import (
 )
 from ..errors import BackendUnavailable, ConfigError, RunNotFound, SonamuTasksError
 from ..manager import RunPage, WorkflowManager
-from ..records import STALE_AFTER, RunRecord
+from ..records import STALE_AFTER, RunRecord, served_workflows
 from ..run_json import run_detail, run_summary
 from . import pages
 from .guards import (
@@ -250,7 +251,8 @@ class Dashboard:
         return HTMLResponse(body if _partial(request) else pages.page("Workers", body))
 
     async def schedules_page(self, request: Request) -> Response:
-        body = pages.schedules_table(await self.manager.list_schedules())
+        served = served_workflows(await self.manager.list_workers(), datetime.now(UTC))
+        body = pages.schedules_table(await self.manager.list_schedules(), served)
         return HTMLResponse(body if _partial(request) else pages.page("Schedules", body, refresh_ms=5000))
 
     async def metrics(self, request: Request) -> Response:

@@ -227,15 +227,18 @@ def workers_table(workers: Sequence[WorkerRecord]) -> str:
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no workers</p>"
 
 
-def schedules_table(schedules: Sequence[ScheduleRecord]) -> str:
+def schedules_table(schedules: Sequence[ScheduleRecord], served: set[str]) -> str:
+    """`served`: the workflow names a live worker registers (a schedule of another workflow is fired by nobody)."""
     rows = "".join(
         f"<tr><td>{escape(s.name)}</td><td>{escape(s.workflow_name)}@{escape(s.version)}</td>"
         f"<td>{escape(s.expression)}</td><td>{escape(s.timezone)}</td><td>{_time(s.next_fire_at)}</td>"
-        f"<td>{_run_link(s.last_run_id)}</td></tr>"
+        f"<td>{_run_link(s.last_run_id)}</td>"
+        f"<td>{'live workers' if s.workflow_name in served else '<strong>nobody</strong>'}</td></tr>"
         for s in schedules
     )
     head = (
-        "<tr><th>name</th><th>workflow</th><th>expression</th><th>timezone</th><th>next fire</th><th>last run</th></tr>"
+        "<tr><th>name</th><th>workflow</th><th>expression</th><th>timezone</th><th>next fire</th><th>last run</th>"
+        "<th>fired by</th></tr>"
     )
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no schedules</p>"
 
