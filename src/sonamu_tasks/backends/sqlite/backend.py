@@ -331,19 +331,7 @@ class SqliteBackend:
         def save(conn: sqlite3.Connection, now: int) -> None:
             for queue in queues:
                 before = _first(conn, "queue_limits", {"queue": queue.name})
-                rate = queue.rate
-                conn.execute(
-                    QUERIES["save_queue"],
-                    {
-                        "name": queue.name,
-                        "concurrency": queue.concurrency,
-                        "worker_concurrency": queue.worker_concurrency,
-                        "rate_limit": rate[0] if rate else None,
-                        "rate_period": duration_micros(rate[1]) if rate else None,
-                        "per_key_concurrency": queue.per_key_concurrency,
-                        "now": now,
-                    },
-                )
+                conn.execute(QUERIES["save_queue"], {"name": queue.name, **_stored_limits(queue), "now": now})
                 if before is not None and before["per_key_concurrency"] != queue.per_key_concurrency:
                     conn.execute(QUERIES["unpark_queue"], {"name": queue.name})
             for name, version, queue_name in workflow_queues:
@@ -354,15 +342,8 @@ class SqliteBackend:
         def unchanged(conn: sqlite3.Connection, now: int) -> bool:
             for queue in queues:
                 row = _first(conn, "queue_limits", {"queue": queue.name})
-                rate = queue.rate
-                limits = (
-                    queue.concurrency,
-                    queue.worker_concurrency,
-                    rate[0] if rate else None,
-                    duration_micros(rate[1]) if rate else None,
-                    queue.per_key_concurrency,
-                )
-                if row is None or tuple(row)[:5] != limits:
+                limits = _stored_limits(queue)
+                if row is None or any(row[column] != value for column, value in limits.items()):
                     return False
             for name, version, queue_name in workflow_queues:
                 row = _first(conn, "workflow_queue", {"name": name, "version": version})
@@ -958,6 +939,18 @@ def _checkpoint_params(run_id: str, lease_token: str, step: Checkpoint) -> dict[
         "output": step.output_json,
         "started_at": micros(step.started_at),
         "finished_at": micros(step.finished_at),
+    }
+
+
+def _stored_limits(queue: Queue) -> dict[str, int | None]:
+    """A queue's limits as the `queues` table holds them (save_queue's parameters, queue_limits' columns)."""
+    rate = queue.rate
+    return {
+        "concurrency": queue.concurrency,
+        "worker_concurrency": queue.worker_concurrency,
+        "rate_limit": rate[0] if rate else None,
+        "rate_period": duration_micros(rate[1]) if rate else None,
+        "per_key_concurrency": queue.per_key_concurrency,
     }
 
 
