@@ -524,6 +524,56 @@ async def test_concurrency_bounds_the_runs_executing_at_once(manager_for: Any) -
     assert peak == 2
 
 
+async def test_concurrency_holds_when_runs_start_in_process_during_a_claim(manager_for: Any) -> None:
+    """A claim in flight has counted its free slots: run() calls of this process that insert their runs
+    already claimed meanwhile must not take those slots too (CI once saw concurrency 2 run 3 at once)."""
+    running = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+
+    @workflow(version="1")
+    async def holder(step: Any) -> None:
+        await step.define("hold", hold).run()
+
+    manager = await manager_for([holder], concurrency=2)
+    backend, worker = manager.backend, manager.worker
+    real_claim = backend.claim_runs
+    in_claim, gate, claim_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        in_claim.set()
+        await gate.wait()  # the claim has counted its slots; its query reaches the database later
+        try:
+            return await real_claim(*args, **kwargs)
+        finally:
+            claim_done.set()
+
+    backend.claim_runs = slow_claim
+    try:
+        worker.wake()
+        await asyncio.wait_for(in_claim.wait(), 15)
+        handles = [await manager.run(holder) for _ in range(3)]
+        gate.set()
+        await asyncio.wait_for(claim_done.wait(), 15)
+        statuses = [await h.status() for h in handles]
+        assert statuses.count(RunStatus.RUNNING) == 2 and statuses.count(RunStatus.PENDING) == 1
+        await wait_until(lambda: running == 2, what="two runs to hold their slots")
+    finally:
+        gate.set()
+        backend.claim_runs = real_claim
+        release.set()
+    for handle in handles:
+        await handle.result(timeout=15)
+    assert peak == 2
+
+
 async def test_start_at_delays_the_first_claim(manager_for: Any) -> None:
     @workflow(version="1")
     async def later() -> str:

@@ -91,6 +91,7 @@ class Worker:
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._reserved = 0  # slots promised to runs this process is inserting already claimed
+        self._claiming = 0  # slots the claim in flight may fill
         self._publish_pending = False  # a snapshot of the runs held is due for the heartbeat thread (_publish_soon)
         self._timer: asyncio.TimerHandle | None = None  # only the earliest wake: the claim loop finds the rest
         # A third of the lease, and at least every 20 s: the lists take a worker silent for a minute as gone
@@ -186,7 +187,7 @@ class Worker:
 
     def reserve_slot(self) -> bool:
         """Promise a slot to a run this process is about to insert already claimed; False when full."""
-        if self._stopping or len(self._active) + self._reserved >= self.options.concurrency:
+        if self._stopping or len(self._active) + self._reserved + self._claiming >= self.options.concurrency:
             return False
         self._reserved += 1
         return True
@@ -252,7 +253,13 @@ class Worker:
                 limit = min(free, max(1, self.options.concurrency // 2))
                 try:
                     began = time.perf_counter()
-                    claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease, queues)
+                    # Hold the claim's slots while it is in flight: a run() of this process inserting its run
+                    # already claimed meanwhile must not take them too (concurrency 2 ran 3 at once).
+                    self._claiming = limit
+                    try:
+                        claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease, queues)
+                    finally:
+                        self._claiming = 0
                     if self.telemetry.enabled:
                         taken = [(run.workflow_name, not run.first_claim and run.recoveries > 0) for run in claimed]
                         self.telemetry.claimed(time.perf_counter() - began, taken)
