@@ -20,6 +20,7 @@ from sonamu_tasks import (
     RetryPolicy,
     RunNotFound,
     RunStatus,
+    SerializationError,
     StepStatus,
     WorkflowFailed,
     WorkflowManager,
@@ -428,6 +429,47 @@ async def test_models_and_dataclasses_cross_checkpoints_the_same_on_replay(manag
     assert calls.counts["receipt"] == 1
     # First execution and the replay after the retry saw equal, typed values.
     assert seen[0] == seen[1] and isinstance(seen[1][0], Receipt) and isinstance(seen[1][1], Order)
+
+
+async def test_result_gives_the_output_as_the_type_the_workflow_declares(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def load(input: int) -> Order:
+        return Order(order_id=input, email="x@y.z")
+
+    @workflow(version="1")
+    async def pay(input: int) -> list[Receipt]:
+        return [Receipt(order_id=input, amount=9.5)]
+
+    @workflow(version="1")
+    async def parent(input: int, step: Any) -> int:
+        child = await step.start_workflow("load", load, input)
+        order = await child.result()
+        [receipt] = await step.run_workflow("pay", pay, input)
+        assert isinstance(order, Order) and isinstance(receipt, Receipt)  # a child's output is typed too
+        return order.order_id + int(receipt.amount)
+
+    manager = await manager_for([load, pay, parent])
+    order = await (await manager.run(load, 7)).result(timeout=15)
+    assert order == Order(order_id=7, email="x@y.z")
+    assert await (await manager.run(pay, 3)).result(timeout=15) == [Receipt(order_id=3, amount=9.5)]
+    [batch] = await manager.run_many(load, [8])
+    assert await batch.result(timeout=15) == Order(order_id=8, email="x@y.z")
+    assert await (await manager.run(parent, 1)).result(timeout=15) == 10
+    # Found by id, the run's workflow is not known to the handle: its output comes as stored, JSON.
+    assert await manager.handle(batch.id).result(timeout=15) == {"order_id": 8, "email": "x@y.z"}
+
+
+async def test_result_refuses_an_output_that_does_not_fit_the_declared_type_naming_the_run(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def mistyped() -> list[int]:
+        return ["not a number"]  # type: ignore[list-item]
+
+    manager = await manager_for([mistyped])
+    handle = await manager.run(mistyped)
+    expected = f"the output of run {handle.id} \\(mistyped\\) does not fit its declared type list\\[int\\]"
+    with pytest.raises(SerializationError, match=expected):
+        await handle.result(timeout=15)
+    assert (await handle.info()).output == ["not a number"]  # the run completed; its output is kept as returned
 
 
 async def test_unstorable_step_result_fails_the_run_naming_the_step_and_keeps_checkpoints(

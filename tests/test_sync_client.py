@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import pydantic
 import pytest
 
 from sonamu_tasks import (
@@ -100,7 +101,29 @@ async def web_mailer(input: Any) -> Any:
     return input
 
 
+class Greeting(pydantic.BaseModel):
+    hello: str
+
+
+@workflow(version="1")
+async def web_typed(input: str) -> Greeting:
+    return Greeting(hello=input)
+
+
 # what a web process does, on every backend
+
+
+async def test_a_web_process_gets_outputs_as_the_type_the_workflow_declares(
+    manager_for: Any, client: SyncClient
+) -> None:
+    await manager_for([web_typed])
+    handle = await blocking(client.run, web_typed, "ada")
+    assert await blocking(handle.result, timeout=15) == Greeting(hello="ada")
+    [batch] = await blocking(client.run_many, web_typed, ["bob"])
+    assert await blocking(batch.result, timeout=15) == Greeting(hello="bob")
+    # a handle made from an id alone does not know the workflow: the output comes as stored
+    assert await blocking(client.handle(handle.id).result, timeout=15) == {"hello": "ada"}
+
 
 
 async def test_a_web_process_reads_runs_and_waits_for_their_results_by_id(manager_for: Any, client: SyncClient) -> None:
@@ -322,8 +345,11 @@ def _as_sync(annotation: Any) -> Any:
     """A manager method's return type as its SyncClient counterpart returns it: handles are SyncRunHandles."""
     if annotation is RunHandle:
         return SyncRunHandle
-    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (RunHandle,):
-        return list[SyncRunHandle]
+    if typing.get_origin(annotation) is RunHandle:  # RunHandle[R]: the same output type
+        return SyncRunHandle[typing.get_args(annotation)]  # type: ignore[misc]
+    if typing.get_origin(annotation) is list:
+        [item] = typing.get_args(annotation)
+        return list[_as_sync(item)]  # type: ignore[misc]
     return annotation
 
 
@@ -360,4 +386,4 @@ def test_a_sync_run_handle_has_what_a_run_handle_has() -> None:
     run_id = str(uuid.uuid4())
     handles = [RunHandle(typing.cast(Any, None), run_id, "w"), SyncRunHandle(typing.cast(Any, None), run_id, "w")]
     attributes = [{key: value for key, value in vars(h).items() if not key.startswith("_")} for h in handles]
-    assert attributes[0] == attributes[1] == {"id": run_id, "workflow_name": "w", "created": True}
+    assert attributes[0] == attributes[1] == {"id": run_id, "workflow_name": "w", "created": True, "output_type": None}

@@ -4,6 +4,7 @@ deadlines and cron schedules follow the test clock and finish in milliseconds of
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,6 +67,24 @@ async def test_a_week_long_workflow_finishes_in_well_under_a_second_and_result_s
         assert await handle.result() == "digest sent"  # the clock skipped the week by itself
         assert env.now() >= START + timedelta(days=7)
     assert time.monotonic() - began < 5
+
+
+@dataclasses.dataclass
+class Digest:
+    day: str
+    lines: int
+
+
+@workflow(version="1")
+async def typed_digest(step: Any) -> Digest:
+    await step.sleep("wait-a-day", "1d")
+    return Digest(day="Tuesday", lines=3)
+
+
+async def test_result_gives_the_output_as_the_type_the_workflow_declares() -> None:
+    async with WorkflowTestEnv(workflows=[typed_digest], start=START) as env:
+        handle = await env.run(typed_digest)
+        assert await handle.result() == Digest(day="Tuesday", lines=3)
 
 
 async def test_retries_wait_their_backoff_on_the_test_clock() -> None:

@@ -386,7 +386,7 @@ class Attempt:
         self._claim_name(name)
         if options.retry_policy is not None:
             self._own_policy_steps.add(name)
-        annotation = _return_annotation(fn)
+        annotation = serde.declared_return(fn)
         record = self.steps.get(name)
         if record is not None:
             self._replayed()
@@ -981,16 +981,3 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     target = fn.func if isinstance(fn, functools.partial) else fn
     call = type(target).__call__ if not inspect.isroutine(target) else None  # a callable object
     return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call)
-
-
-def _return_annotation(fn: Callable[..., Any]) -> Any:
-    # Bound methods are new objects at every access: cache on the function underneath.
-    return _declared_return(getattr(fn, "__func__", fn))
-
-
-@functools.lru_cache(maxsize=1024)
-def _declared_return(fn: Callable[..., Any]) -> Any:
-    try:
-        return typing.get_type_hints(fn).get("return")
-    except Exception:  # unresolvable forward references, or not a function: hand back plain JSON
-        return None

@@ -73,6 +73,11 @@ class WorkflowDefinition(Generic[P, R]):
     def key(self) -> tuple[str, str]:
         return (self.name, self.version)
 
+    @property
+    def output_type(self) -> Any:
+        """The function's return annotation, which a handle's `result()` rebuilds the output as."""
+        return serde.declared_return(self.fn)
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         return self.fn(*args, **kwargs)
 
@@ -91,7 +96,7 @@ class WorkflowDefinition(Generic[P, R]):
         concurrency_key: str | None = None,
         debounce: Duration | None = None,
         debounce_key: str | None = None,
-    ) -> RunHandle:
+    ) -> RunHandle[R]:
         """Start a run through the active WorkflowManager; see `WorkflowManager.run` for the options."""
         from .manager import active_manager
 
@@ -117,7 +122,7 @@ class WorkflowDefinition(Generic[P, R]):
         except InvalidInput:
             raise
         except Exception as error:
-            raise InvalidInput(self.name, _describe_validation_error(error)) from error
+            raise InvalidInput(self.name, serde.validation_problems(error)) from error
 
 
 @overload
@@ -308,18 +313,3 @@ def _validator(schema: Any) -> Callable[[Any], Any]:
     raise WorkflowDefinitionError(
         f"schema must be a pydantic model, a pydantic TypeAdapter or a callable, got {type(schema).__name__}"
     )
-
-
-def _describe_validation_error(error: Exception) -> list[str]:
-    errors = getattr(error, "errors", None)
-    if callable(errors):  # pydantic.ValidationError: one line per field
-        try:
-            problems = []
-            for item in errors():
-                location = ".".join(str(part) for part in item.get("loc", ())) or "(input)"
-                problems.append(f"{location}: {item.get('msg', 'invalid')}")
-            if problems:
-                return problems
-        except Exception:  # not a pydantic error after all; fall through to its message
-            pass
-    return [f"{type(error).__name__}: {error}"]

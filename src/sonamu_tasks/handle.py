@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, cast
 
+from typing_extensions import TypeVar
+
+from . import serde
 from .backends.base import RunRecord
 from .status import RunStatus
 
 if TYPE_CHECKING:
     from .manager import WorkflowManager
 
+R_co = TypeVar("R_co", covariant=True, default=Any)
+"""What the run's workflow returns; Any for a run started by name or found by id."""
 
-class RunHandle:
-    def __init__(self, manager: WorkflowManager, run_id: str, workflow_name: str, *, created: bool = True) -> None:
+
+class RunHandle(Generic[R_co]):
+    """One run: `result()` gives the workflow's output as the type its function declares (a pydantic model,
+    a dataclass, a datetime ... rebuilt from the stored JSON) when the workflow was given by definition or is
+    registered in this process; plain JSON otherwise."""
+
+    def __init__(
+        self,
+        manager: WorkflowManager,
+        run_id: str,
+        workflow_name: str,
+        *,
+        created: bool = True,
+        output_type: Any = None,
+    ) -> None:
         self._manager = manager
         self.id = run_id
         self.workflow_name = workflow_name
         self.created = created
         """False when `run()` found an existing run for the idempotency key."""
+        self.output_type = output_type
+        """The return annotation of the workflow's function, which `result()` rebuilds the output as (None:
+        not known here, the output comes as JSON)."""
 
     def __repr__(self) -> str:
         return f"<RunHandle {self.workflow_name} {self.id}>"
@@ -29,13 +50,18 @@ class RunHandle:
         """The stored run: status, input, output, error, attempts, timestamps (and steps)."""
         return await self._manager.get_run(self.id, with_steps=with_steps)
 
-    async def result(self, timeout: float | None = None) -> Any:
-        """Wait for the run to finish and return its output.
+    async def result(self, timeout: float | None = None) -> R_co:
+        """Wait for the run to finish and return its output, as the type the workflow declares (`output_type`).
 
-        Raises WorkflowFailed (with the stored error) if it failed or was canceled, and ResultTimeout
-        if `timeout` seconds pass first. Woken by the database's notification, not by polling.
+        Raises WorkflowFailed (with the stored error) if it failed or was canceled, ResultTimeout if
+        `timeout` seconds pass first, and SerializationError if the stored output does not fit the declared
+        type. Woken by the database's notification, not by polling.
         """
-        return await self._manager.wait_for_result(self.id, timeout=timeout)
+        output = await self._manager.wait_for_result(self.id, timeout=timeout)
+        return cast(R_co, self._decoded(output))
+
+    def _decoded(self, output: Any) -> Any:
+        return serde.decode_output(output, self.output_type, f"the output of run {self.id} ({self.workflow_name})")
 
     async def get_event(self, key: str, timeout: float | None = None) -> Any:
         """The value the run published under `key` (step.set_event), waiting until it is set; None when the

@@ -50,7 +50,7 @@ from .registry import Registry
 from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
 from .retention import purge as purge_runs
-from .run_creation import RunOptions, WorkflowSpec, prepare_run, prepare_runs, resolve
+from .run_creation import R, RunOptions, WorkflowSpec, prepare_run, prepare_runs, resolve
 from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
 from .step import DEFAULT_TOPIC
@@ -377,7 +377,7 @@ class WorkflowManager:
 
     async def run(
         self,
-        workflow: WorkflowSpec,
+        workflow: WorkflowSpec[R],
         input: Any = None,
         *,
         idempotency_key: str | None = None,
@@ -388,7 +388,7 @@ class WorkflowManager:
         concurrency_key: str | None = None,
         debounce: Duration | None = None,
         debounce_key: str | None = None,
-    ) -> RunHandle:
+    ) -> RunHandle[R]:
         """Start a run. The input is validated here when the workflow is known to this process.
 
         `idempotency_key`: a repeated key returns the existing run. `start_at`: a datetime or a duration
@@ -406,13 +406,14 @@ class WorkflowManager:
         if isinstance(queue, Queue):
             await self.declare_queue(queue)
         new_run = prepare_run(name, version, definition, input, options, trace_context=self.telemetry.caller_context())
+        output_type = definition.output_type if definition is not None else None
         worker = self.worker
         local = self.registry.find(name, version)
         if new_run.debounce is not None:
             run_id, created = await until_available(
                 lambda: self.backend.create_debounced_run(new_run), what="start run", give_up_after_s=30
             )
-            return RunHandle(self, run_id, name, created=created)
+            return RunHandle(self, run_id, name, created=created, output_type=output_type)
         if (
             worker is not None
             and local is not None
@@ -433,17 +434,17 @@ class WorkflowManager:
                 worker.release_slot(claimed, local)
             if created and claimed is None:
                 worker.wake()
-            return RunHandle(self, run_id, name, created=created)
+            return RunHandle(self, run_id, name, created=created, output_type=output_type)
         run_id, created = await until_available(
             lambda: self.backend.create_run(new_run), what="start run", give_up_after_s=30
         )
         if created and worker is not None and local is not None:
             worker.wake()  # all slots busy (or a delayed start): look again when one frees up
-        return RunHandle(self, run_id, name, created=created)
+        return RunHandle(self, run_id, name, created=created, output_type=output_type)
 
     async def run_many(
         self,
-        workflow: WorkflowSpec,
+        workflow: WorkflowSpec[R],
         inputs: Iterable[Any],
         *,
         idempotency_keys: Sequence[str | None] | None = None,
@@ -453,7 +454,7 @@ class WorkflowManager:
         priority: int = 0,
         concurrency_key: str | None = None,
         concurrency_keys: Sequence[str | None] | None = None,
-    ) -> list[RunHandle]:
+    ) -> list[RunHandle[R]]:
         """Start one run per input in one statement; the handles come back in input order. Every input is
         validated first: a bad one refuses the whole call, naming its index, and nothing is stored.
         `idempotency_keys`: one per input (None for none); a repeated key gives the existing run. `queue`,
@@ -488,7 +489,8 @@ class WorkflowManager:
         )
         if self.worker is not None and self.registry.find(name, version) is not None:
             self.worker.wake()
-        return [RunHandle(self, run_id, name, created=fresh) for run_id, fresh in created]
+        output_type = definition.output_type if definition is not None else None
+        return [RunHandle(self, run_id, name, created=fresh, output_type=output_type) for run_id, fresh in created]
 
     def handle(self, run_id: str, workflow_name: str = "") -> RunHandle:
         """A handle for a run started elsewhere."""
@@ -640,7 +642,8 @@ class WorkflowManager:
         )
         if self.worker is not None:
             self.worker.wake()
-        return RunHandle(self, new_run.id, source.workflow_name)
+        output_type = definition.output_type if definition is not None else None
+        return RunHandle(self, new_run.id, source.workflow_name, output_type=output_type)
 
     async def stranded_runs(self, *, stale_after: float = STALE_AFTER) -> list[StrandedRuns]:
         """Unfinished runs whose (workflow, version) no live worker registers (a worker is live when it

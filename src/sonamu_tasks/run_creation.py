@@ -18,7 +18,9 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
+
+from typing_extensions import TypeVar
 
 from . import limits, serde
 from .backends.base import NewRun
@@ -29,8 +31,11 @@ from .ids import new_run_id, new_run_ids
 from .queue import Queue, check_priority, queue_name
 from .registry import Registry
 
-WorkflowSpec = Mapping[str, Any] | WorkflowDefinition[Any, Any] | str
-"""What `run()` accepts: `{"name": ..., "version": ...}`, a definition, or a registered name."""
+R = TypeVar("R", default=Any)
+
+WorkflowSpec: TypeAlias = Mapping[str, Any] | WorkflowDefinition[Any, R] | str
+"""What `run()` accepts: `{"name": ..., "version": ...}`, a definition, or a registered name. `R`: what the
+workflow returns (typed only for a definition; Any for the others)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import json
 import math
 import re
 import traceback
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -58,6 +59,55 @@ def decode(value: Any, annotation: Any) -> Any:
     """Turn a JSON value back into `annotation` (a pydantic model, dataclass ...) when one is declared."""
     adapter = _adapter_for(annotation)
     return value if adapter is None else adapter.validate_python(value)
+
+
+def decode_output(value: Any, annotation: Any, what: str) -> Any:
+    """`decode` for a value read back as a type promised to the caller (a run's output): a value that does not
+    fit is a SerializationError naming `what` and the type, not pydantic's own error."""
+    adapter = _adapter_for(annotation)
+    if adapter is None:
+        return value
+    try:
+        return adapter.validate_python(value)
+    except Exception as error:
+        problems = "; ".join(validation_problems(error, "(output)"))
+        declared = _type_name(annotation)
+        raise SerializationError(f"{what} does not fit its declared type {declared}: {problems}") from error
+
+
+def declared_return(fn: Callable[..., Any]) -> Any:
+    """The return annotation of `fn`, resolved (None when there is none or it cannot be resolved)."""
+    # Bound methods are new objects at every access: cache on the function underneath.
+    return _declared_return(getattr(fn, "__func__", fn))
+
+
+@lru_cache(maxsize=1024)
+def _declared_return(fn: Callable[..., Any]) -> Any:
+    try:
+        return typing.get_type_hints(fn).get("return")
+    except Exception:  # unresolvable forward references, or not a function: hand back plain JSON
+        return None
+
+
+def validation_problems(error: Exception, whole: str = "(input)") -> list[str]:
+    """What a validation error says, one line per field ("order_id: Input should be a valid integer"); a
+    problem with the value as a whole is named `whole`."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):  # pydantic.ValidationError: one line per field
+        try:
+            problems = []
+            for item in errors():
+                location = ".".join(str(part) for part in item.get("loc", ())) or whole
+                problems.append(f"{location}: {item.get('msg', 'invalid')}")
+            if problems:
+                return problems
+        except Exception:  # not a pydantic error after all; fall through to its message
+            pass
+    return [f"{type(error).__name__}: {error}"]
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__qualname__ if isinstance(annotation, type) else repr(annotation).removeprefix("typing.")
 
 
 def encode_error(error: BaseException, *, step: str | None = None) -> dict[str, Any]:

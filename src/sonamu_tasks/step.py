@@ -10,12 +10,14 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeAlias, TypeVar, cast, overload
+
+from typing_extensions import TypeVar as DefaultedTypeVar
 
 from .definition import WorkflowDefinition, underscore_case
 from .duration import Duration, parse_duration
 from .errors import InvalidValue
-from .handle import RunHandle
+from .handle import R_co, RunHandle
 from .limits import shown
 from .queue import Queue
 from .retry import RetryPolicy, coerce_retry_policy
@@ -28,7 +30,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-ChildWorkflow = WorkflowDefinition[Any, Any] | Mapping[str, Any]
+W = DefaultedTypeVar("W", default=Any)
+"""What a child's workflow returns (Any for a child named by a mapping)."""
+
+ChildWorkflow: TypeAlias = WorkflowDefinition[Any, W] | Mapping[str, Any]
 """A child to start: a definition, or `{"name": ..., "version": ...}` (a workflow another fleet runs)."""
 
 
@@ -200,7 +205,7 @@ class StepWrapper:
     async def start_workflow(
         self,
         name: str,
-        workflow: ChildWorkflow,
+        workflow: ChildWorkflow[W],
         input: Any = None,
         *,
         detached: bool = False,
@@ -208,7 +213,7 @@ class StepWrapper:
         priority: int = 0,
         concurrency_key: str | None = None,
         deadline: datetime | Duration | None = None,
-    ) -> ChildHandle:
+    ) -> ChildHandle[W]:
         """Start a child run in step `name`, once: its id comes from (this run, `name`), so a replay or a
         take-over finds it instead of starting another. `await handle.result()` waits for it durably.
         Canceling this run cancels the child unless `detached`. `queue`, `priority`, `concurrency_key`: as
@@ -221,7 +226,7 @@ class StepWrapper:
     async def start_workflows(
         self,
         name: str,
-        workflow: ChildWorkflow,
+        workflow: ChildWorkflow[W],
         inputs: Iterable[Any],
         *,
         detached: bool = False,
@@ -229,7 +234,7 @@ class StepWrapper:
         priority: int = 0,
         concurrency_key: str | None = None,
         deadline: datetime | Duration | None = None,
-    ) -> list[ChildHandle]:
+    ) -> list[ChildHandle[W]]:
         """Start one child per input in one statement; the children are steps `"{name}[{index}]"`."""
         options = RunOptions(queue=queue, priority=priority, concurrency_key=concurrency_key, deadline=deadline)
         return await self._start_children(name, workflow, inputs, fan_out=True, detached=detached, options=options)
@@ -237,13 +242,13 @@ class StepWrapper:
     async def _start_children(
         self,
         name: str,
-        workflow: ChildWorkflow,
+        workflow: ChildWorkflow[W],
         inputs: Iterable[Any],
         *,
         fan_out: bool,
         detached: bool,
         options: RunOptions,
-    ) -> list[ChildHandle]:
+    ) -> list[ChildHandle[W]]:
         """The children of step `name`: one (step `name`), or one per input (steps `"{name}[{index}]"`)."""
         name = _step_name(name)
         spec = self._spec(workflow)
@@ -253,15 +258,16 @@ class StepWrapper:
             await self._attempt.hooks.manager.declare_queue(options.queue)
         ids = await self._attempt.start_children(name, children, fan_out=fan_out, detached=detached, options=options)
         steps = [f"{name}[{index}]" for index in range(len(ids))] if fan_out else [name]
+        output_type = spec[2].output_type if spec[2] is not None else None
         return [
-            ChildHandle(self._attempt, child_id, spec[0], step, fan_out=fan_out)
+            ChildHandle(self._attempt, child_id, spec[0], step, fan_out=fan_out, output_type=output_type)
             for child_id, step in zip(ids, steps, strict=True)
         ]
 
     async def run_workflow(
         self,
         name: str,
-        workflow: ChildWorkflow,
+        workflow: ChildWorkflow[W],
         input: Any = None,
         *,
         detached: bool = False,
@@ -269,7 +275,7 @@ class StepWrapper:
         priority: int = 0,
         concurrency_key: str | None = None,
         deadline: datetime | Duration | None = None,
-    ) -> Any:
+    ) -> W:
         """`start_workflow` and wait for the child's output (ChildWorkflowFailed if it failed)."""
         child = await self.start_workflow(
             name,
@@ -287,7 +293,7 @@ class StepWrapper:
         return resolve(workflow, self._attempt.hooks.registry)
 
 
-class ChildHandle(RunHandle):
+class ChildHandle(RunHandle[R_co]):
     """A child run started by a workflow step: a `RunHandle` whose `await result()` is a durable wait (the
     parent parks without a worker slot until the child finishes, and every replay sees the same outcome).
 
@@ -295,8 +301,17 @@ class ChildHandle(RunHandle):
     once, as from outside the workflow: they are not checkpointed, so a replay calls them again. Call them
     inside a step when that matters."""
 
-    def __init__(self, attempt: Attempt, run_id: str, workflow_name: str, step_name: str, *, fan_out: bool) -> None:
-        super().__init__(attempt.hooks.manager, run_id, workflow_name)
+    def __init__(
+        self,
+        attempt: Attempt,
+        run_id: str,
+        workflow_name: str,
+        step_name: str,
+        *,
+        fan_out: bool,
+        output_type: Any = None,
+    ) -> None:
+        super().__init__(attempt.hooks.manager, run_id, workflow_name, output_type=output_type)
         self._attempt = attempt
         self.step_name = step_name
         self._fan_out = fan_out
@@ -304,8 +319,9 @@ class ChildHandle(RunHandle):
     def __repr__(self) -> str:
         return f"<ChildHandle {self.workflow_name} {self.id} (step {self.step_name!r})>"
 
-    async def result(self, timeout: float | None = None) -> Any:
-        """The child's output; raises ChildWorkflowFailed (with the child's error) if it failed or was canceled.
+    async def result(self, timeout: float | None = None) -> R_co:
+        """The child's output, as the type its workflow declares; raises ChildWorkflowFailed (with the child's
+        error) if it failed or was canceled.
 
         No `timeout`: the wait is durable and lasts as long as the child does (which a `deadline` given to
         `start_workflow` can bound, as for `run()`)."""
@@ -315,7 +331,8 @@ class ChildHandle(RunHandle):
                 " takes no timeout (the wait is durable: it lasts as long as the child)",
                 field="timeout",
             )
-        return await self._attempt.child_result(self.step_name, self.id, self.workflow_name, fan_out=self._fan_out)
+        output = await self._attempt.child_result(self.step_name, self.id, self.workflow_name, fan_out=self._fan_out)
+        return cast(R_co, self._decoded(output))
 
 
 def _iterable(items: Any, where: str, field: str) -> Iterator[Any]:

@@ -19,32 +19,43 @@ import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar, cast
 
+from . import serde
 from .backends.base import MessageRecord, QueueStats, RunEventRecord, RunRecord, ScheduleRecord, WorkerRecord
 from .config import Config, define_config
 from .duration import Duration
-from .handle import RunHandle
+from .handle import R_co, RunHandle
 from .manager import RunPage, StrandedRuns, WorkflowManager
 from .queue import Queue
 from .records import STALE_AFTER
 from .retention import BATCH_SIZE, Progress
-from .run_creation import WorkflowSpec
+from .run_creation import R, WorkflowSpec
 from .status import RunStatus
 
 T = TypeVar("T")
 
 
-class SyncRunHandle:
+class SyncRunHandle(Generic[R_co]):
     """`RunHandle` for synchronous code: the same attributes and methods, each blocking the calling thread."""
 
-    def __init__(self, client: SyncClient, run_id: str, workflow_name: str, *, created: bool = True) -> None:
+    def __init__(
+        self,
+        client: SyncClient,
+        run_id: str,
+        workflow_name: str,
+        *,
+        created: bool = True,
+        output_type: Any = None,
+    ) -> None:
         self._client = client
         self.id = run_id
         self.workflow_name = workflow_name
         """The workflow's name; "" for a handle made by `handle(run_id)` without one."""
         self.created = created
         """False when `run()` found an existing run for the idempotency key."""
+        self.output_type = output_type
+        """The type `result()` rebuilds the output as (see `RunHandle.output_type`)."""
 
     def __repr__(self) -> str:
         return f"<SyncRunHandle {self.workflow_name} {self.id}>"
@@ -55,8 +66,11 @@ class SyncRunHandle:
     def info(self, *, with_steps: bool = False) -> RunRecord:
         return self._client.get_run(self.id, with_steps=with_steps)
 
-    def result(self, timeout: float | None = None) -> Any:
-        return self._client.wait_for_result(self.id, timeout=timeout)
+    def result(self, timeout: float | None = None) -> R_co:
+        """The run's output, as the type its workflow declares (see `RunHandle.result`)."""
+        output = self._client.wait_for_result(self.id, timeout=timeout)
+        where = f"the output of run {self.id} ({self.workflow_name})"
+        return cast(R_co, serde.decode_output(output, self.output_type, where))
 
     def get_event(self, key: str, timeout: float | None = None) -> Any:
         return self._client.get_event(self.id, key, timeout=timeout)
@@ -104,7 +118,7 @@ class SyncClient:
 
     def run(
         self,
-        workflow: WorkflowSpec,
+        workflow: WorkflowSpec[R],
         input: Any = None,
         *,
         idempotency_key: str | None = None,
@@ -115,7 +129,7 @@ class SyncClient:
         concurrency_key: str | None = None,
         debounce: Duration | None = None,
         debounce_key: str | None = None,
-    ) -> SyncRunHandle:
+    ) -> SyncRunHandle[R]:
         """Start a run (see `WorkflowManager.run` for the options) and return its handle at once."""
         handle = self._call(
             self.manager.run(
@@ -149,7 +163,7 @@ class SyncClient:
 
     def run_many(
         self,
-        workflow: WorkflowSpec,
+        workflow: WorkflowSpec[R],
         inputs: Iterable[Any],
         *,
         idempotency_keys: Sequence[str | None] | None = None,
@@ -159,7 +173,7 @@ class SyncClient:
         priority: int = 0,
         concurrency_key: str | None = None,
         concurrency_keys: Sequence[str | None] | None = None,
-    ) -> list[SyncRunHandle]:
+    ) -> list[SyncRunHandle[R]]:
         """Start many runs in one statement (see `WorkflowManager.run_many`)."""
         handles = self._call(
             self.manager.run_many(
@@ -307,8 +321,10 @@ class SyncClient:
         self._thread.join(timeout=10)
         self._loop.close()
 
-    def _sync(self, handle: RunHandle) -> SyncRunHandle:
-        return SyncRunHandle(self, handle.id, handle.workflow_name, created=handle.created)
+    def _sync(self, handle: RunHandle[R]) -> SyncRunHandle[R]:
+        return SyncRunHandle(
+            self, handle.id, handle.workflow_name, created=handle.created, output_type=handle.output_type
+        )
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

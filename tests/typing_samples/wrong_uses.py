@@ -28,6 +28,10 @@ async def send_invoice(input: int, step: StepWrapper) -> int:
     return receipts[0] + total
 
 
+async def output_as_text(manager: WorkflowManager) -> str:
+    return await (await manager.run(send_invoice, 7)).result()  # error: return-value
+
+
 async def start(manager: WorkflowManager) -> None:
     await manager.run(send_invoice, 7, idempotency_kye="order-7")  # error: call-arg
     await send_invoice.run(7, priorty=1)  # error: call-arg

@@ -34,10 +34,10 @@ from ..config import define_config
 from ..definition import WorkflowDefinition
 from ..duration import Duration, parse_duration
 from ..errors import ResultTimeout, SonamuTasksError, WorkflowNotRegistered
-from ..handle import RunHandle
+from ..handle import R_co, RunHandle
 from ..manager import WorkflowManager
 from ..queue import Queue, served_queues
-from ..run_creation import WorkflowSpec
+from ..run_creation import R, WorkflowSpec
 from .mocks import StepMocks, stand_in
 
 # Leases far longer than any advance: a run executing while the test moves the clock keeps its claim (with
@@ -156,7 +156,7 @@ class WorkflowTestEnv:
 
     async def run(
         self,
-        workflow: WorkflowSpec,
+        workflow: WorkflowSpec[R],
         input: Any = None,
         *,
         idempotency_key: str | None = None,
@@ -167,7 +167,7 @@ class WorkflowTestEnv:
         concurrency_key: str | None = None,
         debounce: Duration | None = None,
         debounce_key: str | None = None,
-    ) -> TestRunHandle:
+    ) -> TestRunHandle[R]:
         """Start a run (see `WorkflowManager.run` for the options). A workflow not registered with the
         environment is refused (WorkflowNotRegistered): nothing would ever run it."""
         await self._ready("run")
@@ -184,7 +184,9 @@ class WorkflowTestEnv:
             debounce=debounce,
             debounce_key=debounce_key,
         )
-        return TestRunHandle(self, handle.id, handle.workflow_name, created=handle.created)
+        return TestRunHandle(
+            self, handle.id, handle.workflow_name, created=handle.created, output_type=handle.output_type
+        )
 
     def handle(self, run_id: str) -> TestRunHandle:
         return TestRunHandle(self, run_id, "")
@@ -324,18 +326,26 @@ class WorkflowTestEnv:
         return min((moment for moment in moments if moment < PARKED_FOREVER), default=None)
 
 
-class TestRunHandle(RunHandle):
+class TestRunHandle(RunHandle[R_co]):
     """A RunHandle whose `result()` moves the test clock while the run only waits for time to pass."""
 
     __test__ = False
 
-    def __init__(self, env: WorkflowTestEnv, run_id: str, workflow_name: str, *, created: bool = True) -> None:
-        super().__init__(env.manager, run_id, workflow_name, created=created)
+    def __init__(
+        self,
+        env: WorkflowTestEnv,
+        run_id: str,
+        workflow_name: str,
+        *,
+        created: bool = True,
+        output_type: Any = None,
+    ) -> None:
+        super().__init__(env.manager, run_id, workflow_name, created=created, output_type=output_type)
         self._env = env
 
-    async def result(self, timeout: float | None = 30.0) -> Any:
-        """The run's output (WorkflowFailed if it failed). While the engine is idle and the run unfinished,
-        the clock skips to the next due moment. `timeout` is in real seconds."""
+    async def result(self, timeout: float | None = 30.0) -> R_co:
+        """The run's output, as the type its workflow declares (WorkflowFailed if it failed). While the engine
+        is idle and the run unfinished, the clock skips to the next due moment. `timeout` is in real seconds."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
