@@ -539,52 +539,45 @@ async def test_a_process_without_the_code_starts_runs_for_a_worker_that_has_it(m
     assert (await unknown_version.info()).attempts == 0
 
 
+class Holders:
+    """A workflow whose one step holds until `release` is set, counting the runs holding at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+        self.release = asyncio.Event()
+
+        async def hold() -> None:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            await self.release.wait()
+            self.running -= 1
+
+        @workflow(version="1")
+        async def holder(step: Any) -> None:
+            await step.define("hold", hold).run()
+
+        self.workflow = holder
+
+
 async def test_concurrency_bounds_the_runs_executing_at_once(manager_for: Any) -> None:
-    running = 0
-    peak = 0
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await release.wait()
-        running -= 1
-
-    @workflow(version="1")
-    async def holder(step: Any) -> None:
-        await step.define("hold", hold).run()
-
-    manager = await manager_for([holder], concurrency=2)
-    handles = [await manager.run(holder) for _ in range(5)]
-    await wait_until(lambda: running == 2, what="two runs to hold their slots")
+    holders = Holders()
+    manager = await manager_for([holders.workflow], concurrency=2)
+    handles = [await manager.run(holders.workflow) for _ in range(5)]
+    await wait_until(lambda: holders.running == 2, what="two runs to hold their slots")
     statuses = [await h.status() for h in handles]
     assert statuses.count(RunStatus.RUNNING) == 2 and statuses.count(RunStatus.PENDING) == 3
-    release.set()
+    holders.release.set()
     for handle in handles:
         await handle.result(timeout=15)
-    assert peak == 2
+    assert holders.peak == 2
 
 
 async def test_concurrency_holds_when_runs_start_in_process_during_a_claim(manager_for: Any) -> None:
     """A claim in flight has counted its free slots: run() calls of this process that insert their runs
     already claimed meanwhile must not take those slots too (CI once saw concurrency 2 run 3 at once)."""
-    running = 0
-    peak = 0
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await release.wait()
-        running -= 1
-
-    @workflow(version="1")
-    async def holder(step: Any) -> None:
-        await step.define("hold", hold).run()
-
-    manager = await manager_for([holder], concurrency=2)
+    holders = Holders()
+    manager = await manager_for([holders.workflow], concurrency=2)
     backend, worker = manager.backend, manager.worker
     real_claim = backend.claim_runs
     in_claim, gate, claim_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -601,19 +594,19 @@ async def test_concurrency_holds_when_runs_start_in_process_during_a_claim(manag
     try:
         worker.wake()
         await asyncio.wait_for(in_claim.wait(), 15)
-        handles = [await manager.run(holder) for _ in range(3)]
+        handles = [await manager.run(holders.workflow) for _ in range(3)]
         gate.set()
         await asyncio.wait_for(claim_done.wait(), 15)
         statuses = [await h.status() for h in handles]
         assert statuses.count(RunStatus.RUNNING) == 2 and statuses.count(RunStatus.PENDING) == 1
-        await wait_until(lambda: running == 2, what="two runs to hold their slots")
+        await wait_until(lambda: holders.running == 2, what="two runs to hold their slots")
     finally:
         gate.set()
         backend.claim_runs = real_claim
-        release.set()
+        holders.release.set()
     for handle in handles:
         await handle.result(timeout=15)
-    assert peak == 2
+    assert holders.peak == 2
 
 
 async def test_start_at_delays_the_first_claim(manager_for: Any) -> None:

@@ -125,7 +125,6 @@ async def test_a_web_process_gets_outputs_as_the_type_the_workflow_declares(
     assert await blocking(client.handle(handle.id).result, timeout=15) == {"hello": "ada"}
 
 
-
 async def test_a_web_process_reads_runs_and_waits_for_their_results_by_id(manager_for: Any, client: SyncClient) -> None:
     manager = await manager_for([web_greet, web_refuse, web_parent])
     # given runs started from the web process
