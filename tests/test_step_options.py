@@ -158,8 +158,15 @@ async def test_a_hanging_sync_step_times_out_its_late_result_is_discarded_and_a_
     async def other(step: Any) -> Any:
         return await step.define("quick", lambda: "quick").run()
 
-    manager = await manager_for([guarded, other], concurrency=1)
+    @workflow(version="1")
+    async def two_at_once(step: Any) -> Any:
+        return await asyncio.gather(step.define("a", time.sleep).run(0.05), step.define("b", time.sleep).run(0.05))
+
+    manager = await manager_for([guarded, other, two_at_once], concurrency=1)
     caplog.set_level(logging.WARNING, logger="sonamu_tasks.threads")
+    # A step that queued for the only thread first (the pool once miscounted its idle threads after that,
+    # and the step after the stuck one queued behind it, its run 'running' until the stuck step returned).
+    await (await manager.run(two_at_once)).result(timeout=15)
     handle = await manager.run(guarded)
     with pytest.raises(WorkflowFailed, match="StepTimeout"):
         await handle.result(timeout=15)

@@ -28,8 +28,11 @@ class StepThreads(Executor):
         self._name = name
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
+        # Counted exactly, under the lock: the threads waiting for work, and the steps queued that no thread
+        # has taken yet. A step needs a new thread when the queued ones outnumber the idle threads.
+        self._idle = 0
+        self._queued = 0
         self._closed = False
         self._abandoned = 0  # threads still running a step whose attempt gave up on it (a timeout)
 
@@ -39,14 +42,20 @@ class StepThreads(Executor):
                 raise RuntimeError("cannot run a step: the worker is shutting down")
             future: Future[T] = Future()
             self._queue.put((future, fn, args, kwargs))
-            # A thread running an abandoned step does not count against the pool: the others stay available.
-            room = self._max_workers + self._abandoned
-            if not self._idle.acquire(blocking=False) and len(self._threads) < room:
-                name = f"{self._name}-{len(self._threads)}"
-                thread = threading.Thread(target=self._work, name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
+            self._queued += 1
+            self._grow()
             return future
+
+    def _grow(self) -> None:
+        """Start a thread if a queued step has no idle thread to take it and there is room (under the lock)."""
+        # A thread running an abandoned step does not count against the pool: the others stay available.
+        room = self._max_workers + self._abandoned
+        while self._queued > self._idle and len(self._threads) < room:
+            name = f"{self._name}-{len(self._threads)}"
+            thread = threading.Thread(target=self._work, name=name, daemon=True)
+            self._idle += 1  # it takes a queued step as soon as it starts
+            thread.start()
+            self._threads.append(thread)
 
     def abandon(self, future: Future[Any], what: str) -> None:
         """The step running as `future` timed out: a thread cannot be stopped, so it runs on and its result
@@ -57,6 +66,7 @@ class StepThreads(Executor):
                 return
             self._abandoned += 1
             abandoned = self._abandoned
+            self._grow()  # a step queued behind the abandoned one gets a thread of its own now
         future.add_done_callback(self._reclaimed)
         log = logger.error if abandoned >= self._max_workers else logger.warning
         log(
@@ -80,6 +90,7 @@ class StepThreads(Executor):
                     except queue.Empty:
                         break
                     if work is not None:
+                        self._queued -= 1
                         work[0].cancel()
             for _ in self._threads:
                 self._queue.put(None)
@@ -88,14 +99,19 @@ class StepThreads(Executor):
                 thread.join()
 
     def _work(self) -> None:
+        # Starts counted idle (by _grow); each step taken makes it busy until the step ends.
         while True:
             work = self._queue.get()
             if work is None:
                 return
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
             future, fn, args, kwargs = work
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args, **kwargs))
                 except BaseException as error:
                     future.set_exception(error)
-            self._idle.release()
+            with self._lock:
+                self._idle += 1
