@@ -233,6 +233,43 @@ async def test_a_queued_sync_step_given_up_on_never_runs(manager_for: Any) -> No
     assert [s.name for s in run.steps] == ["busy", "after"]
 
 
+async def test_a_cancelled_error_raised_by_the_users_own_code_is_a_failure_retried_by_the_policy(
+    manager_for: Any,
+) -> None:
+    calls = {"step": 0, "workflow": 0}
+
+    async def awaits_what_it_cancelled() -> None:
+        calls["step"] += 1
+        task = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        task.cancel()
+        await task  # raises CancelledError into the step, though nothing cancelled the run
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=2, initial_interval_ms=10))
+    async def in_a_step(step: Any) -> None:
+        await step.define("bad", awaits_what_it_cancelled).run()
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def in_the_workflow() -> None:
+        calls["workflow"] += 1
+        task = asyncio.create_task(asyncio.sleep(10))
+        task.cancel()
+        await task
+
+    manager = await manager_for([in_a_step, in_the_workflow], lease_ms=1000)
+    step_run = await manager.run(in_a_step)
+    with pytest.raises(WorkflowFailed, match="step 'bad' raised CancelledError"):
+        await step_run.result(timeout=15)
+    run = await step_run.info()
+    # Failed by its retry policy (2 attempts), not taken over again and again as a run whose worker vanished.
+    assert (run.attempts, run.recoveries, calls["step"]) == (2, 0, 2)
+    assert run.error is not None and run.error["step"] == "bad"
+    workflow_run = await manager.run(in_the_workflow)
+    with pytest.raises(WorkflowFailed, match="workflow 'in_the_workflow' raised CancelledError"):
+        await workflow_run.result(timeout=15)
+    assert (await workflow_run.info()).recoveries == 0 and calls["workflow"] == 1
+
+
 async def test_bad_step_options_fail_the_run_naming_the_step(manager_for: Any) -> None:
     @workflow(version="1", retry_policy=RetryPolicy(max_attempts=5, initial_interval_ms=20))
     async def wrong(step: Any) -> Any:

@@ -284,7 +284,10 @@ class Attempt:
                 arguments["version"] = self.definition.version
             elif parameter == "context":
                 arguments["context"] = await self._context()
-        return await self.definition.fn(**arguments)
+        try:
+            return await self.definition.fn(**arguments)
+        except asyncio.CancelledError as error:
+            raise _own_cancellation(error, f"workflow {self.definition.name!r}") from error
 
     async def _context(self) -> Any:
         default = {
@@ -878,6 +881,8 @@ class Attempt:
                 if limit.expired():
                     raise self._timed_out(name, seconds) from error
                 raise
+            except asyncio.CancelledError as error:
+                raise _own_cancellation(error, f"step {name!r}") from error
         # Sync steps run in the worker's thread pool so they never block the event loop.
         context = contextvars.copy_context()
         try:
@@ -975,6 +980,20 @@ def _retrieve_error(task: asyncio.Task[None]) -> None:
 _NO_SCOPE = contextlib.nullcontext()
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _own_cancellation(error: asyncio.CancelledError, what: str) -> BaseException:
+    """A CancelledError out of user code: re-raised as it is when this task is being cancelled (the attempt is
+    ending, a timeout or `wait_for` gave up on the branch), otherwise the user's code raised it itself (it
+    awaited a task it had cancelled) and it is an ordinary failure, retried by the retry policy. Left as a
+    CancelledError it would end the attempt as if the worker had stopped it: no failure recorded, the run
+    left 'running' until its lease ran out, taken over and its step run again, up to max_recoveries times."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return error
+    return RuntimeError(
+        f"{what} raised CancelledError, but nothing cancelled the run (a task it awaited was cancelled?)"
+    )
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
