@@ -73,7 +73,7 @@ async def test_a_paused_worker_cannot_overwrite_the_take_over(client: Any, start
     handle = await client.run(WORKFLOW, {"dir": str(tmp_path)})
     await wait_until(lambda: steps_started(tmp_path, "two-start"), what="step two to start")
 
-    os.kill(stalled.pid, signal.SIGSTOP)  # a long GC pause, a partition: it keeps believing it owns the run
+    stalled.freeze()  # a long GC pause, a partition: it keeps believing it owns the run
     rescuer = start_worker("rescuer", lease_ms=600)
     await wait_until(lambda: rescuer.pid in steps_started(tmp_path, "two-start"), what="the take-over")
     (tmp_path / "release").touch()
@@ -98,7 +98,7 @@ async def test_a_worker_told_by_its_heartbeat_that_it_lost_a_lease_counts_the_lo
     handle = await client.run(WORKFLOW, {"dir": str(tmp_path)})
     await wait_until(lambda: steps_started(tmp_path, "two-start"), what="step two to start")
 
-    os.kill(stalled.pid, signal.SIGSTOP)
+    stalled.freeze()
     rescuer = start_worker("rescuer", lease_ms=600)
     await wait_until(lambda: rescuer.pid in steps_started(tmp_path, "two-start"), what="the take-over")
     os.kill(stalled.pid, signal.SIGCONT)  # step two still waits for the release file
@@ -124,7 +124,7 @@ async def test_a_worker_stopped_past_its_lease_starts_no_step_when_it_resumes(
     handle = await client.run({"name": "mapped", "version": "1"}, {"dir": str(tmp_path)})
     await wait_until(lambda: len(starts_by(tmp_path, stalled.pid)) == 2, what="two items to start (the third queues)")
 
-    os.kill(stalled.pid, signal.SIGSTOP)
+    stalled.freeze()
     rescuer = start_worker("rescuer", lease_ms=600, workflows="mapped")
     await wait_until(lambda: starts_by(tmp_path, rescuer.pid), what="the take-over")
     (tmp_path / "release").touch()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +30,30 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
         )
         self.pid = self.process.pid
+        self.url = url
+
+    def freeze(self) -> None:
+        """SIGSTOP: a long GC pause, a partition; it keeps believing it owns its runs. On SQLite, frozen at a
+        moment it holds no write lock: a process stopped inside a write transaction (a heartbeat, say) blocks
+        every other writer until it resumes, which SQLite cannot help, and the test would wait for a take-over
+        that cannot happen."""
+        os.kill(self.pid, signal.SIGSTOP)
+        if not self.url.startswith("sqlite:"):
+            return
+        path = self.url.removeprefix("sqlite:///")
+        for _ in range(50):
+            connection = sqlite3.connect(path, timeout=0.2)
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.rollback()
+                return
+            except sqlite3.OperationalError:  # locked by the frozen worker: let it finish, and freeze it again
+                os.kill(self.pid, signal.SIGCONT)
+                time.sleep(0.05)
+                os.kill(self.pid, signal.SIGSTOP)
+            finally:
+                connection.close()
+        raise AssertionError(f"worker {self.pid} held SQLite's write lock at every one of 50 freezes")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
