@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sonamu_tasks import RunNotFound, RunStatus, StepStatus, WorkflowFailed, workflow
+from sonamu_tasks import InvalidValue, RunNotFound, RunStatus, StepStatus, WorkflowFailed, workflow
 
 from .conftest import wait_until
 
@@ -78,6 +78,32 @@ async def test_send_to_an_unknown_run_raises_run_not_found(manager_for: Any) -> 
         await manager.send("01234567-89ab-7def-8123-456789abcdef", "hi")
 
 
+async def test_a_message_no_receive_could_tell_apart_or_take_is_refused_and_nothing_is_stored(
+    manager_for: Any,
+) -> None:
+    @workflow(version="1")
+    async def quick() -> str:
+        return "done"
+
+    manager = await manager_for([approval, quick])
+    waiting = await manager.run(approval)
+    await wait_until(lambda: _status_is(waiting, RunStatus.WAITING), what="the run waiting")
+    # None is what receive and wait_for_event return at their timeout: sent, it would read as "no answer".
+    refused = rf"the message to run {waiting.id} on topic 'approval' is None, which step\.receive"
+    with pytest.raises(InvalidValue, match=refused):
+        await manager.send(waiting.id, None, topic="approval")
+    with pytest.raises(InvalidValue, match=r"the payload of event 'order\.paid' is None, which step\.wait_for_event"):
+        await manager.emit("order.paid", None, key="7")
+    assert await manager.list_messages(waiting.id) == [] and await waiting.status() is RunStatus.WAITING
+    # A completed run: no receive would ever take it.
+    done = await manager.run(quick)
+    assert await done.result(timeout=15) == "done"
+    with pytest.raises(InvalidValue, match=f"run {done.id} is completed: no step.receive would ever take"):
+        await manager.send(done.id, {"approved": True}, topic="approval")
+    assert await manager.list_messages(done.id) == []
+    await waiting.cancel()
+
+
 async def test_a_waiting_run_frees_its_slot_for_other_runs(manager_for: Any) -> None:
     @workflow(version="1")
     async def quick(input: Any) -> Any:
@@ -113,7 +139,7 @@ async def test_set_event_is_read_from_outside_latest_wins_and_get_event_waits(ma
     handle = await manager.run(progress)
     assert await handle.get_event("progress", timeout=15) == {"done": 40}
     waiter = asyncio.create_task(handle.get_event("never-set", timeout=15))
-    await manager.send(handle.id, None, topic="go")
+    await manager.send(handle.id, True, topic="go")
     assert await handle.result(timeout=15) == "done"
     assert await handle.get_event("progress") == {"done": 100}
     assert await asyncio.wait_for(waiter, 10) is None  # the run finished without setting it: None at once

@@ -328,7 +328,7 @@ async def test_an_event_emitted_before_the_run_was_created_is_not_delivered_to_i
 async def test_using_the_environment_outside_its_async_with_says_so() -> None:
     env = WorkflowTestEnv(workflows=[weekly_digest], start=START)
     env.mock_step("send", return_value="mocked")  # kept, and used once it starts
-    for call in (env.run(weekly_digest), env.advance("1d"), env.until_idle(), env.emit("e"), env.send("x")):
+    for call in (env.run(weekly_digest), env.advance("1d"), env.until_idle(), env.emit("e", True), env.send("x", True)):
         with pytest.raises(SonamuTasksError, match=r"not running; use it as `async with WorkflowTestEnv"):
             await call
     async with env:

@@ -68,7 +68,7 @@ class RunHandle(Generic[R_co]):
         run finished without setting it, or after `timeout` seconds."""
         return await self._manager.get_event(self.id, key, timeout=timeout)
 
-    async def send(self, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
+    async def send(self, message: Any, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
         """Send the run a message (see `WorkflowManager.send`)."""
         return await self._manager.send(self.id, message, topic=topic, idempotency_key=idempotency_key)
 

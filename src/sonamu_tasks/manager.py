@@ -691,33 +691,44 @@ class WorkflowManager:
     # messages and events
 
     async def send(
-        self, run_id: str, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None
+        self, run_id: str, message: Any, *, topic: str | None = None, idempotency_key: str | None = None
     ) -> bool:
         """Send `message` to run `run_id` on `topic` (its `step.receive` takes it, once). Stored durably
         whatever the run is doing; a waiting run is woken. Returns False when `idempotency_key` was used for
-        this run before (the message is stored once). RunNotFound for an unknown run."""
+        this run before (the message is stored once). RunNotFound for an unknown run; InvalidValue for a
+        completed run (nothing stored) and for a None message (receive's timeout gives None)."""
         run_id = stored_run_id(run_id)
         topic = DEFAULT_TOPIC if topic is None else check_topic(topic)
         # Without a key of the caller's, one of ours: a send made again after a lost answer (a reconnect) then
         # finds the message it stored instead of storing it twice.
         # It starts with a control character, which no caller's key may hold, and is not shown (list_messages).
         key = f"{_OUR_KEY}{uuid.uuid4()}" if idempotency_key is None else check_idempotency_key(idempotency_key)
-        payload = serde.dumps(message, what=f"the message to run {run_id} on topic {topic!r}")
-        stored = await until_available(
+        what = f"the message to run {run_id} on topic {topic!r}"
+        _refuse_none(message, what, "step.receive", field="message")
+        payload = serde.dumps(message, what=what)
+        sent = await until_available(
             lambda: self.backend.send_message(run_id, topic, payload, key), what="send message", give_up_after_s=30
         )
-        if stored is None:
+        if sent == "no_run":
             raise RunNotFound(f"no run with id {run_id}")
+        if sent == "completed":
+            raise InvalidValue(
+                f"run {run_id} is completed: no step.receive would ever take {what}, so it was not stored"
+                " (a failed or canceled run keeps its messages for a retry)",
+                field="run_id",
+            )
         if self.worker is not None:
             self.worker.wake()  # the run may be due now, and may be this worker's to claim
-        return stored or idempotency_key is None
+        return sent == "stored" or idempotency_key is None
 
-    async def emit(self, event: str, payload: Any = None, *, key: str | None = None) -> int:
+    async def emit(self, event: str, payload: Any, *, key: str | None = None) -> int:
         """Broadcast `event` (with `key`): every run waiting for it in `step.wait_for_event` gets `payload`,
         and so does every run created before now that reaches such a wait later. Returns the runs woken."""
         name = check_name(event, field="event name")
         event_key = "" if key is None else check_name(key, field="event key", limit=MAX_KEY_LENGTH)
-        encoded = serde.dumps(payload, what=f"the payload of event {name!r}")
+        what = f"the payload of event {name!r}"
+        _refuse_none(payload, what, "step.wait_for_event", field="payload")
+        encoded = serde.dumps(payload, what=what)
         woken = await until_available(
             lambda: self.backend.emit_event(name, event_key, encoded), what="emit event", give_up_after_s=30
         )
@@ -830,3 +841,14 @@ def _status_filter(status: RunStatus | str | Iterable[RunStatus | str] | None) -
                 f"list_runs status {shown(item)} is not a run status; one of {known}", field="status"
             ) from None
     return tuple(statuses)
+
+
+def _refuse_none(value: Any, what: str, waiter: str, *, field: str) -> None:
+    """None is what `waiter` returns at its timeout: a None sent would read as "nothing came" (a refusal, a
+    cancellation), at once and silently."""
+    if value is None:
+        raise InvalidValue(
+            f"{what} is None, which {waiter} also returns at its timeout: send a value that says something"
+            " (True, a dict ...)",
+            field=field,
+        )

@@ -87,7 +87,7 @@ class SyncRunHandle(Generic[R_co]):
     def retry(self) -> RunStatus:
         return self._client.retry(self.id)
 
-    def send(self, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
+    def send(self, message: Any, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
         return self._client.send(self.id, message, topic=topic, idempotency_key=idempotency_key)
 
 
@@ -147,13 +147,11 @@ class SyncClient:
         )
         return self._sync(handle)
 
-    def send(
-        self, run_id: str, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None
-    ) -> bool:
+    def send(self, run_id: str, message: Any, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:
         """Send a message to a run (see `WorkflowManager.send`)."""
         return self._call(self.manager.send(run_id, message, topic=topic, idempotency_key=idempotency_key))
 
-    def emit(self, event: str, payload: Any = None, *, key: str | None = None) -> int:
+    def emit(self, event: str, payload: Any, *, key: str | None = None) -> int:
         """Broadcast an event (see `WorkflowManager.emit`)."""
         return self._call(self.manager.emit(event, payload, key=key))
 

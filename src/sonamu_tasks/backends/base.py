@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ..queue import Queue
 from ..records import CutValue as CutValue
@@ -69,6 +69,9 @@ RunWrite = tuple[str, str, tuple[Checkpoint, ...], str | None]
 """A group-commit item: (run id, lease token, checkpoints, output JSON when the run completes with them)."""
 
 FOREVER = datetime(2999, 12, 31, tzinfo=UTC)
+
+MessageSent = Literal["stored", "repeated", "no_run", "completed"]
+"""What became of a message sent (`Backend.send_message`)."""
 """available_at of a run that waits with no timeout: only the event it waits for makes it due."""
 
 
@@ -345,9 +348,9 @@ class Backend(ScheduleStore, Protocol):
 
     async def send_message(
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
-    ) -> bool | None:
-        """Store a message for a run and wake it if it waits: True if stored, False for a repeated
-        idempotency key, None when there is no such run."""
+    ) -> MessageSent:
+        """Store a message for a run and wake it if it waits: "stored"; "repeated" for an idempotency key
+        used before; "no_run" when there is no such run; "completed" (nothing stored) for a completed run."""
         ...
 
     async def emit_event(self, name: str, key: str, payload_json: str) -> int:

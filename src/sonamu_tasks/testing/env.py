@@ -192,12 +192,12 @@ class WorkflowTestEnv:
         return TestRunHandle(self, run_id, "")
 
     async def send(
-        self, run_id: str, message: Any = None, *, topic: str | None = None, idempotency_key: str | None = None
+        self, run_id: str, message: Any, *, topic: str | None = None, idempotency_key: str | None = None
     ) -> bool:
         await self._ready("send")
         return await self.manager.send(run_id, message, topic=topic, idempotency_key=idempotency_key)
 
-    async def emit(self, event: str, payload: Any = None, *, key: str | None = None) -> int:
+    async def emit(self, event: str, payload: Any, *, key: str | None = None) -> int:
         """Broadcast an event; the clock moves a microsecond after it (see the module's docstring)."""
         await self._ready("emit")
         return await self.manager.emit(event, payload, key=key)

@@ -30,6 +30,7 @@ from ..base import (
     FinishedRuns,
     LeaseLost,
     MessageRecord,
+    MessageSent,
     NewRun,
     Notifications,
     QueueStats,
@@ -763,16 +764,20 @@ class PostgresBackend:
     @_transient
     async def send_message(
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
-    ) -> bool | None:
+    ) -> MessageSent:
         params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
         with self._wakeups.turn() as along:  # the statement carries the NOTIFY if it wakes the run
             async with self._connection() as conn:
-                found, stored, woke, _ = await self._one(
+                found, taken, stored, woke, _ = await self._one(
                     conn, "send_message", {**params, "notify": along, "channel": self.channel}
                 )
         if woke is not None and not along:
             self._wakeups.runs_woken([woke])
-        return None if not found else bool(stored)
+        if not found:
+            return "no_run"
+        if not taken:
+            return "completed"
+        return "stored" if stored else "repeated"
 
     @_transient
     async def emit_event(self, name: str, key: str, payload_json: str) -> int:

@@ -403,16 +403,20 @@ SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM notified)
 -- A message to a run: stored once per idempotency key; a waiting run is made due now. Updating the run's row
 -- first orders this against a park (see lock_parking_run). The woken run's workers are told by this process
 -- (0015_senders_notify_after_commit.sql): `woke` is its workflow; `notify`: this statement carries the NOTIFY,
--- "w:" as for any waiting run woken (0017_woken_runs_notify_urgently.sql).
+-- "w:" as for any waiting run woken (0017_woken_runs_notify_urgently.sql). A completed run takes no message
+-- (no receive would ever take it): a run that exists (`existing`) but was not updated is completed, if only
+-- by a commit this statement waited for.
 WITH deferred AS (
     SELECT set_config('sonamu_tasks.wake_after_commit', 'on', true) AS setting
+), existing AS (
+    SELECT id FROM runs WHERE id = %(run_id)s
 ), target AS (
     UPDATE runs
     SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
         available_at = CASE WHEN status = 'waiting' THEN now() ELSE available_at END,
         updated_at = CASE WHEN status = 'waiting' THEN now() ELSE updated_at END
     FROM deferred
-    WHERE id = %(run_id)s
+    WHERE id = %(run_id)s AND status <> 'completed'
     RETURNING id, CASE WHEN status = 'pending' AND updated_at = now() THEN workflow_name END AS woke  -- woken here
 ), stored AS (
     INSERT INTO messages (run_id, topic, payload, idempotency_key)
@@ -422,8 +426,8 @@ WITH deferred AS (
 ), notified AS (
     SELECT pg_notify(%(channel)s::text, 'w:' || woke) FROM target WHERE woke IS NOT NULL AND %(notify)s::boolean
 )
-SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM stored), (SELECT woke FROM target),
-       (SELECT count(*) FROM notified)
+SELECT (SELECT count(*) FROM existing), (SELECT count(*) FROM target), (SELECT count(*) FROM stored),
+       (SELECT woke FROM target), (SELECT count(*) FROM notified)
 
 -- emit_event --
 -- A broadcast event (after lock_event, in the same transaction): stored, and every run parked on it woken. The

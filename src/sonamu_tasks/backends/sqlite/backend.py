@@ -30,6 +30,7 @@ from ..base import (
     FinishedRuns,
     LeaseLost,
     MessageRecord,
+    MessageSent,
     NewRun,
     Notifications,
     QueueStats,
@@ -619,12 +620,12 @@ class SqliteBackend:
 
     async def send_message(
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
-    ) -> bool | None:
-        def send(conn: sqlite3.Connection, now: int) -> bool | None:
+    ) -> MessageSent:
+        def send(conn: sqlite3.Connection, now: int) -> MessageSent:
             if _first(conn, "wake_for_message", {"run_id": run_id, "now": now}) is None:
-                return None
+                return "no_run" if _first(conn, "run_status", {"run_id": run_id}) is None else "completed"
             params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
-            return _first(conn, "store_message", {**params, "now": now}) is not None
+            return "stored" if _first(conn, "store_message", {**params, "now": now}) is not None else "repeated"
 
         return await self._db.write(send)
 

@@ -346,12 +346,12 @@ VALUES (:run_id, :name, 'set_event', 'completed', :value, 1, :now, :now)
 ON CONFLICT (run_id, name) DO NOTHING
 
 -- wake_for_message --
--- A message arrives: a waiting run is due now.
+-- A message arrives: a waiting run is due now. A completed run takes none (no receive would ever take it).
 UPDATE runs
 SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
     available_at = CASE WHEN status = 'waiting' THEN :now ELSE available_at END,
     updated_at = CASE WHEN status = 'waiting' THEN :now ELSE updated_at END
-WHERE id = :run_id
+WHERE id = :run_id AND status <> 'completed'
 RETURNING id
 
 -- store_message --
