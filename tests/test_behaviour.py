@@ -12,6 +12,7 @@ import pydantic
 import pytest
 
 from sonamu_tasks import (
+    BackendClosed,
     InvalidInput,
     InvalidValue,
     NonRetryableError,
@@ -607,6 +608,35 @@ async def test_concurrency_holds_when_runs_start_in_process_during_a_claim(manag
     for handle in handles:
         await handle.result(timeout=15)
     assert holders.peak == 2
+
+
+async def test_stop_lets_a_run_call_inserting_its_run_claimed_finish_first(manager_for: Any, make_config: Any) -> None:
+    @workflow(version="1")
+    async def quick() -> str:
+        return "done"
+
+    manager = await manager_for([quick])
+    real_insert = manager.backend.create_claimed_run
+    inserting = asyncio.Event()
+
+    async def slow_insert(*args: Any, **kwargs: Any) -> Any:
+        inserting.set()
+        await asyncio.sleep(0.3)  # a pool wait, a busy file: stop() comes meanwhile
+        return await real_insert(*args, **kwargs)
+
+    manager.backend.create_claimed_run = slow_insert
+    starting = asyncio.create_task(manager.run(quick))
+    await asyncio.wait_for(inserting.wait(), 15)
+    await manager.stop()
+    # The insert landed before the connections closed; the run, handed back, completes once elsewhere.
+    assert starting.done() and not starting.cancelled() and starting.exception() is None
+    handle = starting.result()
+    # A call after the stop is refused at once, not retried for 30 s against closed connections.
+    with pytest.raises(BackendClosed, match="the manager was stopped"):
+        await manager.run(quick)
+    async with WorkflowManager(make_config(), workflows=[quick]) as other:
+        assert await other.handle(handle.id).result(timeout=15) == "done"
+        assert (await other.get_run(handle.id)).attempts == 0
 
 
 async def test_start_at_delays_the_first_claim(manager_for: Any) -> None:

@@ -6,6 +6,7 @@ from .config import Config, TasksConfig, WorkerOptions, define_config
 from .definition import WorkflowDefinition, workflow
 from .duration import Duration, parse_duration
 from .errors import (
+    BackendClosed,
     BackendUnavailable,
     ChildWorkflowFailed,
     ConfigError,
@@ -37,6 +38,7 @@ from .step import ChildHandle, Step, StepWrapper
 from .sync_client import SyncClient, SyncRunHandle
 
 __all__ = [
+    "BackendClosed",
     "BackendUnavailable",
     "ChildHandle",
     "ChildWorkflowFailed",

@@ -57,6 +57,10 @@ class BackendUnavailable(SonamuTasksError):
     """The database could not be reached or the transaction was interrupted; safe to retry."""
 
 
+class BackendClosed(SonamuTasksError):
+    """The manager was stopped (its connections closed) while, or before, this call used them: not retried."""
+
+
 class StorageError(NonRetryableError):
     """The database refused a write for what it holds (a value or name it cannot store, a constraint), not
     because it is unreachable: making the same call again would fail the same way, so it is not retried."""

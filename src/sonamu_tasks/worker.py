@@ -91,6 +91,8 @@ class Worker:
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._reserved = 0  # slots promised to runs this process is inserting already claimed
+        self._unreserved = asyncio.Event()  # set while no slot is promised (stop() waits for the inserts)
+        self._unreserved.set()
         self._claiming = 0  # slots the claim in flight may fill
         self._publish_pending = False  # a snapshot of the runs held is due for the heartbeat thread (_publish_soon)
         self._timer: asyncio.TimerHandle | None = None  # only the earliest wake: the claim loop finds the rest
@@ -190,11 +192,14 @@ class Worker:
         if self._stopping or len(self._active) + self._reserved + self._claiming >= self.options.concurrency:
             return False
         self._reserved += 1
+        self._unreserved.clear()
         return True
 
     def release_slot(self, claimed: ClaimedRun | None, definition: WorkflowDefinition[Any, Any]) -> None:
         """Redeem a reserved slot: start the run claimed at insertion (None: it was not inserted)."""
         self._reserved -= 1
+        if not self._reserved:
+            self._unreserved.set()
         if claimed is not None:
             self._start(claimed, definition)
 
@@ -390,6 +395,12 @@ class Worker:
         claim_loop, heartbeat_loop = self._tasks[:1], self._tasks[1:]  # the heartbeat loop: only without the thread
         for task in claim_loop:
             await task
+        grace = self.options.shutdown_grace_ms / 1000
+        if not self._unreserved.is_set():
+            # run() calls of this process inserting their runs already claimed: let them land (their attempts
+            # then count among the running below) rather than close the connections under them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unreserved.wait(), grace)
         running = [task for task, _ in self._active.values()]
         if running:
             logger.info(

@@ -18,7 +18,7 @@ import psycopg_pool
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from ...errors import BackendUnavailable, ConfigError, StorageError
+from ...errors import BackendClosed, BackendUnavailable, ConfigError, StorageError
 from ...queue import DEFAULT_QUEUE, Queue
 from ...status import RunStatus, StepStatus
 from ..base import (
@@ -86,6 +86,8 @@ def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
         try:
             return await method(*args, **kwargs)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+            if isinstance(error, psycopg_pool.PoolClosed):  # retrying cannot help: nothing reopens the pool
+                raise BackendClosed(f"{method.__name__}: the manager was stopped ({error})") from error
             if _is_transient(error):
                 raise BackendUnavailable(f"PostgreSQL unavailable during {method.__name__}: {error}") from error
             state = getattr(error, "sqlstate", None)

@@ -101,6 +101,7 @@ class SqliteBackend:
 
     async def open(self) -> None:
         """Nothing to do yet: the connection opens at the first call, so a busy file is retried like any call."""
+        self._db.open()
 
     async def close(self) -> None:
         await self._db.close()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from ...errors import BackendUnavailable, ConfigError
+from ...errors import BackendClosed, BackendUnavailable, ConfigError
 
 T = TypeVar("T")
 
@@ -48,6 +48,7 @@ class Database:
         self._clock = clock  # microseconds since the epoch; a test clock in `testing.WorkflowTestEnv`
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None  # touched only on the executor's thread
+        self._closed = False  # by close(), until open(): a call meanwhile is refused, not served by a new thread
 
     async def read(self, work: Work[T]) -> T:
         """Run `work` in one read transaction (one consistent snapshot)."""
@@ -79,7 +80,11 @@ class Database:
 
         return await self._submit(migrate)
 
+    def open(self) -> None:
+        self._closed = False
+
     async def close(self) -> None:
+        self._closed = True
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -141,6 +146,8 @@ class Database:
     # on the event loop
 
     async def _submit(self, call: Callable[[], T]) -> T:
+        if self._closed:
+            raise BackendClosed(f"SQLite database {self.path}: the manager was stopped")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonamu-sqlite")
         executor = self._executor
