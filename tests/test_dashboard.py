@@ -214,6 +214,24 @@ def test_the_command_refuses_to_listen_beyond_loopback_without_a_token() -> None
     assert result.exit_code == 1 and "pass --token" in result.output
 
 
+def test_the_command_says_when_its_port_is_in_use_before_printing_an_address(tmp_path: Path) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from sonamu_tasks.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        database = {"SONAMU_TASKS_DATABASE_URL": f"sqlite:///{tmp_path / 'd.db'}"}
+        result = CliRunner().invoke(main, ["dashboard", "--port", str(port)], env=database)
+    assert result.exit_code == 1
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}: Address already in use" in result.output
+    assert "http://" not in result.output
+
+
 # Parents and children
 
 ELSEWHERE = {"name": "elsewhere", "version": "1"}  # no worker here runs it: its runs stay pending

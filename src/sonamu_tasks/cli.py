@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 from collections import Counter
@@ -1414,6 +1415,7 @@ def dashboard(context: click.Context, host: str, port: int, token: str | None, a
         ) from error
     try:
         check_token(token, host)  # before the config is loaded: the first thing a mistake should hit
+        _check_can_listen(host, port)
         config = command_config(context, enable_worker=False, announce=True, creates=True)
         app = Dashboard(config, token=token, host=host, port=port, allowed_hosts=allowed_hosts)
     except ConfigError as error:
@@ -1424,6 +1426,20 @@ def dashboard(context: click.Context, host: str, port: int, token: str | None, a
     click.echo(f"dashboard: http://{shown}:{port}/" + (" (token required)" if token else ""), err=True)
     # No access log: a browser's first visit may carry ?token= in its query string.
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """A port in use (another dashboard, say) is said before the address is printed as served: uvicorn would
+    print its own error after the "dashboard: http://..." line, and exit 1."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise click.ClickException(
+                f"cannot serve the dashboard on {host}:{port}: {error.strerror or error}; choose another --port"
+            ) from None
 
 
 def _steering(coroutine: Coroutine[Any, Any, T]) -> T:
