@@ -143,6 +143,7 @@ PLAN_PARAMETERS = {
     "statuses": '["completed", "failed", "canceled"]',
     "workflow": None,
     "excluded": "[]",
+    "held_tokens": '["a lease token", "another"]',
 }
 
 

@@ -262,7 +262,10 @@ class Worker:
                     # already claimed meanwhile must not take them too (concurrency 2 ran 3 at once).
                     self._claiming = limit
                     try:
-                        claimed = await self.backend.claim_runs(self.id, workflows, limit, self._lease, queues)
+                        # Never a run this worker executes: its lease only looks expired when a heartbeat is late.
+                        claimed = await self.backend.claim_runs(
+                            self.id, workflows, limit, self._lease, queues, held=self._held()
+                        )
                     finally:
                         self._claiming = 0
                     if self.telemetry.enabled:
@@ -278,7 +281,7 @@ class Worker:
                         # (the question below would otherwise go first, delaying every start by its send).
                         await asyncio.sleep(0)
                     if not self._more_due:
-                        due = await self.backend.seconds_until_due(workflows, queues)
+                        due = await self.backend.seconds_until_due(workflows, queues, held=self._held())
                         if due is not None and due <= 0 and not claimed:
                             # Due but not claimed: a row lock made the claim skip it (another worker's claim,
                             # a result() asking to be notified, a cancel). Such locks last about one commit:

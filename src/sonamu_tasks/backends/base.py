@@ -230,16 +230,23 @@ class Backend(ScheduleStore, Protocol):
         limit: int,
         lease: timedelta,
         queues: Sequence[str] = ("default",),
+        held: Sequence[tuple[str, str]] = (),
     ) -> list[ClaimedRun]:
         """Take up to `limit` due runs of `workflows` from `queues` (served in that order), within every limit
-        of those queues."""
+        of those queues. `held`: the (run id, lease token) pairs of the attempts alive in the claiming worker;
+        a running run under one of those tokens is never taken, even with its lease expired (a late heartbeat),
+        while a run a dead attempt of the same worker left behind is."""
         ...
 
     async def seconds_until_due(
-        self, workflows: Sequence[tuple[str, str]], queues: Sequence[str] = ("default",)
+        self,
+        workflows: Sequence[tuple[str, str]],
+        queues: Sequence[str] = ("default",),
+        held: Sequence[tuple[str, str]] = (),
     ) -> float | None:
         """Seconds until a claim of these workflows and queues could take a run (<= 0: now), None if none.
-        A queue whose rate window is full counts from when the window has room."""
+        A queue whose rate window is full counts from when the window has room. The runs `held` (as in
+        `claim_runs`) are not due."""
         ...
 
     async def register_queues(self, queues: Sequence[Queue], workflow_queues: Sequence[tuple[str, str, str]]) -> None:

@@ -148,7 +148,8 @@ SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(
 -- Take up to `limit` due runs of the given workflows from the given queues, within every limit of those
 -- queues: the function claim_runs (migration 0012) reads each queue's streams in priority order, a level at
 -- a time, so the cost does not grow with the backlog or with sleeping runs; SKIP LOCKED lets concurrent
--- claims pass each other.
+-- claims pass each other. A running run under one of `held_tokens` (this worker executes it) is never taken
+-- (migration 0023).
 -- A claim that took runs commits without waiting for the WAL flush (the set_config, evaluated per row
 -- returned; a run's first step starts one flush sooner): the first durable write of a claimed run (a
 -- checkpoint, its outcome) flushes the WAL up to itself, the claim with it. A crash that loses a claim not yet
@@ -156,12 +157,13 @@ SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(
 -- runs again, as after any worker crash (steps run at least once).
 SELECT c.*
 FROM claim_runs(%(worker_id)s, %(queues)s::text[], %(names)s::text[], %(versions)s::text[], %(limit)s,
-                %(lease)s::interval) AS c
+                %(lease)s::interval, %(held_tokens)s::uuid[]) AS c
 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
 
 -- seconds_until_due --
--- How long until a claim of these queues and workflows could take a run (migration 0012).
-SELECT seconds_until_due(%(queues)s::text[], %(names)s::text[], %(versions)s::text[])
+-- How long until a claim of these queues and workflows could take a run (migration 0012); the runs under
+-- `held_tokens` are not counted (migration 0023).
+SELECT seconds_until_due(%(queues)s::text[], %(names)s::text[], %(versions)s::text[], %(held_tokens)s::uuid[])
 
 -- heartbeat_runs --
 -- Extend the leases this worker still holds; a missing token means the run was taken from it. The rows are

@@ -214,10 +214,12 @@ class SqliteBackend:
         limit: int,
         lease: timedelta,
         queues: Sequence[str] = (DEFAULT_QUEUE,),
+        held: Sequence[tuple[str, str]] = (),
     ) -> list[ClaimedRun]:
         if limit <= 0 or not workflows or not queues:
             return []
         streams = pairs(workflows)
+        held_tokens = _tokens(held)
 
         def claim(conn: sqlite3.Connection, now: int) -> list[ClaimedRun]:
             # One writer at a time: the counts below and the runs taken cannot interleave with another claim.
@@ -257,7 +259,14 @@ class SqliteBackend:
                     while cap > 0:
                         due = conn.execute(
                             QUERIES["due_runs"],
-                            {"queue": queue, "level": level, "now": now, "workflows": streams, "limit": cap},
+                            {
+                                "queue": queue,
+                                "level": level,
+                                "now": now,
+                                "workflows": streams,
+                                "limit": cap,
+                                "held_tokens": held_tokens,
+                            },
                         ).fetchall()
                         parked = False
                         for run in due:
@@ -300,16 +309,21 @@ class SqliteBackend:
         return await self._db.write(claim)
 
     async def seconds_until_due(
-        self, workflows: Sequence[tuple[str, str]], queues: Sequence[str] = (DEFAULT_QUEUE,)
+        self,
+        workflows: Sequence[tuple[str, str]],
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
+        held: Sequence[tuple[str, str]] = (),
     ) -> float | None:
         if not workflows or not queues:
             return None
         streams = pairs(workflows)
+        held_tokens = _tokens(held)
 
         def next_due(conn: sqlite3.Connection, now: int) -> float | None:
             earliest: int | None = None
             for queue in queues:
-                row = conn.execute(QUERIES["next_due_at"], {"queue": queue, "workflows": streams}).fetchone()
+                params = {"queue": queue, "workflows": streams, "held_tokens": held_tokens}
+                row = conn.execute(QUERIES["next_due_at"], params).fetchone()
                 if row["available_at"] is None:
                     continue
                 due = int(row["available_at"])
@@ -1020,3 +1034,8 @@ def _count_executing(
 ) -> int:
     params = {"queue": queue, "now": now, "worker_id": worker_id, "key": key}
     return int(conn.execute(QUERIES["count_executing"], params).fetchone()[0])
+
+
+def _tokens(held: Sequence[tuple[str, str]]) -> str:
+    """The lease tokens of (run id, lease token) pairs, as the JSON array the claim's queries read."""
+    return json.dumps([token for _, token in held])

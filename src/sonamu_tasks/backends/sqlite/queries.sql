@@ -106,7 +106,8 @@ FROM (SELECT DISTINCT json_extract(value, '$[0]') AS name, json_extract(value, '
 -- at most :limit runs off runs_claim_queue (as PostgreSQL's claim_runs reads them); the streams merged by
 -- (available_at, id), a sort of at most :limit runs per stream. The queue's other workflows are never read.
 -- INDEXED BY: walk the due end of the stream and stop at the limit, whatever the planner guesses from a
--- table it has no statistics of.
+-- table it has no statistics of. A running run under one of :held_tokens (a JSON array) is this worker's own,
+-- executing, its lease only looking expired (a late heartbeat): never due to it.
 SELECT r.id, r.status = 'running' AS lease_expired, r.status = 'pending' AS starting,
        r.started_at IS NULL AS first_claim, r.concurrency_key
 FROM (SELECT DISTINCT json_extract(value, '$[0]') AS name, json_extract(value, '$[1]') AS version
@@ -116,6 +117,7 @@ JOIN runs AS r ON r.rowid IN (
     WHERE d.queue = :queue AND d.workflow_name = w.name AND d.version = w.version AND d.priority = :level
       AND d.status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT d.key_parked
       AND d.available_at <= :now
+      AND (d.status = 'running' AND d.lease_token IN (SELECT value FROM json_each(:held_tokens))) IS NOT TRUE
     ORDER BY d.available_at, d.id
     LIMIT :limit)
 ORDER BY r.available_at, r.id
@@ -163,7 +165,8 @@ RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, 
 -- When the next claimable run of these workflows in this queue is due (NULL: none). Per (workflow, version), its
 -- priority levels in use are walked as next_level walks them (`levels`, one probe each), then each level's first
 -- run along available_at is read: as many probes of runs_claim_queue as levels in use, whatever the number of
--- runs, and the queue's other workflows are never read.
+-- runs, and the queue's other workflows are never read. The runs under :held_tokens are passed, as due_runs
+-- passes them.
 WITH RECURSIVE
     streams (name, version) AS (
         SELECT DISTINCT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:workflows)),
@@ -183,6 +186,7 @@ SELECT min((SELECT r.available_at FROM runs AS r INDEXED BY runs_claim_queue
             WHERE r.queue = :queue AND r.workflow_name = l.name AND r.version = l.version
               AND r.priority = l.priority
               AND r.status IN ('pending', 'running', 'sleeping', 'waiting') AND NOT r.key_parked
+              AND (r.status = 'running' AND r.lease_token IN (SELECT value FROM json_each(:held_tokens))) IS NOT TRUE
             ORDER BY r.available_at
             LIMIT 1)) AS available_at
 FROM levels AS l
