@@ -666,6 +666,18 @@ async def test_deadline_fails_a_run_instead_of_starting_it_late(manager_for: Any
         await handle.result(timeout=15)
 
 
+async def test_a_start_not_before_the_deadline_is_refused_at_run_naming_both(manager_for: Any) -> None:
+    web = await manager_for([], enable_worker=False)
+    spec = {"name": "too_late", "version": "1"}
+    in_an_hour = datetime.now(UTC) + timedelta(hours=1)
+    for start_at, deadline in (("5s", "1s"), (in_an_hour, in_an_hour - timedelta(minutes=1)), (in_an_hour, "10m")):
+        with pytest.raises(InvalidValue, match=r"start_at \(.+\) is not before deadline \(.+\)") as refused:
+            await web.run(spec, start_at=start_at, deadline=deadline)
+        assert refused.value.field == "start_at"
+    assert (await web.list_runs()).items == []  # nothing stored
+    await web.run(spec, start_at="1s", deadline="1h")  # a start before the deadline is fine
+
+
 async def test_result_timeout_leaves_the_run_going(manager_for: Any) -> None:
     gate = asyncio.Event()
 

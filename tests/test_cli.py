@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sonamu_tasks import Config, RetryPolicy, RunStatus, WorkflowManager, arguments, define_config, workflow
+from sonamu_tasks.backends.base import NewRun
 from sonamu_tasks.cli import main
+from sonamu_tasks.ids import new_run_id
 
 from .conftest import wait_until
 
@@ -279,6 +282,38 @@ async def started_family(manager_for: Any, kids: int) -> tuple[Any, str]:
     await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
     [first] = (await manager.list_runs(parent_id=parent.id, workflow="doubled")).items
     return parent, first.id
+
+
+async def test_retry_of_a_run_not_failed_or_canceled_says_nothing_was_retried_and_exits_1(
+    manager_for: Any, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "cli_config", make_config(enable_worker=False))
+    client = await manager_for([], enable_worker=False)
+    backend = client.backend
+    run_id, _ = await backend.create_run(NewRun(new_run_id(), "finished", "1", "null"))
+    (claimed,) = await backend.claim_runs("a-worker", [("finished", "1")], 1, timedelta(seconds=30))
+    await backend.complete_run(run_id, claimed.lease_token, '"done"')
+    args = ["--config", f"{__name__}:cli_config", "retry", run_id]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args)
+    assert result.exit_code == 1
+    assert f"run {run_id} is completed: not retried" in result.output
+    assert (await client.get_run(run_id)).status is RunStatus.COMPLETED
+
+
+async def test_cancel_of_a_stranded_version_cancels_a_run_its_dead_worker_left_running(
+    manager_for: Any, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "cli_config", make_config(enable_worker=False))
+    client = await manager_for([], enable_worker=False)
+    backend = client.backend
+    run_id, _ = await backend.create_run(NewRun(new_run_id(), "retired", "1", "null"))
+    await backend.claim_runs("dead-worker", [("retired", "1")], 1, timedelta(milliseconds=50))
+    await asyncio.sleep(0.2)  # the worker never heartbeats again: its lease expires, and no worker serves v1
+    args = ["--config", f"{__name__}:cli_config", "cancel", "--workflow", "retired", "--version", "1"]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args)
+    assert result.exit_code == 0, result.output
+    assert "canceled 1 run of" in result.output and "asked" not in result.output
+    assert (await client.get_run(run_id)).status is RunStatus.CANCELED
 
 
 async def test_runs_lists_a_parents_children_and_marks_a_child_with_its_parent(

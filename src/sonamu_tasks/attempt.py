@@ -24,7 +24,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import serde
-from .backends.base import FOREVER, Backend, Checkpoint, ChildOutcome, ClaimedRun, LeaseLost, StepRecord, TimedWait
+from .backends.base import (
+    CANCELED_ERROR,
+    FOREVER,
+    Backend,
+    Checkpoint,
+    ChildOutcome,
+    ClaimedRun,
+    LeaseLost,
+    StepRecord,
+    TimedWait,
+)
 from .definition import WorkflowDefinition
 from .duration import Duration, parse_duration
 from .errors import (
@@ -78,9 +88,6 @@ class _Wait:
     child: str | None = None
     since: datetime | None = None
     """When the workflow called a timed wait (hooks.now()): a new wait's duration counts from then."""
-
-
-CANCELED_ERROR = {"type": "Canceled", "message": "canceled on request"}
 
 
 class RecoveryLimitExceeded(NonRetryableError):
@@ -330,7 +337,7 @@ class Attempt:
         retry_delay = delay if decision.should_retry else None
         stored["message"] = storable_text(stored["message"], MAX_ERROR_MESSAGE_LENGTH)  # the notes above may add to it
         try:
-            await until_available(
+            status = await until_available(
                 lambda: self.backend.fail_attempt(run.id, run.lease_token, stored, step, retry_delay),
                 what="record failure",
             )
@@ -347,11 +354,15 @@ class Attempt:
                 ),
             }
             step = None
-            await until_available(
+            status = await until_available(
                 lambda: self.backend.fail_attempt(run.id, run.lease_token, plain, None, retry_delay),
                 what="record failure",
             )
         where = f" in step {step[0]!r}" if step else ""
+        if status in (RunStatus.CANCELED, RunStatus.PAUSED):  # asked for during the attempt: no retry is due
+            self._ended("stopped", error)
+            self.logger.info("attempt %d failed%s: %s; %s on request instead of retried", attempt, where, error, status)
+            return
         self._ended("retrying" if retry_delay is not None else "failed", error)
         if retry_delay is not None:
             self.logger.warning(
@@ -708,11 +719,13 @@ class Attempt:
         now = self.hooks.now()
         timed = [_counted_from_call(wait.timed, wait.since, now) for wait in waits if wait.timed is not None]
         children = [wait.child for wait in waits if wait.child is not None]
-        due = await until_available(
+        status, due = await until_available(
             lambda: self.backend.park_run(run.id, run.lease_token, timed, children), what="park run"
         )
         what = ", ".join([*(f"{t.kind} {t.name!r}" for t in timed), *(f"child {c}" for c in children)])
-        if due >= FOREVER:
+        if status in (RunStatus.CANCELED, RunStatus.PAUSED):  # asked for before the park, not heard of yet
+            self.logger.info("%s on request as it parked (%s)", status, what)
+        elif due >= FOREVER:
             self.logger.info("waiting for %s", what)
         else:
             self.logger.info("parked until %s (%s)", due.isoformat(), what)

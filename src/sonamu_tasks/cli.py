@@ -1304,7 +1304,13 @@ def _steer_command(name: str, doc: str) -> None:
             async with WorkflowManager(config) as manager:
                 return await getattr(manager, name)(run_id)  # type: ignore[no-any-return]
 
-        click.echo(f"{run_id} {_steering(act()).value}")
+        status = _steering(act())
+        if name == "retry" and status is not RunStatus.PENDING:
+            # Nothing happened: a script's `retry ID && ...` must not read it as a retry.
+            raise click.ClickException(
+                f"run {run_id} is {status.value}: not retried (only a failed or canceled run is retried)"
+            )
+        click.echo(f"{run_id} {status.value}")
 
 
 _steer_command("pause", "Pause a run: it keeps its checkpoints and is not claimed until resumed.")

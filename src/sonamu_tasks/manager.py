@@ -15,8 +15,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from . import serde
-from .attempt import CANCELED_ERROR
 from .backends.base import (
+    CANCELED_ERROR,
     Backend,
     MessageRecord,
     QueueStats,

@@ -17,7 +17,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 from typing_extensions import TypeVar
@@ -110,6 +110,14 @@ def prepare_run(
     if options.concurrency_key is not None:
         _check_concurrency_key(options.concurrency_key)
     debounce = _debounce(options)
+    start_delay = (
+        None if start_at is None or isinstance(start_at, datetime) else parse_duration(start_at, what="start_at")
+    )
+    deadline_delay = (
+        None if deadline is None or isinstance(deadline, datetime) else parse_duration(deadline, what="deadline")
+    )
+    if start_at is not None and deadline is not None:
+        _check_starts_before_deadline(start_at, start_delay, deadline, deadline_delay)
     return NewRun(
         id=run_id or new_run_id(),
         workflow_name=name,
@@ -117,13 +125,9 @@ def prepare_run(
         input_json=_input_json(definition, input, what or f"the input of workflow {name!r}"),
         idempotency_key=options.idempotency_key,
         start_at=start_at if isinstance(start_at, datetime) else None,
-        start_delay=None
-        if start_at is None or isinstance(start_at, datetime)
-        else parse_duration(start_at, what="start_at"),
+        start_delay=start_delay,
         deadline_at=deadline if isinstance(deadline, datetime) else None,
-        deadline_delay=None
-        if deadline is None or isinstance(deadline, datetime)
-        else parse_duration(deadline, what="deadline"),
+        deadline_delay=deadline_delay,
         parent_id=parent_id,
         parent_step=parent_step,
         detached=detached,
@@ -220,6 +224,30 @@ def _input_json(definition: WorkflowDefinition[Any, Any] | None, input: Any, wha
     if definition is not None:
         definition.validate_input(input)  # refuse a bad input now; the worker builds the value itself
     return serde.dumps(input, what=what)
+
+
+def _check_starts_before_deadline(
+    start_at: datetime | Duration,
+    start_delay: timedelta | None,
+    deadline: datetime | Duration,
+    deadline_delay: timedelta | None,
+) -> None:
+    """A run whose start is not before its deadline could only fail with "deadline exceeded" when it starts:
+    refused at run(), naming both. Two durations (or two datetimes) are compared as they are; a datetime and a
+    duration through this process's clock."""
+    now = datetime.now(UTC)
+    starts = start_at if isinstance(start_at, datetime) else now + (start_delay or timedelta(0))
+    ends = deadline if isinstance(deadline, datetime) else now + (deadline_delay or timedelta(0))
+    if starts >= ends:
+        raise InvalidValue(
+            f"start_at ({_moment_text(start_at)}) is not before deadline ({_moment_text(deadline)}): the run would "
+            "fail with 'deadline exceeded' as it starts; start it earlier or give a later deadline",
+            field="start_at",
+        )
+
+
+def _moment_text(moment: datetime | Duration) -> str:
+    return moment.isoformat() if isinstance(moment, datetime) else str(moment)
 
 
 def _check_concurrency_key(key: str) -> None:

@@ -13,8 +13,13 @@
     running     pending     a failed attempt that will be retried, or a graceful shutdown release
     running     completed   the workflow function returned
     running     failed      the last attempt failed, or the error cannot be retried
-    unfinished  canceled    cancel
-    unfinished  paused      pause; `paused -> pending` on resume
+    unfinished  canceled    cancel: at once, except a run running under a live lease, which is asked to stop
+    unfinished  paused      pause (the same); `paused -> pending` on resume, at the time it was due
+    running     canceled    a cancel asked of it, at whatever write of its worker comes first: a step boundary,
+    running     paused      a failed attempt to retry, a park, a hand-back (a pause likewise); at its end (completed,
+                            failed) the request is dropped
+    failed      pending     retry; a canceled parent's retry also restarts the children canceled with it
+    canceled    pending     retry
 
 Every write by a worker is guarded by `status = 'running' AND lease_token = <its claim>`.
 """

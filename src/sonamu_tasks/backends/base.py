@@ -74,6 +74,10 @@ MessageSent = Literal["stored", "repeated", "no_run", "completed"]
 """What became of a message sent (`Backend.send_message`)."""
 """available_at of a run that waits with no timeout: only the event it waits for makes it due."""
 
+CANCELED_ERROR = {"type": "Canceled", "message": "canceled on request"}
+"""The error of a run canceled on request: stored by a cancel, and by a worker's write that meets a stored
+cancel request (a step boundary, a retry, a park, a hand-back)."""
+
 
 @dataclass(frozen=True)
 class TimedWait:
@@ -266,7 +270,8 @@ class Backend(ScheduleStore, Protocol):
         ...
 
     async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
-        """Give runs back as pending, claimable at once (graceful shutdown)."""
+        """Give runs back as pending, claimable at once (graceful shutdown); a run with a cancel or pause
+        request stored is canceled or paused instead."""
         ...
 
     async def get_run(
@@ -315,10 +320,12 @@ class Backend(ScheduleStore, Protocol):
     ) -> None: ...
     async def park_run(
         self, run_id: str, lease_token: str, waits: Sequence[TimedWait], children: Sequence[str]
-    ) -> datetime:
+    ) -> tuple[RunStatus, datetime]:
         """Park the run until the earliest wake time of `waits`, or ('waiting') until a message, event or
         child it waits for arrives; record the waits as steps. One that arrived already makes it due at
-        once. Returns when it is due (FOREVER when only an arrival can wake it)."""
+        once. A cancel or pause request stored meanwhile (the worker may not have heard of it yet) is applied
+        by the same write: the run ends canceled, or paused keeping its wake time. Returns the status it
+        parked in and when it is due (FOREVER when only an arrival can wake it)."""
         ...
 
     async def take_message(
@@ -413,8 +420,10 @@ class Backend(ScheduleStore, Protocol):
         error: dict[str, Any],
         step: tuple[str, datetime] | None,
         retry_delay: timedelta | None,
-    ) -> None:
-        """Record a failed attempt: back to pending after `retry_delay`, or `failed` when it is None."""
+    ) -> RunStatus:
+        """Record a failed attempt: back to pending after `retry_delay`, or `failed` when it is None. A run
+        that will be retried and has a cancel or pause request stored is canceled, or paused keeping its retry
+        time, instead. Returns the status the run is left in."""
         ...
 
     # workers

@@ -33,26 +33,60 @@ WHERE r.id = :run_id
 SELECT key, value, updated_at FROM run_events WHERE run_id = :run_id ORDER BY key
 
 -- cancel_run --
--- Not running: canceled at once. Running: asked to stop at its next step boundary.
+-- Running under a live lease: asked to stop at its next step boundary. Otherwise canceled at once, a run left
+-- 'running' by a worker whose lease expired (dead, or stalled) included: no worker may come back for it (its
+-- version may have no worker left), and clearing its lease token shuts out a stalled one, as a take-over does.
 UPDATE runs
-SET status = CASE WHEN status = 'running' THEN status ELSE 'canceled' END,
-    requested_action = CASE WHEN status = 'running' THEN 'cancel' END,
-    error = CASE WHEN status = 'running' THEN error ELSE :error END,
-    finished_at = CASE WHEN status = 'running' THEN NULL ELSE :now END,
-    lease_token = CASE WHEN status = 'running' THEN lease_token END,
-    worker_id = CASE WHEN status = 'running' THEN worker_id END,
+SET status = CASE WHEN status = 'running' AND available_at > :now THEN status ELSE 'canceled' END,
+    requested_action = CASE WHEN status = 'running' AND available_at > :now THEN 'cancel' END,
+    error = CASE WHEN status = 'running' AND available_at > :now THEN error ELSE :error END,
+    finished_at = CASE WHEN status = 'running' AND available_at > :now THEN NULL ELSE :now END,
+    lease_token = CASE WHEN status = 'running' AND available_at > :now THEN lease_token END,
+    worker_id = CASE WHEN status = 'running' AND available_at > :now THEN worker_id END,
     updated_at = :now
 WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'waiting', 'paused')
 RETURNING status
 
 -- restart_run --
 -- A manual retry: a failed or canceled run starts again from its failed step, with its checkpoints and a
--- fresh retry budget.
+-- fresh retry budget. A debounced run that never started goes back under its key only if no other run holds
+-- the key meanwhile (one started while this one was canceled); otherwise it leaves the debounce and runs on
+-- its own, the other run taking the key's later calls.
+UPDATE runs
+SET status = 'pending', available_at = :now, attempts = 0, recoveries = 0, error = NULL,
+    finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = :now,
+    debounce_key = CASE
+        WHEN debounce_key IS NOT NULL AND started_at IS NULL AND EXISTS (
+            SELECT 1 FROM runs AS holder
+            WHERE holder.workflow_name = runs.workflow_name AND holder.debounce_key = runs.debounce_key
+              AND holder.status = 'pending' AND holder.started_at IS NULL AND holder.id <> runs.id)
+        THEN NULL ELSE debounce_key END
+WHERE id = :run_id AND status IN ('failed', 'canceled')
+RETURNING status
+
+-- restart_children --
+-- With restart_run, before it, in its transaction: a retried parent that was canceled gets back the attached
+-- children canceled with it (and theirs, down the tree), so that its replay waits for them again instead of
+-- reading their cancel as a failure. Canceled with it: canceled when it was or after (a running child stops at
+-- its next step boundary); a child canceled before it, or a detached one, is left as it is. Returns their ids
+-- (restart_steps is run for each).
 UPDATE runs
 SET status = 'pending', available_at = :now, attempts = 0, recoveries = 0, error = NULL,
     finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = :now
-WHERE id = :run_id AND status IN ('failed', 'canceled')
-RETURNING status
+WHERE id IN (
+    WITH RECURSIVE canceled_with (id, finished_at) AS (
+        SELECT c.id, c.finished_at
+        FROM runs AS p JOIN runs AS c ON c.parent_id = p.id
+        WHERE p.id = :run_id AND p.status = 'canceled' AND NOT c.detached AND c.status = 'canceled'
+          AND c.finished_at >= p.finished_at
+        UNION ALL
+        SELECT c.id, c.finished_at
+        FROM canceled_with AS p JOIN runs AS c ON c.parent_id = p.id
+        WHERE NOT c.detached AND c.status = 'canceled' AND c.finished_at >= p.finished_at
+    )
+    SELECT id FROM canceled_with
+)
+RETURNING id
 
 -- restart_steps --
 -- With restart_run, in its transaction: the steps' retry budgets start afresh too. A step with a retry policy
@@ -74,19 +108,27 @@ WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
 RETURNING status
 
 -- retry_run --
--- A failed attempt that will be retried: pending again after the delay.
+-- A failed attempt that will be retried: pending again after the delay. A cancel or pause asked for during the
+-- attempt is honoured here, at this boundary, instead of after the delay: canceled (with the cancel's error; the
+-- status triggers cancel its children and wake its waiters), or paused keeping the retry time, so a resume makes
+-- it due then and not before (the backoff still holds), with the attempt's error to show.
 UPDATE runs
-SET status = 'pending', attempts = attempts + 1, error = :error,
+SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' THEN 'paused' ELSE 'pending' END,
+    attempts = attempts + 1,
+    error = CASE WHEN requested_action = 'cancel' THEN :canceled_error ELSE :error END,
+    finished_at = CASE WHEN requested_action = 'cancel' THEN :now END,
+    requested_action = NULL,
     available_at = :now + :delay, lease_token = NULL, worker_id = NULL, updated_at = :now
 WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
-RETURNING 1
+RETURNING status
 
 -- fail_run --
+-- The last attempt failed: a cancel or pause asked for meanwhile has nothing left to stop, and is dropped.
 UPDATE runs
-SET status = 'failed', attempts = attempts + 1, error = :error, lease_token = NULL,
+SET status = 'failed', attempts = attempts + 1, error = :error, lease_token = NULL, requested_action = NULL,
     finished_at = :now, updated_at = :now
 WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
-RETURNING 1
+RETURNING status
 
 -- mark_forked --
 -- A fork continues the source's work: it counts as started, so its first attempt reads the checkpoints it got.

@@ -17,11 +17,13 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from ...errors import BackendClosed, BackendUnavailable, ConfigError, StorageError
 from ...queue import DEFAULT_QUEUE, Queue
 from ...status import RunStatus, StepStatus
 from ..base import (
+    CANCELED_ERROR,
     FOREVER,
     Checkpoint,
     ChildOutcome,
@@ -65,6 +67,8 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
 _TRANSIENT_STATES = ("08", "53", "57", "58", "40", "55P03")
 # How long one diagnosis of a pool timeout answers the calls that time out after it.
 _PROBE_REUSE_S = 5.0
+# The error a worker's write stores when it meets a stored cancel request (retry_run, park_run, release_runs).
+_CANCELED = Jsonb(CANCELED_ERROR)
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -541,11 +545,13 @@ class PostgresBackend:
     async def restart_run(self, run_id: str) -> RunStatus | None:
         params = {"run_id": run_id}
         async with self._connection() as conn, conn.transaction():
+            children = await (await conn.execute(QUERIES["restart_children"], params)).fetchall()
             row = await (await conn.execute(QUERIES["restart_run"], params)).fetchone()
             if row is None:
                 row = await (await conn.execute(QUERIES["run_status"], params)).fetchone()
             else:
-                await conn.execute(QUERIES["restart_steps"], params)
+                for restarted in [run_id, *(child for (child,) in children)]:
+                    await conn.execute(QUERIES["restart_steps"], {"run_id": restarted})
         return None if row is None else RunStatus(row[0])
 
     @_transient
@@ -566,7 +572,8 @@ class PostgresBackend:
         if not held:
             return
         async with self._connection() as conn:
-            await conn.execute(QUERIES["release_runs"], {"ids": [i for i, _ in held], "tokens": [t for _, t in held]})
+            params = {"ids": [i for i, _ in held], "tokens": [t for _, t in held], "canceled_error": _CANCELED}
+            await conn.execute(QUERIES["release_runs"], params)
 
     @_transient
     async def get_run(
@@ -641,7 +648,7 @@ class PostgresBackend:
     @_transient
     async def park_run(
         self, run_id: str, lease_token: str, waits: Sequence[TimedWait], children: Sequence[str]
-    ) -> datetime:
+    ) -> tuple[RunStatus, datetime]:
         waits_json = json.dumps(
             [
                 {
@@ -685,11 +692,12 @@ class PostgresBackend:
                 "ready": ready,
                 "waiting": bool(children) or any(wait.kind != "sleep" for wait in waits),
                 "forever": FOREVER,
+                "canceled_error": _CANCELED,
             }
             row = await (await conn.execute(QUERIES["park_run"], params)).fetchone()
         if row is None:
             raise LeaseLost(run_id)
-        return row[0]  # type: ignore[no-any-return]
+        return RunStatus(row[0]), row[1]
 
     @_transient
     async def take_message(
@@ -904,16 +912,24 @@ class PostgresBackend:
         error: dict[str, Any],
         step: tuple[str, datetime] | None,
         retry_delay: timedelta | None,
-    ) -> None:
+    ) -> RunStatus:
         error_json = json.dumps(error)
-        params = {"run_id": run_id, "lease_token": lease_token, "error": error_json, "delay": retry_delay}
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "error": error_json,
+            "delay": retry_delay,
+            "canceled_error": _CANCELED,  # typed jsonb: the other branch of the CASE, :error, is then jsonb too
+        }
         query = QUERIES["fail_run" if retry_delay is None else "retry_run"]
         async with self._connection() as conn, conn.transaction():
-            if await (await conn.execute(query, params)).fetchone() is None:
+            row = await (await conn.execute(query, params)).fetchone()
+            if row is None:
                 raise LeaseLost(run_id)
             if step is not None:
                 step_params = {"run_id": run_id, "name": step[0], "started_at": step[1], "error": error_json}
                 await conn.execute(QUERIES["record_step_failure"], step_params)
+        return RunStatus(row[0])
 
     # workers
 

@@ -182,9 +182,15 @@ WHERE runs.id = held.id
 RETURNING lease_token::text, requested_action
 
 -- release_runs --
--- Hand runs back at once (graceful shutdown); the status trigger wakes the other workers.
+-- Hand runs back at once (graceful shutdown); the status trigger wakes the other workers. A cancel or pause
+-- request the worker had not honoured yet is applied instead: canceled (the triggers cancel its children and
+-- wake its waiters) or paused.
 UPDATE runs
-SET status = 'pending', available_at = now(), lease_token = NULL, worker_id = NULL, updated_at = now()
+SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' THEN 'paused' ELSE 'pending' END,
+    error = CASE WHEN requested_action = 'cancel' THEN %(canceled_error)s::jsonb ELSE error END,
+    finished_at = CASE WHEN requested_action = 'cancel' THEN now() END,
+    requested_action = NULL,
+    available_at = now(), lease_token = NULL, worker_id = NULL, updated_at = now()
 WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
   AND status = 'running'
 
@@ -274,6 +280,10 @@ LIMIT 1
 -- waits (sleeps, receives, event waits), or a message, event or child it waits for ('waiting'). `ready`: one
 -- of those arrived already, so it is due again at once. Timed waits are recorded as steps with their wake
 -- times; event waits also in event_waits, where an emit finds them.
+-- A cancel or pause stored before this statement (lock_parking_run holds the row since) and not yet heard of
+-- by the worker is applied here, not at the wake time: canceled as a cancel of a parked run is (its children
+-- with it, by the trigger; no event subscription), or paused keeping its wake time (due at once on resume
+-- when it waits for an arrival, which cannot wake a paused run: as pause_run does).
 WITH waits AS (
     SELECT name, kind, started_at, waits_for,
            COALESCE(wake_at, now() + make_interval(secs => seconds)) AS wake_at
@@ -281,14 +291,18 @@ WITH waits AS (
                                                    wake_at timestamptz, waits_for jsonb)
 ), parked AS (
     UPDATE runs
-    SET status = CASE WHEN %(ready)s THEN 'pending' WHEN %(waiting)s THEN 'waiting' ELSE 'sleeping' END,
-        available_at = CASE WHEN %(ready)s THEN now()
+    SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' THEN 'paused' ELSE
+                      CASE WHEN %(ready)s THEN 'pending' WHEN %(waiting)s THEN 'waiting' ELSE 'sleeping' END END,
+        available_at = CASE WHEN %(ready)s OR (requested_action = 'pause' AND %(waiting)s) THEN now()
                             -- a run with a deadline is due by it at the latest: claimed then, it fails
                             ELSE LEAST(COALESCE((SELECT min(wake_at) FROM waits), %(forever)s::timestamptz),
                                        deadline_at) END,
+        error = CASE WHEN requested_action = 'cancel' THEN %(canceled_error)s::jsonb ELSE error END,
+        finished_at = CASE WHEN requested_action = 'cancel' THEN now() END,
+        requested_action = NULL,
         lease_token = NULL, worker_id = NULL, updated_at = now()
     WHERE id = %(run_id)s AND lease_token = %(lease_token)s AND status = 'running'
-    RETURNING id, available_at
+    RETURNING id, status, available_at
 ), recorded AS (
     INSERT INTO steps (run_id, name, kind, status, wake_at, attempts, started_at, waits_for)
     SELECT parked.id, waits.name, waits.kind, CASE WHEN waits.kind = 'sleep' THEN 'sleeping' ELSE 'waiting' END,
@@ -299,10 +313,10 @@ WITH waits AS (
     INSERT INTO event_waits (run_id, name, key)
     SELECT parked.id, waits.waits_for->>'event', waits.waits_for->>'key'
     FROM parked, waits
-    WHERE waits.kind = 'event' AND NOT %(ready)s
+    WHERE waits.kind = 'event' AND parked.status = 'waiting'
     ON CONFLICT DO NOTHING
 )
-SELECT available_at FROM parked
+SELECT status, available_at FROM parked
 
 -- take_message --
 -- receive: the oldest unconsumed message of the topic, consumed and checkpointed as the step's result in one
@@ -531,7 +545,7 @@ WITH batch AS (
 ), completions AS (
     UPDATE runs AS r
     SET status = 'completed', output = o.output, error = NULL, lease_token = NULL, finished_at = now(),
-        updated_at = now()
+        requested_action = NULL, updated_at = now()
     FROM owned o
     WHERE r.id = o.run_id AND o.completes
 )
@@ -640,12 +654,16 @@ FROM steps
 WHERE run_id = %(source_id)s::uuid AND name = ANY(%(names)s::text[])
 
 -- pause_run --
--- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary. A
--- waiting run is due at once when resumed: it replays and waits again for what has not happened yet.
+-- Running under a live lease: at its next step boundary. Otherwise paused at once (it is not claimed until
+-- resumed), a run whose worker's lease expired included (see cancel_run: its lease token is cleared, so a
+-- stalled worker is shut out). A waiting run is due at once when resumed: it replays and waits again for what
+-- has not happened yet.
 UPDATE runs
-SET status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
-    requested_action = CASE WHEN status = 'running' THEN 'pause' END,
+SET status = CASE WHEN status = 'running' AND available_at > now() THEN status ELSE 'paused' END,
+    requested_action = CASE WHEN status = 'running' AND available_at > now() THEN 'pause' END,
     available_at = CASE WHEN status = 'waiting' THEN now() ELSE available_at END,
+    lease_token = CASE WHEN status = 'running' AND available_at > now() THEN lease_token END,
+    worker_id = CASE WHEN status = 'running' AND available_at > now() THEN worker_id END,
     updated_at = now()
 WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'waiting')
   AND requested_action IS DISTINCT FROM 'cancel'
@@ -653,13 +671,24 @@ RETURNING status
 
 -- resume_run --
 -- A paused run is claimable again at its own time (now, or a later start, retry or wake time it had); a
--- pause not yet honoured is withdrawn.
+-- pause not yet honoured is withdrawn, whatever the run's status (one an older release left stored on a
+-- pending or parked run included). A debounced run that never started goes back under its key only if no
+-- other run took the key while it was paused; otherwise it leaves the debounce and runs on its own (see
+-- restart_run).
 UPDATE runs
 SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
     available_at = CASE WHEN status = 'paused' THEN GREATEST(available_at, now()) ELSE available_at END,
     requested_action = NULL,
+    debounce_key = CASE
+        WHEN status = 'paused' AND debounce_key IS NOT NULL AND started_at IS NULL AND EXISTS (
+            SELECT 1 FROM runs AS holder
+            WHERE holder.workflow_name = runs.workflow_name AND holder.debounce_key = runs.debounce_key
+              AND holder.status = 'pending' AND holder.started_at IS NULL AND holder.id <> runs.id)
+        THEN NULL ELSE debounce_key END,
     updated_at = now()
-WHERE id = %(run_id)s AND (status = 'paused' OR (status = 'running' AND requested_action = 'pause'))
+WHERE id = %(run_id)s
+  AND (status = 'paused'
+       OR (requested_action = 'pause' AND status IN ('pending', 'running', 'sleeping', 'waiting')))
 RETURNING status
 
 -- watch_runs --

@@ -23,6 +23,7 @@ from ...errors import ConfigError
 from ...queue import DEFAULT_QUEUE, Queue
 from ...status import RunStatus
 from ..base import (
+    CANCELED_ERROR,
     FOREVER,
     Checkpoint,
     ChildOutcome,
@@ -62,6 +63,9 @@ DEFAULT_BUSY_TIMEOUT_S = 10.0
 # How often a queue's claims look for parked runs whose key has a free slot (sweep_parked_keys in queries.sql):
 # PostgreSQL's claim_runs uses the same cadence.
 KEY_SWEEP_EVERY_US = 5_000_000
+
+# The error a worker's write stores when it meets a stored cancel request (retry_run, park_run, release_runs).
+_CANCELED = json.dumps(CANCELED_ERROR)
 
 
 class SqliteBackend:
@@ -412,7 +416,8 @@ class SqliteBackend:
     async def release_runs(self, held: Sequence[tuple[str, str]]) -> None:
         if not held:
             return
-        await self._db.write(lambda conn, now: conn.execute(QUERIES["release_runs"], {"held": pairs(held), "now": now}))
+        params = {"held": pairs(held), "canceled_error": _CANCELED}
+        await self._db.write(lambda conn, now: conn.execute(QUERIES["release_runs"], {**params, "now": now}))
 
     async def get_run(
         self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None
@@ -476,8 +481,8 @@ class SqliteBackend:
 
     async def park_run(
         self, run_id: str, lease_token: str, waits: Sequence[TimedWait], children: Sequence[str]
-    ) -> datetime:
-        def park(conn: sqlite3.Connection, now: int) -> int | None:
+    ) -> tuple[RunStatus, datetime]:
+        def park(conn: sqlite3.Connection, now: int) -> tuple[RunStatus, int] | None:
             owned = _first(conn, "lock_parking_run", {"run_id": run_id, "lease_token": lease_token})
             if owned is None:
                 return None
@@ -500,9 +505,18 @@ class SqliteBackend:
                 due = min((wake for wake in wakes.values() if wake is not None), default=_FOREVER_US)
                 if owned["deadline_at"] is not None:  # due by its deadline at the latest: claimed then, it fails
                     due = min(due, owned["deadline_at"])
-            params = {"run_id": run_id, "lease_token": lease_token, "status": status, "available_at": due, "now": now}
-            if _first(conn, "park_run", params) is None:
+            params = {
+                "run_id": run_id,
+                "lease_token": lease_token,
+                "status": status,
+                "available_at": due,
+                "canceled_error": _CANCELED,
+                "now": now,
+            }
+            parked = _first(conn, "park_run", params)
+            if parked is None:
                 return None
+            status, due = parked["status"], parked["available_at"]
             for wait in waits:
                 record = {
                     "run_id": run_id,
@@ -514,16 +528,16 @@ class SqliteBackend:
                     "waits_for": None if wait.waits_for is None else json.dumps(wait.waits_for),
                 }
                 conn.execute(QUERIES["record_wait"], record)
-            if not ready:
+            if status == "waiting":  # not when ready, nor canceled or paused by a request met here
                 for wanted in events:
                     subscription = {"run_id": run_id, "event": wanted["event"], "key": wanted["key"]}
                     conn.execute(QUERIES["subscribe_event"], subscription)
-            return due
+            return RunStatus(status), due
 
-        due = await self._db.write(park)
-        if due is None:
+        parked = await self._db.write(park)
+        if parked is None:
             raise LeaseLost(run_id)
-        return records.moment(due)
+        return parked[0], records.moment(parked[1])
 
     async def take_message(
         self, run_id: str, lease_token: str, name: str, topic: str, started_at: datetime
@@ -749,22 +763,31 @@ class SqliteBackend:
         error: dict[str, Any],
         step: tuple[str, datetime] | None,
         retry_delay: timedelta | None,
-    ) -> None:
+    ) -> RunStatus:
         error_json = json.dumps(error)
         delay = duration_micros(retry_delay)
-        params = {"run_id": run_id, "lease_token": lease_token, "error": error_json, "delay": delay}
+        params = {
+            "run_id": run_id,
+            "lease_token": lease_token,
+            "error": error_json,
+            "delay": delay,
+            "canceled_error": _CANCELED,
+        }
         query = "fail_run" if retry_delay is None else "retry_run"
 
-        def record(conn: sqlite3.Connection, now: int) -> bool:
-            if _first(conn, query, {**params, "now": now}) is None:
-                return False
+        def record(conn: sqlite3.Connection, now: int) -> RunStatus | None:
+            row = _first(conn, query, {**params, "now": now})
+            if row is None:
+                return None
             if step is not None:
                 step_params = {**params, "name": step[0], "started_at": micros(step[1]), "now": now}
                 conn.execute(QUERIES["record_step_failure"], step_params)
-            return True
+            return RunStatus(row["status"])
 
-        if not await self._db.write(record):
+        status = await self._db.write(record)
+        if status is None:
             raise LeaseLost(run_id)
+        return status
 
     # workers
 
@@ -800,11 +823,13 @@ class SqliteBackend:
         params = {"run_id": run_id}
 
         def restart(conn: sqlite3.Connection, now: int) -> RunStatus | None:
+            children = conn.execute(QUERIES["restart_children"], {**params, "now": now}).fetchall()
             row = _first(conn, "restart_run", {**params, "now": now})
             if row is None:
                 row = _first(conn, "run_status", params)
             else:
-                conn.execute(QUERIES["restart_steps"], params)
+                for restarted in [run_id, *(child["id"] for child in children)]:
+                    conn.execute(QUERIES["restart_steps"], {"run_id": restarted})
             return None if row is None else RunStatus(row["status"])
 
         return await self._db.write(restart)

@@ -209,9 +209,14 @@ WHERE (id, lease_token) IN (
 RETURNING lease_token, requested_action
 
 -- release_runs --
--- Hand runs back, claimable at once (graceful shutdown).
+-- Hand runs back, claimable at once (graceful shutdown). A cancel or pause request the worker had not honoured
+-- yet is applied instead: canceled (the triggers cancel its children and wake its parent) or paused.
 UPDATE runs
-SET status = 'pending', available_at = :now, lease_token = NULL, worker_id = NULL, updated_at = :now
+SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' THEN 'paused' ELSE 'pending' END,
+    error = CASE WHEN requested_action = 'cancel' THEN :canceled_error ELSE error END,
+    finished_at = CASE WHEN requested_action = 'cancel' THEN :now END,
+    requested_action = NULL,
+    available_at = :now, lease_token = NULL, worker_id = NULL, updated_at = :now
 WHERE (id, lease_token) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:held))
   AND status = 'running'
@@ -266,11 +271,18 @@ RETURNING 1
 -- The run leaves its worker (no slot, no lease) until a wait is satisfied: the backend works out the status
 -- ('sleeping', 'waiting' on children, or 'pending' when a child it waits for finished already) and the time
 -- it is due. The write lock orders this against a child's finishing transaction, whose trigger wakes a
--- waiting parent.
+-- waiting parent. A cancel or pause stored before it and not yet heard of by the worker is applied here, not at
+-- the wake time (see the PostgreSQL query of the same name): canceled, or paused keeping its wake time (due at
+-- once on resume when it waits for an arrival).
 UPDATE runs
-SET status = :status, available_at = :available_at, lease_token = NULL, worker_id = NULL, updated_at = :now
+SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' THEN 'paused' ELSE :status END,
+    available_at = CASE WHEN requested_action = 'pause' AND :status <> 'sleeping' THEN :now ELSE :available_at END,
+    error = CASE WHEN requested_action = 'cancel' THEN :canceled_error ELSE error END,
+    finished_at = CASE WHEN requested_action = 'cancel' THEN :now END,
+    requested_action = NULL,
+    lease_token = NULL, worker_id = NULL, updated_at = :now
 WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
-RETURNING available_at
+RETURNING status, available_at
 
 -- children_finished --
 SELECT id FROM runs
@@ -383,8 +395,9 @@ WHERE run_id = :run_id AND name = :name
 RETURNING 1
 
 -- complete_run --
+-- A cancel or pause asked for during the last step has nothing left to stop, and is dropped.
 UPDATE runs
-SET status = 'completed', output = :output, error = NULL, lease_token = NULL,
+SET status = 'completed', output = :output, error = NULL, lease_token = NULL, requested_action = NULL,
     finished_at = :now, updated_at = :now
 WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
 RETURNING 1
@@ -482,12 +495,16 @@ FROM steps
 WHERE run_id = :source_id AND name IN (SELECT value FROM json_each(:names))
 
 -- pause_run --
--- Not running: paused at once (it is not claimed until resumed). Running: at its next step boundary. A
--- waiting run is due at once when resumed: it replays and waits again for what has not happened yet.
+-- Running under a live lease: at its next step boundary. Otherwise paused at once (it is not claimed until
+-- resumed), a run whose worker's lease expired included (see cancel_run: its lease token is cleared, so a
+-- stalled worker is shut out). A waiting run is due at once when resumed: it replays and waits again for what
+-- has not happened yet.
 UPDATE runs
-SET status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
-    requested_action = CASE WHEN status = 'running' THEN 'pause' END,
+SET status = CASE WHEN status = 'running' AND available_at > :now THEN status ELSE 'paused' END,
+    requested_action = CASE WHEN status = 'running' AND available_at > :now THEN 'pause' END,
     available_at = CASE WHEN status = 'waiting' THEN :now ELSE available_at END,
+    lease_token = CASE WHEN status = 'running' AND available_at > :now THEN lease_token END,
+    worker_id = CASE WHEN status = 'running' AND available_at > :now THEN worker_id END,
     updated_at = :now
 WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'waiting')
   AND requested_action IS NOT 'cancel'
@@ -495,13 +512,22 @@ RETURNING status
 
 -- resume_run --
 -- A paused run is claimable again at its own time (now, or a later start, retry or wake time it had); a
--- pause not yet honoured is withdrawn.
+-- pause not yet honoured is withdrawn, whatever the run's status. A debounced run that never started goes back
+-- under its key only if no other run took the key while it was paused (see the PostgreSQL query).
 UPDATE runs
 SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
     available_at = CASE WHEN status = 'paused' THEN MAX(available_at, :now) ELSE available_at END,
     requested_action = NULL,
+    debounce_key = CASE
+        WHEN status = 'paused' AND debounce_key IS NOT NULL AND started_at IS NULL AND EXISTS (
+            SELECT 1 FROM runs AS holder
+            WHERE holder.workflow_name = runs.workflow_name AND holder.debounce_key = runs.debounce_key
+              AND holder.status = 'pending' AND holder.started_at IS NULL AND holder.id <> runs.id)
+        THEN NULL ELSE debounce_key END,
     updated_at = :now
-WHERE id = :run_id AND (status = 'paused' OR (status = 'running' AND requested_action = 'pause'))
+WHERE id = :run_id
+  AND (status = 'paused'
+       OR (requested_action = 'pause' AND status IN ('pending', 'running', 'sleeping', 'waiting')))
 RETURNING status
 
 -- due_backlog --
