@@ -107,6 +107,28 @@ WHERE id = :run_id AND lease_token = :lease_token AND status = 'running'
   AND requested_action IS NOT NULL
 RETURNING status
 
+-- resume_run --
+-- A paused run is claimable again at its own time (now, or a later start, retry or wake time it had); a
+-- pause not yet honoured is withdrawn, whatever the run's status (one an older release left stored on a
+-- pending or parked run included). A debounced run that never started goes back under its key only if no
+-- other run took the key while it was paused; otherwise it leaves the debounce and runs on its own (see
+-- restart_run).
+UPDATE runs
+SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
+    available_at = CASE WHEN status = 'paused' AND available_at < :now THEN :now ELSE available_at END,
+    requested_action = NULL,
+    debounce_key = CASE
+        WHEN status = 'paused' AND debounce_key IS NOT NULL AND started_at IS NULL AND EXISTS (
+            SELECT 1 FROM runs AS holder
+            WHERE holder.workflow_name = runs.workflow_name AND holder.debounce_key = runs.debounce_key
+              AND holder.status = 'pending' AND holder.started_at IS NULL AND holder.id <> runs.id)
+        THEN NULL ELSE debounce_key END,
+    updated_at = :now
+WHERE id = :run_id
+  AND (status = 'paused'
+       OR (requested_action = 'pause' AND status IN ('pending', 'running', 'sleeping', 'waiting')))
+RETURNING status
+
 -- retry_run --
 -- A failed attempt that will be retried: pending again after the delay. A cancel or pause asked for during the
 -- attempt is honoured here, at this boundary, instead of after the delay: canceled (with the cancel's error; the

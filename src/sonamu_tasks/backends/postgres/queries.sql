@@ -669,28 +669,6 @@ WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'waiting'
   AND requested_action IS DISTINCT FROM 'cancel'
 RETURNING status
 
--- resume_run --
--- A paused run is claimable again at its own time (now, or a later start, retry or wake time it had); a
--- pause not yet honoured is withdrawn, whatever the run's status (one an older release left stored on a
--- pending or parked run included). A debounced run that never started goes back under its key only if no
--- other run took the key while it was paused; otherwise it leaves the debounce and runs on its own (see
--- restart_run).
-UPDATE runs
-SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
-    available_at = CASE WHEN status = 'paused' THEN GREATEST(available_at, now()) ELSE available_at END,
-    requested_action = NULL,
-    debounce_key = CASE
-        WHEN status = 'paused' AND debounce_key IS NOT NULL AND started_at IS NULL AND EXISTS (
-            SELECT 1 FROM runs AS holder
-            WHERE holder.workflow_name = runs.workflow_name AND holder.debounce_key = runs.debounce_key
-              AND holder.status = 'pending' AND holder.started_at IS NULL AND holder.id <> runs.id)
-        THEN NULL ELSE debounce_key END,
-    updated_at = now()
-WHERE id = %(run_id)s
-  AND (status = 'paused'
-       OR (requested_action = 'pause' AND status IN ('pending', 'running', 'sleeping', 'waiting')))
-RETURNING status
-
 -- watch_runs --
 -- result() waiters in another process ask for the "finished" notification of these runs (the waiters of one
 -- process in flight together share this statement); a row back means that run is unfinished and its watch is

@@ -510,26 +510,6 @@ WHERE id = :run_id AND status IN ('pending', 'running', 'sleeping', 'waiting')
   AND requested_action IS NOT 'cancel'
 RETURNING status
 
--- resume_run --
--- A paused run is claimable again at its own time (now, or a later start, retry or wake time it had); a
--- pause not yet honoured is withdrawn, whatever the run's status. A debounced run that never started goes back
--- under its key only if no other run took the key while it was paused (see the PostgreSQL query).
-UPDATE runs
-SET status = CASE WHEN status = 'paused' THEN 'pending' ELSE status END,
-    available_at = CASE WHEN status = 'paused' THEN MAX(available_at, :now) ELSE available_at END,
-    requested_action = NULL,
-    debounce_key = CASE
-        WHEN status = 'paused' AND debounce_key IS NOT NULL AND started_at IS NULL AND EXISTS (
-            SELECT 1 FROM runs AS holder
-            WHERE holder.workflow_name = runs.workflow_name AND holder.debounce_key = runs.debounce_key
-              AND holder.status = 'pending' AND holder.started_at IS NULL AND holder.id <> runs.id)
-        THEN NULL ELSE debounce_key END,
-    updated_at = :now
-WHERE id = :run_id
-  AND (status = 'paused'
-       OR (requested_action = 'pause' AND status IN ('pending', 'running', 'sleeping', 'waiting')))
-RETURNING status
-
 -- due_backlog --
 SELECT queue, workflow_name, version, count(*) AS n, (:now - min(available_at)) / 1000000.0 AS oldest
 FROM runs
