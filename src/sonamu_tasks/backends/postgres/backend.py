@@ -65,6 +65,8 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
 _TRANSIENT_STATES = ("08", "53", "57", "58", "40", "55P03")
 # How long one diagnosis of a pool timeout answers the calls that time out after it.
 _PROBE_REUSE_S = 5.0
+# How long one of the pool's reconnection attempts lasts before it starts over (see `_new_pool`).
+RECONNECT_ATTEMPT_S = 5.0
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -76,6 +78,13 @@ def _is_transient(error: BaseException) -> bool:
     if state is None:  # raised by the client: the connection is broken or could not be made
         return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
     return state.startswith(_TRANSIENT_STATES)
+
+
+async def _try_again(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    """A reconnection attempt gave up: start a new one (`check` grows a pool short of connections). Otherwise
+    nothing would try until a new call asks for a connection, and calls already waiting wait out their timeout."""
+    if not pool.closed:
+        await pool.check()
 
 
 def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -159,9 +168,14 @@ class PostgresBackend:
             kwargs=self._connect_kwargs,
             open=False,
             timeout=self._pool_timeout_s,
-            # Keep trying to reconnect for a day: the server may come back (guarantee 7). (0 would mean "give up
-            # after the first failed attempt" to psycopg_pool, leaving callers to wait out their timeout.)
-            reconnect_timeout=86_400,
+            # Short attempts, each followed at once by a fresh one (guarantee 7: the server may come back at any
+            # time). One attempt retries at doubling gaps with no cap (1, 2, 4 ... 64 s under a long timeout), so
+            # work resumed up to half an outage's length after the server was back. Given up after
+            # RECONNECT_ATTEMPT_S, an attempt (gaps of 1 and 2 s) starts over through `check()`, which grows the
+            # pool again with an immediate try: a connection is tried every 2 s at most however long the outage.
+            # (Not 0: psycopg_pool would give up after the first failure and never start over.)
+            reconnect_timeout=RECONNECT_ATTEMPT_S,
+            reconnect_failed=_try_again,
             name=name,
             configure=self._configure,
         )
