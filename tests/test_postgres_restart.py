@@ -118,3 +118,42 @@ async def test_calls_go_through_soon_after_a_long_outage(own_cluster: PostgresCl
         back = loop.time()
         await asyncio.wait_for(waiting, 30)
         assert loop.time() - back < 3.5, f"run() went through {loop.time() - back:.1f}s after the server was back"
+
+
+stuck_steps_started: list[str] = []
+
+
+async def stuck_step() -> None:
+    stuck_steps_started.append("started")
+    await asyncio.sleep(600)
+
+
+@workflow(version="1")
+async def stuck(input: Any, step: Any) -> None:
+    await step.define("stuck", stuck_step).run()
+
+
+async def test_stop_keeps_its_grace_while_the_database_is_down(own_cluster: PostgresCluster) -> None:
+    """stop() with the database down gives up handing back (5 s) and deregistering (2 s) in time: the wait
+    for a pooled connection is bounded by the caller's deadline, not the pool's 30 s timeout (it returned after
+    62 s, past a supervisor's SIGKILL)."""
+    grace_s = 1.0
+    config = define_config(
+        database_url=own_cluster.url,
+        schema="restart_stop",
+        tasks={"worker_options": {"listen_delay": 0, "lease_ms": 2000, "shutdown_grace_ms": int(grace_s * 1000)}},
+    )
+    manager = WorkflowManager(config, workflows=[stuck])
+    await manager.start()
+    try:
+        await manager.run(stuck, None)
+        await wait_until(lambda: stuck_steps_started, what="the step to start")
+        async with server_down(own_cluster):
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await asyncio.wait_for(manager.stop(), 30)
+            took = loop.time() - began
+    finally:
+        await manager.stop()
+    # The grace, then at most 5 s for the hand-back and 2 s for deregistering, and a little for the rest.
+    assert took < grace_s + 5 + 2 + 3, f"stop() took {took:.1f}s"

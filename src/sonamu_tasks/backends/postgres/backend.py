@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 
 from ...errors import BackendClosed, BackendUnavailable, ConfigError, StorageError
 from ...queue import DEFAULT_QUEUE, Queue
+from ...reconnect import connection_wait
 from ...status import RunStatus, StepStatus
 from ..base import (
     FOREVER,
@@ -67,6 +68,8 @@ _TRANSIENT_STATES = ("08", "53", "57", "58", "40", "55P03")
 _PROBE_REUSE_S = 5.0
 # How long one of the pool's reconnection attempts lasts before it starts over (see `_new_pool`).
 RECONNECT_ATTEMPT_S = 5.0
+# How long the diagnosis of a pool timeout waits for its own new connection (less when its caller gives up sooner).
+_PROBE_TIMEOUT_S = 5.0
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -203,7 +206,10 @@ class PostgresBackend:
         transaction whichever server connection is free); `conn.transaction()` inside it is a savepoint."""
         pool = self._read_pool if read else self._pool
         try:
-            conn = await pool.getconn()
+            # No longer than the caller will wait (until_available's deadline), or stop() with the database down
+            # would wait out the pool's timeout past its grace period. Only the wait for a connection: a
+            # statement cut short might have committed, unknown to its caller.
+            conn = await pool.getconn(connection_wait(self._pool_timeout_s))
         except psycopg_pool.PoolTimeout as error:
             url = self.read_url if read and self.read_url else self.url
             raise psycopg_pool.PoolTimeout(f"{error}; {await self._why_no_connection(url, pool)}") from error
@@ -231,10 +237,14 @@ class PostgresBackend:
             found = self._no_connection.get(url)
             if found is not None and time.monotonic() - found[0] < _PROBE_REUSE_S:
                 return found[1]
+            limit = connection_wait(_PROBE_TIMEOUT_S)
             try:
-                probe = await psycopg.AsyncConnection.connect(url, connect_timeout=5, **self._connect_kwargs)
+                async with asyncio.timeout(limit):  # a connection being made: nothing to leave unknown
+                    probe = await psycopg.AsyncConnection.connect(url, **self._connect_kwargs)
             except psycopg.Error as error:
                 answer = f"a new connection fails: {str(error).strip()}"
+            except TimeoutError:
+                answer = f"a new connection did not answer within {limit:.1f}s"
             else:
                 await probe.close()
                 stats = pool.get_stats()
