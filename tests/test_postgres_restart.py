@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sonamu_tasks import RunStatus, WorkflowManager, define_config, workflow
+from sonamu_tasks import ResultTimeout, RunStatus, WorkflowManager, define_config, workflow
 from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled
 
 from .conftest import wait_until
@@ -157,3 +157,25 @@ async def test_stop_keeps_its_grace_while_the_database_is_down(own_cluster: Post
         await manager.stop()
     # The grace, then at most 5 s for the hand-back and 2 s for deregistering, and a little for the rest.
     assert took < grace_s + 5 + 2 + 3, f"stop() took {took:.1f}s"
+
+
+async def test_result_and_get_event_keep_their_timeout_while_the_database_is_down(own_cluster: PostgresCluster) -> None:
+    """result(timeout=2) with the database down raises ResultTimeout (status unknown) by its timeout, and
+    get_event(timeout=2) returns None by it; both waited 30 s for a pooled connection and raised
+    BackendUnavailable."""
+    config = define_config(database_url=own_cluster.url, schema="restart_waits", tasks={"enable_worker": False})
+    loop = asyncio.get_running_loop()
+    async with WorkflowManager(config) as client:
+        handle = await client.run(many_steps, {"steps": 1, "tag": "waits"})  # pending: no worker
+        async with server_down(own_cluster):
+            began = loop.time()
+            with pytest.raises(ResultTimeout, match="status unknown: the database did not answer") as raised:
+                await asyncio.wait_for(handle.result(timeout=2), 10)
+            assert raised.value.status == "unknown"
+            assert loop.time() - began < 3.5, f"result(timeout=2) took {loop.time() - began:.1f}s"
+            began = loop.time()
+            assert await asyncio.wait_for(handle.get_event("progress", timeout=2), 10) is None
+            assert loop.time() - began < 3.5, f"get_event(timeout=2) took {loop.time() - began:.1f}s"
+        # The database back, the normal path's message says the real status.
+        with pytest.raises(ResultTimeout, match="it is pending"):
+            await asyncio.wait_for(handle.result(timeout=3), 40)
