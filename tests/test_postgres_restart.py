@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from sonamu_tasks import ResultTimeout, RunStatus, WorkflowManager, define_config, workflow
+from sonamu_tasks.backends.postgres import backend as postgres_backend
 from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled
 
 from .conftest import wait_until
@@ -179,3 +182,39 @@ async def test_result_and_get_event_keep_their_timeout_while_the_database_is_dow
         # The database back, the normal path's message says the real status.
         with pytest.raises(ResultTimeout, match="it is pending"):
             await asyncio.wait_for(handle.result(timeout=3), 40)
+
+
+def listener_pids(url: str, schema: str) -> set[int]:
+    """The server processes of the LISTEN connections on `schema`'s channel (their last statement is the LISTEN
+    or a probe; no other connection of the engine runs either)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE query IN (%s, 'SELECT 1') AND pid <> pg_backend_pid()",
+            [f'LISTEN "sonamu_tasks:{schema}"'],
+        ).fetchall()
+    return {pid for (pid,) in rows}
+
+
+async def test_a_silent_listen_connection_is_replaced(
+    own_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The LISTEN connection's server process frozen (SIGSTOP: what a dropped NAT entry or a dead host looks
+    like from the client) is noticed by the probe's timeout, said in the log, and replaced within seconds. (The
+    probe had no timeout: wake-ups stopped, with no log line, until TCP gave up, 15 min or more.)"""
+    monkeypatch.setattr(postgres_backend, "LISTEN_IDLE_S", 0.5)
+    monkeypatch.setattr(postgres_backend, "LISTEN_ANSWER_S", 1)
+    schema = "restart_listen"
+    config = define_config(database_url=own_cluster.url, schema=schema, tasks={"worker_options": {"listen_delay": 0}})
+    async with WorkflowManager(config, workflows=[many_steps]):
+        frozen = await wait_until(lambda: listener_pids(own_cluster.url, schema), what="the LISTEN connection")
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            # The probe's timeout, psycopg's wait for the cancelled probe (5 s), the reconnect.
+            await wait_until(
+                lambda: listener_pids(own_cluster.url, schema) - frozen, timeout=15, what="a new LISTEN connection"
+            )
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+    assert "LISTEN connection silent" in caplog.text

@@ -68,6 +68,12 @@ _TRANSIENT_STATES = ("08", "53", "57", "58", "40", "55P03")
 _PROBE_REUSE_S = 5.0
 # How long one of the pool's reconnection attempts lasts before it starts over (see `_new_pool`).
 RECONNECT_ATTEMPT_S = 5.0
+# The LISTEN connection: how long without a notification before a probe, how long the probe (and the connect)
+# may take before the connection counts as dead, and the TCP keepalives that notice a dead peer meanwhile
+# (client-side socket options: a pooler never sees them).
+LISTEN_IDLE_S = 5.0
+LISTEN_ANSWER_S = 5
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 # How long the diagnosis of a pool timeout waits for its own new connection (less when its caller gives up sooner).
 _PROBE_TIMEOUT_S = 5.0
 
@@ -310,21 +316,34 @@ class PostgresBackend:
 
     async def listen(self, notifications: Notifications) -> None:
         delay = 0.1
+        # A connection that goes silent (a frozen server, a dropped NAT entry) must not be waited on forever:
+        # it would stop every wake-up, with nothing in the log, until TCP gave up (15 min to hours). The
+        # connect and the probe are bounded, and TCP keepalives notice a dead peer without a probe too.
+        connect = {**self._connect_kwargs, **_KEEPALIVES, "connect_timeout": LISTEN_ANSWER_S}
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.listen_url, **self._connect_kwargs) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                async with await psycopg.AsyncConnection.connect(self.listen_url, **connect) as conn:
+                    async with asyncio.timeout(LISTEN_ANSWER_S):
+                        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     delay = 0.1
                     notifications.reconnected()  # events may have been missed while we were away
                     while True:
-                        async for notify in conn.notifies(timeout=5.0):
+                        async for notify in conn.notifies(timeout=LISTEN_IDLE_S):
                             _dispatch(notify.payload, notifications)
-                        # No event for a while: prove the connection is alive, or reconnect.
-                        await conn.execute("SELECT 1")
+                        # No event for a while: prove the connection is alive, or reconnect. (Cut short, a
+                        # SELECT 1 leaves nothing unknown; psycopg cancels it and closes the connection.)
+                        async with asyncio.timeout(LISTEN_ANSWER_S):
+                            await conn.execute("SELECT 1")
             except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
                 logger.warning("LISTEN connection lost (%s); reconnecting in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except TimeoutError:
+                logger.warning(
+                    "LISTEN connection silent: no answer within %.0fs (a frozen server or a dropped network path); "
+                    "reconnecting",
+                    LISTEN_ANSWER_S,
+                )
 
     # runs
 
