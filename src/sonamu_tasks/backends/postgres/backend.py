@@ -75,7 +75,7 @@ LISTEN_IDLE_S = 5.0
 LISTEN_ANSWER_S = 5
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 # How long the diagnosis of a pool timeout waits for its own new connection (less when its caller gives up sooner).
-_PROBE_TIMEOUT_S = 5.0
+_PROBE_TIMEOUT_S = 5
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -246,7 +246,9 @@ class PostgresBackend:
             limit = connection_wait(_PROBE_TIMEOUT_S)
             try:
                 async with asyncio.timeout(limit):  # a connection being made: nothing to leave unknown
-                    probe = await psycopg.AsyncConnection.connect(url, **self._connect_kwargs)
+                    probe = await psycopg.AsyncConnection.connect(
+                        url, connect_timeout=_PROBE_TIMEOUT_S, **self._connect_kwargs
+                    )
             except psycopg.Error as error:
                 answer = f"a new connection fails: {str(error).strip()}"
             except TimeoutError:
