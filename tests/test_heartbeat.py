@@ -8,6 +8,7 @@ because heartbeats come from a thread of their own; the blocked loop is logged; 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from collections import Counter
@@ -21,6 +22,7 @@ import pytest
 from sonamu_tasks import RunStatus, WorkflowManager, workflow
 from sonamu_tasks.attempt import Attempt
 from sonamu_tasks.backends.base import Backend, NewRun
+from sonamu_tasks.heartbeat import Failures
 from sonamu_tasks.ids import new_run_id
 
 from .conftest import wait_until
@@ -298,3 +300,21 @@ async def test_a_worker_with_a_long_lease_still_heartbeats_often_enough_to_count
         return now.heartbeat_at > first.heartbeat_at
 
     await wait_until(heartbeat_moved, timeout=5, what="a second heartbeat well before a third of the lease")
+
+
+def test_failed_heartbeats_are_said_once_per_outage(caplog: pytest.LogCaptureFixture) -> None:
+    """An outage fails every heartbeat: one warning for it, one when they go through again (a warning each
+    lease period through an outage, 43 in 75 s, said nothing useful)."""
+    failures = Failures()
+    with caplog.at_level(logging.DEBUG, logger="sonamu_tasks.heartbeat"):
+        for _ in range(5):
+            failures.failed("PostgreSQL unavailable")
+        failures.succeeded()
+        failures.succeeded()
+        failures.failed("PostgreSQL unavailable")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m.split(" (")[0].split(",")[0] for m in warnings] == [
+        "heartbeat failed",
+        "heartbeats go through again",
+        "heartbeat failed",
+    ]

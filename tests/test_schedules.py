@@ -245,6 +245,36 @@ async def test_a_late_tick_skips_no_fire_time(manager_for: Any) -> None:
     assert waits[-1] == pytest.approx(0.3)  # then on time for 00:00:04
 
 
+async def test_a_tick_that_waited_out_an_outage_collapses_the_missed_fires(
+    manager_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock is read after the database answered: a tick whose read of the schedules waited 30 s (an
+    outage) fires one run for the missed span, not also the long missed time as if it were on time."""
+
+    @workflow(version="1", schedules=[Schedule("* * * * * *", name="every-second")])
+    async def ticking(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([ticking], enable_worker=False)
+    clock = FakeClock(utc(2026, 5, 1, 0, 0, 0, 500_000))
+    scheduler = Scheduler(manager.backend, manager.registry, "UTC", clock=clock)
+    await scheduler.synchronize()
+    list_schedules = manager.backend.list_schedules
+
+    async def after_an_outage() -> Any:
+        clock.now += timedelta(seconds=30)  # the database answers 30 s after the tick asked
+        monkeypatch.setattr(manager.backend, "list_schedules", list_schedules)
+        return await list_schedules()
+
+    monkeypatch.setattr(manager.backend, "list_schedules", after_an_outage)
+    clock.now = utc(2026, 5, 1, 0, 0, 1, 200_000)  # 00:00:01 is due
+    for _ in range(3):
+        await scheduler.tick()
+    keys = [run.idempotency_key for run in (await manager.list_runs(workflow="ticking")).items]
+    assert len(keys) == 1, keys  # the stale 00:00:01 fired as on time, then the catch-up run
+    assert keys[0] != "schedule:every-second@2026-05-01T00:00:01+00:00"
+
+
 # who fires a schedule: rolling deploys, canaries, several versions (the stored row names one version)
 
 

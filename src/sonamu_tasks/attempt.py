@@ -264,14 +264,16 @@ class Attempt:
             except Stopped:
                 pass
             except LeaseLost:
-                self.logger.warning("lease lost while stopping: another worker owns this run now")
+                self.logger.warning("lease lost while stopping: its lease ran out or another worker took the run")
             else:  # the request was withdrawn meanwhile (resumed): hand the run back to be replayed
                 held = [(run.id, run.lease_token)]
                 await until_available(lambda: self.backend.release_runs(held), what="hand back run")
         except LeaseLost:
             self._lost()
             self._ended("lease_lost")
-            self.logger.warning("lease lost: another worker owns this run now; this attempt stops")
+            # Not "another worker took it": a lease that ran out during an outage may have been claimed again by
+            # this very worker (a new claim, a new attempt).
+            self.logger.warning("lease lost: its lease ran out or another worker took the run; this attempt stops")
         except Exception as error:
             try:
                 await self._record_failure(error)

@@ -100,12 +100,16 @@ class WorkflowFailed(SonamuTasksError):
 
 
 class ResultTimeout(SonamuTasksError, TimeoutError):
-    """`RunHandle.result(timeout=...)` ran out of time; the run goes on."""
+    """`RunHandle.result(timeout=...)` ran out of time; the run goes on. `status` is the run's status then, or
+    "unknown" when the database did not answer in time (an outage: the wait still ends at the timeout)."""
+
+    UNKNOWN = "unknown"
 
     def __init__(self, run_id: str, status: str, timeout: float) -> None:
         self.run_id = run_id
         self.status = status
-        super().__init__(f"run {run_id} did not finish within {timeout:g}s (it is {status}; it goes on)")
+        said = "status unknown: the database did not answer" if status == self.UNKNOWN else f"it is {status}"
+        super().__init__(f"run {run_id} did not finish within {timeout:g}s ({said}; it goes on)")
 
 
 class InvalidValue(NonRetryableError, ValueError):

@@ -54,8 +54,9 @@ class RunHandle(Generic[R_co]):
         """Wait for the run to finish and return its output, as the type the workflow declares (`output_type`).
 
         Raises WorkflowFailed (with the stored error) if it failed or was canceled, ResultTimeout if
-        `timeout` seconds pass first, and SerializationError if the stored output does not fit the declared
-        type. Woken by the database's notification, not by polling.
+        `timeout` seconds pass first (also when the database is down: its status is "unknown" then), and
+        SerializationError if the stored output does not fit the declared type. Woken by the database's
+        notification, not by polling.
         """
         output = await self._manager.wait_for_result(self.id, timeout=timeout)
         return cast(R_co, self._decoded(output))
@@ -65,7 +66,8 @@ class RunHandle(Generic[R_co]):
 
     async def get_event(self, key: str, timeout: float | None = None) -> Any:
         """The value the run published under `key` (step.set_event), waiting until it is set; None when the
-        run finished without setting it, or after `timeout` seconds."""
+        run finished without setting it, or after `timeout` seconds (also when the database did not answer
+        by then)."""
         return await self._manager.get_event(self.id, key, timeout=timeout)
 
     async def send(self, message: Any, *, topic: str | None = None, idempotency_key: str | None = None) -> bool:

@@ -73,6 +73,26 @@ class LeaseTimes:
         return since is not None and time.monotonic() - since > self._trusted_s
 
 
+class Failures:
+    """Failed heartbeats, said once per episode (an outage fails every one, each lease period), and once more
+    when one goes through again."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    def failed(self, reason: str) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            logger.warning("heartbeat failed (%s); said again only when heartbeats go through", reason)
+        else:
+            logger.debug("heartbeat failed again (%s)", reason)
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            logger.warning("heartbeats go through again, after %.1fs of failures", time.monotonic() - self._since)
+            self._since = None
+
+
 class HeartbeatThread:
     def __init__(
         self,
@@ -102,6 +122,7 @@ class HeartbeatThread:
         self._blocked_since: float | None = None  # the last stamp before the loop stopped stamping
         self._blocked_runs: Held = ()  # the runs on the worker when the episode was noticed
         self._gave_up = False
+        self._failures = Failures()
 
     @property
     def keeps_leases(self) -> bool:
@@ -233,14 +254,15 @@ class HeartbeatThread:
             async with asyncio.timeout(self._lease.total_seconds()):
                 still_held = await backend.heartbeat(self.worker_id, held, self._lease)
         except BackendUnavailable as error:
-            logger.warning("heartbeat failed (%s)", error)
+            self._failures.failed(str(error))
             return
         except TimeoutError:
-            logger.warning("heartbeat took longer than the lease (%.1fs); trying again", self._lease.total_seconds())
+            self._failures.failed(f"no answer within the lease, {self._lease.total_seconds():.1f}s")
             return
         except Exception:
             logger.exception("heartbeat failed unexpectedly")
             return
+        self._failures.succeeded()
         self._leases.kept(still_held, sent)  # now, from this thread: the loop may be blocked
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop closed: the worker is gone, nobody to tell

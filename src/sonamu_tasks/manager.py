@@ -738,7 +738,8 @@ class WorkflowManager:
 
     async def get_event(self, run_id: str, key: str, *, timeout: float | None = None) -> Any:
         """The value run `run_id` published under `key` (`step.set_event`); waits until it is set (woken by
-        a notification, not by polling). None when the run finished without setting it, or after `timeout`."""
+        a notification, not by polling). None when the run finished without setting it, or after `timeout` (also
+        when the database did not answer by then: an outage ends the wait at the timeout too)."""
         return await self.waiters.wait_for_event(stored_run_id(run_id), check_name(key, field="event key"), timeout)
 
     async def list_messages(self, run_id: str, *, limit: int = 100) -> list[MessageRecord]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from .errors import BackendUnavailable
@@ -14,22 +17,62 @@ logger = logging.getLogger("sonamu_tasks.reconnect")
 
 FIRST_DELAY_S = 0.05
 MAX_DELAY_S = 5.0
+# A call made at its deadline still gets this long for a connection (one ready in the pool is taken at once).
+LAST_CHANCE_S = 0.05
+
+# When the call in progress gives up (time.monotonic()), None without a deadline. Read by a backend for the
+# wait for a pooled connection (`connection_wait`): one wait for the pool would otherwise outlast the deadline
+# by the pool's whole timeout (30 s), since the deadline is only looked at between attempts.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("sonamu_tasks_deadline", default=None)
 
 
 async def until_available(call: Callable[[], Awaitable[T]], *, what: str, give_up_after_s: float | None = None) -> T:
     """Call `call` until the backend answers; BackendUnavailable is retried with exponential backoff.
 
-    Every backend method is safe to repeat, so a call whose answer was lost can be made again.
+    Every backend method is safe to repeat, so a call whose answer was lost can be made again. With
+    `give_up_after_s`, BackendUnavailable is raised by then: the wait for a connection is bounded by the time
+    left (a statement already running is not interrupted: whether it committed would be unknown).
     """
     loop = asyncio.get_running_loop()
     deadline = None if give_up_after_s is None else loop.time() + give_up_after_s
     delay = FIRST_DELAY_S
     while True:
         try:
-            return await call()
+            if deadline is None:
+                return await call()
+            with _giving_up_at(time.monotonic() + (deadline - loop.time())):
+                return await call()
         except BackendUnavailable as error:
             if deadline is not None and loop.time() + delay > deadline:
                 raise
             logger.warning("%s: %s; retrying in %.2fs", what, error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)
+
+
+@contextlib.contextmanager
+def _giving_up_at(at: float) -> Iterator[None]:
+    """The deadline of the calls inside (the earlier one when calls nest)."""
+    outer = _deadline.get()
+    token = _deadline.set(at if outer is None else min(at, outer))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def connection_wait(limit_s: float) -> float:
+    """How long the call in progress may wait for a connection: `limit_s` (the pool's timeout), or less when
+    its caller gives up sooner."""
+    at = _deadline.get()
+    if at is None:
+        return limit_s
+    return max(LAST_CHANCE_S, min(limit_s, at - time.monotonic()))
+
+
+def without_deadline() -> contextvars.Context:
+    """The current context without a caller's deadline: for a task that serves many callers (a group commit's
+    batch), which one caller's deadline must not cut short."""
+    context = contextvars.copy_context()
+    context.run(_deadline.set, None)
+    return context

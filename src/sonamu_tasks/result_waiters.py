@@ -12,17 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .backends.base import Backend
-from .errors import ResultTimeout, RunNotFound
+from .errors import BackendUnavailable, ResultTimeout, RunNotFound
 from .reconnect import until_available
 from .records import RunRecord
 from .waiting import wait_for_event
 
 PUSHED_RECHECK_S = 5.0
 POLLED_RECHECK_S = 0.05
+GIVE_UP_S = 30.0  # without a timeout: how long a read rides out an outage before BackendUnavailable
+READ_FLOOR_S = 1.0  # a read begun at the caller's deadline still gets this long
+
+T = TypeVar("T")
+
+
+class _Unanswered(enum.Enum):
+    UNANSWERED = "unanswered"
+
+
+_UNANSWERED = _Unanswered.UNANSWERED
+"""No answer by the caller's deadline (the database is away): result() raises ResultTimeout, get_event None."""
 
 
 class ResultWaiters:
@@ -64,20 +77,40 @@ class ResultWaiters:
                     # Ask for the "finished" notification first: one statement, and when it says the run is
                     # unfinished (the watch is set) nothing is read until the notification or the recheck.
                     watched = self._reconnects
-                    if await until_available(
-                        lambda: self._backend.watch_run(run_id), what="watch run", give_up_after_s=30
-                    ) and (deadline is None or loop.time() < deadline):
+                    watching = await self._by(deadline, lambda: self._backend.watch_run(run_id), "watch run")
+                    if watching is _UNANSWERED:
+                        raise ResultTimeout(run_id, ResultTimeout.UNKNOWN, timeout or 0)
+                    if watching and (deadline is None or loop.time() < deadline):
                         await wait_for_event(
                             event, recheck if deadline is None else min(recheck, deadline - loop.time())
                         )
                         continue
-                record = await self._read_run(run_id)
+                record = await self._by(deadline, lambda: self._read_run(run_id), None)
+                if record is _UNANSWERED:
+                    raise ResultTimeout(run_id, ResultTimeout.UNKNOWN, timeout or 0)
                 if record.status.finished:
                     return record
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     raise ResultTimeout(run_id, record.status.value, timeout or 0)
                 await wait_for_event(event, recheck if remaining is None else min(recheck, remaining))
+
+    async def _by(self, deadline: float | None, read: Callable[[], Awaitable[T]], what: str | None) -> T | _Unanswered:
+        """`read` (through until_available, unless `what` is None: it retries itself), given up at `deadline`
+        (the caller's timeout, a loop time): then _UNANSWERED. Without a deadline, as long as any call.
+
+        A read is cut short at the deadline, even mid-statement: nothing is left unknown by that (a watch is
+        a hint, set again if lost). A read begun at the deadline still gets READ_FLOOR_S: a timeout of 0 asks
+        for one look, not for none."""
+        call = read if what is None else lambda: until_available(read, what=what, give_up_after_s=GIVE_UP_S)
+        if deadline is None:
+            return await call()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(max(deadline, loop.time() + READ_FLOOR_S)):
+                return await call()
+        except (TimeoutError, BackendUnavailable):
+            return _UNANSWERED
 
     def _recheck(self) -> float:
         return PUSHED_RECHECK_S if self._backend.pushes_notifications and self.listening else POLLED_RECHECK_S
@@ -105,9 +138,10 @@ class ResultWaiters:
             watching = False
             while True:
                 event.clear()
-                status, found, value = await until_available(
-                    lambda: self._backend.get_run_event(run_id, key), what="read event", give_up_after_s=30
-                )
+                read = await self._by(deadline, lambda: self._backend.get_run_event(run_id, key), "read event")
+                if read is _UNANSWERED:
+                    return None
+                status, found, value = read
                 if status is None:
                     raise RunNotFound(f"no run with id {run_id}")
                 if found:
@@ -116,7 +150,8 @@ class ResultWaiters:
                     return None
                 if not watching:
                     # Ask to be notified of the run's changes, then read again: it may have set it meanwhile.
-                    await until_available(lambda: self._backend.watch_run(run_id), what="watch run", give_up_after_s=30)
+                    if await self._by(deadline, lambda: self._backend.watch_run(run_id), "watch run") is _UNANSWERED:
+                        return None
                     watching = True
                     continue
                 remaining = None if deadline is None else deadline - loop.time()

@@ -115,13 +115,16 @@ class Scheduler:
 
     async def tick(self) -> float | None:
         """Fire every due schedule this process declares; return seconds until the next fire."""
-        now = self.clock()
         soonest: datetime | None = None
         declared = _declared(self.registry)
+        now = self.clock()
         for record in await self.store.list_schedules():
             definition, schedule = declared.get(record.name, (None, None))
             if definition is None or schedule is None or definition.name != record.workflow_name:
                 continue  # not declared by the code here: the workers whose code declares it fire it
+            # Read after the database answered (and each fire): a read that waited out an outage would judge a
+            # time long missed as on time, firing it as well as the run that collapses the missed ones.
+            now = self.clock()
             if record.next_fire_at <= now:
                 record_next = await self._fire(record, definition, schedule, now)
             else:

@@ -27,7 +27,7 @@ from .backends.factory import another_like
 from .config import WorkerOptions
 from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
-from .heartbeat import HeartbeatThread, Held, LeaseTimes
+from .heartbeat import Failures, HeartbeatThread, Held, LeaseTimes
 from .queue import served_queues
 from .reconnect import until_available
 from .registry import Registry
@@ -347,6 +347,7 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeats from the event loop: only for a backend the heartbeat thread cannot build again."""
+        failures = Failures()
         while True:
             await asyncio.sleep(self._heartbeat_interval_s)
             held = self._held()
@@ -354,11 +355,12 @@ class Worker:
             try:
                 still_held = await self.backend.heartbeat(self.id, held, self._lease)
             except BackendUnavailable as error:
-                logger.warning("heartbeat failed (%s)", error)
+                failures.failed(str(error))
                 continue
             except Exception:
                 logger.exception("heartbeat failed unexpectedly")
                 continue
+            failures.succeeded()
             self.leases.kept(still_held, sent)
             self._heard(held, still_held)
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from ..errors import BackendUnavailable
+from ..reconnect import without_deadline
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -38,7 +39,8 @@ class GroupCommit(Generic[Item, Result]):
         self._queue.append((item, future))
         if self._draining < self._in_flight:
             self._draining += 1
-            task = asyncio.create_task(self._drain())
+            # Its batches carry other callers' items: no one caller's deadline cuts their wait for a connection.
+            task = asyncio.create_task(self._drain(), context=without_deadline())
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
         return await future

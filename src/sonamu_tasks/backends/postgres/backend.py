@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from ...errors import BackendClosed, BackendUnavailable, ConfigError, StorageError
 from ...queue import DEFAULT_QUEUE, Queue
+from ...reconnect import connection_wait
 from ...status import RunStatus, StepStatus
 from ..base import (
     CANCELED_ERROR,
@@ -69,6 +70,16 @@ _TRANSIENT_STATES = ("08", "53", "57", "58", "40", "55P03")
 _PROBE_REUSE_S = 5.0
 # The error a worker's write stores when it meets a stored cancel request (retry_run, park_run, release_runs).
 _CANCELED = Jsonb(CANCELED_ERROR)
+# How long one of the pool's reconnection attempts lasts before it starts over (see `_new_pool`).
+RECONNECT_ATTEMPT_S = 5.0
+# The LISTEN connection: how long without a notification before a probe, how long the probe (and the connect)
+# may take before the connection counts as dead, and the TCP keepalives that notice a dead peer meanwhile
+# (client-side socket options: a pooler never sees them).
+LISTEN_IDLE_S = 5.0
+LISTEN_ANSWER_S = 5
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+# How long the diagnosis of a pool timeout waits for its own new connection (less when its caller gives up sooner).
+_PROBE_TIMEOUT_S = 5
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -80,6 +91,13 @@ def _is_transient(error: BaseException) -> bool:
     if state is None:  # raised by the client: the connection is broken or could not be made
         return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
     return state.startswith(_TRANSIENT_STATES)
+
+
+async def _try_again(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    """A reconnection attempt gave up: start a new one (`check` grows a pool short of connections). Otherwise
+    nothing would try until a new call asks for a connection, and calls already waiting wait out their timeout."""
+    if not pool.closed:
+        await pool.check()
 
 
 def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -163,9 +181,14 @@ class PostgresBackend:
             kwargs=self._connect_kwargs,
             open=False,
             timeout=self._pool_timeout_s,
-            # Keep trying to reconnect for a day: the server may come back (guarantee 7). (0 would mean "give up
-            # after the first failed attempt" to psycopg_pool, leaving callers to wait out their timeout.)
-            reconnect_timeout=86_400,
+            # Short attempts, each followed at once by a fresh one (guarantee 7: the server may come back at any
+            # time). One attempt retries at doubling gaps with no cap (1, 2, 4 ... 64 s under a long timeout), so
+            # work resumed up to half an outage's length after the server was back. Given up after
+            # RECONNECT_ATTEMPT_S, an attempt (gaps of 1 and 2 s) starts over through `check()`, which grows the
+            # pool again with an immediate try: a connection is tried every 2 s at most however long the outage.
+            # (Not 0: psycopg_pool would give up after the first failure and never start over.)
+            reconnect_timeout=RECONNECT_ATTEMPT_S,
+            reconnect_failed=_try_again,
             name=name,
             configure=self._configure,
         )
@@ -193,7 +216,10 @@ class PostgresBackend:
         transaction whichever server connection is free); `conn.transaction()` inside it is a savepoint."""
         pool = self._read_pool if read else self._pool
         try:
-            conn = await pool.getconn()
+            # No longer than the caller will wait (until_available's deadline), or stop() with the database down
+            # would wait out the pool's timeout past its grace period. Only the wait for a connection: a
+            # statement cut short might have committed, unknown to its caller.
+            conn = await pool.getconn(connection_wait(self._pool_timeout_s))
         except psycopg_pool.PoolTimeout as error:
             url = self.read_url if read and self.read_url else self.url
             raise psycopg_pool.PoolTimeout(f"{error}; {await self._why_no_connection(url, pool)}") from error
@@ -221,10 +247,16 @@ class PostgresBackend:
             found = self._no_connection.get(url)
             if found is not None and time.monotonic() - found[0] < _PROBE_REUSE_S:
                 return found[1]
+            limit = connection_wait(_PROBE_TIMEOUT_S)
             try:
-                probe = await psycopg.AsyncConnection.connect(url, connect_timeout=5, **self._connect_kwargs)
+                async with asyncio.timeout(limit):  # a connection being made: nothing to leave unknown
+                    probe = await psycopg.AsyncConnection.connect(
+                        url, connect_timeout=_PROBE_TIMEOUT_S, **self._connect_kwargs
+                    )
             except psycopg.Error as error:
                 answer = f"a new connection fails: {str(error).strip()}"
+            except TimeoutError:
+                answer = f"a new connection did not answer within {limit:.1f}s"
             else:
                 await probe.close()
                 stats = pool.get_stats()
@@ -290,21 +322,34 @@ class PostgresBackend:
 
     async def listen(self, notifications: Notifications) -> None:
         delay = 0.1
+        # A connection that goes silent (a frozen server, a dropped NAT entry) must not be waited on forever:
+        # it would stop every wake-up, with nothing in the log, until TCP gave up (15 min to hours). The
+        # connect and the probe are bounded, and TCP keepalives notice a dead peer without a probe too.
+        connect = {**self._connect_kwargs, **_KEEPALIVES, "connect_timeout": LISTEN_ANSWER_S}
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.listen_url, **self._connect_kwargs) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                async with await psycopg.AsyncConnection.connect(self.listen_url, **connect) as conn:
+                    async with asyncio.timeout(LISTEN_ANSWER_S):
+                        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     delay = 0.1
                     notifications.reconnected()  # events may have been missed while we were away
                     while True:
-                        async for notify in conn.notifies(timeout=5.0):
+                        async for notify in conn.notifies(timeout=LISTEN_IDLE_S):
                             _dispatch(notify.payload, notifications)
-                        # No event for a while: prove the connection is alive, or reconnect.
-                        await conn.execute("SELECT 1")
+                        # No event for a while: prove the connection is alive, or reconnect. (Cut short, a
+                        # SELECT 1 leaves nothing unknown; psycopg cancels it and closes the connection.)
+                        async with asyncio.timeout(LISTEN_ANSWER_S):
+                            await conn.execute("SELECT 1")
             except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
                 logger.warning("LISTEN connection lost (%s); reconnecting in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except TimeoutError:
+                logger.warning(
+                    "LISTEN connection silent: no answer within %.0fs (a frozen server or a dropped network path); "
+                    "reconnecting",
+                    LISTEN_ANSWER_S,
+                )
 
     # runs
 

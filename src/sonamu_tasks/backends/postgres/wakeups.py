@@ -17,6 +17,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
+from ...reconnect import without_deadline
+
 logger = logging.getLogger("sonamu_tasks.postgres")
 
 Send = Callable[[list[str]], Awaitable[None]]
@@ -58,7 +60,8 @@ class Wakeups:
 
     def _start(self) -> None:
         if self._due and self._sender is None and not self._turn:
-            self._sender = asyncio.create_task(self._drain(), name="sonamu-wakeups")
+            # Sends for every run() call since: no one caller's deadline (reconnect.py) applies.
+            self._sender = asyncio.create_task(self._drain(), name="sonamu-wakeups", context=without_deadline())
 
     async def _drain(self) -> None:
         # The sender is cleared in the same step as the last look at the set (no await between them): a name
