@@ -176,6 +176,30 @@ async def test_a_run_left_running_by_a_dead_worker_is_steered_at_once(manager_fo
         assert await client.resume(run_id) is RunStatus.PENDING
 
 
+async def test_canceling_a_parent_cancels_at_once_a_child_a_dead_worker_left_running(manager_for: Any) -> None:
+    """The cancel cascade acts as cancel_run does: a child whose worker's lease expired is canceled now (no worker
+    of its version may be left to honour a request), while a child under a live lease is only asked."""
+    client = await manager_for([], enable_worker=False)
+    backend = client.backend
+    parent_id, _ = await backend.create_run(NewRun(new_run_id(), "parent", "1", "null"))
+    orphan_id, _ = await backend.create_run(NewRun(new_run_id(), "orphaned", "1", "null", parent_id=parent_id))
+    held_id, _ = await backend.create_run(NewRun(new_run_id(), "held", "1", "null", parent_id=parent_id))
+    (dead,) = await backend.claim_runs("dead-worker", [("orphaned", "1")], 1, timedelta(milliseconds=50))
+    await backend.claim_runs("live-worker", [("held", "1")], 1, timedelta(seconds=30))
+    await asyncio.sleep(0.2)  # the dead worker never heartbeats again: its lease expires
+    assert await client.cancel(parent_id) is RunStatus.CANCELED
+    orphan = await client.get_run(orphan_id)
+    assert orphan.status is RunStatus.CANCELED and orphan.requested_action is None and orphan.worker_id is None
+    assert orphan.error is not None and orphan.error["message"] == f"canceled with its parent run {parent_id}"
+    now = datetime.now(UTC)
+    with pytest.raises(LeaseLost):  # a worker that was only stalled is shut out, as after a take-over
+        await backend.save_step(orphan_id, dead.lease_token, "s", '"late"', now, now)
+    with pytest.raises(LeaseLost):
+        await backend.complete_run(orphan_id, dead.lease_token, '"late"')
+    held = await client.get_run(held_id)
+    assert held.status is RunStatus.RUNNING and held.requested_action == "cancel"
+
+
 async def test_a_run_under_a_live_lease_is_still_only_asked(manager_for: Any) -> None:
     client = await manager_for([], enable_worker=False)
     backend = client.backend

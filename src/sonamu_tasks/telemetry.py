@@ -206,6 +206,15 @@ class Telemetry:
             if taken_over:
                 metrics.child(metrics.take_overs, workflow).inc()
 
+    def overdue_failed(self, workflows: list[str]) -> None:
+        """Pending runs of these workflows (one entry per run) were failed because their deadline passed: failed
+        for good, with no attempt of theirs ending to count them."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        for workflow in workflows:
+            metrics.child(metrics.runs_failed, workflow).inc()
+
     def backlog(self, rows: list[tuple[str, str, str, int, float]]) -> None:
         """Due, unclaimed runs per (queue, workflow, version): how many and the oldest's wait in seconds."""
         metrics = self.metrics

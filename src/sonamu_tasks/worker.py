@@ -17,14 +17,15 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .attempt import Attempt
-from .backends.base import Backend, ClaimedRun, WorkerRecord
+from .backends.base import Backend, ClaimedRun, OverdueRun, WorkerRecord
 from .backends.factory import another_like
 from .config import WorkerOptions
+from .deadlines import DeadlineSweeper
 from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
 from .heartbeat import Failures, HeartbeatThread, Held, LeaseTimes
@@ -67,6 +68,8 @@ class Worker:
         """The time the backend's transactions read (`testing.WorkflowTestEnv` passes its test clock)."""
         self.telemetry = telemetry
         self._metrics_task: asyncio.Task[None] | None = None
+        self.deadlines = DeadlineSweeper(backend, self._failed_overdue, telemetry=telemetry)
+        """Fails the pending runs of the database whose deadline passed, which no claim may come for."""
         self.registry = registry
         self.options = options
         self.context_provider = context_provider
@@ -129,6 +132,7 @@ class Worker:
         if self.telemetry.metrics is not None:
             self._metrics_task = asyncio.create_task(self._backlog_loop(), name="sonamu-backlog")
         self._tasks = [asyncio.create_task(self._claim_loop(), name="sonamu-claim")]
+        self.deadlines.start()
         if not self._heartbeat.keeps_leases:
             self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="sonamu-heartbeat"))
         logger.info(
@@ -232,6 +236,14 @@ class Worker:
         """A run left this worker (with its stored output if it completed): wake the waiters of this process."""
         if self._on_finished is not None:
             self._on_finished(run_id, output_json)
+
+    def _failed_overdue(self, runs: Sequence[OverdueRun]) -> None:
+        """Runs failed past their deadline: this process's result() waiters read them now, and a parent one of them
+        woke is looked for at once (SQLite has no notification to say so)."""
+        for run in runs:
+            self.finished(run.id, None)
+        if any(run.parent_id is not None for run in runs):
+            self.wake()
 
     # loops
 
@@ -395,6 +407,7 @@ class Worker:
         self._wake.set()
         if self._metrics_task is not None:
             await cancel_and_wait(self._metrics_task)
+        await self.deadlines.stop()
         if self._timer is not None:
             self._timer.cancel()
         claim_loop, heartbeat_loop = self._tasks[:1], self._tasks[1:]  # the heartbeat loop: only without the thread

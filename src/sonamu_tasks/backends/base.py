@@ -103,6 +103,16 @@ class ChildOutcome:
     error: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class OverdueRun:
+    """A pending run failed because its deadline passed (`Backend.fail_overdue_runs`)."""
+
+    id: str
+    workflow_name: str
+    version: str
+    parent_id: str | None
+
+
 @dataclass(slots=True)  # not frozen: a run_many makes thousands, and a frozen one takes 8x longer to make
 class NewRun:
     id: str
@@ -424,6 +434,14 @@ class Backend(ScheduleStore, Protocol):
         """Record a failed attempt: back to pending after `retry_delay`, or `failed` when it is None. A run
         that will be retried and has a cancel or pause request stored is canceled, or paused keeping its retry
         time, instead. Returns the status the run is left in."""
+        ...
+
+    async def fail_overdue_runs(self, limit: int) -> list[OverdueRun]:
+        """Fail up to `limit` pending runs whose deadline passed, of any workflow, version or queue, as a claim of
+        them would (status failed, the "deadline exceeded" error of DeadlineExceeded, one attempt counted); a run
+        parked behind its key leaves the parked set. Paused runs are left alone. Never waits on a run another
+        transaction holds (a claim taking it fails it too). Returns the runs failed; with none overdue it is one
+        probe of an index of pending runs with a deadline, and writes nothing."""
         ...
 
     # workers

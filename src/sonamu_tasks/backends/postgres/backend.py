@@ -36,6 +36,7 @@ from ..base import (
     MessageSent,
     NewRun,
     Notifications,
+    OverdueRun,
     QueueStats,
     RunEventRecord,
     RunQuery,
@@ -975,6 +976,12 @@ class PostgresBackend:
                 step_params = {"run_id": run_id, "name": step[0], "started_at": step[1], "error": error_json}
                 await conn.execute(QUERIES["record_step_failure"], step_params)
         return RunStatus(row[0])
+
+    @_transient
+    async def fail_overdue_runs(self, limit: int) -> list[OverdueRun]:
+        async with self._connection() as conn:
+            rows = await (await conn.execute(QUERIES["fail_overdue_runs"], {"limit": limit})).fetchall()
+        return [OverdueRun(*row) for row in rows]
 
     # workers
 

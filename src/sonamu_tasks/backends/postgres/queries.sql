@@ -697,6 +697,34 @@ FROM runs
 WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <= now()
 GROUP BY queue, workflow_name, version
 
+-- fail_overdue_runs --
+-- Up to `limit` pending runs whose deadline passed, failed as a claim fails them (attempt.py's DeadlineExceeded,
+-- then fail_run): the same error type and message, one attempt counted. Whatever their workflow, version or
+-- queue: a run no worker claims (a version no live worker serves, a queue whose slots are full) fails at its
+-- deadline all the same. A paused run is not failed (resumed, it is pending again and fails then). A pending run
+-- holds no slot of its queue or key; one parked behind its key leaves the parked set. SKIP LOCKED: a run a claim
+-- is taking at this moment is left to the claim (which fails it as well), and nothing waits. Reads runs_overdue
+-- (migration 0024): with nothing overdue, one probe of an empty range. The status triggers do the rest, as for any
+-- failed run: a waiting parent is woken, a watching result() is notified.
+WITH overdue AS (
+    SELECT id FROM runs
+    WHERE status = 'pending' AND deadline_at IS NOT NULL AND deadline_at <= now()
+    ORDER BY deadline_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE runs r
+SET status = 'failed', attempts = r.attempts + 1,
+    error = jsonb_build_object(
+        'type', 'DeadlineExceeded',
+        'message', 'deadline exceeded: run ' || r.id::text || ' was due by '
+                   || to_char(r.deadline_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
+    lease_token = NULL, worker_id = NULL, requested_action = NULL, key_parked = false,
+    finished_at = now(), updated_at = now()
+FROM overdue
+WHERE r.id = overdue.id AND r.status = 'pending'
+RETURNING r.id::text, r.workflow_name, r.version, r.parent_id::text
+
 -- save_retention --
 -- The retention each workflow version registered here declares (seconds; NULL: the default applies), for
 -- whichever worker deletes expired runs. One row per (workflow, version): a worker replaces only the versions it

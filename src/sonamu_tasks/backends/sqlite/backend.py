@@ -34,6 +34,7 @@ from ..base import (
     MessageSent,
     NewRun,
     Notifications,
+    OverdueRun,
     QueueStats,
     RunEventRecord,
     RunQuery,
@@ -788,6 +789,18 @@ class SqliteBackend:
         if status is None:
             raise LeaseLost(run_id)
         return status
+
+    async def fail_overdue_runs(self, limit: int) -> list[OverdueRun]:
+        # A read first: the look runs every second in every worker, and finding nothing must not take the file's
+        # write lock (which every claim and checkpoint of every process on this file waits for).
+        if await self._db.read(lambda conn, now: _first(conn, "overdue_run", {"now": now})) is None:
+            return []
+
+        def fail(conn: sqlite3.Connection, now: int) -> list[OverdueRun]:
+            rows = conn.execute(QUERIES["fail_overdue_runs"], {"now": now, "limit": limit}).fetchall()
+            return [OverdueRun(row["id"], row["workflow_name"], row["version"], row["parent_id"]) for row in rows]
+
+        return await self._db.write(fail)
 
     # workers
 

@@ -516,6 +516,32 @@ FROM runs
 WHERE status IN ('pending', 'running', 'sleeping', 'waiting') AND available_at <= :now
 GROUP BY queue, workflow_name, version
 
+-- overdue_run --
+-- Whether a pending run's deadline passed: read first, so that a look finding nothing takes no write lock.
+-- INDEXED BY (here and below): runs_overdue holds only pending runs with a deadline; the planner, which knows no
+-- better, took runs_by_status and read every pending run.
+SELECT 1 FROM runs INDEXED BY runs_overdue
+WHERE status = 'pending' AND deadline_at IS NOT NULL AND deadline_at <= :now
+LIMIT 1
+
+-- fail_overdue_runs --
+-- Up to `limit` pending runs whose deadline passed, failed as a claim fails them (see the PostgreSQL query of the
+-- same name; no row locks: the write lock is the file's). The message's time is deadline_at in ISO 8601, UTC.
+UPDATE runs
+SET status = 'failed', attempts = attempts + 1,
+    error = json_object(
+        'type', 'DeadlineExceeded',
+        'message', 'deadline exceeded: run ' || id || ' was due by '
+                   || strftime('%Y-%m-%dT%H:%M:%S', deadline_at / 1000000, 'unixepoch')
+                   || printf('.%06d+00:00', deadline_at % 1000000)),
+    lease_token = NULL, worker_id = NULL, requested_action = NULL, key_parked = 0,
+    finished_at = :now, updated_at = :now
+WHERE id IN (SELECT id FROM runs INDEXED BY runs_overdue
+             WHERE status = 'pending' AND deadline_at IS NOT NULL AND deadline_at <= :now
+             ORDER BY deadline_at
+             LIMIT :limit)
+RETURNING id, workflow_name, version, parent_id
+
 -- save_retention --
 -- The retention each workflow version registered here declares (see the PostgreSQL query of the same name):
 -- one row per (workflow, version), a worker replacing only the versions it declares.
