@@ -274,6 +274,42 @@ async def test_retrying_a_canceled_parent_restarts_the_children_canceled_with_it
     assert (await manager.get_run(by_step["aside"].id)).status is RunStatus.CANCELED
 
 
+async def test_retrying_a_canceled_parent_at_once_withdraws_the_cancel_of_a_child_still_stopping(
+    manager_for: Any,
+) -> None:
+    in_step, release = asyncio.Event(), asyncio.Event()
+    calls = {"slow": 0}
+
+    async def slow() -> str:
+        calls["slow"] += 1
+        in_step.set()
+        await release.wait()
+        return "s"
+
+    @workflow(version="1")
+    async def kid(step: Any) -> str:
+        await step.define("slow", slow).run()
+        return await step.define("after", lambda: "kid done").run()  # a step boundary, where a cancel stops it
+
+    @workflow(version="1")
+    async def parent(step: Any) -> str:
+        return await step.run_workflow("kid", kid)
+
+    manager = await manager_for([parent, kid])
+    handle = await manager.run(parent)
+    await asyncio.wait_for(in_step.wait(), 15)
+    await wait_until(lambda: _status_is(manager, handle.id, RunStatus.WAITING), what="the parent waiting")
+    assert await handle.cancel() is RunStatus.CANCELED
+    [child] = (await manager.list_runs(parent_id=handle.id)).items
+    assert (child.status, child.requested_action) == (RunStatus.RUNNING, "cancel")  # stops at its next boundary
+    # Retried before the child stopped: the child's cancel is withdrawn, so the replayed parent waits for it
+    # instead of reading a cancel that settles later as the child's outcome, for good.
+    assert await handle.retry() is RunStatus.PENDING
+    release.set()
+    assert await handle.result(timeout=15) == "kid done"
+    assert (await manager.get_run(child.id)).status is RunStatus.COMPLETED
+
+
 @pytest.mark.parametrize("steer", ["pause", "cancel"])
 async def test_a_debounced_run_resumed_or_retried_after_its_key_was_taken_runs_on_its_own(
     manager_for: Any, steer: str

@@ -67,26 +67,37 @@ RETURNING status
 -- restart_children --
 -- With restart_run, before it, in its transaction: a retried parent that was canceled gets back the attached
 -- children canceled with it (and theirs, down the tree), so that its replay waits for them again instead of
--- reading their cancel as a failure. Canceled with it: canceled when it was or after (a running child stops at
--- its next step boundary); a child canceled before it, or a detached one, is left as it is. Returns their ids
--- (restart_steps is run for each).
+-- reading their cancel as a failure. Canceled with it: canceled when it was or after; a child still running
+-- toward the step boundary where it would stop (its cancel asked for, not yet honoured) has the request
+-- withdrawn, as a resume withdraws a pause, and runs on (its worker, finding the request gone, hands it back
+-- to be replayed). A child canceled before the parent, or a detached one, is left as it is. Returns their ids
+-- and new statuses ('pending': restarted, restart_steps is run for it; 'running': only the request withdrawn).
 UPDATE runs
-SET status = 'pending', available_at = :now, attempts = 0, recoveries = 0, error = NULL,
-    finished_at = NULL, requested_action = NULL, deadline_at = NULL, updated_at = :now
+SET status = CASE WHEN status = 'canceled' THEN 'pending' ELSE status END,
+    available_at = CASE WHEN status = 'canceled' THEN :now ELSE available_at END,
+    attempts = CASE WHEN status = 'canceled' THEN 0 ELSE attempts END,
+    recoveries = CASE WHEN status = 'canceled' THEN 0 ELSE recoveries END,
+    error = CASE WHEN status = 'canceled' THEN NULL ELSE error END,
+    finished_at = CASE WHEN status = 'canceled' THEN NULL ELSE finished_at END,
+    deadline_at = CASE WHEN status = 'canceled' THEN NULL ELSE deadline_at END,
+    requested_action = NULL, updated_at = :now
 WHERE id IN (
-    WITH RECURSIVE canceled_with (id, finished_at) AS (
-        SELECT c.id, c.finished_at
+    WITH RECURSIVE canceled_with (id, status, finished_at) AS (
+        SELECT c.id, c.status, c.finished_at
         FROM runs AS p JOIN runs AS c ON c.parent_id = p.id
-        WHERE p.id = :run_id AND p.status = 'canceled' AND NOT c.detached AND c.status = 'canceled'
-          AND c.finished_at >= p.finished_at
+        WHERE p.id = :run_id AND p.status = 'canceled' AND NOT c.detached
+          AND ((c.status = 'canceled' AND c.finished_at >= p.finished_at)
+               OR (c.status = 'running' AND c.requested_action = 'cancel'))
         UNION ALL
-        SELECT c.id, c.finished_at
+        SELECT c.id, c.status, c.finished_at
         FROM canceled_with AS p JOIN runs AS c ON c.parent_id = p.id
-        WHERE NOT c.detached AND c.status = 'canceled' AND c.finished_at >= p.finished_at
+        WHERE p.status = 'canceled' AND NOT c.detached
+          AND ((c.status = 'canceled' AND c.finished_at >= p.finished_at)
+               OR (c.status = 'running' AND c.requested_action = 'cancel'))
     )
     SELECT id FROM canceled_with
 )
-RETURNING id
+RETURNING id, status
 
 -- restart_steps --
 -- With restart_run, in its transaction: the steps' retry budgets start afresh too. A step with a retry policy

@@ -596,7 +596,7 @@ class PostgresBackend:
             if row is None:
                 row = await (await conn.execute(QUERIES["run_status"], params)).fetchone()
             else:
-                for restarted in [run_id, *(child for (child,) in children)]:
+                for restarted in [run_id, *(child for child, status in children if status == "pending")]:
                     await conn.execute(QUERIES["restart_steps"], {"run_id": restarted})
         return None if row is None else RunStatus(row[0])
 

@@ -841,7 +841,7 @@ class SqliteBackend:
             if row is None:
                 row = _first(conn, "run_status", params)
             else:
-                for restarted in [run_id, *(child["id"] for child in children)]:
+                for restarted in [run_id, *(child["id"] for child in children if child["status"] == "pending")]:
                     conn.execute(QUERIES["restart_steps"], {"run_id": restarted})
             return None if row is None else RunStatus(row["status"])
 
