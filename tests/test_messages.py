@@ -101,7 +101,10 @@ async def test_a_message_no_receive_could_tell_apart_or_take_is_refused_and_noth
     with pytest.raises(InvalidValue, match=f"run {done.id} is completed: no step.receive would ever take"):
         await manager.send(done.id, {"approved": True}, topic="approval")
     assert await manager.list_messages(done.id) == []
-    await waiting.cancel()
+    # A repeat of a message the run took before it completed is answered as a repeat, not refused.
+    assert await manager.send(waiting.id, {"approved": True}, topic="approval", idempotency_key="mail-1") is True
+    assert await waiting.result(timeout=15) == {"decision": {"approved": True}}
+    assert await manager.send(waiting.id, {"approved": True}, topic="approval", idempotency_key="mail-1") is False
 
 
 async def test_a_waiting_run_frees_its_slot_for_other_runs(manager_for: Any) -> None:

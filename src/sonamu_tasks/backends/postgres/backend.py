@@ -830,7 +830,7 @@ class PostgresBackend:
         params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
         with self._wakeups.turn() as along:  # the statement carries the NOTIFY if it wakes the run
             async with self._connection() as conn:
-                found, taken, stored, woke, _ = await self._one(
+                found, taken, stored, woke, _, prior = await self._one(
                     conn, "send_message", {**params, "notify": along, "channel": self.channel}
                 )
         if woke is not None and not along:
@@ -838,7 +838,7 @@ class PostgresBackend:
         if not found:
             return "no_run"
         if not taken:
-            return "completed"
+            return "repeated" if prior else "completed"
         return "stored" if stored else "repeated"
 
     @_transient

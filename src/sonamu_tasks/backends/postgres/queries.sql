@@ -421,11 +421,14 @@ SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM notified)
 -- (0015_senders_notify_after_commit.sql): `woke` is its workflow; `notify`: this statement carries the NOTIFY,
 -- "w:" as for any waiting run woken (0017_woken_runs_notify_urgently.sql). A completed run takes no message
 -- (no receive would ever take it): a run that exists (`existing`) but was not updated is completed, if only
--- by a commit this statement waited for.
+-- by a commit this statement waited for. A message of that key stored before (`prior`: a send made again after
+-- a lost answer, a double click) is answered as a repeat, whatever the run has done since.
 WITH deferred AS (
     SELECT set_config('sonamu_tasks.wake_after_commit', 'on', true) AS setting
 ), existing AS (
     SELECT id FROM runs WHERE id = %(run_id)s
+), prior AS (
+    SELECT 1 FROM messages WHERE run_id = %(run_id)s AND idempotency_key = %(idempotency_key)s
 ), target AS (
     UPDATE runs
     SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
@@ -443,7 +446,7 @@ WITH deferred AS (
     SELECT pg_notify(%(channel)s::text, 'w:' || woke) FROM target WHERE woke IS NOT NULL AND %(notify)s::boolean
 )
 SELECT (SELECT count(*) FROM existing), (SELECT count(*) FROM target), (SELECT count(*) FROM stored),
-       (SELECT woke FROM target), (SELECT count(*) FROM notified)
+       (SELECT woke FROM target), (SELECT count(*) FROM notified), (SELECT count(*) FROM prior)
 
 -- emit_event --
 -- A broadcast event (after lock_event, in the same transaction): stored, and every run parked on it woken. The

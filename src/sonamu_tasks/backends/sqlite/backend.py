@@ -652,9 +652,11 @@ class SqliteBackend:
         self, run_id: str, topic: str, payload_json: str, idempotency_key: str | None
     ) -> MessageSent:
         def send(conn: sqlite3.Connection, now: int) -> MessageSent:
-            if _first(conn, "wake_for_message", {"run_id": run_id, "now": now}) is None:
-                return "no_run" if _first(conn, "run_status", {"run_id": run_id}) is None else "completed"
             params = {"run_id": run_id, "topic": topic, "payload": payload_json, "idempotency_key": idempotency_key}
+            if _first(conn, "wake_for_message", {"run_id": run_id, "now": now}) is None:
+                if _first(conn, "run_status", {"run_id": run_id}) is None:
+                    return "no_run"
+                return "repeated" if _first(conn, "stored_message", params) is not None else "completed"
             return "stored" if _first(conn, "store_message", {**params, "now": now}) is not None else "repeated"
 
         return await self._db.write(send)

@@ -370,6 +370,10 @@ SET status = CASE WHEN status = 'waiting' THEN 'pending' ELSE status END,
 WHERE id = :run_id AND status <> 'completed'
 RETURNING id
 
+-- stored_message --
+-- A message of this key stored for the run before (a send made again after a lost answer, a double click).
+SELECT 1 FROM messages WHERE run_id = :run_id AND idempotency_key = :idempotency_key
+
 -- store_message --
 INSERT INTO messages (run_id, topic, payload, idempotency_key, created_at)
 VALUES (:run_id, :topic, :payload, :idempotency_key, :now)
