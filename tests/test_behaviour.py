@@ -460,6 +460,29 @@ async def test_result_gives_the_output_as_the_type_the_workflow_declares(manager
     assert await manager.handle(batch.id).result(timeout=15) == {"order_id": 8, "email": "x@y.z"}
 
 
+class Total(pydantic.BaseModel):
+    total_cents: int
+
+
+async def test_a_run_found_by_its_key_gives_its_output_as_the_type_its_own_version_declares(manager_for: Any) -> None:
+    @workflow(version="1", name="priced")
+    async def priced_v1() -> Order:
+        return Order(order_id=1, email="x@y.z")
+
+    @workflow(version="2", name="priced")
+    async def priced_v2() -> Total:
+        return Total(total_cents=100)
+
+    manager = await manager_for([priced_v1, priced_v2])
+    first = await manager.run(priced_v1, idempotency_key="k")
+    assert await first.result(timeout=15) == Order(order_id=1, email="x@y.z")
+    again = await manager.run(priced_v2, idempotency_key="k")  # the key finds version 1's run
+    assert again.id == first.id and not again.created
+    assert await again.result(timeout=15) == Order(order_id=1, email="x@y.z")
+    [batch] = await manager.run_many(priced_v2, [None], idempotency_keys=["k"])
+    assert await batch.result(timeout=15) == Order(order_id=1, email="x@y.z")
+
+
 async def test_result_refuses_an_output_that_does_not_fit_the_declared_type_naming_the_run(manager_for: Any) -> None:
     @workflow(version="1")
     async def mistyped() -> list[int]:

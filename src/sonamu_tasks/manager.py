@@ -406,14 +406,13 @@ class WorkflowManager:
         if isinstance(queue, Queue):
             await self.declare_queue(queue)
         new_run = prepare_run(name, version, definition, input, options, trace_context=self.telemetry.caller_context())
-        output_type = definition.output_type if definition is not None else None
         worker = self.worker
         local = self.registry.find(name, version)
         if new_run.debounce is not None:
             run_id, created = await until_available(
                 lambda: self.backend.create_debounced_run(new_run), what="start run", give_up_after_s=30
             )
-            return RunHandle(self, run_id, name, created=created, output_type=output_type)
+            return await self._handle(run_id, name, created, definition)
         if (
             worker is not None
             and local is not None
@@ -434,13 +433,13 @@ class WorkflowManager:
                 worker.release_slot(claimed, local)
             if created and claimed is None:
                 worker.wake()
-            return RunHandle(self, run_id, name, created=created, output_type=output_type)
+            return await self._handle(run_id, name, created, definition)
         run_id, created = await until_available(
             lambda: self.backend.create_run(new_run), what="start run", give_up_after_s=30
         )
         if created and worker is not None and local is not None:
             worker.wake()  # all slots busy (or a delayed start): look again when one frees up
-        return RunHandle(self, run_id, name, created=created, output_type=output_type)
+        return await self._handle(run_id, name, created, definition)
 
     async def run_many(
         self,
@@ -490,7 +489,31 @@ class WorkflowManager:
         if self.worker is not None and self.registry.find(name, version) is not None:
             self.worker.wake()
         output_type = definition.output_type if definition is not None else None
-        return [RunHandle(self, run_id, name, created=fresh, output_type=output_type) for run_id, fresh in created]
+        handles = [RunHandle(self, run_id, name, created=fresh, output_type=output_type) for run_id, fresh in created]
+        found = [handle for handle in handles if not handle.created and handle.output_type is not None]
+        if found:
+            await asyncio.gather(*(self._retype(handle, definition) for handle in found))
+        return handles
+
+    async def _handle(
+        self, run_id: str, name: str, created: bool, definition: WorkflowDefinition[Any, Any] | None
+    ) -> RunHandle[Any]:
+        """The handle `run()` returns, typed with what the run's workflow returns."""
+        output_type = definition.output_type if definition is not None else None
+        handle: RunHandle[Any] = RunHandle(self, run_id, name, created=created, output_type=output_type)
+        if not created and output_type is not None:
+            await self._retype(handle, definition)
+        return handle
+
+    async def _retype(self, handle: RunHandle[Any], definition: WorkflowDefinition[Any, Any] | None) -> None:
+        """A run found by its key (not created by this call) may be another version's, even another workflow's
+        (keys are global): its output is rebuilt as the type of the definition it was made with when this process
+        knows it, and comes as JSON otherwise."""
+        found = await self.get_run(handle.id)
+        handle.workflow_name = found.workflow_name
+        if definition is None or definition.key != (found.workflow_name, found.version):
+            known = self.registry.find(found.workflow_name, found.version)
+            handle.output_type = known.output_type if known is not None else None
 
     def handle(self, run_id: str, workflow_name: str = "") -> RunHandle:
         """A handle for a run started elsewhere."""
