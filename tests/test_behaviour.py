@@ -662,6 +662,25 @@ async def test_stop_lets_a_run_call_inserting_its_run_claimed_finish_first(manag
         assert (await other.get_run(handle.id)).attempts == 0
 
 
+async def test_stop_does_not_wait_out_a_claim_stuck_waiting_for_the_database(manager_for: Any) -> None:
+    """A claim waiting for a connection the database does not give (an outage: the pool waits 30 s) is cut
+    short at stop(), which keeps to its grace; stop() waited for the claim's whole wait."""
+    manager = await manager_for([], shutdown_grace_ms=500)
+    in_claim, never = asyncio.Event(), asyncio.Event()
+
+    async def stuck_claim(*args: Any, **kwargs: Any) -> Any:
+        in_claim.set()
+        await never.wait()
+
+    manager.backend.claim_runs = stuck_claim
+    manager.worker.wake()
+    await asyncio.wait_for(in_claim.wait(), 15)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(manager.stop(), 30)
+    assert loop.time() - began < 10, f"stop() took {loop.time() - began:.1f}s"
+
+
 async def test_start_at_delays_the_first_claim(manager_for: Any) -> None:
     @workflow(version="1")
     async def later() -> str:

@@ -35,7 +35,7 @@ from .registry import Registry
 from .scheduler import system_clock
 from .telemetry import DISABLED, Telemetry
 from .threads import StepThreads
-from .waiting import cancel_and_wait, wait_for_event
+from .waiting import cancel_and_wait, stop_gently, wait_for_event
 
 if TYPE_CHECKING:
     from .manager import WorkflowManager
@@ -46,6 +46,7 @@ PUSHED_POLL_MS = 5_000  # notifications wake the worker; polling is only the saf
 POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is how runs are found
 HEARTBEAT_AT_LEAST_EVERY_S = 20.0  # whatever the lease: the lists take a worker silent for a minute as gone
 BACKLOG_EVERY_S = 5.0  # how often the backlog gauges are refreshed (only with the metrics extra)
+CLAIM_STOP_S = 2.0  # how long stop() lets a claim in flight finish before cancelling it
 
 
 class Worker:
@@ -412,7 +413,10 @@ class Worker:
             self._timer.cancel()
         claim_loop, heartbeat_loop = self._tasks[:1], self._tasks[1:]  # the heartbeat loop: only without the thread
         for task in claim_loop:
-            await task
+            # A claim takes milliseconds; one still waiting after CLAIM_STOP_S waits for a connection the database
+            # does not give (an outage: the pool waits 30 s) and must not hold the shutdown past its grace. Runs
+            # a claim cut short may have taken are taken over when their leases expire.
+            await stop_gently(task, timeout=CLAIM_STOP_S)
         grace = self.options.shutdown_grace_ms / 1000
         if not self._unreserved.is_set():
             # run() calls of this process inserting their runs already claimed: let them land (their attempts
