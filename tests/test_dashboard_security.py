@@ -149,18 +149,48 @@ async def test_every_response_forbids_framing_and_inline_script(manager_for: Any
 # Body limit
 
 
-async def test_a_body_over_64_kb_is_refused_with_413(manager_for: Any, open_dashboard: Any) -> None:
+@pytest.mark.parametrize("sent", ["with-content-length", "chunked"])
+async def test_a_body_over_64_kb_is_refused_with_413(manager_for: Any, open_dashboard: Any, sent: str) -> None:
+    """Sent in chunks (no Content-Length) it was a 500: the guard refused it from inside the app."""
     manager = await manager_for([echo])
     later = await manager.run(echo, 1, start_at="1h")
     async with open_dashboard() as (app, client):
         body = f"csrf={app.csrf}&pad=" + "z" * 70_000
         response = await client.post(
             f"/runs/{later.id}/cancel",
-            content=body,
+            content=_sent(body, sent),
             headers={"Origin": BASE, "Content-Type": "application/x-www-form-urlencoded"},
         )
         assert response.status_code == 413
+        assert response.text == "request body over 65536 bytes"
         assert await later.status() is RunStatus.PENDING
+
+
+async def test_a_chunked_body_under_the_limit_reaches_the_form(manager_for: Any, open_dashboard: Any) -> None:
+    manager = await manager_for([echo])
+    later = await manager.run(echo, 1, start_at="1h")
+    async with open_dashboard() as (app, client):
+        body = f"csrf={app.csrf}&pad=" + "z" * 60_000
+        response = await client.post(
+            f"/runs/{later.id}/cancel",
+            content=_sent(body, "chunked"),
+            headers={"Origin": BASE, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 303
+        assert await later.status() is RunStatus.CANCELED
+
+
+def _sent(body: str, how: str) -> Any:
+    """`body` as httpx sends it: whole with a Content-Length, or from a generator, in 8 kB chunks without one."""
+    data = body.encode()
+    if how != "chunked":
+        return data
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for at in range(0, len(data), 8192):
+            yield data[at : at + 8192]
+
+    return chunks()
 
 
 # Malformed parameters: a 4xx, never a 500
