@@ -38,6 +38,7 @@ from .display import (
     duration_text,
     heartbeat_text,
     messages_of,
+    not_steered,
     other_waits,
     outside_wait,
     outside_waits,
@@ -1305,11 +1306,10 @@ def _steer_command(name: str, doc: str) -> None:
                 return await getattr(manager, name)(run_id)  # type: ignore[no-any-return]
 
         status = _steering(act())
-        if name == "retry" and status is not RunStatus.PENDING:
+        refusal = not_steered(name, run_id, status)
+        if name == "retry" and refusal is not None:
             # Nothing happened: a script's `retry ID && ...` must not read it as a retry.
-            raise click.ClickException(
-                f"run {run_id} is {status.value}: not retried (only a failed or canceled run is retried)"
-            )
+            raise click.ClickException(refusal)
         click.echo(f"{run_id} {status.value}")
 
 

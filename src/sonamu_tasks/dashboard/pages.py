@@ -14,6 +14,7 @@ from ..display import (
     LISTED_EVENTS,
     NO_CHILDREN,
     QUEUE_COLUMNS,
+    STEERING_ACTIONS,
     Children,
     ChildRow,
     Messages,
@@ -24,6 +25,7 @@ from ..display import (
     duration_text,
     heartbeat_text,
     json_excerpt,
+    not_steered,
     other_waits,
     outside_wait,
     outside_waits,
@@ -364,6 +366,15 @@ def sent_notice(sent: str) -> str:
             "(the message is stored once).</p>"
         )
     return ""
+
+
+def not_steered_notice(run_id: str, action: str, status: str) -> str:
+    """What a steering action's redirect says when it did nothing (`?not_steered=retry&status=completed`): the
+    sentence `sonamu-tasks retry` prints. Empty for anything but an action and a status."""
+    if action not in STEERING_ACTIONS or status not in {known.value for known in RunStatus}:
+        return ""
+    refusal = not_steered(action, run_id, RunStatus(status))
+    return f"<p id='notice' class='notice'>Nothing done: {_text(refusal)}.</p>" if refusal else ""
 
 
 def _outside_wait(wait: OutsideWait, *, step: bool = True) -> str:
