@@ -55,7 +55,7 @@ from .display import (
     wake_time,
     worker_queues_text,
 )
-from .display_text import escaped, format_table
+from .display_text import MAX_CELL_WIDTH, escaped, fit, format_table
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
@@ -514,7 +514,7 @@ def runs(
             run.id,
             f"{run.workflow_name}@{run.version}",
             _status_text(run),
-            (run.parent_step or "-") if by_step else _parent_text(run),
+            _step_cell(run.parent_step) if by_step else _parent_text(run),
             run.attempts,
             _time(run.created_at),
             duration_text(run.started_at, run.finished_at),
@@ -524,6 +524,11 @@ def runs(
     click.echo(format_table(headers, rows) if rows else "no runs")
     if page.next_cursor:
         click.echo(f"more: --cursor {page.next_cursor}")
+
+
+def _step_cell(step: str | None) -> str:
+    """The step that started a child, cut from its start: fan-out children differ only by their `[index]`."""
+    return fit(escaped(step or "-"), MAX_CELL_WIDTH, keep_end=True)
 
 
 def _given(context: click.Context, names: Sequence[str]) -> list[str]:
