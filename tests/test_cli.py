@@ -353,6 +353,30 @@ async def test_runs_lists_a_parents_children_and_marks_a_child_with_its_parent(
     ) == 1
 
 
+@workflow(version="1")
+async def wide_fan_out(step: Any) -> None:
+    """A fan-out whose step name is wider than a table cell."""
+    kids = await step.start_workflows("charge-every-customer-of-the-" + "x" * 50, ELSEWHERE, [1, 2, 3])
+    await asyncio.gather(*(kid.result() for kid in kids))
+
+
+async def test_runs_of_a_parent_keep_the_index_of_each_fan_out_child_in_a_long_step_name(
+    manager_for: Any, invoke: Invoke
+) -> None:
+    """The STEP cell was cut from its end, so every child of a long fan-out read the same."""
+    manager = await manager_for([wide_fan_out])
+    parent = await manager.run(wide_fan_out)
+
+    async def all_started() -> bool:
+        return sum((await manager.count_children(parent.id)).values()) == 3
+
+    await wait_until(all_started, what="every child started")
+    table = (await invoke("runs", "--parent", parent.id)).stdout
+    for index in range(3):
+        assert f"xxxx[{index}]" in table
+    assert "…" in table and "charge-every" not in table  # cut from its start
+
+
 async def test_show_a_waiting_parent_with_its_children_and_what_it_waits_for(manager_for: Any, invoke: Invoke) -> None:
     parent, first_id = await started_family(manager_for, 25)
     info = await parent.info(with_steps=True)

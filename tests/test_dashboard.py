@@ -616,6 +616,44 @@ async def test_the_message_form_sends_a_message_the_run_receives(manager_for: An
         assert "<td>progress</td><td>{&quot;done&quot;: 100}</td>" in finished
 
 
+async def test_an_action_that_does_nothing_says_so_on_the_run_page(manager_for: Any, make_config: Any) -> None:
+    """A second operator's Retry of a run someone retried and saw finish redirected as if it had worked. Now
+    the run page says nothing was done, in the words of `sonamu-tasks retry`; an action that did something
+    redirects as before."""
+    # given a completed run, a sleeping one and one not due for an hour
+    manager = await manager_for([quick, napper])
+    done = await manager.run(quick, 1)
+    await done.result(timeout=15)
+    sleeper = await manager.run(napper)
+    await wait_until(lambda: _status_is(sleeper, RunStatus.SLEEPING), what="the nap")
+    later = await manager.run(quick, 2, start_at="1h")
+    app = Dashboard(make_config(enable_worker=False), port=8765)
+    async with in_process(make_config, app) as client:
+        # when each action is posted to a run it does not apply to
+        for action, run_id, refusal in (
+            ("retry", done.id, "completed: not retried (only a failed or canceled run is retried)"),
+            ("cancel", done.id, "completed: not canceled (a finished run is left as it is)"),
+            ("pause", done.id, "completed: not paused (only an unfinished run not being canceled is paused)"),
+            ("resume", done.id, "completed: not resumed (only a paused run, or one asked to pause, is resumed)"),
+            ("resume", sleeper.id, "sleeping: not resumed (only a paused run, or one asked to pause, is resumed)"),
+        ):
+            answer = await client.post(f"/runs/{run_id}/{action}", data={"csrf": app.csrf}, headers=FORM_HEADERS)
+            # then its run page says nothing was done, and why
+            status = refusal.partition(":")[0]
+            assert answer.status_code == 303, action
+            assert answer.headers["location"] == f"/runs/{run_id}?not_steered={action}&status={status}"
+            page = (await client.get(answer.headers["location"])).text
+            assert f"<p id='notice' class='notice'>Nothing done: run {run_id} is {refusal}.</p>" in page
+
+        # and one that did something redirects to the run page without a notice
+        paused = await client.post(f"/runs/{later.id}/pause", data={"csrf": app.csrf}, headers=FORM_HEADERS)
+        assert paused.headers["location"] == f"/runs/{later.id}"
+        assert await later.status() is RunStatus.PAUSED
+        # a notice made up in the address is not shown
+        forged = (await client.get(f"/runs/{later.id}?not_steered=retry&status=<b>")).text
+        assert "id='notice'" not in forged
+
+
 async def test_the_browser_sends_a_message_from_the_run_page(manager_for: Any, dashboard_url: Any) -> None:
     base, _ = dashboard_url
     manager = await manager_for([approval])

@@ -6,6 +6,7 @@ test_dashboard.py shows the same app still works for a person in Chromium.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -149,18 +150,48 @@ async def test_every_response_forbids_framing_and_inline_script(manager_for: Any
 # Body limit
 
 
-async def test_a_body_over_64_kb_is_refused_with_413(manager_for: Any, open_dashboard: Any) -> None:
+@pytest.mark.parametrize("sent", ["with-content-length", "chunked"])
+async def test_a_body_over_64_kb_is_refused_with_413(manager_for: Any, open_dashboard: Any, sent: str) -> None:
+    """Sent in chunks (no Content-Length) it was a 500: the guard refused it from inside the app."""
     manager = await manager_for([echo])
     later = await manager.run(echo, 1, start_at="1h")
     async with open_dashboard() as (app, client):
         body = f"csrf={app.csrf}&pad=" + "z" * 70_000
         response = await client.post(
             f"/runs/{later.id}/cancel",
-            content=body,
+            content=_sent(body, sent),
             headers={"Origin": BASE, "Content-Type": "application/x-www-form-urlencoded"},
         )
         assert response.status_code == 413
+        assert response.text == "request body over 65536 bytes"
         assert await later.status() is RunStatus.PENDING
+
+
+async def test_a_chunked_body_under_the_limit_reaches_the_form(manager_for: Any, open_dashboard: Any) -> None:
+    manager = await manager_for([echo])
+    later = await manager.run(echo, 1, start_at="1h")
+    async with open_dashboard() as (app, client):
+        body = f"csrf={app.csrf}&pad=" + "z" * 60_000
+        response = await client.post(
+            f"/runs/{later.id}/cancel",
+            content=_sent(body, "chunked"),
+            headers={"Origin": BASE, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 303
+        assert await later.status() is RunStatus.CANCELED
+
+
+def _sent(body: str, how: str) -> Any:
+    """`body` as httpx sends it: whole with a Content-Length, or from a generator, in 8 kB chunks without one."""
+    data = body.encode()
+    if how != "chunked":
+        return data
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for at in range(0, len(data), 8192):
+            yield data[at : at + 8192]
+
+    return chunks()
 
 
 # Malformed parameters: a 4xx, never a 500
@@ -252,6 +283,37 @@ async def test_a_long_error_is_cut_on_the_run_page(manager_for: Any, open_dashbo
     assert page.status_code == 200 and "boom yyy" in page.text
     assert len(page.content) < 100_000
     assert f"href='/api/runs/{failed.id}'" in page.text
+
+
+def spoofing_step() -> None:
+    raise NonRetryableError("card \u202edeniled\x1b[2J ok")
+
+
+@workflow(version="1")
+async def spoofing_failure(step: Any) -> None:
+    await step.define("charge\u202eevil", spoofing_step).run()
+
+
+async def test_a_bidi_override_or_escape_in_an_error_or_a_step_name_is_shown_escaped(
+    manager_for: Any, open_dashboard: Any
+) -> None:
+    """U+202E reverses what follows it on the line and ESC starts a terminal sequence: printed raw, an error
+    message or a step name could make the page read other than what is stored. They show as the value previews
+    show them (\\u202e), as `sonamu-tasks show` prints them."""
+    manager = await manager_for([spoofing_failure])
+    failed = await manager.run(spoofing_failure)
+    assert (await manager.wait_until_finished(failed.id, timeout=30)).status is RunStatus.FAILED
+    async with open_dashboard() as (_, client):
+        page = (await client.get(f"/runs/{failed.id}")).text
+    shown = re.sub(r"'[^']*'|\"[^\"]*\"", "", page)  # attribute values out: escaped text holds no quote
+    assert "\u202e" not in shown and "\x1b" not in shown
+    error = page.split("<h3>Error")[1]
+    assert error.startswith(" in step charge\\u202eevil</h3>")
+    assert "NonRetryableError: card \\u202edeniled\\u001b[2J ok</p>" in error
+    traceback = error.split("<pre>")[1].split("</pre>")[0]
+    assert "\n" in traceback and "card \\u202edeniled\\u001b[2J ok" in traceback  # lines kept, the rest escaped
+    assert "<tr><td>charge\\u202eevil</td>" in page  # the steps table
+    assert "value='charge\u202eevil'" in page  # the fork button sends the name back as it is stored
 
 
 async def test_a_run_page_refreshes_only_while_the_run_is_unfinished(manager_for: Any, open_dashboard: Any) -> None:

@@ -38,6 +38,7 @@ from .display import (
     duration_text,
     heartbeat_text,
     messages_of,
+    not_steered,
     other_waits,
     outside_wait,
     outside_waits,
@@ -54,7 +55,7 @@ from .display import (
     wake_time,
     worker_queues_text,
 )
-from .display_text import escaped, format_table
+from .display_text import MAX_CELL_WIDTH, escaped, fit, format_table
 from .duration import parse_duration
 from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
@@ -513,7 +514,7 @@ def runs(
             run.id,
             f"{run.workflow_name}@{run.version}",
             _status_text(run),
-            (run.parent_step or "-") if by_step else _parent_text(run),
+            _step_cell(run.parent_step) if by_step else _parent_text(run),
             run.attempts,
             _time(run.created_at),
             duration_text(run.started_at, run.finished_at),
@@ -523,6 +524,11 @@ def runs(
     click.echo(format_table(headers, rows) if rows else "no runs")
     if page.next_cursor:
         click.echo(f"more: --cursor {page.next_cursor}")
+
+
+def _step_cell(step: str | None) -> str:
+    """The step that started a child, cut from its start: fan-out children differ only by their `[index]`."""
+    return fit(escaped(step or "-"), MAX_CELL_WIDTH, keep_end=True)
 
 
 def _given(context: click.Context, names: Sequence[str]) -> list[str]:
@@ -1305,11 +1311,10 @@ def _steer_command(name: str, doc: str) -> None:
                 return await getattr(manager, name)(run_id)  # type: ignore[no-any-return]
 
         status = _steering(act())
-        if name == "retry" and status is not RunStatus.PENDING:
+        refusal = not_steered(name, run_id, status)
+        if name == "retry" and refusal is not None:
             # Nothing happened: a script's `retry ID && ...` must not read it as a retry.
-            raise click.ClickException(
-                f"run {run_id} is {status.value}: not retried (only a failed or canceled run is retried)"
-            )
+            raise click.ClickException(refusal)
         click.echo(f"{run_id} {status.value}")
 
 

@@ -39,6 +39,33 @@ NO_VALUES = 0
 the database neither sends nor measures them (each comes as an empty CutValue), so a 50 MB input costs nothing."""
 
 
+# A steering action (the manager returns the status after it) did something when it leaves one of these; any
+# other status is a run it does not apply to (`not_steered`). Cancel and pause leave a running run running,
+# asked to stop or pause at its next step boundary; resume makes a paused run pending, or withdraws a pause
+# a running one has not reached. A status that is both (a canceled run canceled again) reads as done: what
+# was asked for holds.
+_STEERED = {
+    "cancel": ((RunStatus.CANCELED, RunStatus.RUNNING), "canceled", "a finished run is left as it is"),
+    "pause": ((RunStatus.PAUSED, RunStatus.RUNNING), "paused", "only an unfinished run not being canceled is paused"),
+    "resume": (
+        (RunStatus.PENDING, RunStatus.RUNNING),
+        "resumed",
+        "only a paused run, or one asked to pause, is resumed",
+    ),
+    "retry": ((RunStatus.PENDING,), "retried", "only a failed or canceled run is retried"),
+}
+STEERING_ACTIONS = tuple(_STEERED)
+
+
+def not_steered(action: str, run_id: str, status: RunStatus) -> str | None:
+    """Why `action` (cancel, pause, resume, retry) did nothing to a run it left in `status` (`run ... is
+    completed: not retried (...)`), or None when it did something."""
+    done, past, why = _STEERED[action]
+    if status in done:
+        return None
+    return f"run {run_id} is {status.value}: not {past} ({why})"
+
+
 def duration_text(start: datetime | None, end: datetime | None) -> str:
     """`850ms`, `3.2s`, or `-` when either end is unknown."""
     if start is None or end is None:

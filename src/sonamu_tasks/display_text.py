@@ -92,17 +92,18 @@ def _char_width(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
-def fit(text: str, most: int) -> str:
-    """`text` cut to at most `most` columns, its end replaced by an ellipsis when it was longer."""
+def fit(text: str, most: int, *, keep_end: bool = False) -> str:
+    """`text` cut to at most `most` columns, its end replaced by an ellipsis when it was longer (`keep_end`:
+    its start, for a text whose end tells rows apart, such as a fan-out child's step `charge[17]`)."""
     if width(text) <= most:
         return text
     kept, used = [], 0
-    for char in text:
+    for char in reversed(text) if keep_end else text:
         used += _char_width(char)
         if used > most - 1:
             break
         kept.append(char)
-    return "".join(kept) + "…"
+    return "…" + "".join(reversed(kept)) if keep_end else "".join(kept) + "…"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, whole: Collection[str] = ()) -> str:

@@ -6,7 +6,8 @@
                               with "Fork from here"), unconsumed messages, published events, input, output or
                               error; cancel, pause / resume, retry; a form to send it a message while it is
                               unfinished
-    POST /runs/{id}/cancel    (and /pause, /resume, /retry) then back to the run page
+    POST /runs/{id}/cancel    (and /pause, /resume, /retry) then back to the run page, which says so when the
+                              action did nothing (`?not_steered=retry&status=completed`)
     POST /runs/{id}/send      a message (topic, JSON, optional idempotency key), then back to the run page
     POST /runs/{id}/fork      a fork from a step (from_step, optional version), then to the new run's page
     GET  /queues              each queue: its limits, runs executing, due backlog and its age, the rate window
@@ -51,6 +52,7 @@ from ..display import (
     NO_VALUES,
     children_of,
     messages_of,
+    not_steered,
     queue_summary,
     stranded_summary,
 )
@@ -178,8 +180,10 @@ class Dashboard:
             return HTMLResponse(detail)
         refresh = None if run.status.finished else 1000  # a finished run changes only when someone acts on it
         query = request.query_params
-        notice = pages.sent_notice(query.get("sent", "")) + pages.forked_notice(
-            _notice_run_id(query.get("forked_from", "")), query.get("step", "")
+        notice = (
+            pages.sent_notice(query.get("sent", ""))
+            + pages.forked_notice(_notice_run_id(query.get("forked_from", "")), query.get("step", ""))
+            + pages.not_steered_notice(run.id, query.get("not_steered", ""), query.get("status", ""))
         )
         form = "" if run.status.finished else pages.send_form(run, self.csrf)
         before = notice + pages.fork_form(run, self.csrf)
@@ -209,13 +213,19 @@ class Dashboard:
             "pause": self.manager.pause,
             "resume": self.manager.resume,
         }
-        action = steering.get(request.path_params["action"])
+        name = request.path_params["action"]
+        action = steering.get(name)
         if action is None:
             raise HTTPException(404, "not found")
         run_id = _run_id(request)
         await self._form(request)
-        await action(run_id)
-        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+        status = await action(run_id)
+        # One that did nothing (a second operator's Retry of a run retried and finished since) says so on the
+        # run page, or it would look done.
+        if not_steered(name, run_id, status) is None:
+            return RedirectResponse(f"/runs/{run_id}", status_code=303)
+        query = urlencode({"not_steered": name, "status": status.value})
+        return RedirectResponse(f"/runs/{run_id}?{query}", status_code=303)
 
     async def send(self, request: Request) -> Response:
         """The run page's message form: checked field by field (a bad one is a 400 naming it), then sent."""

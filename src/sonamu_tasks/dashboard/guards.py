@@ -4,7 +4,7 @@ From the outside in (see `Dashboard.__init__`):
 
     security headers   every response: no framing, a strict Content-Security-Policy, no MIME sniffing
     host allow-list    a Host the dashboard was not started for: 400 (a DNS-rebinding page sends its own name)
-    body limit         a body over `max_body` bytes: 413, before it is read into memory
+    body limit         a body over `max_body` bytes: 413, reading no more of it than that
     token              with a token: `Authorization: Bearer`, or the login cookie; else 401
     origin             a POST whose Origin (or Referer) is not the dashboard itself: 403
 """
@@ -139,12 +139,13 @@ class HostAllowList:
         await self.app(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """413 for a body over `max_body` bytes: refused on its Content-Length at once, or while it streams in."""
+    """413 for a body over `max_body` bytes: refused on its Content-Length at once, or, sent in chunks, as soon
+    as the chunks read pass the limit.
+
+    The body is read here, whole, before the app sees it, then handed on as one message. Refused from inside
+    the app's `receive`, a body over the limit became a 500: Starlette's error middleware had started its
+    answer before the refusal reached this guard."""
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app = app
@@ -156,33 +157,34 @@ class BodyLimit:
             return
         declared = Headers(scope=scope).get("content-length", "0")
         if not declared.isdigit() or int(declared) > self.max_body:
-            status = 413 if declared.isdigit() else 400
-            await PlainTextResponse(f"request body over {self.max_body} bytes", status_code=status)(
-                scope, receive, send
-            )
+            await self._refuse(scope, receive, send, 413 if declared.isdigit() else 400)
             return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        body = bytearray()
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise _BodyTooLarge
+            if message["type"] != "http.request":  # the client went away: the app sees it as it would have
+                break
+            body += message.get("body", b"")
+            if len(body) > self.max_body:  # read no further: at most one chunk past the limit is held
+                await self._refuse(scope, receive, send, 413)
+                return
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": bytes(body), "more_body": False}
+                break
+        handed_on = False
+
+        async def replay() -> Message:
+            nonlocal handed_on
+            if handed_on:
+                return await receive()
+            handed_on = True
             return message
 
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        await self.app(scope, replay, send)
 
-        try:
-            await self.app(scope, limited_receive, watched_send)
-        except _BodyTooLarge:
-            if started:
-                raise
-            await PlainTextResponse(f"request body over {self.max_body} bytes", status_code=413)(scope, receive, send)
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
+        response = PlainTextResponse(f"request body over {self.max_body} bytes", status_code=status)
+        await response(scope, receive, send)
 
 
 class TokenGate:

@@ -14,6 +14,7 @@ from ..display import (
     LISTED_EVENTS,
     NO_CHILDREN,
     QUEUE_COLUMNS,
+    STEERING_ACTIONS,
     Children,
     ChildRow,
     Messages,
@@ -24,6 +25,7 @@ from ..display import (
     duration_text,
     heartbeat_text,
     json_excerpt,
+    not_steered,
     other_waits,
     outside_wait,
     outside_waits,
@@ -37,6 +39,7 @@ from ..display import (
     unserved_queues,
     worker_queues_text,
 )
+from ..display_text import escaped
 from ..limits import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 from ..manager import StrandedRuns
 from ..records import QueueStats, RunEventRecord, RunRecord, ScheduleRecord, StepRecord, WorkerRecord
@@ -48,6 +51,8 @@ VALUE_LIMIT = 20_000
 # Steps drawn and listed on a run's page (a fan-out of 1,000 children records a step per child seen); all of
 # them are at /api/runs/{id}.
 STEP_LIMIT = 300
+# Left as it is in an error's message and traceback (as `sonamu-tasks show` prints them): lines, not `\n`.
+NEWLINE = "\n"
 
 
 NO_MESSAGES = Messages(total=0, exact=True)
@@ -92,7 +97,7 @@ def stranded_banner(groups: Sequence[StrandedRuns]) -> str:
     items = "".join(
         f"<li data-stranded='{escape(group.workflow)}@{escape(group.version)}'>"
         f"<a href='/?{escape(urlencode({'workflow': group.workflow, 'version': group.version}))}'>"
-        f"{escape(group.workflow)}@{escape(group.version)}</a>: {group.total} unfinished ("
+        f"{_text(group.workflow)}@{_text(group.version)}</a>: {group.total} unfinished ("
         + ", ".join(f"{count} {status}" for status, count in stranded_counts(group).items())
         + f"), the oldest created {age_text(group.oldest_created_at, now)} ago</li>"
         for group in groups
@@ -111,7 +116,7 @@ def runs_table(runs: Sequence[RunRecord], next_cursor: str | None, query: dict[s
         return "<p class='muted'>no runs</p>"
     rows = "".join(
         f"<tr data-run='{run.id}'><td><a href='/runs/{run.id}'>{run.id}</a></td>"
-        f"<td>{escape(run.workflow_name)}@{escape(run.version)}</td>"
+        f"<td>{_text(run.workflow_name)}@{_text(run.version)}</td>"
         f"<td class='status {run.status.value}'>{run.status.value}</td><td>{_parent_cell(run)}</td>"
         f"<td>{run.attempts}</td><td>{_time(run.created_at)}</td>"
         f"<td>{duration_text(run.started_at, run.finished_at)}</td></tr>"
@@ -156,11 +161,12 @@ def run_detail(
         where = f" in step {_short(run.error.get('step'), run.id)}" if run.error.get("step") else ""
         error = (
             f"<h3>Error{where}</h3><p>{_short(run.error.get('type'), run.id)}: "
-            f"{_short(run.error.get('message'), run.id)}</p><pre>{_short(run.error.get('traceback', ''), run.id)}</pre>"
+            f"{_short(run.error.get('message'), run.id, keep=NEWLINE)}</p>"
+            f"<pre>{_short(run.error.get('traceback', ''), run.id, keep=NEWLINE)}</pre>"
         )
     shown = run.steps[:STEP_LIMIT]
     steps = "".join(
-        f"<tr><td>{escape(step.name)}</td><td>{step.kind}</td><td class='status {step.status.value}'>"
+        f"<tr><td>{_text(step.name)}</td><td>{step.kind}</td><td class='status {step.status.value}'>"
         f"{step.status.value}</td><td>{step.attempts}</td><td>{duration_text(step.started_at, step.finished_at)}</td>"
         f"<td>{_step_detail(run, step)}</td><td>{_fork_button(step)}</td></tr>"
         for step in shown
@@ -174,7 +180,7 @@ def run_detail(
     output = f"<h3>Output</h3>{_value(run.output, run.id)}" if run.status is RunStatus.COMPLETED else ""
     finished = " data-finished" if run.status.finished else ""
     return (
-        f"<p>{escape(run.workflow_name)} version {escape(run.version)} · "
+        f"<p>{_text(run.workflow_name)} version {_text(run.version)} · "
         f"<span id='run-status' class='status {run.status.value}'{finished}>{run.status.value}</span>{request} · "
         f"attempts {run.attempts} · recoveries {run.recoveries} · created {_time(run.created_at)}</p>"
         f"{_queue(run)}{_parent(run, parent)}{_forked(run)}<p>{buttons}</p>"
@@ -196,11 +202,11 @@ def queues_table(queues: Sequence[QueueStats]) -> str:
     head = "".join(f"<th>{escape(column)}</th>" for column in QUEUE_COLUMNS)
     rows = "".join(
         f"<tr data-queue='{escape(stats.name)}'>"
-        + "".join(f"<td>{escape(cell)}</td>" for cell in queue_row(stats))
+        + "".join(f"<td>{_text(cell)}</td>" for cell in queue_row(stats))
         + "</tr>"
         for stats in queues
     )
-    warnings = "".join(f"<p>{escape(warning)}</p>" for warning in unserved_queues(queues))
+    warnings = "".join(f"<p>{_text(warning)}</p>" for warning in unserved_queues(queues))
     return (
         (f"<div id='unserved' class='warning'>{warnings}</div>" if warnings else "")
         + f"<table id='queues'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
@@ -214,9 +220,9 @@ def queues_table(queues: Sequence[QueueStats]) -> str:
 def workers_table(workers: Sequence[WorkerRecord]) -> str:
     now = datetime.now(UTC)
     rows = "".join(
-        f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td>{w.pid}</td><td>{slots_text(w)}</td>"
-        f"<td>{escape(worker_queues_text(w))}</td>"
-        f"<td>{escape(', '.join(f'{n}@{v}' for n, v in w.workflows))}</td>"
+        f"<tr><td>{_text(w.id)}</td><td>{_text(w.host)}</td><td>{w.pid}</td><td>{slots_text(w)}</td>"
+        f"<td>{_text(worker_queues_text(w))}</td>"
+        f"<td>{_text(', '.join(f'{n}@{v}' for n, v in w.workflows))}</td>"
         f"<td>{heartbeat_text(w, now)}</td></tr>"
         for w in workers
     )
@@ -230,8 +236,8 @@ def workers_table(workers: Sequence[WorkerRecord]) -> str:
 def schedules_table(schedules: Sequence[ScheduleRecord], served: set[str]) -> str:
     """`served`: the workflow names a live worker registers (a schedule of another workflow is fired by nobody)."""
     rows = "".join(
-        f"<tr><td>{escape(s.name)}</td><td>{escape(s.workflow_name)}@{escape(s.version)}</td>"
-        f"<td>{escape(s.expression)}</td><td>{escape(s.timezone)}</td><td>{_time(s.next_fire_at)}</td>"
+        f"<tr><td>{_text(s.name)}</td><td>{_text(s.workflow_name)}@{_text(s.version)}</td>"
+        f"<td>{_text(s.expression)}</td><td>{_text(s.timezone)}</td><td>{_time(s.next_fire_at)}</td>"
         f"<td>{_run_link(s.last_run_id)}</td>"
         f"<td>{'live workers' if s.workflow_name in served else '<strong>nobody</strong>'}</td></tr>"
         for s in schedules
@@ -249,7 +255,7 @@ def _queue(run: RunRecord) -> str:
     if not parts:
         return ""
     shown = " · ".join(
-        f"queue <a href='/queues'>{escape(value)}</a>" if label == "queue" else f"{label} <code>{escape(value)}</code>"
+        f"queue <a href='/queues'>{_text(value)}</a>" if label == "queue" else f"{label} <code>{_text(value)}</code>"
         for label, value in parts
     )
     return f"<p id='run-queue'>{shown}</p>"
@@ -260,7 +266,7 @@ def _forked(run: RunRecord) -> str:
         return ""
     return (
         f"<p id='forked'>forked from <a href='/runs/{run.forked_from}'>{run.forked_from}</a> at its step "
-        f"<code>{escape(run.forked_step or '-')}</code></p>"
+        f"<code>{_text(run.forked_step or '-')}</code></p>"
     )
 
 
@@ -268,7 +274,7 @@ def _parent(run: RunRecord, parent: RunRecord | None) -> str:
     if run.parent_id is None:
         return ""
     what = (
-        f"{escape(parent.workflow_name)}@{escape(parent.version)}, "
+        f"{_text(parent.workflow_name)}@{_text(parent.version)}, "
         f"<span class='status {parent.status.value}'>{parent.status.value}</span>"
         if parent
         else "no longer stored"
@@ -276,7 +282,7 @@ def _parent(run: RunRecord, parent: RunRecord | None) -> str:
     detached = " · detached (canceling the parent leaves it running)" if run.detached else ""
     return (
         f"<p id='parent'>child of <a href='/runs/{run.parent_id}'>{run.parent_id}</a> ({what}) · "
-        f"started by its step <code>{escape(run.parent_step or '-')}</code>{detached}</p>"
+        f"started by its step <code>{_text(run.parent_step or '-')}</code>{detached}</p>"
     )
 
 
@@ -287,7 +293,7 @@ def _waiting_for(run: RunRecord, children: Children) -> str:
     parts = []
     if children.unfinished_count:
         links = ", ".join(
-            f"<a href='/runs/{row.id}'>{escape(row.step)}</a> ({row.status.value})" for row in children.unfinished
+            f"<a href='/runs/{row.id}'>{_text(row.step)}</a> ({row.status.value})" for row in children.unfinished
         )
         hidden = children.unfinished_count - len(children.unfinished)
         more = f" and <a href='/?parent={run.id}'>{hidden} more</a>" if hidden else ""
@@ -299,10 +305,10 @@ def _waiting_for(run: RunRecord, children: Children) -> str:
         + (" · <a href='#send-message'>send it one</a>" if wait.kind == "receive" else "")
         for wait in outside_waits(run)
     )
-    parts.extend(escape(line) for line in other_waits(run))
+    parts.extend(_text(line) for line in other_waits(run))
     sleep = pending_sleep(run)
     if sleep is not None:
-        parts.append(f"sleep <code>{escape(sleep.name)}</code> until {_time(sleep.wake_at)}")
+        parts.append(f"sleep <code>{_text(sleep.name)}</code> until {_time(sleep.wake_at)}")
     if not parts:
         parts.append("nothing left unfinished: it is about to wake")
     return "<div id='waits-for'><h3>Waiting for</h3>" + "".join(f"<p>{part}</p>" for part in parts) + "</div>"
@@ -346,7 +352,7 @@ def forked_notice(source: str | None, step: str) -> str:
     """What the new run's page says after a fork: `source` is the forked run's id (checked), `step` where from."""
     if source is None:
         return ""
-    at = f" at step <code>{escape(step[:MAX_NAME_LENGTH])}</code>" if step else ""
+    at = f" at step <code>{_text(step[:MAX_NAME_LENGTH])}</code>" if step else ""
     return f"<p id='notice' class='notice'>Forked from run {_run_link(source)}{at}.</p>"
 
 
@@ -362,15 +368,24 @@ def sent_notice(sent: str) -> str:
     return ""
 
 
+def not_steered_notice(run_id: str, action: str, status: str) -> str:
+    """What a steering action's redirect says when it did nothing (`?not_steered=retry&status=completed`): the
+    sentence `sonamu-tasks retry` prints. Empty for anything but an action and a status."""
+    if action not in STEERING_ACTIONS or status not in {known.value for known in RunStatus}:
+        return ""
+    refusal = not_steered(action, run_id, RunStatus(status))
+    return f"<p id='notice' class='notice'>Nothing done: {_text(refusal)}.</p>" if refusal else ""
+
+
 def _outside_wait(wait: OutsideWait, *, step: bool = True) -> str:
     """A receive or event wait: what it waits for, its step, its timeout."""
     if wait.kind == "receive":
-        what = f"message on topic <code>{escape(wait.topic or '')}</code>"
+        what = f"message on topic <code>{_text(wait.topic or '')}</code>"
     else:
-        key = f" with key <code>{escape(wait.key)}</code>" if wait.key else " (no key)"
-        what = f"event <code>{escape(wait.event or '')}</code>{key}"
+        key = f" with key <code>{_text(wait.key)}</code>" if wait.key else " (no key)"
+        what = f"event <code>{_text(wait.event or '')}</code>{key}"
     until = f"times out {_time(wait.timeout_at)}" if wait.timeout_at else "no timeout"
-    return f"{what} (step <code>{escape(wait.step)}</code>) · {until}" if step else f"{what} · {until}"
+    return f"{what} (step <code>{_text(wait.step)}</code>) · {until}" if step else f"{what} · {until}"
 
 
 def _messages(run_id: str, messages: Messages) -> str:
@@ -379,8 +394,8 @@ def _messages(run_id: str, messages: Messages) -> str:
         return ""
     now = datetime.now(UTC)
     rows = "".join(
-        f"<tr data-message='{m.id}'><td>{escape(m.topic)}</td><td>{escape(preview(m.payload, 80))}</td>"
-        f"<td>{escape(m.idempotency_key or '-')}</td><td>{_time(m.created_at)} ({age_text(m.created_at, now)} ago)"
+        f"<tr data-message='{m.id}'><td>{_text(m.topic)}</td><td>{escape(preview(m.payload, 80))}</td>"
+        f"<td>{_text(m.idempotency_key or '-')}</td><td>{_time(m.created_at)} ({age_text(m.created_at, now)} ago)"
         "</td></tr>"
         for m in messages.listed
     )
@@ -400,7 +415,7 @@ def _events(run_id: str, events: Sequence[RunEventRecord]) -> str:
     if not events:
         return ""
     rows = "".join(
-        f"<tr><td>{escape(e.key)}</td><td>{escape(preview(e.value, 80))}</td><td>{_time(e.updated_at)}</td></tr>"
+        f"<tr><td>{_text(e.key)}</td><td>{escape(preview(e.value, 80))}</td><td>{_time(e.updated_at)}</td></tr>"
         for e in events[:LISTED_EVENTS]
     )
     more = ""
@@ -438,8 +453,8 @@ def _children(run: RunRecord, children: Children) -> str:
 def _child_row(row: ChildRow) -> str:
     detached = " (detached)" if row.detached else ""
     return (
-        f"<tr data-child='{row.id}'><td><a href='/runs/{row.id}'>{row.id}</a></td><td>{escape(row.step)}</td>"
-        f"<td>{escape(row.workflow_name)}@{escape(row.version)}</td>"
+        f"<tr data-child='{row.id}'><td><a href='/runs/{row.id}'>{row.id}</a></td><td>{_text(row.step)}</td>"
+        f"<td>{_text(row.workflow_name)}@{_text(row.version)}</td>"
         f"<td class='status {row.status.value}'>{row.status.value}{detached}</td></tr>"
     )
 
@@ -453,7 +468,7 @@ def _step_detail(run: RunRecord, step: StepRecord) -> str:
             return f"children → <a href='/?parent={run.id}'>{len(ids)} runs</a>"
         if ids:
             outcome = output.get("outcome")
-            seen = f" ({escape(str(outcome.get('status')))})" if isinstance(outcome, dict) else ""
+            seen = f" ({_text(str(outcome.get('status')))})" if isinstance(outcome, dict) else ""
             return f"child → <a class='child' href='/runs/{ids[0]}'>{ids[0]}</a>{seen}"
     if step.kind == "sleep" and step.wake_at is not None:
         return f"{'wakes' if step.status is StepStatus.SLEEPING else 'woke'} {_time(step.wake_at)}"
@@ -468,7 +483,7 @@ def _parent_cell(run: RunRecord) -> str:
         return "-"
     return (
         f"<a href='/runs/{run.parent_id}' title='{run.parent_id}'>{escape(short_id(run.parent_id))}</a> "
-        f"{escape(run.parent_step or '')}"
+        f"{_text(run.parent_step or '')}"
     )
 
 
@@ -506,12 +521,21 @@ def _value(value: Any, run_id: str) -> str:
     return f"<pre>{escape(text)}</pre>{_more(run_id) if cut else ''}"
 
 
-def _short(value: Any, run_id: str) -> str:
-    """Text of an error field, escaped, at most VALUE_LIMIT characters."""
+def _short(value: Any, run_id: str, *, keep: str = "") -> str:
+    """Text of an error field as `_text` shows it (`keep`: the characters left as they are, a traceback's
+    newlines), at most VALUE_LIMIT characters."""
     text = str(value)
     if len(text) <= VALUE_LIMIT:
-        return escape(text)
-    return escape(text[:VALUE_LIMIT]) + _more(run_id)
+        return _text(text, keep=keep)
+    return _text(text[:VALUE_LIMIT], keep=keep) + _more(run_id)
+
+
+def _text(value: Any, *, keep: str = "") -> str:
+    """Stored text (a name, an error message) for a page: HTML-escaped, and its control characters and
+    bidirectional overrides escaped (`\\u202e`, `\\u001b`) as the value previews have them, so that no stored
+    name or message can reorder or hide what an operator reads. Not for attribute values sent back as they
+    are (the fork button's step name)."""
+    return escape(escaped(str(value), keep=keep))
 
 
 def _more(run_id: str) -> str:

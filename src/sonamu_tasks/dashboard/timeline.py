@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from html import escape
 
+from ..display_text import escaped
 from ..records import RunRecord, StepRecord
 
 _ROW = 26
@@ -39,9 +40,9 @@ def timeline_svg(run: RunRecord, now: datetime | None = None, *, links: Mapping[
         kind = step.kind if step.kind in ("sleep", "child") and step.error is None else step.status.value
         label = f"{step.name}" + (f" x{step.attempts}" if step.attempts > 1 else "")
         seconds = (_end(step, now) - began).total_seconds()
-        parts.append(f'<text x="4" y="{top + 14}" class="label">{escape(label)}</text>')
+        parts.append(f'<text x="4" y="{top + 14}" class="label">{escape(escaped(label))}</text>')
         child = links.get(step.name)
-        title = f"{escape(step.name)}: {kind}" + (f" {child}" if child else "")
+        title = f"{escape(escaped(step.name))}: {kind}" + (f" {child}" if child else "")
         bar = (
             f'<rect class="bar {kind}" data-step="{escape(step.name)}" x="{left:.1f}" y="{top}" '
             f'width="{right - left:.1f}" height="{_ROW - 8}"><title>{title}, '

@@ -240,6 +240,14 @@ class PostgresBackend:
         finally:
             await pool.putconn(conn)
 
+    @contextlib.asynccontextmanager
+    async def _statistics_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A read connection in a transaction without JIT, for the counts over every unfinished run (see
+        no_jit in queries.sql). Its own transaction: SET LOCAL outside one does nothing."""
+        async with self._connection(read=True) as conn, conn.transaction():
+            await conn.execute(QUERIES["no_jit"])
+            yield conn
+
     async def _why_no_connection(self, url: str, pool: psycopg_pool.AsyncConnectionPool[Any]) -> str:
         """Why a call waited out the pool's timeout: the server refuses new connections (its reason), or it
         accepts them and the pool's connections were all taken, or the pool holds fewer than it may (still
@@ -464,7 +472,7 @@ class PostgresBackend:
 
     @_transient
     async def queue_stats(self) -> list[QueueStats]:
-        async with self._connection(read=True) as conn:
+        async with self._statistics_connection() as conn:
             rows = await (await conn.execute(QUERIES["queue_stats"])).fetchall()
         return [QueueStats(*row) for row in rows]
 
@@ -911,7 +919,7 @@ class PostgresBackend:
 
     @_transient
     async def due_backlog(self) -> list[tuple[str, str, str, int, float]]:
-        async with self._connection(read=True) as conn:
+        async with self._statistics_connection() as conn:
             rows = await (await conn.execute(QUERIES["due_backlog"])).fetchall()
         return [(queue, name, version, int(count), float(oldest)) for queue, name, version, count, oldest in rows]
 
