@@ -333,6 +333,34 @@ async def test_runs_of_one_key_created_together_get_its_slot_in_creation_order(
     assert started == list(range(20))
 
 
+async def test_a_run_handed_back_at_shutdown_keeps_its_place_in_its_keys_line(manager_for: Any, make_config: Any) -> None:
+    """A worker stopping hands its run back; the run, started before the others of its key, starts again
+    before them, not after (per-key FIFO: it went to the back of the line)."""
+    started: list[Any] = []
+    hold = asyncio.Event()
+
+    @workflow(version="1", name="in_order", queue=Queue("per-key-handback", per_key_concurrency=1))
+    async def in_order(input: Any, step: Any) -> Any:
+        async def work() -> Any:
+            started.append(input)
+            if input == 0 and len(started) == 1:
+                await hold.wait()  # the first execution of run 0 is still in its step at the shutdown
+            return input
+
+        return await step.define("work", work).run()
+
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[in_order]) as producer:
+        handles = await producer.run_many(in_order, list(range(4)), concurrency_key="customer-1")
+        leaving = WorkflowManager(make_config(shutdown_grace_ms=100), workflows=[in_order])
+        await leaving.start()
+        await wait_until(lambda: started == [0], what="run 0 to start")
+        await leaving.stop()  # past the grace: run 0 is handed back, its step not finished
+        hold.set()
+        await manager_for([in_order])
+        assert await asyncio.gather(*(h.result(timeout=30) for h in handles)) == [0, 1, 2, 3]
+    assert started == [0, 0, 1, 2, 3]
+
+
 async def test_debounce_collapses_runs_with_one_key_into_one_run_with_the_latest_input(manager_for: Any) -> None:
     @workflow(version="1")
     async def sync_account(input: Any) -> Any:

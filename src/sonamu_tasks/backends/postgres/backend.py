@@ -987,9 +987,12 @@ class PostgresBackend:
 
     @_transient
     async def fail_overdue_runs(self, limit: int) -> list[OverdueRun]:
-        async with self._connection() as conn:
+        async with self._connection() as conn, conn.transaction():
             rows = await (await conn.execute(QUERIES["fail_overdue_runs"], {"limit": limit})).fetchall()
-        return [OverdueRun(*row) for row in rows]
+            # A keyed run failed may have held its key's turn: the key's next run must not wait for the sweep.
+            for queue in sorted({row[4] for row in rows if row[5] is not None}):
+                await conn.execute(QUERIES["unpark_queue"], {"name": queue})
+        return [OverdueRun(*row[:4]) for row in rows]
 
     # workers
 

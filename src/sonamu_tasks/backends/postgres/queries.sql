@@ -182,7 +182,9 @@ WHERE runs.id = held.id
 RETURNING lease_token::text, requested_action
 
 -- release_runs --
--- Hand runs back at once (graceful shutdown); the status trigger wakes the other workers. A cancel or pause
+-- Hand runs back at once (graceful shutdown); the status trigger wakes the other workers. In their place: due
+-- since their creation, so that a run started before others of its queue or key starts again before them (FIFO
+-- goes by available_at; now() sent it behind every run of its key created while it ran). A cancel or pause
 -- request the worker had not honoured yet is applied instead: canceled (the triggers cancel its children and
 -- wake its waiters) or paused.
 UPDATE runs
@@ -190,7 +192,7 @@ SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' TH
     error = CASE WHEN requested_action = 'cancel' THEN %(canceled_error)s::jsonb ELSE error END,
     finished_at = CASE WHEN requested_action = 'cancel' THEN now() END,
     requested_action = NULL,
-    available_at = now(), lease_token = NULL, worker_id = NULL, updated_at = now()
+    available_at = LEAST(now(), created_at), lease_token = NULL, worker_id = NULL, updated_at = now()
 WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
   AND status = 'running'
 
@@ -715,7 +717,9 @@ GROUP BY queue, workflow_name, version
 -- holds no slot of its queue or key; one parked behind its key leaves the parked set. SKIP LOCKED: a run a claim
 -- is taking at this moment is left to the claim (which fails it as well), and nothing waits. Reads runs_overdue
 -- (migration 0024): with nothing overdue, one probe of an empty range. The status triggers do the rest, as for any
--- failed run: a waiting parent is woken, a watching result() is notified.
+-- failed run: a waiting parent is woken, a watching result() is notified. A run with a concurrency key may have
+-- been handed its key's slot (un-parked by the trigger as the key's last run left 'running'): the backend then
+-- un-parks its queue (unpark_queue), or the key's next run would wait for the claim's sweep.
 WITH overdue AS (
     SELECT id FROM runs
     WHERE status = 'pending' AND deadline_at IS NOT NULL AND deadline_at <= now()
@@ -733,7 +737,7 @@ SET status = 'failed', attempts = r.attempts + 1,
     finished_at = now(), updated_at = now()
 FROM overdue
 WHERE r.id = overdue.id AND r.status = 'pending'
-RETURNING r.id::text, r.workflow_name, r.version, r.parent_id::text
+RETURNING r.id::text, r.workflow_name, r.version, r.parent_id::text, r.queue, r.concurrency_key
 
 -- save_retention --
 -- The retention each workflow version registered here declares (seconds; NULL: the default applies), for

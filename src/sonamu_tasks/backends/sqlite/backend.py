@@ -800,6 +800,9 @@ class SqliteBackend:
 
         def fail(conn: sqlite3.Connection, now: int) -> list[OverdueRun]:
             rows = conn.execute(QUERIES["fail_overdue_runs"], {"now": now, "limit": limit}).fetchall()
+            # A keyed run failed may have held its key's turn: the key's next run must not wait for the sweep.
+            for queue in sorted({row["queue"] for row in rows if row["concurrency_key"] is not None}):
+                conn.execute(QUERIES["unpark_queue"], {"name": queue})
             return [OverdueRun(row["id"], row["workflow_name"], row["version"], row["parent_id"]) for row in rows]
 
         return await self._db.write(fail)

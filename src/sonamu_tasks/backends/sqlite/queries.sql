@@ -209,14 +209,16 @@ WHERE (id, lease_token) IN (
 RETURNING lease_token, requested_action
 
 -- release_runs --
--- Hand runs back, claimable at once (graceful shutdown). A cancel or pause request the worker had not honoured
--- yet is applied instead: canceled (the triggers cancel its children and wake its parent) or paused.
+-- Hand runs back, claimable at once (graceful shutdown), in their place: due since their creation, so that a
+-- run started before others of its queue or key starts again before them (FIFO goes by available_at; `now`
+-- sent it behind every run of its key created while it ran). A cancel or pause request the worker had not
+-- honoured yet is applied instead: canceled (the triggers cancel its children and wake its parent) or paused.
 UPDATE runs
 SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' THEN 'paused' ELSE 'pending' END,
     error = CASE WHEN requested_action = 'cancel' THEN :canceled_error ELSE error END,
     finished_at = CASE WHEN requested_action = 'cancel' THEN :now END,
     requested_action = NULL,
-    available_at = :now, lease_token = NULL, worker_id = NULL, updated_at = :now
+    available_at = MIN(:now, created_at), lease_token = NULL, worker_id = NULL, updated_at = :now
 WHERE (id, lease_token) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:held))
   AND status = 'running'
@@ -544,7 +546,7 @@ WHERE id IN (SELECT id FROM runs INDEXED BY runs_overdue
              WHERE status = 'pending' AND deadline_at IS NOT NULL AND deadline_at <= :now
              ORDER BY deadline_at
              LIMIT :limit)
-RETURNING id, workflow_name, version, parent_id
+RETURNING id, workflow_name, version, parent_id, queue, concurrency_key
 
 -- save_retention --
 -- The retention each workflow version registered here declares (see the PostgreSQL query of the same name):
