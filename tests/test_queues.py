@@ -333,7 +333,9 @@ async def test_runs_of_one_key_created_together_get_its_slot_in_creation_order(
     assert started == list(range(20))
 
 
-async def test_a_run_handed_back_at_shutdown_keeps_its_place_in_its_keys_line(manager_for: Any, make_config: Any) -> None:
+async def test_a_run_handed_back_at_shutdown_keeps_its_place_in_its_keys_line(
+    manager_for: Any, make_config: Any
+) -> None:
     """A worker stopping hands its run back; the run, started before the others of its key, starts again
     before them, not after (per-key FIFO: it went to the back of the line)."""
     started: list[Any] = []
