@@ -22,6 +22,7 @@ PGBOUNCER_BACKENDS = ["postgres-pgbouncer-session", "postgres-pgbouncer-transact
 
 
 SHARED_MEMORY = "/dev/shm"
+ROOM_NEEDED = 2 * 1024**3  # the suite's files take a few hundred MB at most; leave memory to the rest
 _IN_MEMORY = pytest.StashKey[str]()  # the base directory this session made in SHARED_MEMORY, removed at its end
 
 
@@ -30,7 +31,11 @@ def pytest_configure(config: pytest.Config) -> None:
     cluster runs with fsync off: what the tests check is behaviour, and this disk's fsync (p99 200 ms) made the
     SQLite half of the suite about 40% slower without changing what a test sees (a kill -9 keeps the page cache
     either way). `--basetemp` given on the command line wins."""
-    if config.option.basetemp is None and os.access(SHARED_MEMORY, os.W_OK):
+    if (
+        config.option.basetemp is None
+        and os.access(SHARED_MEMORY, os.W_OK)
+        and shutil.disk_usage(SHARED_MEMORY).free >= ROOM_NEEDED  # a container's 64 MB /dev/shm would fill up
+    ):
         config.option.basetemp = tempfile.mkdtemp(prefix="sonamu-tests-", dir=SHARED_MEMORY)
         config.stash[_IN_MEMORY] = config.option.basetemp
 
