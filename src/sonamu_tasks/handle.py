@@ -62,7 +62,7 @@ class RunHandle(Generic[R_co]):
         return cast(R_co, self._decoded(output))
 
     def _decoded(self, output: Any) -> Any:
-        return serde.decode_output(output, self.output_type, f"the output of run {self.id} ({self.workflow_name})")
+        return declared_output(self.id, self.workflow_name, self.output_type, output)
 
     async def get_event(self, key: str, timeout: float | None = None) -> Any:
         """The value the run published under `key` (step.set_event), waiting until it is set; None when the
@@ -87,3 +87,8 @@ class RunHandle(Generic[R_co]):
     async def retry(self) -> RunStatus:
         """Start a failed or canceled run again from its failed step."""
         return await self._manager.retry(self.id)
+
+
+def declared_output(run_id: str, workflow_name: str, output_type: Any, output: Any) -> Any:
+    """A run's output (JSON) as its workflow's declared `output_type`, for every kind of handle."""
+    return serde.decode_output(output, output_type, f"the output of run {run_id} ({workflow_name})")

@@ -64,11 +64,8 @@ def decode(value: Any, annotation: Any) -> Any:
 def decode_output(value: Any, annotation: Any, what: str) -> Any:
     """`decode` for a value read back as a type promised to the caller (a run's output): a value that does not
     fit is a SerializationError naming `what` and the type, not pydantic's own error."""
-    adapter = _adapter_for(annotation)
-    if adapter is None:
-        return value
     try:
-        return adapter.validate_python(value)
+        return decode(value, annotation)
     except Exception as error:
         problems = "; ".join(validation_problems(error, "(output)"))
         declared = _type_name(annotation)

@@ -21,11 +21,10 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast
 
-from . import serde
 from .backends.base import MessageRecord, QueueStats, RunEventRecord, RunRecord, ScheduleRecord, WorkerRecord
 from .config import Config, define_config
 from .duration import Duration
-from .handle import R_co, RunHandle
+from .handle import R_co, RunHandle, declared_output
 from .manager import RunPage, StrandedRuns, WorkflowManager
 from .queue import Queue
 from .records import STALE_AFTER
@@ -69,8 +68,7 @@ class SyncRunHandle(Generic[R_co]):
     def result(self, timeout: float | None = None) -> R_co:
         """The run's output, as the type its workflow declares (see `RunHandle.result`)."""
         output = self._client.wait_for_result(self.id, timeout=timeout)
-        where = f"the output of run {self.id} ({self.workflow_name})"
-        return cast(R_co, serde.decode_output(output, self.output_type, where))
+        return cast(R_co, declared_output(self.id, self.workflow_name, self.output_type, output))
 
     def get_event(self, key: str, timeout: float | None = None) -> Any:
         return self._client.get_event(self.id, key, timeout=timeout)
