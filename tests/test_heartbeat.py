@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from sonamu_tasks import RunStatus, WorkflowManager, workflow
+from sonamu_tasks import Queue, RunStatus, WorkflowManager, workflow
 from sonamu_tasks.attempt import Attempt
 from sonamu_tasks.backends.base import Backend, NewRun
 from sonamu_tasks.heartbeat import Failures
@@ -276,6 +276,33 @@ async def test_a_claim_passes_the_runs_its_worker_holds_and_takes_the_others(mak
         assert due is not None and due <= 0
         (again,) = await backend.claim_runs("w", streams, 2, timedelta(seconds=30), held=now_held)
         assert again.id == held_id and again.recoveries == 1 and again.lease_token != first.lease_token
+
+
+@pytest.mark.parametrize("limit", ["concurrency", "worker_concurrency", "per_key_concurrency"])
+async def test_a_queue_limit_counts_the_runs_its_worker_holds_whose_lease_looks_expired(
+    make_config: Any, schema: str, limit: str
+) -> None:
+    """The claim passes a held run whose lease looks expired (a late heartbeat): it must count it as executing
+    too, or its slot goes to another run and Queue(concurrency=1) runs two at once until the first ends."""
+    queue = Queue(f"one-{schema}", **{limit: 1})  # type: ignore[arg-type]
+    async with WorkflowManager(make_config(enable_worker=False)) as manager:
+        await manager.declare_queue(queue)
+        backend = manager.backend
+        streams = [("held", "1")]
+        key = "k" if limit == "per_key_concurrency" else None
+        held_id, _ = await backend.create_run(
+            NewRun(new_run_id(), "held", "1", "null", queue=queue.name, concurrency_key=key)
+        )
+        (first,) = await backend.claim_runs("w", streams, 2, timedelta(milliseconds=100), queues=[queue.name])
+        await asyncio.sleep(0.2)  # its lease runs out in the database; the worker's attempt is alive
+        held = [(held_id, first.lease_token)]
+        await backend.create_run(NewRun(new_run_id(), "held", "1", "null", queue=queue.name, concurrency_key=key))
+        claim = backend.claim_runs("w", streams, 2, timedelta(seconds=30), queues=[queue.name], held=held)
+        assert await claim == []  # the one slot is the held run's
+
+        # Its attempt gone (held no more), the slot is free: the first run is taken back before the other.
+        (again,) = await backend.claim_runs("w", streams, 2, timedelta(seconds=30), queues=[queue.name])
+        assert again.id == held_id and again.recoveries == 1
 
 
 def _heartbeat_threads() -> list[threading.Thread]:

@@ -238,9 +238,12 @@ class SqliteBackend:
                 per_key: int | None = None
                 if limits is not None:
                     if limits["concurrency"] is not None:
-                        cap = min(cap, limits["concurrency"] - _count_executing(conn, queue, now))
+                        cap = min(cap, limits["concurrency"] - _count_executing(conn, queue, now, held_tokens))
                     if limits["worker_concurrency"] is not None:
-                        cap = min(cap, limits["worker_concurrency"] - _count_executing(conn, queue, now, worker_id))
+                        cap = min(
+                            cap,
+                            limits["worker_concurrency"] - _count_executing(conn, queue, now, held_tokens, worker_id),
+                        )
                     if limits["rate_limit"] is not None:
                         window = {"queue": queue, "now": now, "period": limits["rate_period"]}
                         conn.execute(QUERIES["forget_old_starts"], window)
@@ -252,7 +255,8 @@ class SqliteBackend:
                         # slot (freed by an expired lease, or handed to a parked run no live worker serves). A
                         # swept_at ahead of the clock (set back since) does not hold the sweep off either.
                         conn.execute(QUERIES["mark_queue_swept"], {"queue": queue, "now": now})
-                        conn.execute(QUERIES["sweep_parked_keys"], {"queue": queue, "now": now, "per_key": per_key})
+                        sweep = {"queue": queue, "now": now, "per_key": per_key, "held_tokens": held_tokens}
+                        conn.execute(QUERIES["sweep_parked_keys"], sweep)
                 level = -(2**31) - 1
                 while cap > 0:
                     found = conn.execute(
@@ -283,7 +287,7 @@ class SqliteBackend:
                             key_full = (
                                 per_key is not None
                                 and key is not None
-                                and _count_executing(conn, queue, now, key=key) >= per_key
+                                and _count_executing(conn, queue, now, held_tokens, key=key) >= per_key
                             )
                             if key_full:
                                 conn.execute(QUERIES["park_on_key"], {"id": run["id"]})
@@ -1073,9 +1077,15 @@ def _selection_params(selection: FinishedRuns) -> dict[str, Any]:
 
 
 def _count_executing(
-    conn: sqlite3.Connection, queue: str, now: int, worker_id: str | None = None, *, key: str | None = None
+    conn: sqlite3.Connection,
+    queue: str,
+    now: int,
+    held_tokens: str,
+    worker_id: str | None = None,
+    *,
+    key: str | None = None,
 ) -> int:
-    params = {"queue": queue, "now": now, "worker_id": worker_id, "key": key}
+    params = {"queue": queue, "now": now, "held_tokens": held_tokens, "worker_id": worker_id, "key": key}
     return int(conn.execute(QUERIES["count_executing"], params).fetchone()[0])
 
 

@@ -73,9 +73,12 @@ SELECT concurrency, worker_concurrency, rate_limit, rate_period, per_key_concurr
 FROM queues WHERE name = :queue
 
 -- count_executing --
--- Runs of the queue executing now (a lease still live); with :worker_id, this worker's; with :key, that key's.
+-- Runs of the queue executing now: a lease still live, or one under :held_tokens (this worker's, executing here
+-- though a late heartbeat let its lease look expired: its slot is not free); with :worker_id, this worker's;
+-- with :key, that key's.
 SELECT count(*) FROM runs INDEXED BY runs_executing
-WHERE queue = :queue AND status = 'running' AND available_at > :now
+WHERE queue = :queue AND status = 'running'
+  AND (available_at > :now OR lease_token IN (SELECT value FROM json_each(:held_tokens)))
   AND (:worker_id IS NULL OR worker_id = :worker_id)
   AND (:key IS NULL OR concurrency_key = :key)
 
@@ -145,7 +148,8 @@ WHERE id IN (
           WHERE queue = :queue AND key_parked AND status IN ('pending', 'running', 'sleeping', 'waiting')) AS k
     WHERE (SELECT count(*) FROM runs AS x INDEXED BY runs_executing
            WHERE x.queue = :queue AND x.concurrency_key = k.concurrency_key AND x.status = 'running'
-             AND x.available_at > :now) < :per_key)
+             AND (x.available_at > :now OR x.lease_token IN (SELECT value FROM json_each(:held_tokens))))
+          < :per_key)
 
 -- claim_run --
 -- Lease one due run to this worker under a fresh fencing token; a take-over counts as a recovery.
