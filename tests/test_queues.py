@@ -90,6 +90,42 @@ async def test_sleeping_runs_hold_no_slot_of_their_queue(manager_for: Any) -> No
     assert spans.most_at_once() == 1
 
 
+async def test_a_worker_waiting_on_a_full_queue_looks_rarely_and_takes_the_slot_its_own_run_frees(
+    manager_for: Any,
+) -> None:
+    """Runs due that a full queue will not let it take: the worker looks again at once (a row lock lasts a
+    commit), then ever more slowly, up to once a second (it looked 20 times a second for as long as the queue
+    stayed full); when its own run ends it claims the next one at once."""
+    spans = Spans()
+    full = Queue("full", concurrency=1)
+
+    @workflow(version="1", queue=full)
+    async def holds_the_slot(input: Any, step: Any) -> str:
+        return str(await step.define("work", spans.run).run("all", 2.0))
+
+    manager = await manager_for([holds_the_slot], concurrency=4)
+    looks: list[float] = []
+    claim = manager.backend.claim_runs
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        looks.append(time.monotonic())
+        return await claim(*args, **kwargs)
+
+    manager.backend.claim_runs = counted
+    handles = [await manager.run(holds_the_slot, i) for i in range(3)]
+    for handle in handles:
+        assert await handle.result(timeout=30) == "all"
+    assert spans.most_at_once() == 1
+    starts = sorted(began for began, _, _ in spans.spans)
+    ends = sorted(ended for _, ended, _ in spans.spans)
+    # Past the first second of the first run the worker has slowed down to its poll interval (SQLite's is
+    # 250 ms) or a second: a few looks until the run ends, not 14.
+    settled = [t for t in looks if starts[0] + 1.2 <= t <= starts[0] + 1.9]
+    assert len(settled) <= 4, len(settled)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sorted(ends[:2] + starts[1:]))][::2]
+    assert max(gaps) < 0.3, gaps  # woken by its own run's end, not by its next look (up to 1 s later)
+
+
 async def all_status(reads: list[Any], status: RunStatus) -> bool:
     runs = await asyncio.gather(*reads)
     return all(run.status is status for run in runs)

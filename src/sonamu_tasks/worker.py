@@ -47,6 +47,7 @@ POLLED_POLL_MS = 250  # no notifications across processes (SQLite): polling is h
 HEARTBEAT_AT_LEAST_EVERY_S = 20.0  # whatever the lease: the lists take a worker silent for a minute as gone
 BACKLOG_EVERY_S = 5.0  # how often the backlog gauges are refreshed (only with the metrics extra)
 CLAIM_STOP_S = 2.0  # how long stop() lets a claim in flight finish before cancelling it
+STARVED_LOOK_MAX_S = 1.0  # the slowest look again at runs due but not claimable (a full queue)
 
 
 class Worker:
@@ -90,6 +91,7 @@ class Worker:
         self._active: dict[str, tuple[asyncio.Task[None], Attempt]] = {}  # by lease token
         self._wake = asyncio.Event()
         self._more_due = False
+        self._starved = False  # runs were due that the last claim could not take (row locks, a full queue)
         self._claims = 0
         self._stopping = False
         self._draining = False
@@ -295,16 +297,21 @@ class Worker:
                         await asyncio.sleep(0)
                     if not self._more_due:
                         due = await self.backend.seconds_until_due(workflows, queues, held=self._held())
-                        if due is not None and due <= 0 and not claimed:
+                        self._starved = due is not None and due <= 0 and not claimed
+                        if self._starved:
                             # Due but not claimed: a row lock made the claim skip it (another worker's claim,
-                            # a result() asking to be notified, a cancel). Such locks last about one commit:
-                            # look again at once (a result() watch just after the insert takes the row for
-                            # microseconds, as the claim arrives), then after 1 ms, 2, 4 ... up to 50 ms.
+                            # a result() asking to be notified, a cancel), or the queue's limits are full. A
+                            # lock lasts about one commit: look again at once (a result() watch just after the
+                            # insert takes the row for microseconds, as the claim arrives), then after 1 ms, 2,
+                            # 4 ... Past a few looks the queue is full: a slot frees when a run ends, which wakes
+                            # this loop at once when the run was this worker's, or when a lease expires, so the
+                            # looks slow down to one a second (they were 20 a second, each worker, for as long
+                            # as the queue stayed full).
                             timeout = min(timeout, locked_retry)
-                            locked_retry = min(max(locked_retry * 2, 0.001), 0.05)
+                            locked_retry = min(max(locked_retry * 2, 0.001), STARVED_LOOK_MAX_S)
                         elif due is not None:
                             timeout = min(timeout, max(due, 0.001))
-                        if claimed:
+                        if not self._starved:
                             locked_retry = 0.0
                     backoff = 0.05
                 except BackendUnavailable as error:
@@ -338,8 +345,8 @@ class Worker:
             self._active.pop(attempt.claimed.lease_token, None)
             self.leases.forget(attempt.claimed.lease_token)
             self._publish_soon()
-            if self._more_due and not self._stopping:
-                self._wake.set()
+            if (self._more_due or self._starved) and not self._stopping:
+                self._wake.set()  # a slot of this worker, and perhaps of a full queue, is free
             self.finished(attempt.claimed.id, attempt.output_json)
 
     def _held(self) -> Held:
