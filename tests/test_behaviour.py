@@ -106,6 +106,62 @@ async def test_result_and_steps_see_the_stored_json_wherever_the_run_finished(ma
     assert await manager.handle(handle.id).result(timeout=5) == expected
 
 
+async def test_a_step_value_is_the_same_at_its_first_execution_and_every_replay_on_every_backend(
+    manager_for: Any,
+) -> None:
+    """PostgreSQL's jsonb orders an object's keys (shortest first) and stores numbers as decimals (1e16 comes
+    back an int, -0.0 as 0.0). The first execution must see what replays will read back, or a decision on the
+    value changes between them: here the first key picks a step, and on PostgreSQL the replay picked another
+    and ran a second side effect. Every backend gives the same value, so code tested on SQLite holds on
+    PostgreSQL."""
+    calls = Calls()
+    seen: list[tuple[list[str], Any, Any, list[str]]] = []
+
+    async def contacts() -> dict[str, Any]:
+        return {"primary_ops": "ops@example.com", "cto": "cto@example.com", "it": "it@example.com"}
+
+    async def numbers() -> list[Any]:  # not list[float]: a declared type would turn them back to floats
+        return [1e16, 2.5e20, -0.0, 1.5e-07, 1.0]
+
+    async def big() -> Any:
+        return 1e16
+
+    async def notify(address: str) -> str:
+        calls.hit(address)
+        return address
+
+    async def flaky() -> None:
+        if calls.hit("flaky") == 1:
+            raise RuntimeError("fails once: the run is replayed")
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def notifies_the_first(input: Any, step: Any) -> Any:
+        people = await step.define("contacts", contacts).run()
+        first = next(iter(people))
+        await step.define(f"notify-{first}", notify).run(people[first])
+        values = await step.define("numbers", numbers).run()
+        scalar = await step.define("big", big).run()
+        await step.define("flaky", flaky).run()
+        seen.append((list(people), values, scalar, list(input)))
+        return {"people": people, "values": values, "input": input}
+
+    manager = await manager_for([notifies_the_first])
+    handle = await manager.run(notifies_the_first, {"zeta": 1, "alpha": 2, "é": 3, "ab": 4})
+    output = await handle.result(timeout=15)
+    jsonb_order = ["it", "cto", "primary_ops"]
+    input_order = ["ab", "é", "zeta", "alpha"]  # "é" is two bytes in UTF-8, after "ab"
+    assert [address for address in calls.counts if "@" in address] == ["it@example.com"]
+    assert calls.counts["it@example.com"] == 1 and calls.counts["flaky"] == 2
+    assert len(seen) == 1  # the attempt that got past the flaky step: a replay of the others
+    people, values, scalar, input_keys = seen[0]
+    assert people == jsonb_order and input_keys == input_order
+    assert values == [10**16, 25 * 10**19, 0.0, 1.5e-07, 1.0]
+    assert [type(v) for v in values] == [int, int, float, float, float]
+    assert scalar == 10**16 and type(scalar) is int
+    assert list(output["people"]) == jsonb_order and list(output["input"]) == input_order
+    assert list((await manager.handle(handle.id).result(timeout=5))["people"]) == jsonb_order
+
+
 async def test_a_step_is_stored_before_anything_after_it_and_survives_a_failure_between_steps(
     manager_for: Any,
 ) -> None:

@@ -444,7 +444,7 @@ class Attempt:
         finally:
             self._leave()
         # The workflow gets what a replay would read back: the value after a JSON round trip (a tuple comes
-        # back a list). Scalars come back as they went.
+        # back a list, a dict's keys in jsonb's order, 1e16 an int). Other scalars come back as they went.
         stored = result if type(result) in _JSON_SCALARS else serde.loads(encoded)
         return serde.decode(stored, annotation)
 
@@ -994,7 +994,7 @@ def _retrieve_error(task: asyncio.Task[None]) -> None:
 
 _NO_SCOPE = contextlib.nullcontext()
 
-_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_JSON_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 def _own_cancellation(error: asyncio.CancelledError, what: str) -> BaseException:

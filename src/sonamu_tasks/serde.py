@@ -8,6 +8,12 @@ into that type (needs pydantic), so the first execution and every replay see the
 Refused the same way on both backends, with the JSON path of the culprit: strings (values or keys)
 holding NUL (PostgreSQL's jsonb cannot store it) or a lone surrogate (not Unicode text). A pair of
 surrogates in a Python str is stored as the one character it encodes.
+
+Read back as PostgreSQL's jsonb gives it, on every backend and on the first execution too (`loads`): an
+object's keys shortest first (then by their UTF-8 bytes), a float written with a positive exponent (1e16 and
+up) as the integer it is, -0.0 as 0.0. jsonb stores values so, and a step's first execution got the value as
+it went in while its replays read it back from jsonb: the order of a dict's keys, a float's type, and any
+decision taken on them, changed between the two.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import re
 import traceback
 import typing
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
@@ -52,7 +59,31 @@ def dumps(value: Any, *, what: str) -> str:
 
 
 def loads(text: str | bytes | None) -> Any:
-    return None if text is None else json.loads(text)
+    """JSON text as PostgreSQL's jsonb reads it back (see the module's docstring); None for None."""
+    if text is None:
+        return None
+    return json.loads(text, object_pairs_hook=_as_jsonb_orders, parse_float=_as_jsonb_reads)
+
+
+def _as_jsonb_orders(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(sorted(pairs, key=_jsonb_key_order))
+
+
+def _jsonb_key_order(pair: tuple[str, Any]) -> tuple[int, bytes]:
+    encoded = pair[0].encode("utf-8", "surrogatepass")
+    return len(encoded), encoded
+
+
+def _as_jsonb_reads(text: str) -> float | int:
+    """A JSON number with a fraction or an exponent, as jsonb gives it back: stored as a decimal, it comes
+    back without a fraction (an int to Python) when its exponent covers every fractional digit."""
+    value = float(text)
+    if value == 0:
+        return 0.0  # a decimal has no negative zero
+    mantissa, _, exponent = text.lower().partition("e")
+    if exponent and int(exponent) >= len(mantissa.partition(".")[2]):
+        return int(Decimal(text))
+    return value
 
 
 def decode(value: Any, annotation: Any) -> Any:

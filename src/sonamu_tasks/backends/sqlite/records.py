@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from ... import serde
 from ...limits import READABLE_TIMES
 from ...records import CutValue
 from ...status import RunStatus, StepStatus
@@ -45,8 +46,9 @@ def optional_moment(value: int | None) -> datetime | None:
 
 
 def decoded(text: str | None) -> Any:
-    """A stored JSON column: NULL (never written) reads as None, as JSON null does."""
-    return None if text is None else json.loads(text)
+    """A stored JSON column: NULL (never written) reads as None, as JSON null does; values as PostgreSQL's
+    jsonb reads them back (serde.loads), so the two backends give the same dict for the same row."""
+    return serde.loads(text)
 
 
 def pairs(items: Iterable[tuple[str, str]]) -> str:
