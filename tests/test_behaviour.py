@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -580,6 +581,108 @@ async def test_unstorable_step_result_fails_the_run_naming_the_step_and_keeps_ch
     assert calls.counts == {"fine": 1, "bad": 1}  # not retried: it would fail the same way
     steps = {s.name: s for s in (await handle.info(with_steps=True)).steps}
     assert steps["fine"].status is StepStatus.COMPLETED and steps["fine"].output == "kept"
+
+
+async def test_a_step_result_that_does_not_fit_its_declared_type_fails_the_step_and_is_not_stored(
+    manager_for: Any,
+) -> None:
+    """Checked before its checkpoint is stored: it was stored completed, then failed every replay (and a
+    retry after the fix) with pydantic's bare error naming no step."""
+    calls = Calls()
+    fixed = {"yes": False}
+
+    def load(order_id: int) -> Order:  # declares Order; returns a dict without "email" until fixed
+        calls.hit("load")
+        return {"order_id": order_id, "email": "a@b.c"} if fixed["yes"] else {"order_id": order_id}  # type: ignore[return-value]
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def typed_step(step: Any) -> str:
+        order = await step.define("load", load).run(7)
+        return str(order.email)
+
+    manager = await manager_for([typed_step])
+    handle = await manager.run(typed_step)
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=15)
+    assert failure.value.error["step"] == "load" and failure.value.error["type"] == "SerializationError"
+    message = failure.value.error["message"]
+    assert "step 'load'" in message and "typed_step" in message and "Order" in message and "email" in message
+    assert calls.counts == {"load": 1}  # not retried: it would fail the same way
+    steps = {s.name: s for s in (await handle.info(with_steps=True)).steps}
+    assert "load" not in steps or steps["load"].status is not StepStatus.COMPLETED
+    fixed["yes"] = True  # the fix deployed: a retry runs the step again
+    await handle.retry()
+    assert await handle.result(timeout=15) == "a@b.c"
+    assert calls.counts == {"load": 2}
+
+
+async def test_a_stored_step_result_that_no_longer_fits_its_declared_type_fails_naming_the_step(
+    manager_for: Any,
+) -> None:
+    """The code changed between attempts (a deploy): the step's declared type no longer fits what it
+    stored. Retrying cannot help; the run fails at once naming the step and how to run it again."""
+    calls = Calls()
+
+    def untyped(order_id: int) -> dict[str, Any]:
+        calls.hit("load")
+        return {"order_id": order_id}
+
+    def typed(order_id: int) -> Order:  # the new code: the stored dict lacks "email"
+        calls.hit("load")
+        return Order(order_id=order_id, email="a@b.c")
+
+    code = {"load": untyped}
+
+    async def flaky() -> None:
+        if calls.hit("flaky") == 1:
+            code["load"] = typed  # deployed while the run waits for its retry
+            raise RuntimeError("fails once: the run is replayed")
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def deployed(step: Any) -> Any:
+        await step.define("load", code["load"]).run(7)
+        await step.define("flaky", flaky).run()
+
+    manager = await manager_for([deployed])
+    handle = await manager.run(deployed)
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=15)
+    error = failure.value.error
+    assert error["step"] == "load" and error["type"] == "SerializationError"
+    assert "stored result of step 'load'" in error["message"] and "fork the run from step 'load'" in error["message"]
+    assert calls.counts == {"load": 1, "flaky": 1}
+    assert (await handle.info()).attempts == 2  # not retried again: it would fail the same way
+
+
+async def test_the_workflows_log_speaks_again_past_a_step_it_no_longer_reaches(
+    manager_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replay is quiet until the code has passed its recorded steps. A step removed by a deploy between
+    attempts is never reached again: the log stayed silent for the rest of the run."""
+    calls = Calls()
+    code = {"old_step": True}
+
+    async def side() -> None:
+        calls.hit("side")
+
+    async def flaky() -> None:
+        if calls.hit("flaky") == 1:
+            code["old_step"] = False  # deployed while the run waits for its retry: the step is gone
+            raise RuntimeError("fails once: the run is replayed")
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def loses_a_step(step: Any, logger: Any, context: Any) -> None:
+        if code["old_step"]:
+            await step.define("old-step", side).run()
+        await step.define("flaky", flaky).run()
+        logger.warning("past the flaky step, attempt %d", context["attempt"])
+        await step.define("after", side).run()
+
+    manager = await manager_for([loses_a_step])
+    with caplog.at_level(logging.WARNING, logger="sonamu_tasks.workflow"):
+        handle = await manager.run(loses_a_step)
+        await handle.result(timeout=15)
+    assert "past the flaky step, attempt 2" in caplog.text
 
 
 async def test_unstorable_input_is_refused_at_run(manager_for: Any) -> None:

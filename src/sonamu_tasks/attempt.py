@@ -41,6 +41,7 @@ from .errors import (
     ChildWorkflowFailed,
     InvalidInput,
     NonRetryableError,
+    SerializationError,
     StepNameConflict,
     StepTimeout,
     StorageError,
@@ -404,12 +405,23 @@ class Attempt:
             self._own_policy_steps.add(name)
         annotation = serde.declared_return(fn)
         record = self.steps.get(name)
-        if record is not None:
-            self._replayed()
+        # A step that failed before runs again: the code is past what it ran before from here on.
+        self._reached(record if record is not None and record.status is StepStatus.COMPLETED else None)
         if record is not None and record.status is StepStatus.COMPLETED:
             if record.kind != "call":
-                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
-            return serde.decode(record.output, annotation)
+                raise self._kind_changed(name, record.kind)
+            try:
+                return serde.decode_output(record.output, annotation, f"the stored result of step {name!r}")
+            except SerializationError as error:
+                # The code changed since the step ran (its declared type): no retry can help, a fork from the
+                # step runs it again.
+                raise self._step_failed(
+                    name,
+                    SerializationError(
+                        f"{error} (run {self.claimed.id}, workflow {self.definition.name!r}): the step's declared "
+                        f"return type changed since it ran; fork the run from step {name!r} to run it again"
+                    ),
+                ) from error
         self._enter()
         try:
             await self._settle()  # the steps completed before this one are stored before it starts
@@ -429,7 +441,14 @@ class Attempt:
                     result = await self._invoke(
                         name, self.hooks.step_mocks.get(name, fn), args, kwargs, options.timeout
                     )
-                encoded = serde.dumps(result, what=f"the result of step {name!r} of workflow {self.definition.name!r}")
+                what = f"the result of step {name!r} of workflow {self.definition.name!r}"
+                encoded = serde.dumps(result, what=what)
+                # The workflow gets what a replay would read back: the value after a JSON round trip (a tuple
+                # comes back a list, a dict's keys in jsonb's order, 1e16 an int). Other scalars come back as
+                # they went. Decoded before the checkpoint is queued: a value that does not fit the declared
+                # type fails the step, never stored to fail every replay (and a retry) after it.
+                stored = result if type(result) in _JSON_SCALARS else serde.loads(encoded)
+                value = serde.decode_output(stored, annotation, what)
             except Exception as error:
                 self._failed_steps.append((name, started, error, options.retry_policy))
                 raise
@@ -443,10 +462,7 @@ class Attempt:
             asyncio.get_running_loop().call_soon(self._send_unsent)
         finally:
             self._leave()
-        # The workflow gets what a replay would read back: the value after a JSON round trip (a tuple comes
-        # back a list, a dict's keys in jsonb's order, 1e16 an int). Other scalars come back as they went.
-        stored = result if type(result) in _JSON_SCALARS else serde.loads(encoded)
-        return serde.decode(stored, annotation)
+        return value
 
     async def sleep(self, name: str, duration: Duration) -> None:
         delta = parse_duration(duration, what=f"step.sleep({name!r}) in workflow {self.definition.name!r}")
@@ -454,10 +470,10 @@ class Attempt:
         run = self.claimed
         record = self.steps.get(name)
         wake_at = None
+        self._reached(record)
         if record is not None:
-            self._replayed()
             if record.kind != "sleep":
-                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
+                raise self._kind_changed(name, record.kind)
             if record.status is StepStatus.COMPLETED:
                 return
             if record.wake_at is not None and record.wake_at <= self._db_now():
@@ -508,10 +524,10 @@ class Attempt:
         self._claim_name(name)
         run = self.claimed
         record = self.steps.get(name)
+        self._reached(record)
         if record is not None:
-            self._replayed()
             if record.kind != kind:
-                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
+                raise self._kind_changed(name, record.kind)
             if record.status is StepStatus.COMPLETED:
                 return record.output
         started = record.started_at if record is not None and record.started_at is not None else datetime.now(UTC)
@@ -541,8 +557,8 @@ class Attempt:
         count = self._published[key] = self._published.get(key, 0) + 1
         name = f"set_event:{key}:{count}"
         self._claim_name(name)
+        self._reached(self.steps.get(name))
         if name in self.steps:
-            self._replayed()
             return
         encoded = serde.dumps(value, what=f"the value of event {key!r} of workflow {self.definition.name!r}")
         run = self.claimed
@@ -575,10 +591,10 @@ class Attempt:
                 self._claim_name(child_step)
         run = self.claimed
         record = self.steps.get(name)
+        self._reached(record)
         if record is not None:
-            self._replayed()
             if record.kind != "child":
-                raise StepNameConflict(f"step {name!r} of workflow {self.definition.name!r} was a {record.kind} before")
+                raise self._kind_changed(name, record.kind)
             stored = record.output or {}
             return list(stored["run_ids"]) if fan_out else [stored["run_id"]]
         ids = [child_run_id(run.id, child_step) for child_step in child_steps]
@@ -867,11 +883,38 @@ class Attempt:
         self._replays_left -= 1
         self.workflow_logger.quiet = self._replays_left > 0
 
+    def _reached(self, record: StepRecord | None) -> None:
+        """The code reached a step: one it recorded before (replayed quietly), or one it never had, which ends
+        the replay. The workflow's log speaks again there, even when recorded steps were never reached (the
+        code changed since they ran: renamed, removed); it stayed silent for the rest of the run before."""
+        if record is not None:
+            self._replayed()
+        elif self._replays_left > 0:
+            self._replays_left = 0
+            self.workflow_logger.quiet = False
+
+    def _step_failed(self, name: str, error: BaseException) -> BaseException:
+        """`error`, recorded as raised by step `name`, so the run's stored error names the step."""
+        self._failed_steps.append((name, datetime.now(UTC), error, None))
+        return error
+
+    def _kind_changed(self, name: str, kind: str) -> BaseException:
+        return self._step_failed(
+            name,
+            StepNameConflict(
+                f"step {name!r} of workflow {self.definition.name!r} (run {self.claimed.id}) was a {kind} before: "
+                "the code changed since it ran, or two kinds of step share the name"
+            ),
+        )
+
     def _claim_name(self, name: str) -> None:
         if name in self._seen:
-            raise StepNameConflict(
-                f"workflow {self.definition.name!r} used the step name {name!r} twice in one run; "
-                "step names must be unique within a run (add an index or id to the name in loops)"
+            raise self._step_failed(
+                name,
+                StepNameConflict(
+                    f"workflow {self.definition.name!r} used the step name {name!r} twice in one run; "
+                    "step names must be unique within a run (add an index or id to the name in loops)"
+                ),
             )
         self._seen.add(name)
 
