@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -276,6 +277,39 @@ async def test_a_sleep_or_receive_timeout_in_a_gather_counts_from_its_call_not_f
     assert 0.95 < (nap.wake_at - nap.started_at).total_seconds() < 1.3  # parked after 0.5 s: 1.5 s before the fix
     assert inbox.finished_at is not None and inbox.started_at is not None  # timed out: completed on waking
     assert 0.95 < (inbox.finished_at - inbox.started_at).total_seconds() < 1.4
+
+
+async def test_a_branch_awaiting_outside_a_step_is_not_held_until_a_siblings_wait_ends(manager_for: Any) -> None:
+    """A gathered branch inside an await that is not a step (a call outside a step, an asyncio.sleep) keeps
+    the run from parking: its next step runs when it gets there, not when a sibling's receive times out."""
+    began: dict[str, float] = {}
+
+    async def mark() -> str:
+        began["x"] = time.monotonic()
+        return "x"
+
+    async def outside_then_step(step: Any) -> str:
+        await asyncio.sleep(0.3)  # not a step: the attempt does not see it
+        return str(await step.define("x", mark).run())
+
+    @workflow(version="1")
+    async def gathered(step: Any) -> Any:
+        return await asyncio.gather(step.receive("inbox", timeout="6s"), outside_then_step(step))
+
+    manager = await manager_for([gathered])
+    started = time.monotonic()
+    handle = await manager.run(gathered)
+    await wait_until(lambda: "x" in began, timeout=15, what="step x to run")
+    assert began["x"] - started < 3  # about 0.3 s; it ran after the receive's 6 s timeout before the fix
+    await wait_until(
+        lambda: status_is(manager, handle.id, RunStatus.WAITING), what="the run to park on the receive alone"
+    )
+    await manager.send(handle.id, "hello")
+    assert await handle.result(timeout=15) == ["hello", "x"]
+
+
+async def status_is(manager: Any, run_id: str, status: RunStatus) -> bool:
+    return bool((await manager.get_run(run_id)).status is status)
 
 
 async def test_a_child_runs_once_and_the_parent_waits_without_a_slot(manager_for: Any) -> None:

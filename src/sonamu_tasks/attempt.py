@@ -168,6 +168,7 @@ class Attempt:
         self._idle.set()
         self._waits: list[_Wait] = []
         self._park_check: asyncio.Task[None] | None = None
+        self._workflow_task: asyncio.Task[Any] | None = None
         self._closed = False  # the attempt is ending (parked, failing, stopping): no new step starts
         self._lease_lost = False  # a write was refused: another worker owns the run now
         self._own_policy_steps: set[str] = set()  # steps met with a retry policy of their own
@@ -294,6 +295,7 @@ class Attempt:
                 arguments["version"] = self.definition.version
             elif parameter == "context":
                 arguments["context"] = await self._context()
+        self._workflow_task = asyncio.current_task()
         try:
             return await self.definition.fn(**arguments)
         except asyncio.CancelledError as error:
@@ -711,8 +713,20 @@ class Attempt:
             # reach its own wait before deciding that every branch is blocked.
             for _ in range(3):
                 await asyncio.sleep(0)
-            if self._executing or not self._waits or self._closed:
-                return
+            # A gathered branch inside an await that is neither a step nor a durable wait (a call outside a
+            # step, an asyncio.sleep) is going on: parking now would hold its next step until a sibling's
+            # wait ends (days, for a long receive). Wait for it to reach a step or a wait, within a bound: a
+            # branch that waits on something only the durable wait brings would otherwise never let it end.
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + BUSY_BRANCH_GRACE_S
+            pause = 0.001
+            while True:
+                if self._executing or not self._waits or self._closed:
+                    return
+                if loop.time() >= give_up_at or not self._branch_busy():
+                    break
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
             self._closed = True
             waits = list(self._waits)
             try:
@@ -731,6 +745,31 @@ class Attempt:
                     wait.future.set_exception(Suspended())
         finally:
             self._park_check = None
+
+    def _branch_busy(self) -> bool:
+        """Whether a branch of asyncio.gather is inside an await the attempt does not see: not a step (none
+        is executing when this is asked), not one of its durable waits, not done. Seen through gather's
+        futures from the workflow's own task; branches of a TaskGroup or create_task are not seen (the park
+        goes ahead, as it always did)."""
+        if self._workflow_task is None:
+            return False
+        waits = {id(wait.future) for wait in self._waits}
+        tasks: list[tuple[asyncio.Future[Any], bool]] = [(self._workflow_task, False)]
+        while tasks:
+            task, gathered = tasks.pop()
+            if task.done():
+                continue
+            waiter = getattr(task, "_fut_waiter", None)  # what the task awaits (None: about to run)
+            if waiter is None or waiter.done():
+                return gathered
+            if id(waiter) in waits:
+                continue
+            children = getattr(waiter, "_children", None)  # asyncio.gather's own future
+            if children is not None:
+                tasks.extend((child, True) for child in children)
+            elif gathered:
+                return True
+        return False
 
     async def _park(self, waits: list[_Wait]) -> None:
         run = self.claimed
@@ -1036,6 +1075,8 @@ def _retrieve_error(task: asyncio.Task[None]) -> None:
 
 
 _NO_SCOPE = contextlib.nullcontext()
+# How long a run with a durable wait waits for a gathered branch busy outside a step before parking anyway.
+BUSY_BRANCH_GRACE_S = 30.0
 
 _JSON_SCALARS = frozenset({str, int, bool, type(None)})
 
