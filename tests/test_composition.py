@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from sonamu_tasks import ChildWorkflowFailed, InvalidValue, RetryPolicy, RunStatus, WorkflowFailed, workflow
+from sonamu_tasks import (
+    ChildWorkflowFailed,
+    InvalidValue,
+    RetryPolicy,
+    RunStatus,
+    StepStatus,
+    WorkflowFailed,
+    workflow,
+)
 
 from .conftest import wait_until
 
@@ -361,6 +369,36 @@ async def test_run_workflow_by_spec_and_a_failed_child_is_caught_by_the_parent(m
     manager = await manager_for([parent, breaks])
     out = await (await manager.run(parent)).result(timeout=20)
     assert out == {"caught": "ValueError", "status": "failed", "message": "cannot handle x"}
+
+
+async def test_a_parents_error_names_the_child_that_failed_and_the_childs_step(manager_for: Any) -> None:
+    """In a fan-out of many children, the parent's error says which one (its step, `kids[1]`) and where it
+    failed; the parent's record of that child's outcome stays a child step, as checkpointed."""
+
+    async def charge(n: int) -> int:
+        if n == 1:
+            raise ValueError("card declined")
+        return n
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def kid(input: Any, step: Any) -> Any:
+        return await step.define("charge", charge).run(input)
+
+    @workflow(version="1", retry_policy=FAST_RETRY)
+    async def fans_out(step: Any) -> Any:
+        handles = await step.start_workflows("kids", kid, [0, 1, 2])
+        return [await handle.result() for handle in handles]
+
+    manager = await manager_for([fans_out, kid])
+    handle = await manager.run(fans_out)
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=20)
+    error = failure.value.error
+    assert error["type"] == "ChildWorkflowFailed" and error["step"] == "kids[1]"
+    assert "(step 'kids[1]') failed in its step 'charge': ValueError: card declined" in error["message"]
+    steps = {s.name: s for s in (await handle.info(with_steps=True)).steps}
+    assert steps["kids[1]"].kind == "child" and steps["kids[1]"].status is StepStatus.COMPLETED
+    assert steps["kids[1]"].output["outcome"]["status"] == "failed"
 
 
 async def test_an_uncaught_child_failure_fails_the_parent_without_retries(manager_for: Any) -> None:

@@ -156,6 +156,7 @@ class Attempt:
         # The steps that raised in this attempt: name, start, the error, its own retry policy if any. Several
         # when gathered steps fail together; the one whose error ends the workflow decides the retry.
         self._failed_steps: list[tuple[str, datetime, BaseException, RetryPolicy | None]] = []
+        self._errors_at_steps: dict[int, tuple[str, BaseException]] = {}  # by id(error): see _step_failed
         self._claimed_monotonic = time.monotonic()
         self.output_json: str | None = None
         """The stored output, once this attempt completed the run."""
@@ -329,7 +330,9 @@ class Attempt:
                 previous = self.steps.get(name)
                 failures = previous.attempts if previous is not None and previous.status is StepStatus.FAILED else 0
                 policy, attempt = step_policy, failures + 1
-        stored = serde.encode_error(error, step=step[0] if step else None)
+        at_step = self._errors_at_steps.get(id(error))
+        named = step[0] if step else at_step[0] if at_step is not None and at_step[1] is error else None
+        stored = serde.encode_error(error, step=named)
         try:
             decision = policy.decide(error, attempt)
         except Exception as policy_error:
@@ -363,7 +366,7 @@ class Attempt:
                 lambda: self.backend.fail_attempt(run.id, run.lease_token, plain, None, retry_delay),
                 what="record failure",
             )
-        where = f" in step {step[0]!r}" if step else ""
+        where = f" in step {named!r}" if named else ""
         if status in (RunStatus.CANCELED, RunStatus.PAUSED):  # asked for during the attempt: no retry is due
             self._ended("stopped", error)
             self.logger.info("attempt %d failed%s: %s; %s on request instead of retried", attempt, where, error, status)
@@ -656,7 +659,10 @@ class Attempt:
                 self._leave()
             child = children.get(child_id)
             if child is None:
-                raise ChildWorkflowFailed(child_id, workflow_name, "missing", {"message": "the child run is gone"})
+                gone = {"message": "the child run is gone"}
+                raise self._step_failed(
+                    child_step, ChildWorkflowFailed(child_id, workflow_name, "missing", gone, child_step)
+                )
             if not child.status.finished:
                 # Parks the run (raises Suspended) once every branch is blocked; the child's end wakes it.
                 await self._block(_Wait(asyncio.get_running_loop().create_future(), child=child_id))
@@ -672,7 +678,8 @@ class Attempt:
             self._replayed()
         if outcome["status"] == RunStatus.COMPLETED.value:
             return outcome["output"]
-        raise ChildWorkflowFailed(child_id, workflow_name, outcome["status"], outcome.get("error"))
+        failure = ChildWorkflowFailed(child_id, workflow_name, outcome["status"], outcome.get("error"), child_step)
+        raise self._step_failed(child_step, failure)  # the parent's error names the step that started the child
 
     # waits and parking
 
@@ -933,8 +940,9 @@ class Attempt:
             self.workflow_logger.quiet = False
 
     def _step_failed(self, name: str, error: BaseException) -> BaseException:
-        """`error`, recorded as raised by step `name`, so the run's stored error names the step."""
-        self._failed_steps.append((name, datetime.now(UTC), error, None))
+        """`error`, noted as raised at step `name`, so the run's stored error names the step. Not a failed
+        step: the step's record, if it has one (a checkpoint, a child's outcome), stays as it is."""
+        self._errors_at_steps[id(error)] = (name, error)
         return error
 
     def _kind_changed(self, name: str, kind: str) -> BaseException:

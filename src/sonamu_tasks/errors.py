@@ -69,18 +69,24 @@ class StorageError(NonRetryableError):
 class ChildWorkflowFailed(NonRetryableError):
     """Raised in a parent workflow by `child.result()` when the child run failed or was canceled.
 
-    `error` is the child's stored error (type, message, traceback, step); `status` is "failed" or "canceled".
-    A parent may catch it and go on; uncaught, it fails the parent at once (it is not retried: the child
-    already used its own retries).
+    `error` is the child's stored error (type, message, traceback, step); `status` is "failed" or "canceled";
+    `step` is the parent's step that started the child (`kids[412]` in a fan-out). A parent may catch it and
+    go on; uncaught, it fails the parent at once (it is not retried: the child already used its own retries),
+    and the parent's error names that step, and the child's own failed step.
     """
 
-    def __init__(self, run_id: str, workflow: str, status: str, error: dict[str, Any] | None) -> None:
+    def __init__(
+        self, run_id: str, workflow: str, status: str, error: dict[str, Any] | None, step: str | None = None
+    ) -> None:
         self.run_id = run_id
         self.workflow = workflow
         self.status = status
         self.error = error or {}
+        self.step = step
         what = f"{self.error.get('type', 'Error')}: {self.error.get('message', '')}" if error else status
-        super().__init__(f"child run {run_id} of workflow {workflow!r} {status}: {what}")
+        started_by = f" (step {step!r})" if step else ""
+        in_step = f" in its step {self.error['step']!r}" if self.error.get("step") else ""
+        super().__init__(f"child run {run_id} of workflow {workflow!r}{started_by} {status}{in_step}: {what}")
 
 
 class WorkflowFailed(SonamuTasksError):
