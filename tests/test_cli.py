@@ -766,6 +766,48 @@ async def test_fork_a_failed_run_from_its_failed_step_onto_a_fixed_version(manag
     assert unserved.stderr.startswith("warning: no live worker registers checkout version 9: the fork waits")
 
 
+@workflow(version="1")
+async def invoice_child(input: int, step: Any) -> Any:
+    """Waits for a go-ahead message: it can be canceled while its parent waits, then retried and completed."""
+    await step.receive("go-ahead")
+    return f"invoice {input}"
+
+
+@workflow(version="1")
+async def invoicing(input: int, step: Any) -> Any:
+    return await step.run_workflow("invoice", invoice_child, input)
+
+
+async def test_a_child_canceled_under_its_waiting_parent_is_redone_by_a_fork_from_the_child_step(
+    manager_for: Any, invoke: Invoke
+) -> None:
+    """The docs' recipe (child-workflows.md, "Canceling, failing, completing"): once the parent has seen the
+    cancel, retrying the child and then the parent fails the parent again; a fork from the child step works."""
+    manager = await manager_for([invoicing, invoice_child])
+    parent = await manager.run(invoicing, 7)
+    await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
+    [child] = (await manager.list_runs(parent_id=parent.id)).items
+    await manager.cancel(child.id)
+    assert (await manager.wait_until_finished(parent.id, timeout=15)).status is RunStatus.FAILED
+
+    # Retrying the child completes it, but the parent's replay reads the outcome it checkpointed: canceled.
+    assert await manager.retry(child.id) is RunStatus.PENDING
+    await manager.send(child.id, "go")
+    assert await manager.wait_for_result(child.id, timeout=15) == "invoice 7"
+    await manager.retry(parent.id)
+    failed = await manager.wait_until_finished(parent.id, timeout=15)
+    assert failed.status is RunStatus.FAILED and failed.error is not None
+    assert failed.error["type"] == "ChildWorkflowFailed" and "canceled" in failed.error["message"]
+
+    # A fork from the child step starts a new child, whose result the fork gets.
+    forked = (await invoke("fork", parent.id, "--from-step", "invoice")).stdout.strip()
+    await wait_until(lambda: _status_is(manager.handle(forked), RunStatus.WAITING), what="the fork to wait")
+    [new_child] = (await manager.list_runs(parent_id=forked)).items
+    assert new_child.id != child.id and new_child.parent_step == "invoice"
+    await manager.send(new_child.id, "go")
+    assert await manager.wait_for_result(forked, timeout=15) == "invoice 7"
+
+
 async def test_runs_of_a_version_no_worker_serves_are_stranded_and_canceled_in_bulk(
     manager_for: Any, invoke: Invoke
 ) -> None:
