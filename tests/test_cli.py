@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
@@ -24,6 +25,7 @@ from click.testing import CliRunner, Result
 from sonamu_tasks import Config, RetryPolicy, RunStatus, WorkflowManager, arguments, define_config, workflow
 from sonamu_tasks.backends.base import NewRun
 from sonamu_tasks.cli import main
+from sonamu_tasks.dashboard import Dashboard
 from sonamu_tasks.ids import new_run_id
 
 from .conftest import wait_until
@@ -482,6 +484,47 @@ async def test_a_run_waiting_only_for_a_child_shows_no_wake_time(manager_for: An
     assert f"child -> {child.id} (canceled)" in after
 
 
+@workflow(version="1")
+async def fan_read(input: int, step: Any) -> Any:
+    """A fan-out of `input` children whose results the parent reads: each read stores `kids[i]`'s outcome."""
+    kids = await step.start_workflows("kids", doubled, list(range(input)))
+    return sum(await asyncio.gather(*(kid.result() for kid in kids)))
+
+
+async def test_show_lists_each_child_of_a_fan_out_once_after_the_parent_read_their_results(
+    manager_for: Any, make_config: Any, invoke: Invoke
+) -> None:
+    manager = await manager_for([fan_read, doubled])
+    parent = await manager.run(fan_read, 25)
+    assert await parent.result(timeout=60) == 2 * sum(range(25))
+    kids = {c.parent_step: c.id for c in await _all_children(manager_for, parent.id)}
+    first_listed = [kids[f"kids[{index}]"] for index in range(20)]  # in step order: kids[0] to kids[19]
+
+    shown = (await invoke("show", parent.id)).stdout
+    listed = shown.split("children  25: 25 completed")[1]
+    assert [line.split()[0] for line in listed.splitlines()[2:22]] == first_listed
+    assert all(listed.count(kid) == 1 for kid in first_listed)
+    assert "and 5 more: sonamu-tasks runs --parent " + parent.id in listed
+
+    detail = json.loads((await invoke("show", parent.id, "--json")).stdout)
+    assert [row["id"] for row in detail["children"]["listed"]] == first_listed
+    assert [row["step"] for row in detail["children"]["listed"]][:3] == ["kids[0]", "kids[1]", "kids[2]"]
+    assert detail["children"]["more"] == 5
+
+    # The dashboard's run page shares the list.
+    dashboard = Dashboard(make_config(enable_worker=False), port=8765)
+    await dashboard.manager.start()
+    try:
+        transport = httpx.ASGITransport(app=dashboard, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8765") as client:
+            page = (await client.get(f"/runs/{parent.id}")).text
+    finally:
+        await dashboard.manager.stop()
+    table = page.split("<table id='children'>")[1].split("</table>")[0]
+    assert re.findall(r"<tr data-child='([^']+)'>", table) == first_listed
+    assert "(5 not shown above)" in page
+
+
 async def _all_children(manager_for: Any, parent_id: str) -> list[Any]:
     manager = await manager_for()
     return list((await manager.list_runs(parent_id=parent_id, limit=1000)).items)
@@ -721,6 +764,48 @@ async def test_fork_a_failed_run_from_its_failed_step_onto_a_fixed_version(manag
     unserved = await refused("fork", source, "--from-step", "charge", "--version", "9")
     assert unserved.exit_code == 0 and arguments.run_id(unserved.stdout.strip())
     assert unserved.stderr.startswith("warning: no live worker registers checkout version 9: the fork waits")
+
+
+@workflow(version="1")
+async def invoice_child(input: int, step: Any) -> Any:
+    """Waits for a go-ahead message: it can be canceled while its parent waits, then retried and completed."""
+    await step.receive("go-ahead")
+    return f"invoice {input}"
+
+
+@workflow(version="1")
+async def invoicing(input: int, step: Any) -> Any:
+    return await step.run_workflow("invoice", invoice_child, input)
+
+
+async def test_a_child_canceled_under_its_waiting_parent_is_redone_by_a_fork_from_the_child_step(
+    manager_for: Any, invoke: Invoke
+) -> None:
+    """The docs' recipe (child-workflows.md, "Canceling, failing, completing"): once the parent has seen the
+    cancel, retrying the child and then the parent fails the parent again; a fork from the child step works."""
+    manager = await manager_for([invoicing, invoice_child])
+    parent = await manager.run(invoicing, 7)
+    await wait_until(lambda: _status_is(parent, RunStatus.WAITING), what="the parent to wait")
+    [child] = (await manager.list_runs(parent_id=parent.id)).items
+    await manager.cancel(child.id)
+    assert (await manager.wait_until_finished(parent.id, timeout=15)).status is RunStatus.FAILED
+
+    # Retrying the child completes it, but the parent's replay reads the outcome it checkpointed: canceled.
+    assert await manager.retry(child.id) is RunStatus.PENDING
+    await manager.send(child.id, "go")
+    assert await manager.wait_for_result(child.id, timeout=15) == "invoice 7"
+    await manager.retry(parent.id)
+    failed = await manager.wait_until_finished(parent.id, timeout=15)
+    assert failed.status is RunStatus.FAILED and failed.error is not None
+    assert failed.error["type"] == "ChildWorkflowFailed" and "canceled" in failed.error["message"]
+
+    # A fork from the child step starts a new child, whose result the fork gets.
+    forked = (await invoke("fork", parent.id, "--from-step", "invoice")).stdout.strip()
+    await wait_until(lambda: _status_is(manager.handle(forked), RunStatus.WAITING), what="the fork to wait")
+    [new_child] = (await manager.list_runs(parent_id=forked)).items
+    assert new_child.id != child.id and new_child.parent_step == "invoice"
+    await manager.send(new_child.id, "go")
+    assert await manager.wait_for_result(forked, timeout=15) == "invoice 7"
 
 
 async def test_runs_of_a_version_no_worker_serves_are_stranded_and_canceled_in_bulk(

@@ -16,9 +16,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from sonamu_tasks import RetryPolicy, WorkflowFailed, WorkflowManager, workflow
-from sonamu_tasks.telemetry import step_label
+from sonamu_tasks.telemetry import OTHER_STEPS, STEP_LABELS_PER_WORKFLOW, metrics_text, step_label
 
 from .conftest import wait_until
 from .test_processes import client, start_worker  # noqa: F401 - fixtures
@@ -126,7 +127,6 @@ async def test_metrics_count_known_runs_steps_and_the_backlog(manager_for: Any, 
     assert metric("sonamu_tasks_attempts_total", workflow=name, outcome="failed") == 1
     # step.map's items share one label: "work[]"
     assert metric("sonamu_tasks_step_duration_seconds_count", workflow=name, step="work[]", outcome="completed") == 6
-    assert step_label("charge[17]") == "charge[]" and step_label("a[1]b[2]") == "a[]b[]"
 
     # Runs of a version no worker serves wait: the backlog gauge shows them.
     other = unique("unserved")
@@ -138,6 +138,61 @@ async def test_metrics_count_known_runs_steps_and_the_backlog(manager_for: Any, 
 
     await wait_until(backlog, timeout=20, what="the backlog gauge")
     assert metric("sonamu_tasks_backlog_oldest_seconds", queue="default", workflow=other, version="1") >= 0
+
+
+STEP_SECONDS = "sonamu_tasks_step_duration_seconds"
+
+
+def word(number: int) -> str:
+    """A number spelled in letters ("17" -> "bh"): an id the step label cannot tell from a word."""
+    return "".join(chr(ord("a") + int(digit)) for digit in str(number))
+
+
+def test_the_step_label_leaves_out_indexes_numbers_and_uuids_and_keeps_names() -> None:
+    assert step_label("charge[17]") == "charge[]" and step_label("a[1]b[2]") == "a[]b[]"
+    assert step_label("charge[alice@example.com]") == "charge[]"
+    assert step_label("charge-17") == step_label("charge-18") == "charge-#"
+    assert step_label("refund-01a234d2-1354-8c2a-b322-e2e91b20b2a6") == "refund-#"
+    assert step_label("blob 3f2a9c0d1e2b3a4c5d6e") == "blob #" and step_label("report-2024-01-05") == "report-#-#-#"
+    for kept in ("charge", "step2", "v2-load", "sha256", "sendWelcomeEmail2", "charge-alice"):
+        assert step_label(kept) == kept
+
+
+async def test_steps_named_after_ids_keep_a_bounded_number_of_series_and_warn_once(
+    manager_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker keeps every series it reports for as long as it lives: step names carrying ids (the loop
+    advice of the steps guide) must not add one each, run after run."""
+    name = unique("ledger")
+
+    async def noop() -> None:
+        return None
+
+    @workflow(version="1", name=name)
+    async def ledger(input: int, step: Any) -> None:
+        await step.define(f"charge-{input}", noop).run()  # numbers and UUIDs are left out: one label each
+        await step.define(f"refund-{uuid.UUID(int=input)}", noop).run()
+        await step.define(f"audit[{word(input)}]", noop).run()
+        for item in range(6):  # ids the label keeps: 120 names, past the limit of 100 labels per workflow
+            await step.define(f"notify-{word(input * 6 + item)}", noop).run()
+
+    manager = await manager_for([ledger])
+    caplog.set_level("WARNING", logger="sonamu_tasks.telemetry")
+    for batch in range(20):
+        await (await manager.run(ledger, batch)).result(timeout=15)
+
+    # What a scrape of the worker reads.
+    [family] = [f for f in text_string_to_metric_families(metrics_text()[0].decode()) if f.name == STEP_SECONDS]
+    counts = {
+        sample.labels["step"]: sample.value
+        for sample in family.samples
+        if sample.name == STEP_SECONDS + "_count" and sample.labels["workflow"] == name
+    }
+    assert len(counts) == STEP_LABELS_PER_WORKFLOW + 1  # 100 labels and "(other)", of 123 distinct labels
+    assert counts["charge-#"] == counts["refund-#"] == counts["audit[]"] == 20
+    assert counts[OTHER_STEPS] == 23 and sum(counts.values()) == 20 * 9  # every step counted, once
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sonamu_tasks.telemetry" and name in r.getMessage()]
+    assert len(warnings) == 1 and "square brackets" in warnings[0] and 'step="(other)"' in warnings[0]
 
 
 def free_port() -> int:

@@ -411,15 +411,21 @@ def child_links(steps: Iterable[StepRecord]) -> dict[str, str]:
 
 
 def _started_children(run: RunRecord) -> list[tuple[str, str]]:
-    """(step name, child id) for every child the run's steps started; a fan-out's are `name[index]`."""
-    found: list[tuple[str, str]] = []
+    """(step name, child id) for every child the run's steps started, each once; a fan-out's are `name[index]`.
+
+    A fan-out's child appears twice among the steps: in the fan-out step's `run_ids`, and as the step
+    `name[index]` holding its outcome once the parent has read it (`Attempt.child_result`), so the first
+    mention of each child id is kept."""
+    found: dict[str, str] = {}
     for step in run.steps:
         ids = child_run_ids(step)
         if isinstance(step.output, dict) and "run_ids" in step.output:
-            found.extend((f"{step.name}[{index}]", run_id) for index, run_id in enumerate(ids))
+            for index, run_id in enumerate(ids):
+                found.setdefault(run_id, f"{step.name}[{index}]")
         else:
-            found.extend((step.name, run_id) for run_id in ids)
-    return found
+            for run_id in ids:
+                found.setdefault(run_id, step.name)
+    return [(name, run_id) for run_id, name in found.items()]
 
 
 async def _read_children(manager: WorkflowManager, started: Sequence[tuple[str, str]]) -> list[ChildRow]:

@@ -17,7 +17,9 @@ registry, served by `worker --metrics-port` (`WorkerOptions.metrics_port`) and b
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -37,13 +39,28 @@ try:  # the `metrics` extra
 except ImportError:  # pragma: no cover - depends on the environment
     prometheus_client = None  # type: ignore[assignment]
 
-_INDEX = re.compile(r"\[\d+\]")
+logger = logging.getLogger("sonamu_tasks.telemetry")
+
+STEP_LABELS_PER_WORKFLOW = 100
+"""Distinct step labels a process keeps per workflow in the step-duration histogram; its later ones count as
+OTHER_STEPS. Each label is a series per outcome, kept for as long as the process lives (about 2 kB of
+`/metrics` text and 5 kB of memory each): steps named after ids would otherwise grow both without end."""
+OTHER_STEPS = "(other)"
+
+_BRACKETED = re.compile(r"\[[^\[\]]*\]")
+_UUID = re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}(?![0-9A-Za-z])")
+_ID_WORD = re.compile(r"(?<![0-9A-Za-z])(?:\d+|(?=[a-fA-F]*\d)[0-9a-fA-F]{16,})(?![0-9A-Za-z])")
+"""A word of digits ("17", "2024"), or of 16 hex digits or more (a hash, a hex id), between non-alphanumerics."""
 
 
+@functools.lru_cache(maxsize=1024)
 def step_label(name: str) -> str:
-    """A step name as a metric label: "charge[17]" counts as "charge[]", so step.map and fan-outs do not make
-    one time series per item."""
-    return _INDEX.sub("[]", name)
+    """A step name as a metric label, without the parts of it that vary from item to item: what is in square
+    brackets ("charge[17]" and "charge[alice]" count as "charge[]", as step.map and fan-outs name their items),
+    and words that are numbers, UUIDs or long hex ids ("charge-17", "charge-3f2a...c9" count as "charge-#";
+    "step2" and "v2-load" stay as they are). Other ids are left to the per-workflow limit (Metrics.step_series).
+    (Cached: a worker asks at every step, mostly for the same few names.)"""
+    return _ID_WORD.sub("#", _UUID.sub("#", _BRACKETED.sub("[]", name)))
 
 
 @dataclass
@@ -90,6 +107,10 @@ class Metrics:
             ["queue", "workflow", "version"],
         )
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._step_labels: dict[str, set[str]] = {}
+        """The step labels each workflow has used, at most STEP_LABELS_PER_WORKFLOW."""
+        self._capped: set[str] = set()
+        """Workflows that have reached the limit (and had their warning)."""
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, kept for the next time: prometheus_client checks the labels and takes a
@@ -100,6 +121,31 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def step_series(self, workflow: str, name: str, outcome: str) -> Any:
+        """The step-duration series of step `name`: labelled `step_label(name)` if the workflow has used fewer
+        than STEP_LABELS_PER_WORKFLOW labels or this one already, else OTHER_STEPS (said once per workflow)."""
+        label = step_label(name)
+        used = self._step_labels.setdefault(workflow, set())
+        if label not in used:
+            if len(used) < STEP_LABELS_PER_WORKFLOW:
+                used.add(label)
+            else:
+                if workflow not in self._capped:
+                    self._capped.add(workflow)
+                    logger.warning(
+                        "workflow %r has used %d distinct step labels in sonamu_tasks_step_duration_seconds, the "
+                        'most this process keeps per workflow: its further steps count as step="%s" (the first: '
+                        "%r). Step names that carry an id make one label each: put the part that varies in square "
+                        'brackets (f"charge[{id}]" counts as "charge[]") or use step.map; numbers and UUIDs are '
+                        'left out already (docs/operations/metrics-and-alerts.md, "Step labels")',
+                        workflow,
+                        STEP_LABELS_PER_WORKFLOW,
+                        OTHER_STEPS,
+                        name,
+                    )
+                label = OTHER_STEPS
+        return self.child(self.step_seconds, workflow, label, outcome)
 
     @classmethod
     def shared(cls) -> Metrics:
@@ -191,9 +237,7 @@ class Telemetry:
         finally:
             metrics = self.metrics
             if metrics is not None:
-                metrics.child(metrics.step_seconds, workflow, step_label(name), outcome).observe(
-                    time.perf_counter() - began
-                )
+                metrics.step_series(workflow, name, outcome).observe(time.perf_counter() - began)
 
     def claimed(self, seconds: float, runs: list[tuple[str, bool]]) -> None:
         """A claim statement took `seconds` and returned `runs` (workflow, whether a take-over)."""
