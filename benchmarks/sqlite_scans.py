@@ -107,12 +107,12 @@ async def retention(folder: Path, finished: int) -> None:
     backend = SqliteBackend(str(path))
     for older_than, what in ((timedelta(days=30), "nothing expired"), (timedelta(hours=1), "all expired")):
         began = time.perf_counter()
-        count = await backend.count_finished_runs(FinishedRuns(older_than))
+        count = await backend.count_finished_runs(FinishedRuns(older_than, workflow="audited"))
         counted = time.perf_counter() - began
         batches, deleted = [], 0
         for _ in range(5):
             began = time.perf_counter()
-            deleted = await backend.delete_finished_runs(FinishedRuns(older_than), 500)
+            deleted = await backend.delete_finished_runs(FinishedRuns(older_than, workflow="audited"), 500)
             batches.append(time.perf_counter() - began)
         print(
             f"{finished} finished, {what:16s} count {count} in {1000 * counted:.1f} ms; a batch deleting {deleted}:"

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from bisect import bisect_left
+from datetime import UTC, datetime, timedelta
 from itertools import accumulate
 
 from .errors import RunNotFound
@@ -96,6 +97,16 @@ def new_run_ids(count: int) -> list[str]:
 def _fresh_counter(random_bytes: bytes) -> int:
     """A millisecond's first counter: 73 random bits, so the upper half of the range is left to count in."""
     return int.from_bytes(random_bytes) >> (8 * len(random_bytes) - _COUNTER_BITS + 1)
+
+
+def first_id_at(moment: datetime) -> str:
+    """The smallest id a run made at `moment` or later can have: its millisecond, every other bit 0 (canonical
+    lowercase text, so it sorts as the UUID does both as text and as a uuid)."""
+    millis = max(0, min((moment - _EPOCH) // timedelta(milliseconds=1), 0xFFFF_FFFF_FFFF))
+    return f"{millis >> 16:08x}-{millis & 0xFFFF:04x}-0000-0000-000000000000"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def canonical_run_id(value: object) -> str | None:

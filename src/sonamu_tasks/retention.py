@@ -17,7 +17,9 @@ by a worker that does not serve the version declaring the longer one. (What a wo
 workflow name alone, table `workflow_retention`, counts until a version of it is declared.) Every
 `retention_interval` a worker makes one pass, under a lock one worker holds at a time (on PostgreSQL an advisory
 lock on a connection of its own; on SQLite the file's single writer serializes the batches anyway). A pass deletes
-in batches of BATCH_SIZE runs, each one short transaction that waits on no lock (PostgreSQL: SKIP LOCKED; its
+one workflow's runs at a time (`by_workflow`: the default's share workflow by workflow), so a batch reads only that
+workflow's expired runs off an index by (workflow, finish time), never the runs other workflows keep longer. It
+deletes in batches of BATCH_SIZE runs, each one short transaction that waits on no lock (PostgreSQL: SKIP LOCKED; its
 commit does not wait for the WAL flush, a deletion lost to a crash is simply made again), and pauses after each
 batch four times as long as the batch took: deleting takes at most a fifth of one connection's time, and claims and
 checkpoints go on between the batches (`benchmarks/purge.py` measures what it costs them).
@@ -32,6 +34,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 
 from .backends.base import FINISHED_STATUSES, Backend, FinishedRuns
@@ -98,13 +101,17 @@ class RetentionSweeper:
                 return 0
             total = 0
             for what, selection in plan:
-                deleted = await delete_in_batches(
-                    self.backend.delete_finished_runs,
-                    selection,
-                    batch_size=self.batch_size,
-                    pause_ratio=self.pause_ratio,
-                    stopping=self._stopping_soon,
-                )
+                deleted = 0
+                for chosen in await by_workflow(self.backend.finished_workflows, selection):
+                    deleted += await delete_in_batches(
+                        self.backend.delete_finished_runs,
+                        chosen,
+                        batch_size=self.batch_size,
+                        pause_ratio=self.pause_ratio,
+                        stopping=self._stopping_soon,
+                    )
+                    if self._stopping:
+                        break
                 if deleted:
                     logger.info(
                         "retention: deleted %d finished runs of %s (finished more than %s ago)",
@@ -113,6 +120,8 @@ class RetentionSweeper:
                         duration_words(selection.older_than),
                     )
                 total += deleted
+                if self._stopping:
+                    break
             return total
 
     def start(self) -> None:
@@ -214,10 +223,16 @@ async def purge(
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise InvalidValue(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}", field="batch_size")
 
+    async def workflows() -> list[str]:
+        return await until_available(backend.finished_workflows, what="list workflows", give_up_after_s=30)
+
+    selections = await by_workflow(workflows, selection)
+
+    async def count_one(chosen: FinishedRuns) -> int:
+        return await until_available(lambda: backend.count_finished_runs(chosen), what="count runs", give_up_after_s=30)
+
     async def count() -> int:
-        return await until_available(
-            lambda: backend.count_finished_runs(selection), what="count runs", give_up_after_s=30
-        )
+        return sum([await count_one(chosen) for chosen in selections])
 
     if dry_run:
         return await count()
@@ -233,17 +248,35 @@ async def purge(
             await asyncio.sleep(seconds)  # throttling between batches, not waiting for a condition
         return False
 
-    def report(deleted: int) -> None:
+    deleted = 0
+
+    def report(deleted_of_workflow: int) -> None:
         if progress is not None:
-            progress(deleted, max(total, deleted))
+            progress(deleted + deleted_of_workflow, max(total, deleted + deleted_of_workflow))
 
     if progress is not None:
         progress(0, total)
-    deleted = await delete_in_batches(
-        delete, selection, batch_size=batch_size, pause_ratio=pause_ratio, stopping=pause, on_batch=report
-    )
+    for chosen in selections:
+        deleted += await delete_in_batches(
+            delete, chosen, batch_size=batch_size, pause_ratio=pause_ratio, stopping=pause, on_batch=report
+        )
     logger.info("purge: deleted %d finished runs", deleted)
     return deleted
+
+
+async def by_workflow(
+    finished_workflows: Callable[[], Awaitable[list[str]]], selection: FinishedRuns
+) -> list[FinishedRuns]:
+    """`selection` made into one selection per workflow: a backend reads one workflow's finished runs at a time,
+    off an index by (workflow, finish time), so a batch never walks the runs of other workflows, kept longer or
+    excluded. A selection of every workflow (but `excluded`) becomes one per workflow that has finished runs."""
+    if selection.workflow is not None:
+        return [selection]
+    return [
+        replace(selection, workflow=name, excluded=())
+        for name in await finished_workflows()
+        if name not in selection.excluded
+    ]
 
 
 async def delete_in_batches(

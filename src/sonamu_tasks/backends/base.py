@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
+from ..ids import first_id_at
 from ..queue import Queue
 from ..records import CutValue as CutValue
 from ..records import MessageRecord as MessageRecord
@@ -157,6 +158,24 @@ class RunQuery:
     queue: str | None = None
     value_limit: int | None = None
     """Inputs and outputs whose JSON text is longer come as CutValues, as `get_run`'s `value_limit` cuts them."""
+
+    def above_id(self) -> str | None:
+        """An id every listed run's is below, from the cursor and `created_before`: a bound on the id lets the
+        newest-first scan start where the times do, where a filter on created_at alone read every newer run
+        first. A run's id carries the time its client made it (ids.py), its created_at the database's clock at
+        the insert, so the bound is widened by ID_CLOCK_MARGIN and created_at stays the filter. A child's id is
+        its parent's time (derived from the parent's id), earlier than its creation, so it is below the bound
+        too. There is no such bound for `created_after`: a child created today may have an id of last year."""
+        above = None if self.created_before is None else first_id_at(self.created_before + ID_CLOCK_MARGIN)
+        if self.before_id is not None:
+            before = self.before_id.lower()
+            above = before if above is None else min(above, before)
+        return above
+
+
+ID_CLOCK_MARGIN = timedelta(hours=1)
+"""How far a run's id time may be after its created_at and the run still be listed by `created_before`: the
+clock of the client that made the id against the database's."""
 
 
 class Notifications(Protocol):
@@ -464,13 +483,17 @@ class Backend(ScheduleStore, Protocol):
         """Held while one worker deletes expired runs; enters with False when another worker holds it."""
         ...
 
+    async def finished_workflows(self) -> list[str]:
+        """The names of the workflows that have finished runs, in order (retention deletes by workflow)."""
+        ...
+
     async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
-        """Delete up to `limit` of the runs `selection` names, with their steps, messages and events, in one
-        transaction that waits on no lock; the number deleted."""
+        """Delete up to `limit` of the runs `selection` names (it names its workflow: `selection_workflow`), with
+        their steps, messages and events, in one transaction that waits on no lock; the number deleted."""
         ...
 
     async def count_finished_runs(self, selection: FinishedRuns) -> int:
-        """How many runs `selection` names (what deleting them all would delete now)."""
+        """How many runs `selection` names (it names its workflow); what deleting them all would delete now."""
         ...
 
 
@@ -490,6 +513,14 @@ class FinishedRuns:
     statuses: tuple[str, ...] = FINISHED_STATUSES
     workflow: str | None = None
     excluded: tuple[str, ...] = ()
+
+
+def selection_workflow(selection: FinishedRuns) -> str:
+    """The one workflow whose runs a backend deletes or counts: it reads one workflow's finished runs at a time
+    (retention.by_workflow makes a selection of every workflow into one per workflow)."""
+    if selection.workflow is None:
+        raise ValueError("a backend deletes and counts one workflow's finished runs at a time: name the workflow")
+    return selection.workflow
 
 
 def retention_declarations(rows: Iterable[Sequence[Any]]) -> dict[str, list[timedelta | None]]:

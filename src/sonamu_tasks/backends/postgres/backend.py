@@ -47,6 +47,7 @@ from ..base import (
     TimedWait,
     WorkerRecord,
     retention_declarations,
+    selection_workflow,
 )
 from ..group_commit import GroupCommit
 from ..sql_files import newer_than_code
@@ -657,21 +658,12 @@ class PostgresBackend:
 
     @_transient
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
-        params = {
-            "workflow": query.workflow,
-            "statuses": list(query.statuses) if query.statuses is not None else None,
-            "before_id": query.before_id,
-            "created_after": query.created_after,
-            "created_before": query.created_before,
-            "limit": query.limit,
-            "parent_id": query.parent_id,
-            "queue": query.queue,
-            "version": query.version,
-            "value_limit": query.value_limit,
-        }
+        params = list_params(query)
         async with self._connection(read=True) as conn:
             cursor = conn.cursor(row_factory=dict_row)
-            rows = await (await cursor.execute(QUERIES["list_runs"], params)).fetchall()
+            # Never prepared: a plan made for the filters of one call, its "IS NULL OR"s dropped, reads the index they
+            # fit; a generic plan, which psycopg's prepared statement could settle on after five calls, cannot.
+            rows = await (await cursor.execute(QUERIES["list_runs"], params, prepare=False)).fetchall()
         records = []
         for row in rows:
             row["status"] = RunStatus(row["status"])
@@ -1080,15 +1072,21 @@ class PostgresBackend:
                 await conn.close()
 
     @_transient
+    async def finished_workflows(self) -> list[str]:
+        async with self._connection() as conn:
+            rows = await (await conn.execute(QUERIES["finished_workflows"])).fetchall()
+        return [row[0] for row in rows]
+
+    @_transient
     async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
         async with self._connection() as conn:
-            deleted, _ = await self._one(conn, "delete_finished_runs", {**_selection_params(selection), "limit": limit})
+            deleted, _ = await self._one(conn, "delete_finished_runs", {**selection_params(selection), "limit": limit})
         return int(deleted)
 
     @_transient
     async def count_finished_runs(self, selection: FinishedRuns) -> int:
         async with self._connection() as conn:
-            (count,) = await self._one(conn, "count_finished_runs", _selection_params(selection))
+            (count,) = await self._one(conn, "count_finished_runs", selection_params(selection))
         return int(count)
 
 
@@ -1232,12 +1230,28 @@ def _new_run_params(run: NewRun) -> dict[str, Any]:
     }
 
 
-def _selection_params(selection: FinishedRuns) -> dict[str, Any]:
+def list_params(query: RunQuery) -> dict[str, Any]:
+    """list_runs' parameters for `query`."""
+    above_id = query.above_id()
+    return {
+        "workflow": query.workflow,
+        "statuses": list(query.statuses) if query.statuses is not None else None,
+        "above_id": above_id,
+        "created_after": query.created_after,
+        "created_before": query.created_before,
+        "limit": query.limit,
+        "parent_id": query.parent_id,
+        "queue": query.queue,
+        "version": query.version,
+        "value_limit": query.value_limit,
+    }
+
+
+def selection_params(selection: FinishedRuns) -> dict[str, Any]:
     return {
         "older_than": selection.older_than,
         "statuses": list(selection.statuses),
-        "workflow": selection.workflow,
-        "excluded": list(selection.excluded),
+        "workflow": selection_workflow(selection),
     }
 
 

@@ -612,6 +612,10 @@ FROM schedules ORDER BY name
 -- `value_limit`, inputs and outputs longer than that many characters come cut, as get_run_capped cuts them
 -- (0: none read, what a runs list shows): the list a dashboard refreshes every second does not read 50 inputs
 -- of 2 MB each. NULL: whole values. The page is chosen first (`r`), so that only its runs' values are measured.
+-- Planned for the filters given, never prepared (backend.py): the planner drops each "IS NULL OR" and reads the
+-- index the remaining filters fit (by workflow, by workflow and status, by status, by parent). `above_id` bounds
+-- the id (the cursor, and created_before widened by a margin: RunQuery.above_id), so the scan starts where the
+-- times do; created_at stays the exact filter.
 SELECT r.id::text, r.workflow_name, r.version, r.status,
        CASE WHEN %(value_limit)s::integer IS NULL OR n.input <= %(value_limit)s THEN r.input END AS input,
        CASE WHEN %(value_limit)s::integer IS NULL OR n.output <= %(value_limit)s THEN r.output END AS output,
@@ -629,7 +633,7 @@ SELECT r.id::text, r.workflow_name, r.version, r.status,
 FROM (SELECT * FROM runs
       WHERE (%(workflow)s::text IS NULL OR workflow_name = %(workflow)s::text)
         AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
-        AND (%(before_id)s::uuid IS NULL OR id < %(before_id)s::uuid)
+        AND (%(above_id)s::uuid IS NULL OR id < %(above_id)s::uuid)
         AND (%(parent_id)s::uuid IS NULL OR parent_id = %(parent_id)s::uuid)
         AND (%(version)s::text IS NULL OR version = %(version)s::text)
         AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
@@ -755,23 +759,23 @@ WHERE w.seconds IS DISTINCT FROM EXCLUDED.seconds
 SELECT pg_try_advisory_lock(hashtextextended('sonamu_tasks:retention:' || current_schema(), 0))
 
 -- delete_finished_runs --
--- One batch of retention: the oldest finished runs (of `statuses`) that finished more than `older_than`
--- ago, deleted with their steps, messages, events and event waits (ON DELETE CASCADE). Never an unfinished
--- run; never a child whose parent is unfinished or finished more recently (the parent may still read the
--- child's outcome). SKIP LOCKED: a row another transaction holds is left for the next batch, and nothing
--- waits on a claim. One statement, so no transaction stays open between round trips. Its commit does not wait
--- for the WAL flush (synchronous_commit off for this transaction): a deletion lost to a crash right after it is
--- only made again by a later batch. Returns how many runs were deleted.
+-- One batch of retention: the oldest finished runs (of `statuses`) of one workflow that finished more than
+-- `older_than` ago, deleted with their steps, messages, events and event waits (ON DELETE CASCADE). Never an
+-- unfinished run; never a child whose parent is unfinished or finished more recently (the parent may still read
+-- the child's outcome). They are read off runs_finished_by_workflow, that workflow's runs only, oldest first, up
+-- to the limit (migration 0026). SKIP LOCKED: a row another transaction holds is left for the next batch, and
+-- nothing waits on a claim. One statement, so no transaction stays open between round trips. Its commit does not
+-- wait for the WAL flush (synchronous_commit off for this transaction): a deletion lost to a crash right after it
+-- is only made again by a later batch. Returns how many runs were deleted.
 WITH relaxed AS (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
 ), expired AS (
     SELECT r.id
     FROM runs r
-    WHERE r.status IN ('completed', 'failed', 'canceled')
+    WHERE r.workflow_name = %(workflow)s::text
+      AND r.status IN ('completed', 'failed', 'canceled')
       AND r.status = ANY(%(statuses)s::text[])
       AND r.finished_at < now() - %(older_than)s::interval
-      AND (%(workflow)s::text IS NULL OR r.workflow_name = %(workflow)s::text)
-      AND NOT (r.workflow_name = ANY(%(excluded)s::text[]))
       AND NOT EXISTS (
           SELECT 1 FROM runs p
           WHERE p.id = r.parent_id
@@ -790,16 +794,31 @@ SELECT (SELECT count(*) FROM deleted), (SELECT setting FROM relaxed)
 -- What delete_finished_runs would delete, all batches together (purge --dry-run, and its progress bar).
 SELECT count(*)
 FROM runs r
-WHERE r.status IN ('completed', 'failed', 'canceled')
+WHERE r.workflow_name = %(workflow)s::text
+  AND r.status IN ('completed', 'failed', 'canceled')
   AND r.status = ANY(%(statuses)s::text[])
   AND r.finished_at < now() - %(older_than)s::interval
-  AND (%(workflow)s::text IS NULL OR r.workflow_name = %(workflow)s::text)
-  AND NOT (r.workflow_name = ANY(%(excluded)s::text[]))
   AND NOT EXISTS (
       SELECT 1 FROM runs p
       WHERE p.id = r.parent_id
         AND (p.status NOT IN ('completed', 'failed', 'canceled')
              OR p.finished_at >= now() - %(older_than)s::interval))
+
+-- finished_workflows --
+-- The names of the workflows that have finished runs, in order: one probe of runs_finished_by_workflow per name
+-- (a loose index scan), however many runs each has. Retention deletes the runs of one of them at a time.
+WITH RECURSIVE names AS (
+    SELECT (SELECT workflow_name FROM runs
+            WHERE status IN ('completed', 'failed', 'canceled')
+            ORDER BY workflow_name LIMIT 1) AS name
+    UNION ALL
+    SELECT (SELECT r.workflow_name FROM runs r
+            WHERE r.status IN ('completed', 'failed', 'canceled') AND r.workflow_name > names.name
+            ORDER BY r.workflow_name LIMIT 1)
+    FROM names
+    WHERE names.name IS NOT NULL
+)
+SELECT name FROM names WHERE name IS NOT NULL
 
 -- lock_queue --
 -- Taken before a queue's limits change: the change waits for a claim of the queue in progress (see

@@ -44,6 +44,7 @@ from ..base import (
     TimedWait,
     WorkerRecord,
     retention_declarations,
+    selection_workflow,
 )
 from ..group_commit import GroupCommit
 from ..sql_files import backend_queries, newer_than_code, package_migrations
@@ -443,11 +444,12 @@ class SqliteBackend:
         return False
 
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        above_id = query.above_id()
         params = {
             "workflow": query.workflow,
             "statuses": None if query.statuses is None else json.dumps(list(query.statuses)),
             # Canonical text, as the ids are stored: then text order is the UUIDs' order.
-            "before_id": None if query.before_id is None else str(uuid.UUID(query.before_id)),
+            "above_id": None if above_id is None else str(uuid.UUID(above_id)),
             "created_after": micros(query.created_after),
             "created_before": micros(query.created_before),
             "limit": query.limit,
@@ -964,6 +966,12 @@ class SqliteBackend:
         """Always granted: the file's single write lock already serializes the deleting batches."""
         yield True
 
+    async def finished_workflows(self) -> list[str]:
+        def read(conn: sqlite3.Connection, now: int) -> list[str]:
+            return [row["name"] for row in conn.execute(QUERIES["finished_workflows"])]
+
+        return await self._db.read(read)
+
     async def delete_finished_runs(self, selection: FinishedRuns, limit: int) -> int:
         params = {**_selection_params(selection), "limit": limit}
 
@@ -1071,8 +1079,7 @@ def _selection_params(selection: FinishedRuns) -> dict[str, Any]:
     return {
         "older_than": duration_micros(selection.older_than),
         "statuses": json.dumps(list(selection.statuses)),
-        "workflow": selection.workflow,
-        "excluded": json.dumps(list(selection.excluded)),
+        "workflow": selection_workflow(selection),
     }
 
 
