@@ -808,6 +808,26 @@ async def test_a_child_canceled_under_its_waiting_parent_is_redone_by_a_fork_fro
     assert await manager.wait_for_result(forked, timeout=15) == "invoice 7"
 
 
+async def test_a_forks_show_says_the_children_it_lists_were_kept_from_the_run_it_was_forked_from(
+    manager_for: Any, invoke: Invoke
+) -> None:
+    """A fork keeps the outcome of a child its source had seen, with the step that started it, so it lists
+    that child, whose parent is the source run: not one of the fork's own, which its counts leave out. The
+    children it starts again (those whose outcome the source had not seen) are its own."""
+    parent, first = await started_family(manager_for, 2)
+    client = await manager_for([], enable_worker=False)
+    forked = (await invoke("fork", parent.id, "--from-step", "nap")).stdout.strip()
+    await wait_until(lambda: _status_is(client.handle(forked), RunStatus.WAITING), what="the fork to wait")
+    shown = json.loads((await invoke("show", forked, "--json")).stdout)["children"]
+    assert shown["total"] == 3 and shown["kept_from"] == parent.id  # kids[0], kids[1], loose: its own
+    assert [(row["step"], row["id"] == first) for row in shown["listed"]][:1] == [("first", True)]
+    assert {row["step"] for row in shown["listed"]} == {"first", "kids[0]", "kids[1]", "loose"}
+    text = (await invoke("show", forked)).stdout
+    assert f"children  3: 3 pending; listed with them: children kept from run {parent.id}" in text
+    own = json.loads((await invoke("show", parent.id, "--json")).stdout)["children"]
+    assert own["total"] == 4 and own["kept_from"] is None
+
+
 async def test_runs_of_a_version_no_worker_serves_are_stranded_and_canceled_in_bulk(
     manager_for: Any, invoke: Invoke
 ) -> None:

@@ -315,6 +315,7 @@ class ChildRow:
     version: str
     status: RunStatus
     detached: bool
+    parent_id: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -340,6 +341,9 @@ class Children:
     unfinished: list[ChildRow] = field(default_factory=list)
     """The first unfinished children in step order: up to LISTED_CHILDREN, among the first children read."""
     unfinished_count: int = 0
+    kept_from: str | None = None
+    """A fork's: the run it was forked from, when children listed were started by that run (the fork keeps
+    them with the steps that started them) and so are not counted as its own."""
 
     @property
     def more(self) -> int:
@@ -349,7 +353,13 @@ class Children:
     def counts_text(self) -> str:
         """`1000: 998 pending, 2 completed` (statuses in their lifecycle order)."""
         parts = [f"{count} {status}" for status, count in self.counts.items()]
-        return f"{self.total}: {', '.join(parts) or 'none found'}"
+        return f"{self.total}: {', '.join(parts) or 'none found'}{self.kept_text()}"
+
+    def kept_text(self) -> str:
+        """What a fork's list shows besides its own children: `; listed with them, children kept from run X`."""
+        if self.kept_from is None:
+            return ""
+        return f"; {'listed with them' if self.total else 'listed'}: children kept from run {self.kept_from}"
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -358,6 +368,7 @@ class Children:
             "counts": self.counts,
             "listed": [row.summary() for row in self.listed],
             "more": self.more,
+            "kept_from": self.kept_from,
         }
 
 
@@ -391,12 +402,14 @@ async def children_of(manager: WorkflowManager, run: RunRecord, *, listed: int =
             batch = started[position : position + max(wanted - len(unfinished), 5)]
             unfinished.extend(row for row in await _read_children(manager, batch) if not row.status.finished)
             position += len(batch)
+    kept = run.forked_from is not None and any(row.parent_id != run.id for row in rows)
     return Children(
         total=sum(by_status.values()),
         counts=counts,
         listed=rows,
         unfinished=unfinished[:listed],
         unfinished_count=unfinished_count,
+        kept_from=run.forked_from if kept else None,
     )
 
 
@@ -441,7 +454,9 @@ async def _read_children(manager: WorkflowManager, started: Sequence[tuple[str, 
 
 
 def _row(run: RunRecord, step: str = "") -> ChildRow:
-    return ChildRow(run.id, run.parent_step or step, run.workflow_name, run.version, run.status, run.detached)
+    return ChildRow(
+        run.id, run.parent_step or step, run.workflow_name, run.version, run.status, run.detached, run.parent_id
+    )
 
 
 def _step_order(step: str) -> list[tuple[int, int | str]]:

@@ -445,7 +445,8 @@ def _children(run: RunRecord, children: Children) -> str:
     )
     total = children.total
     more = f"<p><a href='/?parent={run.id}'>all {total} children</a> ({children.more} not shown above)</p>"
-    return f"<h3>Children</h3><p id='child-counts'>{total}: {counts or 'none found'}</p>{table}" + (
+    kept = _text(children.kept_text())
+    return f"<h3>Children</h3><p id='child-counts'>{total}: {counts or 'none found'}{kept}</p>{table}" + (
         more if children.more > 0 else ""
     )
 
