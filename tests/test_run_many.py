@@ -139,7 +139,8 @@ async def test_a_large_run_many_finds_existing_runs_by_key(manager_for: Any) -> 
 @pytest.mark.parametrize("backend_name", ["postgres"])
 @pytest.mark.parametrize("count", [2, LARGE])
 async def test_a_batch_sent_again_gives_the_runs_it_stored(manager_for: Any, count: int) -> None:
-    # The case a run_many retried after its commit's answer was lost: the same ids again.
+    # The case a run_many retried after its commit's answer was lost: the same ids again. Each comes back as
+    # created (this call's runs), stored once; created=False is for a run found by its idempotency key.
     manager = await manager_for([confirm], enable_worker=False)
     runs = list(
         prepare_runs(
@@ -154,12 +155,12 @@ async def test_a_batch_sent_again_gives_the_runs_it_stored(manager_for: Any, cou
         )
     )
     assert await manager.backend.create_runs(runs) == [(run.id, True) for run in runs]
-    assert await manager.backend.create_runs(runs[::-1]) == [(run.id, False) for run in runs[::-1]]
+    assert await manager.backend.create_runs(runs[::-1]) == [(run.id, True) for run in runs[::-1]]
     fresh = prepare_runs(
         confirm.name, confirm.version, confirm, [{"order_id": -1}], RunOptions(), [None], [None], what=str
     )
     mixed = [runs[0], *fresh, runs[-1]]
-    assert await manager.backend.create_runs(mixed) == [(runs[0].id, False), (fresh[0].id, True), (runs[-1].id, False)]
+    assert await manager.backend.create_runs(mixed) == [(runs[0].id, True), (fresh[0].id, True), (runs[-1].id, True)]
     assert len(await stored_runs(manager)) == count + 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -199,6 +200,7 @@ class WorkflowManager:
         self.waiters = ResultWaiters(self.backend, self.get_run, self._runs_here)
         self._listener: asyncio.Task[None] | None = None
         self._started = False
+        self._pid = os.getpid()  # of the process that started it (see start)
 
     # lifecycle
 
@@ -215,9 +217,17 @@ class WorkflowManager:
         """Migrate the database, collect the workflows of the configured packages, listen for events, and
         start the worker and the cron scheduler when `enable_worker` is on."""
         if self._started:
+            if self._pid != os.getpid():
+                raise SonamuTasksError(
+                    f"this WorkflowManager was started in process {self._pid}, before a fork; process "
+                    f"{os.getpid()} cannot use it (its connections belong to the parent). Make or start the "
+                    "manager after forking (in the lifespan, or the server's post-fork hook)"
+                )
             return
         if self.config.workflows:
             self._collect(reload=False)
+        self._pid = os.getpid()
+        self.waiters.start()
         await self.backend.open()
         try:
             await self._start_parts()
@@ -280,6 +290,8 @@ class WorkflowManager:
         if self._stop_metrics is not None:
             self._stop_metrics()
             self._stop_metrics = None
+        # After the worker: a run it finished during the graceful stop still answers its waiters.
+        self.waiters.stop()
         if self._listener is not None:
             self.waiters.listening = False
             await cancel_and_wait(self._listener)

@@ -44,7 +44,10 @@ async def until_available(call: Callable[[], Awaitable[T]], *, what: str, give_u
                 return await call()
         except BackendUnavailable as error:
             if deadline is not None and loop.time() + delay > deadline:
-                raise
+                # Named for what the caller asked (the backend's message names its own internal call).
+                raise BackendUnavailable(
+                    f"could not {what}: the database did not answer within {give_up_after_s:g}s ({error})"
+                ) from error
             logger.warning("%s: %s; retrying in %.2fs", what, error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)
@@ -59,6 +62,22 @@ def _giving_up_at(at: float) -> Iterator[None]:
         yield
     finally:
         _deadline.reset(token)
+
+
+def current_deadline() -> float | None:
+    """When the call in progress gives up (time.monotonic()), None without a deadline."""
+    return _deadline.get()
+
+
+@contextlib.contextmanager
+def giving_up_at(at: float | None) -> Iterator[None]:
+    """The calls inside give up at `at` (a time.monotonic()), or at the current deadline if sooner; None: no
+    deadline of their own. For a task that serves other calls (a group commit's batch) and carries theirs."""
+    if at is None:
+        yield
+        return
+    with _giving_up_at(at):
+        yield
 
 
 def connection_wait(limit_s: float) -> float:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from .backends.base import Backend
-from .errors import BackendUnavailable, ResultTimeout, RunNotFound
+from .errors import BackendClosed, BackendUnavailable, ResultTimeout, RunNotFound
 from .reconnect import until_available
 from .records import RunRecord
 from .waiting import wait_for_event
@@ -55,6 +55,7 @@ class ResultWaiters:
         self._reconnects = 0  # a watch set before a reconnect may have been lost with the server: set it again
         self.listening = False
         """True while notifications from other processes arrive (the listener is up)."""
+        self._stopped = False  # the manager stopped: every waiter raises BackendClosed (see `stop`)
 
     async def wait(self, run_id: str, timeout: float | None) -> RunRecord | str:
         """The finished run's record, or its output JSON when this process's worker just completed it."""
@@ -65,6 +66,7 @@ class ResultWaiters:
             watched = None  # self._reconnects when the watch was asked for
             while True:
                 event.clear()
+                self._refuse_if_stopped(run_id)
                 output = self._completed_here.get(run_id)
                 if output is not None:
                     return output
@@ -138,6 +140,7 @@ class ResultWaiters:
             watching = False
             while True:
                 event.clear()
+                self._refuse_if_stopped(run_id)
                 read = await self._by(deadline, lambda: self._backend.get_run_event(run_id, key), "read event")
                 if read is _UNANSWERED:
                     return None
@@ -171,6 +174,22 @@ class ResultWaiters:
         if output_json is not None and run_id in self._events:
             self._completed_here[run_id] = output_json
         self.finished(run_id)
+
+    def start(self) -> None:
+        """The manager (re)started: waits are served again."""
+        self._stopped = False
+
+    def stop(self) -> None:
+        """The manager stops: every waiter raises BackendClosed now, rather than at its next read (up to
+        PUSHED_RECHECK_S later), which a SyncClient's close would not wait for."""
+        self._stopped = True
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+    def _refuse_if_stopped(self, run_id: str) -> None:
+        if self._stopped:
+            raise BackendClosed(f"the manager was stopped while waiting for run {run_id}")
 
     def wake_all(self) -> None:
         """Notifications may have been lost (a reconnect): every waiter reads again, and watches again."""

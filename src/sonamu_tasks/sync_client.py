@@ -14,7 +14,9 @@ handles are SyncRunHandles); tests/test_sync_client.py lists the manager's metho
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import os
 import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -24,6 +26,7 @@ from typing import Any, Generic, Self, TypeVar, cast
 from .backends.base import MessageRecord, QueueStats, RunEventRecord, RunRecord, ScheduleRecord, WorkerRecord
 from .config import Config, define_config
 from .duration import Duration
+from .errors import BackendClosed, SonamuTasksError
 from .handle import R_co, RunHandle, declared_output
 from .manager import RunPage, StrandedRuns, WorkflowManager
 from .queue import Queue
@@ -96,6 +99,13 @@ class SyncClient:
         elif isinstance(config, Mapping):
             config = define_config(**config)
         config = dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, enable_worker=False))
+        # A forked child has a copy of this object but not the thread running its loop: a call there would
+        # wait forever. The pid tells it apart.
+        self._pid = os.getpid()
+        # Set by close() before anything else: a call from then on is refused instead of sent to a loop that is
+        # going away. The lock orders a call's check and its submission against close().
+        self._closed = False
+        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sonamu-sync-client", daemon=True)
         self._thread.start()
@@ -307,10 +317,32 @@ class SyncClient:
         return self._call(self.manager.stranded_runs(stale_after=stale_after))
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._call(self.manager.stop())
-        self._stop_loop()
+        """Stop the manager and the client's thread. A call waiting meanwhile (a `result()` in another thread)
+        raises BackendClosed at once; a call made after raises BackendClosed."""
+        self._refuse_own_thread("close()")
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if os.getpid() != self._pid:
+            return  # a forked child's copy: the loop and the connections are the parent's to close
+        try:
+            asyncio.run_coroutine_threadsafe(self._shut_down(), self._loop).result()
+        finally:
+            self._stop_loop()
+
+    async def _shut_down(self) -> None:
+        try:
+            await self.manager.stop()  # its waiters raise BackendClosed now
+        finally:
+            # Any call still in flight is cancelled before the loop stops: a task left pending on a closed loop
+            # never resolves its caller's future, and that thread would wait forever (`_call` maps the
+            # cancellation to BackendClosed).
+            current = asyncio.current_task()
+            others = [task for task in asyncio.all_tasks() if task is not current]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -322,5 +354,32 @@ class SyncClient:
             self, handle.id, handle.workflow_name, created=handle.created, output_type=handle.output_type
         )
 
+    def _refuse_own_thread(self, what: str) -> None:
+        if threading.current_thread() is self._thread:
+            raise SonamuTasksError(
+                f"SyncClient.{what} was called on the client's own thread (from a callback it runs, such as "
+                "purge's progress): it would wait for itself forever. Do the call after the method returns, "
+                "or from another thread"
+            )
+
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        name = getattr(coroutine, "__name__", "call")  # the manager method's: what the caller called
+        try:
+            if os.getpid() != self._pid:
+                raise SonamuTasksError(
+                    f"this SyncClient was made in process {self._pid}, before a fork; process {os.getpid()} "
+                    "cannot use it (its thread and connections stayed in the parent). Make one per process "
+                    "after forking: on first use, or in the server's post-fork hook (gunicorn's post_fork)"
+                )
+            self._refuse_own_thread(f"{name}()")
+            with self._lock:
+                if self._closed:
+                    raise BackendClosed(f"SyncClient.{name}(): the client was closed")
+                future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except BaseException:
+            coroutine.close()  # never started: no "was never awaited" warning
+            raise
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise BackendClosed(f"SyncClient.{name}(): the client was closed while this call waited") from None

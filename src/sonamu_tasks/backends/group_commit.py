@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from ..errors import BackendUnavailable
-from ..reconnect import without_deadline
+from ..reconnect import current_deadline, giving_up_at, without_deadline
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -23,23 +23,27 @@ Result = TypeVar("Result")
 Flush = Callable[[list[Item]], Awaitable[Sequence[Result]]]
 """Commit a batch; return one result per item, in the batch's order."""
 
+Entry = tuple[Item, "asyncio.Future[Result]", float | None]
+"""An item, its submitter's future, and when its submitter gives up (reconnect's deadline), None for never."""
+
 
 class GroupCommit(Generic[Item, Result]):
     def __init__(self, flush: Flush[Item, Result], *, max_batch: int = 256, in_flight: int = 2) -> None:
         self._flush = flush
         self._max_batch = max_batch
         self._in_flight = in_flight
-        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._queue: list[Entry[Item, Result]] = []
         self._draining = 0  # drains running; counted down by the drain itself, never by a done-callback
         self._drains: set[asyncio.Task[None]] = set()  # strong references, so no drain is collected mid-way
 
     async def submit(self, item: Item) -> Result:
         """Write `item` with the next batch and return its result. Flush errors are raised."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, future, current_deadline()))
         if self._draining < self._in_flight:
             self._draining += 1
             # Its batches carry other callers' items: no one caller's deadline cuts their wait for a connection.
+            # Each batch waits until the last of its callers' deadlines instead (see _drain).
             task = asyncio.create_task(self._drain(), context=without_deadline())
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
@@ -53,17 +57,23 @@ class GroupCommit(Generic[Item, Result]):
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 try:
-                    await self._commit(batch)
+                    # A batch's wait for a connection ends when the last of its callers gives up: none of them
+                    # waits past its own deadline for the batch (run()'s 30 s during an outage), and none is
+                    # cut short by another's. Any caller without a deadline: no deadline.
+                    deadlines = [deadline for _, _, deadline in batch]
+                    latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+                    with giving_up_at(latest):
+                        await self._commit(batch)
                 except BaseException:  # cancelled: no submitter may wait forever
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         future.cancel()
                     raise
         finally:
             self._draining -= 1
 
-    async def _commit(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    async def _commit(self, batch: list[Entry[Item, Result]]) -> None:
         try:
-            results = await self._flush([item for item, _ in batch])
+            results = await self._flush([item for item, _, _ in batch])
         except BackendUnavailable as error:  # the database went away: every item is retried by its submitter
             _settle(batch, error=error)
         except Exception as error:
@@ -76,12 +86,12 @@ class GroupCommit(Generic[Item, Result]):
             for entry in batch:
                 await self._commit([entry])
         else:
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
 
-def _settle(batch: list[tuple[Item, asyncio.Future[Result]]], *, error: BaseException) -> None:
-    for _, future in batch:
+def _settle(batch: list[Entry[Item, Result]], *, error: BaseException) -> None:
+    for _, future, _ in batch:
         if not future.done():
             future.set_exception(error)

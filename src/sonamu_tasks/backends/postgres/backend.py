@@ -113,7 +113,9 @@ def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
             if isinstance(error, psycopg_pool.PoolClosed):  # retrying cannot help: nothing reopens the pool
                 raise BackendClosed(f"{method.__name__}: the manager was stopped ({error})") from error
             if _is_transient(error):
-                raise BackendUnavailable(f"PostgreSQL unavailable during {method.__name__}: {error}") from error
+                # A private method (_insert_runs, a group commit's flush) serves calls of other names: not named.
+                during = "" if method.__name__.startswith("_") else f" during {method.__name__}"
+                raise BackendUnavailable(f"PostgreSQL unavailable{during}: {error}") from error
             state = getattr(error, "sqlstate", None)
             raise StorageError(f"PostgreSQL refused {method.__name__} (SQLSTATE {state}): {error}") from error
 
@@ -164,9 +166,9 @@ class PostgresBackend:
             self._connect_kwargs["prepare_threshold"] = None
         self._set_search_path = sql.SQL("SET search_path TO {}").format(sql.Identifier(schema))
         self._begin = sql.SQL("BEGIN; SET LOCAL search_path TO {}").format(sql.Identifier(schema))
-        self._pool = self._new_pool(url, max(2, pool_size), f"sonamu_tasks:{schema}")
-        # The replica's pool; without one, lists read from the primary's.
-        self._read_pool = self._new_pool(read_url, 4, f"sonamu_tasks:{schema}:read") if read_url else self._pool
+        self._pool_size = max(2, pool_size)
+        self._pool, self._read_pool = self._new_pools()
+        self._pools_closed = False  # by close(): a closed psycopg pool cannot be opened again, so open() makes new ones
         # Checkpoints and completions of concurrent runs: (run id, lease token, checkpoints, output JSON or None).
         self._writes: GroupCommit[RunWrite, bool] = GroupCommit(self._write_runs)
         # run() calls in flight together: one insert statement, one commit. result() watches likewise.
@@ -174,6 +176,15 @@ class PostgresBackend:
         self._watches: GroupCommit[str, bool] = GroupCommit(self._watch_runs)
         # "Runs of these workflows are due": NOTIFYs after the inserting commits, one in flight (migration 0013).
         self._wakeups = Wakeups(self._notify_workers)
+
+    def _new_pools(
+        self,
+    ) -> tuple[psycopg_pool.AsyncConnectionPool[Any], psycopg_pool.AsyncConnectionPool[Any]]:
+        """The primary's pool, and the replica's (without one, lists read from the primary's)."""
+        pool = self._new_pool(self.url, self._pool_size, f"sonamu_tasks:{self.schema}")
+        if not self.read_url:
+            return pool, pool
+        return pool, self._new_pool(self.read_url, 4, f"sonamu_tasks:{self.schema}:read")
 
     def _new_pool(self, url: str, size: int, name: str) -> psycopg_pool.AsyncConnectionPool[Any]:
         return psycopg_pool.AsyncConnectionPool(
@@ -288,12 +299,17 @@ class PostgresBackend:
     # lifecycle
 
     async def open(self) -> None:
+        if self._pools_closed:  # started again after a stop (a second FastAPI lifespan, a test client per test)
+            self._pool, self._read_pool = self._new_pools()
+            self._probing = asyncio.Lock()  # the previous one may belong to the previous event loop
+            self._pools_closed = False
         await self._pool.open(wait=False)
         if self._read_pool is not self._pool:
             await self._read_pool.open(wait=False)
 
     async def close(self) -> None:
         await self._wakeups.flush()  # a run() just before shutdown still wakes a worker
+        self._pools_closed = True
         if self._read_pool is not self._pool:
             await self._read_pool.close()
         await self._pool.close()
@@ -409,7 +425,9 @@ class PostgresBackend:
                 if run.id in inserted:
                     outcome[run.id] = (run.id, True)
                 elif (holder := holders.get(run.idempotency_key or run.id)) is not None:
-                    outcome[run.id] = (holder, False)
+                    # Its own id: this call's earlier attempt committed it and the answer was lost, so the run is
+                    # still this call's creation (not one found by its idempotency key).
+                    outcome[run.id] = (holder, holder == run.id)
             # A colliding run deleted in between leaves its item unresolved: insert it again.
             pending = [run for run in collided if run.id not in outcome]
         return [outcome[run.id] for run in runs]
@@ -438,7 +456,9 @@ class PostgresBackend:
                     self._wakeups.runs_due([run.workflow_name])
                 return row[0], True, (ClaimedRun(*row) if row[6] is not None else None)
             existing = await (await conn.execute(QUERIES["find_run_by_key"], params)).fetchone()
-        return (existing[0] if existing is not None else run.id), False, None
+        if existing is None:
+            return run.id, False, None
+        return existing[0], existing[0] == run.id, None  # its own id: an earlier attempt inserted it (_insert_runs)
 
     # queues
 

@@ -158,8 +158,7 @@ class SqliteBackend:
             if row is not None:
                 return row["id"], True
             # The same transaction holds the write lock: the colliding run cannot vanish in between.
-            existing = _first(conn, "find_run_by_key", params)
-            return (existing["id"] if existing is not None else run.id), False
+            return _collided(run, _first(conn, "find_run_by_key", params))
 
         return await self._db.write(insert)
 
@@ -172,8 +171,7 @@ class SqliteBackend:
                 if row is not None:
                     results.append((str(row["id"]), True))
                 else:
-                    existing = _first(conn, "find_run_by_key", params)
-                    results.append((existing["id"] if existing is not None else run.id, False))
+                    results.append(_collided(run, _first(conn, "find_run_by_key", params)))
             return results
 
         return await self._db.write(insert)
@@ -208,8 +206,7 @@ class SqliteBackend:
                 claimed = None if row is None else records.claimed_run(row, claimed_at=now, first_claim=True)
             if row is not None:
                 return row["id"], True, claimed
-            existing = _first(conn, "find_run_by_key", params)
-            return (existing["id"] if existing is not None else run.id), False, None
+            return (*_collided(run, _first(conn, "find_run_by_key", params)), None)
 
         return await self._db.write(insert)
 
@@ -1023,6 +1020,14 @@ def _stored_limits(queue: Queue) -> dict[str, int | None]:
         "rate_period": duration_micros(rate[1]) if rate else None,
         "per_key_concurrency": queue.per_key_concurrency,
     }
+
+
+def _collided(run: NewRun, existing: sqlite3.Row | None) -> tuple[str, bool]:
+    """(id, created) of a run whose insert collided with `existing`. Its own id means an earlier attempt of the
+    same call committed it and lost the answer: still this call's creation, not a run found by its key."""
+    if existing is None:
+        return run.id, False
+    return str(existing["id"]), existing["id"] == run.id
 
 
 def _first(conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> sqlite3.Row | None:

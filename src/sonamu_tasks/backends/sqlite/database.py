@@ -151,8 +151,14 @@ class Database:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sonamu-sqlite")
         executor = self._executor
+        try:
+            running = asyncio.get_running_loop().run_in_executor(executor, call)
+        except RuntimeError as error:
+            # The interpreter is exiting (a thread still calling after the main one ended) and thread pools
+            # take no more work: nothing was done, and no later call could be.
+            raise BackendClosed(f"SQLite database {self.path}: Python is shutting down ({error})") from error
         with self._translated_errors():
-            return await asyncio.get_running_loop().run_in_executor(executor, call)
+            return await running
 
     @contextlib.contextmanager
     def _translated_errors(self) -> Iterator[None]:
