@@ -22,10 +22,10 @@ _client: SyncClient | None = None
 _client_pid = 0
 _close_registered = False
 
-# Closing at exit has to happen before Python shuts its thread pools down (the SQLite backend closes its
-# connection on one): a plain `atexit` handler runs after that and fails with "cannot schedule new futures
-# after shutdown". `threading._register_atexit` is the hook concurrent.futures itself uses to run first;
-# plain `atexit` where it is missing.
+# Closed before Python shuts its thread pools down, where the SQLite backend closes its connection: a plain
+# `atexit` handler runs after that, and works too (every transaction has ended; the file is closed by the
+# process's exit), but this way the connection is closed as usual. `threading._register_atexit` is the hook
+# concurrent.futures itself uses to run first; plain `atexit` where it is missing.
 _at_exit = getattr(threading, "_register_atexit", atexit.register)
 
 
