@@ -127,6 +127,9 @@ async def test_a_step_value_is_the_same_at_its_first_execution_and_every_replay_
     async def big() -> Any:
         return 1e16
 
+    async def typed_big() -> float:  # declared: a float, though it reads back from JSON as an int
+        return 1e16
+
     async def notify(address: str) -> str:
         calls.hit(address)
         return address
@@ -142,6 +145,8 @@ async def test_a_step_value_is_the_same_at_its_first_execution_and_every_replay_
         await step.define(f"notify-{first}", notify).run(people[first])
         values = await step.define("numbers", numbers).run()
         scalar = await step.define("big", big).run()
+        typed = await step.define("typed-big", typed_big).run()
+        assert type(typed) is float and typed == 1e16
         await step.define("flaky", flaky).run()
         seen.append((list(people), values, scalar, list(input)))
         return {"people": people, "values": values, "input": input}

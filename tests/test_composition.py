@@ -316,6 +316,32 @@ async def test_a_branch_awaiting_outside_a_step_is_not_held_until_a_siblings_wai
     assert await handle.result(timeout=15) == ["hello", "x"]
 
 
+@pytest.mark.parametrize("inner", ["task_group", "wait_for"])
+async def test_a_branch_waiting_inside_a_task_group_or_wait_for_lets_the_run_park_at_once(
+    manager_for: Any, inner: str
+) -> None:
+    """A gathered branch inside a TaskGroup or asyncio.wait_for waits for other tasks, not for outside work:
+    the run parks as soon as every wait is registered (it stayed running 30 s, holding its slot)."""
+
+    async def branch(step: Any) -> Any:
+        if inner == "task_group":
+            async with asyncio.TaskGroup() as group:
+                task = group.create_task(step.receive("inner", topic="b"))
+            return task.result()
+        return await asyncio.wait_for(step.receive("inner", topic="b"), 3600)
+
+    @workflow(version="1")
+    async def nested(step: Any) -> Any:
+        return await asyncio.gather(step.receive("outer", topic="a"), branch(step))
+
+    manager = await manager_for([nested])
+    handle = await manager.run(nested)
+    await wait_until(lambda: status_is(manager, handle.id, RunStatus.WAITING), timeout=10, what="the run to park")
+    await manager.send(handle.id, "one", topic="a")
+    await manager.send(handle.id, "two", topic="b")
+    assert await handle.result(timeout=15) == ["one", "two"]
+
+
 async def status_is(manager: Any, run_id: str, status: RunStatus) -> bool:
     return bool((await manager.get_run(run_id)).status is status)
 

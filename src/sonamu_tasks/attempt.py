@@ -330,8 +330,7 @@ class Attempt:
                 previous = self.steps.get(name)
                 failures = previous.attempts if previous is not None and previous.status is StepStatus.FAILED else 0
                 policy, attempt = step_policy, failures + 1
-        at_step = self._errors_at_steps.get(id(error))
-        named = step[0] if step else at_step[0] if at_step is not None and at_step[1] is error else None
+        named = step[0] if step else self._step_noted(error)
         stored = serde.encode_error(error, step=named)
         try:
             decision = policy.decide(error, attempt)
@@ -774,7 +773,7 @@ class Attempt:
             children = getattr(waiter, "_children", None)  # asyncio.gather's own future
             if children is not None:
                 tasks.extend((child, True) for child in children)
-            elif gathered:
+            elif gathered and isinstance(task, asyncio.Task) and not _awaits_other_tasks(task):
                 return True
         return False
 
@@ -945,6 +944,17 @@ class Attempt:
         self._errors_at_steps[id(error)] = (name, error)
         return error
 
+    def _step_noted(self, error: BaseException) -> str | None:
+        """The step `_step_failed` noted `error` at; for an exception group (a TaskGroup), its first error's."""
+        noted = self._errors_at_steps.get(id(error))
+        if noted is not None and noted[1] is error:
+            return noted[0]
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                if (name := self._step_noted(inner)) is not None:
+                    return name
+        return None
+
     def _kind_changed(self, name: str, kind: str) -> BaseException:
         return self._step_failed(
             name,
@@ -1083,6 +1093,39 @@ def _retrieve_error(task: asyncio.Task[None]) -> None:
 
 
 _NO_SCOPE = contextlib.nullcontext()
+
+
+def _awaits_other_tasks(task: asyncio.Task[Any]) -> bool:
+    """Whether `task` is inside an asyncio combinator or synchronization primitive (a TaskGroup, wait_for,
+    wait, a lock, an event, a queue): it waits for other tasks, whose own state says whether the attempt is
+    busy, not for outside work. The tasks it waits for may not be visible from here (a TaskGroup's): the park
+    goes ahead then, as it always did, rather than wait for the grace to run out."""
+    coroutine: Any = task.get_coro()
+    innermost = None
+    while coroutine is not None and hasattr(coroutine, "cr_code"):
+        innermost = coroutine
+        coroutine = coroutine.cr_await
+    return innermost is not None and innermost.cr_code in _OTHER_TASKS_CODE
+
+
+_OTHER_TASKS_CODE = frozenset(
+    function.__code__
+    for function in (
+        getattr(asyncio.tasks, "wait_for", None),
+        getattr(asyncio.tasks, "wait", None),
+        getattr(asyncio.tasks, "_wait", None),
+        asyncio.TaskGroup.__aexit__,
+        asyncio.Lock.acquire,
+        asyncio.Event.wait,
+        asyncio.Condition.wait,
+        asyncio.Semaphore.acquire,
+        getattr(asyncio, "Barrier", None) and asyncio.Barrier.wait,
+        asyncio.Queue.get,
+        asyncio.Queue.put,
+        asyncio.Queue.join,
+    )
+    if function is not None and hasattr(function, "__code__")
+)
 # How long a run with a durable wait waits for a gathered branch busy outside a step before parking anyway.
 BUSY_BRANCH_GRACE_S = 30.0
 

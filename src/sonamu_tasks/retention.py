@@ -249,10 +249,14 @@ async def purge(
         return False
 
     deleted = 0
+    reported = 0
 
     def report(deleted_of_workflow: int) -> None:
-        if progress is not None:
-            progress(deleted + deleted_of_workflow, max(total, deleted + deleted_of_workflow))
+        nonlocal reported
+        done = deleted + deleted_of_workflow
+        if progress is not None and done != reported:  # a workflow's last, empty batch adds nothing to say
+            reported = done
+            progress(done, max(total, done))
 
     if progress is not None:
         progress(0, total)

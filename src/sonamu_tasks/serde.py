@@ -88,6 +88,8 @@ def _as_jsonb_reads(text: str) -> float | int:
 
 def decode(value: Any, annotation: Any) -> Any:
     """Turn a JSON value back into `annotation` (a pydantic model, dataclass ...) when one is declared."""
+    if annotation is float and type(value) is int:
+        return float(value)  # a float of 1e16 and up reads back as an int (see `loads`); -> float says float
     adapter = _adapter_for(annotation)
     return value if adapter is None else adapter.validate_python(value)
 

@@ -166,7 +166,9 @@ class RunQuery:
         the insert, so the bound is widened by ID_CLOCK_MARGIN and created_at stays the filter. A child's id is
         its parent's time (derived from the parent's id), earlier than its creation, so it is below the bound
         too. There is no such bound for `created_after`: a child created today may have an id of last year."""
-        above = None if self.created_before is None else first_id_at(self.created_before + ID_CLOCK_MARGIN)
+        above = None
+        if self.created_before is not None and self.created_before < datetime.max.replace(tzinfo=UTC) - ID_CLOCK_MARGIN:
+            above = first_id_at(self.created_before + ID_CLOCK_MARGIN)  # (no bound near the end of time: "any")
         if self.before_id is not None:
             before = self.before_id.lower()
             above = before if above is None else min(above, before)
