@@ -92,6 +92,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._more_due = False
         self._starved = False  # runs were due that the last claim could not take (row locks, a full queue)
+        self._look_again_s = 0.0  # when a starved claim loop looks again (see _claim_loop)
         self._claims = 0
         self._stopping = False
         self._draining = False
@@ -252,7 +253,6 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         backoff = 0.05
-        locked_retry = 0.0
         while not self._stopping:
             self._wake.clear()
             timeout = self._poll_s
@@ -307,12 +307,12 @@ class Worker:
                             # this loop at once when the run was this worker's, or when a lease expires, so the
                             # looks slow down to one a second (they were 20 a second, each worker, for as long
                             # as the queue stayed full).
-                            timeout = min(timeout, locked_retry)
-                            locked_retry = min(max(locked_retry * 2, 0.001), STARVED_LOOK_MAX_S)
+                            timeout = min(timeout, self._look_again_s)
+                            self._look_again_s = min(max(self._look_again_s * 2, 0.001), STARVED_LOOK_MAX_S)
                         elif due is not None:
                             timeout = min(timeout, max(due, 0.001))
                         if not self._starved:
-                            locked_retry = 0.0
+                            self._look_again_s = 0.0
                     backoff = 0.05
                 except BackendUnavailable as error:
                     logger.warning("claim failed (%s); retrying in %.2fs", error, backoff)
@@ -346,7 +346,10 @@ class Worker:
             self.leases.forget(attempt.claimed.lease_token)
             self._publish_soon()
             if (self._more_due or self._starved) and not self._stopping:
-                self._wake.set()  # a slot of this worker, and perhaps of a full queue, is free
+                # A slot of this worker, and perhaps of a full queue, is free: look now, and should a row lock
+                # (a result() watch on the next run, say) make that claim skip it, again within milliseconds.
+                self._look_again_s = 0.0
+                self._wake.set()
             self.finished(attempt.claimed.id, attempt.output_json)
 
     def _held(self) -> Held:
