@@ -51,4 +51,14 @@ async def sleeper(input: Any, step: Any) -> bool:
     return True
 
 
-ALL: list[WorkflowDefinition[Any, Any]] = [steps, stamped, sleeper]
+@workflow(version="1")
+async def charge_items(input: Any, step: Any) -> int:
+    """One step per item, named by the item's id as the steps guide advises for loops (`charge-{id}`); with
+    `"spelled"`, the ids are written in letters, as ids that are words would be (`charge-bcd`)."""
+    for item in input["items"]:
+        key = "".join(chr(97 + int(digit)) for digit in str(item)) if input["spelled"] else str(item)
+        await step.define(f"charge-{key}", noop).run(item)
+    return len(input["items"])
+
+
+ALL: list[WorkflowDefinition[Any, Any]] = [steps, stamped, sleeper, charge_items]
