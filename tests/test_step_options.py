@@ -281,3 +281,102 @@ async def test_bad_step_options_fail_the_run_naming_the_step(manager_for: Any) -
         await handle.result(timeout=15)
     assert (await handle.info()).attempts == 1  # InvalidValue is not retried
     assert issubclass(InvalidValue, ValueError)
+
+
+async def test_a_sync_wrapper_around_an_async_call_keeps_the_steps_timeout(manager_for: Any) -> None:
+    """`step.define("fetch", lambda: fetch(url), timeout=...)`: the lambda is sync, so it runs in a thread and
+    hands back a coroutine, which was awaited with no timeout (a 4 s call "timed out at 500 ms" after 4 s, and
+    a hanging one never did)."""
+    cancelled = asyncio.Event()
+
+    async def fetch(url: str) -> str:
+        try:
+            await asyncio.Event().wait()  # a call that never answers
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return url
+
+    @workflow(version="1", retry_policy=ONCE)
+    async def wrapped(step: Any) -> Any:
+        return await step.define("fetch", lambda: fetch("https://example.com"), timeout="300ms").run()
+
+    manager = await manager_for([wrapped])
+    handle = await manager.run(wrapped)
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=15)
+    assert failure.value.error["type"] == "StepTimeout" and failure.value.error["step"] == "fetch"
+    assert cancelled.is_set()
+
+
+async def test_a_retry_cut_off_by_the_deadline_fails_the_run_as_deadline_exceeded(manager_for: Any) -> None:
+    async def down() -> None:
+        raise ConnectionError("down")
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=5, initial_interval_ms=60_000))
+    async def due_soon(step: Any) -> Any:
+        return await step.define("call", down).run()
+
+    manager = await manager_for([due_soon])
+    handle = await manager.run(due_soon, deadline="30s")
+    with pytest.raises(WorkflowFailed) as failure:
+        await handle.result(timeout=15)
+    error = failure.value.error
+    assert error["type"] == "DeadlineExceeded"  # as a run failed by the claim or the sweep at its deadline is
+    assert error["message"] == "deadline exceeded before the next attempt; last error: ConnectionError: down"
+
+
+async def test_a_timeout_of_zero_fails_the_run_at_once_naming_the_step(manager_for: Any) -> None:
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=3, initial_interval_ms=20))
+    async def instant(step: Any) -> Any:
+        return await step.define("s", str, timeout="0s").run()
+
+    manager = await manager_for([instant])
+    handle = await manager.run(instant)
+    with pytest.raises(WorkflowFailed, match="the timeout of step 's' must be more than 0"):
+        await handle.result(timeout=15)
+    assert (await handle.info()).attempts == 1
+
+
+def test_a_thread_added_for_an_abandoned_step_leaves_once_that_step_ends() -> None:
+    """A timed-out sync step cannot be stopped: the pool grows by a thread while it runs on, so the others keep
+    their slots. Once it has ended the pool must be back to its size, or more sync steps than `concurrency`
+    run at once for the rest of the process (4 at concurrency 2 after four timeouts)."""
+    from sonamu_tasks.threads import StepThreads
+
+    pool = StepThreads(max_workers=1)
+    release = threading.Event()
+    stuck = pool.submit(release.wait, 30)
+    pool.abandon(stuck, "step 'stuck'")
+    assert pool.submit(lambda: "ran beside it").result(timeout=5) == "ran beside it"
+    release.set()
+    assert stuck.result(timeout=5) is True
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def counted() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+
+    for future in [pool.submit(counted) for _ in range(6)]:
+        future.result(timeout=10)
+    pool.shutdown()
+    assert most == 1
+
+
+def test_a_should_retry_mistake_is_refused_where_it_is_made() -> None:
+    from sonamu_tasks import RetryDecision
+
+    async def decides(error: BaseException, attempt: int) -> RetryDecision:
+        return RetryDecision(should_retry=False)
+
+    with pytest.raises(TypeError, match="not an async one"):
+        RetryPolicy(should_retry=decides)  # type: ignore[arg-type]
+    said_no = RetryPolicy(max_attempts=3, should_retry=lambda error, attempt: RetryDecision("no"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"RetryDecision\.should_retry must be a bool, got 'no'"):
+        said_no.decide(ValueError("x"), 1)

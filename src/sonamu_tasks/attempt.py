@@ -339,7 +339,11 @@ class Attempt:
             decision = RetryDecision(should_retry=False)
         delay = timedelta(milliseconds=decision.delay_ms)
         if decision.should_retry and run.deadline_at is not None and self._db_now() + delay >= run.deadline_at:
-            stored["message"] = f"deadline exceeded before the next attempt; last error: {stored['message']}"
+            # A DeadlineExceeded, as a run failed by the claim or the sweeper at its deadline is (what lists
+            # and alerts group by); the error that ended the last attempt is in the message.
+            last = f"{stored['type']}: {stored['message']}"
+            stored["type"] = "DeadlineExceeded"
+            stored["message"] = f"deadline exceeded before the next attempt; last error: {last}"
             decision = RetryDecision(should_retry=False)
         retry_delay = delay if decision.should_retry else None
         stored["message"] = storable_text(stored["message"], MAX_ERROR_MESSAGE_LENGTH)  # the notes above may add to it
@@ -989,16 +993,9 @@ class Attempt:
     ) -> Any:
         seconds = None if timeout is None else timeout.total_seconds()
         if _is_async(fn):
-            try:
-                async with asyncio.timeout(seconds) as limit:
-                    return await fn(*args, **kwargs)
-            except TimeoutError as error:
-                if limit.expired():
-                    raise self._timed_out(name, seconds) from error
-                raise
-            except asyncio.CancelledError as error:
-                raise _own_cancellation(error, f"step {name!r}") from error
+            return await self._awaited_within(name, lambda: fn(*args, **kwargs), seconds, seconds)
         # Sync steps run in the worker's thread pool so they never block the event loop.
+        began = asyncio.get_running_loop().time()
         context = contextvars.copy_context()
         try:
             call = self._unless_lease_lost(context, functools.partial(fn, *args, **kwargs))
@@ -1017,7 +1014,26 @@ class Attempt:
                 # unwinds as any branch of an ending attempt does, not as a cancelled task.
                 raise self._unwinding() from None
             raise
-        return await result if inspect.isawaitable(result) else result
+        if not inspect.isawaitable(result):
+            return result
+        # A sync function that returned an awaitable (a lambda around an async call, a sync decorator on an
+        # async function): awaited here, within what is left of the step's timeout, as an async step is.
+        left = None if seconds is None else max(0.0, seconds - (asyncio.get_running_loop().time() - began))
+        return await self._awaited_within(name, lambda: result, left, seconds)
+
+    async def _awaited_within(
+        self, name: str, awaitable: Callable[[], Any], seconds: float | None, timeout: float | None
+    ) -> Any:
+        """Await what `awaitable()` gives within `seconds` (StepTimeout naming the step's `timeout`)."""
+        try:
+            async with asyncio.timeout(seconds) as limit:
+                return await awaitable()
+        except TimeoutError as error:
+            if limit.expired():
+                raise self._timed_out(name, timeout) from error
+            raise
+        except asyncio.CancelledError as error:
+            raise _own_cancellation(error, f"step {name!r}") from error
 
     def _unless_lease_lost(self, context: contextvars.Context, call: Callable[[], Any]) -> Callable[[], Any]:
         """`call` in `context`, for a pool thread: not started when the lease may have run out meanwhile (the

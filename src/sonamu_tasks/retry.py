@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ class RetryPolicy:
             _check_number("maximum_interval_ms", self.maximum_interval_ms, at_least=0)
         if self.should_retry is not None and not callable(self.should_retry):
             raise TypeError(f"RetryPolicy.should_retry must be callable, got {type(self.should_retry).__name__}")
+        if inspect.iscoroutinefunction(self.should_retry):
+            # It is called where the failure is recorded, not awaited: its answer would be a coroutine.
+            raise TypeError("RetryPolicy.should_retry must be a plain function, not an async one")
 
     def decide(self, error: BaseException, attempt: int) -> RetryDecision:
         if isinstance(error, NonRetryableError) or attempt >= self.max_attempts:
@@ -56,6 +60,10 @@ class RetryPolicy:
                 return RetryDecision(decision, self._backoff(attempt))
             if not isinstance(decision, RetryDecision):
                 raise TypeError(f"should_retry must return a RetryDecision, got {type(decision).__name__}")
+            if not isinstance(decision.should_retry, bool):  # "no" is truthy: it must not retry by accident
+                raise TypeError(f"RetryDecision.should_retry must be a bool, got {decision.should_retry!r}")
+            if isinstance(decision.delay_ms, bool) or not isinstance(decision.delay_ms, int | float):
+                raise TypeError(f"RetryDecision.delay_ms must be a number, got {decision.delay_ms!r}")
             return RetryDecision(decision.should_retry, _capped(decision.delay_ms))
         return RetryDecision(should_retry=True, delay_ms=self._backoff(attempt))
 

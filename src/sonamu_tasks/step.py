@@ -48,9 +48,14 @@ class StepOptions:
     def of(
         cls, step_name: str, retry_policy: RetryPolicy | Mapping[str, Any] | None, timeout: Duration | None
     ) -> StepOptions:
+        what = f"the timeout of step {step_name!r}"
+        limit = None if timeout is None else parse_duration(timeout, what=what)
+        if limit is not None and limit <= timedelta(0):
+            # Every execution would time out before it began (and a sync step's thread would run on anyway).
+            raise InvalidValue(f"{what} must be more than 0, got {timeout!r}", field="timeout")
         return cls(
             coerce_retry_policy(retry_policy, what=f"the retry_policy of step {step_name!r}", error=InvalidValue),
-            None if timeout is None else parse_duration(timeout, what=f"the timeout of step {step_name!r}"),
+            limit,
         )
 
 

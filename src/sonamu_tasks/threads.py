@@ -110,8 +110,13 @@ class StepThreads(Executor):
             future, fn, args, kwargs = work
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn(*args, **kwargs))
+                    future.set_result(fn(*args, **kwargs))  # an abandoned step's end is counted (_reclaimed)
                 except BaseException as error:
                     future.set_exception(error)
             with self._lock:
+                if len(self._threads) > self._max_workers + self._abandoned:
+                    # The pool grew for a step that was abandoned, and that step has ended: one thread too many
+                    # now, which would let more sync steps run at once than `concurrency`. This one leaves.
+                    self._threads.remove(threading.current_thread())
+                    return
                 self._idle += 1
