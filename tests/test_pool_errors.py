@@ -65,3 +65,14 @@ async def test_calls_timing_out_together_share_one_probe_of_the_server(monkeypat
     assert all(isinstance(failure, BackendUnavailable) for failure in failures)
     assert all("a new connection fails" in str(failure) for failure in failures)
     assert probes == 1
+
+
+def test_a_client_side_protocol_error_is_an_outage_not_a_refusal() -> None:
+    """Behind PgBouncer, the server stopping made psycopg raise InternalError("received 2 results from command
+    'BEGIN'") with no SQLSTATE: it was taken as PostgreSQL refusing the statement (logged at ERROR with a
+    traceback on every heartbeat, and not retried), where it is the outage the next call gets through."""
+    from sonamu_tasks.backends.postgres.backend import _is_transient
+
+    assert _is_transient(psycopg.InternalError("received 2 results from command 'BEGIN'"))
+    assert _is_transient(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert not _is_transient(ValueError("not a database error"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -104,12 +105,17 @@ async def server_down(cluster: PostgresCluster) -> AsyncIterator[None]:
             await asyncio.to_thread(cluster.start)
 
 
-async def test_calls_go_through_soon_after_a_long_outage(own_cluster: PostgresCluster) -> None:
+async def test_calls_go_through_soon_after_a_long_outage(
+    own_cluster: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
     """The pool tries to reconnect every 2 s at most, however long the outage: a call waiting all along goes
     through within seconds of the server's return. (psycopg_pool's attempt doubles its gaps with no cap: after an
-    8 s outage its next try came 5-8 s after the server was back, after 40 s some 20 s after.)"""
+    8 s outage its next try came 5-8 s after the server was back, after 40 s some 20 s after.) The LISTEN
+    connection's loss is said once, and its return once (it was said at every reconnection attempt, over two
+    lines each, and its return never)."""
     config = define_config(database_url=own_cluster.url, schema="restart_outage", tasks={"enable_worker": False})
     loop = asyncio.get_running_loop()
+    caplog.set_level(logging.WARNING, logger="sonamu_tasks")
     async with WorkflowManager(config) as client:
         await client.run(many_steps, {"steps": 1, "tag": "outage-before"})
         async with server_down(own_cluster):
@@ -121,6 +127,9 @@ async def test_calls_go_through_soon_after_a_long_outage(own_cluster: PostgresCl
         back = loop.time()
         await asyncio.wait_for(waiting, 30)
         assert loop.time() - back < 3.5, f"run() went through {loop.time() - back:.1f}s after the server was back"
+        await wait_until(lambda: "LISTEN connection back" in caplog.text, what="the LISTEN connection back")
+    lost = [r.getMessage() for r in caplog.records if "LISTEN connection lost" in r.getMessage()]
+    assert len(lost) == 1 and "\n" not in lost[0], lost
 
 
 stuck_steps_started: list[str] = []

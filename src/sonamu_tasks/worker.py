@@ -253,6 +253,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         backoff = 0.05
+        failing_since: float | None = None  # when claims began to fail, for one log line per episode
         while not self._stopping:
             self._wake.clear()
             timeout = self._poll_s
@@ -314,14 +315,34 @@ class Worker:
                         if not self._starved:
                             self._look_again_s = 0.0
                     backoff = 0.05
-                except BackendUnavailable as error:
-                    logger.warning("claim failed (%s); retrying in %.2fs", error, backoff)
-                    timeout = backoff
+                    if failing_since is not None:
+                        logger.warning(
+                            "claims go through again, after %.1fs of failures", time.monotonic() - failing_since
+                        )
+                        failing_since = None
+                except Exception as error:
+                    # Said once per episode (a database refusing writes fails every claim), with the traceback
+                    # if it is not an outage; the next attempts are logged at DEBUG.
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        unexpected = not isinstance(error, BackendUnavailable)
+                        logger.warning(
+                            "claim failed (%s); retrying with backoff up to 5s, said again only when claims go through",
+                            error,
+                            exc_info=unexpected,
+                        )
+                    else:
+                        logger.debug("claim failed again (%s); retrying in %.2fs", error, backoff)
+                    # Wait the backoff out whatever wakes the loop (a notification, a run ending): it spun 700-900
+                    # times a second on a claim that failed at once, as a wake or a full earlier claim made it
+                    # claim again without waiting.
+                    self._more_due = False
+                    resume_at = time.monotonic() + backoff
                     backoff = min(backoff * 2, 5.0)
-                except Exception:
-                    logger.exception("claim failed unexpectedly; retrying in %.2fs", backoff)
-                    timeout = backoff
-                    backoff = min(backoff * 2, 5.0)
+                    while not self._stopping and (left := resume_at - time.monotonic()) > 0:
+                        self._wake.clear()
+                        await wait_for_event(self._wake, left)
+                    continue
                 if self._more_due and len(self._active) < self.options.concurrency:
                     continue
             await wait_for_event(self._wake, timeout)

@@ -91,7 +91,9 @@ def _is_transient(error: BaseException) -> bool:
         return False
     state = error.sqlstate
     if state is None:  # raised by the client: the connection is broken or could not be made
-        return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+        # InternalError: the client lost track of the protocol, as behind PgBouncer when the server behind it
+        # stopped ("received 2 results from command 'BEGIN'"); the connection is discarded, the call retried.
+        return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError | psycopg.InternalError)
     return state.startswith(_TRANSIENT_STATES)
 
 
@@ -348,6 +350,7 @@ class PostgresBackend:
 
     async def listen(self, notifications: Notifications) -> None:
         delay = 0.1
+        lost_since: float | None = None  # one line when the connection is lost, one when it is back
         # A connection that goes silent (a frozen server, a dropped NAT entry) must not be waited on forever:
         # it would stop every wake-up, with nothing in the log, until TCP gave up (15 min to hours). The
         # connect and the probe are bounded, and TCP keepalives notice a dead peer without a probe too.
@@ -358,6 +361,9 @@ class PostgresBackend:
                     async with asyncio.timeout(LISTEN_ANSWER_S):
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     delay = 0.1
+                    if lost_since is not None:
+                        logger.warning("LISTEN connection back, after %.1fs", time.monotonic() - lost_since)
+                        lost_since = None
                     notifications.reconnected()  # events may have been missed while we were away
                     while True:
                         async for notify in conn.notifies(timeout=LISTEN_IDLE_S):
@@ -367,7 +373,12 @@ class PostgresBackend:
                         async with asyncio.timeout(LISTEN_ANSWER_S):
                             await conn.execute("SELECT 1")
             except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
-                logger.warning("LISTEN connection lost (%s); reconnecting in %.1fs", error, delay)
+                reason = " ".join(str(error).split())  # psycopg's text spans lines; a log line must not
+                if lost_since is None:
+                    lost_since = time.monotonic()
+                    logger.warning("LISTEN connection lost (%s); reconnecting, said again when it is back", reason)
+                else:
+                    logger.debug("LISTEN reconnection failed (%s); again in %.1fs", reason, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             except TimeoutError:
