@@ -4,10 +4,13 @@ runs, on every backend (see BACKENDS). Uses the SDK's in-memory exporter and pro
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import socket
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,6 +141,30 @@ async def test_metrics_count_known_runs_steps_and_the_backlog(manager_for: Any, 
 
     await wait_until(backlog, timeout=20, what="the backlog gauge")
     assert metric("sonamu_tasks_backlog_oldest_seconds", queue="default", workflow=other, version="1") >= 0
+
+
+async def test_the_backlog_gauge_reads_0_once_the_backlog_empties(manager_for: Any) -> None:
+    """A queue whose backlog emptied reads 0, not "no data" (the series used to vanish: a panel showed a gap and
+    an alert on it saw nothing)."""
+    manager = await manager_for([])
+    other = unique("emptied")
+    handle = await manager.run({"name": other, "version": "1"}, None)
+    labels = {"queue": "default", "workflow": other, "version": "1"}
+    await wait_until(lambda: REGISTRY.get_sample_value("sonamu_tasks_backlog", labels) == 1, what="a backlog of 1")
+    await manager.cancel(handle.id)
+    await wait_until(lambda: REGISTRY.get_sample_value("sonamu_tasks_backlog", labels) == 0, what="a backlog of 0")
+    assert REGISTRY.get_sample_value("sonamu_tasks_backlog_oldest_seconds", labels) == 0
+
+
+def test_the_grafana_dashboard_takes_the_max_of_the_database_wide_backlog_gauges() -> None:
+    """Every process reports the whole database's backlog: a sum over processes counted it once per process."""
+    path = Path(__file__).parent.parent / "docs" / "operations" / "grafana-dashboard.json"
+    exprs = [t["expr"] for panel in json.loads(path.read_text())["panels"] for t in panel.get("targets", [])]
+    uses = [e for e in exprs if "sonamu_tasks_backlog" in e]
+    assert uses
+    for expr in uses:
+        bare = re.sub(r"max by \([^)]*\) \(sonamu_tasks_backlog(_oldest_seconds)?\)", "", expr)
+        assert "sonamu_tasks_backlog" not in bare, f"{expr}: not first the max over processes"
 
 
 STEP_SECONDS = "sonamu_tasks_step_duration_seconds"

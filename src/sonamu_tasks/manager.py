@@ -32,7 +32,7 @@ from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration
-from .errors import InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
+from .errors import BackendUnavailable, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
 from .handle import RunHandle
 from .ids import canonical_run_id, stored_run_id
 from .limits import (
@@ -83,6 +83,10 @@ class StrandedRuns:
     def total(self) -> int:
         return sum(self.counts.values())
 
+
+# How long a scrape of a process without a worker (the dashboard) waits for the backlog read: well within
+# Prometheus's default scrape timeout (10 s), so the other series still arrive while the database is down.
+BACKLOG_READ_S = 2.0
 
 _OUR_KEY = "\x1fsend:"
 """The prefix of the idempotency key `send` gives a message sent without one."""
@@ -362,9 +366,22 @@ class WorkflowManager:
 
     async def metrics_text(self) -> tuple[bytes, str]:
         """This process's Prometheus metrics (the `metrics` extra) and their content type, with the due backlog
-        per queue read now: a process without a worker (the dashboard) has no loop refreshing those gauges."""
+        per queue read now: a process without a worker (the dashboard) has no loop refreshing those gauges.
+
+        With the database down the backlog read gives up after BACKLOG_READ_S and the other series are served
+        without the backlog gauges (a stale count would look current), a comment line saying why: a scrape
+        that waited for the database would time out, taking this process's own series with it."""
         if self.worker is None and self.telemetry.metrics is not None:
-            self.telemetry.backlog(await until_available(self.backend.due_backlog, what="read the backlog"))
+            try:
+                rows = await until_available(
+                    self.backend.due_backlog, what="read the backlog", give_up_after_s=BACKLOG_READ_S
+                )
+            except BackendUnavailable as error:
+                self.telemetry.backlog_unknown()
+                body, content_type = metrics_text()
+                why = " ".join(str(error).split())  # one comment line
+                return f"# backlog gauges left out: {why}\n".encode() + body, content_type
+            self.telemetry.backlog(rows)
         return metrics_text()
 
     async def queue_stats(self, *, stale_after: float = STALE_AFTER) -> list[QueueStats]:

@@ -106,6 +106,8 @@ class Metrics:
             "How long the oldest due, unclaimed run has waited, per queue and workflow",
             ["queue", "workflow", "version"],
         )
+        self.backlog_seen: set[tuple[str, str, str]] = set()
+        """The (queue, workflow, version) the backlog gauges have shown: 0 once their backlog empties."""
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._step_labels: dict[str, set[str]] = {}
         """The step labels each workflow has used, at most STEP_LABELS_PER_WORKFLOW."""
@@ -260,15 +262,26 @@ class Telemetry:
             metrics.child(metrics.runs_failed, workflow).inc()
 
     def backlog(self, rows: list[tuple[str, str, str, int, float]]) -> None:
-        """Due, unclaimed runs per (queue, workflow, version): how many and the oldest's wait in seconds."""
+        """Due, unclaimed runs per (queue, workflow, version): how many and the oldest's wait in seconds. A
+        series shown before and not in `rows` reads 0 (its backlog emptied): a panel or alert then sees 0, not
+        "no data". The database's whole backlog, the same from every process (not this worker's share)."""
         metrics = self.metrics
         if metrics is None:
             return
-        metrics.backlog.clear()
-        metrics.backlog_age.clear()
+        current = {(queue, workflow, version) for queue, workflow, version, _, _ in rows}
+        for labels in metrics.backlog_seen - current:
+            metrics.backlog.labels(*labels).set(0)
+            metrics.backlog_age.labels(*labels).set(0)
         for queue, workflow, version, count, oldest in rows:
             metrics.backlog.labels(queue, workflow, version).set(count)
             metrics.backlog_age.labels(queue, workflow, version).set(oldest)
+        metrics.backlog_seen |= current
+
+    def backlog_unknown(self) -> None:
+        """The backlog could not be read: its gauges are left out rather than shown stale."""
+        if self.metrics is not None:
+            self.metrics.backlog.clear()
+            self.metrics.backlog_age.clear()
 
 
 DISABLED = Telemetry(tracing=False, metrics=False)
