@@ -427,7 +427,10 @@ class Worker:
         while True:
             try:
                 self.telemetry.backlog(await self.backend.due_backlog())
-            except Exception as error:  # a gauge a little stale is better than a dead loop
+            except Exception as error:  # not a dead loop: the next read may go through
+                # Left out rather than shown as they were: an outage's scrapes must not read a backlog that
+                # stopped moving as if it were current (the dashboard's /metrics does the same).
+                self.telemetry.backlog_unknown()
                 logger.debug("backlog metrics not refreshed: %r", error)
             await asyncio.sleep(BACKLOG_EVERY_S)
 
