@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from sonamu_tasks import RetryPolicy, WorkflowFailed, WorkflowManager, workflow
+from sonamu_tasks import BackendUnavailable, RetryPolicy, WorkflowFailed, WorkflowManager, workflow
 from sonamu_tasks.telemetry import OTHER_STEPS, STEP_LABELS_PER_WORKFLOW, metrics_text, step_label
 
 from .conftest import wait_until
@@ -356,3 +356,23 @@ async def test_a_child_started_by_a_step_continues_its_parents_trace(
     assert {s.context.trace_id for s in parents + children} == {request.get_span_context().trace_id}
     parent_spans = {s.context.span_id for s in parents}
     assert all(s.parent is not None and s.parent.span_id in parent_spans for s in children)
+
+
+async def test_a_worker_leaves_its_backlog_gauges_out_while_it_cannot_read_the_backlog(
+    manager_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During an outage the gauges stopped where they were, read as current by every scrape."""
+    monkeypatch.setattr("sonamu_tasks.worker.BACKLOG_EVERY_S", 0.1)
+    manager = await manager_for([])
+    other = unique("unread")
+    await manager.run({"name": other, "version": "1"}, None)
+    labels = {"queue": "default", "workflow": other, "version": "1"}
+    await wait_until(lambda: REGISTRY.get_sample_value("sonamu_tasks_backlog", labels) == 1, what="a backlog of 1")
+
+    async def down() -> Any:
+        raise BackendUnavailable("the database is down")
+
+    manager.backend.due_backlog = down  # type: ignore[method-assign]
+    await wait_until(
+        lambda: REGISTRY.get_sample_value("sonamu_tasks_backlog", labels) is None, timeout=20, what="no backlog gauge"
+    )
