@@ -933,3 +933,24 @@ async def test_fork_many_failed_runs_onto_a_fixed_version_after_a_dry_run(manage
 
 async def _registered(manager: WorkflowManager) -> bool:
     return any(worker.workflows for worker in await manager.list_workers())
+
+
+async def test_show_names_the_worker_executing_a_running_run(manager_for: Any, invoke: Invoke) -> None:
+    release = asyncio.Event()
+
+    async def held() -> str:
+        await release.wait()
+        return "done"
+
+    @workflow(version="1")
+    async def holds(step: Any) -> Any:
+        return await step.define("held", held).run()
+
+    manager = await manager_for([holds])
+    handle = await manager.run(holds)
+    await wait_until(lambda: _status_is(handle, RunStatus.RUNNING), what="the run to run")
+    shown = (await invoke("show", handle.id)).stdout
+    assert f"worker    {manager.worker.id}   lease until " in shown
+    release.set()
+    await handle.result(timeout=15)
+    assert "worker    " not in (await invoke("show", handle.id)).stdout

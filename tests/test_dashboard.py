@@ -960,3 +960,27 @@ async def test_a_running_run_asked_to_pause_offers_resume_which_withdraws_the_re
     assert "/pause'" not in canceling and "/resume'" not in canceling and "/cancel'" in canceling
     finished = pages.run_detail(dataclasses.replace(record, status=RunStatus.COMPLETED), "token")
     assert "/pause'" not in finished and "/resume'" not in finished and "/cancel'" not in finished
+
+
+async def test_a_running_runs_page_and_show_name_the_worker_executing_it(manager_for: Any, make_config: Any) -> None:
+    """Which worker holds a run was only in `show --json`: an operator chasing a stuck run had to guess."""
+    release = asyncio.Event()
+
+    async def held() -> str:
+        await release.wait()
+        return "done"
+
+    @workflow(version="1")
+    async def holds(step: Any) -> Any:
+        return await step.define("held", held).run()
+
+    manager = await manager_for([holds])
+    handle = await manager.run(holds)
+    await wait_until(lambda: _status_is(handle, RunStatus.RUNNING), what="the run to run")
+    worker_id = manager.worker.id
+    async with in_process(make_config) as client:
+        page = (await client.get(f"/runs/{handle.id}")).text
+        assert f"<p id='run-worker'>worker <code>{worker_id}</code> · lease until " in page
+        release.set()
+        await handle.result(timeout=15)
+        assert "run-worker" not in (await client.get(f"/runs/{handle.id}")).text  # finished: nobody holds it

@@ -1126,6 +1126,8 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     if run.forked_from:
         click.echo(f"forked    from {run.forked_from} at its step {run.forked_step!r}")
     click.echo(f"status    {_status_text(run)}   attempts {run.attempts}   recoveries {run.recoveries}")
+    if run.status is RunStatus.RUNNING and run.worker_id:
+        click.echo(f"worker    {run.worker_id}   lease until {_time(run.available_at)}")
     click.echo(
         f"created   {_time(run.created_at)}   started {_time(run.started_at)}   finished {_time(run.finished_at)}"
     )

@@ -183,6 +183,7 @@ def run_detail(
         f"<p>{_text(run.workflow_name)} version {_text(run.version)} · "
         f"<span id='run-status' class='status {run.status.value}'{finished}>{run.status.value}</span>{request} · "
         f"attempts {run.attempts} · recoveries {run.recoveries} · created {_time(run.created_at)}</p>"
+        f"{_worker(run)}"
         f"{_queue(run)}{_parent(run, parent)}{_forked(run)}<p>{buttons}</p>"
         f"{_waiting_for(run, children)}{_children(run, children)}"
         f"<h3>Timeline</h3>{timeline_svg(shown_run, links=child_links(shown))}"
@@ -449,6 +450,13 @@ def _children(run: RunRecord, children: Children) -> str:
     return f"<h3>Children</h3><p id='child-counts'>{total}: {counts or 'none found'}{kept}</p>{table}" + (
         more if children.more > 0 else ""
     )
+
+
+def _worker(run: RunRecord) -> str:
+    """The worker executing a running run, and until when its lease holds (which worker to look at)."""
+    if run.status is not RunStatus.RUNNING or not run.worker_id:
+        return ""
+    return f"<p id='run-worker'>worker <code>{_text(run.worker_id)}</code> · lease until {_time(run.available_at)}</p>"
 
 
 def _child_row(row: ChildRow) -> str:
