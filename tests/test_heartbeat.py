@@ -22,7 +22,7 @@ import pytest
 from sonamu_tasks import Queue, RunStatus, WorkflowManager, workflow
 from sonamu_tasks.attempt import Attempt
 from sonamu_tasks.backends.base import Backend, NewRun
-from sonamu_tasks.heartbeat import Failures
+from sonamu_tasks.heartbeat import heartbeat_failures
 from sonamu_tasks.ids import new_run_id
 
 from .conftest import wait_until
@@ -332,7 +332,7 @@ async def test_a_worker_with_a_long_lease_still_heartbeats_often_enough_to_count
 def test_failed_heartbeats_are_said_once_per_outage(caplog: pytest.LogCaptureFixture) -> None:
     """An outage fails every heartbeat: one warning for it, one when they go through again (a warning each
     lease period through an outage, 43 in 75 s, said nothing useful)."""
-    failures = Failures()
+    failures = heartbeat_failures()
     with caplog.at_level(logging.DEBUG, logger="sonamu_tasks.heartbeat"):
         for _ in range(5):
             failures.failed("PostgreSQL unavailable")

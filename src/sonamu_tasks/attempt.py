@@ -156,7 +156,7 @@ class Attempt:
         # The steps that raised in this attempt: name, start, the error, its own retry policy if any. Several
         # when gathered steps fail together; the one whose error ends the workflow decides the retry.
         self._failed_steps: list[tuple[str, datetime, BaseException, RetryPolicy | None]] = []
-        self._errors_at_steps: dict[int, tuple[str, BaseException]] = {}  # by id(error): see _step_failed
+        self._noted_at_steps: list[tuple[str, BaseException]] = []  # see _step_failed
         self._claimed_monotonic = time.monotonic()
         self.output_json: str | None = None
         """The stored output, once this attempt completed the run."""
@@ -919,14 +919,7 @@ class Attempt:
         """The step that raised `error`, the error the workflow ended with: not the last step to fail, which
         may be a gathered sibling that failed while the attempt wound down. For an exception group (a
         TaskGroup), the step of its first error that a step raised."""
-        for failed in self._failed_steps:
-            if failed[2] is error:
-                return failed
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                if (found := self._failed_step(inner)) is not None:
-                    return found
-        return None
+        return _first_raised(error, lambda raised: next((f for f in self._failed_steps if f[2] is raised), None))
 
     def _replayed(self) -> None:
         self._replays_left -= 1
@@ -945,19 +938,12 @@ class Attempt:
     def _step_failed(self, name: str, error: BaseException) -> BaseException:
         """`error`, noted as raised at step `name`, so the run's stored error names the step. Not a failed
         step: the step's record, if it has one (a checkpoint, a child's outcome), stays as it is."""
-        self._errors_at_steps[id(error)] = (name, error)
+        self._noted_at_steps.append((name, error))
         return error
 
     def _step_noted(self, error: BaseException) -> str | None:
         """The step `_step_failed` noted `error` at; for an exception group (a TaskGroup), its first error's."""
-        noted = self._errors_at_steps.get(id(error))
-        if noted is not None and noted[1] is error:
-            return noted[0]
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                if (name := self._step_noted(inner)) is not None:
-                    return name
-        return None
+        return _first_raised(error, lambda raised: next((n for n, e in self._noted_at_steps if e is raised), None))
 
     def _kind_changed(self, name: str, kind: str) -> BaseException:
         return self._step_failed(
@@ -1109,6 +1095,19 @@ def _retrieve_error(task: asyncio.Task[None]) -> None:
 
 
 _NO_SCOPE = contextlib.nullcontext()
+
+Found = typing.TypeVar("Found")
+
+
+def _first_raised(error: BaseException, match: Callable[[BaseException], Found | None]) -> Found | None:
+    """`match(error)`, or for an exception group (a TaskGroup) what matches its first error that matches."""
+    if (found := match(error)) is not None:
+        return found
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _first_raised(inner, match)) is not None:
+                return found
+    return None
 
 
 def _awaits_other_tasks(task: asyncio.Task[Any]) -> bool:

@@ -31,6 +31,7 @@ from datetime import timedelta
 
 from .backends.base import Backend
 from .errors import BackendUnavailable
+from .log import FailureEpisodes
 
 logger = logging.getLogger("sonamu_tasks.heartbeat")
 
@@ -73,24 +74,14 @@ class LeaseTimes:
         return since is not None and time.monotonic() - since > self._trusted_s
 
 
-class Failures:
+def heartbeat_failures() -> FailureEpisodes:
     """Failed heartbeats, said once per episode (an outage fails every one, each lease period), and once more
     when one goes through again."""
-
-    def __init__(self) -> None:
-        self._since: float | None = None
-
-    def failed(self, reason: str) -> None:
-        if self._since is None:
-            self._since = time.monotonic()
-            logger.warning("heartbeat failed (%s); said again only when heartbeats go through", reason)
-        else:
-            logger.debug("heartbeat failed again (%s)", reason)
-
-    def succeeded(self) -> None:
-        if self._since is not None:
-            logger.warning("heartbeats go through again, after %.1fs of failures", time.monotonic() - self._since)
-            self._since = None
+    return FailureEpisodes(
+        logger,
+        "heartbeat failed (%s); said again only when heartbeats go through",
+        "heartbeats go through again, after %.1fs of failures",
+    )
 
 
 class HeartbeatThread:
@@ -122,7 +113,7 @@ class HeartbeatThread:
         self._blocked_since: float | None = None  # the last stamp before the loop stopped stamping
         self._blocked_runs: Held = ()  # the runs on the worker when the episode was noticed
         self._gave_up = False
-        self._failures = Failures()
+        self._failures = heartbeat_failures()
 
     @property
     def keeps_leases(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -32,3 +33,27 @@ class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         where = f"{extra['workflow']} run={extra['run_id']}" + (f" step={step}" if step else "")
         return f"[{where}] {msg}", kwargs
+
+
+class FailureEpisodes:
+    """Failures of something tried again and again (heartbeats, claims, the LISTEN connection): an outage fails
+    every try, so one warning says it when it starts (`failed`, a %s for the reason), one when a try goes
+    through again (`recovered`, a %.1f for how long it failed), and the tries between are logged at DEBUG."""
+
+    def __init__(self, logger: logging.Logger, failed: str, recovered: str) -> None:
+        self._logger = logger
+        self._failed = failed
+        self._recovered = recovered
+        self._since: float | None = None
+
+    def failed(self, reason: str, *, exc_info: bool = False) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            self._logger.warning(self._failed, reason, exc_info=exc_info)
+        else:
+            self._logger.debug("again: " + self._failed, reason)
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            self._logger.warning(self._recovered, time.monotonic() - self._since)
+            self._since = None

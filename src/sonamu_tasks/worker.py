@@ -28,7 +28,8 @@ from .config import WorkerOptions
 from .deadlines import DeadlineSweeper
 from .definition import WorkflowDefinition
 from .errors import BackendUnavailable
-from .heartbeat import Failures, HeartbeatThread, Held, LeaseTimes
+from .heartbeat import HeartbeatThread, Held, LeaseTimes, heartbeat_failures
+from .log import FailureEpisodes
 from .queue import served_queues
 from .reconnect import until_available
 from .registry import Registry
@@ -253,7 +254,11 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         backoff = 0.05
-        failing_since: float | None = None  # when claims began to fail, for one log line per episode
+        failures = FailureEpisodes(
+            logger,
+            "claim failed (%s); retrying with backoff up to 5s, said again only when claims go through",
+            "claims go through again, after %.1fs of failures",
+        )
         while not self._stopping:
             self._wake.clear()
             timeout = self._poll_s
@@ -315,24 +320,11 @@ class Worker:
                         if not self._starved:
                             self._look_again_s = 0.0
                     backoff = 0.05
-                    if failing_since is not None:
-                        logger.warning(
-                            "claims go through again, after %.1fs of failures", time.monotonic() - failing_since
-                        )
-                        failing_since = None
+                    failures.succeeded()
                 except Exception as error:
                     # Said once per episode (a database refusing writes fails every claim), with the traceback
-                    # if it is not an outage; the next attempts are logged at DEBUG.
-                    if failing_since is None:
-                        failing_since = time.monotonic()
-                        unexpected = not isinstance(error, BackendUnavailable)
-                        logger.warning(
-                            "claim failed (%s); retrying with backoff up to 5s, said again only when claims go through",
-                            error,
-                            exc_info=unexpected,
-                        )
-                    else:
-                        logger.debug("claim failed again (%s); retrying in %.2fs", error, backoff)
+                    # if it is not an outage.
+                    failures.failed(str(error), exc_info=not isinstance(error, BackendUnavailable))
                     # Wait the backoff out whatever wakes the loop (a notification, a run ending): it spun 700-900
                     # times a second on a claim that failed at once, as a wake or a full earlier claim made it
                     # claim again without waiting.
@@ -391,7 +383,7 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeats from the event loop: only for a backend the heartbeat thread cannot build again."""
-        failures = Failures()
+        failures = heartbeat_failures()
         while True:
             await asyncio.sleep(self._heartbeat_interval_s)
             held = self._held()

@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ...errors import BackendClosed, BackendUnavailable, ConfigError, StorageError
+from ...log import FailureEpisodes
 from ...queue import DEFAULT_QUEUE, Queue
 from ...reconnect import connection_wait
 from ...status import RunStatus, StepStatus
@@ -350,7 +351,11 @@ class PostgresBackend:
 
     async def listen(self, notifications: Notifications) -> None:
         delay = 0.1
-        lost_since: float | None = None  # one line when the connection is lost, one when it is back
+        lost = FailureEpisodes(
+            logger,
+            "LISTEN connection lost (%s); reconnecting, said again when it is back",
+            "LISTEN connection back, after %.1fs",
+        )
         # A connection that goes silent (a frozen server, a dropped NAT entry) must not be waited on forever:
         # it would stop every wake-up, with nothing in the log, until TCP gave up (15 min to hours). The
         # connect and the probe are bounded, and TCP keepalives notice a dead peer without a probe too.
@@ -361,9 +366,7 @@ class PostgresBackend:
                     async with asyncio.timeout(LISTEN_ANSWER_S):
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     delay = 0.1
-                    if lost_since is not None:
-                        logger.warning("LISTEN connection back, after %.1fs", time.monotonic() - lost_since)
-                        lost_since = None
+                    lost.succeeded()
                     notifications.reconnected()  # events may have been missed while we were away
                     while True:
                         async for notify in conn.notifies(timeout=LISTEN_IDLE_S):
@@ -373,12 +376,7 @@ class PostgresBackend:
                         async with asyncio.timeout(LISTEN_ANSWER_S):
                             await conn.execute("SELECT 1")
             except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
-                reason = " ".join(str(error).split())  # psycopg's text spans lines; a log line must not
-                if lost_since is None:
-                    lost_since = time.monotonic()
-                    logger.warning("LISTEN connection lost (%s); reconnecting, said again when it is back", reason)
-                else:
-                    logger.debug("LISTEN reconnection failed (%s); again in %.1fs", reason, delay)
+                lost.failed(" ".join(str(error).split()))  # psycopg's text spans lines; a log line must not
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             except TimeoutError:
