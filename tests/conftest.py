@@ -40,6 +40,19 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_IN_MEMORY] = config.option.basetemp
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Captured output with a lone surrogate (tests/test_limits.py logs a user's error holding one) is escaped:
+    pytest-xdist sends each report to the controller as UTF-8, and a report it cannot encode stops the worker."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    report.sections = [(title, _encodable(text)) for title, text in report.sections]
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     path = config.stash.get(_IN_MEMORY, None)
     if path is not None:
