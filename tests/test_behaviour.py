@@ -285,6 +285,30 @@ async def test_dynamic_retry_policy_decides_per_error(manager_for: Any) -> None:
     assert seen == [("transient", 1), ("FATAL", 2)]
 
 
+async def test_runs_failing_together_retry_at_spread_times_with_jitter(manager_for: Any) -> None:
+    def down() -> None:
+        raise ConnectionError("the payment service is down")
+
+    policy = RetryPolicy(max_attempts=2, initial_interval_ms=600_000, maximum_interval_ms=None, jitter=0.5)
+
+    @workflow(version="1", retry_policy=policy)
+    async def pays(step: Any, input: int) -> None:
+        await step.define("charge", down).run()
+
+    manager = await manager_for([pays])
+    handles = [await manager.run(pays, n) for n in range(6)]
+
+    async def all_waiting() -> list[Any]:
+        runs = [await handle.info() for handle in handles]
+        return runs if all(run.attempts == 1 for run in runs) else []
+
+    runs = await wait_until(all_waiting, what="every run's first failure")
+    delays = sorted((run.available_at - run.updated_at).total_seconds() for run in runs)
+    assert all(run.status is RunStatus.PENDING for run in runs)
+    assert delays[0] >= 300 - 1 and delays[-1] <= 600 + 1, delays  # within the jitter's half of the backoff
+    assert delays[-1] - delays[0] > 1, delays  # not all at once (all six within 1 s: 1 in 10^12)
+
+
 async def test_durable_sleep_parks_the_run_and_frees_its_slot(manager_for: Any) -> None:
     @workflow(version="1")
     async def napper(step: Any) -> str:

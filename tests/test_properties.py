@@ -193,6 +193,29 @@ def _typed(value: Any) -> Any:
     return [type(value).__name__, value]
 
 
+@PURE
+@given(
+    st.floats(0, 1e7),
+    st.floats(1, 10),
+    st.none() | st.floats(0, 1e8),
+    st.floats(0, 1),
+    st.integers(1, 2_000),
+)
+def test_a_jittered_retry_delay_lies_between_the_fraction_below_the_plain_delay_and_the_plain_delay(
+    initial: float, coefficient: float, maximum: float | None, jitter: float, attempt: int
+) -> None:
+    """Jitter only shortens: the cap stays the longest wait, and a delay is never shorter than its fraction
+    allows."""
+    fields = {"max_attempts": 5_000, "initial_interval_ms": initial, "backoff_coefficient": coefficient}
+    plain = RetryPolicy(**fields, maximum_interval_ms=maximum).decide(RuntimeError(), attempt).delay_ms
+    jittered = RetryPolicy(**fields, maximum_interval_ms=maximum, jitter=jitter).decide(RuntimeError(), attempt)
+    assert jittered.should_retry
+    if plain == 100 * 365 * 86_400_000:  # past the 100-year cap, the cap it is
+        assert jittered.delay_ms <= plain
+    else:
+        assert plain * (1 - jitter) * (1 - 1e-12) <= jittered.delay_ms <= plain
+
+
 NUMBERS = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([1e16, -1e16, 2.5e20, -0.0, 1.5e-07])
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | NUMBERS | st.text(max_size=8),

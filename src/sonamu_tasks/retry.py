@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,8 @@ class RetryPolicy:
     """Static exponential backoff, or a dynamic `should_retry(error, attempt) -> RetryDecision`.
 
     `attempt` counts failed attempts, this one included (1 after the first failure). A run gets at most
-    `max_attempts` attempts whatever `should_retry` answers.
+    `max_attempts` attempts whatever `should_retry` answers. `jitter` (0 to 1) shortens each static delay by
+    a random part of that fraction, so runs failing together (an outage) do not all retry at once.
     """
 
     max_attempts: int = 5
@@ -34,6 +36,7 @@ class RetryPolicy:
     backoff_coefficient: float = 2
     maximum_interval_ms: float | None = 60_000
     should_retry: Callable[[BaseException, int], RetryDecision] | None = None
+    jitter: float = 0
 
     def __post_init__(self) -> None:
         # Checked here, not when a run first fails: a wrong policy is a definition error.
@@ -45,6 +48,9 @@ class RetryPolicy:
         _check_number("backoff_coefficient", self.backoff_coefficient, at_least=1)
         if self.maximum_interval_ms is not None:
             _check_number("maximum_interval_ms", self.maximum_interval_ms, at_least=0)
+        _check_number("jitter", self.jitter, at_least=0)
+        if self.jitter > 1:
+            raise ValueError(f"RetryPolicy.jitter must be a fraction from 0 to 1, got {self.jitter}")
         if self.should_retry is not None and not callable(self.should_retry):
             raise TypeError(f"RetryPolicy.should_retry must be callable, got {type(self.should_retry).__name__}")
         if inspect.iscoroutinefunction(self.should_retry):
@@ -72,7 +78,11 @@ class RetryPolicy:
             delay = float(self.initial_interval_ms) * float(self.backoff_coefficient) ** (attempt - 1)
         except OverflowError:  # a coefficient of 10 at attempt 400: longer than any cap
             delay = math.inf
-        return _capped(delay if self.maximum_interval_ms is None else min(delay, self.maximum_interval_ms))
+        delay = delay if self.maximum_interval_ms is None else min(delay, self.maximum_interval_ms)
+        if self.jitter and math.isfinite(delay):
+            # Drawn below the cap, never above it: maximum_interval_ms stays the longest wait.
+            delay *= 1 - self.jitter * random.random()
+        return _capped(delay)
 
 
 _LONGEST_DELAY_MS = MAX_DURATION.total_seconds() * 1000
