@@ -423,6 +423,33 @@ async def test_workflow_receives_logger_version_and_context(manager_for: Any, ca
     assert record.run_id == handle.id and record.workflow == "introspective"  # type: ignore[attr-defined]
 
 
+async def test_the_engines_lines_about_a_run_name_its_failed_step_under_a_logger_of_their_own(
+    manager_for: Any, caplog: Any
+) -> None:
+    def declines() -> None:
+        raise ValueError("card declined")
+
+    @workflow(version="1", retry_policy=RetryPolicy(max_attempts=2, initial_interval_ms=20))
+    async def charges(step: Any, logger: Any) -> None:
+        logger.info("charging")
+        await step.define("charge", declines).run()
+
+    manager = await manager_for([charges])
+    with caplog.at_level("INFO", logger="sonamu_tasks"):
+        handle = await manager.run(charges)
+        with pytest.raises(WorkflowFailed):
+            await handle.result(timeout=15)
+    engine = [r for r in caplog.records if r.name == "sonamu_tasks.attempt" and r.levelno >= logging.WARNING]
+    assert [(r.levelname, r.step, r.run_id) for r in engine] == [  # type: ignore[attr-defined]
+        ("WARNING", "charge", handle.id),
+        ("ERROR", "charge", handle.id),
+    ]
+    assert "step=charge] attempt 1 failed: card declined; retrying in" in engine[0].getMessage()
+    assert engine[1].exc_info is not None and engine[1].exc_info[0] is ValueError  # the traceback is logged
+    workflow_lines = [r.getMessage() for r in caplog.records if r.name == "sonamu_tasks.workflow"]
+    assert workflow_lines and all("charging" in line for line in workflow_lines)  # the workflow's own lines only
+
+
 async def test_idempotency_key_returns_the_existing_run(manager_for: Any) -> None:
     @workflow(version="1")
     async def once(input: Any) -> Any:

@@ -47,7 +47,7 @@ from .errors import (
     StorageError,
 )
 from .limits import MAX_ERROR_MESSAGE_LENGTH, storable_text
-from .log import RunLogger, current_step
+from .log import ATTEMPT_LOGGER, RunLogger, current_step
 from .reconnect import until_available
 from .registry import Registry
 from .retry import RetryDecision, RetryPolicy
@@ -145,7 +145,7 @@ class Attempt:
         self.definition = definition
         self.claimed = claimed
         self.hooks = hooks
-        self.logger = RunLogger(claimed.id, definition.name, definition.version)
+        self.logger = RunLogger(claimed.id, definition.name, definition.version, ATTEMPT_LOGGER)
         # Quiet while replaying. A flag, not a callback into the attempt: no reference cycle, so a finished
         # attempt is freed at once instead of by the cyclic garbage collector.
         self.workflow_logger = RunLogger(claimed.id, definition.name, definition.version)
@@ -369,23 +369,31 @@ class Attempt:
                 lambda: self.backend.fail_attempt(run.id, run.lease_token, plain, None, retry_delay),
                 what="record failure",
             )
-        where = f" in step {named!r}" if named else ""
         if status in (RunStatus.CANCELED, RunStatus.PAUSED):  # asked for during the attempt: no retry is due
             self._ended("stopped", error)
-            self.logger.info("attempt %d failed%s: %s; %s on request instead of retried", attempt, where, error, status)
+            self.logger.info(
+                "attempt %d failed: %s; %s on request instead of retried",
+                attempt,
+                error,
+                status,
+                extra={"step": named},
+            )
             return
         self._ended("retrying" if retry_delay is not None else "failed", error)
         if retry_delay is not None:
             self.logger.warning(
-                "attempt %d failed%s: %s; retrying in %.3fs",
+                "attempt %d failed: %s; retrying in %.3fs",
                 attempt,
-                where,
                 error,
                 retry_delay.total_seconds(),
+                extra={"step": named},
             )
             self.hooks.wake_in(retry_delay.total_seconds())
         else:
-            self.logger.error("run failed after %d attempt(s)%s: %r", attempt, where, error)
+            # With its traceback: the last word on a failed run is the line an operator searches the logs for.
+            self.logger.error(
+                "run failed after %d attempt(s): %r", attempt, error, exc_info=error, extra={"step": named}
+            )
 
     def _counted_by_step_policies(self) -> int:
         """The failed attempts the steps with a retry policy of their own counted (their stored failures): the

@@ -1,4 +1,5 @@
-"""The `logger` a workflow receives: a LoggerAdapter that tags every line with run, workflow and step."""
+"""The `logger` a workflow receives, and the engine's lines about a run: LoggerAdapters that tag every line with
+run, workflow and step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from contextvars import ContextVar
 from typing import Any
 
 WORKFLOW_LOGGER = logging.getLogger("sonamu_tasks.workflow")
+# The engine's own lines about a run (its failures, retries, parks, lost leases) under another name than the
+# workflow's lines, so a filter or a level can tell the two apart.
+ATTEMPT_LOGGER = logging.getLogger("sonamu_tasks.attempt")
 
 current_step: ContextVar[str | None] = ContextVar("sonamu_tasks_current_step", default=None)
 """The step executing in this task: a context variable, so steps running at once each tag their own lines."""
@@ -18,8 +22,8 @@ class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """`quiet` is set by the attempt while the run replays completed steps, so a line the workflow logs
     between two steps appears once, not once per attempt."""
 
-    def __init__(self, run_id: str, workflow: str, version: str) -> None:
-        super().__init__(WORKFLOW_LOGGER, {"run_id": run_id, "workflow": workflow, "version": version})
+    def __init__(self, run_id: str, workflow: str, version: str, logger: logging.Logger = WORKFLOW_LOGGER) -> None:
+        super().__init__(logger, {"run_id": run_id, "workflow": workflow, "version": version})
         self.quiet = False
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
@@ -28,9 +32,9 @@ class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *args, **kwargs)
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        extra = dict(self.extra or {})
-        step = extra["step"] = current_step.get()
-        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        extra = {**(self.extra or {}), "step": current_step.get(), **kwargs.get("extra", {})}
+        step = extra["step"]
+        kwargs["extra"] = extra
         where = f"{extra['workflow']} run={extra['run_id']}" + (f" step={step}" if step else "")
         return f"[{where}] {msg}", kwargs
 
