@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ HEARTBEAT_AT_LEAST_EVERY_S = 20.0  # whatever the lease: the lists take a worker
 BACKLOG_EVERY_S = 5.0  # how often the backlog gauges are refreshed (only with the metrics extra)
 CLAIM_STOP_S = 2.0  # how long stop() lets a claim in flight finish before cancelling it
 STARVED_LOOK_MAX_S = 1.0  # the slowest look again at runs due but not claimable (a full queue)
+TAKE_OVERS_LOGGED_PER_CLAIM = 10  # one line each; the rest of a claim's take-overs are summed up in one line
 
 
 class Worker:
@@ -298,6 +300,9 @@ class Worker:
                     self._more_due = len(claimed) == limit
                     if claimed:
                         self._heartbeat.publish(self._held())  # once for the cohort, before any of them runs
+                        # Said before their attempts say anything (they start at the sleep below).
+                        if taken_over := [run for run in claimed if run.taken_over]:
+                            _log_take_overs(self.id, taken_over)
                         # Let them reach their first step before this loop asks the database anything more
                         # (the question below would otherwise go first, delaying every start by its send).
                         await asyncio.sleep(0)
@@ -492,4 +497,56 @@ class Worker:
             started_at=now,
             heartbeat_at=now,
             queues=served_queues(self.options.queues, self.registry),
+        )
+
+
+def _log_take_overs(worker_id: str, runs: Sequence[ClaimedRun]) -> None:
+    """Say which runs a claim took over and from whom, at WARNING as a lost lease is: their worker died, stalled
+    or lost the database, or an earlier attempt of this worker left the run and its lease ran out. One line per
+    run up to TAKE_OVERS_LOGGED_PER_CLAIM, then one line for the rest of the claim, counted by previous worker
+    (each still logged at DEBUG): a worker that died holding 500 runs does not flood the log."""
+    for index, run in enumerate(runs):
+        assert run.lease_expired_at is not None  # a take-over, by the claim's own account
+        attempt = run.attempts + 1
+        what = f"run {run.id} ({run.workflow_name}@{run.version}, attempt {attempt}, take-over {run.recoveries})"
+        ago = (run.claimed_at - run.lease_expired_at).total_seconds()
+        expired = run.lease_expired_at.isoformat(timespec="milliseconds")
+        if run.taken_from == worker_id:
+            # Not "another worker died": no other worker was involved.
+            message = (
+                "worker %s took back %s, which it held itself: the lease ran out %.1fs ago (at %s) with no "
+                "heartbeat getting through (a database outage or a blocked event loop outlasted it), and the "
+                "attempt here stopped; no other worker was involved. The run replays from its checkpoints"
+            )
+            args: tuple[object, ...] = (worker_id, what, ago, expired)
+        else:
+            message = (
+                "worker %s took over %s from worker %s, whose lease ran out %.1fs ago (at %s): that worker died, "
+                "stalled or lost the database. The run replays from its checkpoints; a step it had started and not "
+                "checkpointed runs again"
+            )
+            args = (worker_id, what, run.taken_from or "(unknown)", ago, expired)
+        logger.log(
+            logging.WARNING if index < TAKE_OVERS_LOGGED_PER_CLAIM else logging.DEBUG,
+            message,
+            *args,
+            extra={
+                "run_id": run.id,
+                "workflow": run.workflow_name,
+                "version": run.version,
+                "attempt": attempt,
+                "recoveries": run.recoveries,
+                "taken_from": run.taken_from,
+                "lease_expired_at": run.lease_expired_at.isoformat(),
+            },
+        )
+    rest = runs[TAKE_OVERS_LOGGED_PER_CLAIM:]
+    if rest:
+        holders = Counter(run.taken_from or "(unknown)" for run in rest)
+        logger.warning(
+            "worker %s took over %d more run(s) in the same claim, from %s (each logged at DEBUG)",
+            worker_id,
+            len(rest),
+            ", ".join(f"worker {holder} ({count})" for holder, count in holders.most_common()),
+            extra={"taken_over": len(rest), "previous_holders": dict(holders)},
         )

@@ -52,6 +52,15 @@ class ClaimedRun:
     """"cancel" or "pause" asked for while it was running (its previous worker died before honouring it)."""
     trace_context: dict[str, str] | None = None
     """The trace context of the caller of run() (W3C traceparent), for the attempt's span."""
+    taken_from: str | None = None
+    """The worker id the run was leased to, when this claim took it over (its lease had expired): the claim's
+    own worker id when an earlier attempt of this worker left it. None when the claim did not take it over."""
+    lease_expired_at: datetime | None = None
+    """When that lease ran out: set exactly when the claim took the run over (and counted a recovery)."""
+
+    @property
+    def taken_over(self) -> bool:
+        return self.lease_expired_at is not None
 
 
 @dataclass(frozen=True)

@@ -146,18 +146,20 @@ SELECT id::text FROM runs WHERE idempotency_key = %(idempotency_key)s OR id = %(
 
 -- claim_runs --
 -- Take up to `limit` due runs of the given workflows from the given queues, within every limit of those
--- queues: the function claim_runs (migration 0012) reads each queue's streams in priority order, a level at
--- a time, so the cost does not grow with the backlog or with sleeping runs; SKIP LOCKED lets concurrent
--- claims pass each other. A running run under one of `held_tokens` (this worker executes it) is never taken
--- (migration 0023).
+-- queues: the function (claim_runs from migration 0012, named claim_runs_reporting_take_overs from 0027) reads
+-- each queue's streams in priority order, a level at a time, so the cost does not grow with the backlog or with
+-- sleeping runs; SKIP LOCKED lets concurrent claims pass each other. A running run under one of `held_tokens`
+-- (this worker executes it) is never taken (migration 0023). A run taken over (its lease expired) comes with the
+-- worker it was leased to and when that lease ran out, `taken_from` and `lease_expired_at`, NULL otherwise
+-- (migration 0027).
 -- A claim that took runs commits without waiting for the WAL flush (the set_config, evaluated per row
 -- returned; a run's first step starts one flush sooner): the first durable write of a claimed run (a
 -- checkpoint, its outcome) flushes the WAL up to itself, the claim with it. A crash that loses a claim not yet
 -- flushed leaves the run due as before; writes under the lost token are fenced out, and a step it had started
 -- runs again, as after any worker crash (steps run at least once).
 SELECT c.*
-FROM claim_runs(%(worker_id)s, %(queues)s::text[], %(names)s::text[], %(versions)s::text[], %(limit)s,
-                %(lease)s::interval, %(held_tokens)s::uuid[]) AS c
+FROM claim_runs_reporting_take_overs(%(worker_id)s, %(queues)s::text[], %(names)s::text[], %(versions)s::text[],
+                                     %(limit)s, %(lease)s::interval, %(held_tokens)s::uuid[]) AS c
 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
 
 -- seconds_until_due --

@@ -302,8 +302,15 @@ class SqliteBackend:
                             row = _first(conn, "claim_run", params)
                             if row is None:
                                 continue
+                            taken_over = bool(run["lease_expired"])
                             claimed.append(
-                                records.claimed_run(row, claimed_at=now, first_claim=bool(run["first_claim"]))
+                                records.claimed_run(
+                                    row,
+                                    claimed_at=now,
+                                    first_claim=bool(run["first_claim"]),
+                                    taken_from=run["worker_id"] if taken_over else None,
+                                    lease_expired_at=run["available_at"] if taken_over else None,
+                                )
                             )
                             cap -= 1
                             if run["starting"] and budget is not None:

@@ -110,9 +110,10 @@ FROM (SELECT DISTINCT json_extract(value, '$[0]') AS name, json_extract(value, '
 -- (available_at, id), a sort of at most :limit runs per stream. The queue's other workflows are never read.
 -- INDEXED BY: walk the due end of the stream and stop at the limit, whatever the planner guesses from a
 -- table it has no statistics of. A running run under one of :held_tokens (a JSON array) is this worker's own,
--- executing, its lease only looking expired (a late heartbeat): never due to it.
+-- executing, its lease only looking expired (a late heartbeat): never due to it. For a run taken over, the
+-- worker it was leased to and when that lease ran out (the claim overwrites both), which the worker logs.
 SELECT r.id, r.status = 'running' AS lease_expired, r.status = 'pending' AS starting,
-       r.started_at IS NULL AS first_claim, r.concurrency_key
+       r.started_at IS NULL AS first_claim, r.concurrency_key, r.worker_id, r.available_at
 FROM (SELECT DISTINCT json_extract(value, '$[0]') AS name, json_extract(value, '$[1]') AS version
       FROM json_each(:workflows)) AS w
 JOIN runs AS r ON r.rowid IN (

@@ -56,7 +56,14 @@ def pairs(items: Iterable[tuple[str, str]]) -> str:
     return json.dumps([list(item) for item in items])
 
 
-def claimed_run(row: sqlite3.Row, *, claimed_at: int, first_claim: bool) -> ClaimedRun:
+def claimed_run(
+    row: sqlite3.Row,
+    *,
+    claimed_at: int,
+    first_claim: bool,
+    taken_from: str | None = None,
+    lease_expired_at: int | None = None,
+) -> ClaimedRun:
     return ClaimedRun(
         id=row["id"],
         workflow_name=row["workflow_name"],
@@ -70,6 +77,8 @@ def claimed_run(row: sqlite3.Row, *, claimed_at: int, first_claim: bool) -> Clai
         deadline_at=optional_moment(row["deadline_at"]),
         requested_action=row["requested_action"],
         trace_context=decoded(row["trace_context"]),
+        taken_from=taken_from,
+        lease_expired_at=optional_moment(lease_expired_at),
     )
 
 
