@@ -10,6 +10,7 @@ import socket
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from sonamu_tasks import BackendUnavailable, RetryPolicy, WorkflowFailed, WorkflowManager, workflow
+from sonamu_tasks.backends.base import NewRun
+from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.telemetry import OTHER_STEPS, STEP_LABELS_PER_WORKFLOW, metrics_text, step_label
 
 from .conftest import wait_until
@@ -141,6 +144,26 @@ async def test_metrics_count_known_runs_steps_and_the_backlog(manager_for: Any, 
 
     await wait_until(backlog, timeout=20, what="the backlog gauge")
     assert metric("sonamu_tasks_backlog_oldest_seconds", queue="default", workflow=other, version="1") >= 0
+
+
+async def test_a_run_taken_over_once_counts_one_take_over_however_often_it_sleeps_after(manager_for: Any) -> None:
+    name = unique("taken_once")
+
+    @workflow(version="1", name=name)
+    async def naps(step: Any) -> str:
+        for n in range(3):
+            await step.sleep(f"nap-{n}", "50ms")
+        return "rested"
+
+    starter = await manager_for([], enable_worker=False)
+    run_id, _ = await starter.backend.create_run(NewRun(new_run_id(), name, "1", "null"))
+    (held,) = await starter.backend.claim_runs("dead-worker", [(name, "1")], 1, timedelta(milliseconds=100))
+    await wait_until(lambda: datetime.now(UTC) > held.claimed_at + timedelta(milliseconds=150), what="the lease")
+
+    manager = await manager_for([naps])
+    assert await manager.handle(run_id).result(timeout=15) == "rested"  # taken over, then three wakes
+    assert (await manager.handle(run_id).info()).recoveries == 1
+    assert metric("sonamu_tasks_take_overs_total", workflow=name) == 1
 
 
 async def test_the_backlog_gauge_reads_0_once_the_backlog_empties(manager_for: Any) -> None:

@@ -292,7 +292,7 @@ class Worker:
                     finally:
                         self._claiming = 0
                     if self.telemetry.enabled:
-                        taken = [(run.workflow_name, not run.first_claim and run.recoveries > 0) for run in claimed]
+                        taken = [(run.workflow_name, run.taken_over) for run in claimed]
                         self.telemetry.claimed(time.perf_counter() - began, taken)
                     # Start them before anything else: the next due time can be asked while they run.
                     for run in claimed:
