@@ -324,7 +324,7 @@ def schedules(context: click.Context, as_json: bool) -> None:
     config = command_config(context, enable_worker=False)
 
     async def collect() -> list[dict[str, Any]]:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=True) as manager:
             records = await manager.list_schedules()
             served = served_workflows(await manager.list_workers(), datetime.now(UTC))
             rows = []
@@ -488,7 +488,7 @@ def runs(
     created_after = _since(since)
 
     async def fetch() -> RunPage:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=True) as manager:
             return await manager.list_runs(
                 workflow=workflow,
                 version=version,
@@ -545,7 +545,7 @@ def _stranded(context: click.Context, stale_after: float, as_json: bool) -> None
     config = command_config(context, enable_worker=False)
 
     async def fetch() -> list[StrandedRuns]:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=True) as manager:
             return await manager.stranded_runs(stale_after=stale_after)
 
     groups = _steering(fetch())
@@ -867,7 +867,7 @@ def _cancel_many(context: click.Context, selection: _Selection, dry_run: bool, a
     bulk = _Bulk(selection, dry_run)
 
     async def act() -> None:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=dry_run) as manager:
             bulk.matched = await _matching(manager, selection)
             if dry_run or not bulk.matched:
                 for run_id, status in bulk.matched:
@@ -948,7 +948,7 @@ def _fork_many(
     onto = f"from step {from_step!r} onto version {to_version}"
 
     async def act() -> None:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=dry_run) as manager:
             bulk.matched = await _matching(manager, selection)
             if bulk.matched and not await _served(manager, selection.workflow, to_version):
                 forks = "the forks would wait" if dry_run else "the forks wait"
@@ -1103,7 +1103,7 @@ def show(context: click.Context, run_id: str, as_json: bool) -> None:
     config = command_config(context, enable_worker=False)
 
     async def fetch() -> _Shown:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=True) as manager:
             run = await manager.get_run(run_id, with_steps=True)
             parent = await _run_or_none(manager, run.parent_id)
             children = await children_of(manager, run)
@@ -1288,7 +1288,7 @@ def get_event(context: click.Context, run_id: str, key: str, timeout: float | No
     config = command_config(context, enable_worker=False)
 
     async def read() -> tuple[bool, Any, RunRecord]:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=True) as manager:
             value = await manager.get_event(run_id, key, timeout=timeout)
             # None is also a value a run may set: look whether the key is there.
             found = value is not None or any(e.key == key for e in await manager.list_events(run_id))
@@ -1337,7 +1337,7 @@ def queues_command(context: click.Context, as_json: bool) -> None:
     config = command_config(context, enable_worker=False)
 
     async def fetch() -> list[QueueStats]:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=True) as manager:
             return await manager.queue_stats()
 
     found = _steering(fetch())
@@ -1361,7 +1361,7 @@ def workers(context: click.Context, as_json: bool) -> None:
     config = command_config(context, enable_worker=False)
 
     async def fetch() -> list[WorkerRecord]:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=True) as manager:
             return await manager.list_workers()
 
     found = _steering(fetch())

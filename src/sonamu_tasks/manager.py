@@ -88,6 +88,10 @@ class StrandedRuns:
 # Prometheus's default scrape timeout (10 s), so the other series still arrive while the database is down.
 BACKLOG_READ_S = 2.0
 
+# How long a read-only start waits for the database: a restart or failover of a few seconds is ridden out, and
+# an operator whose read finds the database down learns so in 10 s, not the migrating start's 30.
+READ_ONLY_START_S = 10.0
+
 _OUR_KEY = "\x1fsend:"
 """The prefix of the idempotency key `send` gives a message sent without one."""
 
@@ -178,10 +182,12 @@ class WorkflowManager:
         workflows: Iterable[WorkflowDefinition[Any, Any]] = (),
         backend: Backend | None = None,
         clock: Callable[[], datetime] | None = None,
+        read_only: bool = False,
     ) -> None:
         """`backend`: a Backend object instead of the one `config.database_url` names. `clock`: the time the
         cron scheduler reads and workers' heartbeats are compared with (default: this machine's;
-        `testing.WorkflowTestEnv` passes its test clock)."""
+        `testing.WorkflowTestEnv` passes its test clock). `read_only`: a start that writes nothing, for reading
+        with a role that may only read (see `start`)."""
         if config is None:
             config = define_config()
         elif isinstance(config, Mapping):
@@ -205,6 +211,7 @@ class WorkflowManager:
         self._listener: asyncio.Task[None] | None = None
         self._started = False
         self._pid = os.getpid()  # of the process that started it (see start)
+        self.read_only = read_only
 
     # lifecycle
 
@@ -219,7 +226,13 @@ class WorkflowManager:
 
     async def start(self) -> None:
         """Migrate the database, collect the workflows of the configured packages, listen for events, and
-        start the worker and the cron scheduler when `enable_worker` is on."""
+        start the worker and the cron scheduler when `enable_worker` is on.
+
+        A `read_only` manager writes nothing as it starts: it checks the schema instead of migrating it (a
+        ConfigError names a schema that is not there, and the migrations it lacks: nothing is created), stores
+        no queues or schedules, and starts no worker whatever `enable_worker` says; a database that does not
+        answer within READ_ONLY_START_S is BackendUnavailable. Its methods that write (run, cancel ...) are not
+        refused by it: the role's privileges decide."""
         if self._started:
             if self._pid != os.getpid():
                 raise SonamuTasksError(
@@ -242,13 +255,16 @@ class WorkflowManager:
         _active.append(self)
 
     async def _start_parts(self) -> None:
-        await until_available(self.backend.migrate, what="migrate", give_up_after_s=30)
-        await until_available(self._register_queues, what="store queues", give_up_after_s=30)
+        if self.read_only:
+            await self._check_schema()
+        else:
+            await until_available(self.backend.migrate, what="migrate", give_up_after_s=30)
+            await until_available(self._register_queues, what="store queues", give_up_after_s=30)
         if self.backend.pushes_notifications:
             self._listener = asyncio.create_task(self.backend.listen(self), name="sonamu-listen")
             self.waiters.listening = True
         tasks = self.config.tasks
-        if tasks.enable_worker:
+        if tasks.enable_worker and not self.read_only:
             if tasks.worker_options.metrics_port is not None:  # a busy port fails the start before any claim
                 self._stop_metrics = serve_metrics(tasks.worker_options.metrics_port)
             self.worker = Worker(
@@ -270,6 +286,16 @@ class WorkflowManager:
             )
             await until_available(self.retention.publish, what="store retention")
             self.retention.start()
+
+    async def _check_schema(self) -> None:
+        """A read-only start: the schema must be there and current. An outage is said as one, and sooner than a
+        migrating start says it: an operator reading is told the database is down, not kept waiting."""
+        try:
+            await until_available(self.backend.check_schema, what="check the schema", give_up_after_s=READ_ONLY_START_S)
+        except BackendUnavailable as error:
+            raise BackendUnavailable(
+                f"the database is unavailable: no answer within {READ_ONLY_START_S:g}s ({error.__cause__ or error})"
+            ) from error
 
     async def stop(self) -> None:
         """Graceful: the worker stops claiming, lets running steps finish, and hands back the rest."""

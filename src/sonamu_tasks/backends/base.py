@@ -239,6 +239,12 @@ class Backend(ScheduleStore, Protocol):
         """Apply pending migrations (safe with many processes at once); return the names applied."""
         ...
 
+    async def check_schema(self) -> None:
+        """Check, creating and changing nothing, that the schema holds every migration of this release (the start
+        of a read-only manager): ConfigError when it has none (never migrated) or lacks some, naming them; a
+        schema with migrations this release does not know is logged as a warning, as `migrate` does."""
+        ...
+
     async def listen(self, notifications: Notifications) -> None:
         """Deliver events until cancelled, reconnecting by itself."""
         ...

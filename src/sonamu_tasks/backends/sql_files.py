@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 
+from ..errors import ConfigError
+
 _HEADER = re.compile(r"^-- (\w+) --$", re.MULTILINE)
 _MIGRATION = re.compile(r"^\d{4}_\w+\.sql$")
 # In a shared query: a quoted literal (left as it is), or a `:name` placeholder (not a `::` cast).
@@ -81,3 +83,22 @@ def newer_than_code(applied: set[str], known: list[tuple[str, str]]) -> str | No
         f"({', '.join(unknown)}): a newer release migrated it; this process may misbehave on it (upgrade it to "
         "the release that wrote them)"
     )
+
+
+def check_applied(where: str, applied: set[str] | None, known: list[tuple[str, str]]) -> str | None:
+    """For a start that does not migrate: ConfigError when `where` (the schema, or the SQLite file) has no
+    migrations table (`applied` None) or lacks some of `known`; otherwise `newer_than_code`'s warning, if any."""
+    if applied is None:
+        raise ConfigError(
+            f"{where} has no sonamu-tasks tables: it was never migrated (a mistyped schema or path?). Nothing was "
+            "created; `sonamu-tasks migrate` creates them"
+        )
+    missing = [name for name, _ in known if name not in applied]
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(
+            f"{where} is older than this release of sonamu-tasks: {len(missing)} migration(s) not applied "
+            f"({listed}). Run `sonamu-tasks migrate` with a role that may change the schema (a read-only start "
+            "does not migrate)"
+        )
+    return newer_than_code(applied, known)

@@ -51,7 +51,7 @@ from ..base import (
     selection_workflow,
 )
 from ..group_commit import GroupCommit
-from ..sql_files import newer_than_code
+from ..sql_files import check_applied, newer_than_code
 from .queries import QUERIES, migrations
 from .types import register_loaders
 from .wakeups import Wakeups
@@ -103,6 +103,17 @@ async def _try_again(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
     nothing would try until a new call asks for a connection, and calls already waiting wait out their timeout."""
     if not pool.closed:
         await pool.check()
+
+
+def _server(url: str) -> str:
+    """Where `url` connects, for a message: host:port/database, never the password."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the configured database_url"
+    host = params.get("host") or params.get("hostaddr") or "the default host"
+    database = params.get("dbname")
+    return f"{host}:{params.get('port') or 5432}" + (f"/{database}" if database else "")
 
 
 def _transient(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -344,6 +355,27 @@ class PostgresBackend:
         for name in applied:
             logger.info("applied migration %s to schema %s", name, self.schema)
         return applied
+
+    async def check_schema(self) -> None:
+        try:
+            applied = await self.applied_migrations()
+        except BackendUnavailable as error:
+            # Named by its server: what is down matters to the reader, not which call found it.
+            raise BackendUnavailable(f"PostgreSQL at {_server(self.url)}: {error.__cause__ or error}") from error
+        where = f"PostgreSQL schema {self.schema!r} (database at {_server(self.url)})"
+        if (newer := check_applied(where, applied, migrations())) is not None:
+            logger.warning("schema %s: %s", self.schema, newer)
+
+    @_transient
+    async def applied_migrations(self) -> set[str] | None:
+        """The migrations recorded in the schema; None when it has no migrations table (or is not there)."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(QUERIES["migrations_table"], {"schema": self.schema})
+            found = await cursor.fetchone()
+            if found is None or not found[0]:
+                return None
+            cursor = await conn.execute(QUERIES["applied_migrations"])
+            return {row[0] for row in await cursor.fetchall()}
 
     async def _notify_workers(self, payloads: list[str]) -> None:
         async with self._connection() as conn:

@@ -896,3 +896,12 @@ CROSS JOIN LATERAL (
       AND r.available_at <= now()  -- a 'running' one here lost its lease: due again
 ) AS due
 ORDER BY n.name
+
+-- migrations_table --
+-- Whether the schema has its migrations table, read from the catalog: a read-only start checks the schema
+-- without creating it, and the schema may not exist at all.
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = %(schema)s AND tablename = 'migrations')
+
+-- applied_migrations --
+-- The migrations recorded in the schema (a read-only start compares them with this release's).
+SELECT name FROM migrations

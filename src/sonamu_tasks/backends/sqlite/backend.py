@@ -47,7 +47,7 @@ from ..base import (
     selection_workflow,
 )
 from ..group_commit import GroupCommit
-from ..sql_files import backend_queries, newer_than_code, package_migrations
+from ..sql_files import backend_queries, check_applied, newer_than_code, package_migrations
 from . import records
 from .database import Database
 from .records import duration_micros, micros, pairs
@@ -113,14 +113,9 @@ class SqliteBackend:
         await self._db.close()
 
     async def migrate(self) -> list[str]:
-        def recorded(conn: sqlite3.Connection, now: int) -> set[str] | None:
-            if _first(conn, "migrations_table", {}) is None:
-                return None  # a new file
-            return {row["name"] for row in conn.execute(QUERIES["applied_migrations"])}
-
-        # Every process migrates as it starts, the CLI's reading commands too: the write lock only when there
-        # is something to apply, so a start does not wait for a busy writer (nor make one wait).
-        done = await self._db.read(recorded)
+        # Every process migrates as it starts (not a read-only one): the write lock only when there is something
+        # to apply, so a start does not wait for a busy writer (nor make one wait).
+        done = await self._db.read(_recorded)
         if done is not None:
             if (newer := newer_than_code(done, MIGRATIONS)) is not None:
                 logger.warning("%s: %s", self.path, newer)
@@ -144,6 +139,13 @@ class SqliteBackend:
         for name in applied:
             logger.info("applied migration %s to %s", name, self.path)
         return applied
+
+    async def check_schema(self) -> None:
+        # A file that is not there stays so: connecting would create it.
+        missing = self.path != ":memory:" and not os.path.exists(self.path)
+        applied = None if missing else await self._db.read(_recorded)
+        if (newer := check_applied(f"SQLite database {self.path}", applied, MIGRATIONS)) is not None:
+            logger.warning("%s: %s", self.path, newer)
 
     async def listen(self, notifications: Notifications) -> None:
         """Nothing to listen to: other processes are found by polling. Waits until cancelled."""
@@ -1047,6 +1049,13 @@ def _load_steps(conn: sqlite3.Connection, run_id: str, value_limit: int | None =
     query = QUERIES["load_steps" if value_limit is None else "load_steps_capped"]
     rows = conn.execute(query, {"run_id": run_id, "limit": value_limit}).fetchall()
     return {row["name"]: records.with_cut_values(records.step_record(row), row, "output") for row in rows}
+
+
+def _recorded(conn: sqlite3.Connection, now: int) -> set[str] | None:
+    """The migrations the file records; None for a file without a migrations table (a new one)."""
+    if _first(conn, "migrations_table", {}) is None:
+        return None
+    return {row["name"] for row in conn.execute(QUERIES["applied_migrations"])}
 
 
 def _statements(script: str) -> list[str]:
