@@ -57,7 +57,16 @@ from .display import (
 )
 from .display_text import MAX_CELL_WIDTH, escaped, fit, format_table
 from .duration import parse_duration
-from .errors import BackendUnavailable, ConfigError, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidValue,
+    RunNotFound,
+    ScheduleInUse,
+    ScheduleNotFound,
+    SonamuTasksError,
+    WorkflowFailed,
+)
 from .manager import RunPage, StopSignals, StrandedRuns, WorkflowManager
 from .queue import Queue, served_queues
 from .records import (
@@ -65,6 +74,7 @@ from .records import (
     QueueStats,
     RunEventRecord,
     RunRecord,
+    ScheduleRecord,
     StepRecord,
     WorkerRecord,
     served_workflows,
@@ -371,8 +381,44 @@ def schedules(context: click.Context, as_json: bool) -> None:
         click.echo(
             "\nA schedule fired by nobody: no live worker registers its workflow (its fleet is down, or the workflow "
             "left the code and its schedule stays stored). It fires again, once for the latest missed time, when a "
-            "worker whose code declares it starts."
+            "worker whose code declares it starts; `sonamu-tasks delete-schedule NAME` deletes one whose workflow "
+            "is gone."
         )
+
+
+@main.command("delete-schedule")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def delete_schedule(context: click.Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Delete stored schedules NAMES whose workflow no live worker registers (the workflow left the code).
+    Refused, deleting none, for a name not stored or a schedule live workers fire: remove it from the code."""
+    config = command_config(context, enable_worker=False)
+
+    async def delete() -> list[ScheduleRecord]:
+        async with WorkflowManager(config) as manager:
+            stored = {record.name: record for record in await manager.list_schedules()}
+            # Every name checked first: a typo or a live schedule among them deletes none.
+            unknown = [name for name in names if name not in stored]
+            if unknown:
+                known = ", ".join(sorted(stored)) or "none"
+                raise ScheduleNotFound(f"no schedule named {', '.join(map(repr, unknown))} is stored (stored: {known})")
+            served = served_workflows(await manager.list_workers(), datetime.now(UTC))
+            live = [f"{n!r} ({stored[n].workflow_name})" for n in names if stored[n].workflow_name in served]
+            if live:
+                raise ScheduleInUse(
+                    f"live workers register the workflow of schedule {', '.join(live)}: remove the schedule from "
+                    "the code instead (its workers then delete it); nothing was deleted"
+                )
+            return [await manager.delete_schedule(name) for name in dict.fromkeys(names)]
+
+    deleted = _steering(delete())
+    if as_json:
+        rows = [{"name": r.name, "workflow": r.workflow_name, "expression": r.expression} for r in deleted]
+        click.echo(json.dumps(rows))
+        return
+    for record in deleted:
+        click.echo(f"deleted schedule {record.name} ({record.workflow_name}, {record.expression})")
 
 
 @main.command("run")

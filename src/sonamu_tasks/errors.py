@@ -53,6 +53,14 @@ class RunNotFound(SonamuTasksError, LookupError):
     """No run has this id."""
 
 
+class ScheduleNotFound(SonamuTasksError, LookupError):
+    """No schedule of this name is stored."""
+
+
+class ScheduleInUse(SonamuTasksError, ValueError):
+    """A live worker registers the schedule's workflow: its code decides the schedule, not a delete."""
+
+
 class BackendUnavailable(SonamuTasksError):
     """The database could not be reached or the transaction was interrupted; safe to retry."""
 

@@ -32,7 +32,15 @@ from .config import Config, define_config
 from .definition import WorkflowDefinition
 from .discovery import DiscoveryError, discover
 from .duration import Duration
-from .errors import BackendUnavailable, InvalidValue, RunNotFound, SonamuTasksError, WorkflowFailed
+from .errors import (
+    BackendUnavailable,
+    InvalidValue,
+    RunNotFound,
+    ScheduleInUse,
+    ScheduleNotFound,
+    SonamuTasksError,
+    WorkflowFailed,
+)
 from .handle import RunHandle
 from .ids import canonical_run_id, stored_run_id
 from .limits import (
@@ -46,7 +54,7 @@ from .limits import (
 )
 from .queue import Queue, collect_queues
 from .reconnect import until_available
-from .records import STALE_AFTER, StepRecord
+from .records import STALE_AFTER, StepRecord, served_workflows
 from .registry import Registry
 from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
@@ -629,6 +637,32 @@ class WorkflowManager:
     async def list_schedules(self) -> list[ScheduleRecord]:
         """The stored cron schedules, with their next and last fire times."""
         return await until_available(self.backend.list_schedules, what="list schedules", give_up_after_s=30)
+
+    async def delete_schedule(self, name: str) -> ScheduleRecord:
+        """Delete stored schedule `name`, which no live worker fires: its workflow left the code (a schedule
+        removed from a workflow that stays is deleted by the workers themselves). Returns what was stored.
+        Raises ScheduleNotFound for a name not stored, and ScheduleInUse while a live worker registers the
+        schedule's workflow: the code declares it, and a deleted schedule would stop firing until a worker
+        started again and stored it back."""
+        schedules = {record.name: record for record in await self.list_schedules()}
+        record = schedules.get(name)
+        if record is None:
+            known = ", ".join(map(repr, sorted(schedules))) or "none"
+            raise ScheduleNotFound(f"no schedule named {name!r} is stored (stored: {known})")
+        if record.workflow_name in served_workflows(await self.list_workers(), self._clock()):
+            raise ScheduleInUse(
+                f"schedule {name!r} belongs to workflow {record.workflow_name!r}, which live workers register: "
+                "remove the schedule from that workflow's code instead (its workers then delete it)"
+            )
+        deleted = await until_available(
+            lambda: self.backend.delete_schedule(name, record.workflow_name),
+            what="delete schedule",
+            give_up_after_s=30,
+        )
+        if not deleted:  # deleted, or stored for another workflow, since it was read
+            raise ScheduleNotFound(f"schedule {name!r} of workflow {record.workflow_name!r} is no longer stored")
+        logger.info("deleted schedule %r of workflow %r (%s)", name, record.workflow_name, record.expression)
+        return record
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Workers that registered, with their workflows and last heartbeat (a stale one is likely dead)."""

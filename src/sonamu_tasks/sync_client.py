@@ -312,6 +312,10 @@ class SyncClient:
         """The stored cron schedules, with their next and last fire times."""
         return self._call(self.manager.list_schedules())
 
+    def delete_schedule(self, name: str) -> ScheduleRecord:
+        """Delete a stored schedule no live worker fires (its workflow left the code); see the manager's."""
+        return self._call(self.manager.delete_schedule(name))
+
     def stranded_runs(self, *, stale_after: float = STALE_AFTER) -> list[StrandedRuns]:
         """Unfinished runs of versions no live worker registers (see `WorkflowManager.stranded_runs`)."""
         return self._call(self.manager.stranded_runs(stale_after=stale_after))

@@ -220,6 +220,10 @@ class ScheduleStore(Protocol):
 
     async def list_schedules(self) -> list[ScheduleRecord]: ...
 
+    async def delete_schedule(self, name: str, workflow_name: str) -> bool:
+        """Delete stored schedule `name` if it is `workflow_name`'s; False when there was no such schedule."""
+        ...
+
     async def fire_schedule(
         self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
     ) -> bool:

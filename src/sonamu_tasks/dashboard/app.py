@@ -13,6 +13,7 @@
     GET  /queues              each queue: its limits, runs executing, due backlog and its age, the rate window
                               used, runs parked behind a full concurrency key
     GET  /workers, /schedules
+    POST /schedules/delete    a schedule no live worker fires (its workflow left the code), then back to the list
     GET  /api/runs, /api/runs/{id}   the same as JSON, as `runs --json` and `show --json` (the run in full: a
                               page cuts long values)
     GET  /api/queues          the queues as JSON (as `sonamu-tasks queues --json`)
@@ -115,6 +116,7 @@ class Dashboard:
             Route("/api/queues", self.queues_json),
             Route("/workers", self.workers_page),
             Route("/schedules", self.schedules_page),
+            Route("/schedules/delete", self.delete_schedule, methods=["POST"]),
             Route("/metrics", self.metrics),
             Route("/static/{name}", self.static),
         ]
@@ -262,8 +264,19 @@ class Dashboard:
 
     async def schedules_page(self, request: Request) -> Response:
         served = served_workflows(await self.manager.list_workers(), datetime.now(UTC))
-        body = pages.schedules_table(await self.manager.list_schedules(), served)
-        return HTMLResponse(body if _partial(request) else pages.page("Schedules", body, refresh_ms=5000))
+        body = pages.schedules_table(await self.manager.list_schedules(), served, self.csrf)
+        if _partial(request):
+            return HTMLResponse(body)
+        notice = pages.deleted_notice(request.query_params.get("deleted", ""))
+        return HTMLResponse(pages.page("Schedules", body, refresh_ms=5000, before=notice))
+
+    async def delete_schedule(self, request: Request) -> Response:
+        """A schedule's Delete: refused (400, saying why) for one a live worker fires."""
+        form = await self._form(request)
+        name = _field(form, "name", arguments.plain_text)
+        assert name is not None  # required
+        await self.manager.delete_schedule(name)
+        return RedirectResponse(f"/schedules?{urlencode({'deleted': name})}", status_code=303)
 
     async def metrics(self, request: Request) -> Response:
         if not telemetry.metrics_available():

@@ -234,13 +234,15 @@ def workers_table(workers: Sequence[WorkerRecord]) -> str:
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no workers</p>"
 
 
-def schedules_table(schedules: Sequence[ScheduleRecord], served: set[str]) -> str:
-    """`served`: the workflow names a live worker registers (a schedule of another workflow is fired by nobody)."""
+def schedules_table(schedules: Sequence[ScheduleRecord], served: set[str], csrf: str) -> str:
+    """`served`: the workflow names a live worker registers (a schedule of another workflow is fired by nobody,
+    and can be deleted here: its workflow may have left the code)."""
     rows = "".join(
         f"<tr><td>{_text(s.name)}</td><td>{_text(s.workflow_name)}@{_text(s.version)}</td>"
         f"<td>{_text(s.expression)}</td><td>{_text(s.timezone)}</td><td>{_time(s.next_fire_at)}</td>"
         f"<td>{_run_link(s.last_run_id)}</td>"
-        f"<td>{'live workers' if s.workflow_name in served else '<strong>nobody</strong>'}</td></tr>"
+        f"<td>{'live workers' if s.workflow_name in served else '<strong>nobody</strong> ' + _delete(s, csrf)}</td>"
+        "</tr>"
         for s in schedules
     )
     head = (
@@ -367,6 +369,21 @@ def sent_notice(sent: str) -> str:
             "(the message is stored once).</p>"
         )
     return ""
+
+
+def deleted_notice(name: str) -> str:
+    """What the schedules page says after its Delete (`?deleted=NAME`)."""
+    shown = _text(name[:MAX_NAME_LENGTH])
+    return f"<p id='notice' class='notice'>Deleted schedule <code>{shown}</code>.</p>" if name else ""
+
+
+def _delete(schedule: ScheduleRecord, csrf: str) -> str:
+    return (
+        "<form class='inline' method='post' action='/schedules/delete'>"
+        f"<input type='hidden' name='csrf' value='{escape(csrf)}'>"
+        f"<input type='hidden' name='name' value='{escape(schedule.name)}'>"
+        "<button class='delete-schedule' type='submit'>Delete</button></form>"
+    )
 
 
 def not_steered_notice(run_id: str, action: str, status: str) -> str:

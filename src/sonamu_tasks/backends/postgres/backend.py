@@ -566,6 +566,12 @@ class PostgresBackend:
         return [ScheduleRecord(*row) for row in rows]
 
     @_transient
+    async def delete_schedule(self, name: str, workflow_name: str) -> bool:
+        async with self._connection() as conn:
+            cursor = await conn.execute(QUERIES["delete_schedule"], {"name": name, "workflow_name": workflow_name})
+        return cursor.rowcount > 0
+
+    @_transient
     async def fire_schedule(
         self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
     ) -> bool:

@@ -910,6 +910,13 @@ class SqliteBackend:
 
         return await self._db.read(read)
 
+    async def delete_schedule(self, name: str, workflow_name: str) -> bool:
+        def delete(conn: sqlite3.Connection, now: int) -> bool:
+            params = {"name": name, "workflow_name": workflow_name}
+            return conn.execute(QUERIES["delete_schedule"], params).rowcount > 0
+
+        return await self._db.write(delete)
+
     async def fire_schedule(
         self, name: str, expected: datetime, fire_at: datetime, next_fire_at: datetime, run: NewRun | None
     ) -> bool:
