@@ -1,4 +1,5 @@
-"""`sonamu-tasks purge`: delete finished runs older than a duration, with a progress bar and a summary line.
+"""`sonamu-tasks purge`: delete finished runs older than a duration, then the broadcast events no run can read any
+more, with a progress bar and a summary line.
 
     sonamu-tasks purge --older-than 30d [--status completed ...] [--workflow W] [--dry-run] [--json]
 
@@ -21,7 +22,7 @@ from .duration import parse_duration
 from .errors import InvalidValue
 from .limits import check_workflow_name
 from .manager import WorkflowManager
-from .retention import BATCH_SIZE, MAX_BATCH_SIZE
+from .retention import BATCH_SIZE, MAX_BATCH_SIZE, purge_events
 
 
 def _duration(context: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -77,15 +78,17 @@ def purge(
     as_json: bool,
 ) -> None:
     """Delete finished runs older than --older-than, with their steps, messages and events, whatever their
-    workflow's retention. Never an unfinished run, nor a child whose parent is unfinished. In batches, one short
-    transaction each, with a progress bar on stderr; then one summary line."""
+    workflow's retention. Never an unfinished run, nor a child whose parent is unfinished. Then the broadcast
+    events (emit) no stored run can read any more, as the workers' retention pass does. In batches, one short
+    transaction each, with a progress bar on stderr; then one summary line (and one for the events, if any)."""
     config = command_config(context, enable_worker=False)
     chosen = [status for status in FINISHED_STATUSES if status in statuses] or list(FINISHED_STATUSES)
     bar = _Bar(enabled=not as_json and not dry_run)
+    events_bar = _Bar(enabled=bar.enabled, label="purging events")
 
-    async def work() -> int:
+    async def work() -> tuple[int, int]:
         async with WorkflowManager(config) as manager:
-            return await manager.purge(
+            runs = await manager.purge(
                 older_than,
                 statuses=chosen,
                 workflow=workflow,
@@ -93,19 +96,28 @@ def purge(
                 batch_size=batch_size,
                 progress=bar.update if bar.enabled else None,
             )
+            bar.close()
+            # After the runs: a failed run deleted no longer keeps the events emitted since its creation.
+            events = await purge_events(
+                manager.backend, dry_run=dry_run, progress=events_bar.update if events_bar.enabled else None
+            )
+            return runs, events
 
     try:
-        count = asyncio.run(work())
+        count, events = asyncio.run(work())
     finally:
         bar.close()
+        events_bar.close()
     if as_json:
-        summary = {
+        summary: dict[str, Any] = {
             "dry_run": dry_run,
             "runs": count,
             "older_than": older_than,
             "statuses": chosen,
             "workflow": workflow,
         }
+        if events:
+            summary["events"] = events
         click.echo(json.dumps(summary))
         return
     verb = "would delete" if dry_run else "deleted"
@@ -114,19 +126,23 @@ def purge(
     click.echo(
         f"{verb} {count} finished {plural}{scope} ({', '.join(chosen)}) that finished more than {older_than} ago"
     )
+    if events:
+        plural = "event" if events == 1 else "events"
+        click.echo(f"{verb} {events} broadcast {plural} no run can read any more")
 
 
 class _Bar:
     """click's progress bar on stderr, made once the total is known (the first report)."""
 
-    def __init__(self, *, enabled: bool) -> None:
+    def __init__(self, *, enabled: bool, label: str = "purging") -> None:
         self.enabled = enabled
+        self.label = label
         self._bar: Any = None
         self._shown = 0
 
     def update(self, deleted: int, total: int) -> None:
         if self._bar is None:
-            self._bar = click.progressbar(length=max(total, 1), label="purging", file=sys.stderr, show_pos=True)
+            self._bar = click.progressbar(length=max(total, 1), label=self.label, file=sys.stderr, show_pos=True)
             self._bar.__enter__()
         if total > self._bar.length:
             self._bar.length = total

@@ -26,6 +26,19 @@ checkpoints go on between the batches (`benchmarks/purge.py` measures what it co
 
 `WorkflowManager.purge` (the `purge` command) deletes on demand by age, status and workflow, in the same
 batches, whatever the retention says.
+
+Broadcast events (`manager.emit`) go once no stored run can read them. `step.wait_for_event` takes the first event
+of its name and key emitted at or after its run was created (both times by the database's clock), and a run that
+may yet wait is any run that is not completed: an unfinished one, and a failed or canceled one, which a retry
+starts again with the same created_at (a fork is a new run, created when it is forked). So every event emitted
+before the creation of the oldest such run (or before now, when there is none), less EVENT_MARGIN, is unreachable.
+The margin covers a run whose insert is in flight during the pass: on PostgreSQL its created_at is its
+transaction's start, earlier than the pass, while the pass cannot see it yet. An event that woke a waiting run is
+never among them: the woken run is pending, created at or before the event. Every pass deletes them after the
+expired runs (whose deletion can only move the horizon later), whether or not a retention is configured, in
+batches as the runs' (off an index by emission time); the `purge` command too. Nothing else bounds them: a failed
+or canceled run kept forever keeps every event emitted since its creation (its retry may wait for any of them),
+until it is deleted (retention, purge).
 """
 
 from __future__ import annotations
@@ -35,7 +48,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import TypeVar
 
 from .backends.base import FINISHED_STATUSES, Backend, FinishedRuns
 from .duration import Duration, parse_duration
@@ -57,8 +71,19 @@ PAUSE_RATIO = 4.0
 purge at 1.0 cost it 15 % of its workflows/s, at 2.0 7-13 %, at 4.0 5-8 % (claim p99: +20 %, +16-32 %, +6-34 %;
 benchmarks/README.md, "Purge")."""
 
+EVENT_BATCH_SIZE = 2_000
+"""Broadcast events deleted per statement: an event is one row and two index entries, nothing cascades."""
+
+EVENT_MARGIN = timedelta(hours=1)
+"""How much earlier than the oldest run that may still wait (or now) an event must be emitted to be deleted. A run
+insert takes milliseconds from its transaction's start (its created_at) to its commit; an hour covers one that
+waited on locks or a stalled connection meanwhile, and a wall clock set back (SQLite), for the price of keeping
+the last hour's events."""
+
 Progress = Callable[[int, int], None]
 """Called after each batch with (runs deleted so far, how many there were to delete at the start)."""
+
+S = TypeVar("S")
 
 
 class RetentionSweeper:
@@ -74,6 +99,7 @@ class RetentionSweeper:
         interval: Duration,
         batch_size: int = BATCH_SIZE,
         pause_ratio: float = PAUSE_RATIO,
+        event_batch_size: int = EVENT_BATCH_SIZE,
     ) -> None:
         self.backend = backend
         self.registry = registry
@@ -81,6 +107,7 @@ class RetentionSweeper:
         self.interval = parse_duration(interval, what="tasks.retention_interval")
         self.batch_size = batch_size
         self.pause_ratio = pause_ratio
+        self.event_batch_size = event_batch_size
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -90,39 +117,51 @@ class RetentionSweeper:
         await self.backend.save_retention(declared_retention(self.registry))
 
     async def sweep(self) -> int:
-        """One pass: delete every expired run, unless another worker holds the lock. Returns how many."""
+        """One pass: delete every expired run, then the broadcast events no run can read any more, unless another
+        worker holds the lock. Returns how many runs it deleted."""
         await self.publish()  # also after a reload: the policies follow the code
         plan = deletion_plan(await self.backend.list_retention(), self.default)
-        if not plan:
-            return 0
         async with self.backend.retention_lock() as held:
             if not held:
                 logger.debug("retention: another worker is deleting expired runs")
                 return 0
-            total = 0
-            for what, selection in plan:
-                deleted = 0
-                for chosen in await by_workflow(self.backend.finished_workflows, selection):
-                    deleted += await delete_in_batches(
-                        self.backend.delete_finished_runs,
-                        chosen,
-                        batch_size=self.batch_size,
-                        pause_ratio=self.pause_ratio,
-                        stopping=self._stopping_soon,
-                    )
-                    if self._stopping:
-                        break
-                if deleted:
-                    logger.info(
-                        "retention: deleted %d finished runs of %s (finished more than %s ago)",
-                        deleted,
-                        what,
-                        duration_words(selection.older_than),
-                    )
-                total += deleted
+            total = await self._delete_runs(plan)
+            if not self._stopping:
+                events = await delete_unreachable_events(
+                    self.backend,
+                    batch_size=self.event_batch_size,
+                    pause_ratio=self.pause_ratio,
+                    stopping=self._stopping_soon,
+                )
+                if events:
+                    logger.info("retention: deleted %d broadcast events no run can read any more", events)
+            return total
+
+    async def _delete_runs(self, plan: list[tuple[str, FinishedRuns]]) -> int:
+        total = 0
+        for what, selection in plan:
+            deleted = 0
+            for chosen in await by_workflow(self.backend.finished_workflows, selection):
+                deleted += await delete_in_batches(
+                    self.backend.delete_finished_runs,
+                    chosen,
+                    batch_size=self.batch_size,
+                    pause_ratio=self.pause_ratio,
+                    stopping=self._stopping_soon,
+                )
                 if self._stopping:
                     break
-            return total
+            if deleted:
+                logger.info(
+                    "retention: deleted %d finished runs of %s (finished more than %s ago)",
+                    deleted,
+                    what,
+                    duration_words(selection.older_than),
+                )
+            total += deleted
+            if self._stopping:
+                break
+        return total
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sonamu-retention")
@@ -243,11 +282,6 @@ async def purge(
             lambda: backend.delete_finished_runs(chosen, limit), what="delete runs", give_up_after_s=30
         )
 
-    async def pause(seconds: float) -> bool:
-        if seconds > 0:
-            await asyncio.sleep(seconds)  # throttling between batches, not waiting for a condition
-        return False
-
     deleted = 0
     reported = 0
 
@@ -262,9 +296,83 @@ async def purge(
         progress(0, total)
     for chosen in selections:
         deleted += await delete_in_batches(
-            delete, chosen, batch_size=batch_size, pause_ratio=pause_ratio, stopping=pause, on_batch=report
+            delete, chosen, batch_size=batch_size, pause_ratio=pause_ratio, stopping=_throttle, on_batch=report
         )
     logger.info("purge: deleted %d finished runs", deleted)
+    return deleted
+
+
+async def delete_unreachable_events(
+    backend: Backend,
+    *,
+    batch_size: int,
+    pause_ratio: float,
+    stopping: Callable[[float], Awaitable[bool]],
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Delete, batch after batch, the broadcast events emitted before the horizon of this moment (see the module's
+    docstring); the number deleted. The horizon is fixed for the pass: a run created meanwhile is created after it
+    by more than EVENT_MARGIN, and a run completed meanwhile only moves it later, for the next pass."""
+    horizon = await backend.unreachable_events_horizon(EVENT_MARGIN)
+    if horizon is None:
+        return 0
+    return await delete_in_batches(
+        backend.delete_events_before,
+        horizon,
+        batch_size=batch_size,
+        pause_ratio=pause_ratio,
+        stopping=stopping,
+        on_batch=on_batch,
+    )
+
+
+async def purge_events(
+    backend: Backend,
+    *,
+    dry_run: bool = False,
+    batch_size: int = EVENT_BATCH_SIZE,
+    progress: Progress | None = None,
+    pause_ratio: float = PAUSE_RATIO,
+) -> int:
+    """Delete (or with `dry_run` only count) the broadcast events no stored run can read any more, in batches as
+    `purge`; the number deleted (counted). `progress(deleted, total)` as for `purge`, only when there are some."""
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise InvalidValue(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}", field="batch_size")
+
+    async def horizon_now() -> datetime | None:
+        return await backend.unreachable_events_horizon(EVENT_MARGIN)
+
+    horizon = await until_available(horizon_now, what="find unreachable events", give_up_after_s=30)
+    if horizon is None:
+        return 0
+    fixed = horizon
+
+    async def count() -> int:
+        return await backend.count_events_before(fixed)
+
+    if dry_run:
+        return await until_available(count, what="count events", give_up_after_s=30)
+    total = await until_available(count, what="count events", give_up_after_s=30) if progress is not None else 0
+
+    async def delete(before: datetime, limit: int) -> int:
+        return await until_available(
+            lambda: backend.delete_events_before(before, limit), what="delete events", give_up_after_s=30
+        )
+
+    reported = 0
+
+    def report(deleted: int) -> None:
+        nonlocal reported
+        if progress is not None and deleted != reported:
+            reported = deleted
+            progress(deleted, max(total, deleted))
+
+    if progress is not None and total:
+        progress(0, total)
+    deleted = await delete_in_batches(
+        delete, fixed, batch_size=batch_size, pause_ratio=pause_ratio, stopping=_throttle, on_batch=report
+    )
+    logger.info("purge: deleted %d broadcast events no run can read any more", deleted)
     return deleted
 
 
@@ -284,8 +392,8 @@ async def by_workflow(
 
 
 async def delete_in_batches(
-    delete: Callable[[FinishedRuns, int], Awaitable[int]],
-    selection: FinishedRuns,
+    delete: Callable[[S, int], Awaitable[int]],
+    selection: S,
     *,
     batch_size: int,
     pause_ratio: float,
@@ -305,6 +413,13 @@ async def delete_in_batches(
             return deleted
         if await stopping((time.monotonic() - began) * pause_ratio):
             return deleted
+
+
+async def _throttle(seconds: float) -> bool:
+    """A purge's pause between batches (it never stops early)."""
+    if seconds > 0:
+        await asyncio.sleep(seconds)  # throttling between batches, not waiting for a condition
+    return False
 
 
 def duration_words(duration: timedelta) -> str:

@@ -517,6 +517,22 @@ class Backend(ScheduleStore, Protocol):
         """How many runs `selection` names (it names its workflow); what deleting them all would delete now."""
         ...
 
+    # broadcast events no run can read any more (retention.py, "Broadcast events")
+    async def unreachable_events_horizon(self, margin: timedelta) -> datetime | None:
+        """The emission time before which no stored run can read a broadcast event: the creation of the oldest run
+        that is not completed (or now, when there is none), less `margin`, by the database's clock. None when no
+        event is that old (nothing to delete)."""
+        ...
+
+    async def delete_events_before(self, horizon: datetime, limit: int) -> int:
+        """Delete up to `limit` of the broadcast events emitted before `horizon`, oldest first, in one transaction
+        that waits on no lock; the number deleted."""
+        ...
+
+    async def count_events_before(self, horizon: datetime) -> int:
+        """How many broadcast events were emitted before `horizon`."""
+        ...
+
 
 NotificationCallback = Callable[[str], None]
 

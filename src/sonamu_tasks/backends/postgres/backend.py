@@ -1156,6 +1156,24 @@ class PostgresBackend:
             (count,) = await self._one(conn, "count_finished_runs", selection_params(selection))
         return int(count)
 
+    @_transient
+    async def unreachable_events_horizon(self, margin: timedelta) -> datetime | None:
+        async with self._connection() as conn:
+            (horizon,) = await self._one(conn, "unreachable_events_horizon", {"margin": margin})
+        return horizon if isinstance(horizon, datetime) else None
+
+    @_transient
+    async def delete_events_before(self, horizon: datetime, limit: int) -> int:
+        async with self._connection() as conn:
+            deleted, _ = await self._one(conn, "delete_events_before", {"horizon": horizon, "limit": limit})
+        return int(deleted)
+
+    @_transient
+    async def count_events_before(self, horizon: datetime) -> int:
+        async with self._connection() as conn:
+            (count,) = await self._one(conn, "count_events_before", {"horizon": horizon})
+        return int(count)
+
 
 def _uuid_array(values: Iterable[str]) -> str:
     """UUIDs as one array literal, for a `::uuid[]` parameter. A worker's claim sends the lease tokens it holds:

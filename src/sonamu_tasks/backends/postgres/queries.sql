@@ -822,6 +822,45 @@ WITH RECURSIVE names AS (
 )
 SELECT name FROM names WHERE name IS NOT NULL
 
+-- unreachable_events_horizon --
+-- The emission time before which no stored run can read a broadcast event (wait_for_event takes the first one
+-- emitted at or after the run's creation): the creation of the oldest run that is not completed, or now, less
+-- `margin`. A failed or canceled run counts: a retry starts it again, with its created_at. The margin covers a
+-- run whose insert began before this statement and commits after it (its created_at is its transaction's start,
+-- and this statement does not see it). NULL when no event is that old: one probe of events_by_emission, and the
+-- runs are not read (PostgreSQL evaluates the subquery only when the CASE needs it).
+WITH oldest AS (
+    SELECT min(emitted_at) AS emitted_at FROM events
+)
+SELECT CASE WHEN oldest.emitted_at < now() - %(margin)s::interval
+            THEN LEAST(now(), (SELECT min(created_at) FROM runs
+                               WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused',
+                                                'failed', 'canceled')))
+                 - %(margin)s::interval END
+FROM oldest
+
+-- delete_events_before --
+-- One batch: the oldest broadcast events emitted before `horizon`, off events_by_emission (migration 0029).
+-- SKIP LOCKED and one statement, as delete_finished_runs (an emit only inserts: nothing waits on these rows); its
+-- commit does not wait for the WAL flush either. Returns how many were deleted.
+WITH relaxed AS (
+    SELECT set_config('synchronous_commit', 'off', true) AS setting
+), doomed AS (
+    SELECT id FROM events
+    WHERE emitted_at < %(horizon)s::timestamptz
+    ORDER BY emitted_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM events WHERE id IN (SELECT id FROM doomed)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM deleted), (SELECT setting FROM relaxed)
+
+-- count_events_before --
+-- What delete_events_before would delete, all batches together (purge --dry-run, and its progress bar).
+SELECT count(*) FROM events WHERE emitted_at < %(horizon)s::timestamptz
+
 -- lock_queue --
 -- Taken before a queue's limits change: the change waits for a claim of the queue in progress (see
 -- migration 0012 for the lock's rules).

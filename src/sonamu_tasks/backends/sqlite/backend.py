@@ -1001,6 +1001,27 @@ class SqliteBackend:
 
         return await self._db.read(count)
 
+    async def unreachable_events_horizon(self, margin: timedelta) -> datetime | None:
+        params = {"margin": margin // timedelta(microseconds=1)}
+
+        def read(conn: sqlite3.Connection, now: int) -> datetime | None:
+            horizon = conn.execute(QUERIES["unreachable_events_horizon"], {**params, "now": now}).fetchone()["horizon"]
+            return None if horizon is None else records.moment(horizon)
+
+        return await self._db.read(read)
+
+    async def delete_events_before(self, horizon: datetime, limit: int) -> int:
+        params = {"horizon": records.micros(horizon), "limit": limit}
+        return await self._db.write(lambda conn, now: conn.execute(QUERIES["delete_events_before"], params).rowcount)
+
+    async def count_events_before(self, horizon: datetime) -> int:
+        params = {"horizon": records.micros(horizon)}
+
+        def count(conn: sqlite3.Connection, now: int) -> int:
+            return int(conn.execute(QUERIES["count_events_before"], params).fetchone()["n"])
+
+        return await self._db.read(count)
+
 
 _FOREVER_US = (FOREVER - records.moment(0)) // timedelta(microseconds=1)
 

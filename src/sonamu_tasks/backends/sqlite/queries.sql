@@ -618,6 +618,29 @@ WITH RECURSIVE names (name) AS (
 )
 SELECT name FROM names WHERE name IS NOT NULL
 
+-- unreachable_events_horizon --
+-- The emission time before which no stored run can read a broadcast event (see the PostgreSQL query of the same
+-- name): the creation of the oldest run that is not completed, or now, less `margin` (microseconds). NULL when
+-- no event is that old.
+SELECT CASE WHEN (SELECT min(emitted_at) FROM events) < :now - :margin
+            THEN min(:now, COALESCE((SELECT min(created_at) FROM runs
+                                     WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused',
+                                                      'failed', 'canceled')), :now))
+                 - :margin END AS horizon
+
+-- delete_events_before --
+-- One batch: the oldest broadcast events emitted before `horizon`, off events_by_emission (migration 0022).
+DELETE FROM events
+WHERE id IN (
+    SELECT id FROM events INDEXED BY events_by_emission
+    WHERE emitted_at < :horizon
+    ORDER BY emitted_at
+    LIMIT :limit
+)
+
+-- count_events_before --
+SELECT count(*) AS n FROM events INDEXED BY events_by_emission WHERE emitted_at < :horizon
+
 -- save_queue --
 INSERT INTO queues (name, concurrency, worker_concurrency, rate_limit, rate_period, per_key_concurrency, updated_at)
 VALUES (:name, :concurrency, :worker_concurrency, :rate_limit, :rate_period, :per_key_concurrency, :now)
