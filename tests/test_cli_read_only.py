@@ -65,6 +65,7 @@ READING = [
     ["get-event", SOME_RUN, "progress", "--timeout", "0"],
     ["cancel", "--workflow", "report", "--version", "1", "--dry-run"],
     ["fork", "--workflow", "report", "--version", "1", "--from-step", "s", "--to-version", "2", "--dry-run"],
+    ["purge", "--older-than", "30d", "--dry-run"],
 ]
 
 

@@ -514,6 +514,7 @@ def test_purge_command_dry_run_then_delete_with_a_summary(
         "older_than": "30d",
         "statuses": ["failed"],
         "workflow": None,
+        "events": 0,
     }
     assert db.rows(ids)["steps"] == 5  # nothing deleted
 

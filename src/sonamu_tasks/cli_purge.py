@@ -87,7 +87,7 @@ def purge(
     events_bar = _Bar(enabled=bar.enabled, label="purging events")
 
     async def work() -> tuple[int, int]:
-        async with WorkflowManager(config) as manager:
+        async with WorkflowManager(config, read_only=dry_run) as manager:  # a dry run only counts
             runs = await manager.purge(
                 older_than,
                 statuses=chosen,
@@ -115,9 +115,8 @@ def purge(
             "older_than": older_than,
             "statuses": chosen,
             "workflow": workflow,
+            "events": events,  # always there: a script reads one shape
         }
-        if events:
-            summary["events"] = events
         click.echo(json.dumps(summary))
         return
     verb = "would delete" if dry_run else "deleted"
