@@ -290,3 +290,19 @@ def test_purge_counts_then_deletes_the_events_no_run_can_read(
     assert db.event_keys() == ["fresh"]
     again = purge("--json")
     assert json.loads(again.stdout)["events"] == 0  # none left to delete
+
+
+async def test_manager_purge_events_counts_then_deletes_what_no_run_can_read(
+    connection_settings: dict[str, Any], schema: str, db: Database
+) -> None:
+    config = define_config(**connection_settings, schema=schema, tasks={"enable_worker": False})
+    async with WorkflowManager(config) as manager:
+        for n in range(2):
+            await manager.emit("order.paid", n, key="old")
+        await manager.emit("order.paid", "fresh", key="fresh")
+        db.age_events("old", hours=2)
+        assert await manager.purge_events(dry_run=True) == 2
+        assert db.event_keys() == ["fresh", "old", "old"]
+        seen: list[tuple[int, int]] = []
+        assert await manager.purge_events(progress=lambda done, total: seen.append((done, total))) == 2
+        assert db.event_keys() == ["fresh"] and seen[-1] == (2, 2)

@@ -22,7 +22,7 @@ from .duration import parse_duration
 from .errors import InvalidValue
 from .limits import check_workflow_name
 from .manager import WorkflowManager
-from .retention import BATCH_SIZE, MAX_BATCH_SIZE, purge_events
+from .retention import BATCH_SIZE, MAX_BATCH_SIZE
 
 
 def _duration(context: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -98,8 +98,8 @@ def purge(
             )
             bar.close()
             # After the runs: a failed run deleted no longer keeps the events emitted since its creation.
-            events = await purge_events(
-                manager.backend, dry_run=dry_run, progress=events_bar.update if events_bar.enabled else None
+            events = await manager.purge_events(
+                dry_run=dry_run, progress=events_bar.update if events_bar.enabled else None
             )
             return runs, events
 

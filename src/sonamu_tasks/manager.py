@@ -59,6 +59,7 @@ from .registry import Registry
 from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
 from .retention import purge as purge_runs
+from .retention import purge_events as purge_unreachable_events
 from .run_creation import R, RunOptions, WorkflowSpec, prepare_run, prepare_runs, resolve
 from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
@@ -799,6 +800,12 @@ class WorkflowManager:
         after each batch. Returns how many were deleted (counted)."""
         selection = purge_selection(older_than, statuses, workflow)
         return await purge_runs(self.backend, selection, dry_run=dry_run, batch_size=batch_size, progress=progress)
+
+    async def purge_events(self, *, dry_run: bool = False, progress: Progress | None = None) -> int:
+        """Delete the broadcast events (`emit`) no stored run can read any more, as each retention pass does:
+        those emitted over an hour before the creation of the oldest run that is not completed. `dry_run`: only
+        count them. Returns how many were deleted (counted)."""
+        return await purge_unreachable_events(self.backend, dry_run=dry_run, progress=progress)
 
     # messages and events
 

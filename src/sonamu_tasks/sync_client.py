@@ -296,6 +296,10 @@ class SyncClient:
         `progress` is called on the client's own thread, not the caller's."""
         return self._call(self.manager.purge(older_than, statuses, workflow, dry_run, batch_size, progress))
 
+    def purge_events(self, *, dry_run: bool = False, progress: Progress | None = None) -> int:
+        """Delete the broadcast events no stored run can read any more (see `WorkflowManager.purge_events`)."""
+        return self._call(self.manager.purge_events(dry_run=dry_run, progress=progress))
+
     def declare_queue(self, queue: Queue) -> None:
         """Store a Queue's limits (see `WorkflowManager.declare_queue`; `run(queue=Queue(...))` does it)."""
         self._call(self.manager.declare_queue(queue))
