@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,23 +20,10 @@ from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.worker import TAKE_OVERS_LOGGED_PER_CLAIM
 
 from .conftest import wait_until
-from .support.processes import WorkerProcess, audit_lines
+from .support.processes import audit_lines
+from .test_processes import start_worker  # noqa: F401 - a fixture
 
 THREE_STEPS = {"name": "three_steps", "version": "1"}
-
-
-@pytest.fixture
-def start_worker(database_url: str, schema: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def start(name: str, **settings: float | str) -> WorkerProcess:
-        worker = WorkerProcess(database_url, schema, tmp_path, name, **settings)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
 
 
 @workflow(version="1")
@@ -46,7 +32,9 @@ async def quick(input: Any) -> Any:
 
 
 async def test_the_worker_taking_over_a_killed_workers_run_logs_the_run_and_the_dead_worker(
-    make_config: Any, start_worker: Any, tmp_path: Path
+    make_config: Any,
+    start_worker: Any,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     async with WorkflowManager(make_config(enable_worker=False)) as client:
         first = start_worker("first", lease_ms=1000)
