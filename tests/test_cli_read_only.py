@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -75,7 +76,9 @@ def reader(postgres_url: str, schema: str) -> Iterator[str]:
     name = f"reader_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'secret'")
-    yield postgres_url.replace("postgres@", f"{name}:secret@", 1)
+    # The server's part of the suite's URL, whatever user it names (SONAMU_TASKS_TEST_DATABASE_URL may name any).
+    server = urlsplit(postgres_url)
+    yield urlunsplit(server._replace(netloc=f"{name}:secret@{server.netloc.rpartition('@')[2]}"))
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
 
@@ -117,6 +120,37 @@ async def test_a_role_that_may_only_read_runs_the_reading_commands(
         assert "nothing to cancel" in await read("cancel", "--workflow", "report", "--version", "1", "--dry-run")
         fork = ["fork", "--workflow", "report", "--version", "1", "--status", "completed", "--from-step", "s"]
         assert "dry run" in await read(*fork, "--to-version", "2", "--dry-run")
+
+
+@workflow(version="1")
+async def reports_when_told(input: Any, step: Any) -> str:
+    await step.receive("go", topic="go", timeout="1m")
+    await step.set_event("progress", {"done": 1})
+    return "told"
+
+
+async def test_a_role_that_may_only_read_waits_for_an_event_and_a_result_set_later(
+    backend_name: str, make_config: Any, postgres_url: str, schema: str, reader: str, tmp_path: Path
+) -> None:
+    """Waiting asks other processes' workers to notify it (a write); a read-only manager reads again instead."""
+    if backend_name != "postgres":
+        pytest.skip("roles and privileges are PostgreSQL's")
+    async with WorkflowManager(make_config(), workflows=[reports_when_told]) as manager:
+        handle = await manager.run(reports_when_told)
+        grant_reading(postgres_url, schema, reader)
+        # Not set until the run is told: each of these waits, then times out.
+        unset = await asyncio.to_thread(
+            sonamu_tasks, tmp_path, reader, schema, "get-event", handle.id, "progress", "--timeout", "0.5"
+        )
+        assert unset.returncode == 1 and "did not set event 'progress' within 0.5s (it is waiting)" in unset.stderr
+        reading = define_config(database_url=reader, schema=schema, tasks={"enable_worker": False})
+        async with WorkflowManager(reading, read_only=True) as reader_manager:
+            assert await reader_manager.get_event(handle.id, "progress", timeout=0.5) is None
+            result = asyncio.create_task(reader_manager.handle(handle.id).result(timeout=30))
+            event = asyncio.create_task(reader_manager.get_event(handle.id, "progress", timeout=30))
+            await manager.send(handle.id, "now", topic="go")
+            assert await result == "told"
+            assert await event == {"done": 1}
 
 
 async def test_a_reading_command_creates_no_schema(

@@ -216,7 +216,7 @@ class WorkflowManager:
         self._clock = clock or system_clock
         self.telemetry = Telemetry()
         self._stop_metrics: Callable[[], None] | None = None
-        self.waiters = ResultWaiters(self.backend, self.get_run, self._runs_here)
+        self.waiters = ResultWaiters(self.backend, self.get_run, self._runs_here, watch=not read_only)
         self._listener: asyncio.Task[None] | None = None
         self._started = False
         self._pid = os.getpid()  # of the process that started it (see start)

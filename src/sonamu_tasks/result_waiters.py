@@ -24,6 +24,7 @@ from .waiting import wait_for_event
 
 PUSHED_RECHECK_S = 5.0
 POLLED_RECHECK_S = 0.05
+UNWATCHED_RECHECK_S = 0.25  # a read-only manager's waiters: they read again, unwatched, four times a second
 GIVE_UP_S = 30.0  # without a timeout: how long a read rides out an outage before BackendUnavailable
 READ_FLOOR_S = 1.0  # a read begun at the caller's deadline still gets this long
 
@@ -44,8 +45,13 @@ class ResultWaiters:
         backend: Backend,
         read_run: Callable[[str], Awaitable[RunRecord]],
         runs_here: Callable[[str], bool],
+        *,
+        watch: bool = True,
     ) -> None:
+        """`watch`: ask for the "finished" notification of a run waited for (a write, `watch_runs`); a read-only
+        manager's waiters, whose role may only read, read the run again instead."""
         self._backend = backend
+        self._watch = watch
         self._read_run = read_run
         self._runs_here = runs_here
         self._events: dict[str, set[asyncio.Event]] = {}
@@ -75,7 +81,7 @@ class ResultWaiters:
                     await wait_for_event(event, recheck if deadline is None else min(recheck, deadline - loop.time()))
                     if deadline is None or loop.time() < deadline:
                         continue
-                elif watched != self._reconnects:
+                elif self._watch and watched != self._reconnects:
                     # Ask for the "finished" notification first: one statement, and when it says the run is
                     # unfinished (the watch is set) nothing is read until the notification or the recheck.
                     watched = self._reconnects
@@ -115,6 +121,8 @@ class ResultWaiters:
             return _UNANSWERED
 
     def _recheck(self) -> float:
+        if not self._watch:
+            return UNWATCHED_RECHECK_S
         return PUSHED_RECHECK_S if self._backend.pushes_notifications and self.listening else POLLED_RECHECK_S
 
     @contextlib.contextmanager
@@ -151,7 +159,7 @@ class ResultWaiters:
                     return value
                 if status.finished:
                     return None
-                if not watching:
+                if not watching and self._watch:
                     # Ask to be notified of the run's changes, then read again: it may have set it meanwhile.
                     if await self._by(deadline, lambda: self._backend.watch_run(run_id), "watch run") is _UNANSWERED:
                         return None
