@@ -4,6 +4,7 @@ schema, do not migrate an older one, and say a database that does not answer is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -226,3 +227,24 @@ async def test_a_reading_command_says_the_database_is_unavailable(tmp_path: Path
     assert said.startswith("Error: the database is unavailable: no answer within 10s"), said
     assert f"PostgreSQL at 127.0.0.1:{cluster.port}/postgres" in said and "secret" not in said
     assert "migrate" not in said
+
+
+def test_a_reading_command_leaves_another_tools_sqlite_file_as_it_was(tmp_path: Path) -> None:
+    """Read-only means the file too: not switched to WAL, not made a database when empty, and a file that is not
+    SQLite at all is said to be so."""
+    other = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE orders (id integer)")
+        conn.commit()
+    empty, text = tmp_path / "empty.db", tmp_path / "notes.db"
+    empty.touch()
+    text.write_text("not a database")
+    before = {path: path.read_bytes() for path in (other, empty, text)}
+    for path in (other, empty):
+        said = error_line(sonamu_tasks(tmp_path, f"sqlite:///{path}", "unused", "runs"))
+        assert "has no sonamu-tasks tables" in said and "Nothing was created" in said
+    said = error_line(sonamu_tasks(tmp_path, f"sqlite:///{text}", "unused", "runs"))
+    assert f"{text} is not a SQLite database" in said
+    assert {path: path.read_bytes() for path in before} == before
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.request import pathname2url
 
 from ...errors import ConfigError
 from ...queue import DEFAULT_QUEUE, Queue
@@ -141,9 +142,16 @@ class SqliteBackend:
         return applied
 
     async def check_schema(self) -> None:
-        # A file that is not there stays so: connecting would create it.
+        # A file that is not there stays so: connecting would create it. One that is there is read through a
+        # read-only connection of its own: the backend's own sets WAL mode, which would change another tool's
+        # file (or make a database of an empty one) before the check said it was not ours.
         missing = self.path != ":memory:" and not os.path.exists(self.path)
-        applied = None if missing else await self._db.read(_recorded)
+        if missing:
+            applied = None
+        elif self.path == ":memory:":
+            applied = await self._db.read(_recorded)
+        else:
+            applied = await asyncio.to_thread(_recorded_read_only, self.path)
         if (newer := check_applied(f"SQLite database {self.path}", applied, MIGRATIONS)) is not None:
             logger.warning("%s: %s", self.path, newer)
 
@@ -1077,6 +1085,16 @@ def _load_steps(conn: sqlite3.Connection, run_id: str, value_limit: int | None =
     query = QUERIES["load_steps" if value_limit is None else "load_steps_capped"]
     rows = conn.execute(query, {"run_id": run_id, "limit": value_limit}).fetchall()
     return {row["name"]: records.with_cut_values(records.step_record(row), row, "output") for row in rows}
+
+
+def _recorded_read_only(path: str) -> set[str] | None:
+    """What `_recorded` reads, through a connection that can change nothing (no pragma, mode=ro)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{pathname2url(path)}?mode=ro", uri=True)) as conn:
+            conn.row_factory = sqlite3.Row
+            return _recorded(conn, 0)
+    except sqlite3.DatabaseError as error:  # "file is not a database", a file it may not read
+        raise ConfigError(f"{path} is not a SQLite database this process can read ({error})") from error
 
 
 def _recorded(conn: sqlite3.Connection, now: int) -> set[str] | None:
