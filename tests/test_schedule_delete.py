@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,16 @@ async def test_a_sync_client_deletes_a_schedule_as_the_manager_does(make_config:
         assert await asyncio.to_thread(client.list_schedules) == []
     finally:
         await asyncio.to_thread(client.close)
+
+
+async def test_whether_live_workers_fire_a_schedule_is_judged_by_the_databases_clock(make_config: Any) -> None:
+    """A client whose clock runs minutes ahead sees every worker's heartbeat as stale: the delete still asks the
+    database, by its own clock, and keeps a schedule a live worker declares."""
+    async with WorkflowManager(make_config(), workflows=[poll]) as worker:
+        ahead = WorkflowManager(
+            make_config(enable_worker=False), clock=lambda: datetime.now(UTC) + timedelta(minutes=5)
+        )
+        async with ahead:
+            with pytest.raises(ScheduleInUse):
+                await ahead.delete_schedule("every-5-minutes")
+        assert await stored_names(worker) == ["every-5-minutes"]

@@ -54,7 +54,7 @@ from .limits import (
 )
 from .queue import Queue, collect_queues
 from .reconnect import until_available
-from .records import STALE_AFTER, StepRecord, served_workflows
+from .records import STALE_AFTER, StepRecord
 from .registry import Registry
 from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
@@ -650,17 +650,19 @@ class WorkflowManager:
         if record is None:
             known = ", ".join(map(repr, sorted(schedules))) or "none"
             raise ScheduleNotFound(f"no schedule named {name!r} is stored (stored: {known})")
-        if record.workflow_name in served_workflows(await self.list_workers(), self._clock()):
+        # Whether a live worker registers the workflow is asked in the delete itself, by the database's clock: a
+        # worker starting meanwhile, or this machine's clock, cannot let a declared schedule go.
+        outcome = await until_available(
+            lambda: self.backend.delete_schedule(name, record.workflow_name, STALE_AFTER),
+            what="delete schedule",
+            give_up_after_s=30,
+        )
+        if outcome == "in_use":
             raise ScheduleInUse(
                 f"schedule {name!r} belongs to workflow {record.workflow_name!r}, which live workers register: "
                 "remove the schedule from that workflow's code instead (its workers then delete it)"
             )
-        deleted = await until_available(
-            lambda: self.backend.delete_schedule(name, record.workflow_name),
-            what="delete schedule",
-            give_up_after_s=30,
-        )
-        if not deleted:  # deleted, or stored for another workflow, since it was read
+        if outcome == "missing":  # deleted, or stored for another workflow, since it was read
             raise ScheduleNotFound(f"schedule {name!r} of workflow {record.workflow_name!r} is no longer stored")
         logger.info("deleted schedule %r of workflow %r (%s)", name, record.workflow_name, record.expression)
         return record

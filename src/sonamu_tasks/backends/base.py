@@ -211,6 +211,10 @@ class Notifications(Protocol):
     def reconnected(self) -> None: ...
 
 
+ScheduleDeletion = Literal["deleted", "in_use", "missing"]
+"""What delete_schedule did: deleted it; kept it (a live worker registers its workflow); found no such schedule."""
+
+
 class ScheduleStore(Protocol):
     """Storage of cron schedules: the part of Backend the scheduler needs."""
 
@@ -220,8 +224,9 @@ class ScheduleStore(Protocol):
 
     async def list_schedules(self) -> list[ScheduleRecord]: ...
 
-    async def delete_schedule(self, name: str, workflow_name: str) -> bool:
-        """Delete stored schedule `name` if it is `workflow_name`'s; False when there was no such schedule."""
+    async def delete_schedule(self, name: str, workflow_name: str, stale_after: float) -> ScheduleDeletion:
+        """Delete stored schedule `name` if it is `workflow_name`'s and no worker that heartbeated within
+        `stale_after` seconds (by the database's clock) registers that workflow."""
         ...
 
     async def fire_schedule(

@@ -178,11 +178,6 @@ UPDATE workers SET heartbeat_at = :now WHERE id = :worker_id
 -- remove_worker --
 DELETE FROM workers WHERE id = :worker_id
 
--- delete_schedule --
--- A stored schedule deleted by hand (its workflow left the code, so no worker synchronizes it away). Only while
--- it is still this workflow's: a worker storing the name for another workflow meanwhile keeps its own.
-DELETE FROM schedules WHERE name = :name AND workflow_name = :workflow_name
-
 -- list_workers --
 -- With the runs each executes now (its slots in use): running runs are few (at most the fleet's slots).
 SELECT w.id, w.host, w.pid, w.workflows, w.concurrency, w.started_at, w.heartbeat_at, w.queues,

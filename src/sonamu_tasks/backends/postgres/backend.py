@@ -43,6 +43,7 @@ from ..base import (
     RunQuery,
     RunRecord,
     RunWrite,
+    ScheduleDeletion,
     ScheduleRecord,
     StepRecord,
     TimedWait,
@@ -566,10 +567,13 @@ class PostgresBackend:
         return [ScheduleRecord(*row) for row in rows]
 
     @_transient
-    async def delete_schedule(self, name: str, workflow_name: str) -> bool:
+    async def delete_schedule(self, name: str, workflow_name: str, stale_after: float) -> ScheduleDeletion:
+        params = {"name": name, "workflow_name": workflow_name, "stale_after": stale_after}
         async with self._connection() as conn:
-            cursor = await conn.execute(QUERIES["delete_schedule"], {"name": name, "workflow_name": workflow_name})
-        return cursor.rowcount > 0
+            row = await (await conn.execute(QUERIES["delete_schedule"], params)).fetchone()
+        assert row is not None
+        deleted, live = row
+        return "deleted" if deleted else "in_use" if live else "missing"
 
     @_transient
     async def fire_schedule(

@@ -599,6 +599,23 @@ FROM (SELECT name FROM schedules WHERE name = %(name)s AND next_fire_at = %(expe
 WHERE s.name = due.name
 RETURNING s.name
 
+-- delete_schedule --
+-- A stored schedule deleted by hand (its workflow left the code, so no worker synchronizes it away): only while
+-- it is still this workflow's (a worker storing the name for another workflow meanwhile keeps its own), and only
+-- if no live worker registers the workflow, by the database's clock (a worker registers before it stores its
+-- schedules, so one that stored this one since is seen). Returns (deleted, a live worker registers it).
+WITH live AS (
+    SELECT 1 FROM workers w
+    WHERE w.heartbeat_at > now() - make_interval(secs => %(stale_after)s)
+      AND EXISTS (SELECT 1 FROM jsonb_array_elements(w.workflows) AS e WHERE e ->> 0 = %(workflow_name)s)
+    LIMIT 1
+), deleted AS (
+    DELETE FROM schedules
+    WHERE name = %(name)s AND workflow_name = %(workflow_name)s AND NOT EXISTS (SELECT 1 FROM live)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM deleted), EXISTS (SELECT 1 FROM live)
+
 -- delete_stale_schedules --
 -- Schedules of these workflows that the code no longer declares.
 DELETE FROM schedules

@@ -40,6 +40,7 @@ from ..base import (
     RunEventRecord,
     RunQuery,
     RunRecord,
+    ScheduleDeletion,
     ScheduleRecord,
     StepRecord,
     TimedWait,
@@ -918,10 +919,15 @@ class SqliteBackend:
 
         return await self._db.read(read)
 
-    async def delete_schedule(self, name: str, workflow_name: str) -> bool:
-        def delete(conn: sqlite3.Connection, now: int) -> bool:
-            params = {"name": name, "workflow_name": workflow_name}
-            return conn.execute(QUERIES["delete_schedule"], params).rowcount > 0
+    async def delete_schedule(self, name: str, workflow_name: str, stale_after: float) -> ScheduleDeletion:
+        def delete(conn: sqlite3.Connection, now: int) -> ScheduleDeletion:
+            params = {"name": name, "workflow_name": workflow_name, "now": now}
+            live = conn.execute(
+                QUERIES["live_worker_of"], {**params, "stale_after_us": round(stale_after * 1_000_000)}
+            ).fetchone()[0]
+            if live:
+                return "in_use"
+            return "deleted" if conn.execute(QUERIES["delete_schedule"], params).rowcount > 0 else "missing"
 
         return await self._db.write(delete)
 

@@ -451,6 +451,18 @@ SET next_fire_at = :next_fire_at, last_fire_at = :fire_at, last_run_id = :run_id
 WHERE name = :name AND next_fire_at = :expected
 RETURNING name
 
+-- live_worker_of --
+-- Whether a live worker registers this workflow, by the database's clock (delete_schedule's guard).
+SELECT EXISTS (
+    SELECT 1 FROM workers w, json_each(w.workflows) AS e
+    WHERE w.heartbeat_at > :now - :stale_after_us AND json_extract(e.value, '$[0]') = :workflow_name
+) AS live
+
+-- delete_schedule --
+-- A stored schedule deleted by hand, while it is still this workflow's (after live_worker_of, in the same
+-- write transaction).
+DELETE FROM schedules WHERE name = :name AND workflow_name = :workflow_name
+
 -- delete_stale_schedules --
 -- Schedules of these workflows that the code no longer declares.
 DELETE FROM schedules
