@@ -506,7 +506,10 @@ def test_purge_command_dry_run_then_delete_with_a_summary(
 
     dry = purge("--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert dry.stdout == "would delete 5 finished runs (completed, failed, canceled) that finished more than 30d ago\n"
+    assert dry.stdout.splitlines() == [
+        "would delete 5 finished runs (completed, failed, canceled) that finished more than 30d ago",
+        "(deleting those runs may make more broadcast events unreadable, which the purge deletes too)",
+    ]
     as_json = purge("--status", "failed", "--dry-run", "--json")
     assert json.loads(as_json.stdout) == {
         "dry_run": True,

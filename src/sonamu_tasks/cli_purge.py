@@ -128,6 +128,10 @@ def purge(
     if events:
         plural = "event" if events == 1 else "events"
         click.echo(f"{verb} {events} broadcast {plural} no run can read any more")
+    if dry_run and count and {"failed", "canceled"} & set(chosen):
+        # Counted against the runs stored now: a failed run the purge deletes keeps back the events emitted
+        # since its creation, which the real purge then deletes too.
+        click.echo("(deleting those runs may make more broadcast events unreadable, which the purge deletes too)")
 
 
 class _Bar:
