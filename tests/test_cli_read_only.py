@@ -248,3 +248,24 @@ def test_a_reading_command_leaves_another_tools_sqlite_file_as_it_was(tmp_path: 
     assert {path: path.read_bytes() for path in before} == before
     with contextlib.closing(sqlite3.connect(other)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+async def test_a_role_missing_its_grants_is_told_which(
+    backend_name: str, make_config: Any, postgres_url: str, schema: str, reader: str, tmp_path: Path
+) -> None:
+    """Without USAGE the schema is not in the role's search path: said as the grant it lacks, not as a table
+    that is not there."""
+    if backend_name != "postgres":
+        pytest.skip("roles and privileges are PostgreSQL's")
+    async with WorkflowManager(make_config(enable_worker=False)):
+        pass
+    role = urlsplit(reader).username
+    for granted in ([], [f'GRANT USAGE ON SCHEMA "{schema}" TO {role}']):
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            for grant in granted:
+                conn.execute(grant)
+        said = error_line(sonamu_tasks(tmp_path, reader, schema, "runs"))
+        assert f"role '{role}' may not read schema '{schema}'" in said, said
+        assert f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"' in said and "GRANT SELECT ON ALL TABLES" in said
+    grant_reading(postgres_url, schema, reader)
+    assert sonamu_tasks(tmp_path, reader, schema, "runs").returncode == 0

@@ -375,6 +375,13 @@ class PostgresBackend:
             found = await cursor.fetchone()
             if found is None or not found[0]:
                 return None
+            _, usage, select, role = found
+            if not (usage and select):
+                raise ConfigError(
+                    f"role {role!r} may not read schema {self.schema!r} (database at {_server(self.url)}): "
+                    f'GRANT USAGE ON SCHEMA "{self.schema}" TO "{role}"; '
+                    f'GRANT SELECT ON ALL TABLES IN SCHEMA "{self.schema}" TO "{role}"'
+                )
             cursor = await conn.execute(QUERIES["applied_migrations"])
             return {row[0] for row in await cursor.fetchall()}
 

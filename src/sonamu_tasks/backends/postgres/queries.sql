@@ -955,8 +955,15 @@ ORDER BY n.name
 
 -- migrations_table --
 -- Whether the schema has its migrations table, read from the catalog: a read-only start checks the schema
--- without creating it, and the schema may not exist at all.
-SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = %(schema)s AND tablename = 'migrations')
+-- without creating it, and the schema may not exist at all. With whether this role may use the schema and read
+-- the table (NULL where there is nothing to ask about), and the role: a missing grant is said as one, not as a
+-- table that is not there (the schema is left out of the search path without USAGE).
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = %(schema)s AND tablename = 'migrations'),
+       (SELECT has_schema_privilege(n.oid, 'USAGE') FROM pg_catalog.pg_namespace n WHERE n.nspname = %(schema)s),
+       (SELECT has_table_privilege(c.oid, 'SELECT')
+        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %(schema)s AND c.relname = 'migrations'),
+       current_user
 
 -- applied_migrations --
 -- The migrations recorded in the schema (a read-only start compares them with this release's).
