@@ -846,13 +846,19 @@ SELECT name FROM names WHERE name IS NOT NULL
 -- run whose insert began before this statement and commits after it (its created_at is its transaction's start,
 -- and this statement does not see it). NULL when no event is that old: one probe of events_by_emission, and the
 -- runs are not read (PostgreSQL evaluates the subquery only when the CASE needs it).
+-- The oldest run of each status is its first by id (runs_by_status: one index probe per status, however many
+-- failed runs are kept), its id being time-ordered by its client's clock: clients within the margin of the
+-- database's clock (as created_before assumes) find the oldest creation, or one as old within the margin.
 WITH oldest AS (
     SELECT min(emitted_at) AS emitted_at FROM events
 )
 SELECT CASE WHEN oldest.emitted_at < now() - %(margin)s::interval
-            THEN LEAST(now(), (SELECT min(created_at) FROM runs
-                               WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused',
-                                                'failed', 'canceled')))
+            THEN LEAST(now(), (SELECT min(first.created_at)
+                               FROM unnest(ARRAY['pending', 'running', 'sleeping', 'waiting', 'paused', 'failed',
+                                                 'canceled']) AS s(status)
+                               CROSS JOIN LATERAL (
+                                   SELECT r.created_at FROM runs r WHERE r.status = s.status ORDER BY r.id LIMIT 1
+                               ) AS first))
                  - %(margin)s::interval END
 FROM oldest
 

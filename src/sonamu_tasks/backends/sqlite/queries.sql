@@ -633,11 +633,12 @@ SELECT name FROM names WHERE name IS NOT NULL
 -- unreachable_events_horizon --
 -- The emission time before which no stored run can read a broadcast event (see the PostgreSQL query of the same
 -- name): the creation of the oldest run that is not completed, or now, less `margin` (microseconds). NULL when
--- no event is that old.
+-- no event is that old. The oldest run of each status is its first by id, as there (runs_by_status).
 SELECT CASE WHEN (SELECT min(emitted_at) FROM events) < :now - :margin
-            THEN min(:now, COALESCE((SELECT min(created_at) FROM runs
-                                     WHERE status IN ('pending', 'running', 'sleeping', 'waiting', 'paused',
-                                                      'failed', 'canceled')), :now))
+            THEN min(:now, COALESCE((SELECT min((SELECT r.created_at FROM runs r
+                                                 WHERE r.status = s.column1 ORDER BY r.id LIMIT 1))
+                                     FROM (VALUES ('pending'), ('running'), ('sleeping'), ('waiting'), ('paused'),
+                                                  ('failed'), ('canceled')) AS s), :now))
                  - :margin END AS horizon
 
 -- delete_events_before --
