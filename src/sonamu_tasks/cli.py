@@ -1461,8 +1461,15 @@ def workers(context: click.Context, as_json: bool) -> None:
     metavar="NAME[:PORT]",
     help="Another Host name the dashboard is reached by (a proxy's, or the machine's with --host 0.0.0.0).",
 )
+@click.option(
+    "--read-only",
+    is_flag=True,
+    help="Only read: no migration at start, no action buttons; works with credentials that may only read.",
+)
 @click.pass_context
-def dashboard(context: click.Context, host: str, port: int, token: str | None, allowed_hosts: tuple[str, ...]) -> None:
+def dashboard(
+    context: click.Context, host: str, port: int, token: str | None, allowed_hosts: tuple[str, ...], read_only: bool
+) -> None:
     """Serve the web dashboard (runs, a run's step timeline, cancel and retry, workers, schedules)."""
     try:
         import uvicorn
@@ -1475,14 +1482,16 @@ def dashboard(context: click.Context, host: str, port: int, token: str | None, a
     try:
         check_token(token, host)  # before the config is loaded: the first thing a mistake should hit
         _check_can_listen(host, port)
-        config = command_config(context, enable_worker=False, announce=True, creates=True)
-        app = Dashboard(config, token=token, host=host, port=port, allowed_hosts=allowed_hosts)
+        # Read-only, it creates nothing: a mistyped SQLite path is said, not made an empty database.
+        config = command_config(context, enable_worker=False, announce=True, creates=not read_only)
+        app = Dashboard(config, token=token, host=host, port=port, allowed_hosts=allowed_hosts, read_only=read_only)
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
     # The address only: the token is never printed (terminals are logged and shared); whoever started the
     # dashboard has it already.
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"dashboard: http://{shown}:{port}/" + (" (token required)" if token else ""), err=True)
+    notes = (" (token required)" if token else "") + (" (read-only)" if read_only else "")
+    click.echo(f"dashboard: http://{shown}:{port}/{notes}", err=True)
     # No access log: a browser's first visit may carry ?token= in its query string.
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 

@@ -20,6 +20,11 @@
     GET  /api/stranded        unfinished runs per (workflow, version) that no live worker registers
     GET  /metrics             this process's Prometheus metrics (needs the `metrics` extra; 404 without it)
 
+Read-only (`read_only=True`, `sonamu-tasks dashboard --read-only`): its manager starts read-only (it checks the
+schema instead of migrating it, and writes nothing), its pages have no button or form that acts, and every
+action's address answers 405 without reading the form or the database: it runs with credentials that may only
+read.
+
 Security (guards.py): answers only to the Host names it was started for, refuses cross-origin POSTs, sends
 a strict Content-Security-Policy, caps request bodies. With a token (required to listen beyond loopback),
 every request carries `Authorization: Bearer <token>` or the cookie set by opening it once with `?token=`.
@@ -87,7 +92,8 @@ class Dashboard:
     """The ASGI app. `host` and `port` are where it listens: they decide which Host headers it answers
     (loopback names, and `host` itself unless it is a wildcard; `port=None` allows any port) and whether a
     token is required (any `host` that is not loopback). `allowed_hosts` adds names it is reached by, such as
-    a proxy's or the machine's name when listening on 0.0.0.0 (`name` for any port, `name:port`)."""
+    a proxy's or the machine's name when listening on 0.0.0.0 (`name` for any port, `name:port`). `read_only`:
+    a dashboard that only reads (see the module's docstring)."""
 
     def __init__(
         self,
@@ -97,11 +103,15 @@ class Dashboard:
         host: str = "127.0.0.1",
         port: int | None = None,
         allowed_hosts: Iterable[str] = (),
+        read_only: bool = False,
     ) -> None:
         check_token(token, host)
         config = dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, enable_worker=False))
-        self.manager = WorkflowManager(config)
+        self.manager = WorkflowManager(config, read_only=read_only)
+        self.read_only = read_only
         self.csrf = secrets.token_urlsafe(16)
+        # The token the pages' forms carry; None: pages without forms.
+        self._form_token = None if read_only else self.csrf
         self.host_rules = _host_rules(host, port, allowed_hosts)
         routes = [
             Route("/", self.runs_page),
@@ -109,17 +119,24 @@ class Dashboard:
             Route("/runs/{run_id}", self.run_page),
             Route("/api/runs/{run_id}", self.run_json),
             Route("/api/stranded", self.stranded_json),
-            Route("/runs/{run_id}/send", self.send, methods=["POST"]),
-            Route("/runs/{run_id}/fork", self.fork, methods=["POST"]),
-            Route("/runs/{run_id}/{action:str}", self.steer, methods=["POST"]),
             Route("/queues", self.queues_page),
             Route("/api/queues", self.queues_json),
             Route("/workers", self.workers_page),
             Route("/schedules", self.schedules_page),
-            Route("/schedules/delete", self.delete_schedule, methods=["POST"]),
             Route("/metrics", self.metrics),
             Route("/static/{name}", self.static),
         ]
+        if read_only:
+            # Every action's address answers that nothing is changed here.
+            actions = ("/runs/{run_id}/{action:str}", "/schedules/delete")
+            routes += [Route(path, _read_only, methods=["POST"]) for path in actions]
+        else:
+            routes += [
+                Route("/runs/{run_id}/send", self.send, methods=["POST"]),
+                Route("/runs/{run_id}/fork", self.fork, methods=["POST"]),
+                Route("/runs/{run_id}/{action:str}", self.steer, methods=["POST"]),
+                Route("/schedules/delete", self.delete_schedule, methods=["POST"]),
+            ]
         self.app = Starlette(
             routes=routes,
             lifespan=self._lifespan,
@@ -160,7 +177,7 @@ class Dashboard:
         filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""), parent, version)
         # Outside the part that refreshes every second: read once per page load, not once a second.
         banner = pages.stranded_banner(await self.manager.stranded_runs(stale_after=STALE_AFTER))
-        return HTMLResponse(pages.page("Runs", table, before=banner + filters))
+        return HTMLResponse(pages.page("Runs", table, before=banner + filters, read_only=self.read_only))
 
     async def runs_json(self, request: Request) -> Response:
         page = await self._runs(request)
@@ -172,7 +189,7 @@ class Dashboard:
         run = await self.manager.get_run(_run_id(request), with_steps=True, value_limit=pages.VALUE_LIMIT)
         detail = pages.run_detail(
             run,
-            self.csrf,
+            self._form_token,
             parent=await self._parent(run.parent_id),
             children=await children_of(self.manager, run),
             messages=await messages_of(self.manager, run.id),
@@ -187,9 +204,14 @@ class Dashboard:
             + pages.forked_notice(_notice_run_id(query.get("forked_from", "")), query.get("step", ""))
             + pages.not_steered_notice(run.id, query.get("not_steered", ""), query.get("status", ""))
         )
-        form = "" if run.status.finished else pages.send_form(run, self.csrf)
-        before = notice + pages.fork_form(run, self.csrf)
-        return HTMLResponse(pages.page(f"Run {run.id}", detail, refresh_ms=refresh, before=before, after=form))
+        form, before = "", notice
+        if self._form_token is not None:
+            form = "" if run.status.finished else pages.send_form(run, self._form_token)
+            before += pages.fork_form(run, self._form_token)
+        shown = pages.page(
+            f"Run {run.id}", detail, refresh_ms=refresh, before=before, after=form, read_only=self.read_only
+        )
+        return HTMLResponse(shown)
 
     async def run_json(self, request: Request) -> Response:
         """The run in full, as `show --json` has it (the same function builds both); but every message counted
@@ -253,22 +275,24 @@ class Dashboard:
 
     async def queues_page(self, request: Request) -> Response:
         body = pages.queues_table(await self.manager.queue_stats())
-        return HTMLResponse(body if _partial(request) else pages.page("Queues", body, refresh_ms=QUEUES_REFRESH_MS))
+        if _partial(request):
+            return HTMLResponse(body)
+        return HTMLResponse(pages.page("Queues", body, refresh_ms=QUEUES_REFRESH_MS, read_only=self.read_only))
 
     async def queues_json(self, request: Request) -> Response:
         return _json([queue_summary(stats) for stats in await self.manager.queue_stats()])
 
     async def workers_page(self, request: Request) -> Response:
         body = pages.workers_table(await self.manager.list_workers())
-        return HTMLResponse(body if _partial(request) else pages.page("Workers", body))
+        return HTMLResponse(body if _partial(request) else pages.page("Workers", body, read_only=self.read_only))
 
     async def schedules_page(self, request: Request) -> Response:
         served = served_workflows(await self.manager.list_workers(), datetime.now(UTC))
-        body = pages.schedules_table(await self.manager.list_schedules(), served, self.csrf)
+        body = pages.schedules_table(await self.manager.list_schedules(), served, self._form_token)
         if _partial(request):
             return HTMLResponse(body)
         notice = pages.deleted_notice(request.query_params.get("deleted", ""))
-        return HTMLResponse(pages.page("Schedules", body, refresh_ms=5000, before=notice))
+        return HTMLResponse(pages.page("Schedules", body, refresh_ms=5000, before=notice, read_only=self.read_only))
 
     async def delete_schedule(self, request: Request) -> Response:
         """A schedule's Delete: refused (400, saying why) for one a live worker fires."""
@@ -391,6 +415,17 @@ def _partial(request: Request) -> bool:
 
 def _json(value: Any) -> Response:
     return Response(json.dumps(value), media_type="application/json")
+
+
+async def _read_only(request: Request) -> Response:
+    """An action's address on a read-only dashboard: refused before the form or the database is read. `Allow`
+    is empty: no method changes anything here."""
+    return PlainTextResponse(
+        "this dashboard is read-only: it cancels, pauses, resumes, retries, sends, forks and deletes nothing "
+        "(use a dashboard started without --read-only, or the command line, with credentials that may write)",
+        status_code=405,
+        headers={"Allow": ""},
+    )
 
 
 async def _http_error(request: Request, error: Exception) -> Response:

@@ -58,14 +58,30 @@ NEWLINE = "\n"
 NO_MESSAGES = Messages(total=0, exact=True)
 
 
-def page(title: str, body: str, *, refresh_ms: int | None = 1000, before: str = "", after: str = "") -> str:
+def page(
+    title: str,
+    body: str,
+    *,
+    refresh_ms: int | None = 1000,
+    before: str = "",
+    after: str = "",
+    read_only: bool = False,
+) -> str:
     """A whole page around `body`; /static/live.js refreshes `#live` every `refresh_ms` (None: never). `before`
-    and `after` stay as they are (a form being filled in is not replaced)."""
+    and `after` stay as they are (a form being filled in is not replaced). `read_only`: the header says, once,
+    that this dashboard changes nothing (why its pages have no buttons)."""
     refresh = f" data-refresh-ms='{refresh_ms}'" if refresh_ms else ""
+    mode = (
+        "<span id='read-only' title='this dashboard only reads: it cancels, pauses, resumes, retries, sends, "
+        "forks and deletes nothing'>read-only</span>"
+        if read_only
+        else ""
+    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} · sonamu-tasks</title>"
         "<link rel='stylesheet' href='/static/dashboard.css'></head><body><header><a href='/'>Runs</a>"
-        "<a href='/queues'>Queues</a><a href='/workers'>Workers</a><a href='/schedules'>Schedules</a></header>"
+        "<a href='/queues'>Queues</a><a href='/workers'>Workers</a><a href='/schedules'>Schedules</a>"
+        f"{mode}</header>"
         f"<main><h2>{escape(title)}</h2>{before}<div id='live'{refresh}>{body}</div>{after}</main>"
         "<script src='/static/live.js'></script></body></html>"
     )
@@ -133,7 +149,7 @@ def runs_table(runs: Sequence[RunRecord], next_cursor: str | None, query: dict[s
 
 def run_detail(
     run: RunRecord,
-    csrf: str,
+    csrf: str | None,
     *,
     parent: RunRecord | None = None,
     children: Children = NO_CHILDREN,
@@ -143,18 +159,9 @@ def run_detail(
     """A run's content: `parent` is the record of `run.parent_id` (None if it is gone), `children` its
     children (display.children_of), `messages` its unconsumed messages (display.messages_of), `events` what
     it published. A finished run is marked `data-finished`: nothing on it changes by itself any more, so the
-    live refresh stops."""
-    buttons = ""
-    if not run.status.finished:
-        buttons += _button(run.id, "cancel", "Cancel", csrf)
-        # Resume also withdraws a pause a running run has not reached yet (its next step boundary); a run asked to
-        # cancel is past pausing.
-        if run.status is RunStatus.PAUSED or run.requested_action == "pause":
-            buttons += _button(run.id, "resume", "Resume", csrf)
-        elif run.requested_action != "cancel":
-            buttons += _button(run.id, "pause", "Pause", csrf)
-    if run.status in (RunStatus.FAILED, RunStatus.CANCELED):
-        buttons += _button(run.id, "retry", "Retry", csrf)
+    live refresh stops. `csrf` is the token the page's forms carry; None for a read-only dashboard: no button,
+    no fork, no link to a message form."""
+    buttons = "" if csrf is None else _steering_buttons(run, csrf)
     request = f" ({run.requested_action} requested)" if run.requested_action else ""
     error = ""
     if run.error:
@@ -168,7 +175,7 @@ def run_detail(
     steps = "".join(
         f"<tr><td>{_text(step.name)}</td><td>{step.kind}</td><td class='status {step.status.value}'>"
         f"{step.status.value}</td><td>{step.attempts}</td><td>{duration_text(step.started_at, step.finished_at)}</td>"
-        f"<td>{_step_detail(run, step)}</td><td>{_fork_button(step)}</td></tr>"
+        f"<td>{_step_detail(run, step)}</td><td>{'' if csrf is None else _fork_button(step)}</td></tr>"
         for step in shown
     )
     if len(run.steps) > len(shown):
@@ -185,13 +192,29 @@ def run_detail(
         f"attempts {run.attempts} · recoveries {run.recoveries} · created {_time(run.created_at)}</p>"
         f"{_worker(run)}"
         f"{_queue(run)}{_parent(run, parent)}{_forked(run)}<p>{buttons}</p>"
-        f"{_waiting_for(run, children)}{_children(run, children)}"
+        f"{_waiting_for(run, children, can_send=csrf is not None)}{_children(run, children)}"
         f"<h3>Timeline</h3>{timeline_svg(shown_run, links=child_links(shown))}"
         "<h3>Steps</h3><table><thead><tr><th>step</th><th>kind</th><th>status</th><th>attempts</th>"
         f"<th>duration</th><th>output / error</th><th></th></tr></thead><tbody>{steps}</tbody></table>"
         f"{_messages(run.id, messages)}{_events(run.id, events)}"
         f"<h3>Input</h3>{_value(run.input, run.id)}{output}{error}"
     )
+
+
+def _steering_buttons(run: RunRecord, csrf: str) -> str:
+    """The actions the run's status allows: Cancel, Pause or Resume, Retry."""
+    buttons = ""
+    if not run.status.finished:
+        buttons += _button(run.id, "cancel", "Cancel", csrf)
+        # Resume also withdraws a pause a running run has not reached yet (its next step boundary); a run asked to
+        # cancel is past pausing.
+        if run.status is RunStatus.PAUSED or run.requested_action == "pause":
+            buttons += _button(run.id, "resume", "Resume", csrf)
+        elif run.requested_action != "cancel":
+            buttons += _button(run.id, "pause", "Pause", csrf)
+    if run.status in (RunStatus.FAILED, RunStatus.CANCELED):
+        buttons += _button(run.id, "retry", "Retry", csrf)
+    return buttons
 
 
 def queues_table(queues: Sequence[QueueStats]) -> str:
@@ -234,14 +257,15 @@ def workers_table(workers: Sequence[WorkerRecord]) -> str:
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>" if rows else "<p class='muted'>no workers</p>"
 
 
-def schedules_table(schedules: Sequence[ScheduleRecord], served: set[str], csrf: str) -> str:
+def schedules_table(schedules: Sequence[ScheduleRecord], served: set[str], csrf: str | None) -> str:
     """`served`: the workflow names a live worker registers (a schedule of another workflow is fired by nobody,
-    and can be deleted here: its workflow may have left the code)."""
+    and can be deleted here: its workflow may have left the code). `csrf`: the Delete form's token; None for a
+    read-only dashboard, which has no Delete."""
     rows = "".join(
         f"<tr><td>{_text(s.name)}</td><td>{_text(s.workflow_name)}@{_text(s.version)}</td>"
         f"<td>{_text(s.expression)}</td><td>{_text(s.timezone)}</td><td>{_time(s.next_fire_at)}</td>"
         f"<td>{_run_link(s.last_run_id)}</td>"
-        f"<td>{'live workers' if s.workflow_name in served else '<strong>nobody</strong> ' + _delete(s, csrf)}</td>"
+        f"<td>{'live workers' if s.workflow_name in served else '<strong>nobody</strong>' + _delete(s, csrf)}</td>"
         "</tr>"
         for s in schedules
     )
@@ -289,8 +313,9 @@ def _parent(run: RunRecord, parent: RunRecord | None) -> str:
     )
 
 
-def _waiting_for(run: RunRecord, children: Children) -> str:
-    """What a waiting run waits for: its unfinished children, and the first of its pending sleeps."""
+def _waiting_for(run: RunRecord, children: Children, *, can_send: bool) -> str:
+    """What a waiting run waits for: its unfinished children, and the first of its pending sleeps. `can_send`:
+    the page has the message form, which a receive links to."""
     if run.status is not RunStatus.WAITING:
         return ""
     parts = []
@@ -305,7 +330,7 @@ def _waiting_for(run: RunRecord, children: Children) -> str:
         )
     parts.extend(
         f"<span class='outside-wait'>{_outside_wait(wait)}</span>"
-        + (" · <a href='#send-message'>send it one</a>" if wait.kind == "receive" else "")
+        + (" · <a href='#send-message'>send it one</a>" if can_send and wait.kind == "receive" else "")
         for wait in outside_waits(run)
     )
     parts.extend(_text(line) for line in other_waits(run))
@@ -377,9 +402,11 @@ def deleted_notice(name: str) -> str:
     return f"<p id='notice' class='notice'>Deleted schedule <code>{shown}</code>.</p>" if name else ""
 
 
-def _delete(schedule: ScheduleRecord, csrf: str) -> str:
+def _delete(schedule: ScheduleRecord, csrf: str | None) -> str:
+    if csrf is None:
+        return ""
     return (
-        "<form class='inline' method='post' action='/schedules/delete'>"
+        " <form class='inline' method='post' action='/schedules/delete'>"
         f"<input type='hidden' name='csrf' value='{escape(csrf)}'>"
         f"<input type='hidden' name='name' value='{escape(schedule.name)}'>"
         "<button class='delete-schedule' type='submit'>Delete</button></form>"
