@@ -269,3 +269,29 @@ async def test_the_command_serves_a_read_only_dashboard(
 
 async def _status_is(manager: Any, run_id: str, status: RunStatus) -> bool:
     return bool((await manager.get_run(run_id)).status is status)
+
+
+def test_the_command_says_a_missing_schema_in_one_line_before_serving(
+    backend_name: str, database_url: str, schema: str, tmp_path: Path
+) -> None:
+    """The schema is checked before the server starts: one Error line and exit 1, as the reading commands say it,
+    not a traceback from the app's start-up."""
+    settings = f"database_url={database_url!r}" + ("" if backend_name == "sqlite" else f", schema={schema!r}")
+    (tmp_path / "sonamu_config.py").write_text(
+        f"from sonamu_tasks import define_config\nconfig = define_config({settings})\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SONAMU_TASKS_")}
+    if backend_name == "sqlite":
+        Path(database_url.removeprefix("sqlite:///")).touch()  # there, but not ours
+    done = subprocess.run(
+        [sys.executable, "-m", "sonamu_tasks", "dashboard", "--read-only", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert lines[0].startswith("config: ") and len(lines) == 2, lines  # what it connects to, then the one error
+    assert lines[1].startswith("Error: ") and "has no sonamu-tasks tables" in lines[1], lines

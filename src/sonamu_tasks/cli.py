@@ -1487,6 +1487,9 @@ def dashboard(
         app = Dashboard(config, token=token, host=host, port=port, allowed_hosts=allowed_hosts, read_only=read_only)
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
+    # The schema checked (or migrated) before uvicorn starts the app: a missing or older schema, or a database that
+    # does not answer, is one Error line and exit 1, as for the other commands, not a traceback from the lifespan.
+    _steering(_ready(config, read_only))
     # The address only: the token is never printed (terminals are logged and shared); whoever started the
     # dashboard has it already.
     shown = f"[{host}]" if ":" in host else host
@@ -1494,6 +1497,11 @@ def dashboard(
     click.echo(f"dashboard: http://{shown}:{port}/{notes}", err=True)
     # No access log: a browser's first visit may carry ?token= in its query string.
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+async def _ready(config: Config, read_only: bool) -> None:
+    async with WorkflowManager(config, read_only=read_only):
+        pass
 
 
 def _check_can_listen(host: str, port: int) -> None:
