@@ -10,11 +10,10 @@ import os
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -25,6 +24,7 @@ from sonamu_tasks.backends.sqlite.backend import MIGRATIONS
 from sonamu_tasks.testing import PostgresCluster, PostgresNotInstalled
 
 from .conftest import wait_until
+from .support.roles import grant_reading, reader_role
 
 SOME_RUN = "0190b7e2-5c3a-7d1e-8f00-1234567890ab"
 
@@ -72,23 +72,10 @@ READING = [
 
 
 @pytest.fixture
-def reader(postgres_url: str, schema: str) -> Iterator[str]:
-    """A role that may only read the test's schema (USAGE on it, SELECT on its tables): the URL it connects with."""
-    name = f"reader_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'secret'")
-    # The server's part of the suite's URL, whatever user it names (SONAMU_TASKS_TEST_DATABASE_URL may name any).
-    server = urlsplit(postgres_url)
-    yield urlunsplit(server._replace(netloc=f"{name}:secret@{server.netloc.rpartition('@')[2]}"))
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
-
-
-def grant_reading(postgres_url: str, schema: str, role_url: str) -> None:
-    role = role_url.split("://", 1)[1].split(":", 1)[0]
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
-        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+def reader(postgres_url: str) -> Iterator[str]:
+    """A role that may only read the test's schema (granted by `grant_reading`): the URL it connects with."""
+    with reader_role(postgres_url) as url:
+        yield url
 
 
 async def test_a_role_that_may_only_read_runs_the_reading_commands(

@@ -9,15 +9,12 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import psycopg
 import pytest
 
 from sonamu_tasks import NonRetryableError, RunStatus, Schedule, WorkflowManager, define_config, workflow
@@ -25,6 +22,8 @@ from sonamu_tasks.dashboard import Dashboard
 from sonamu_tasks.testing.postgres_cluster import free_port
 
 from .conftest import wait_until
+from .support.roles import grant_reading as grant_schema_reading
+from .support.roles import reader_role
 
 FORM_HEADERS = {"Origin": "http://127.0.0.1:8765"}
 BUTTON = re.compile(r"<button[^>]*>([^<]*)</button>")
@@ -62,28 +61,19 @@ async def gone(input: Any) -> Any:
 
 
 @pytest.fixture
-def reading_url(backend_name: str, database_url: str, postgres_url: str, schema: str) -> Iterator[str]:
+def reading_url(backend_name: str, database_url: str, postgres_url: str) -> Iterator[str]:
     """The URL a read-only dashboard connects with: on PostgreSQL a role that may only read the test's schema
     (granted once the schema exists: `grant_reading`), on SQLite the test's file."""
     if backend_name == "sqlite":
         yield database_url
         return
-    name = f"reader_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'secret'")
-    server = urlsplit(postgres_url)
-    yield urlunsplit(server._replace(netloc=f"{name}:secret@{server.netloc.rpartition('@')[2]}"))
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
+    with reader_role(postgres_url) as url:
+        yield url
 
 
 def grant_reading(backend_name: str, postgres_url: str, schema: str, role_url: str) -> None:
-    if backend_name == "sqlite":
-        return
-    role = urlsplit(role_url).username
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
-        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    if backend_name != "sqlite":
+        grant_schema_reading(postgres_url, schema, role_url)
 
 
 @asynccontextmanager
