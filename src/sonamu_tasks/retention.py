@@ -259,8 +259,7 @@ async def purge(
     pause_ratio: float = PAUSE_RATIO,
 ) -> int:
     """Delete (or with `dry_run` only count) the runs `selection` names; the number deleted (counted)."""
-    if not 1 <= batch_size <= MAX_BATCH_SIZE:
-        raise InvalidValue(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}", field="batch_size")
+    _check_batch_size(batch_size)
 
     async def workflows() -> list[str]:
         return await until_available(backend.finished_workflows, what="list workflows", give_up_after_s=30)
@@ -283,18 +282,11 @@ async def purge(
         )
 
     deleted = 0
-    reported = 0
-
-    def report(deleted_of_workflow: int) -> None:
-        nonlocal reported
-        done = deleted + deleted_of_workflow
-        if progress is not None and done != reported:  # a workflow's last, empty batch adds nothing to say
-            reported = done
-            progress(done, max(total, done))
-
+    report = _Reporter(progress, total)
     if progress is not None:
         progress(0, total)
     for chosen in selections:
+        report.before = deleted  # a workflow's batches count on from the workflows before
         deleted += await delete_in_batches(
             delete, chosen, batch_size=batch_size, pause_ratio=pause_ratio, stopping=_throttle, on_batch=report
         )
@@ -336,8 +328,7 @@ async def purge_events(
 ) -> int:
     """Delete (or with `dry_run` only count) the broadcast events no stored run can read any more, in batches as
     `purge`; the number deleted (counted). `progress(deleted, total)` as for `purge`, only when there are some."""
-    if not 1 <= batch_size <= MAX_BATCH_SIZE:
-        raise InvalidValue(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}", field="batch_size")
+    _check_batch_size(batch_size)
 
     async def horizon_now() -> datetime | None:
         return await backend.unreachable_events_horizon(EVENT_MARGIN)
@@ -359,18 +350,15 @@ async def purge_events(
             lambda: backend.delete_events_before(before, limit), what="delete events", give_up_after_s=30
         )
 
-    reported = 0
-
-    def report(deleted: int) -> None:
-        nonlocal reported
-        if progress is not None and deleted != reported:
-            reported = deleted
-            progress(deleted, max(total, deleted))
-
     if progress is not None and total:
         progress(0, total)
     deleted = await delete_in_batches(
-        delete, fixed, batch_size=batch_size, pause_ratio=pause_ratio, stopping=_throttle, on_batch=report
+        delete,
+        fixed,
+        batch_size=batch_size,
+        pause_ratio=pause_ratio,
+        stopping=_throttle,
+        on_batch=_Reporter(progress, total),
     )
     logger.info("purge: deleted %d broadcast events no run can read any more", deleted)
     return deleted
@@ -413,6 +401,28 @@ async def delete_in_batches(
             return deleted
         if await stopping((time.monotonic() - began) * pause_ratio):
             return deleted
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise InvalidValue(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}", field="batch_size")
+
+
+class _Reporter:
+    """A purge's `on_batch`: `progress(done, total)` when the count moved (a last, empty batch adds nothing to
+    say), the total growing to what was done if more came meanwhile. `before`: deleted by earlier selections."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.before = 0
+        self._reported = 0
+
+    def __call__(self, deleted: int) -> None:
+        done = self.before + deleted
+        if self.progress is not None and done != self._reported:
+            self._reported = done
+            self.progress(done, max(self.total, done))
 
 
 async def _throttle(seconds: float) -> bool:
