@@ -343,7 +343,7 @@ class PostgresBackend:
                 "CREATE TABLE IF NOT EXISTS migrations ("
                 " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            cursor = await conn.execute("SELECT name FROM migrations")
+            cursor = await conn.execute(QUERIES["applied_migrations"])
             done = {row[0] for row in await cursor.fetchall()}
             if (newer := newer_than_code(done, migrations())) is not None:
                 logger.warning("schema %s: %s", self.schema, newer)

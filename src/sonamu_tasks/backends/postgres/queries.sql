@@ -972,5 +972,6 @@ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = %(schema)s 
        current_user
 
 -- applied_migrations --
--- The migrations recorded in the schema (a read-only start compares them with this release's).
+-- The migrations recorded in the schema: what migrate applies the rest of, and a read-only start compares with
+-- this release's.
 SELECT name FROM migrations

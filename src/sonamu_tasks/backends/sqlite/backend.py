@@ -146,13 +146,12 @@ class SqliteBackend:
         # A file that is not there stays so: connecting would create it. One that is there is read through a
         # read-only connection of its own: the backend's own sets WAL mode, which would change another tool's
         # file (or make a database of an empty one) before the check said it was not ours.
-        missing = self.path != ":memory:" and not os.path.exists(self.path)
-        if missing:
-            applied = None
-        elif self.path == ":memory:":
+        if self.path == ":memory:":
             applied = await self._db.read(_recorded)
-        else:
+        elif os.path.exists(self.path):
             applied = await asyncio.to_thread(_recorded_read_only, self.path)
+        else:
+            applied = None
         if (newer := check_applied(f"SQLite database {self.path}", applied, MIGRATIONS)) is not None:
             logger.warning("%s: %s", self.path, newer)
 
