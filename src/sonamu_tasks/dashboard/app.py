@@ -177,7 +177,7 @@ class Dashboard:
         filters = pages.runs_filters(query.get("workflow", ""), query.get("status", ""), parent, version)
         # Outside the part that refreshes every second: read once per page load, not once a second.
         banner = pages.stranded_banner(await self.manager.stranded_runs(stale_after=STALE_AFTER))
-        return HTMLResponse(pages.page("Runs", table, before=banner + filters, read_only=self.read_only))
+        return self._page("Runs", table, before=banner + filters)
 
     async def runs_json(self, request: Request) -> Response:
         page = await self._runs(request)
@@ -208,10 +208,7 @@ class Dashboard:
         if self._form_token is not None:
             form = "" if run.status.finished else pages.send_form(run, self._form_token)
             before += pages.fork_form(run, self._form_token)
-        shown = pages.page(
-            f"Run {run.id}", detail, refresh_ms=refresh, before=before, after=form, read_only=self.read_only
-        )
-        return HTMLResponse(shown)
+        return self._page(f"Run {run.id}", detail, refresh_ms=refresh, before=before, after=form)
 
     async def run_json(self, request: Request) -> Response:
         """The run in full, as `show --json` has it (the same function builds both); but every message counted
@@ -277,14 +274,14 @@ class Dashboard:
         body = pages.queues_table(await self.manager.queue_stats())
         if _partial(request):
             return HTMLResponse(body)
-        return HTMLResponse(pages.page("Queues", body, refresh_ms=QUEUES_REFRESH_MS, read_only=self.read_only))
+        return self._page("Queues", body, refresh_ms=QUEUES_REFRESH_MS)
 
     async def queues_json(self, request: Request) -> Response:
         return _json([queue_summary(stats) for stats in await self.manager.queue_stats()])
 
     async def workers_page(self, request: Request) -> Response:
         body = pages.workers_table(await self.manager.list_workers())
-        return HTMLResponse(body if _partial(request) else pages.page("Workers", body, read_only=self.read_only))
+        return HTMLResponse(body) if _partial(request) else self._page("Workers", body)
 
     async def schedules_page(self, request: Request) -> Response:
         served = served_workflows(await self.manager.list_workers(), datetime.now(UTC))
@@ -292,7 +289,7 @@ class Dashboard:
         if _partial(request):
             return HTMLResponse(body)
         notice = pages.deleted_notice(request.query_params.get("deleted", ""))
-        return HTMLResponse(pages.page("Schedules", body, refresh_ms=5000, before=notice, read_only=self.read_only))
+        return self._page("Schedules", body, refresh_ms=5000, before=notice)
 
     async def delete_schedule(self, request: Request) -> Response:
         """A schedule's Delete: refused (400, saying why) for one a live worker fires."""
@@ -332,6 +329,14 @@ class Dashboard:
             cursor=cursor,
             parent_id=parent,
             value_limit=NO_VALUES,
+        )
+
+    def _page(
+        self, title: str, body: str, *, refresh_ms: int | None = 1000, before: str = "", after: str = ""
+    ) -> HTMLResponse:
+        """A whole page (see pages.page), saying so when this dashboard only reads."""
+        return HTMLResponse(
+            pages.page(title, body, refresh_ms=refresh_ms, before=before, after=after, read_only=self.read_only)
         )
 
     async def _form(self, request: Request) -> dict[str, list[str]]:
