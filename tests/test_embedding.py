@@ -22,6 +22,7 @@ import pytest
 
 from sonamu_tasks import SyncClient, WorkflowManager, workflow
 from sonamu_tasks.backends.group_commit import GroupCommit
+from sonamu_tasks.backends.postgres.backend import COPY_AT_LEAST
 from sonamu_tasks.errors import BackendClosed, BackendUnavailable, SonamuTasksError
 from sonamu_tasks.reconnect import connection_wait, until_available
 
@@ -191,8 +192,8 @@ def losing_the_first_answer(call: Callable[..., Awaitable[Any]]) -> Callable[...
     """`call`, whose first answer is lost after its commit (a connection dropped before the reply)."""
     answered = []
 
-    async def lossy(*args: Any) -> Any:
-        result = await call(*args)
+    async def lossy(*args: Any, **kwargs: Any) -> Any:
+        result = await call(*args, **kwargs)
         if not answered:
             answered.append(result)
             raise BackendUnavailable("connection lost after the commit, before the answer")
@@ -206,7 +207,8 @@ async def test_a_run_whose_insert_committed_but_lost_its_answer_is_reported_crea
     manager = await manager_for([], enable_worker=False)
     backend = manager.backend
     backend.create_run = losing_the_first_answer(backend.create_run)  # type: ignore[method-assign]
-    backend.create_runs = losing_the_first_answer(backend.create_runs)  # type: ignore[method-assign]
+    create_runs = backend.create_runs
+    backend.create_runs = losing_the_first_answer(create_runs)  # type: ignore[method-assign]
 
     # When run() and run_many() are called without idempotency keys
     handle = await manager.run(NOBODY_SERVES_THIS, {"order": 1})
@@ -216,6 +218,11 @@ async def test_a_run_whose_insert_committed_but_lost_its_answer_is_reported_crea
     assert handle.created
     assert [h.created for h in handles] == [True, True]
     assert len((await manager.list_runs()).items) == 3
+    # And so does a run_many large enough for PostgreSQL's COPY (sent again, it finds the ids it committed)
+    backend.create_runs = losing_the_first_answer(create_runs)  # type: ignore[method-assign]
+    many = await manager.run_many(NOBODY_SERVES_THIS, [{"order": n} for n in range(COPY_AT_LEAST + 20)])
+    assert all(h.created for h in many) and len({h.id for h in many}) == COPY_AT_LEAST + 20
+    assert len((await manager.list_runs(limit=1000)).items) == 3 + COPY_AT_LEAST + 20
 
 
 async def test_a_run_claimed_at_insert_whose_answer_was_lost_is_reported_created(manager_for: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import threading
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from sonamu_tasks import InvalidInput, InvalidName, SerializationError, workflow
 from sonamu_tasks.backends.base import NewRun
+from sonamu_tasks.backends.postgres import backend as postgres_backend
 from sonamu_tasks.backends.postgres.backend import PostgresBackend
 from sonamu_tasks.errors import InvalidValue
 from sonamu_tasks.ids import new_run_id
@@ -280,10 +282,55 @@ def comparable(row: tuple[Any, ...], run: NewRun, prefix: str) -> tuple[Any, ...
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=BATCHES)
 def test_a_batch_stores_each_run_as_a_lone_insert_does(store: Store, batch: list[dict[str, Any]]) -> None:
+    stored_as_alone(store, batch)
+
+
+# The same for the runs a run_many sends by COPY (alike: one workflow, version, queue and start, no idempotency
+# key; every other field each run's own), with the COPY's threshold lowered so that these small batches go that
+# way.
+SHARED = ("workflow", "queue", "start_at", "start_delay")
+COPYABLE_BATCHES = st.tuples(RUN_FIELDS, st.lists(RUN_FIELDS, min_size=1, max_size=7)).map(
+    lambda batch: [
+        {**fields, **{field: batch[0][field] for field in SHARED}, "key": None} for fields in [batch[0], *batch[1]]
+    ]
+)
+
+
+@contextlib.contextmanager
+def copy_at_least(count: int) -> Iterator[None]:
+    before = postgres_backend.COPY_AT_LEAST
+    postgres_backend.COPY_AT_LEAST = count
+    try:
+        yield
+    finally:
+        postgres_backend.COPY_AT_LEAST = before
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=COPYABLE_BATCHES)
+def test_a_copied_batch_stores_each_run_as_a_lone_insert_does(store: Store, batch: list[dict[str, Any]]) -> None:
+    copied: list[int] = []
+    copy_runs = store.backend._copy_runs
+
+    async def counted(runs: Any) -> bool:
+        copied.append(len(runs))
+        return await copy_runs(runs)
+
+    store.backend._copy_runs = counted  # type: ignore[method-assign]
+    try:
+        with copy_at_least(2):
+            stored_as_alone(store, batch, copied=True)
+    finally:
+        del store.backend._copy_runs
+    assert copied == [len(batch)]  # the batch went by COPY
+
+
+def stored_as_alone(store: Store, batch: list[dict[str, Any]], *, copied: bool = False) -> None:
+    """create_runs(batch) stores each run as create_run stores it alone (and finds the same runs by key)."""
     example = uuid.uuid4().hex[:8]
     together = [new_run(fields, f"{example}-batch-") for fields in batch]
     alone = [new_run(fields, f"{example}-alone-") for fields in batch]
-    created_together = store.call(store.backend.create_runs(together))
+    created_together = store.call(store.backend.create_runs(together, alike=copied))
     created_alone = [store.call(store.backend.create_run(run)) for run in alone]
     # The same runs created, the same runs found for a repeated key (by position in the batch).
     assert [created for _, created in created_together] == [created for _, created in created_alone]

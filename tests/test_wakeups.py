@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from sonamu_tasks import WorkflowManager, workflow
+from sonamu_tasks.backends.postgres.backend import COPY_AT_LEAST
 
 from .conftest import wait_until
 from .test_processes import start_worker  # noqa: F401 - fixture
@@ -167,14 +168,15 @@ async def test_a_woken_run_is_claimed_at_once_while_new_runs_wait_out_listen_del
     assert {"w:receives", "w:parent", "w:awaits", "a:local"} <= set(received)
 
 
+@pytest.mark.parametrize("count", [50, COPY_AT_LEAST + 50])  # by INSERT, and by COPY
 async def test_run_many_sends_one_notification_after_its_commit(
-    make_config: Any, database_url: str, schema: str
+    make_config: Any, database_url: str, schema: str, count: int
 ) -> None:
     async with Listener(database_url, schema) as listener:
         client = WorkflowManager(make_config(enable_worker=False))
         await client.start()
         try:
-            await client.run_many(local, list(range(50)))
+            await client.run_many(local, list(range(count)))
         finally:
             await client.stop()  # sends what is still to send, then closes
         assert await listener.until_marker() == ["a:local"]

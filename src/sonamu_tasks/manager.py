@@ -60,7 +60,7 @@ from .result_waiters import ResultWaiters
 from .retention import BATCH_SIZE, Progress, RetentionSweeper, purge_selection
 from .retention import purge as purge_runs
 from .retention import purge_events as purge_unreachable_events
-from .run_creation import R, RunOptions, WorkflowSpec, prepare_run, prepare_runs, resolve
+from .run_creation import R, RunBatch, RunOptions, WorkflowSpec, prepare_run, resolve
 from .scheduler import Scheduler, system_clock
 from .status import RunStatus, StepStatus
 from .step import DEFAULT_TOPIC
@@ -519,7 +519,8 @@ class WorkflowManager:
         concurrency_keys: Sequence[str | None] | None = None,
     ) -> list[RunHandle[R]]:
         """Start one run per input in one statement; the handles come back in input order. Every input is
-        validated first: a bad one refuses the whole call, naming its index, and nothing is stored.
+        validated before the runs commit: a bad one refuses the whole call, naming its index, and nothing is
+        stored.
         `idempotency_keys`: one per input (None for none); a repeated key gives the existing run. `queue`,
         `priority` as for `run()`; `concurrency_key` for every run, or `concurrency_keys`, one per input."""
         name, version, definition = resolve(workflow, self.registry)
@@ -532,7 +533,7 @@ class WorkflowManager:
         concurrency = list(concurrency_keys) if concurrency_keys is not None else [concurrency_key] * len(items)
         if len(concurrency) != len(items):
             raise ValueError(f"run_many: {len(items)} inputs but {len(concurrency)} concurrency_keys")
-        new_runs = prepare_runs(
+        batch = RunBatch(
             name,
             version,
             definition,
@@ -542,14 +543,19 @@ class WorkflowManager:
             concurrency,
             what=lambda index: f"inputs[{index}] of run_many({name!r})",
             trace_context=self.telemetry.caller_context(),
-        )
-        if not new_runs:
+        )  # the options checked now, with the first input; each other input as the backend reads it
+        if not batch:
             return []
         if isinstance(queue, Queue):
+            batch.prepare_all()  # a bad input stores nothing, this declaration neither
             await self.declare_queue(queue)
-        created = await until_available(
-            lambda: self.backend.create_runs(new_runs), what="start runs", give_up_after_s=30
-        )
+        try:
+            created = await until_available(
+                lambda: self.backend.create_runs(batch, alike=not batch.keyed), what="start runs", give_up_after_s=30
+            )
+        except BackendUnavailable:
+            batch.prepare_all()  # a bad input is the caller's to mend, outage or not: said first (nothing was stored)
+            raise
         if self.worker is not None and self.registry.find(name, version) is not None:
             self.worker.wake()
         output_type = definition.output_type if definition is not None else None

@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, overload
 
 from typing_extensions import TypeVar
 
@@ -152,39 +152,112 @@ def prepare_runs(
     what: Callable[[int], str],
     trace_context: str | None = None,
 ) -> list[NewRun]:
-    """`prepare_run` for each input, its keys from `idempotency_keys` and `concurrency_keys` (one per input;
-    `options`' own are ignored), the rest of `options` shared. The first bad item is refused, named:
-    "inputs[INDEX]: ...", `what(index)` the input in serialization errors.
+    """Every run of a RunBatch, prepared now: the first bad item is refused, named."""
+    batch = RunBatch(
+        name,
+        version,
+        definition,
+        inputs,
+        options,
+        idempotency_keys,
+        concurrency_keys,
+        what=what,
+        trace_context=trace_context,
+    )
+    return list(batch)
 
-    The first item goes through `prepare_run` whole: it checks what every item shares (names, times, queue,
-    priority) exactly as a lone run() would. The others check only what is their own (keys and input) and
-    take the first's other fields."""
-    if not inputs:
-        return []
-    index = 0
-    try:  # one try for every item, not one context manager per item: a third of the loop's time at 10,000 items
-        first = prepare_run(
-            name,
-            version,
-            definition,
-            inputs[0],
-            dataclasses.replace(options, idempotency_key=idempotency_keys[0], concurrency_key=concurrency_keys[0]),
-            what=what(0),
-            trace_context=trace_context,
-        )
-        runs = [first]
-        ids = new_run_ids(len(inputs) - 1)
-        for index in range(1, len(inputs)):
-            key, concurrency_key = idempotency_keys[index], concurrency_keys[index]
-            if key is not None:
-                limits.check_idempotency_key(key)
-            if concurrency_key is not None:
-                _check_concurrency_key(concurrency_key)
-            input_json = _input_json(definition, inputs[index], what(index))
-            runs.append(_sibling(first, ids[index - 1], input_json, key, concurrency_key))
-    except (InvalidInput, InvalidValue) as error:
-        raise _named(error, index, name) from error
-    return runs
+
+class RunBatch(Sequence[NewRun]):
+    """The runs of one run_many: `prepare_run` for each input, its keys from `idempotency_keys` and
+    `concurrency_keys` (one per input; `options`' own are ignored), the rest of `options` shared.
+
+    Prepared as they are read, in order, and kept once prepared (a call repeated after a lost answer sends the
+    same ids). So a backend can send the first runs while later ones are still prepared: PostgreSQL streams a
+    large batch into one COPY. Reading a bad item raises its error, named "inputs[INDEX]: ...", `what(index)`
+    the input in serialization errors; a backend stores the batch in one transaction, so then nothing of it.
+
+    The first item is prepared at once, by `prepare_run` whole: it checks what every item shares (names, times,
+    queue, priority) exactly as a lone run() would, before anything is sent. The others check only what is
+    their own (keys and input) and take the first's other fields."""
+
+    _CHUNK = 256  # items prepared per step of the iteration (a loop of the quick path, not one call per item)
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        definition: WorkflowDefinition[Any, Any] | None,
+        inputs: Sequence[Any],
+        options: RunOptions,
+        idempotency_keys: Sequence[str | None],
+        concurrency_keys: Sequence[str | None],
+        *,
+        what: Callable[[int], str],
+        trace_context: str | None = None,
+    ) -> None:
+        self._name, self._definition, self._what = name, definition, what
+        self._inputs, self._keys, self._concurrency_keys = inputs, idempotency_keys, concurrency_keys
+        self.keyed = any(key is not None for key in idempotency_keys)
+        """Whether any run has an idempotency key (else every run differs from the first only by its id, input
+        and concurrency key)."""
+        self._runs: list[NewRun] = []
+        self._ids: list[str] = []
+        if not inputs:
+            return
+        own = dataclasses.replace(options, idempotency_key=idempotency_keys[0], concurrency_key=concurrency_keys[0])
+        try:
+            self._runs.append(
+                prepare_run(name, version, definition, inputs[0], own, what=what(0), trace_context=trace_context)
+            )
+        except (InvalidInput, InvalidValue) as error:
+            raise _named(error, 0, name) from error
+        self._ids = new_run_ids(len(inputs) - 1)
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    def prepare_all(self) -> None:
+        """Prepare every run not yet prepared (raising for the first bad one)."""
+        self._prepare_until(len(self))
+
+    @overload
+    def __getitem__(self, index: int) -> NewRun: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[NewRun]: ...
+
+    def __getitem__(self, index: int | slice) -> NewRun | list[NewRun]:
+        self._prepare_until(index + 1 if isinstance(index, int) and index >= 0 else len(self))
+        if isinstance(index, int) and index >= len(self):
+            raise IndexError(f"run {index} of a batch of {len(self)}")
+        return self._runs[index]
+
+    def __iter__(self) -> Iterator[NewRun]:
+        index = 0
+        while index < len(self._inputs):
+            if index == len(self._runs):
+                self._prepare_until(index + self._CHUNK)
+            yield self._runs[index]
+            index += 1
+
+    def _prepare_until(self, stop: int) -> None:
+        """Prepare the items up to `stop` (exclusive) not yet prepared."""
+        runs, first = self._runs, self._runs[0] if self._runs else None
+        if first is None:
+            return
+        definition, what, ids = self._definition, self._what, self._ids
+        index = len(runs)
+        try:  # one try for the loop, not one context manager per item: a third of the loop's time at 10,000 items
+            for index in range(len(runs), min(stop, len(self._inputs))):
+                key, concurrency_key = self._keys[index], self._concurrency_keys[index]
+                if key is not None:
+                    limits.check_idempotency_key(key)
+                if concurrency_key is not None:
+                    _check_concurrency_key(concurrency_key)
+                input_json = _input_json(definition, self._inputs[index], what(index))
+                runs.append(_sibling(first, ids[index - 1], input_json, key, concurrency_key))
+        except (InvalidInput, InvalidValue) as error:
+            raise _named(error, index, self._name) from error
 
 
 def _sibling(first: NewRun, run_id: str, input_json: str, key: str | None, concurrency_key: str | None) -> NewRun:

@@ -263,9 +263,12 @@ class Backend(ScheduleStore, Protocol):
         """Insert a pending run; for a repeated idempotency key return the existing id and False."""
         ...
 
-    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+    async def create_runs(self, runs: Sequence[NewRun], *, alike: bool = False) -> list[tuple[str, bool]]:
         """Insert pending runs in one transaction; per run, in order: (its id, True), or for a repeated
-        idempotency key (the existing run's id, False)."""
+        idempotency key (the existing run's id, False). `alike`: the caller vouches that every run has the
+        first's workflow, version, queue and start, and none an idempotency key or a debounce (a run_many
+        without keys), so the backend need not read them all to know. Reading a run of `runs` may raise (a
+        RunBatch prepares its runs as they are read): then nothing is stored."""
         ...
 
     async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:

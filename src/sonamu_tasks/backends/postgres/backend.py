@@ -433,8 +433,44 @@ class PostgresBackend:
         # call goes at once): the producer's cost per run is the statement's, not a round trip and a commit.
         return await self._inserts.submit(run)
 
-    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
-        return await self._insert_runs(runs)
+    async def create_runs(self, runs: Sequence[NewRun], *, alike: bool = False) -> list[tuple[str, bool]]:
+        # A large batch of alike runs (a run_many without keys) is streamed into one COPY as it is prepared (runs
+        # may be a RunBatch, which prepares its runs as they are read): the server inserts the first runs while
+        # this process prepares the next, instead of after it prepared them all.
+        if alike and len(runs) >= COPY_AT_LEAST and await self._copy_runs(runs):
+            return [(run.id, True) for run in runs]
+        return await self._insert_runs(list(runs))
+
+    @_transient
+    async def _copy_runs(self, runs: Sequence[NewRun]) -> bool:
+        """Insert `runs` (alike: see create_runs in base.py) by one COPY; False when one of their ids is taken,
+        nothing inserted (the batch sent again after its commit's answer was lost: create_runs' INSERT then
+        finds which are its own)."""
+        first = runs[0]
+        due = _due_names([first])  # alike: all start as the first does
+        with self._wakeups.turn(wanted=bool(due)) as along:
+            params = {
+                "queue": first.queue,
+                "workflow_name": first.workflow_name,
+                "version": first.version,
+                "notify": due if along else [],
+                "channel": self.channel,
+            }
+            async with self._connection() as conn:
+                try:
+                    async with conn.transaction():
+                        row = await (await conn.execute(QUERIES["copy_runs_setup"], params)).fetchone()
+                        assert row is not None  # a SELECT without FROM: always one row
+                        now, queue = row[0], row[1]
+                        async with conn.cursor().copy(QUERIES["copy_runs"]) as copy:
+                            copy.set_types(_COPY_TYPES)
+                            for run in runs:
+                                await copy.write_row(_copy_row(run, now, queue))
+                except psycopg.errors.UniqueViolation:
+                    return False
+        if due and not along:
+            self._wakeups.runs_due(due)
+        return True
 
     @_transient
     async def _insert_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
@@ -1215,6 +1251,50 @@ WAKE_HORIZON = timedelta(seconds=5)
 """Runs due sooner than this wake the workers: a worker's claim loop otherwise looks again only at its next
 poll (worker.PUSHED_POLL_MS, 5 s), and would start a run due in 1 s up to 5 s late. One due later is found in
 time by that poll, which reads the next due time."""
+
+
+# A run_many of at least this many runs goes by COPY (copy_runs) when it can: below it, the INSERT's one round trip
+# costs less than the COPY's four (at 500 runs they cost the same: benchmarks/README.md, the tenth session).
+COPY_AT_LEAST = 500
+
+# The types of copy_runs' columns as psycopg sends them. A binary COPY carries each field in its column type's
+# binary form; a uuid's is its 16 bytes and a jsonb's a version byte (1) then the JSON text, which go as bytea
+# (raw bytes): quicker than making a UUID object per id, and the input's JSON text is sent as it is.
+_COPY_TYPES = [
+    "bytea", "text", "text", "text", "bytea", "timestamptz", "timestamptz", "bytea", "text", "bool", "bytea",
+    "text", "int4", "text",
+]  # fmt: skip
+
+
+def _uuid_bytes(value: str | None) -> bytes | None:
+    return None if value is None else bytes.fromhex(value.replace("-", ""))
+
+
+def _jsonb_bytes(text: str | None) -> bytes | None:
+    return None if text is None else b"\x01" + text.encode()
+
+
+def _copy_row(run: NewRun, now: datetime, queue: str) -> tuple[Any, ...]:
+    """`run` as a row of copy_runs, its start and deadline reckoned from the transaction's time `now` as
+    create_runs reckons them from now()."""
+    available_at = run.start_at or (now + run.start_delay if run.start_delay is not None else now)
+    deadline_at = run.deadline_at or (now + run.deadline_delay if run.deadline_delay is not None else None)
+    return (
+        _uuid_bytes(run.id),
+        run.workflow_name,
+        run.version,
+        "pending",
+        _jsonb_bytes(run.input_json),
+        available_at,
+        deadline_at,
+        _uuid_bytes(run.parent_id),
+        run.parent_step,
+        run.detached,
+        _jsonb_bytes(run.trace_context),
+        queue,
+        run.priority,
+        run.concurrency_key,
+    )
 
 
 def _due_names(runs: Sequence[NewRun]) -> list[str]:

@@ -135,6 +135,28 @@ SELECT id, (SELECT count(*) FROM notified) FROM inserted
 SELECT set_config('synchronous_commit', 'off', true), pg_notify(%(channel)s, payload)
 FROM unnest(%(payloads)s::text[]) AS payload
 
+-- copy_runs_setup --
+-- Before a run_many's COPY (copy_runs), in its transaction: the transaction's time, which the COPY's rows take
+-- their start and deadline from as create_runs takes them from now(); the queue of runs that name none, as
+-- create_runs looks it up; and the NOTIFY of create_runs (`notify`: the workflows to wake, or none; sent at the
+-- commit, so not at all if the COPY fails).
+SELECT now(),
+       COALESCE(%(queue)s::text,
+                (SELECT w.queue FROM workflow_queues w
+                 WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s),
+                'default'),
+       (SELECT count(*) FROM (SELECT pg_notify(%(channel)s::text, 'a:' || name)
+                              FROM unnest(%(notify)s::text[]) AS name) AS notified)
+
+-- copy_runs --
+-- A run_many's runs streamed in binary while the server inserts them: one statement, as create_runs, without its
+-- parameters to build and parse, and the server's work overlaps the client's sending. No ON CONFLICT: only runs
+-- without idempotency keys come this way, and a taken id (the batch sent again after its commit's answer was
+-- lost) fails the whole COPY, which create_runs then resolves. The columns' order is the one of _copy_row.
+COPY runs (id, workflow_name, version, status, input, available_at, deadline_at, parent_id, parent_step, detached,
+           trace_context, queue, priority, concurrency_key)
+FROM STDIN (FORMAT BINARY)
+
 -- find_runs --
 -- The runs a create_runs collided with: by idempotency key, or by id (a batch sent again after its commit's
 -- answer was lost).

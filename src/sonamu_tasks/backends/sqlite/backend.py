@@ -172,7 +172,9 @@ class SqliteBackend:
 
         return await self._db.write(insert)
 
-    async def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[str, bool]]:
+    async def create_runs(self, runs: Sequence[NewRun], *, alike: bool = False) -> list[tuple[str, bool]]:
+        runs = list(runs)  # prepared here (a RunBatch prepares as it is read), not in the database's thread
+
         def insert(conn: sqlite3.Connection, now: int) -> list[tuple[str, bool]]:
             results = []
             for run in runs:
