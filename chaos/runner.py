@@ -300,6 +300,91 @@ async def postgres_restart(ctx: Context, summary: Summary) -> None:
     tally(ctx, summary, schema, ids, None)
 
 
+async def bulk_starts(ctx: Context, summary: Summary) -> None:
+    """run_many calls from a producer (a manager without a worker): 2,000 runs without keys (one COPY; 1,000 short)
+    and 600 with keys (one INSERT), one after another, while the runner terminates the connection of a COPY or an INSERT
+    of runs it sees in flight (about every other one) and PostgreSQL crashes (`immediate` restarts).
+
+    Counted besides `tally` of the runs the calls returned: no input stored twice (a batch sent again after its
+    commit's answer was lost gives its runs, it inserts none again), no run of the workflow that no call
+    returned unless its call raised, and a call that raised left none of its runs or all of them (its one
+    transaction committed or not; the answer lost with the crash)."""
+    schema = ctx.schema_for("bulk")
+    await ensure_schema(ctx, schema)
+    for i in range(2):
+        ctx.worker(schema, f"w{i}", lease_ms=2000)
+    calls, unkeyed = (6, 1000) if ctx.short else (30, 2000)
+    returned: dict[int, list[str]] = {}
+    raised: dict[int, str] = {}
+    sizes: dict[int, int] = {}
+
+    async def produce() -> None:
+        async with WorkflowManager(ctx.config(schema)) as client:
+            for call in range(calls):
+                keyed = call % 3 == 2
+                sizes[call] = size = 600 if keyed else unkeyed
+                inputs = [{"steps": 1, "work_ms": 0, "call": call, "item": item} for item in range(size)]
+                keys: list[str | None] | None = [f"{call}-{item}" for item in range(size)] if keyed else None
+                try:
+                    handles = await client.run_many(workflows.chain, inputs, idempotency_keys=keys)
+                    returned[call] = [handle.id for handle in handles]
+                except Exception as error:  # counted below: what it left stored must be all or nothing
+                    raised[call] = repr(error)[:200]
+                await asyncio.sleep(0.05)
+
+    async def disturb(producing: asyncio.Task[None]) -> int:
+        rng, terminated = random.Random(23), 0
+        seen: set[tuple[int, Any]] = set()
+        # The crashes come while a statement of the call that many calls in is in flight.
+        crashes = iter([1, 3] if ctx.short else [3, 10, 20])
+        next_crash = next(crashes, None)
+        while not producing.done():
+            try:
+                rows = await asyncio.to_thread(
+                    ctx.query,
+                    "SELECT pid, query_start, left(query, 9) FROM pg_stat_activity WHERE state = 'active'"
+                    " AND (query LIKE 'COPY runs %%' OR query LIKE 'WITH inserted AS (%%INSERT INTO runs%%')",
+                )
+            except psycopg.OperationalError:
+                rows = []  # restarting
+            if rows and next_crash is not None and len(returned) + len(raised) >= next_crash:
+                await asyncio.to_thread(ctx.cluster.restart, "immediate")
+                summary.details.append(f"crash (immediate restart) during a {rows[0][2]!r} of call {next_crash}")
+                next_crash = next(crashes, None)
+                continue
+            for pid, query_start, _ in rows:
+                if (pid, query_start) not in seen:  # each statement once: killed or spared, half the time each
+                    seen.add((pid, query_start))
+                    if rng.random() < 0.5:
+                        ctx.query("SELECT pg_terminate_backend(%s)", [pid])
+                        terminated += 1
+            await asyncio.sleep(0.005)
+        return terminated
+
+    producing = asyncio.create_task(produce())
+    terminated = await disturb(producing)
+    await producing
+    summary.details.append(f"statements terminated mid-flight: {terminated}; calls raised: {len(raised)}")
+    ids = [run_id for handles in returned.values() for run_id in handles]
+    stored = ctx.query(
+        f"SELECT (input->>'call')::int, (input->>'item')::int, count(*) FROM \"{schema}\".runs"
+        " WHERE workflow_name = 'chain' GROUP BY 1, 2"
+    )
+    doubled = [(call, item, count) for call, item, count in stored if count > 1]
+    if doubled:
+        summary.problems.append(f"inputs stored more than once (first 5 of {len(doubled)}): {doubled[:5]}")
+    per_call = Counter(call for call, _, _ in stored)
+    for call, size in sizes.items():
+        if call in returned and per_call[call] != size:
+            summary.problems.append(f"call {call} returned {size} handles, {per_call[call]} runs stored")
+        if call in raised and per_call[call] not in (0, size):
+            summary.problems.append(f"call {call} raised ({raised[call]}) and left {per_call[call]} of {size} runs")
+    total = sum(per_call.values())
+    summary.details.append(f"calls: {len(returned)} returned, {len(raised)} raised; runs stored {total}")
+    await all_final(ctx, schema, total, 120 if ctx.short else 300)
+    tally(ctx, summary, schema, ids, None)
+
+
 async def connections_killed(ctx: Context, summary: Summary) -> None:
     schema = ctx.schema_for("connkill")
     await ensure_schema(ctx, schema)
@@ -670,6 +755,7 @@ SCENARIOS: dict[str, Callable[[Context, Summary], Awaitable[None]]] = {
     "worker_kills": worker_kills,
     "postgres_restart": postgres_restart,
     "connections_killed": connections_killed,
+    "bulk_starts": bulk_starts,
     "lease_loss": lease_loss,
     "cron": cron,
     "sleep_restart": sleep_restart,

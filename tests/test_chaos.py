@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = [
     "worker_kills",
     "connections_killed",
+    "bulk_starts",
     "lease_loss",
     "sleep_restart",
     "bad_input",
