@@ -285,13 +285,12 @@ def test_a_batch_stores_each_run_as_a_lone_insert_does(store: Store, batch: list
     stored_as_alone(store, batch)
 
 
-# The same for the runs a run_many sends by COPY (alike: one workflow, version, queue and start, no idempotency
-# key; every other field each run's own), with the COPY's threshold lowered so that these small batches go that
-# way.
-SHARED = ("workflow", "queue", "start_at", "start_delay")
+# The same for the runs a run_many sends by COPY (alike: no idempotency key, each run the first but for its input
+# and concurrency key), with the COPY's threshold lowered so that these small batches go that way.
 COPYABLE_BATCHES = st.tuples(RUN_FIELDS, st.lists(RUN_FIELDS, min_size=1, max_size=7)).map(
     lambda batch: [
-        {**fields, **{field: batch[0][field] for field in SHARED}, "key": None} for fields in [batch[0], *batch[1]]
+        {**batch[0], "input": fields["input"], "concurrency_key": fields["concurrency_key"], "key": None}
+        for fields in [batch[0], *batch[1]]
     ]
 )
 

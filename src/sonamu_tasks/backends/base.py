@@ -265,9 +265,9 @@ class Backend(ScheduleStore, Protocol):
 
     async def create_runs(self, runs: Sequence[NewRun], *, alike: bool = False) -> list[tuple[str, bool]]:
         """Insert pending runs in one transaction; per run, in order: (its id, True), or for a repeated
-        idempotency key (the existing run's id, False). `alike`: the caller vouches that every run has the
-        first's workflow, version, queue and start, and none an idempotency key or a debounce (a run_many
-        without keys), so the backend need not read them all to know. Reading a run of `runs` may raise (a
+        idempotency key (the existing run's id, False). `alike`: the caller vouches that every run is the
+        first but for its id, input and concurrency key, and that none has an idempotency key or a debounce (a
+        run_many without keys), so the backend need not read them all to know. Reading a run of `runs` may raise (a
         RunBatch prepares its runs as they are read): then nothing is stored."""
         ...
 

@@ -152,9 +152,10 @@ SELECT now(),
 -- A run_many's runs streamed in binary while the server inserts them: one statement, as create_runs, without its
 -- parameters to build and parse, and the server's work overlaps the client's sending. No ON CONFLICT: only runs
 -- without idempotency keys come this way, and a taken id (the batch sent again after its commit's answer was
--- lost) fails the whole COPY, which create_runs then resolves. The columns' order is the one of _copy_row.
-COPY runs (id, workflow_name, version, status, input, available_at, deadline_at, parent_id, parent_step, detached,
-           trace_context, queue, priority, concurrency_key)
+-- lost) fails the whole COPY, which create_runs then resolves. The columns' order is the one of _copy_data: what
+-- each run has of its own first, then what the runs of a run_many share.
+COPY runs (id, input, concurrency_key, workflow_name, version, status, available_at, deadline_at, parent_id,
+           parent_step, detached, trace_context, queue, priority)
 FROM STDIN (FORMAT BINARY)
 
 -- find_runs --
