@@ -24,7 +24,7 @@ from sonamu_tasks.backends.postgres import backend as postgres_backend
 from sonamu_tasks.backends.postgres.backend import PostgresBackend
 from sonamu_tasks.errors import InvalidValue
 from sonamu_tasks.ids import new_run_id
-from sonamu_tasks.run_creation import RunOptions, prepare_run, prepare_runs
+from sonamu_tasks.run_creation import RunBatch, RunOptions, prepare_run
 
 T = TypeVar("T")
 
@@ -145,7 +145,7 @@ async def test_a_batch_sent_again_gives_the_runs_it_stored(manager_for: Any, cou
     # created (this call's runs), stored once; created=False is for a run found by its idempotency key.
     manager = await manager_for([confirm], enable_worker=False)
     runs = list(
-        prepare_runs(
+        RunBatch(
             confirm.name,
             confirm.version,
             confirm,
@@ -156,10 +156,11 @@ async def test_a_batch_sent_again_gives_the_runs_it_stored(manager_for: Any, cou
             what=str,
         )
     )
-    assert await manager.backend.create_runs(runs) == [(run.id, True) for run in runs]
-    assert await manager.backend.create_runs(runs[::-1]) == [(run.id, True) for run in runs[::-1]]
-    fresh = prepare_runs(
-        confirm.name, confirm.version, confirm, [{"order_id": -1}], RunOptions(), [None], [None], what=str
+    # alike: LARGE goes by COPY, which then meets its own ids and hands over to the INSERT, which finds them
+    assert await manager.backend.create_runs(runs, alike=True) == [(run.id, True) for run in runs]
+    assert await manager.backend.create_runs(runs[::-1], alike=True) == [(run.id, True) for run in runs[::-1]]
+    fresh = list(
+        RunBatch(confirm.name, confirm.version, confirm, [{"order_id": -1}], RunOptions(), [None], [None], what=str)
     )
     mixed = [runs[0], *fresh, runs[-1]]
     assert await manager.backend.create_runs(mixed) == [(runs[0].id, True), (fresh[0].id, True), (runs[-1].id, True)]
@@ -342,7 +343,7 @@ def stored_as_alone(store: Store, batch: list[dict[str, Any]], *, copied: bool =
             assert comparable(rows[run_together.id], run_together, f"{example}-batch-") == expected
 
 
-# Property: prepare_runs prepares each item as prepare_run does (what run_many did item by item before), or
+# Property: RunBatch prepares each item as prepare_run does (what run_many did item by item before), or
 # refuses the first bad item with prepare_run's error, naming its index.
 
 KEYS = st.sampled_from([None, None, "key", "other", "", " ", "x" * 300, "a\x00b", "\ud800"])
@@ -381,7 +382,7 @@ def prepared_one_by_one(
     rows=st.lists(st.tuples(ITEMS, KEYS, KEYS), min_size=1, max_size=6),
     priority=st.sampled_from([0, 3, -1, 10**9, True]),
 )
-def test_prepare_runs_prepares_each_item_as_prepare_run_or_refuses_the_first_bad_one(
+def test_a_run_batch_prepares_each_item_as_prepare_run_or_refuses_the_first_bad_one(
     schema: bool, rows: list[tuple[Any, str | None, str | None]], priority: Any
 ) -> None:
     definition = confirm if schema else None
@@ -393,7 +394,7 @@ def test_prepare_runs_prepares_each_item_as_prepare_run_or_refuses_the_first_bad
         expected = error
     try:
         runs = list(
-            prepare_runs(
+            RunBatch(
                 "confirm",
                 "1",
                 definition,

@@ -140,33 +140,6 @@ def prepare_run(
     )
 
 
-def prepare_runs(
-    name: str,
-    version: str,
-    definition: WorkflowDefinition[Any, Any] | None,
-    inputs: Sequence[Any],
-    options: RunOptions,
-    idempotency_keys: Sequence[str | None],
-    concurrency_keys: Sequence[str | None],
-    *,
-    what: Callable[[int], str],
-    trace_context: str | None = None,
-) -> list[NewRun]:
-    """Every run of a RunBatch, prepared now: the first bad item is refused, named."""
-    batch = RunBatch(
-        name,
-        version,
-        definition,
-        inputs,
-        options,
-        idempotency_keys,
-        concurrency_keys,
-        what=what,
-        trace_context=trace_context,
-    )
-    return list(batch)
-
-
 class RunBatch(Sequence[NewRun]):
     """The runs of one run_many: `prepare_run` for each input, its keys from `idempotency_keys` and
     `concurrency_keys` (one per input; `options`' own are ignored), the rest of `options` shared.
@@ -262,7 +235,7 @@ class RunBatch(Sequence[NewRun]):
 
 def _sibling(first: NewRun, run_id: str, input_json: str, key: str | None, concurrency_key: str | None) -> NewRun:
     """Another run of the same run_many: the first's fields, but its own id, input and keys. (Made field by
-    field: three times quicker than dataclasses.replace. The property test of prepare_runs in
+    field: three times quicker than dataclasses.replace. The property test of RunBatch in
     tests/test_run_many.py compares every field with prepare_run's, so a field left out here shows there.)"""
     return NewRun(
         id=run_id,
