@@ -29,6 +29,7 @@ from sonamu_tasks import (
     workflow,
 )
 from sonamu_tasks.backends.base import LeaseLost, NewRun, TimedWait
+from sonamu_tasks.backends.postgres.backend import COPY_AT_LEAST
 from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.records import CutValue
 
@@ -571,6 +572,24 @@ async def test_result_gives_the_output_as_the_type_the_workflow_declares(manager
     assert await (await manager.run(parent, 1)).result(timeout=15) == 10
     # Found by id, the run's workflow is not known to the handle: its output comes as stored, JSON.
     assert await manager.handle(batch.id).result(timeout=15) == {"order_id": 8, "email": "x@y.z"}
+
+
+async def test_a_large_run_many_runs_every_input_and_a_bad_one_far_in_stores_nothing(manager_for: Any) -> None:
+    # On PostgreSQL, directly or through PgBouncer in either pool mode, this many runs go by one COPY, streamed
+    # while the later inputs are prepared: the bad one is met mid-stream, and the COPY's transaction stores nothing
+    @workflow(version="1")
+    async def doubled(input: int) -> int:
+        return input * 2
+
+    manager = await manager_for([doubled], concurrency=32)
+    count = COPY_AT_LEAST + 100
+    with pytest.raises(SerializationError, match=rf"inputs\[{count - 1}\]"):
+        await manager.run_many(doubled, [*range(count - 1), object()])
+    assert (await manager.list_runs()).items == []
+    handles = await manager.run_many(doubled, list(range(count)), priority=3)
+    assert len({handle.id for handle in handles}) == count and all(handle.created for handle in handles)
+    assert await asyncio.gather(*(handle.result(timeout=60) for handle in handles)) == [2 * i for i in range(count)]
+    assert {run.priority for run in (await manager.list_runs(limit=count)).items} == {3}
 
 
 class Total(pydantic.BaseModel):
