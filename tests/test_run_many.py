@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pydantic
@@ -18,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sonamu_tasks import InvalidInput, InvalidName, SerializationError, workflow
+from sonamu_tasks import InvalidInput, InvalidName, SerializationError, WorkflowManager, define_config, workflow
 from sonamu_tasks.backends.base import NewRun
 from sonamu_tasks.backends.postgres import backend as postgres_backend
-from sonamu_tasks.backends.postgres.backend import PostgresBackend
+from sonamu_tasks.backends.postgres.backend import COPY_AT_LEAST, PostgresBackend
 from sonamu_tasks.errors import InvalidValue
 from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.run_creation import RunBatch, RunOptions, prepare_run
@@ -165,6 +168,85 @@ async def test_a_batch_sent_again_gives_the_runs_it_stored(manager_for: Any, cou
     mixed = [runs[0], *fresh, runs[-1]]
     assert await manager.backend.create_runs(mixed) == [(runs[0].id, True), (fresh[0].id, True), (runs[-1].id, True)]
     assert len(await stored_runs(manager)) == count + 1
+
+
+def _days_across_a_daylight_saving_change(zone: str) -> int:
+    """A number of days from now whose end is at another UTC offset in `zone` than now."""
+    now = datetime.now(ZoneInfo(zone))
+    for days in range(1, 400):
+        if (now + timedelta(days=days)).utcoffset() != now.utcoffset():
+            return days
+    raise AssertionError(f"{zone} has no daylight saving within 400 days")
+
+
+def _with_parameter(url: str, parameter: str) -> str:
+    return url + ("&" if "?" in url else "?") + parameter
+
+
+@pytest.mark.parametrize("backend_name", ["postgres"])
+async def test_delays_are_elapsed_time_in_a_session_whose_time_zone_keeps_daylight_saving(
+    backend_name: str, postgres_url: str, schema: str
+) -> None:
+    # A server whose TimeZone changes its offset within the delay: run(), a run_many by INSERT and one by COPY
+    # all start and end their runs that much elapsed time later (a day is 86,400 s, not a calendar day)
+    days = _days_across_a_daylight_saving_change("America/New_York")
+    url = _with_parameter(postgres_url, "options=-c%20TimeZone%3DAmerica%2FNew_York")
+    delay, deadline = timedelta(days=days), timedelta(days=days, hours=1)
+    async with WorkflowManager(define_config(database_url=url, schema=schema, tasks={"enable_worker": False})) as m:
+        ids = [(await m.run(confirm, {"order_id": 1}, start_at=delay, deadline=deadline)).id]
+        for count in (3, COPY_AT_LEAST):
+            handles = await m.run_many(confirm, [{"order_id": 2}] * count, start_at=delay, deadline=deadline)
+            ids += [handle.id for handle in handles]
+    query = (
+        "SELECT DISTINCT extract(epoch FROM available_at) - extract(epoch FROM created_at),"
+        " extract(epoch FROM deadline_at) - extract(epoch FROM created_at) FROM runs WHERE id = ANY(%s::uuid[])"
+    )
+    with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
+        assert conn.execute(query, [ids]).fetchall() == [(delay.total_seconds(), deadline.total_seconds())]
+
+
+@pytest.mark.parametrize("backend_name", ["postgres"])
+async def test_names_go_in_the_connection_encoding(backend_name: str, postgres_url: str, schema: str) -> None:
+    # A connection whose client_encoding is not UTF-8 (a LATIN1 database, or a URL asking for it): a run_many's
+    # COPY stores its names and keys as run() does, not their UTF-8 bytes read as LATIN1
+    url = _with_parameter(postgres_url, "client_encoding=LATIN1")
+    spec = {"name": "café", "version": "é1"}
+    async with WorkflowManager(define_config(database_url=url, schema=schema, tasks={"enable_worker": False})) as m:
+        alone = await m.run(spec, {"n": 1}, queue="file-à-part", concurrency_key="clé")
+        handles = await m.run_many(spec, [{"n": 2}] * COPY_AT_LEAST, queue="file-à-part", concurrency_key="clé")
+    query = "SELECT DISTINCT workflow_name, version, queue, concurrency_key FROM runs WHERE id = ANY(%s::uuid[])"
+    with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
+        stored = conn.execute(query, [[alone.id, *(handle.id for handle in handles)]]).fetchall()
+    assert stored == [("café", "é1", "file-à-part", "clé")]
+
+
+class SlowOrder(pydantic.BaseModel):
+    order_id: int
+
+    @pydantic.field_validator("order_id")
+    @classmethod
+    def slowly(cls, value: int) -> int:
+        time.sleep(0.002)  # an expensive check: 600 inputs take over a second to prepare
+        return value
+
+
+@workflow(version="1", schema=SlowOrder)
+async def confirm_slowly(input: SlowOrder) -> int:
+    return input.order_id
+
+
+@pytest.mark.parametrize("backend_name", ["postgres"])
+async def test_a_statement_timeout_counts_only_the_copy_not_the_inputs_preparation(
+    backend_name: str, postgres_url: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A statement_timeout shorter than the inputs take to validate: the runs are all prepared before the COPY
+    # begins, which then takes a few ms; streamed as prepared, the COPY would be cut by the timeout at every try
+    url = _with_parameter(postgres_url, "options=-c%20statement_timeout%3D500")
+    async with WorkflowManager(define_config(database_url=url, schema=schema, tasks={"enable_worker": False})) as m:
+        with caplog.at_level(logging.WARNING):
+            handles = await m.run_many(confirm_slowly, [{"order_id": n} for n in range(COPY_AT_LEAST + 100)])
+    assert len({handle.id for handle in handles}) == COPY_AT_LEAST + 100
+    assert not [record for record in caplog.records if "statement timeout" in record.getMessage()]
 
 
 # Property: PostgreSQL's create_runs stores each run of any batch, whatever its runs share or not (workflow,
@@ -312,9 +394,9 @@ def test_a_copied_batch_stores_each_run_as_a_lone_insert_does(store: Store, batc
     copied: list[int] = []
     copy_runs = store.backend._copy_runs
 
-    async def counted(runs: Any) -> bool:
+    async def counted(runs: Any, **options: Any) -> bool | None:
         copied.append(len(runs))
-        return await copy_runs(runs)
+        return await copy_runs(runs, **options)
 
     store.backend._copy_runs = counted  # type: ignore[method-assign]
     try:

@@ -4,9 +4,11 @@ the runs (migration 0013), never inside the inserting transaction, and none wher
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psycopg
+import pydantic
 import pytest
 
 from sonamu_tasks import WorkflowManager, workflow
@@ -180,6 +182,60 @@ async def test_run_many_sends_one_notification_after_its_commit(
         finally:
             await client.stop()  # sends what is still to send, then closes
         assert await listener.until_marker() == ["a:local"]
+
+
+class Slow(pydantic.BaseModel):
+    n: int
+
+    @pydantic.field_validator("n")
+    @classmethod
+    def slowly(cls, value: int) -> int:
+        time.sleep(0.002)  # an expensive check: a batch takes a while to prepare
+        return value
+
+
+@workflow(version="1", schema=Slow)
+async def slow_input(input: Slow) -> int:
+    return input.n
+
+
+async def test_a_large_run_many_does_not_hold_back_the_wake_up_of_a_run_started_meanwhile(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    # A run_many streams its COPY while it validates its inputs; a run() the same process makes meanwhile must
+    # reach the workers at once, not once the COPY commits (they would find it at their next poll, 5 s later)
+    async with Listener(database_url, schema) as listener:
+        client = WorkflowManager(make_config(enable_worker=False))
+        await client.start()
+        try:
+            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as watcher:
+
+                async def copying() -> bool:
+                    rows = await watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY runs %%' AND state = 'active'"
+                    )
+                    return (await rows.fetchone())[0] > 0  # type: ignore[index]
+
+                inputs = [{"n": n} for n in range(2000)]  # 4 s of checks: the COPY outlasts the run() and its wake-up
+                many = asyncio.create_task(client.run_many(slow_input, inputs))
+                await wait_until(copying, what="the run_many's COPY to start", timeout=20)
+                await client.run(local, 1)
+                assert listener.conn is not None
+                async for notify in listener.conn.notifies(timeout=10):
+                    if notify.payload == "a:local":
+                        break
+                else:
+                    raise AssertionError("no notification for the run() within 10 s")
+                # Heard while the COPY was still going: none of its runs committed yet
+                stored = await watcher.execute(
+                    psycopg.sql.SQL("SELECT count(*) FROM {}.runs WHERE workflow_name = 'slow_input'").format(
+                        psycopg.sql.Identifier(schema)
+                    )
+                )
+                assert (await stored.fetchone())[0] == 0  # type: ignore[index]
+                assert len(await many) == 2000
+        finally:
+            await client.stop()
 
 
 async def test_concurrent_runs_from_one_process_each_follow_a_notification(

@@ -54,7 +54,7 @@ from ..base import (
 from ..group_commit import GroupCommit
 from ..sql_files import check_applied, newer_than_code
 from .queries import QUERIES, migrations
-from .types import register_loaders
+from .types import register_adapters
 from .wakeups import Wakeups
 
 logger = logging.getLogger("sonamu_tasks.postgres")
@@ -225,14 +225,14 @@ class PostgresBackend:
         """Every new pooled connection: times past the year 9999 read clamped, not as errors; and, unless each
         transaction sets it, the schema as search_path. (Not a startup `options` parameter: PgBouncer refuses
         it.)"""
-        register_loaders(conn.adapters)
+        register_adapters(conn.adapters)
         if not self._per_transaction:
             await conn.execute(self._set_search_path)
 
     async def _connect(self, url: str) -> psycopg.AsyncConnection[Any]:
         """A connection of its own (not pooled), set up like the pool's, with the session's search_path."""
         conn = await psycopg.AsyncConnection.connect(url, **self._connect_kwargs)
-        register_loaders(conn.adapters)
+        register_adapters(conn.adapters)
         await conn.execute(self._set_search_path)
         return conn
 
@@ -437,37 +437,42 @@ class PostgresBackend:
         # A large batch of alike runs (a run_many without keys) is streamed into one COPY as it is prepared (runs
         # may be a RunBatch, which prepares its runs as they are read): the server inserts the first runs while
         # this process prepares the next, instead of after it prepared them all.
-        if alike and len(runs) >= COPY_AT_LEAST and await self._copy_runs(runs):
-            return [(run.id, True) for run in runs]
+        if alike and len(runs) >= COPY_AT_LEAST:
+            copied = await self._copy_runs(runs, prepared=False)
+            if copied is None:  # a statement_timeout holds: prepare them all first, so that it counts only the COPY
+                runs = list(runs)
+                copied = await self._copy_runs(runs, prepared=True)
+            if copied:
+                return [(run.id, True) for run in runs]
         return await self._insert_runs(list(runs))
 
     @_transient
-    async def _copy_runs(self, runs: Sequence[NewRun]) -> bool:
+    async def _copy_runs(self, runs: Sequence[NewRun], *, prepared: bool) -> bool | None:
         """Insert `runs` (alike: see create_runs in base.py) by one COPY; False when one of their ids is taken,
         nothing inserted (the batch sent again after its commit's answer was lost: create_runs' INSERT then
-        finds which are its own)."""
+        finds which are its own). None, nothing done, when a statement_timeout holds and `runs` are not all
+        `prepared`: the COPY would count the time taken to prepare them (a slow input schema could make it time
+        out, again at every retry)."""
         first = runs[0]
         due = _due_names([first])  # alike: all start as the first does
-        with self._wakeups.turn(wanted=bool(due)) as along:
-            params = {
-                "queue": first.queue,
-                "workflow_name": first.workflow_name,
-                "version": first.version,
-                "notify": due if along else [],
-                "channel": self.channel,
-            }
-            async with self._connection() as conn:
-                try:
-                    async with conn.transaction():
-                        row = await (await conn.execute(QUERIES["copy_runs_setup"], params)).fetchone()
-                        assert row is not None  # a SELECT without FROM: always one row
-                        now, queue = row[0], row[1]
-                        async with conn.cursor().copy(QUERIES["copy_runs"]) as copy:
-                            for rows in _copy_data(runs, now, queue):
-                                await copy.write(rows)
-                except psycopg.errors.UniqueViolation:
-                    return False
-        if due and not along:
+        # Its NOTIFY is sent after the commit (Wakeups), not in its transaction: a COPY lasts as long as its
+        # runs take to prepare and insert, and holding this process's NOTIFY turn that long would hold back the
+        # wake-ups of every other run() meanwhile (they only gather during a turn).
+        params = {"queue": first.queue, "workflow_name": first.workflow_name, "version": first.version}
+        async with self._connection() as conn:
+            try:
+                async with conn.transaction():
+                    row = await (await conn.execute(QUERIES["copy_runs_setup"], params)).fetchone()
+                    assert row is not None  # a SELECT without FROM: always one row
+                    now, queue, timed = row
+                    if timed and not prepared:
+                        return None
+                    async with conn.cursor().copy(QUERIES["copy_runs"]) as copy:
+                        for rows in _copy_data(runs, now, queue, conn.info.encoding):
+                            await copy.write(rows)
+            except psycopg.errors.UniqueViolation:
+                return False
+        if due:
             self._wakeups.runs_due(due)
         return True
 
@@ -1268,26 +1273,29 @@ _POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _COPY_CHUNK = 256  # rows per write: the server starts on the first while the next are prepared
 
 
-def _copy_data(runs: Sequence[NewRun], now: datetime, queue: str) -> Iterator[bytes]:
+def _copy_data(runs: Sequence[NewRun], now: datetime, queue: str, encoding: str) -> Iterator[bytes]:
     """`runs` (alike: see create_runs in base.py) as copy_runs' data, in chunks of rows. Their start and
-    deadline are reckoned from the transaction's time `now` as create_runs reckons them from now(); `queue` is
-    the one looked up when the runs name none."""
+    deadline are reckoned from the transaction's time `now` as create_runs reckons them from now() (elapsed
+    time: `now` in UTC, where adding a day never meets a daylight-saving change of the session's time zone);
+    `queue` is the one looked up when the runs name none. Text goes in the connection's `encoding`, as the
+    server reads it (the inputs are JSON escaped to ASCII)."""
+    now = now.astimezone(UTC)
     first = runs[0]
     available_at = first.start_at or (now + first.start_delay if first.start_delay is not None else now)
     deadline_at = first.deadline_at or (now + first.deadline_delay if first.deadline_delay is not None else None)
     shared = b"".join(
         _field(value)
         for value in (
-            first.workflow_name.encode(),
-            first.version.encode(),
+            first.workflow_name.encode(encoding),
+            first.version.encode(encoding),
             b"pending",
             _timestamp(available_at),
             None if deadline_at is None else _timestamp(deadline_at),
             None if first.parent_id is None else _uuid(first.parent_id),
-            None if first.parent_step is None else first.parent_step.encode(),
+            None if first.parent_step is None else first.parent_step.encode(encoding),
             b"\x01" if first.detached else b"\x00",
-            None if first.trace_context is None else b"\x01" + first.trace_context.encode(),
-            queue.encode(),
+            None if first.trace_context is None else b"\x01" + first.trace_context.encode(encoding),
+            queue.encode(encoding),
             first.priority.to_bytes(4, "big", signed=True),
         )
     )
@@ -1301,7 +1309,7 @@ def _copy_data(runs: Sequence[NewRun], now: datetime, queue: str) -> Iterator[by
             (len(data) + 1).to_bytes(4, "big"),
             b"\x01",  # jsonb's binary form: a version byte, then the JSON text
             data,
-            _NULL if key is None else _field(key.encode()),
+            _NULL if key is None else _field(key.encode(encoding)),
             shared,
         )
         if len(chunk) >= _COPY_CHUNK * 7:

@@ -138,15 +138,14 @@ FROM unnest(%(payloads)s::text[]) AS payload
 -- copy_runs_setup --
 -- Before a run_many's COPY (copy_runs), in its transaction: the transaction's time, which the COPY's rows take
 -- their start and deadline from as create_runs takes them from now(); the queue of runs that name none, as
--- create_runs looks it up; and the NOTIFY of create_runs (`notify`: the workflows to wake, or none; sent at the
--- commit, so not at all if the COPY fails).
+-- create_runs looks it up; and whether a statement_timeout holds, which would count the time the client takes
+-- to prepare the runs it streams. (The workers are told after the commit, by Wakeups: see _copy_runs.)
 SELECT now(),
        COALESCE(%(queue)s::text,
                 (SELECT w.queue FROM workflow_queues w
                  WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s),
                 'default'),
-       (SELECT count(*) FROM (SELECT pg_notify(%(channel)s::text, 'a:' || name)
-                              FROM unnest(%(notify)s::text[]) AS name) AS notified)
+       current_setting('statement_timeout') NOT IN ('0', '0ms')
 
 -- copy_runs --
 -- A run_many's runs streamed in binary while the server inserts them: one statement, as create_runs, without its

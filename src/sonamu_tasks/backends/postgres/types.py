@@ -1,4 +1,5 @@
-"""psycopg loaders of our own: timestamptz values read back clamped instead of failing.
+"""psycopg adapters of our own: timestamptz values read back clamped instead of failing, and durations sent as
+elapsed time.
 
 PostgreSQL stores times up to the year 294276, and `infinity`; a Python datetime ends at 9999. psycopg
 raises DataError ("timestamp too large") for a value beyond, and that one row then fails every query
@@ -8,17 +9,22 @@ outside `limits.READABLE_TIMES` reads as the nearest end, as the SQLite backend 
 
 The loaders wrap psycopg's own (the C ones with psycopg[binary]), so a normal time costs one Python call
 more and nothing else.
+
+A duration (a timedelta: a delayed start, a deadline, a sleep, a lease) goes as an interval of microseconds
+alone. psycopg's own dumper sends its whole days as interval days, which PostgreSQL adds to a time as calendar
+days in the session's time zone: on a server whose TimeZone keeps daylight saving, a run delayed by 100 days
+across the change started an hour early or late, where the engine promises elapsed time (and run_many's
+statements, which send seconds, already kept it).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
 
 import psycopg
 from psycopg import abc
 from psycopg.abc import AdaptContext, Buffer
-from psycopg.adapt import AdaptersMap, Loader
+from psycopg.adapt import AdaptersMap, Dumper, Loader
 from psycopg.pq import Format
 
 from ...limits import READABLE_TIMES
@@ -26,15 +32,13 @@ from ...limits import READABLE_TIMES
 _EARLIEST, _LATEST = READABLE_TIMES
 
 
-def register_loaders(adapters: AdaptersMap) -> None:
-    """Make `adapters` (a connection's, usually) read timestamptz values clamped."""
+def register_adapters(adapters: AdaptersMap) -> None:
+    """Make `adapters` (a connection's, usually) read timestamptz values clamped and send durations as elapsed
+    time."""
     for loader in _LOADERS:
         adapters.register_loader("timestamptz", loader)
-
-
-async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
-    """The pool's `configure` callback: every new connection gets the loaders."""
-    register_loaders(conn.adapters)
+    for dumper in _DUMPERS:
+        adapters.register_dumper(timedelta, dumper)
 
 
 def _psycopg_loader(format: Format) -> type[abc.Loader]:
@@ -85,3 +89,30 @@ class _ClampedTimestamptzBinaryLoader(_ClampedTimestamptzLoader):
 
 
 _LOADERS = (_ClampedTimestamptzTextLoader, _ClampedTimestamptzBinaryLoader)
+
+
+def _microseconds(duration: timedelta) -> int:
+    return (duration.days * 86_400 + duration.seconds) * 1_000_000 + duration.microseconds
+
+
+class _ElapsedIntervalTextDumper(Dumper):
+    """A timedelta as an interval of microseconds alone (no days: see the module's docstring)."""
+
+    oid = psycopg.adapters.types["interval"].oid
+    format = Format.TEXT
+
+    def dump(self, obj: timedelta) -> bytes:
+        return f"{_microseconds(obj)} microseconds".encode()
+
+
+class _ElapsedIntervalBinaryDumper(Dumper):
+    """The same in the binary form: microseconds, days (0), months (0)."""
+
+    oid = psycopg.adapters.types["interval"].oid
+    format = Format.BINARY
+
+    def dump(self, obj: timedelta) -> bytes:
+        return _microseconds(obj).to_bytes(8, "big", signed=True) + bytes(8)
+
+
+_DUMPERS = (_ElapsedIntervalTextDumper, _ElapsedIntervalBinaryDumper)
