@@ -15,8 +15,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sonamu_tasks import ConfigError, InvalidValue, Queue, ResultTimeout, RunStatus, WorkflowManager, workflow
+from sonamu_tasks import (
+    ConfigError,
+    InvalidValue,
+    Queue,
+    ResultTimeout,
+    RunStatus,
+    SerializationError,
+    WorkflowManager,
+    workflow,
+)
 from sonamu_tasks.backends.base import NewRun
+from sonamu_tasks.errors import BackendUnavailable
 from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.queue import parse_rate
 from sonamu_tasks.records import WorkerRecord
@@ -174,6 +184,36 @@ async def test_a_queue_given_only_to_run_has_its_limits_stored_and_held(manager_
     assert stats["adhoc"].concurrency == 1
     with pytest.raises(InvalidValue, match=r"'adhoc'.*differs"):
         await manager.run(export, "r9", queue=Queue("adhoc", concurrency=5))
+
+
+async def test_a_refused_call_given_a_queue_stores_nothing_the_queue_neither(manager_for: Any) -> None:
+    @workflow(version="1")
+    async def item(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([item], enable_worker=False)
+    fresh = Queue("refused", concurrency=1)
+    with pytest.raises(SerializationError, match="input"):
+        await manager.run(item, object(), queue=fresh)
+    with pytest.raises(InvalidValue, match="start_at"):
+        await manager.run(item, 1, queue=fresh, start_at=datetime(2030, 1, 1))  # no time zone
+    with pytest.raises(SerializationError, match=r"inputs\[1\]"):
+        await manager.run_many(item, [1, object()], queue=fresh)
+    assert "refused" not in {stats.name for stats in await manager.queue_stats()}
+    assert (await manager.list_runs()).items == []
+
+
+async def test_storing_a_queue_gives_up_as_run_does_while_the_database_is_away(manager_for: Any) -> None:
+    manager = await manager_for([], enable_worker=False)
+
+    async def away(*args: Any) -> None:
+        raise BackendUnavailable("the database is away")
+
+    manager.backend.register_queues = away
+    began = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="could not store queue"):
+        await manager.declare_queue(Queue("later", concurrency=1), give_up_after_s=0.5)
+    assert time.monotonic() - began < 5
 
 
 async def test_a_key_freed_for_a_version_nobody_serves_reaches_the_parked_run_of_a_served_one(

@@ -382,11 +382,12 @@ class WorkflowManager:
             await self.backend.register_queues(queues, workflow_queues)
         self._stored_queues = {queue.name: queue for queue in queues}
 
-    async def declare_queue(self, queue: Queue) -> None:
+    async def declare_queue(self, queue: Queue, *, give_up_after_s: float | None = 30) -> None:
         """Store `queue`'s limits, as those of the config's and the workflows' queues are at start: `run(...,
         queue=Queue(...))` (and a child's start) calls it for a Queue neither declares, whose limits would
         otherwise hold nowhere. Once per process and queue. InvalidValue when this process declares a queue of
-        that name with other limits (which would hold would depend on who stored last)."""
+        that name with other limits (which would hold would depend on who stored last). With the database
+        down, BackendUnavailable after `give_up_after_s` (as run() gives up; None: wait for it)."""
         known = self._stored_queues.get(queue.name)
         if known == queue:
             return
@@ -396,7 +397,9 @@ class WorkflowManager:
                 "the declared Queue",
                 field="queue",
             )
-        await until_available(lambda: self.backend.register_queues([queue], []), what="store queue")
+        await until_available(
+            lambda: self.backend.register_queues([queue], []), what="store queue", give_up_after_s=give_up_after_s
+        )
         self._stored_queues[queue.name] = queue
 
     async def metrics_text(self) -> tuple[bytes, str]:
@@ -467,9 +470,9 @@ class WorkflowManager:
         options = RunOptions(
             idempotency_key, start_at, deadline, queue, priority, concurrency_key, debounce, debounce_key
         )
-        if isinstance(queue, Queue):
-            await self.declare_queue(queue)
         new_run = prepare_run(name, version, definition, input, options, trace_context=self.telemetry.caller_context())
+        if isinstance(queue, Queue):  # after the checks: a refused run() stores nothing, this declaration neither
+            await self.declare_queue(queue)
         worker = self.worker
         local = self.registry.find(name, version)
         if new_run.debounce is not None:

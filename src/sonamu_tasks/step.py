@@ -260,7 +260,8 @@ class StepWrapper:
         where = f"step.start_workflows({name!r}) in workflow {self._attempt.definition.name!r}"
         children = [(*spec, item) for item in (_iterable(inputs, where, "inputs") if fan_out else inputs)]
         if isinstance(options.queue, Queue):  # its limits must be stored to hold
-            await self._attempt.hooks.manager.declare_queue(options.queue)
+            # An attempt rides out an outage (its lease decides who goes on), as its other writes do
+            await self._attempt.hooks.manager.declare_queue(options.queue, give_up_after_s=None)
         ids = await self._attempt.start_children(name, children, fan_out=fan_out, detached=detached, options=options)
         steps = [f"{name}[{index}]" for index in range(len(ids))] if fan_out else [name]
         output_type = spec[2].output_type if spec[2] is not None else None
