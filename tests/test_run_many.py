@@ -86,6 +86,11 @@ async def test_a_bad_item_refuses_the_whole_call_naming_it_and_stores_nothing(ma
         await manager.run_many({"name": "other", "version": "1"}, [1, object()])
     with pytest.raises(InvalidName, match=r"inputs\[0\]: idempotency_key"):
         await manager.run_many(confirm, [{"order_id": 1}], idempotency_keys=[" "])
+    # An option of the whole call is named as such, not after the first input
+    with pytest.raises(InvalidValue, match=r"^priority"):
+        await manager.run_many(confirm, [{"order_id": 1}, {"order_id": 2}], priority=2**40)
+    with pytest.raises(InvalidValue, match=r"^start_at must be a timezone-aware"):
+        await manager.run_many(confirm, [{"order_id": 1}], start_at=datetime(2030, 1, 1))
     with pytest.raises(ValueError, match="2 inputs but 1 idempotency_keys"):
         await manager.run_many(confirm, [{"order_id": 1}, {"order_id": 2}], idempotency_keys=["a"])
     assert (await manager.list_runs()).items == []
@@ -454,6 +459,8 @@ def prepared_one_by_one(
         except InvalidInput as error:
             raise InvalidInput("confirm", [f"inputs[{index}]: {problem}" for problem in error.problems]) from error
         except InvalidValue as error:
+            if error.field not in ("idempotency_key", "concurrency_key"):
+                raise  # the call's options: not named after an input
             raise type(error)(f"inputs[{index}]: {error}", field=error.field) from error
     return runs
 

@@ -140,6 +140,9 @@ def prepare_run(
     )
 
 
+_OWN_FIELDS = ("idempotency_key", "concurrency_key")  # what each input of a run_many has of its own, besides itself
+
+
 class RunBatch(Sequence[NewRun]):
     """The runs of one run_many: `prepare_run` for each input, its keys from `idempotency_keys` and
     `concurrency_keys` (one per input; `options`' own are ignored), the rest of `options` shared.
@@ -183,6 +186,8 @@ class RunBatch(Sequence[NewRun]):
                 prepare_run(name, version, definition, inputs[0], own, what=what(0), trace_context=trace_context)
             )
         except (InvalidInput, InvalidValue) as error:
+            if isinstance(error, InvalidValue) and error.field not in _OWN_FIELDS:
+                raise  # about the call's options (a name, a time, the priority...), not its first input
             raise _named(error, 0, name) from error
         self._ids = new_run_ids(len(inputs) - 1)
 
