@@ -30,6 +30,7 @@ from sonamu_tasks.errors import BackendUnavailable
 from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.queue import parse_rate
 from sonamu_tasks.records import WorkerRecord
+from sonamu_tasks.run_creation import RunOptions, prepare_run
 
 from .conftest import wait_until
 from .support.process_workflows import PER_TENANT
@@ -466,6 +467,24 @@ async def test_debounce_collapses_runs_with_one_key_into_one_run_with_the_latest
     # The window has closed and the run started: the key opens a new run.
     later = await manager.run(sync_account, {"n": 4}, debounce="1s", debounce_key="acct-7")
     assert later.id != first.id and await later.result(timeout=15) == {"n": 4}
+
+
+async def test_a_debounced_run_sent_again_after_a_lost_answer_is_this_call_s_run(manager_for: Any) -> None:
+    # The call is made again when its commit's answer was lost: at once (the run still pending in its window),
+    # or once the run has started (it left the debounce's index): either way the run is the call's own creation
+    @workflow(version="1")
+    async def sync_account(input: Any) -> Any:
+        return input
+
+    manager = await manager_for([sync_account])
+    new_run = prepare_run(
+        "sync_account", "1", sync_account, {"n": 1}, RunOptions(debounce="100ms", debounce_key="acct-9")
+    )
+    assert await manager.backend.create_debounced_run(new_run) == (new_run.id, True)
+    assert await manager.backend.create_debounced_run(new_run) == (new_run.id, True)  # still in its window
+    assert await manager.handle(new_run.id).result(timeout=15) == {"n": 1}
+    assert await manager.backend.create_debounced_run(new_run) == (new_run.id, True)  # started and finished
+    assert len((await manager.list_runs(workflow="sync_account")).items) == 1
 
 
 async def test_bad_run_options_are_refused_by_name_before_anything_is_stored(manager_for: Any) -> None:

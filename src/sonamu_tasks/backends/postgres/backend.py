@@ -525,11 +525,11 @@ class PostgresBackend:
     async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:
         async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["create_debounced_run"], _new_run_params(run))).fetchone()
-        assert row is not None  # inserted or updated: the statement always returns the run
-        created = bool(row[1])
+        # No row: its own id is taken, an earlier attempt of this call inserted it and the answer was lost
+        run_id, created = (run.id, True) if row is None else (row[0], bool(row[1]))
         if created and _due_soon(run):  # its start is fixed by the first call: the later ones change no timer
             self._wakeups.runs_due([run.workflow_name])
-        return row[0], created
+        return run_id, created
 
     @_transient
     async def create_claimed_run(

@@ -24,13 +24,16 @@ SELECT id, (SELECT count(*) FROM notified) FROM inserted
 
 -- create_debounced_run --
 -- A debounced run: due `debounce` after the first run() of its key; a later run() with the key while it has
--- not started gives it the latest input instead of adding a run (created: false).
+-- not started gives it the latest input instead of adding a run (created: false). No row when the run's own id
+-- is taken: this call's earlier attempt inserted it and its answer was lost (the run may have started since,
+-- leaving the debounce index, so the conflict below would not see it).
 INSERT INTO runs (id, workflow_name, version, status, input, available_at, deadline_at, trace_context, queue,
                   priority, concurrency_key, debounce_key)
-VALUES (%(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, now() + %(debounce)s::interval,
-        COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval), %(trace_context)s::jsonb,
-        COALESCE(%(queue)s, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s), 'default'),
-        %(priority)s, %(concurrency_key)s, %(debounce_key)s)
+SELECT %(id)s, %(workflow_name)s, %(version)s, 'pending', %(input)s::jsonb, now() + %(debounce)s::interval,
+       COALESCE(%(deadline_at)s::timestamptz, now() + %(deadline_delay)s::interval), %(trace_context)s::jsonb,
+       COALESCE(%(queue)s, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = %(workflow_name)s AND w.version = %(version)s), 'default'),
+       %(priority)s, %(concurrency_key)s, %(debounce_key)s
+WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = %(id)s::uuid)
 ON CONFLICT (workflow_name, debounce_key)
     WHERE debounce_key IS NOT NULL AND status = 'pending' AND started_at IS NULL
 DO UPDATE SET input = EXCLUDED.input, updated_at = now()

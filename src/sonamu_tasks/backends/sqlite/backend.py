@@ -191,7 +191,8 @@ class SqliteBackend:
     async def create_debounced_run(self, run: NewRun) -> tuple[str, bool]:
         def insert(conn: sqlite3.Connection, now: int) -> tuple[str, bool]:
             row = _first(conn, "create_debounced_run", {**_new_run_params(run), "now": now})
-            assert row is not None  # inserted or updated: the statement always returns the run
+            if row is None:  # its own id: an earlier attempt of this call inserted it, and the answer was lost
+                return run.id, True
             return str(row["id"]), bool(row["created"])
 
         return await self._db.write(insert)

@@ -31,12 +31,14 @@ RETURNING id
 
 -- create_debounced_run --
 -- A debounced run: due `debounce` after the first run() of its key; a later run() with the key while it has
--- not started gives it the latest input instead of adding a run.
+-- not started gives it the latest input instead of adding a run. No row when the run's own id is taken: this
+-- call's earlier attempt inserted it and its answer was lost.
 INSERT INTO runs (id, workflow_name, version, status, input, available_at, deadline_at, created_at, updated_at,
                   trace_context, queue, priority, concurrency_key, debounce_key)
-VALUES (:id, :workflow_name, :version, 'pending', :input, :now + :debounce,
-        COALESCE(:deadline_at, :now + :deadline_delay), :now, :now, :trace_context,
-        COALESCE(:queue, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = :workflow_name AND w.version = :version), 'default'), :priority, :concurrency_key, :debounce_key)
+SELECT :id, :workflow_name, :version, 'pending', :input, :now + :debounce,
+       COALESCE(:deadline_at, :now + :deadline_delay), :now, :now, :trace_context,
+       COALESCE(:queue, (SELECT w.queue FROM workflow_queues w WHERE w.workflow_name = :workflow_name AND w.version = :version), 'default'), :priority, :concurrency_key, :debounce_key
+WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = :id)
 ON CONFLICT (workflow_name, debounce_key)
     WHERE debounce_key IS NOT NULL AND status = 'pending' AND started_at IS NULL
 DO UPDATE SET input = excluded.input, updated_at = :now
