@@ -565,7 +565,7 @@ class WorkflowManager:
         handles = [RunHandle(self, run_id, name, created=fresh, output_type=output_type) for run_id, fresh in created]
         found = [handle for handle in handles if not handle.created and handle.output_type is not None]
         if found:
-            await asyncio.gather(*(self._retype(handle, definition) for handle in found))
+            await self._retype(found, definition)
         return handles
 
     async def _handle(
@@ -575,18 +575,24 @@ class WorkflowManager:
         output_type = definition.output_type if definition is not None else None
         handle: RunHandle[Any] = RunHandle(self, run_id, name, created=created, output_type=output_type)
         if not created and output_type is not None:
-            await self._retype(handle, definition)
+            await self._retype([handle], definition)
         return handle
 
-    async def _retype(self, handle: RunHandle[Any], definition: WorkflowDefinition[Any, Any] | None) -> None:
-        """A run found by its key (not created by this call) may be another version's, even another workflow's
-        (keys are global): its output is rebuilt as the type of the definition it was made with when this process
-        knows it, and comes as JSON otherwise."""
-        found = await self.get_run(handle.id)
-        handle.workflow_name = found.workflow_name
-        if definition is None or definition.key != (found.workflow_name, found.version):
-            known = self.registry.find(found.workflow_name, found.version)
-            handle.output_type = known.output_type if known is not None else None
+    async def _retype(self, handles: list[RunHandle[Any]], definition: WorkflowDefinition[Any, Any] | None) -> None:
+        """Runs found by their keys (not created by this call) may be another version's, even another workflow's
+        (keys are global): each one's output is rebuilt as the type of the definition it was made with when this
+        process knows it, and comes as JSON otherwise. One read for all of them (a run_many sent again finds
+        thousands)."""
+        ids = list({handle.id for handle in handles})
+        versions = await until_available(lambda: self.backend.run_versions(ids), what="read runs", give_up_after_s=30)
+        for handle in handles:
+            found = versions.get(handle.id)
+            if found is None:  # deleted since (a purge): its output cannot come either
+                continue
+            handle.workflow_name = found[0]
+            if definition is None or definition.key != found:
+                known = self.registry.find(*found)
+                handle.output_type = known.output_type if known is not None else None
 
     def handle(self, run_id: str, workflow_name: str = "") -> RunHandle:
         """A handle for a run started elsewhere."""

@@ -332,6 +332,10 @@ class Backend(ScheduleStore, Protocol):
         request stored is canceled or paused instead."""
         ...
 
+    async def run_versions(self, run_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """(workflow name, version) of each of `run_ids` that is stored, by id."""
+        ...
+
     async def get_run(
         self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None
     ) -> RunRecord | None:

@@ -749,6 +749,12 @@ class PostgresBackend:
             await conn.execute(QUERIES["release_runs"], params)
 
     @_transient
+    async def run_versions(self, run_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        async with self._connection() as conn:
+            rows = await (await conn.execute(QUERIES["run_versions"], {"ids": _uuid_array(run_ids)})).fetchall()
+        return {run_id: (name, version) for run_id, name, version in rows}
+
+    @_transient
     async def get_run(
         self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None
     ) -> RunRecord | None:

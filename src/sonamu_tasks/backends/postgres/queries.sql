@@ -223,6 +223,11 @@ SET status = CASE requested_action WHEN 'cancel' THEN 'canceled' WHEN 'pause' TH
 WHERE (id, lease_token) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]))
   AND status = 'running'
 
+-- run_versions --
+-- The workflow and version of each of these runs (the runs a call found by their idempotency keys): one read
+-- for all of them.
+SELECT id::text, workflow_name, version FROM runs WHERE id = ANY(%(ids)s::uuid[])
+
 -- get_run --
 SELECT id::text, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,

@@ -442,6 +442,13 @@ class SqliteBackend:
         params = {"held": pairs(held), "canceled_error": _CANCELED}
         await self._db.write(lambda conn, now: conn.execute(QUERIES["release_runs"], {**params, "now": now}))
 
+    async def run_versions(self, run_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        def read(conn: sqlite3.Connection, now: int) -> dict[str, tuple[str, str]]:
+            rows = conn.execute(QUERIES["run_versions"], {"ids": json.dumps(list(run_ids))}).fetchall()
+            return {str(row["id"]): (row["workflow_name"], row["version"]) for row in rows}
+
+        return await self._db.read(read)
+
     async def get_run(
         self, run_id: str, *, with_steps: bool = False, value_limit: int | None = None
     ) -> RunRecord | None:

@@ -230,6 +230,11 @@ WHERE (id, lease_token) IN (
       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:held))
   AND status = 'running'
 
+-- run_versions --
+-- The workflow and version of each of these runs (the runs a call found by their idempotency keys): one read
+-- for all of them.
+SELECT id, workflow_name, version FROM runs WHERE id IN (SELECT value FROM json_each(:ids))
+
 -- get_run --
 SELECT id, workflow_name, version, status, input, output, error, attempts, recoveries, available_at,
        worker_id, idempotency_key, deadline_at, created_at, started_at, finished_at, updated_at,
