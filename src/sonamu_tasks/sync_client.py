@@ -300,9 +300,9 @@ class SyncClient:
         """Delete the broadcast events no stored run can read any more (see `WorkflowManager.purge_events`)."""
         return self._call(self.manager.purge_events(dry_run=dry_run, progress=progress))
 
-    def declare_queue(self, queue: Queue) -> None:
+    def declare_queue(self, queue: Queue, *, give_up_after_s: float | None = 30) -> None:
         """Store a Queue's limits (see `WorkflowManager.declare_queue`; `run(queue=Queue(...))` does it)."""
-        self._call(self.manager.declare_queue(queue))
+        self._call(self.manager.declare_queue(queue, give_up_after_s=give_up_after_s))
 
     def queue_stats(self, *, stale_after: float = STALE_AFTER) -> list[QueueStats]:
         """Every queue with limits or unfinished runs (see `WorkflowManager.queue_stats`)."""
