@@ -92,7 +92,7 @@ _LOADERS = (_ClampedTimestamptzTextLoader, _ClampedTimestamptzBinaryLoader)
 
 
 def _microseconds(duration: timedelta) -> int:
-    return (duration.days * 86_400 + duration.seconds) * 1_000_000 + duration.microseconds
+    return duration // timedelta(microseconds=1)  # exact: timedelta counts whole microseconds
 
 
 class _ElapsedIntervalTextDumper(Dumper):
