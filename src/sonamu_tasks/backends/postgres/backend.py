@@ -1306,7 +1306,7 @@ def _copy_data(runs: Sequence[NewRun], now: datetime, queue: str, encoding: str)
         )
     )
     chunk = [_COPY_HEADER]
-    for run in runs:
+    for count, run in enumerate(runs, 1):
         data = run.input_json.encode()
         key = run.concurrency_key
         chunk += (
@@ -1318,7 +1318,7 @@ def _copy_data(runs: Sequence[NewRun], now: datetime, queue: str, encoding: str)
             _NULL if key is None else _field(key.encode(encoding)),
             shared,
         )
-        if len(chunk) >= _COPY_CHUNK * 7:
+        if count % _COPY_CHUNK == 0:
             yield b"".join(chunk)
             chunk = []
     chunk.append(_COPY_TRAILER)
