@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 
 from sonamu_tasks import Queue, RunStatus, WorkflowManager, workflow
-from sonamu_tasks.attempt import Attempt
 from sonamu_tasks.backends.base import Backend, NewRun
 from sonamu_tasks.heartbeat import heartbeat_failures
 from sonamu_tasks.ids import new_run_id
 
 from .conftest import wait_until
+from .support.attempts import first_attempt_vanishes
 from .support.processes import WorkerProcess, audit_lines
 
 BLOCKS = {"name": "blocks_the_loop", "version": "1"}
@@ -232,22 +232,12 @@ async def test_a_run_its_own_dead_attempt_left_running_is_recovered_by_the_same_
 ) -> None:
     """The claim passes the runs whose lease tokens the worker holds, not the runs of its worker id: a run
     that an attempt of this worker left behind, its lease still on the row, is taken back once it runs out."""
-    real_execute = Attempt.execute
-    attempts = 0
-
-    async def dies_first(self: Attempt) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts > 1:
-            await real_execute(self)
-        # else the attempt ends without a word, as one lost to a bug would: its run stays 'running', leased
-
-    monkeypatch.setattr(Attempt, "execute", dies_first)
+    attempts = first_attempt_vanishes(monkeypatch)
     async with WorkflowManager(make_config(lease_ms=300), workflows=[outlives_its_lease]) as manager:
         handle = await manager.run(outlives_its_lease, {"key": "left-behind", "seconds": 0})
         assert await handle.result(timeout=20) == "left-behind"
         run = await handle.info()
-    assert attempts == 2 and run.recoveries == 1  # its only worker took it back
+    assert attempts.started == 2 and run.recoveries == 1  # its only worker took it back
 
 
 async def test_a_claim_passes_the_runs_its_worker_holds_and_takes_the_others(make_config: Any) -> None:

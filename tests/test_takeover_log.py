@@ -14,12 +14,12 @@ import psycopg
 import pytest
 
 from sonamu_tasks import WorkflowManager, workflow
-from sonamu_tasks.attempt import Attempt
 from sonamu_tasks.backends.base import ClaimedRun, NewRun
 from sonamu_tasks.ids import new_run_id
 from sonamu_tasks.worker import TAKE_OVERS_LOGGED_PER_CLAIM
 
 from .conftest import wait_until
+from .support.attempts import first_attempt_vanishes
 from .support.processes import audit_lines
 from .test_processes import start_worker  # noqa: F401 - a fixture
 
@@ -63,17 +63,7 @@ async def test_a_worker_taking_back_a_run_its_own_attempt_left_says_it_held_it_i
 ) -> None:
     """Its lease ran out with this worker's attempt gone (a database outage outlasted the lease, say): the same
     worker claims it again, and says so rather than naming itself as a dead worker."""
-    real_execute = Attempt.execute
-    attempts = 0
-
-    async def dies_first(self: Attempt) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts > 1:
-            await real_execute(self)
-        # else the attempt ends without a word: its run stays 'running', leased, until the lease runs out
-
-    monkeypatch.setattr(Attempt, "execute", dies_first)
+    first_attempt_vanishes(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="sonamu_tasks.worker"):
         async with WorkflowManager(make_config(lease_ms=1000), workflows=[quick]) as manager:
             assert manager.worker is not None
