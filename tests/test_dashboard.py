@@ -12,7 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from sonamu_tasks.dashboard import Dashboard, pages
 from sonamu_tasks.testing.postgres_cluster import free_port
 
 from .conftest import wait_until
+from .support.dashboard import served
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -257,16 +258,8 @@ async def only_child(step: Any) -> Any:
     return await step.run_workflow("the-one", ELSEWHERE)
 
 
-@asynccontextmanager
-async def in_process(make_config: Any, app: Dashboard | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    app = app or Dashboard(make_config(enable_worker=False), port=8765)
-    await app.manager.start()
-    try:
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8765") as client:
-            yield client
-    finally:
-        await app.manager.stop()
+def in_process(make_config: Any, app: Dashboard | None = None) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return served(app or Dashboard(make_config(enable_worker=False), port=8765))
 
 
 async def waiting_family(manager_for: Any, kids: int) -> tuple[Any, dict[str, str]]:

@@ -9,8 +9,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from sonamu_tasks.dashboard import Dashboard
 from sonamu_tasks.testing.postgres_cluster import free_port
 
 from .conftest import wait_until
+from .support.dashboard import served
 from .support.roles import grant_reading as grant_schema_reading
 from .support.roles import reader_role
 
@@ -76,17 +76,6 @@ def grant_reading(backend_name: str, postgres_url: str, schema: str, role_url: s
         grant_schema_reading(postgres_url, schema, role_url)
 
 
-@asynccontextmanager
-async def in_process(app: Dashboard) -> AsyncIterator[httpx.AsyncClient]:
-    await app.manager.start()
-    try:
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8765") as client:
-            yield client
-    finally:
-        await app.manager.stop()
-
-
 async def fleet(manager_for: Any, make_config: Any) -> tuple[Any, dict[str, str]]:
     """A worker's manager, and runs in each state a page shows: completed, waiting for a message, failed; and a
     schedule no live worker fires (its workflow's worker stored it, then left)."""
@@ -122,7 +111,7 @@ async def test_a_read_only_dashboard_serves_every_page_to_a_role_that_may_only_r
     grant_reading(backend_name, postgres_url, schema, reading_url)
     worker_id = manager.worker.id
 
-    async with in_process(Dashboard(config, port=8765, read_only=True)) as client:
+    async with served(Dashboard(config, port=8765, read_only=True)) as client:
         pages = {path: await client.get(path) for path in ("/", "/queues", "/workers", "/schedules")}
         for run_id in runs.values():
             pages[f"/runs/{run_id}"] = await client.get(f"/runs/{run_id}")
@@ -169,12 +158,12 @@ async def test_a_read_only_dashboard_refuses_every_action_and_changes_nothing(
     grant_reading(backend_name, postgres_url, schema, reading_url)
 
     # A dashboard that may act offers its buttons on the same run.
-    async with in_process(Dashboard(make_config(enable_worker=False), port=8765)) as client:
+    async with served(Dashboard(make_config(enable_worker=False), port=8765)) as client:
         acting = (await client.get(f"/runs/{runs['waiting']}")).text
         assert "id='cancel'" in acting and "id='read-only'" not in acting
 
     app = Dashboard(config, port=8765, read_only=True)
-    async with in_process(app) as client:
+    async with served(app) as client:
         form = {"csrf": app.csrf}  # even with the right form token
         posts = [
             (f"/runs/{runs['waiting']}/cancel", form),
