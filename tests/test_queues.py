@@ -355,17 +355,17 @@ def one_at_a_time(started: list[Any]) -> Any:
 
 
 async def watch_for_a_moment(handles: list[Any]) -> None:
-    """result() on runs still pending, until it times out: on PostgreSQL it marks each run's row (notify_finish),
-    and an updated row moves on disk, which decided the order of runs due at the same moment before."""
+    """result() on runs still pending, until it times out: on PostgreSQL it asked to be notified by marking each
+    run's row (before migration 0031), and an updated row moves on disk, which decided the order of runs due at
+    the same moment before migration 0020."""
     for handle in handles:
         with pytest.raises(ResultTimeout):
             await handle.result(timeout=0.05)
 
 
 async def all_started(started: list[Any], count: int) -> None:
-    """Wait for the runs to start without result(): its first call on a pending run marks the run's row, and a
-    claim at that instant passes the marked run by (docs/guide/queues.md says so), which is not what these tests
-    look at."""
+    """Wait for the runs to start without result(), which is not what these tests look at (a watch in flight
+    meeting a claim has its own test, test_a_claim_takes_a_run_whose_result_is_being_watched)."""
     await wait_until(lambda: len(started) == count, timeout=60, what=f"{count} runs to start")
 
 

@@ -287,9 +287,7 @@ async def test_result_in_another_process_gets_the_output_from_the_notification_o
 
         async def both_watched() -> bool:
             async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-                query = psycopg.sql.SQL("SELECT count(*) FROM {}.runs WHERE notify_finish").format(
-                    psycopg.sql.Identifier(schema)
-                )
+                query = psycopg.sql.SQL("SELECT count(*) FROM {}.run_watches").format(psycopg.sql.Identifier(schema))
                 row = await (await conn.execute(query)).fetchone()
                 return row is not None and row[0] == 2
 

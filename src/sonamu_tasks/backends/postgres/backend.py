@@ -775,10 +775,19 @@ class PostgresBackend:
 
     @_transient
     async def _watch_runs(self, run_ids: list[str]) -> list[bool]:
-        async with self._connection() as conn:
-            rows = await (await conn.execute(QUERIES["watch_runs"], {"run_ids": sorted(set(run_ids))})).fetchall()
-        watched = {row[0] for row in rows}
+        ids = sorted(set(run_ids))
+        # Several runs: a stripe a finish holds is not waited for (the finish may wait for another stripe this
+        # statement holds); its runs come back busy and are watched one at a time, waiting then, each in a
+        # transaction of its own (a pooled connection in transaction mode keeps one transaction per checkout).
+        rows = await self._watch(ids, wait=len(ids) == 1)
+        watched = {run_id for run_id, busy in rows if not busy}
+        for busy_id in sorted(run_id for run_id, busy in rows if busy):
+            watched.update(run_id for run_id, busy in await self._watch([busy_id], wait=True) if not busy)
         return [run_id in watched for run_id in run_ids]
+
+    async def _watch(self, run_ids: list[str], *, wait: bool) -> list[tuple[str, bool]]:
+        async with self._connection() as conn:
+            return await (await conn.execute(QUERIES["watch_runs"], {"run_ids": run_ids, "wait": wait})).fetchall()
 
     @_transient
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:

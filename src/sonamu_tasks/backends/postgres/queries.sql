@@ -445,7 +445,8 @@ WITH owned AS (
     SELECT id, %(name)s, 'set_event', 'completed', %(value)s::jsonb, 1, now(), now() FROM owned
     ON CONFLICT (run_id, name) DO NOTHING
 ), notified AS (
-    SELECT pg_notify('sonamu_tasks:' || current_schema(), 'f:' || id::text) FROM owned WHERE notify_finish
+    SELECT pg_notify('sonamu_tasks:' || current_schema(), 'f:' || id::text)
+    FROM owned WHERE notify_finish OR run_watched(id)
 )
 SELECT (SELECT count(*) FROM owned), (SELECT count(*) FROM notified)
 
@@ -728,25 +729,12 @@ WHERE id = %(run_id)s AND status IN ('pending', 'running', 'sleeping', 'waiting'
 RETURNING status
 
 -- watch_runs --
--- result() waiters in another process ask for the "finished" notification of these runs (the waiters of one
--- process in flight together share this statement); a row back means that run is unfinished and its watch is
--- set by this statement (the waiter need not read the run until notified). The rows are locked in id order,
--- as the group commit and the heartbeat lock them, so none of them deadlock. The commit does not wait for the
--- WAL flush: the row locks it takes (which a claim skips) last microseconds instead of a flush, and the flag
--- is only a hint (lost in a crash, the waiter watches again when its listener reconnects).
-WITH relaxed AS (
-    SELECT set_config('synchronous_commit', 'off', true) AS setting
-), target AS (
-    SELECT r.id FROM runs r, relaxed
-    WHERE r.id = ANY(%(run_ids)s::uuid[]) AND NOT r.notify_finish
-      AND r.status NOT IN ('completed', 'failed', 'canceled')
-    ORDER BY r.id
-    FOR NO KEY UPDATE OF r
-)
-UPDATE runs SET notify_finish = true
-FROM target
-WHERE runs.id = target.id AND NOT runs.notify_finish AND runs.status NOT IN ('completed', 'failed', 'canceled')
-RETURNING runs.id::text
+-- result() and get_event waiters in another process ask for the "finished" notification of these runs (the
+-- waiters of one process in flight together share this statement). A row with busy false: that run is
+-- unfinished and now watched (the waiter need not read it until notified). busy true: a finish held the run's
+-- stripe, the run is not watched; it is asked again alone, with `wait` (migration 0031). No lock on `runs`: a
+-- claim meeting the watch of a run it is about to take takes it.
+SELECT run_id, busy FROM watch_runs(%(run_ids)s::uuid[], %(wait)s)
 
 -- no_jit --
 -- For the rest of this transaction, no JIT compilation. The statistics below count every unfinished run, so

@@ -1,0 +1,164 @@
+"""A result() waiting in another process asks to be notified of the run's end (a watch, migration 0031), on
+PostgreSQL. The watch takes no lock on the run's row, so a claim never passes a watched run over; and a finish
+never misses a watch set as it finishes: whichever of the two comes first, the other waits for its commit."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+from sonamu_tasks import Queue, WorkflowManager, workflow
+from sonamu_tasks.backends.postgres.queries import QUERIES
+
+from .conftest import wait_until
+from .test_wakeups import Listener
+
+
+@pytest.fixture
+def backend_name() -> str:
+    return "postgres"  # watches and notifications exist only there
+
+
+@workflow(version="1")
+async def noted(input: Any) -> Any:
+    return input
+
+
+async def connect(url: str, schema: str) -> psycopg.AsyncConnection[Any]:
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    await conn.execute(psycopg.sql.SQL("SET search_path TO {}").format(psycopg.sql.Identifier(schema)))
+    return conn
+
+
+async def watch_in_open_transaction(conn: psycopg.AsyncConnection[Any], run_id: str) -> list[Any]:
+    """The watch statement result() sends, its transaction left open: a watch in flight, caught mid-way."""
+    await conn.execute("BEGIN")
+    return await (await conn.execute(QUERIES["watch_runs"], {"run_ids": [run_id], "wait": True})).fetchall()
+
+
+async def stripe(conn: psycopg.AsyncConnection[Any], run_id: str) -> int:
+    row = await (await conn.execute("SELECT watch_stripe(%s::uuid)", [run_id])).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def blocked(task: asyncio.Task[Any], seconds: float = 0.5) -> bool:
+    """True when `task` is still waiting after `seconds` (a lock wait: it would finish in milliseconds)."""
+    done, _ = await asyncio.wait([task], timeout=seconds)
+    return not done
+
+
+async def test_a_claim_takes_a_run_whose_result_is_being_watched(
+    make_config: Any, manager_for: Any, database_url: str, schema: str
+) -> None:
+    started: list[str] = []
+
+    @workflow(version="1", name="in_order", queue=Queue("in-order", concurrency=1))
+    async def in_order(input: Any) -> Any:
+        started.append(input)
+        return input
+
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[in_order]) as producer:
+        # Given two runs in line, the first one's result() watch in flight (uncommitted) as the worker claims
+        first = await producer.run(in_order, "first")
+        await producer.run(in_order, "second")
+        watcher = await connect(database_url, schema)
+        try:
+            assert len(await watch_in_open_transaction(watcher, first.id)) == 1  # watched
+            await manager_for([in_order], concurrency=1)
+            # Then the claim takes the first run, not the one behind it (it passed a locked row over before)
+            await wait_until(lambda: started, what="a run to start")
+            assert started == ["first"]
+        finally:
+            await watcher.execute("COMMIT")  # the first run's finish waits for it (see the next test)
+            await watcher.close()
+        await wait_until(lambda: len(started) == 2, what="the second run to start")
+    assert started == ["first", "second"]
+
+
+async def test_a_finish_waits_for_a_watch_in_flight_and_notifies_it(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    async with (
+        WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client,
+        Listener(database_url, schema) as listener,
+    ):
+        handle = await client.run(noted, "x")
+        watcher, finisher = await connect(database_url, schema), await connect(database_url, schema)
+        try:
+            # Given a watch in flight (its statement done, its transaction not committed)
+            await watch_in_open_transaction(watcher, handle.id)
+            # When the run finishes meanwhile (a cancel of the pending run)
+            cancel = asyncio.create_task(
+                finisher.execute("UPDATE runs SET status = 'canceled' WHERE id = %s", [handle.id])
+            )
+            # Then the finish waits for the watch's commit, and then finds the watch: it notifies
+            assert await blocked(cancel)
+            await watcher.execute("COMMIT")
+            await cancel
+            assert f"f:{handle.id}" in await listener.until_marker()
+            # and the watch is gone with the run's end
+            assert await (await finisher.execute("SELECT count(*) FROM run_watches")).fetchone() == (0,)
+        finally:
+            await watcher.close()
+            await finisher.close()
+
+
+async def test_a_watch_during_a_finish_waits_for_it_and_finds_the_run_finished(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
+        handle = await client.run(noted, "x")
+        finisher = await connect(database_url, schema)
+        try:
+            # Given a finish in flight (its trigger has looked for watches, its transaction not committed)
+            await finisher.execute("BEGIN")
+            await finisher.execute("UPDATE runs SET status = 'canceled' WHERE id = %s", [handle.id])
+            # When result() asks to be notified meanwhile
+            watch = asyncio.create_task(client.backend.watch_run(handle.id))
+            # Then the watch waits for the finish's commit, and reports the run unwatched (finished: read it)
+            assert await blocked(watch)
+            await finisher.execute("COMMIT")
+            assert await watch is False
+            assert await (await finisher.execute("SELECT count(*) FROM run_watches")).fetchone() == (0,)
+            assert (await client.get_run(handle.id)).status.value == "canceled"
+        finally:
+            await finisher.close()
+
+
+async def test_watches_of_several_runs_never_wait_holding_a_stripe(
+    make_config: Any, database_url: str, schema: str
+) -> None:
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
+        conn = await connect(database_url, schema)
+        finisher = await connect(database_url, schema)
+        try:
+            # Given two pending runs of different stripes, the first one finishing (uncommitted)
+            handles = [await client.run(noted, i) for i in range(2)]
+            while await stripe(conn, handles[0].id) == await stripe(conn, handles[1].id):
+                handles[1] = await client.run(noted, "another")
+            finishing, other = handles
+            await finisher.execute("BEGIN")
+            await finisher.execute("UPDATE runs SET status = 'canceled' WHERE id = %s", [finishing.id])
+            # When one statement watches both (result() calls in flight together share it)
+            both = asyncio.create_task(client.backend._watch_runs([finishing.id, other.id]))
+            # Then the other run's watch is committed at once, without waiting for the finish (it holds no stripe
+            # while it waits), and the finishing run is watched alone once the finish commits: finished
+            await wait_until(
+                lambda: _watched(conn, other.id),
+                what="the other run's watch to commit while the finishing run's waits",
+            )
+            assert not both.done()
+            await finisher.execute("COMMIT")
+            assert await both == [False, True]
+        finally:
+            await conn.close()
+            await finisher.close()
+
+
+async def _watched(conn: psycopg.AsyncConnection[Any], run_id: str) -> bool:
+    row = await (await conn.execute("SELECT count(*) FROM run_watches WHERE run_id = %s", [run_id])).fetchone()
+    return row == (1,)
