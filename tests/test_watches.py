@@ -162,3 +162,37 @@ async def test_watches_of_several_runs_never_wait_holding_a_stripe(
 async def _watched(conn: psycopg.AsyncConnection[Any], run_id: str) -> bool:
     row = await (await conn.execute("SELECT count(*) FROM run_watches WHERE run_id = %s", [run_id])).fetchone()
     return row == (1,)
+
+
+async def test_every_watch_that_meets_a_finish_is_notified(
+    make_config: Any, manager_for: Any, database_url: str, schema: str
+) -> None:
+    # Given a worker in another manager (its finishes reach this client only by notification), and result()
+    # asked at staggered moments after each run(), so that many watches land while their run is finishing
+    await manager_for([noted], concurrency=32)
+    async with (
+        WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client,
+        Listener(database_url, schema) as listener,
+    ):
+        watched: set[str] = set()
+        watch_run = client.backend.watch_run
+
+        async def recording_watch(run_id: str) -> bool:
+            is_watched = await watch_run(run_id)
+            if is_watched:
+                watched.add(run_id)
+            return is_watched
+
+        client.backend.watch_run = recording_watch  # type: ignore[method-assign]
+
+        async def run_and_wait(index: int) -> Any:
+            handle = await client.run(noted, index)
+            await asyncio.sleep((index % 17) / 2000)
+            return handle.id, await handle.result(timeout=30)
+
+        outcomes = await asyncio.gather(*(run_and_wait(i) for i in range(600)))
+        assert sorted(output for _, output in outcomes) == list(range(600))
+        # Then every run whose watch was set got its "finished" notification: none was left to the 5 s re-read
+        notified = {payload.split(":")[1] for payload in await listener.until_marker() if payload[:2] in ("o:", "f:")}
+        assert watched, "no watch was set: the test raced nothing"
+        assert watched <= notified, f"{len(watched - notified)} watched runs finished without a notification"
