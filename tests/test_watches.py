@@ -17,9 +17,11 @@ from .conftest import wait_until
 from .test_wakeups import Listener
 
 
-@pytest.fixture
-def backend_name() -> str:
-    return "postgres"  # watches and notifications exist only there
+@pytest.fixture(params=["postgres", "postgres-pgbouncer-transaction"])
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Watches and notifications exist only on PostgreSQL; through a pooler in transaction mode a watch is sent
+    as one query (BEGIN to COMMIT). The tests' own connections go to the server directly (postgres_url)."""
+    return str(request.param)
 
 
 @workflow(version="1")
@@ -36,7 +38,7 @@ async def connect(url: str, schema: str) -> psycopg.AsyncConnection[Any]:
 async def watch_in_open_transaction(conn: psycopg.AsyncConnection[Any], run_id: str) -> list[Any]:
     """The watch statement result() sends, its transaction left open: a watch in flight, caught mid-way."""
     await conn.execute("BEGIN")
-    return await (await conn.execute(QUERIES["watch_runs"], {"run_ids": [run_id], "wait": True})).fetchall()
+    return await (await conn.execute(QUERIES["watch_runs"], {"run_ids": [run_id]})).fetchall()
 
 
 async def stripe(conn: psycopg.AsyncConnection[Any], run_id: str) -> int:
@@ -52,7 +54,7 @@ async def blocked(task: asyncio.Task[Any], seconds: float = 0.5) -> bool:
 
 
 async def test_a_claim_takes_a_run_whose_result_is_being_watched(
-    make_config: Any, manager_for: Any, database_url: str, schema: str
+    make_config: Any, manager_for: Any, postgres_url: str, schema: str
 ) -> None:
     started: list[str] = []
 
@@ -65,7 +67,7 @@ async def test_a_claim_takes_a_run_whose_result_is_being_watched(
         # Given two runs in line, the first one's result() watch in flight (uncommitted) as the worker claims
         first = await producer.run(in_order, "first")
         await producer.run(in_order, "second")
-        watcher = await connect(database_url, schema)
+        watcher = await connect(postgres_url, schema)
         try:
             assert len(await watch_in_open_transaction(watcher, first.id)) == 1  # watched
             await manager_for([in_order], concurrency=1)
@@ -80,14 +82,14 @@ async def test_a_claim_takes_a_run_whose_result_is_being_watched(
 
 
 async def test_a_finish_waits_for_a_watch_in_flight_and_notifies_it(
-    make_config: Any, database_url: str, schema: str
+    make_config: Any, postgres_url: str, schema: str
 ) -> None:
     async with (
         WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client,
-        Listener(database_url, schema) as listener,
+        Listener(postgres_url, schema) as listener,
     ):
         handle = await client.run(noted, "x")
-        watcher, finisher = await connect(database_url, schema), await connect(database_url, schema)
+        watcher, finisher = await connect(postgres_url, schema), await connect(postgres_url, schema)
         try:
             # Given a watch in flight (its statement done, its transaction not committed)
             await watch_in_open_transaction(watcher, handle.id)
@@ -107,19 +109,19 @@ async def test_a_finish_waits_for_a_watch_in_flight_and_notifies_it(
             await finisher.close()
 
 
-async def test_a_watch_during_a_finish_waits_for_it_and_finds_the_run_finished(
-    make_config: Any, database_url: str, schema: str
+async def test_a_watch_during_a_finish_is_answered_once_it_commits_and_finds_the_run_finished(
+    make_config: Any, postgres_url: str, schema: str
 ) -> None:
     async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
         handle = await client.run(noted, "x")
-        finisher = await connect(database_url, schema)
+        finisher = await connect(postgres_url, schema)
         try:
             # Given a finish in flight (its trigger has looked for watches, its transaction not committed)
             await finisher.execute("BEGIN")
             await finisher.execute("UPDATE runs SET status = 'canceled' WHERE id = %s", [handle.id])
             # When result() asks to be notified meanwhile
             watch = asyncio.create_task(client.backend.watch_run(handle.id))
-            # Then the watch waits for the finish's commit, and reports the run unwatched (finished: read it)
+            # Then it is not answered before the finish commits, and then the run is unwatched (finished: read it)
             assert await blocked(watch)
             await finisher.execute("COMMIT")
             assert await watch is False
@@ -129,12 +131,78 @@ async def test_a_watch_during_a_finish_waits_for_it_and_finds_the_run_finished(
             await finisher.close()
 
 
-async def test_watches_of_several_runs_never_wait_holding_a_stripe(
-    make_config: Any, database_url: str, schema: str
+async def three_of_one_stripe(client: WorkflowManager, conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """Ids of three pending runs whose watches share a stripe (300 runs over 256 stripes: some stripe has 3)."""
+    while True:
+        handles = await client.run_many(noted, list(range(300)))
+        ids = [handle.id for handle in handles]
+        rows = await (
+            await conn.execute(
+                "SELECT array_agg(id::text ORDER BY id) FROM runs WHERE id = ANY(%s::uuid[])"
+                " GROUP BY watch_stripe(id) HAVING count(*) >= 3 LIMIT 1",
+                [ids],
+            )
+        ).fetchall()
+        if rows:
+            return list(rows[0][0][:3])
+
+
+FINISH = "UPDATE runs SET status = 'completed', output = '1', finished_at = now() WHERE id = %s"
+
+
+async def test_a_finish_never_queues_behind_a_watch_waiting_for_another_finish(
+    make_config: Any, postgres_url: str, schema: str
 ) -> None:
     async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
-        conn = await connect(database_url, schema)
-        finisher = await connect(database_url, schema)
+        conns = [await connect(postgres_url, schema) for _ in range(3)]
+        first, second, check = conns
+        try:
+            finishing, watched, other = await three_of_one_stripe(client, check)
+            # Given a finish held open on a stripe, and a result() watch of another run of that stripe meanwhile
+            await first.execute("BEGIN")
+            await first.execute(FINISH, [finishing])
+            watch = asyncio.create_task(client.backend.watch_run(watched))
+            assert await blocked(watch, 0.2)
+            # When a third run of the stripe finishes
+            await second.execute("BEGIN")
+            # Then that finish goes through at once: nothing waits in the stripe's lock queue ahead of it (a watch
+            # waiting there made it wait for the first finish's commit)
+            await asyncio.wait_for(second.execute(FINISH, [other]), timeout=5)
+            await second.execute("COMMIT")
+            assert not watch.done()
+            await first.execute("COMMIT")
+            assert await watch is True  # the watched run is still pending: now watched
+        finally:
+            for conn in conns:
+                await conn.close()
+
+
+async def test_result_of_a_finished_run_is_not_held_up_by_an_open_finish_of_its_stripe(
+    make_config: Any, postgres_url: str, schema: str
+) -> None:
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
+        finisher, check = await connect(postgres_url, schema), await connect(postgres_url, schema)
+        try:
+            done, finishing, _ = await three_of_one_stripe(client, check)
+            await check.execute(FINISH, [done])
+            # Given another run of the same stripe finishing, its transaction open
+            await finisher.execute("BEGIN")
+            await finisher.execute(FINISH, [finishing])
+            # Then result() on the run completed before answers with its output, within its timeout (it waited
+            # for the stripe before reading the status, and timed out with "the database did not answer")
+            assert await client.handle(done).result(timeout=2) == 1
+            await finisher.execute("COMMIT")
+        finally:
+            await finisher.close()
+            await check.close()
+
+
+async def test_watches_of_several_runs_never_wait_holding_a_stripe(
+    make_config: Any, postgres_url: str, schema: str
+) -> None:
+    async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
+        conn = await connect(postgres_url, schema)
+        finisher = await connect(postgres_url, schema)
         try:
             # Given two pending runs of different stripes, the first one finishing (uncommitted)
             handles = [await client.run(noted, i) for i in range(2)]
@@ -165,14 +233,14 @@ async def _watched(conn: psycopg.AsyncConnection[Any], run_id: str) -> bool:
 
 
 async def test_every_watch_that_meets_a_finish_is_notified(
-    make_config: Any, manager_for: Any, database_url: str, schema: str
+    make_config: Any, manager_for: Any, postgres_url: str, schema: str
 ) -> None:
     # Given a worker in another manager (its finishes reach this client only by notification), and result()
     # asked at staggered moments after each run(), so that many watches land while their run is finishing
     await manager_for([noted], concurrency=32)
     async with (
         WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client,
-        Listener(database_url, schema) as listener,
+        Listener(postgres_url, schema) as listener,
     ):
         watched: set[str] = set()
         watch_run = client.backend.watch_run

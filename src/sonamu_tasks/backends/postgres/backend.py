@@ -84,6 +84,10 @@ LISTEN_ANSWER_S = 5
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 # How long the diagnosis of a pool timeout waits for its own new connection (less when its caller gives up sooner).
 _PROBE_TIMEOUT_S = 5
+# A watch of a run whose stripe a finish holds is asked again after 1 ms, then 2, 4 ... 50 ms: a finish commits
+# within milliseconds, and a long one (a cancel cascading to thousands of runs) is not asked 1,000 times a second.
+WATCH_RETRY_S = 0.001
+WATCH_RETRY_MAX_S = 0.05
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -181,6 +185,9 @@ class PostgresBackend:
             self._connect_kwargs["prepare_threshold"] = None
         self._set_search_path = sql.SQL("SET search_path TO {}").format(sql.Identifier(schema))
         self._begin = sql.SQL("BEGIN; SET LOCAL search_path TO {}").format(sql.Identifier(schema))
+        self._watch_in_one_query = (
+            self._begin + sql.SQL("; ") + sql.SQL(QUERIES["watch_runs"]) + sql.SQL("; COMMIT")  # see _watch
+        )
         self._pool_size = max(2, pool_size)
         self._pool, self._read_pool = self._new_pools()
         self._pools_closed = False  # by close(): a closed psycopg pool cannot be opened again, so open() makes new ones
@@ -237,11 +244,14 @@ class PostgresBackend:
         return conn
 
     @contextlib.asynccontextmanager
-    async def _connection(self, *, read: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _connection(
+        self, *, read: bool = False, begin: bool = True
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A pooled connection for one unit of work (`read`: from the replica's pool, when there is one).
 
         In transaction mode the unit is one transaction that first sets the search_path (a pooler gives each
-        transaction whichever server connection is free); `conn.transaction()` inside it is a savepoint."""
+        transaction whichever server connection is free); `conn.transaction()` inside it is a savepoint.
+        `begin=False`: the caller sends its transaction itself (search_path included)."""
         pool = self._read_pool if read else self._pool
         try:
             # No longer than the caller will wait (until_available's deadline), or stop() with the database down
@@ -253,7 +263,7 @@ class PostgresBackend:
             raise psycopg_pool.PoolTimeout(f"{error}; {await self._why_no_connection(url, pool)}") from error
         try:
             async with conn:  # as pool.connection() does: a transaction left open is rolled back
-                if not self._per_transaction:
+                if not self._per_transaction or not begin:
                     yield conn
                     return
                 await conn.execute(self._begin)
@@ -775,19 +785,35 @@ class PostgresBackend:
 
     @_transient
     async def _watch_runs(self, run_ids: list[str]) -> list[bool]:
-        ids = sorted(set(run_ids))
-        # Several runs: a stripe a finish holds is not waited for (the finish may wait for another stripe this
-        # statement holds); its runs come back busy and are watched one at a time, waiting then, each in a
-        # transaction of its own (a pooled connection in transaction mode keeps one transaction per checkout).
-        rows = await self._watch(ids, wait=len(ids) == 1)
-        watched = {run_id for run_id, busy in rows if not busy}
-        for busy_id in sorted(run_id for run_id, busy in rows if busy):
-            watched.update(run_id for run_id, busy in await self._watch([busy_id], wait=True) if not busy)
-        return [run_id in watched for run_id in run_ids]
+        # A run whose stripe a finish holds comes back busy, not watched: the statement never waits for a lock
+        # (migration 0032). Those are asked again shortly, until the finish commits (then the run is finished:
+        # not watched, the waiter reads it) or the stripe is free.
+        ids, pause = sorted(set(run_ids)), WATCH_RETRY_S
+        watched: set[str] = set()
+        while True:
+            rows = await self._watch(ids)
+            watched.update(run_id for run_id, busy in rows if not busy)
+            ids = sorted(run_id for run_id, busy in rows if busy)
+            if not ids:
+                return [run_id in watched for run_id in run_ids]
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, WATCH_RETRY_MAX_S)
 
-    async def _watch(self, run_ids: list[str], *, wait: bool) -> list[tuple[str, bool]]:
-        async with self._connection() as conn:
-            return await (await conn.execute(QUERIES["watch_runs"], {"run_ids": run_ids, "wait": wait})).fetchall()
+    async def _watch(self, run_ids: list[str]) -> list[tuple[str, bool]]:
+        params = {"run_ids": run_ids}
+        if not self._per_transaction:
+            async with self._connection() as conn:
+                return await (await conn.execute(QUERIES["watch_runs"], params)).fetchall()
+        # In transaction mode a COMMIT is a statement of its own, and the stripes the watch took would stay locked
+        # until the client sent it: a waiter stalled in between (a blocked event loop, a stopped process) would
+        # hold up every finish of those stripes. So the whole transaction is one query, which the server runs to
+        # its COMMIT on its own: the simple protocol, whose parameters psycopg binds on this side (ClientCursor).
+        async with self._connection(begin=False) as conn:
+            cursor = psycopg.AsyncClientCursor(conn)
+            await cursor.execute(self._watch_in_one_query, params)
+            while cursor.description is None and cursor.nextset():
+                pass  # the results of BEGIN and SET LOCAL come first
+            return await cursor.fetchall()
 
     @_transient
     async def list_runs(self, query: RunQuery) -> list[RunRecord]:

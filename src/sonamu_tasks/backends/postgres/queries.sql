@@ -731,10 +731,11 @@ RETURNING status
 -- watch_runs --
 -- result() and get_event waiters in another process ask for the "finished" notification of these runs (the
 -- waiters of one process in flight together share this statement). A row with busy false: that run is
--- unfinished and now watched (the waiter need not read it until notified). busy true: a finish held the run's
--- stripe, the run is not watched; it is asked again alone, with `wait` (migration 0031). No lock on `runs`: a
--- claim meeting the watch of a run it is about to take takes it.
-SELECT run_id, busy FROM watch_runs(%(run_ids)s::uuid[], %(wait)s)
+-- unfinished and now watched (the waiter need not read it until notified). busy true: a finish holds the run's
+-- stripe and the run is not watched; it is asked again shortly. No row: finished, unknown or watched already (the
+-- waiter reads the run). It waits for no lock, and takes none on `runs`: a claim meeting the watch of a run it is
+-- about to take takes it (migrations 0031, 0032).
+SELECT run_id, busy FROM watch_runs(%(run_ids)s::uuid[])
 
 -- no_jit --
 -- For the rest of this transaction, no JIT compilation. The statistics below count every unfinished run, so
