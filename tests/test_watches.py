@@ -1,6 +1,7 @@
 """A result() waiting in another process asks to be notified of the run's end (a watch, migration 0031), on
 PostgreSQL. The watch takes no lock on the run's row, so a claim never passes a watched run over; and a finish
-never misses a watch set as it finishes: whichever of the two comes first, the other waits for its commit."""
+never misses a watch set as it finishes: a finish waits for a watch in flight to commit, and a watch meeting a
+finish in flight asks again until it has committed (migration 0032)."""
 
 from __future__ import annotations
 
@@ -67,16 +68,13 @@ async def test_a_claim_takes_a_run_whose_result_is_being_watched(
         # Given two runs in line, the first one's result() watch in flight (uncommitted) as the worker claims
         first = await producer.run(in_order, "first")
         await producer.run(in_order, "second")
-        watcher = await connect(postgres_url, schema)
-        try:
+        async with await connect(postgres_url, schema) as watcher:
             assert len(await watch_in_open_transaction(watcher, first.id)) == 1  # watched
             await manager_for([in_order], concurrency=1)
             # Then the claim takes the first run, not the one behind it (it passed a locked row over before)
             await wait_until(lambda: started, what="a run to start")
             assert started == ["first"]
-        finally:
             await watcher.execute("COMMIT")  # the first run's finish waits for it (see the next test)
-            await watcher.close()
         await wait_until(lambda: len(started) == 2, what="the second run to start")
     assert started == ["first", "second"]
 
@@ -89,8 +87,7 @@ async def test_a_finish_waits_for_a_watch_in_flight_and_notifies_it(
         Listener(postgres_url, schema) as listener,
     ):
         handle = await client.run(noted, "x")
-        watcher, finisher = await connect(postgres_url, schema), await connect(postgres_url, schema)
-        try:
+        async with await connect(postgres_url, schema) as watcher, await connect(postgres_url, schema) as finisher:
             # Given a watch in flight (its statement done, its transaction not committed)
             await watch_in_open_transaction(watcher, handle.id)
             # When the run finishes meanwhile (a cancel of the pending run)
@@ -104,9 +101,6 @@ async def test_a_finish_waits_for_a_watch_in_flight_and_notifies_it(
             assert f"f:{handle.id}" in await listener.until_marker()
             # and the watch is gone with the run's end
             assert await (await finisher.execute("SELECT count(*) FROM run_watches")).fetchone() == (0,)
-        finally:
-            await watcher.close()
-            await finisher.close()
 
 
 async def test_a_watch_during_a_finish_is_answered_once_it_commits_and_finds_the_run_finished(
@@ -114,8 +108,7 @@ async def test_a_watch_during_a_finish_is_answered_once_it_commits_and_finds_the
 ) -> None:
     async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
         handle = await client.run(noted, "x")
-        finisher = await connect(postgres_url, schema)
-        try:
+        async with await connect(postgres_url, schema) as finisher:
             # Given a finish in flight (its trigger has looked for watches, its transaction not committed)
             await finisher.execute("BEGIN")
             await finisher.execute("UPDATE runs SET status = 'canceled' WHERE id = %s", [handle.id])
@@ -127,8 +120,6 @@ async def test_a_watch_during_a_finish_is_answered_once_it_commits_and_finds_the
             assert await watch is False
             assert await (await finisher.execute("SELECT count(*) FROM run_watches")).fetchone() == (0,)
             assert (await client.get_run(handle.id)).status.value == "canceled"
-        finally:
-            await finisher.close()
 
 
 async def three_of_one_stripe(client: WorkflowManager, conn: psycopg.AsyncConnection[Any]) -> list[str]:
@@ -153,78 +144,74 @@ FINISH = "UPDATE runs SET status = 'completed', output = '1', finished_at = now(
 async def test_a_finish_never_queues_behind_a_watch_waiting_for_another_finish(
     make_config: Any, postgres_url: str, schema: str
 ) -> None:
-    async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
-        conns = [await connect(postgres_url, schema) for _ in range(3)]
-        first, second, check = conns
-        try:
-            finishing, watched, other = await three_of_one_stripe(client, check)
-            # Given a finish held open on a stripe, and a result() watch of another run of that stripe meanwhile
-            await first.execute("BEGIN")
-            await first.execute(FINISH, [finishing])
-            watch = asyncio.create_task(client.backend.watch_run(watched))
-            assert await blocked(watch, 0.2)
-            # When a third run of the stripe finishes
-            await second.execute("BEGIN")
-            # Then that finish goes through at once: nothing waits in the stripe's lock queue ahead of it (a watch
-            # waiting there made it wait for the first finish's commit)
-            await asyncio.wait_for(second.execute(FINISH, [other]), timeout=5)
-            await second.execute("COMMIT")
-            assert not watch.done()
-            await first.execute("COMMIT")
-            assert await watch is True  # the watched run is still pending: now watched
-        finally:
-            for conn in conns:
-                await conn.close()
+    async with (
+        WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client,
+        await connect(postgres_url, schema) as first,
+        await connect(postgres_url, schema) as second,
+        await connect(postgres_url, schema) as check,
+    ):
+        finishing, watched, other = await three_of_one_stripe(client, check)
+        # Given a finish held open on a stripe, and a result() watch of another run of that stripe meanwhile
+        await first.execute("BEGIN")
+        await first.execute(FINISH, [finishing])
+        watch = asyncio.create_task(client.backend.watch_run(watched))
+        assert await blocked(watch, 0.2)
+        # When a third run of the stripe finishes
+        await second.execute("BEGIN")
+        # Then that finish goes through at once: nothing waits in the stripe's lock queue ahead of it (a watch
+        # waiting there made it wait for the first finish's commit)
+        await asyncio.wait_for(second.execute(FINISH, [other]), timeout=5)
+        await second.execute("COMMIT")
+        assert not watch.done()
+        await first.execute("COMMIT")
+        assert await watch is True  # the watched run is still pending: now watched
 
 
 async def test_result_of_a_finished_run_is_not_held_up_by_an_open_finish_of_its_stripe(
     make_config: Any, postgres_url: str, schema: str
 ) -> None:
-    async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
-        finisher, check = await connect(postgres_url, schema), await connect(postgres_url, schema)
-        try:
-            done, finishing, _ = await three_of_one_stripe(client, check)
-            await check.execute(FINISH, [done])
-            # Given another run of the same stripe finishing, its transaction open
-            await finisher.execute("BEGIN")
-            await finisher.execute(FINISH, [finishing])
-            # Then result() on the run completed before answers with its output, within its timeout (it waited
-            # for the stripe before reading the status, and timed out with "the database did not answer")
-            assert await client.handle(done).result(timeout=2) == 1
-            await finisher.execute("COMMIT")
-        finally:
-            await finisher.close()
-            await check.close()
+    async with (
+        WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client,
+        await connect(postgres_url, schema) as finisher,
+        await connect(postgres_url, schema) as check,
+    ):
+        done, finishing, _ = await three_of_one_stripe(client, check)
+        await check.execute(FINISH, [done])
+        # Given another run of the same stripe finishing, its transaction open
+        await finisher.execute("BEGIN")
+        await finisher.execute(FINISH, [finishing])
+        # Then result() on the run completed before answers with its output, within its timeout (it waited
+        # for the stripe before reading the status, and timed out with "the database did not answer")
+        assert await client.handle(done).result(timeout=2) == 1
+        await finisher.execute("COMMIT")
 
 
 async def test_watches_of_several_runs_never_wait_holding_a_stripe(
     make_config: Any, postgres_url: str, schema: str
 ) -> None:
-    async with WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client:
-        conn = await connect(postgres_url, schema)
-        finisher = await connect(postgres_url, schema)
-        try:
-            # Given two pending runs of different stripes, the first one finishing (uncommitted)
-            handles = [await client.run(noted, i) for i in range(2)]
-            while await stripe(conn, handles[0].id) == await stripe(conn, handles[1].id):
-                handles[1] = await client.run(noted, "another")
-            finishing, other = handles
-            await finisher.execute("BEGIN")
-            await finisher.execute("UPDATE runs SET status = 'canceled' WHERE id = %s", [finishing.id])
-            # When one statement watches both (result() calls in flight together share it)
-            both = asyncio.create_task(client.backend._watch_runs([finishing.id, other.id]))
-            # Then the other run's watch is committed at once, without waiting for the finish (it holds no stripe
-            # while it waits), and the finishing run is watched alone once the finish commits: finished
-            await wait_until(
-                lambda: _watched(conn, other.id),
-                what="the other run's watch to commit while the finishing run's waits",
-            )
-            assert not both.done()
-            await finisher.execute("COMMIT")
-            assert await both == [False, True]
-        finally:
-            await conn.close()
-            await finisher.close()
+    async with (
+        WorkflowManager(make_config(enable_worker=False), workflows=[noted]) as client,
+        await connect(postgres_url, schema) as conn,
+        await connect(postgres_url, schema) as finisher,
+    ):
+        # Given two pending runs of different stripes, the first one finishing (uncommitted)
+        handles = [await client.run(noted, i) for i in range(2)]
+        while await stripe(conn, handles[0].id) == await stripe(conn, handles[1].id):
+            handles[1] = await client.run(noted, "another")
+        finishing, other = handles
+        await finisher.execute("BEGIN")
+        await finisher.execute("UPDATE runs SET status = 'canceled' WHERE id = %s", [finishing.id])
+        # When one statement watches both (result() calls in flight together share it)
+        both = asyncio.create_task(client.backend._watch_runs([finishing.id, other.id]))
+        # Then the other run's watch is committed at once, without waiting for the finish (no stripe is held
+        # while the finishing run is asked again), and once the finish commits that run is finished: unwatched
+        await wait_until(
+            lambda: _watched(conn, other.id),
+            what="the other run's watch to commit while the finishing run's waits",
+        )
+        assert not both.done()
+        await finisher.execute("COMMIT")
+        assert await both == [False, True]
 
 
 async def _watched(conn: psycopg.AsyncConnection[Any], run_id: str) -> bool:
@@ -256,10 +243,10 @@ async def test_every_watch_that_meets_a_finish_is_notified(
         async def run_and_wait(index: int) -> Any:
             handle = await client.run(noted, index)
             await asyncio.sleep((index % 17) / 2000)
-            return handle.id, await handle.result(timeout=30)
+            return await handle.result(timeout=30)
 
-        outcomes = await asyncio.gather(*(run_and_wait(i) for i in range(600)))
-        assert sorted(output for _, output in outcomes) == list(range(600))
+        outputs = await asyncio.gather(*(run_and_wait(i) for i in range(600)))
+        assert sorted(outputs) == list(range(600))
         # Then every run whose watch was set got its "finished" notification: none was left to the 5 s re-read
         notified = {payload.split(":")[1] for payload in await listener.until_marker() if payload[:2] in ("o:", "f:")}
         assert watched, "no watch was set: the test raced nothing"
