@@ -204,38 +204,36 @@ async def test_a_large_run_many_does_not_hold_back_the_wake_up_of_a_run_started_
 ) -> None:
     # A run_many streams its COPY while it validates its inputs; a run() the same process makes meanwhile must
     # reach the workers at once, not once the COPY commits (they would find it at their next poll, 5 s later)
-    async with Listener(database_url, schema) as listener:
-        client = WorkflowManager(make_config(enable_worker=False))
-        await client.start()
-        try:
-            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as watcher:
+    async with (
+        Listener(database_url, schema) as listener,
+        WorkflowManager(make_config(enable_worker=False)) as client,
+        await psycopg.AsyncConnection.connect(database_url, autocommit=True) as watcher,
+    ):
 
-                async def copying() -> bool:
-                    rows = await watcher.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY runs %%' AND state = 'active'"
-                    )
-                    return (await rows.fetchone())[0] > 0  # type: ignore[index]
+        async def copying() -> bool:
+            rows = await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY runs %%' AND state = 'active'"
+            )
+            return (await rows.fetchone())[0] > 0  # type: ignore[index]
 
-                inputs = [{"n": n} for n in range(10_000)]  # 3-4 s of checks: the COPY outlasts the run()
-                many = asyncio.create_task(client.run_many(slow_input, inputs))
-                await wait_until(copying, what="the run_many's COPY to start", timeout=20)
-                await client.run(local, 1)
-                assert listener.conn is not None
-                async for notify in listener.conn.notifies(timeout=10):
-                    if notify.payload == "a:local":
-                        break
-                else:
-                    raise AssertionError("no notification for the run() within 10 s")
-                # Heard while the COPY was still going: none of its runs committed yet
-                stored = await watcher.execute(
-                    psycopg.sql.SQL("SELECT count(*) FROM {}.runs WHERE workflow_name = 'slow_input'").format(
-                        psycopg.sql.Identifier(schema)
-                    )
-                )
-                assert (await stored.fetchone())[0] == 0  # type: ignore[index]
-                assert len(await many) == 10_000
-        finally:
-            await client.stop()
+        inputs = [{"n": n} for n in range(10_000)]  # 3-4 s of checks: the COPY outlasts the run()
+        many = asyncio.create_task(client.run_many(slow_input, inputs))
+        await wait_until(copying, what="the run_many's COPY to start", timeout=20)
+        await client.run(local, 1)
+        assert listener.conn is not None
+        async for notify in listener.conn.notifies(timeout=10):
+            if notify.payload == "a:local":
+                break
+        else:
+            raise AssertionError("no notification for the run() within 10 s")
+        # Heard while the COPY was still going: none of its runs committed yet
+        stored = await watcher.execute(
+            psycopg.sql.SQL("SELECT count(*) FROM {}.runs WHERE workflow_name = 'slow_input'").format(
+                psycopg.sql.Identifier(schema)
+            )
+        )
+        assert (await stored.fetchone())[0] == 0  # type: ignore[index]
+        assert len(await many) == 10_000
 
 
 async def test_concurrent_runs_from_one_process_each_follow_a_notification(
