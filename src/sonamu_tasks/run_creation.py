@@ -220,9 +220,9 @@ class RunBatch(Sequence[NewRun]):
 
     def _prepare_until(self, stop: int) -> None:
         """Prepare the items up to `stop` (exclusive) not yet prepared."""
-        runs, first = self._runs, self._runs[0] if self._runs else None
-        if first is None:
+        if not self._runs:  # an empty batch: nothing to prepare
             return
+        runs, first = self._runs, self._runs[0]
         definition, what, ids = self._definition, self._what, self._ids
         index = len(runs)
         try:  # one try for the loop, not one context manager per item: a third of the loop's time at 10,000 items
