@@ -31,6 +31,7 @@ from sonamu_tasks import (
 from sonamu_tasks.backends.base import LeaseLost, NewRun, TimedWait
 from sonamu_tasks.backends.postgres.backend import COPY_AT_LEAST
 from sonamu_tasks.ids import new_run_id
+from sonamu_tasks.queue import Queue
 from sonamu_tasks.records import CutValue
 
 from .conftest import BACKENDS, PGBOUNCER_BACKENDS, wait_until
@@ -1017,6 +1018,41 @@ async def test_a_stale_lease_cannot_write_checkpoints_or_the_outcome(manager_for
     run = await backend.get_run(run_id, with_steps=True)
     assert run is not None and run.status is RunStatus.COMPLETED and run.output == "done"
     assert run.steps[0].output == "fresh"
+
+
+async def test_a_notified_new_run_is_taken_by_its_id_only_where_a_claim_would_take_it(manager_for: Any) -> None:
+    """take_run, what a worker with a free slot does on the notification of one new run: the same run a claim
+    would take, leased and fenced the same way, and nothing that only a claim may weigh."""
+    manager = await manager_for([], enable_worker=False)
+    backend = manager.backend
+    lease = timedelta(seconds=30)
+    mine = [("taken", "1")]
+    run_id, _ = await backend.create_run(NewRun(new_run_id(), "taken", "1", '"x"'))
+    # Not this worker's: another workflow, another version, a queue it does not serve
+    assert await backend.take_run("worker-a", run_id, [("other", "1")], lease) is None
+    assert await backend.take_run("worker-a", run_id, [("taken", "2")], lease) is None
+    assert await backend.take_run("worker-a", run_id, mine, lease, queues=["elsewhere"]) is None
+    taken = await backend.take_run("worker-a", run_id, [("other", "1"), *mine], lease)
+    assert taken is not None and (taken.id, taken.input, taken.attempts) == (run_id, "x", 0)
+    assert taken.first_claim and not taken.taken_over
+    # Taken once: neither another worker's take nor a claim finds it
+    assert await backend.take_run("worker-b", run_id, mine, lease) is None
+    assert await backend.claim_runs("worker-b", mine, 10, lease) == []
+    stored = await backend.get_run(run_id)
+    assert stored is not None and stored.status is RunStatus.RUNNING and stored.started_at is not None
+    # Only a claim takes a run not due yet, or one of a queue with limits (weighed against them)
+    later, _ = await backend.create_run(NewRun(new_run_id(), "taken", "1", "null", start_delay=timedelta(hours=1)))
+    assert await backend.take_run("worker-a", later, mine, lease) is None
+    await backend.register_queues([Queue("limited", concurrency=1)], [])
+    limited, _ = await backend.create_run(NewRun(new_run_id(), "taken", "1", "null", queue="limited"))
+    assert await backend.take_run("worker-a", limited, mine, lease, queues=["limited"]) is None
+    assert [run.id for run in await backend.claim_runs("worker-a", mine, 10, lease, queues=["limited"])] == [limited]
+    # The lease fences as a claim's does
+    with pytest.raises(LeaseLost):
+        await backend.complete_run(run_id, "00000000-0000-4000-8000-000000000000", '"stale"')
+    await backend.complete_run(run_id, taken.lease_token, '"done"')
+    stored = await backend.get_run(run_id)
+    assert stored is not None and stored.status is RunStatus.COMPLETED and stored.output == "done"
 
 
 async def _status_is(handle: Any, status: RunStatus) -> bool:

@@ -49,6 +49,11 @@ async def parent(input: Any, step: Any) -> Any:
     return {"child": await step.run_workflow("child", receives, input)}
 
 
+def _workflow_of(payload: str) -> str:
+    """A payload without the run it names: the notification of one new run names it after a unit separator."""
+    return payload.partition("\x1f")[0]
+
+
 class Listener:
     """A LISTEN on the schema's channel; `until_marker` collects the payloads received before our own marker."""
 
@@ -166,8 +171,10 @@ async def test_a_woken_run_is_claimed_at_once_while_new_runs_wait_out_listen_del
         assert (await sender.get_run(later.id)).status == "pending"
         assert await later.result(timeout=20) == "later"
         received = await listener.until_marker()
-    # Woken runs are announced as "w:", claimed at once; new runs as "a:", claimed after listen_delay
-    assert {"w:receives", "w:parent", "w:awaits", "a:local"} <= set(received)
+    # Woken runs are announced as "w:", claimed at once; new runs as "a:", claimed after listen_delay. A lone
+    # run()'s notification names the run too
+    assert {"w:receives", "w:parent", "w:awaits", "a:local"} <= {_workflow_of(p) for p in received}
+    assert f"a:local\x1f{later.id}" in received
 
 
 @pytest.mark.parametrize("count", [50, COPY_AT_LEAST + 50])  # by INSERT, and by COPY
@@ -222,7 +229,7 @@ async def test_a_large_run_many_does_not_hold_back_the_wake_up_of_a_run_started_
         await client.run(local, 1)
         assert listener.conn is not None
         async for notify in listener.conn.notifies(timeout=10):
-            if notify.payload == "a:local":
+            if _workflow_of(notify.payload) == "a:local":
                 break
         else:
             raise AssertionError("no notification for the run() within 10 s")
@@ -248,7 +255,7 @@ async def test_concurrent_runs_from_one_process_each_follow_a_notification(
             await client.stop()
         received = await listener.until_marker()
         # Coalesced: at most one per run (usually far fewer), all the same, and at least one after the last commit
-        assert received and set(received) == {"a:local"} and len(received) <= 32
+        assert received and {_workflow_of(p) for p in received} == {"a:local"} and len(received) <= 32
 
 
 async def test_a_run_inserted_already_claimed_by_this_process_notifies_no_worker(
@@ -299,3 +306,37 @@ async def test_result_in_another_process_gets_the_output_from_the_notification_o
         received = await listener.until_marker()
     assert any(p.startswith(f"o:{small.id}:") for p in received)
     assert f"f:{large.id}" in received and not any(p.startswith(f"o:{large.id}") for p in received)
+
+
+async def test_a_worker_with_a_free_slot_takes_a_notified_new_run_by_its_id(make_config: Any) -> None:
+    # The notification of a lone run() names the run: a worker in another process with a free slot and nothing
+    # else due takes it by its id (one statement), instead of a claim walking its streams and then asking when
+    # the next run is due. (No polls here: a poll's claim in flight would rightly take the run instead.)
+    worker = WorkflowManager(make_config(poll_interval_ms=600_000), workflows=[local])
+    async with worker, WorkflowManager(make_config(enable_worker=False)) as client:
+        backend = worker.backend
+        taken: list[str] = []
+        claimed: list[str] = []
+        real_take, real_claim = backend.take_run, backend.claim_runs
+
+        async def take_run(*args: Any, **kwargs: Any) -> Any:
+            run = await real_take(*args, **kwargs)
+            taken.extend([] if run is None else [run.id])
+            return run
+
+        async def claim_runs(*args: Any, **kwargs: Any) -> Any:
+            runs = await real_claim(*args, **kwargs)
+            claimed.extend(run.id for run in runs)
+            return runs
+
+        backend.take_run = take_run  # type: ignore[method-assign]
+        backend.claim_runs = claim_runs  # type: ignore[method-assign]
+        # The first may meet the worker's first claim in flight; after it, the worker is caught up each time
+        first = await client.run(local, 0)
+        assert await first.result(timeout=10) == 0
+        ids = []
+        for n in range(1, 6):
+            handle = await client.run(local, n)
+            assert await handle.result(timeout=10) == n
+            ids.append(handle.id)
+        assert taken[-5:] == ids and not set(ids) & set(claimed)

@@ -915,9 +915,9 @@ class WorkflowManager:
 
     # Notifications (from the backend's listener, or this process's worker)
 
-    def run_available(self, workflow_name: str) -> None:
+    def run_available(self, workflow_name: str, run_id: str | None = None) -> None:
         if self.worker is not None:
-            self.worker.notify_available()
+            self.worker.notify_available(run_id)
 
     def run_woken(self, workflow_name: str) -> None:
         if self.worker is not None:

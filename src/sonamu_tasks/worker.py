@@ -104,6 +104,7 @@ class Worker:
         self._unreserved = asyncio.Event()  # set while no slot is promised (stop() waits for the inserts)
         self._unreserved.set()
         self._claiming = 0  # slots the claim in flight may fill
+        self._takes: set[asyncio.Task[None]] = set()  # notified runs being taken by their ids (_take)
         self._publish_pending = False  # a snapshot of the runs held is due for the heartbeat thread (_publish_soon)
         self._timer: asyncio.TimerHandle | None = None  # only the earliest wake: the claim loop finds the rest
         # A third of the lease, and at least every 20 s: the lists take a worker silent for a minute as gone
@@ -160,14 +161,50 @@ class Worker:
         self._more_due = True
         self._wake.set()
 
-    def notify_available(self) -> None:
-        """A notification said a run became claimable; claim after `listen_delay`."""
+    def notify_available(self, run_id: str | None = None) -> None:
+        """A notification said a run became claimable; claim after `listen_delay`. The notification of one new
+        run (`run_id`) is taken by its id at once when a slot is free and this worker has nothing else due."""
         if not self.options.use_pub_sub:
             return
-        if self.options.listen_delay <= 0:
+        if self.options.listen_delay > 0:
+            self.wake_in(self.options.listen_delay / 1000)
+        elif run_id is not None and self._caught_up() and self.reserve_slot():
+            task = asyncio.create_task(self._take(run_id), name=f"take {run_id}")
+            self._takes.add(task)
+            task.add_done_callback(self._takes.discard)
+        else:
+            self.wake()
+
+    def _caught_up(self) -> bool:
+        """Nothing is due here that a claim would take before a new run: the last claim took every due run
+        (it came back short), nothing woke the claim loop since, and no claim is in flight. A run taken by its
+        id then passes no older run over (FIFO), and a claim would cost several statements to find it alone."""
+        return not (self._more_due or self._starved or self._claiming or self._stopping)
+
+    async def _take(self, run_id: str) -> None:
+        """Take one newly notified run by its id (take_run); otherwise a claim looks, as for any notification
+        (the run's queue has limits, it is not due yet, or another worker took it)."""
+        claimed: ClaimedRun | None = None
+        # A snapshot, as the claim loop takes: a synchronize() meanwhile must not orphan the run taken.
+        definitions = {definition.key: definition for definition in self.registry}
+        try:
+            queues = served_queues(self.options.queues, definitions.values())
+            began = time.perf_counter()
+            claimed = await self.backend.take_run(self.id, run_id, sorted(definitions), self._lease, queues)
+            if self.telemetry.enabled:
+                taken = [] if claimed is None else [(claimed.workflow_name, False)]
+                self.telemetry.claimed(time.perf_counter() - began, taken)
+        except Exception:
+            # The claim woken below fails the same way, and says so once per episode of failures.
+            logger.debug("taking notified run %s failed; claiming instead", run_id, exc_info=True)
+        finally:
+            self._reserved -= 1
+            if not self._reserved:
+                self._unreserved.set()
+        if claimed is None:
             self.wake()
         else:
-            self.wake_in(self.options.listen_delay / 1000)
+            self._start(claimed, definitions[(claimed.workflow_name, claimed.version)])
 
     def notify_woken(self) -> None:
         """A notification said a waiting run was woken (a message, an event, its child's end): claim at once.
@@ -447,6 +484,8 @@ class Worker:
             # A claim takes milliseconds; one still waiting after CLAIM_STOP_S waits for a connection the database
             # does not give (an outage: the pool waits 30 s) and must not hold the shutdown past its grace. Runs
             # a claim cut short may have taken are taken over when their leases expire.
+            await stop_gently(task, timeout=CLAIM_STOP_S)
+        for task in list(self._takes):  # one statement each: bounded as a claim is
             await stop_gently(task, timeout=CLAIM_STOP_S)
         grace = self.options.shutdown_grace_ms / 1000
         if not self._unreserved.is_set():

@@ -192,8 +192,9 @@ clock of the client that made the id against the database's."""
 class Notifications(Protocol):
     """What a backend tells the engine as it happens (PostgreSQL LISTEN/NOTIFY)."""
 
-    def run_available(self, workflow_name: str) -> None:
-        """A run of this workflow became claimable (a new one, or one handed back, retried or resumed)."""
+    def run_available(self, workflow_name: str, run_id: str | None = None) -> None:
+        """A run of this workflow became claimable (a new one, or one handed back, retried or resumed);
+        `run_id` when the notification stands for that one new run alone."""
         ...
 
     def run_woken(self, workflow_name: str) -> None:
@@ -298,6 +299,19 @@ class Backend(ScheduleStore, Protocol):
         of those queues. `held`: the (run id, lease token) pairs of the attempts alive in the claiming worker;
         a running run under one of those tokens is never taken, even with its lease expired (a late heartbeat),
         while a run a dead attempt of the same worker left behind is."""
+        ...
+
+    async def take_run(
+        self,
+        worker_id: str,
+        run_id: str,
+        workflows: Sequence[tuple[str, str]],
+        lease: timedelta,
+        queues: Sequence[str] = ("default",),
+    ) -> ClaimedRun | None:
+        """Take run `run_id` if it is pending and due now, of one of `workflows` in one of `queues`, and its
+        queue has no limits: what the notification of one new run lets a worker with a free slot do in one
+        statement, instead of a claim. None otherwise (another worker took it, or only a claim may weigh it)."""
         ...
 
     async def seconds_until_due(

@@ -680,6 +680,29 @@ class PostgresBackend:
         return [ClaimedRun(*row) for row in rows]
 
     @_transient
+    async def take_run(
+        self,
+        worker_id: str,
+        run_id: str,
+        workflows: Sequence[tuple[str, str]],
+        lease: timedelta,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
+    ) -> ClaimedRun | None:
+        if not workflows or not queues:
+            return None
+        params = {
+            "worker_id": worker_id,
+            "id": run_id,
+            "queues": list(queues),
+            "names": [name for name, _ in workflows],
+            "versions": [version for _, version in workflows],
+            "lease": lease,
+        }
+        async with self._connection() as conn:
+            row = await (await conn.execute(QUERIES["take_run"], params)).fetchone()
+        return None if row is None else ClaimedRun(*row)
+
+    @_transient
     async def seconds_until_due(
         self,
         workflows: Sequence[tuple[str, str]],
@@ -1390,8 +1413,9 @@ def _due_soon(run: NewRun) -> bool:
 
 def _dispatch(payload: str, notifications: Notifications) -> None:
     kind, _, value = payload.partition(":")
-    if kind == "a":
-        notifications.run_available(value)
+    if kind == "a":  # "a:" + workflow, or for one new run (create_run) "a:" + workflow + "\x1f" + its id
+        workflow_name, _, run_id = value.partition("\x1f")
+        notifications.run_available(workflow_name, run_id or None)
     elif kind == "w":  # a waiting run woken (migration 0017): claimed at once, not after listen_delay
         notifications.run_woken(value)
     elif kind == "f":

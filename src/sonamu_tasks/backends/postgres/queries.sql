@@ -5,7 +5,9 @@
 -- Insert a pending run; a repeated id or idempotency key inserts nothing. Without a queue named, the run
 -- goes to the queue its workflow registered (a producer need not have the definition). With `notify`, the
 -- transaction also NOTIFYs its workflow's workers: only when no other NOTIFY of this process is in flight
--- (see 0013_notify_after_commit.sql), so at most one commit per process waits on the notification lock.
+-- (see 0013_notify_after_commit.sql), so at most one commit per process waits on the notification lock. The
+-- notification names the run after its workflow (a unit separator between them, which no name holds): a worker
+-- with a free slot takes it by its id (take_run), without a claim. Workers of earlier releases wake as for "a:".
 WITH inserted AS (
     INSERT INTO runs (id, workflow_name, version, status, input, idempotency_key, available_at, deadline_at,
                       parent_id, parent_step, detached, trace_context, queue, priority, concurrency_key)
@@ -18,7 +20,7 @@ WITH inserted AS (
     ON CONFLICT DO NOTHING
     RETURNING id::text AS id, workflow_name
 ), notified AS (
-    SELECT pg_notify(%(channel)s::text, 'a:' || workflow_name) FROM inserted WHERE %(notify)s::boolean
+    SELECT pg_notify(%(channel)s::text, 'a:' || workflow_name || chr(31) || id) FROM inserted WHERE %(notify)s::boolean
 )
 SELECT id, (SELECT count(*) FROM notified) FROM inserted
 
@@ -186,6 +188,37 @@ SELECT c.*
 FROM claim_runs_reporting_take_overs(%(worker_id)s, %(queues)s::text[], %(names)s::text[], %(versions)s::text[],
                                      %(limit)s, %(lease)s::interval, %(held_tokens)s::uuid[]) AS c
 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
+
+-- take_run --
+-- Take one run by its id, as the notification of its insert named it (create_run), when it is pending and due
+-- now, of one of the worker's streams and queues, in a queue without limits (only the claim weighs runs against
+-- limits): an index probe and an update by the primary key, where a claim walks the worker's streams level by
+-- level. No row when another worker took it first (its lock is skipped, as a claim skips it) or it is not
+-- this statement's to take. Commits without waiting for the WAL flush, as the claim does (see claim_runs).
+UPDATE runs AS r
+SET status = 'running',
+    lease_token = gen_random_uuid(),
+    worker_id = %(worker_id)s,
+    available_at = now() + %(lease)s::interval,
+    started_at = COALESCE(r.started_at, now()),
+    updated_at = now()
+FROM (
+    SELECT c.id, c.started_at IS NULL AS first_claim
+    FROM runs c
+    WHERE c.id = %(id)s::uuid AND c.status = 'pending' AND NOT c.key_parked AND c.available_at <= now()
+      AND c.queue = ANY (%(queues)s::text[])
+      AND (c.workflow_name, c.version) IN (SELECT * FROM unnest(%(names)s::text[], %(versions)s::text[]))
+      AND NOT EXISTS (
+          SELECT 1 FROM queues q
+          WHERE q.name = c.queue
+            AND (q.concurrency IS NOT NULL OR q.worker_concurrency IS NOT NULL OR q.rate_limit IS NOT NULL
+                 OR q.per_key_concurrency IS NOT NULL))
+    FOR UPDATE SKIP LOCKED
+) AS t
+WHERE r.id = t.id AND set_config('synchronous_commit', 'off', true) IS NOT NULL
+RETURNING r.id::text, r.workflow_name, r.version, r.input, r.attempts, r.recoveries, r.lease_token::text,
+          now() AS claimed_at, t.first_claim, r.deadline_at, r.requested_action, r.trace_context,
+          NULL::text AS taken_from, NULL::timestamptz AS lease_expired_at
 
 -- seconds_until_due --
 -- How long until a claim of these queues and workflows could take a run (migration 0012); the runs under

@@ -335,6 +335,33 @@ class SqliteBackend:
 
         return await self._db.write(claim)
 
+    async def take_run(
+        self,
+        worker_id: str,
+        run_id: str,
+        workflows: Sequence[tuple[str, str]],
+        lease: timedelta,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
+    ) -> ClaimedRun | None:
+        if not workflows or not queues:
+            return None
+        params = {
+            "id": run_id,
+            "worker_id": worker_id,
+            "workflows": pairs(workflows),
+            "queues": json.dumps(list(queues)),
+            "lease": duration_micros(lease),
+            "lease_token": str(uuid.uuid4()),
+        }
+
+        def take(conn: sqlite3.Connection, now: int) -> ClaimedRun | None:
+            row = _first(conn, "take_run", {**params, "now": now})
+            if row is None:
+                return None
+            return records.claimed_run(row, claimed_at=now, first_claim=bool(row["first_claim"]))
+
+        return await self._db.write(take)
+
     async def seconds_until_due(
         self,
         workflows: Sequence[tuple[str, str]],
