@@ -352,13 +352,17 @@ class SqliteBackend:
             "queues": json.dumps(list(queues)),
             "lease": duration_micros(lease),
             "lease_token": str(uuid.uuid4()),
+            "lease_expired": 0,
         }
 
         def take(conn: sqlite3.Connection, now: int) -> ClaimedRun | None:
-            row = _first(conn, "take_run", {**params, "now": now})
-            if row is None:
+            # One writer at a time: the run cannot change between the look and the lease.
+            takeable = _first(conn, "takeable_run", {**params, "now": now})
+            if takeable is None:
                 return None
-            return records.claimed_run(row, claimed_at=now, first_claim=bool(row["first_claim"]))
+            row = _first(conn, "claim_run", {**params, "now": now})
+            assert row is not None  # just read, in this transaction
+            return records.claimed_run(row, claimed_at=now, first_claim=bool(takeable["first_claim"]))
 
         return await self._db.write(take)
 

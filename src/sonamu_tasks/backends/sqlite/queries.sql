@@ -168,17 +168,12 @@ WHERE id = :id
 RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action,
           trace_context
 
--- take_run --
--- Lease one run by its id when it is pending and due, of one of the worker's streams (:workflows) and queues, in
--- a queue without limits (only the claim weighs runs against limits). No row otherwise. Its first claim when
--- it starts now (a run started before has an earlier started_at).
-UPDATE runs
-SET status = 'running',
-    lease_token = :lease_token,
-    worker_id = :worker_id,
-    available_at = :now + :lease,
-    started_at = COALESCE(started_at, :now),
-    updated_at = :now
+-- takeable_run --
+-- Whether run :id is the worker's to take by its id (take_run): pending and due, of one of its streams
+-- (:workflows) and queues, in a queue without limits (only the claim weighs runs against limits). claim_run then
+-- leases it, in the same write transaction.
+SELECT started_at IS NULL AS first_claim
+FROM runs
 WHERE id = :id AND status = 'pending' AND NOT key_parked AND available_at <= :now
   AND queue IN (SELECT value FROM json_each(:queues))
   AND EXISTS (SELECT 1 FROM json_each(:workflows) AS w
@@ -187,8 +182,6 @@ WHERE id = :id AND status = 'pending' AND NOT key_parked AND available_at <= :no
                   WHERE l.name = queue
                     AND (l.concurrency IS NOT NULL OR l.worker_concurrency IS NOT NULL OR l.rate_limit IS NOT NULL
                          OR l.per_key_concurrency IS NOT NULL))
-RETURNING id, workflow_name, version, input, attempts, recoveries, lease_token, deadline_at, requested_action,
-          trace_context, started_at = :now AS first_claim
 
 -- next_due_at --
 -- When the next claimable run of these workflows in this queue is due (NULL: none). Per (workflow, version), its
