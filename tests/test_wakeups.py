@@ -315,12 +315,14 @@ async def test_a_worker_with_a_free_slot_takes_a_notified_new_run_by_its_id(make
     worker = WorkflowManager(make_config(poll_interval_ms=600_000), workflows=[local])
     async with worker, WorkflowManager(make_config(enable_worker=False)) as client:
         backend = worker.backend
+        tried: list[str] = []
         taken: list[str] = []
         claimed: list[str] = []
         real_take, real_claim = backend.take_run, backend.claim_runs
 
-        async def take_run(*args: Any, **kwargs: Any) -> Any:
-            run = await real_take(*args, **kwargs)
+        async def take_run(worker_id: str, run_id: str, *args: Any, **kwargs: Any) -> Any:
+            tried.append(run_id)
+            run = await real_take(worker_id, run_id, *args, **kwargs)
             taken.extend([] if run is None else [run.id])
             return run
 
@@ -340,3 +342,9 @@ async def test_a_worker_with_a_free_slot_takes_a_notified_new_run_by_its_id(make
             assert await handle.result(timeout=10) == n
             ids.append(handle.id)
         assert taken[-5:] == ids and not set(ids) & set(claimed)
+        # A run of a workflow it does not register is not tried (notifications come in commit order: by the time
+        # the next run is done, the worker heard the first one)
+        elsewhere = await client.run({"name": "registered_elsewhere", "version": "1"}, None)
+        after = await client.run(local, "after")
+        assert await after.result(timeout=10) == "after"
+        assert elsewhere.id not in tried

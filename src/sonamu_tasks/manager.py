@@ -917,7 +917,7 @@ class WorkflowManager:
 
     def run_available(self, workflow_name: str, run_id: str | None = None) -> None:
         if self.worker is not None:
-            self.worker.notify_available(run_id)
+            self.worker.notify_available(run_id, workflow_name)
 
     def run_woken(self, workflow_name: str) -> None:
         if self.worker is not None:

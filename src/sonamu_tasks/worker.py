@@ -161,14 +161,20 @@ class Worker:
         self._more_due = True
         self._wake.set()
 
-    def notify_available(self, run_id: str | None = None) -> None:
+    def notify_available(self, run_id: str | None = None, workflow_name: str | None = None) -> None:
         """A notification said a run became claimable; claim after `listen_delay`. The notification of one new
-        run (`run_id`) is taken by its id at once when a slot is free and this worker has nothing else due."""
+        run (`run_id`, of `workflow_name`) is taken by its id at once when this worker registers the workflow,
+        a slot is free, and it has nothing else due."""
         if not self.options.use_pub_sub:
             return
         if self.options.listen_delay > 0:
             self.wake_in(self.options.listen_delay / 1000)
-        elif run_id is not None and self._caught_up() and self.reserve_slot():
+        elif (
+            run_id is not None
+            and self._caught_up()
+            and any(definition.name == workflow_name for definition in self.registry)
+            and self.reserve_slot()
+        ):
             task = asyncio.create_task(self._take(run_id), name=f"take {run_id}")
             self._takes.add(task)
             task.add_done_callback(self._takes.discard)
