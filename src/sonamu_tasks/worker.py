@@ -191,12 +191,10 @@ class Worker:
         """Take one newly notified run by its id (take_run); otherwise a claim looks, as for any notification
         (the run's queue has limits, it is not due yet, or another worker took it)."""
         claimed: ClaimedRun | None = None
-        # A snapshot, as the claim loop takes: a synchronize() meanwhile must not orphan the run taken.
-        definitions = {definition.key: definition for definition in self.registry}
+        definitions, workflows, queues = self._served()
         try:
-            queues = served_queues(self.options.queues, definitions.values())
             began = time.perf_counter()
-            claimed = await self.backend.take_run(self.id, run_id, sorted(definitions), self._lease, queues)
+            claimed = await self.backend.take_run(self.id, run_id, workflows, self._lease, queues)
             if self.telemetry.enabled:
                 taken = [] if claimed is None else [(claimed.workflow_name, False)]
                 self.telemetry.claimed(time.perf_counter() - began, taken)
@@ -204,9 +202,7 @@ class Worker:
             # The claim woken below fails the same way, and says so once per episode of failures.
             logger.debug("taking notified run %s failed; claiming instead", run_id, exc_info=True)
         finally:
-            self._reserved -= 1
-            if not self._reserved:
-                self._unreserved.set()
+            self._unreserve()
         if claimed is None:
             self.wake()
         else:
@@ -251,11 +247,21 @@ class Worker:
 
     def release_slot(self, claimed: ClaimedRun | None, definition: WorkflowDefinition[Any, Any]) -> None:
         """Redeem a reserved slot: start the run claimed at insertion (None: it was not inserted)."""
+        self._unreserve()
+        if claimed is not None:
+            self._start(claimed, definition)
+
+    def _unreserve(self) -> None:
         self._reserved -= 1
         if not self._reserved:
             self._unreserved.set()
-        if claimed is not None:
-            self._start(claimed, definition)
+
+    def _served(self) -> tuple[dict[tuple[str, str], WorkflowDefinition[Any, Any]], list[tuple[str, str]], list[str]]:
+        """A snapshot of what this worker serves, for one claim or take: its definitions by (name, version), those
+        keys sorted, and its queues. A synchronize() while the statement is in flight must not orphan the runs
+        it takes."""
+        definitions = {definition.key: definition for definition in self.registry}
+        return definitions, sorted(definitions), served_queues(self.options.queues, definitions.values())
 
     @property
     def lease(self) -> timedelta:
@@ -309,10 +315,7 @@ class Worker:
             timeout = self._poll_s
             free = self.options.concurrency - len(self._active) - self._reserved
             if free > 0:
-                # A snapshot: a synchronize() while the claim is in flight must not orphan what it claims.
-                definitions = {definition.key: definition for definition in self.registry}
-                workflows = sorted(definitions)
-                queues = served_queues(self.options.queues, definitions.values())
+                definitions, workflows, queues = self._served()
                 if len(queues) > 1:
                     # The first queue is served first: a different one each claim, so none starves another.
                     self._claims += 1
@@ -491,8 +494,9 @@ class Worker:
             # does not give (an outage: the pool waits 30 s) and must not hold the shutdown past its grace. Runs
             # a claim cut short may have taken are taken over when their leases expire.
             await stop_gently(task, timeout=CLAIM_STOP_S)
-        for task in list(self._takes):  # one statement each: bounded as a claim is
-            await stop_gently(task, timeout=CLAIM_STOP_S)
+        # One statement each, bounded as the claim is, and together: a shutdown during an outage waits
+        # CLAIM_STOP_S once, not once per take.
+        await asyncio.gather(*(stop_gently(task, timeout=CLAIM_STOP_S) for task in list(self._takes)))
         grace = self.options.shutdown_grace_ms / 1000
         if not self._unreserved.is_set():
             # run() calls of this process inserting their runs already claimed: let them land (their attempts

@@ -668,9 +668,7 @@ class PostgresBackend:
             return []
         params = {
             "worker_id": worker_id,
-            "queues": list(queues),
-            "names": [name for name, _ in workflows],
-            "versions": [version for _, version in workflows],
+            **_served(workflows, queues),
             "limit": limit,
             "lease": lease,
             "held_tokens": _uuid_array(token for _, token in held),
@@ -693,9 +691,7 @@ class PostgresBackend:
         params = {
             "worker_id": worker_id,
             "id": run_id,
-            "queues": list(queues),
-            "names": [name for name, _ in workflows],
-            "versions": [version for _, version in workflows],
+            **_served(workflows, queues),
             "lease": lease,
         }
         async with self._connection() as conn:
@@ -712,9 +708,7 @@ class PostgresBackend:
         if not workflows or not queues:
             return None
         params = {
-            "queues": list(queues),
-            "names": [n for n, _ in workflows],
-            "versions": [v for _, v in workflows],
+            **_served(workflows, queues),
             "held_tokens": _uuid_array(token for _, token in held),
         }
         async with self._connection() as conn:
@@ -1288,6 +1282,16 @@ class PostgresBackend:
         async with self._connection() as conn:
             (count,) = await self._one(conn, "count_events_before", {"horizon": horizon})
         return int(count)
+
+
+def _served(workflows: Sequence[tuple[str, str]], queues: Sequence[str]) -> dict[str, list[str]]:
+    """What a worker serves, as the claim's queries take it: the queues, and its (workflow, version) streams as
+    two arrays of the same length."""
+    return {
+        "queues": list(queues),
+        "names": [name for name, _ in workflows],
+        "versions": [version for _, version in workflows],
+    }
 
 
 def _uuid_array(values: Iterable[str]) -> str:
