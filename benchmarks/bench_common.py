@@ -56,13 +56,15 @@ def client_config(url: str, schema: str, queues: list[dict[str, Any]] | None = N
     return define_config(database_url=url, schema=schema, tasks={"enable_worker": False, "queues": queues or []})
 
 
-def start_workers(url: str, schema: str, count: int, **options: Any) -> list[subprocess.Popen[bytes]]:
+def start_workers(
+    url: str, schema: str, count: int, *, module: str = "benchmarks.bench_worker", **options: Any
+) -> list[subprocess.Popen[bytes]]:
+    """`count` worker processes (`python -m module`, bench_worker's unless said), configured by BENCH_* variables:
+    the server, the schema, and each of `options` (BENCH_CONCURRENCY for concurrency=...)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "BENCH_URL": url, "BENCH_SCHEMA": schema}
     env.update({f"BENCH_{key.upper()}": str(value) for key, value in options.items()})
-    return [
-        subprocess.Popen([sys.executable, "-m", "benchmarks.bench_worker"], cwd=ROOT, env=env) for _ in range(count)
-    ]
+    return [subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env) for _ in range(count)]
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:

@@ -16,7 +16,9 @@ answered. Medians, in ms:
   result          run() called -> result() returns
 
 A diagnostic, not a figure to track: the worker wraps two private functions of the PostgreSQL backend
-(`_dispatch`, `PostgresBackend.take_run`) to take its notes, and fails at start when they are gone. Runs the
+(`_dispatch`, `PostgresBackend.take_run`) to take its notes, and fails at start when they are gone. It is this
+module too, started by bench_common.start_workers with BENCH_NOTES set (the file of its notes), and otherwise
+benchmarks.bench_worker. Runs the
 worker did not take by id (another worker, a claim instead) are left out of the take figures; their count is
 printed.
 """
@@ -27,27 +29,33 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_common import ROOT, arguments, client_config, database, new_schema, report
-from benchmarks.latency import WARM_UP
+from benchmarks.bench_common import (
+    arguments,
+    client_config,
+    database,
+    new_schema,
+    report,
+    start_workers,
+    stop_workers,
+)
+from benchmarks.latency import CONCURRENCY, WARM_UP
 from sonamu_tasks import WorkflowManager
 
 SPEC = {"name": "stamped", "version": "1"}
 
 
-def worker(notes_path: str) -> None:
-    """The worker process: benchmarks.bench_worker's, noting each notification of a new run and each take."""
+def worker() -> None:
+    """The worker process: benchmarks.bench_worker's, noting each notification of a new run and each take in
+    the file BENCH_NOTES."""
     import sonamu_tasks.backends.postgres.backend as postgres
-    from benchmarks.bench_workflows import ALL
-    from sonamu_tasks import define_config
+    from benchmarks import bench_worker
 
-    notes = open(notes_path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
+    notes = open(os.environ["BENCH_NOTES"], "a", buffering=1)  # noqa: SIM115 - open for the process's life
     dispatch, take_run = postgres._dispatch, postgres.PostgresBackend.take_run
 
     def noting_dispatch(payload: str, notifications: Any) -> None:
@@ -65,20 +73,14 @@ def worker(notes_path: str) -> None:
 
     postgres._dispatch = noting_dispatch  # type: ignore[assignment]
     postgres.PostgresBackend.take_run = noting_take  # type: ignore[method-assign]
-    options = {"concurrency": 16, "listen_delay": 0, "poll_interval_ms": 1000}
-    config = define_config(
-        database_url=os.environ["BENCH_URL"], schema=os.environ["BENCH_SCHEMA"], tasks={"worker_options": options}
-    )
-    asyncio.run(WorkflowManager(config, workflows=ALL).serve())
+    bench_worker.main()
 
 
 async def one_round(url: str, runs: int, notes_path: Path) -> dict[str, list[float]]:
     schema = new_schema()
     notes_path.write_text("")
-    env = {**os.environ, "BENCH_URL": url, "BENCH_SCHEMA": schema, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.start_path", "--worker", str(notes_path)], cwd=ROOT, env=env
-    )
+    options = {"concurrency": CONCURRENCY, "listen_delay": 0, "notes": notes_path}
+    workers = start_workers(url, schema, 1, module="benchmarks.start_path", **options)
     calls: list[tuple[str, float, float, float, float]] = []  # run id, called, returned, step started, result
     try:
         async with WorkflowManager(client_config(url, schema)) as manager:
@@ -90,8 +92,7 @@ async def one_round(url: str, runs: int, notes_path: Path) -> dict[str, list[flo
                 if index >= WARM_UP:
                     calls.append((handle.id, called, returned, started["time"], time.time()))
     finally:
-        process.terminate()
-        process.wait()
+        stop_workers(workers)
     notes: dict[str, dict[str, Any]] = {}
     for line in notes_path.read_text().splitlines():
         note = json.loads(line)
@@ -127,7 +128,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2])
+    if "BENCH_NOTES" in os.environ:  # the worker process, which one_round starts with this module
+        worker()
     else:
         asyncio.run(main())
