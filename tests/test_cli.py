@@ -183,6 +183,89 @@ async def test_dev_mode_re_registers_a_changed_workflow_file(app_env: dict[str, 
         assert dev.stop() == 0
 
 
+def _confirm_orders(env: dict[str, str]) -> list[dict[str, Any]]:
+    listed = cli(env, "runs", "--workflow", "confirm_order", "--limit", "100", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return list(json.loads(listed.stdout)["items"])
+
+
+def test_run_inputs_starts_one_run_per_line_or_none_and_run_takes_a_queue(
+    app_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`run --inputs FILE`: one run per line of a JSON Lines file (blank lines skipped), in one call; a key
+    per line makes the file safe to start again; a bad line refuses the whole file, naming the line. `run` puts a
+    run in the queue, priority and concurrency key given."""
+    orders = tmp_path / "orders.jsonl"
+    orders.write_text('{"order_id": 1}\n\n{"order_id": 2}\n{"order_id": 3}\n')
+    args = ("run", "confirm_order", "--version", "1", "--inputs", str(orders), "--idempotency-key", "import-7")
+    started = cli(app_env, *args, "--json")
+    assert started.returncode == 0, started.stderr
+    rows = json.loads(started.stdout)
+    assert [row["line"] for row in rows] == [1, 3, 4]
+    stored = {run["id"]: run for run in _confirm_orders(app_env)}
+    assert {row["id"] for row in rows} == set(stored)
+    for row, order_id in zip(rows, (1, 2, 3), strict=True):
+        shown = cli(app_env, "show", row["id"], "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["input"] == {"order_id": order_id}
+        assert stored[row["id"]]["idempotency_key"] == f"import-7:{row['line']}"
+
+    again = cli(app_env, *args, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == rows
+    assert len(_confirm_orders(app_env)) == 3
+
+    piped = subprocess.run(
+        [*CLI, "run", "confirm_order", "--version", "1", "--inputs", "-", "--priority", "5"],
+        cwd=SHOP,
+        env=app_env,
+        input='{"order_id": 4}\n',
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.returncode == 0, piped.stderr
+    (piped_id,) = piped.stdout.split()
+    assert "started 1 run of confirm_order" in piped.stderr
+    assert {run["id"]: run for run in _confirm_orders(app_env)}[piped_id]["priority"] == 5
+
+    queued = cli(
+        app_env,
+        "run",
+        "confirm_order",
+        "--version",
+        "1",
+        "--input",
+        '{"order_id": 9}',
+        "--queue",
+        "bulk",
+        "--concurrency-key",
+        "customer-9",
+        "--priority",
+        "-3",
+    )
+    assert queued.returncode == 0, queued.stderr
+    shown = json.loads(cli(app_env, "show", queued.stdout.strip(), "--json").stdout)
+    assert (shown["queue"], shown["concurrency_key"], shown["priority"]) == ("bulk", "customer-9", -3)
+
+    not_json = tmp_path / "not_json.jsonl"
+    not_json.write_text('{"order_id": 5}\n{order_id: 6}\n')
+    refused = cli(app_env, "run", "confirm_order", "--inputs", str(not_json))
+    assert refused.returncode == 2 and "line 2: not valid JSON" in refused.stderr, refused.stderr
+
+    invalid = tmp_path / "invalid.jsonl"
+    invalid.write_text('{"order_id": 5}\n\n{"order_id": "six"}\n')
+    refused = cli(app_env, "run", "confirm_order", "--version", "1", "--inputs", str(invalid))
+    assert refused.returncode == 1, refused.stderr
+    assert "line 3: order_id" in refused.stderr and "confirm_order" in refused.stderr
+    assert len(_confirm_orders(app_env)) == 5  # neither file started a run
+
+    both = cli(app_env, "run", "confirm_order", "--inputs", str(orders), "--input", "{}")
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    waited = cli(app_env, "run", "confirm_order", "--inputs", str(orders), "--wait")
+    assert waited.returncode == 2 and "--wait waits for one run" in waited.stderr
+
+
 async def test_runs_show_cancel_retry_and_workers(app_env: dict[str, str], tmp_path: Path) -> None:
     worker = Daemon(app_env, "worker", SHOP, tmp_path / "worker.log")
     try:

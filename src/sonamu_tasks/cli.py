@@ -60,6 +60,7 @@ from .duration import parse_duration
 from .errors import (
     BackendUnavailable,
     ConfigError,
+    InvalidInput,
     InvalidValue,
     RunNotFound,
     ScheduleInUse,
@@ -429,42 +430,72 @@ def delete_schedule(context: click.Context, names: tuple[str, ...], as_json: boo
     callback=_checked(arguments.version),
     help="Workflow version (needed when this process does not register it).",
 )
-@click.option("--input", "input_json", default="null", help="Input as JSON.")
+@click.option("--input", "input_json", default=None, help="Input as JSON (default null).")
 @click.option(
-    "--idempotency-key", callback=_checked(arguments.idempotency_key), help="A repeated key returns the existing run."
+    "--inputs",
+    "inputs_file",
+    type=click.File("r", encoding="utf-8"),
+    help="A JSON Lines file (- for stdin): one run per line, all started in one statement or none.",
+)
+@click.option(
+    "--idempotency-key",
+    callback=_checked(arguments.idempotency_key),
+    help="A repeated key returns the existing run; with --inputs, each run's key is KEY:LINE.",
 )
 @click.option("--start-at", help="Delay as a duration (10m) or an ISO datetime with timezone.")
 @click.option("--deadline", help="Duration (1h) or ISO datetime after which the run fails instead of running.")
+@click.option("--queue", callback=_checked(arguments.queue_name), help="The queue (default: the workflow's).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Lower starts first within its queue.")
+@click.option("--concurrency-key", help="The key a per-key concurrency limit of the queue counts by.")
 @click.option("--wait", is_flag=True, help="Wait for the result; exit 1 if the run fails.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="With --wait: seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="With --inputs: the runs' lines and ids as JSON.")
 @click.pass_context
 def run_command(
     context: click.Context,
     name: str,
     version: str | None,
-    input_json: str,
+    input_json: str | None,
+    inputs_file: Any,
     idempotency_key: str | None,
     start_at: str | None,
     deadline: str | None,
+    queue: str | None,
+    priority: int,
+    concurrency_key: str | None,
     wait: bool,
     timeout: float | None,
+    as_json: bool,
 ) -> None:
-    """Start a run of workflow NAME."""
-    value = _json_option(input_json, "--input")
+    """Start a run of workflow NAME, or one per line of --inputs."""
     start = _moment(start_at, "--start-at")
     end = _moment(deadline, "--deadline")
+    spec = {"name": name, "version": version} if version else {"name": name}
+    options: dict[str, Any] = {
+        "start_at": start,
+        "deadline": end,
+        "queue": queue,
+        "priority": priority,
+        "concurrency_key": concurrency_key,
+    }
+    if inputs_file is not None:
+        if input_json is not None:
+            raise click.UsageError("--input starts one run and --inputs one per line: give one of them", context)
+        if wait:
+            raise click.UsageError(
+                f"--wait waits for one run; watch these with `sonamu-tasks runs --workflow {name}`", context
+            )
+        lines = _input_lines(inputs_file)
+        config = command_config(context, enable_worker=False, creates=True)
+        sys.exit(_steering(_start_lines(config, spec, lines, idempotency_key, options, as_json)))
+    if as_json:
+        raise click.UsageError("--json goes with --inputs (one run prints its id)", context)
+    value = _json_option("null" if input_json is None else input_json, "--input")
     config = command_config(context, enable_worker=False, creates=True)
 
     async def start_run() -> int:
         async with WorkflowManager(config) as manager:
-            spec = {"name": name, "version": version} if version else {"name": name}
-            handle = await manager.run(
-                spec,
-                value,
-                idempotency_key=idempotency_key,
-                start_at=start,
-                deadline=end,
-            )
+            handle = await manager.run(spec, value, idempotency_key=idempotency_key, **options)
             click.echo(handle.id)
             if not wait:
                 return 0
@@ -479,6 +510,62 @@ def run_command(
             return 0
 
     sys.exit(_steering(start_run()))
+
+
+def _input_lines(file: Any) -> list[tuple[int, Any]]:
+    """The inputs of `run --inputs`: (line number, value) for each line that is not blank, every one checked
+    before any run starts."""
+    lines: list[tuple[int, Any]] = []
+    for number, text in enumerate(file, start=1):
+        if not text.strip():
+            continue
+        try:
+            lines.append((number, arguments.json_value(text.strip())))
+        except ValueError as error:
+            raise click.BadParameter(f"line {number}: {error}", param_hint="--inputs") from None
+    return lines
+
+
+async def _start_lines(
+    config: Config,
+    spec: dict[str, str],
+    lines: list[tuple[int, Any]],
+    key: str | None,
+    options: dict[str, Any],
+    as_json: bool,
+) -> int:
+    """One run per line, in one run_many call: all stored, or none and the error names the line."""
+    began = time.monotonic()
+    async with WorkflowManager(config) as manager:
+        try:
+            handles = await manager.run_many(
+                spec,
+                [value for _, value in lines],
+                idempotency_keys=None if key is None else [f"{key}:{number}" for number, _ in lines],
+                **options,
+            )
+        except InvalidInput as error:
+            # run_many names an item by its index; the person wrote lines (blank ones are skipped).
+            problems = [_line_named(problem, lines) for problem in error.problems]
+            raise InvalidInput(error.workflow, problems) from error
+    if as_json:
+        click.echo(json.dumps([{"line": n, "id": h.id} for (n, _), h in zip(lines, handles, strict=True)]))
+    else:
+        for handle in handles:
+            click.echo(handle.id)
+        runs = "run" if len(handles) == 1 else "runs"
+        click.echo(f"started {len(handles):,} {runs} of {spec['name']} in {time.monotonic() - began:.1f}s", err=True)
+    return 0
+
+
+def _line_named(problem: str, lines: list[tuple[int, Any]]) -> str:
+    """'inputs[INDEX]: ...' (run_creation's naming of a run_many item) as 'line N: ...'."""
+    head, sep, rest = problem.partition("]: ")
+    if sep and head.startswith("inputs[") and head[len("inputs[") :].isdigit():
+        index = int(head[len("inputs[") :])
+        if index < len(lines):
+            return f"line {lines[index][0]}: {rest}"
+    return problem
 
 
 _STATUSES = click.Choice([s.value for s in RunStatus])
