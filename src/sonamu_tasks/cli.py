@@ -490,7 +490,7 @@ def run_command(
         sys.exit(_steering(_start_lines(config, spec, lines, idempotency_key, options, as_json)))
     if as_json:
         raise click.UsageError("--json goes with --inputs (one run prints its id)", context)
-    value = _json_option("null" if input_json is None else input_json, "--input")
+    value = None if input_json is None else _json_option(input_json, "--input")
     config = command_config(context, enable_worker=False, creates=True)
 
     async def start_run() -> int:
@@ -516,11 +516,12 @@ def _input_lines(file: Any) -> list[tuple[int, Any]]:
     """The inputs of `run --inputs`: (line number, value) for each line that is not blank, every one checked
     before any run starts."""
     lines: list[tuple[int, Any]] = []
-    for number, text in enumerate(file, start=1):
-        if not text.strip():
+    for number, line in enumerate(file, start=1):
+        text = line.strip()
+        if not text:
             continue
         try:
-            lines.append((number, arguments.json_value(text.strip())))
+            lines.append((number, arguments.json_value(text)))
         except ValueError as error:
             raise click.BadParameter(f"line {number}: {error}", param_hint="--inputs") from None
     return lines
